@@ -1,0 +1,73 @@
+//! The scriptable face: one file per subcommand, flags and JSON mirroring
+//! qemu-img. Commands return the process exit code; errors that end a
+//! command go up to `main`, where color-eyre prints them.
+
+mod convert;
+mod info;
+mod map;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::engine::Format;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cowshed",
+    version,
+    about = "QEMU disk images and their copy-on-write backing chains",
+    long_about = "cowshed reads qcow2 and raw images and their backing chains natively, \
+                  with flags and JSON output that mirror qemu-img."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show an image's format, sizes, backing file, features and snapshots
+    /// (like `qemu-img info`). Several files may be given.
+    Info(info::InfoArgs),
+    /// Show which layer of the chain serves each range of the disk and how
+    /// (like `qemu-img map`).
+    Map(map::MapArgs),
+    /// Flatten an image and its whole backing chain into a new image
+    /// (like `qemu-img convert`; raw output only for now).
+    Convert(convert::ConvertArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+pub fn run(cli: Cli) -> color_eyre::Result<i32> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Convert(a) => convert::run(a),
+    }
+}
+
+/// Parse a `-f`/`-O` format name.
+pub(crate) fn parse_format(s: &str) -> Result<Format, String> {
+    match Format::from_name(s) {
+        Some(f @ (Format::Qcow2 | Format::Raw)) => Ok(f),
+        Some(f) => Err(format!(
+            "format '{}' is recognised but not supported",
+            f.name()
+        )),
+        None => Err(format!("unknown format '{s}' (expected qcow2 or raw)")),
+    }
+}
+
+/// Sizes in binary units, as qemu-img prints them.
+pub(crate) fn human_size(bytes: u64) -> String {
+    humansize::format_size(bytes, humansize::BINARY)
+}
+
+pub(crate) fn display(p: &std::path::Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,318 @@
+//! Backing chains: open an image and everything under it, resolve names as
+//! QEMU does, refuse what QEMU would do dangerously (cycles, `json:` names),
+//! read through the chain and tell which layer serves each range.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::error::{Error, IoContext, Result};
+use super::format::{probe_file, Format};
+use super::layer::{Image, LayerStatus};
+
+/// Deepest chain we open. QEMU has no limit and recurses until memory runs
+/// out on a cycle it does not detect; real chains are a handful of layers.
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// How a backing name is to be treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackingName {
+    /// A file name; the resolved path (overlay directory + name).
+    Path(PathBuf),
+    /// `json:{...}`: reported, not followed.
+    Json,
+    /// `proto:...` (nbd://, http:, ...): reported, not followed.
+    Protocol(String),
+}
+
+/// QEMU's `path_has_protocol` (a ':' before any '/') and the `json:` pseudo
+/// protocol; otherwise the name joined to the overlay's directory.
+pub fn classify_backing(overlay: &Path, name: &str) -> BackingName {
+    if name.starts_with("json:") {
+        return BackingName::Json;
+    }
+    if let Some(i) = name.find([':', '/']) {
+        if name.as_bytes()[i] == b':' {
+            return BackingName::Protocol(name[..i].to_string());
+        }
+    }
+    BackingName::Path(combine_path(overlay, name))
+}
+
+/// QEMU's `path_combine`: an absolute name as is, a relative one appended to
+/// the directory part of `base` as written (not normalised), so
+/// `sub/ov.qcow2` + `../base.qcow2` = `sub/../base.qcow2`.
+pub fn combine_path(base: &Path, name: &str) -> PathBuf {
+    let name_path = Path::new(name);
+    if name_path.is_absolute() {
+        return name_path.to_path_buf();
+    }
+    let base_bytes = base.as_os_str().as_encoded_bytes();
+    match base_bytes.iter().rposition(|&b| b == b'/') {
+        Some(i) => {
+            let mut s = base.as_os_str().to_string_lossy()[..=i].to_string();
+            s.push_str(name);
+            PathBuf::from(s)
+        }
+        None => name_path.to_path_buf(),
+    }
+}
+
+/// Why a layer's format is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatSource {
+    /// Given by the user (`-f`) or recorded in the overlay's header.
+    Recorded,
+    /// Probed from the file's magic: the overlay does not record its
+    /// backing's format (QCOW2.md §8: a guest that writes a qcow2 header
+    /// into a raw backing could then redirect reads).
+    Probed,
+}
+
+pub struct Layer {
+    /// As given (top) or as resolved from the overlay's backing name.
+    pub path: PathBuf,
+    pub image: Image,
+    pub format_source: FormatSource,
+}
+
+pub struct Chain {
+    layers: Vec<Layer>,
+}
+
+/// The answer of the whole chain for a guest range: QEMU's block status as
+/// `qemu-img map` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    pub start: u64,
+    pub length: u64,
+    /// Index of the layer that answered (0 = top).
+    pub depth: usize,
+    /// Allocated in some layer (else reads zeros past the whole chain).
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the answering layer's file (or data file).
+    pub offset: Option<u64>,
+}
+
+/// Open a file and decide its format: `given` wins, else the magic decides.
+pub fn open_image(path: &Path, given: Option<Format>) -> Result<(Image, FormatSource)> {
+    let file = File::open(path).at(path)?;
+    let probed = probe_file(&file, path)?;
+    let (format, source) = match given {
+        Some(f) => (f, FormatSource::Recorded),
+        None => (probed, FormatSource::Probed),
+    };
+    if let (Some(Format::Qcow2), f) = (given, probed) {
+        if f != Format::Qcow2 {
+            return Err(Error::FormatMismatch {
+                path: path.to_path_buf(),
+                given: "qcow2".into(),
+                found: f.name(),
+            });
+        }
+    }
+    Ok((Image::open(path, file, format)?, source))
+}
+
+impl Chain {
+    /// Open `path` (format `format`, or probed) and its whole backing chain.
+    pub fn open(path: &Path, format: Option<Format>) -> Result<Chain> {
+        let (image, _) = open_image(path, format)?;
+        let top = Layer {
+            path: path.to_path_buf(),
+            image,
+            format_source: FormatSource::Recorded,
+        };
+        let mut seen = HashSet::new();
+        seen.insert(file_id(&top)?);
+        let mut layers = vec![top];
+        loop {
+            let layer = layers.last().expect("chain has a top layer");
+            let Some(q) = layer.image.as_qcow2() else {
+                break;
+            };
+            let h = q.header();
+            let Some(name) = &h.backing_file else {
+                break;
+            };
+            let next_path = match classify_backing(&layer.path, name) {
+                BackingName::Path(p) => p,
+                BackingName::Json => {
+                    return Err(Error::UnfollowedBacking {
+                        path: layer.path.clone(),
+                        name: name.clone(),
+                        kind: "json:",
+                    })
+                }
+                BackingName::Protocol(_) => {
+                    return Err(Error::UnfollowedBacking {
+                        path: layer.path.clone(),
+                        name: name.clone(),
+                        kind: "protocol",
+                    })
+                }
+            };
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::ChainTooDeep {
+                    path: path.to_path_buf(),
+                    limit: MAX_CHAIN_DEPTH,
+                });
+            }
+            let recorded = match &h.extensions.backing_format {
+                Some(f) => Some(Format::from_name(f).ok_or_else(|| Error::UnknownFormat {
+                    path: layer.path.clone(),
+                    format: f.clone(),
+                })?),
+                None => None,
+            };
+            let (image, source) = open_image(&next_path, recorded).map_err(|e| match e {
+                Error::Io { source, .. } => Error::invalid(
+                    &layer.path,
+                    format!(
+                        "Could not open backing file '{}': {source}",
+                        next_path.display()
+                    ),
+                ),
+                other => other,
+            })?;
+            let next = Layer {
+                path: next_path,
+                image,
+                format_source: source,
+            };
+            if !seen.insert(file_id(&next)?) {
+                return Err(Error::BackingCycle {
+                    path: layers[0].path.clone(),
+                    backing: next.path,
+                });
+            }
+            layers.push(next);
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.top().image.virtual_size()
+    }
+
+    /// Block status at `offset`, covering at most `max_len` bytes.
+    pub fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let size = self.virtual_size();
+        debug_assert!(offset < size && max_len > 0);
+        let mut len = max_len.min(size - offset);
+        for (depth, layer) in self.layers.iter().enumerate() {
+            let (st, n) = layer.image.status(offset, len)?;
+            len = n;
+            let unalloc_offset = match st {
+                LayerStatus::Unallocated { offset } => offset,
+                _ => {
+                    let (zero, data, compressed, host) = match st {
+                        LayerStatus::Data { offset, zero } => (zero, true, false, offset),
+                        LayerStatus::Zero { offset } => (true, false, false, offset),
+                        LayerStatus::Compressed => (false, true, true, None),
+                        LayerStatus::Unallocated { .. } => unreachable!(),
+                    };
+                    return Ok(BlockStatus {
+                        start: offset,
+                        length: len,
+                        depth,
+                        present: true,
+                        zero,
+                        data,
+                        compressed,
+                        offset: host,
+                    });
+                }
+            };
+            // Not allocated here: zeros if nothing is below or the backing
+            // ends before this range, else ask the backing.
+            let below = self.layers.get(depth + 1);
+            match below {
+                Some(b) if offset < b.image.virtual_size() => {
+                    len = len.min(b.image.virtual_size() - offset);
+                }
+                _ => {
+                    return Ok(BlockStatus {
+                        start: offset,
+                        length: len,
+                        depth,
+                        present: false,
+                        zero: true,
+                        data: false,
+                        compressed: false,
+                        offset: unalloc_offset,
+                    })
+                }
+            }
+        }
+        unreachable!("the bottom layer always answers")
+    }
+
+    /// Read guest bytes at `offset` through the chain. Ranges past the end
+    /// of the disk are an error; ranges past a shorter backing read zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.virtual_size();
+        if offset + buf.len() as u64 > size {
+            return Err(Error::invalid(
+                &self.top().path,
+                format!(
+                    "read of {} bytes at offset {offset} is past the end of the disk ({size} bytes)",
+                    buf.len()
+                ),
+            ));
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let st = self.block_status(pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + st.length as usize];
+            self.read_extent(&st, chunk)?;
+            done += st.length as usize;
+        }
+        Ok(())
+    }
+
+    /// Fill `buf` (exactly `st.length` bytes) with the guest data of extent
+    /// `st`, as returned by [`Chain::block_status`].
+    pub fn read_extent(&self, st: &BlockStatus, buf: &mut [u8]) -> Result<()> {
+        debug_assert_eq!(buf.len() as u64, st.length);
+        let image = &self.layers[st.depth].image;
+        if st.compressed {
+            let cs = image.as_qcow2().map_or(1, |q| q.header().cluster_size());
+            let mut done = 0usize;
+            while done < buf.len() {
+                let g = st.start + done as u64;
+                let n = ((cs - g % cs) as usize).min(buf.len() - done);
+                image.read_compressed(g, &mut buf[done..done + n])?;
+                done += n;
+            }
+            Ok(())
+        } else if st.data {
+            match st.offset {
+                Some(host) => image.read_data(host, buf),
+                // Data whose location the layer hides: encrypted.
+                None => image.read_data(u64::MAX, buf),
+            }
+        } else {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+}
+
+fn file_id(layer: &Layer) -> Result<(u64, u64)> {
+    let m = layer.image.file().metadata().at(&layer.path)?;
+    Ok((m.dev(), m.ino()))
+}

@@ -1,0 +1,86 @@
+//! The engine's one error type. Every variant names the file it is about, as
+//! the user gave it (or as the backing chain resolved it), and what is wrong.
+
+use std::io;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The file's metadata is malformed or breaks one of QEMU's limits. The
+    /// message follows QEMU's wording where QEMU has one.
+    #[error("{}: {msg}", path.display())]
+    Invalid { path: PathBuf, msg: String },
+
+    /// A recognised format the engine does not open (vmdk, vdi, qed, ...).
+    #[error("{}: {format} images are not supported (only qcow2 and raw)", path.display())]
+    UnsupportedFormat { path: PathBuf, format: &'static str },
+
+    #[error("{}: Unsupported qcow2 feature(s): {features}", path.display())]
+    UnsupportedFeature { path: PathBuf, features: String },
+
+    #[error("{}: the image is encrypted ({method}); cowshed shows its metadata but cannot read its data", path.display())]
+    Encrypted { path: PathBuf, method: &'static str },
+
+    /// Backing names cowshed reports but never follows (`json:`, `nbd://`, ...).
+    #[error("{}: backing file '{name}' is a {kind} name; cowshed does not follow it", path.display())]
+    UnfollowedBacking {
+        path: PathBuf,
+        name: String,
+        kind: &'static str,
+    },
+
+    #[error("{}: Backing file '{}' creates an infinite loop", path.display(), backing.display())]
+    BackingCycle { path: PathBuf, backing: PathBuf },
+
+    #[error("{}: backing chain is deeper than {limit} images", path.display())]
+    ChainTooDeep { path: PathBuf, limit: usize },
+
+    #[error("{}: format '{given}' was requested but the file is {found}", path.display())]
+    FormatMismatch {
+        path: PathBuf,
+        given: String,
+        found: &'static str,
+    },
+
+    #[error("{}: unknown image format '{format}' (expected qcow2 or raw)", path.display())]
+    UnknownFormat { path: PathBuf, format: String },
+
+    #[error("operation cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Attach a path to `io::Result`s without repeating the closure everywhere.
+pub trait IoContext<T> {
+    fn at(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

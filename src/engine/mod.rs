@@ -1,0 +1,21 @@
+//! The shared engine: everything that touches an image's bytes. Sync Rust,
+//! no UI, no global state. The CLI and the TUI are shells around it.
+
+pub mod chain;
+pub mod error;
+pub mod format;
+pub mod layer;
+pub mod lock;
+pub mod ops;
+pub mod progress;
+pub mod qcow2;
+pub mod raw;
+
+pub use chain::{BlockStatus, Chain};
+pub use error::{Error, Result};
+pub use format::{probe, Format};
+pub use lock::{lock_state, LockState};
+pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
+pub use ops::info::{info, info_chain, ImageInfo};
+pub use ops::map::map;
+pub use progress::{Cancel, Progress};

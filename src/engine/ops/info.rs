@@ -1,0 +1,204 @@
+//! `info`: what an image is, from its header and its file's metadata. Plain
+//! info reads one image and never opens its backing file, like qemu-img.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::engine::chain::{classify_backing, open_image, BackingName, Chain, FormatSource};
+use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::format::Format;
+use crate::engine::layer::Image;
+use crate::engine::lock::{lock_bytes, LockState};
+use crate::engine::qcow2::header::{CompressionType, CryptMethod, Header};
+use crate::engine::qcow2::snapshot::Snapshot;
+
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub filename: PathBuf,
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Bytes allocated on disk (st_blocks × 512); qemu-img's actual-size.
+    pub actual_size: u64,
+    /// st_size.
+    pub apparent_size: u64,
+    pub lock: LockState,
+    pub qcow2: Option<Qcow2Info>,
+    /// How this image's format was decided when it was opened as a backing
+    /// file.
+    pub format_source: FormatSource,
+}
+
+#[derive(Debug, Clone)]
+pub struct Qcow2Info {
+    pub version: u32,
+    pub cluster_size: u64,
+    pub backing_filename: Option<String>,
+    pub full_backing_filename: Option<PathBuf>,
+    pub backing_format: Option<String>,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u32,
+    pub compression_type: CompressionType,
+    pub extended_l2: bool,
+    pub encryption: CryptMethod,
+    pub data_file: Option<String>,
+    pub data_file_raw: bool,
+    pub bitmaps: Vec<BitmapInfo>,
+    pub snapshots: Vec<Snapshot>,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub granularity: u64,
+    pub in_use: bool,
+    pub auto: bool,
+}
+
+impl Qcow2Info {
+    /// qemu-img's `compat` string.
+    pub fn compat(&self) -> &'static str {
+        if self.version >= 3 {
+            "1.1"
+        } else {
+            "0.10"
+        }
+    }
+
+    /// The overlay does not record its backing's format: opening the chain
+    /// probes it (QCOW2.md §8).
+    pub fn backing_format_missing(&self) -> bool {
+        self.backing_filename.is_some() && self.backing_format.is_none()
+    }
+}
+
+/// Info for one image, without opening its backing chain.
+pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
+    let (image, _) = open_image(path, format)?;
+    describe(path, &image, FormatSource::Recorded)
+}
+
+/// Info for every layer of the chain, top first (`--backing-chain`).
+pub fn info_chain(path: &Path, format: Option<Format>) -> Result<Vec<ImageInfo>> {
+    let chain = Chain::open(path, format)?;
+    chain
+        .layers()
+        .iter()
+        .map(|l| describe(&l.path, &l.image, l.format_source))
+        .collect()
+}
+
+fn describe(path: &Path, image: &Image, source: FormatSource) -> Result<ImageInfo> {
+    let meta = image.file().metadata().at(path)?;
+    let lock = match lock_bytes(image.file(), path) {
+        Ok(b) => b.state(),
+        Err(_) => LockState::None,
+    };
+    let qcow2 = match image {
+        Image::Qcow2(q) => Some(qcow2_info(path, q.header(), q.snapshots(), q.file())?),
+        Image::Raw(_) => None,
+    };
+    Ok(ImageInfo {
+        filename: path.to_path_buf(),
+        format: image.format(),
+        virtual_size: image.virtual_size(),
+        actual_size: meta.blocks() * 512,
+        apparent_size: meta.len(),
+        lock,
+        qcow2,
+        format_source: source,
+    })
+}
+
+fn qcow2_info(path: &Path, h: &Header, snapshots: &[Snapshot], file: &File) -> Result<Qcow2Info> {
+    let full_backing_filename =
+        h.backing_file
+            .as_ref()
+            .map(|name| match classify_backing(path, name) {
+                BackingName::Path(p) => p,
+                _ => PathBuf::from(name),
+            });
+    let bitmaps = match &h.extensions.bitmaps {
+        Some(ext) => read_bitmap_directory(
+            path,
+            file,
+            ext.directory_offset,
+            ext.directory_size,
+            ext.nb_bitmaps,
+        )?,
+        None => Vec::new(),
+    };
+    Ok(Qcow2Info {
+        version: h.version,
+        cluster_size: h.cluster_size(),
+        backing_filename: h.backing_file.clone(),
+        full_backing_filename,
+        backing_format: h.extensions.backing_format.clone(),
+        dirty: h.is_dirty(),
+        corrupt: h.is_corrupt(),
+        lazy_refcounts: h.lazy_refcounts(),
+        refcount_bits: h.refcount_bits(),
+        compression_type: h.compression_type,
+        extended_l2: h.has_extended_l2(),
+        encryption: h.crypt_method,
+        data_file: h.extensions.data_file.clone(),
+        data_file_raw: h.data_file_raw(),
+        bitmaps,
+        snapshots: snapshots.to_vec(),
+        incompatible_features: h.incompatible_features,
+        compatible_features: h.compatible_features,
+        autoclear_features: h.autoclear_features,
+    })
+}
+
+/// Persistent dirty bitmaps: only their names, granularity and flags.
+fn read_bitmap_directory(
+    path: &Path,
+    file: &File,
+    offset: u64,
+    size: u64,
+    count: u32,
+) -> Result<Vec<BitmapInfo>> {
+    const ENTRY_FIXED: usize = 24;
+    let file_len = file.metadata().at(path)?.len();
+    if offset.checked_add(size).is_none_or(|end| end > file_len) {
+        return Err(Error::invalid(
+            path,
+            "bitmap directory lies past the end of the file",
+        ));
+    }
+    // size ≤ 64 MiB by header validation, and inside the file.
+    let mut dir = vec![0u8; size as usize];
+    file.read_exact_at(&mut dir, offset).at(path)?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for _ in 0..count {
+        let Some(e) = dir.get(pos..pos + ENTRY_FIXED) else {
+            return Err(Error::invalid(path, "bitmap directory truncated"));
+        };
+        let flags = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
+        let granularity_bits = u32::from(e[17]);
+        let name_len = u16::from_be_bytes([e[18], e[19]]) as usize;
+        let extra_len = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
+        let name_start = pos + ENTRY_FIXED + extra_len;
+        let Some(name) = dir.get(name_start..name_start + name_len) else {
+            return Err(Error::invalid(path, "bitmap directory truncated"));
+        };
+        if granularity_bits > 63 {
+            return Err(Error::invalid(path, "bitmap granularity out of range"));
+        }
+        out.push(BitmapInfo {
+            name: String::from_utf8_lossy(name).into_owned(),
+            granularity: 1u64 << granularity_bits,
+            in_use: flags & 1 != 0,
+            auto: flags & 2 != 0,
+        });
+        pos = (name_start + name_len).next_multiple_of(8);
+    }
+    Ok(out)
+}

@@ -1,0 +1,5 @@
+//! One function per qemu-img operation.
+
+pub mod convert;
+pub mod info;
+pub mod map;

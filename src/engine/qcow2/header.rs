@@ -1,0 +1,589 @@
+//! The qcow2 header (v2 and v3) and its extensions: parsed once into a typed
+//! value and validated there, with QEMU's limits and QEMU's wording.
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::format::read_up_to;
+
+pub const MAGIC: u32 = 0x5146_49fb;
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the fixed v3 header QEMU writes (104 bytes + compression type +
+/// padding).
+pub const V3_HEADER_LEN: u32 = 112;
+const V3_MIN_HEADER_LEN: u32 = 104;
+
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+
+/// QEMU's caps (block/qcow2.h).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_BACKING_NAME: u32 = 1023;
+pub const MAX_BACKING_FORMAT: usize = 15;
+
+pub mod incompat {
+    pub const DIRTY: u64 = 1 << 0;
+    pub const CORRUPT: u64 = 1 << 1;
+    pub const DATA_FILE: u64 = 1 << 2;
+    pub const COMPRESSION: u64 = 1 << 3;
+    pub const EXTL2: u64 = 1 << 4;
+    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTL2;
+}
+
+pub mod compat {
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+
+pub mod autoclear {
+    pub const BITMAPS: u64 = 1 << 0;
+    pub const DATA_FILE_RAW: u64 = 1 << 1;
+}
+
+pub mod ext {
+    pub const END: u32 = 0x0000_0000;
+    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    pub const FEATURE_TABLE: u32 = 0x6803_f857;
+    pub const BITMAPS: u32 = 0x2385_2875;
+    pub const CRYPTO: u32 = 0x0537_be77;
+    pub const DATA_FILE: u32 = 0x4441_5441;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    Deflate,
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name `qemu-img info` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CryptMethod {
+    None,
+    Aes,
+    Luks,
+}
+
+impl CryptMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            CryptMethod::None => "none",
+            CryptMethod::Aes => "aes",
+            CryptMethod::Luks => "luks",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptoExt {
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub backing_format: Option<String>,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExt>,
+    pub crypto: Option<CryptoExt>,
+    pub data_file: Option<String>,
+    /// Extensions we do not know, kept verbatim (type, data) in file order.
+    pub unknown: Vec<(u32, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: CryptMethod,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    /// Header bytes past the fields we know (v3 header_length > 112).
+    pub unknown_fields: Vec<u8>,
+    pub extensions: Extensions,
+    /// The backing file name exactly as stored.
+    pub backing_file: Option<String>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Cluster 0, read lazily: most headers fit in the first 4 KiB, so a probe of
+/// a 2 MiB-cluster image does not read 2 MiB.
+struct Cluster0<'a> {
+    file: &'a File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    /// Bytes that exist in the file (the file may be shorter than a cluster).
+    limit: usize,
+}
+
+impl<'a> Cluster0<'a> {
+    fn new(file: &'a File, path: &'a Path, limit: usize) -> Result<Self> {
+        let mut c = Cluster0 {
+            file,
+            path,
+            buf: Vec::new(),
+            limit,
+        };
+        c.ensure(4096.min(limit))?;
+        Ok(c)
+    }
+
+    /// Make `[0, end)` available; `false` if the file is shorter.
+    fn ensure(&mut self, end: usize) -> Result<bool> {
+        if end > self.limit {
+            return Ok(false);
+        }
+        if end > self.buf.len() {
+            let old = self.buf.len();
+            // Grow geometrically so a long extension list costs few reads.
+            let want = end.max(old * 2).min(self.limit);
+            self.buf.resize(want, 0);
+            let n = read_up_to(self.file, &mut self.buf[old..], old as u64).at(self.path)?;
+            self.buf.truncate(old + n);
+            self.limit = self.limit.min(old + n);
+        }
+        Ok(end <= self.buf.len())
+    }
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    pub fn has_extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTL2 != 0
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & incompat::DIRTY != 0
+    }
+
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & incompat::CORRUPT != 0
+    }
+
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & compat::LAZY_REFCOUNTS != 0
+    }
+
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// Bytes of guest data one L2 entry maps.
+    pub fn l2_entry_bytes(&self) -> u64 {
+        if self.has_extended_l2() {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Entries in one L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_bytes()
+    }
+
+    /// Guest bytes one L1 entry covers.
+    pub fn l1_entry_span(&self) -> u64 {
+        self.cluster_size() * self.l2_entries()
+    }
+
+    /// Read and validate the header and its extensions from `file`.
+    /// `file_len` is the file's size; the header must lie inside it.
+    pub fn read(file: &File, path: &Path, file_len: u64) -> Result<Header> {
+        let bad = |msg: String| Error::invalid(path, msg);
+        let mut c0 = Cluster0::new(file, path, file_len.min(1 << MAX_CLUSTER_BITS) as usize)?;
+        if !c0.ensure(V2_HEADER_LEN as usize)? {
+            return Err(bad("Could not read qcow2 header: file too short".into()));
+        }
+        let b = &c0.buf;
+        if be32(b, 0) != MAGIC {
+            return Err(bad("Image is not in qcow2 format".into()));
+        }
+        let version = be32(b, 4);
+        if !(2..=3).contains(&version) {
+            return Err(bad(format!("Unsupported qcow2 version {version}")));
+        }
+        let cluster_bits = be32(b, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(bad(format!("Unsupported cluster size: 2^{cluster_bits}")));
+        }
+        let cs = 1u64 << cluster_bits;
+
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(b, 8),
+            backing_file_size: be32(b, 16),
+            cluster_bits,
+            size: be64(b, 24),
+            crypt_method: CryptMethod::None,
+            l1_size: be32(b, 36),
+            l1_table_offset: be64(b, 40),
+            refcount_table_offset: be64(b, 48),
+            refcount_table_clusters: be32(b, 56),
+            nb_snapshots: be32(b, 60),
+            snapshots_offset: be64(b, 64),
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: CompressionType::Deflate,
+            unknown_fields: Vec::new(),
+            extensions: Extensions::default(),
+            backing_file: None,
+        };
+        let crypt = be32(b, 32);
+
+        if version == 3 {
+            if !c0.ensure(V3_MIN_HEADER_LEN as usize)? {
+                return Err(bad("Could not read qcow2 header: file too short".into()));
+            }
+            let b = &c0.buf;
+            h.incompatible_features = be64(b, 72);
+            h.compatible_features = be64(b, 80);
+            h.autoclear_features = be64(b, 88);
+            h.refcount_order = be32(b, 96);
+            h.header_length = be32(b, 100);
+            if h.header_length < V3_MIN_HEADER_LEN {
+                return Err(bad("qcow2 header too short".into()));
+            }
+            if u64::from(h.header_length) > cs {
+                return Err(bad("qcow2 header exceeds cluster size".into()));
+            }
+            if !c0.ensure(h.header_length as usize)? {
+                return Err(bad("Could not read qcow2 header: file too short".into()));
+            }
+            let b = &c0.buf;
+            let compression = if h.header_length > V3_MIN_HEADER_LEN {
+                b[104]
+            } else {
+                0
+            };
+            if h.header_length > V3_HEADER_LEN {
+                h.unknown_fields = b[V3_HEADER_LEN as usize..h.header_length as usize].to_vec();
+            }
+            let bit_set = h.incompatible_features & incompat::COMPRESSION != 0;
+            h.compression_type = match (compression, bit_set) {
+                (0, false) => CompressionType::Deflate,
+                (0, true) => {
+                    return Err(bad(
+                        "Compression type incompatible feature bit must not be set".into(),
+                    ))
+                }
+                (1, true) => CompressionType::Zstd,
+                (1, false) => {
+                    return Err(bad(
+                        "Compression type incompatible feature bit must be set".into()
+                    ))
+                }
+                (t, _) => return Err(bad(format!("Unknown compression type {t}"))),
+            };
+        }
+
+        if h.backing_file_offset > cs {
+            return Err(bad("Invalid backing file offset".into()));
+        }
+        let ext_end = if h.backing_file_offset != 0 {
+            h.backing_file_offset
+        } else {
+            cs
+        };
+        h.extensions = read_extensions(&mut c0, &h, ext_end as usize, path)?;
+
+        // Feature bits after the extensions: the feature table names them.
+        let unknown = h.incompatible_features & !incompat::KNOWN;
+        if unknown != 0 {
+            return Err(Error::UnsupportedFeature {
+                path: path.to_path_buf(),
+                features: describe_unknown_incompat(unknown, &h.extensions.feature_names),
+            });
+        }
+
+        if h.refcount_order > 6 {
+            return Err(bad(
+                "Reference count entry width too large; may not exceed 64 bits".into(),
+            ));
+        }
+        h.crypt_method = match crypt {
+            0 => CryptMethod::None,
+            1 => CryptMethod::Aes,
+            2 => CryptMethod::Luks,
+            m => return Err(bad(format!("Unsupported encryption method: {m}"))),
+        };
+        if h.crypt_method == CryptMethod::Luks && h.extensions.crypto.is_none() {
+            return Err(bad(
+                "LUKS encryption requires a full disk encryption header extension".into(),
+            ));
+        }
+        if h.has_extended_l2() && cluster_bits < 14 {
+            return Err(bad(
+                "The cluster size is too small for extended L2 entries (at least 16 KiB)".into(),
+            ));
+        }
+        if h.has_data_file() && h.extensions.data_file.is_none() {
+            return Err(bad(
+                "The image has an external data file but names none (data file extension missing)"
+                    .into(),
+            ));
+        }
+
+        validate_table(
+            path,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            1,
+            MAX_REFTABLE_BYTES,
+            cs,
+            "Reference count table",
+        )?;
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(bad("Too many snapshots".into()));
+        }
+        if h.nb_snapshots > 0 {
+            validate_table(
+                path,
+                h.snapshots_offset,
+                u64::from(h.nb_snapshots),
+                40,
+                u64::from(MAX_SNAPSHOTS) * 1024,
+                cs,
+                "Snapshot table",
+            )?;
+        }
+        if u64::from(h.l1_size) > MAX_L1_BYTES / 8 {
+            return Err(bad("Active L1 table too large".into()));
+        }
+        let needed_l1 = h.size.div_ceil(h.l1_entry_span());
+        if needed_l1 > i32::MAX as u64 {
+            return Err(bad("Image is too big".into()));
+        }
+        if u64::from(h.l1_size) < needed_l1 {
+            return Err(bad("L1 table is too small".into()));
+        }
+        if h.l1_size > 0 {
+            validate_table(
+                path,
+                h.l1_table_offset,
+                u64::from(h.l1_size),
+                8,
+                MAX_L1_BYTES,
+                cs,
+                "Active L1 table",
+            )?;
+        }
+
+        if h.backing_file_offset != 0 {
+            let len = h.backing_file_size;
+            if len > MAX_BACKING_NAME || u64::from(len) >= cs - h.backing_file_offset {
+                return Err(bad("Backing file name too long".into()));
+            }
+            let start = h.backing_file_offset as usize;
+            let end = start + len as usize;
+            if !c0.ensure(end)? {
+                return Err(bad(
+                    "Could not read backing file name: file too short".into()
+                ));
+            }
+            h.backing_file = Some(String::from_utf8_lossy(&c0.buf[start..end]).into_owned());
+        }
+        Ok(h)
+    }
+}
+
+/// QEMU's qcow2_validate_table: size cap, no overflow, cluster alignment.
+fn validate_table(
+    path: &Path,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cs: u64,
+    name: &str,
+) -> Result<()> {
+    if entries > max_bytes / entry_len {
+        return Err(Error::invalid(path, format!("{name} too large")));
+    }
+    if (i64::MAX as u64) - entries * entry_len < offset || offset % cs != 0 {
+        return Err(Error::invalid(path, format!("{name} offset invalid")));
+    }
+    Ok(())
+}
+
+fn describe_unknown_incompat(mut bits: u64, table: &[FeatureName]) -> String {
+    let mut parts = Vec::new();
+    for f in table.iter().filter(|f| f.kind == 0 && f.bit < 64) {
+        let mask = 1u64 << f.bit;
+        if bits & mask != 0 {
+            parts.push(f.name.clone());
+            bits &= !mask;
+        }
+    }
+    if bits != 0 {
+        parts.push(format!("Unknown incompatible feature: {bits:x}"));
+    }
+    parts.join(", ")
+}
+
+fn read_extensions(
+    c0: &mut Cluster0<'_>,
+    h: &Header,
+    end: usize,
+    path: &Path,
+) -> Result<Extensions> {
+    let bad = |msg: &str| Error::invalid(path, msg.to_string());
+    let mut exts = Extensions::default();
+    let mut seen: Vec<u32> = Vec::new();
+    let mut off = h.header_length as usize;
+    loop {
+        if off + 8 > end {
+            // No room for another extension: QEMU stops here too.
+            break;
+        }
+        if !c0.ensure(off + 8)? {
+            // The file ends inside cluster 0; missing bytes read as zero,
+            // which is the end marker.
+            break;
+        }
+        let ty = be32(&c0.buf, off);
+        let len = be32(&c0.buf, off + 4) as usize;
+        off += 8;
+        if ty == ext::END {
+            break;
+        }
+        if len > end - off {
+            return Err(bad("Header extension too large"));
+        }
+        if !c0.ensure(off + len)? {
+            return Err(bad("Header extension runs past the end of the file"));
+        }
+        let data = &c0.buf[off..off + len];
+        if ty != 0 && seen.contains(&ty) && ty != ext::FEATURE_TABLE {
+            return Err(Error::invalid(
+                path,
+                format!("Duplicate header extension 0x{ty:08x}"),
+            ));
+        }
+        seen.push(ty);
+        match ty {
+            ext::BACKING_FORMAT => {
+                if len > MAX_BACKING_FORMAT {
+                    return Err(Error::invalid(
+                        path,
+                        format!("ext_backing_format: len={len} too large (>=16)"),
+                    ));
+                }
+                exts.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+            }
+            ext::FEATURE_TABLE => {
+                for e in data.chunks_exact(48) {
+                    let name_bytes = &e[2..48];
+                    let n = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
+                    exts.feature_names.push(FeatureName {
+                        kind: e[0],
+                        bit: e[1],
+                        name: String::from_utf8_lossy(&name_bytes[..n]).into_owned(),
+                    });
+                }
+            }
+            ext::BITMAPS => {
+                if len != 24 {
+                    return Err(bad("bitmaps_ext: Invalid extension length"));
+                }
+                let nb = be32(data, 0);
+                let reserved = be32(data, 4);
+                let dir_size = be64(data, 8);
+                let dir_off = be64(data, 16);
+                if reserved != 0 {
+                    return Err(bad("bitmaps_ext: Reserved field is not zero"));
+                }
+                if nb == 0 || nb > 65535 {
+                    return Err(bad("bitmaps_ext: Image has an invalid number of bitmaps"));
+                }
+                if dir_size > 1024 * 65535 {
+                    return Err(bad("bitmaps_ext: bitmap directory size is too big"));
+                }
+                if dir_off % h.cluster_size() != 0 {
+                    return Err(bad("bitmaps_ext: invalid bitmap directory offset"));
+                }
+                exts.bitmaps = Some(BitmapsExt {
+                    nb_bitmaps: nb,
+                    directory_size: dir_size,
+                    directory_offset: dir_off,
+                });
+            }
+            ext::CRYPTO => {
+                if len != 16 {
+                    return Err(bad("crypto header extension: invalid length"));
+                }
+                exts.crypto = Some(CryptoExt {
+                    offset: be64(data, 0),
+                    length: be64(data, 8),
+                });
+            }
+            ext::DATA_FILE => {
+                exts.data_file = Some(String::from_utf8_lossy(data).into_owned());
+            }
+            _ => exts.unknown.push((ty, data.to_vec())),
+        }
+        off += len.next_multiple_of(8);
+    }
+    Ok(exts)
+}

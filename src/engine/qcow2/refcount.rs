@@ -1,0 +1,122 @@
+//! Refcount table and blocks, read side: the refcount of a host cluster.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::header::Header;
+use crate::engine::error::{Error, IoContext, Result};
+
+/// Reftable entry bits 9..63 hold the refblock offset.
+pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+pub struct Refcounts {
+    table: Vec<u64>,
+    cluster_bits: u32,
+    refcount_order: u32,
+    blocks: HashMap<u64, Vec<u8>>,
+}
+
+impl Refcounts {
+    /// Load the refcount table (≤ 8 MiB by header validation).
+    pub fn load(file: &File, path: &Path, h: &Header) -> Result<Self> {
+        let cs = h.cluster_size();
+        let bytes = u64::from(h.refcount_table_clusters) * cs;
+        let file_len = file.metadata().at(path)?.len();
+        if h.refcount_table_offset + bytes > file_len {
+            return Err(Error::invalid(
+                path,
+                "Reference count table lies past the end of the file",
+            ));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_exact_at(&mut raw, h.refcount_table_offset)
+            .at(path)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        Ok(Refcounts {
+            table,
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+            blocks: HashMap::new(),
+        })
+    }
+
+    fn entries_per_block(&self) -> u64 {
+        (1u64 << (self.cluster_bits + 3)) >> self.refcount_order
+    }
+
+    /// Refcount of host cluster `cluster` (index, not byte offset).
+    pub fn get(&mut self, file: &File, path: &Path, cluster: u64) -> Result<u64> {
+        let per_block = self.entries_per_block();
+        let Some(&entry) = self.table.get((cluster / per_block) as usize) else {
+            return Ok(0);
+        };
+        let block_off = entry & REFTABLE_OFFSET_MASK;
+        if block_off == 0 {
+            return Ok(0);
+        }
+        let cs = 1u64 << self.cluster_bits;
+        if block_off % cs != 0 {
+            return Err(Error::invalid(
+                path,
+                format!("Refblock offset 0x{block_off:x} unaligned"),
+            ));
+        }
+        let block = match self.blocks.entry(block_off) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let mut raw = vec![0u8; cs as usize];
+                file.read_exact_at(&mut raw, block_off).map_err(|e| {
+                    Error::invalid(
+                        path,
+                        format!("cannot read refcount block at 0x{block_off:x}: {e}"),
+                    )
+                })?;
+                v.insert(raw)
+            }
+        };
+        let idx = cluster % per_block;
+        let bits = 1u32 << self.refcount_order;
+        Ok(match bits {
+            1 | 2 | 4 => {
+                let bit = idx * u64::from(bits);
+                let byte = block[(bit / 8) as usize];
+                u64::from((byte >> (bit % 8)) & ((1u16 << bits) - 1) as u8)
+            }
+            _ => {
+                let w = (bits / 8) as usize;
+                let at = idx as usize * w;
+                block[at..at + w]
+                    .iter()
+                    .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+            }
+        })
+    }
+}
+
+/// QEMU's `qcow2_detect_metadata_preallocation`: more clusters are in use by
+/// refcount than the file has allocated on disk, so most data clusters must
+/// be preallocated holes. QEMU then asks the host file whether data clusters
+/// are holes and reports those as zero.
+pub fn detect_metadata_preallocation(file: &File, path: &Path, h: &Header) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().at(path)?;
+    let cs = h.cluster_size();
+    let real_clusters = meta.blocks() * 512 / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = meta.len().div_ceil(cs);
+    let mut refs = Refcounts::load(file, path, h)?;
+    let mut count = 0u64;
+    let mut i = 0u64;
+    while i < end_cluster && count <= threshold {
+        if refs.get(file, path, i)? != 0 {
+            count += 1;
+        }
+        i += 1;
+    }
+    Ok(count > threshold)
+}

@@ -1,0 +1,7 @@
+//! cowshed: QEMU disk images and their copy-on-write backing chains.
+//!
+//! `engine` knows the formats and does all I/O on images; `cli` is the
+//! scriptable face over it.
+
+pub mod cli;
+pub mod engine;
