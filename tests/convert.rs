@@ -76,7 +76,7 @@ fn sigint_leaves_no_destination_and_no_temp_file() {
     let dir = tempfile::tempdir().unwrap();
     let src = data_image(dir.path(), 256);
     let dst = dir.path().join("out.raw");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cowshed"))
+    let child = Command::new(env!("CARGO_BIN_EXE_cowshed"))
         .args(["convert", "-O", "raw"])
         .arg(&src)
         .arg(&dst)
