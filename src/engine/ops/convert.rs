@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::mpsc;
 
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
@@ -36,6 +37,8 @@ pub struct ConvertOptions {
 const CHUNK: usize = 4 << 20;
 /// qemu-img's default `-S`: runs of zeros this long are left as holes.
 const ZERO_GRAIN: usize = 4096;
+/// Buffers in flight between the reading and the writing thread.
+const BUFFERS: usize = 4;
 
 pub fn convert_to_raw(
     src: &Path,
@@ -63,19 +66,7 @@ pub fn convert_to_raw(
     let out = tmp.as_file();
     out.set_len(size).at(dst)?;
 
-    let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < size {
-        cancel.check()?;
-        let st = chain.block_status(pos, (size - pos).min(CHUNK as u64))?;
-        if st.data {
-            let chunk = &mut buf[..st.length as usize];
-            chain.read_extent(&st, chunk)?;
-            write_skipping_zeros(out, dst, chunk, pos)?;
-        }
-        pos += st.length;
-        progress.advance(st.length);
-    }
+    copy_pipelined(&chain, out, dst, progress, cancel)?;
     cancel.check()?;
     if opts.cache == CacheMode::Writeback {
         out.sync_data().at(dst)?;
@@ -85,6 +76,61 @@ pub fn convert_to_raw(
         File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
     }
     Ok(())
+}
+
+/// Read on this thread, write on another: reads from the page cache and
+/// writes into it each keep one core busy.
+fn copy_pipelined(
+    chain: &Chain,
+    out: &File,
+    dst: &Path,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<()> {
+    let size = chain.virtual_size();
+    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>, usize)>(BUFFERS);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        // The channel lives as long as free_rx, which is in scope.
+        let _ = free_tx.send(vec![0u8; CHUNK]);
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<()> {
+            for (offset, buf, len) in full_rx {
+                write_skipping_zeros(out, dst, &buf[..len], offset)?;
+                if free_tx.send(buf).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<()> {
+            let mut pos = 0u64;
+            while pos < size {
+                cancel.check()?;
+                let st = chain.block_status(pos, (size - pos).min(CHUNK as u64))?;
+                if st.data {
+                    // Err: the writer stopped; its own error is reported.
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    let len = st.length as usize;
+                    chain.read_extent(&st, &mut buf[..len])?;
+                    if full_tx.send((pos, buf, len)).is_err() {
+                        return Ok(());
+                    }
+                }
+                pos += st.length;
+                progress.advance(st.length);
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::invalid(dst, "writer thread panicked")));
+        read.and(written)
+    })
 }
 
 /// Write `data` at `offset`, leaving aligned all-zero blocks as holes (the
