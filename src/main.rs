@@ -1,8 +1,17 @@
 use clap::Parser;
 
-fn main() -> color_eyre::Result<()> {
-    color_eyre::install()?;
+fn main() {
+    // color-eyre's panic hook: a panic (a bug) prints a report with a
+    // backtrace. Ordinary errors are for operators: one line, no backtrace.
+    let _ = color_eyre::config::HookBuilder::default()
+        .display_env_section(false)
+        .install();
     let cli = cowshed::cli::Cli::parse();
-    let code = cowshed::cli::run(cli)?;
-    std::process::exit(code);
+    match cowshed::cli::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("cowshed: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! command go up to `main`, where color-eyre prints them.
 
 mod convert;
+mod create;
 mod info;
 mod map;
 
@@ -31,6 +32,8 @@ pub enum Command {
     /// Show which layer of the chain serves each range of the disk and how
     /// (like `qemu-img map`).
     Map(map::MapArgs),
+    /// Create a new image (like `qemu-img create`); never overwrites a file.
+    Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
     /// (like `qemu-img convert`; raw output only for now).
     Convert(convert::ConvertArgs),
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Create(a) => create::run(a),
     }
 }
 

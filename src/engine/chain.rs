@@ -170,7 +170,7 @@ impl Chain {
                 None => None,
             };
             let (image, source) = open_image(&next_path, recorded).map_err(|e| match e {
-                Error::Io { source, .. } => Error::invalid(
+                Error::Io { cause: source, .. } => Error::invalid(
                     &layer.path,
                     format!(
                         "Could not open backing file '{}': {source}",

@@ -92,7 +92,7 @@ pub fn lock_state(path: &Path) -> Result<LockState> {
     match lock_bytes(&file, path) {
         Ok(b) => Ok(b.state()),
         // File systems without OFD locks: QEMU runs unlocked there too.
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+        Err(Error::Io { cause: source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
             Ok(LockState::None)
         }
         Err(e) => Err(e),

@@ -16,6 +16,7 @@ pub use error::{Error, Result};
 pub use format::{probe, Format};
 pub use lock::{lock_state, LockState};
 pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
+pub use ops::create::{create, CreateOptions};
 pub use ops::info::{info, info_chain, ImageInfo};
 pub use ops::map::map;
 pub use progress::{Cancel, Progress};

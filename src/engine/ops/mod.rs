@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod map;

@@ -587,3 +587,132 @@ fn read_extensions(
     }
     Ok(exts)
 }
+
+/// The feature name table QEMU writes into every v3 header with clusters
+/// larger than 4 KiB: (type, bit, name).
+const FEATURE_TABLE: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+impl Header {
+    /// Serialize cluster 0 the way QEMU's `qcow2_update_header` does: fixed
+    /// header, unknown header fields, extensions in QEMU's order, end marker,
+    /// then the backing file name; zeros to the end of the cluster. Sets
+    /// `backing_file_offset`/`backing_file_size` to where the name lands.
+    pub fn to_cluster(&mut self, path: &Path) -> Result<Vec<u8>> {
+        let cs = self.cluster_size() as usize;
+        let mut b = Vec::with_capacity(cs);
+        let fixed = if self.version >= 3 {
+            V3_HEADER_LEN
+        } else {
+            V2_HEADER_LEN
+        };
+        self.header_length = fixed + self.unknown_fields.len() as u32;
+        b.resize(fixed as usize, 0);
+        b.extend_from_slice(&self.unknown_fields);
+
+        let push_ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().next_multiple_of(8), 0);
+        };
+        if let Some(f) = &self.extensions.backing_format {
+            push_ext(&mut b, ext::BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(d) = &self.extensions.data_file {
+            push_ext(&mut b, ext::DATA_FILE, d.as_bytes());
+        }
+        if let Some(c) = &self.extensions.crypto {
+            let mut data = c.offset.to_be_bytes().to_vec();
+            data.extend_from_slice(&c.length.to_be_bytes());
+            push_ext(&mut b, ext::CRYPTO, &data);
+        }
+        if self.version >= 3 && cs > 4096 {
+            let mut table = Vec::with_capacity(FEATURE_TABLE.len() * 48);
+            for (kind, bit, name) in FEATURE_TABLE {
+                let mut e = [0u8; 48];
+                e[0] = kind;
+                e[1] = bit;
+                e[2..2 + name.len()].copy_from_slice(name.as_bytes());
+                table.extend_from_slice(&e);
+            }
+            push_ext(&mut b, ext::FEATURE_TABLE, &table);
+        }
+        if let Some(bm) = &self.extensions.bitmaps {
+            let mut data = bm.nb_bitmaps.to_be_bytes().to_vec();
+            data.extend_from_slice(&0u32.to_be_bytes());
+            data.extend_from_slice(&bm.directory_size.to_be_bytes());
+            data.extend_from_slice(&bm.directory_offset.to_be_bytes());
+            push_ext(&mut b, ext::BITMAPS, &data);
+        }
+        for (ty, data) in self.extensions.unknown.iter().rev() {
+            push_ext(&mut b, *ty, data);
+        }
+        b.extend_from_slice(&[0u8; 8]);
+
+        match &self.backing_file {
+            Some(name) => {
+                self.backing_file_offset = b.len() as u64;
+                self.backing_file_size = name.len() as u32;
+                b.extend_from_slice(name.as_bytes());
+            }
+            None => {
+                self.backing_file_offset = 0;
+                self.backing_file_size = 0;
+            }
+        }
+        if b.len() > cs {
+            return Err(Error::invalid(
+                path,
+                "the header, its extensions and the backing file name do not fit in the first cluster",
+            ));
+        }
+        b.resize(cs, 0);
+
+        let put32 =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, self.version);
+        put64(&mut b, 8, self.backing_file_offset);
+        put32(&mut b, 16, self.backing_file_size);
+        put32(&mut b, 20, self.cluster_bits);
+        put64(&mut b, 24, self.size);
+        put32(
+            &mut b,
+            32,
+            match self.crypt_method {
+                CryptMethod::None => 0,
+                CryptMethod::Aes => 1,
+                CryptMethod::Luks => 2,
+            },
+        );
+        put32(&mut b, 36, self.l1_size);
+        put64(&mut b, 40, self.l1_table_offset);
+        put64(&mut b, 48, self.refcount_table_offset);
+        put32(&mut b, 56, self.refcount_table_clusters);
+        put32(&mut b, 60, self.nb_snapshots);
+        put64(&mut b, 64, self.snapshots_offset);
+        if self.version >= 3 {
+            put64(&mut b, 72, self.incompatible_features);
+            put64(&mut b, 80, self.compatible_features);
+            put64(&mut b, 88, self.autoclear_features);
+            put32(&mut b, 96, self.refcount_order);
+            put32(&mut b, 100, self.header_length);
+            b[104] = match self.compression_type {
+                CompressionType::Deflate => 0,
+                CompressionType::Zstd => 1,
+            };
+        }
+        Ok(b)
+    }
+}
