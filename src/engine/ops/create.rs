@@ -111,6 +111,9 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
     Ok(opts.size.unwrap_or_else(|| image.virtual_size()))
 }
 
+/// Bytes to write at a file offset.
+type Extent = (u64, Vec<u8>);
+
 /// Where everything lands in a fresh qcow2, computed the way QEMU's
 /// allocator places it: header, reftable, first refblock, L1, then any
 /// further refblocks the L1 needs.
@@ -166,7 +169,7 @@ impl<'a> Qcow2Layout<'a> {
     }
 
     /// The file's length and its non-zero extents `(offset, bytes)`.
-    fn build(&self) -> Result<(u64, Vec<(u64, Vec<u8>)>)> {
+    fn build(&self) -> Result<(u64, Vec<Extent>)> {
         let cs = self.cs;
         let entry_bytes = if self.opts.extended_l2 { 16 } else { 8 };
         let l1_span = cs * (cs / entry_bytes);
@@ -321,7 +324,7 @@ fn refblock(cs: u64, order: u32, indexes: impl Iterator<Item = u64>) -> Vec<u8> 
 
 /// Write the image beside `path`, flush it, then link it into place (which
 /// fails if `path` appeared meanwhile).
-fn write_new_file(path: &Path, len: u64, extents: &[(u64, Vec<u8>)]) -> Result<()> {
+fn write_new_file(path: &Path, len: u64, extents: &[Extent]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
