@@ -3,5 +3,6 @@
 //! `engine` knows the formats and does all I/O on images; `cli` is the
 //! scriptable face over it.
 
+pub mod catalog;
 pub mod cli;
 pub mod engine;

@@ -6,6 +6,7 @@ mod convert;
 mod create;
 mod info;
 mod map;
+mod tree;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -32,6 +33,9 @@ pub enum Command {
     /// Show which layer of the chain serves each range of the disk and how
     /// (like `qemu-img map`).
     Map(map::MapArgs),
+    /// Scan directories and print the forest of backing chains: every base
+    /// with the overlays that grow on it, broken and cyclic chains flagged.
+    Tree(tree::TreeArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -52,6 +56,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
+        Command::Tree(a) => tree::run(a),
     }
 }
 

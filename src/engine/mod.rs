@@ -17,6 +17,6 @@ pub use format::{probe, Format};
 pub use lock::{lock_state, LockState};
 pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
 pub use ops::create::{create, CreateOptions};
-pub use ops::info::{info, info_chain, ImageInfo};
+pub use ops::info::{info, info_chain, inspect, inspect_file, HeaderSummary, ImageInfo};
 pub use ops::map::map;
 pub use progress::{Cancel, Progress};

@@ -202,3 +202,63 @@ fn read_bitmap_directory(
     }
     Ok(out)
 }
+
+/// What a scan needs to know about a file, from its first cluster only: no
+/// L1, no snapshot table, no backing file opened. `None` format means the
+/// file is not an image we recognise by magic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderSummary {
+    pub format: Format,
+    pub virtual_size: u64,
+    pub cluster_size: Option<u64>,
+    pub backing_filename: Option<String>,
+    pub backing_format: Option<String>,
+    pub version: Option<u32>,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub encrypted: bool,
+    pub compression: Option<CompressionType>,
+    pub extended_l2: bool,
+    pub snapshots: u32,
+}
+
+/// Read just enough of `path` to place it in a forest of backing chains.
+pub fn inspect(path: &Path) -> Result<HeaderSummary> {
+    let file = File::open(path).at(path)?;
+    inspect_file(&file, path)
+}
+
+/// [`inspect`] on a file already open.
+pub fn inspect_file(file: &File, path: &Path) -> Result<HeaderSummary> {
+    let meta = file.metadata().at(path)?;
+    let format = crate::engine::format::probe_file(file, path)?;
+    let mut s = HeaderSummary {
+        format,
+        virtual_size: meta.len().next_multiple_of(512),
+        cluster_size: None,
+        backing_filename: None,
+        backing_format: None,
+        version: None,
+        dirty: false,
+        corrupt: false,
+        encrypted: false,
+        compression: None,
+        extended_l2: false,
+        snapshots: 0,
+    };
+    if format == Format::Qcow2 {
+        let h = Header::read(file, path, meta.len())?;
+        s.virtual_size = h.size;
+        s.cluster_size = Some(h.cluster_size());
+        s.backing_filename = h.backing_file.clone();
+        s.backing_format = h.extensions.backing_format.clone();
+        s.version = Some(h.version);
+        s.dirty = h.is_dirty();
+        s.corrupt = h.is_corrupt();
+        s.encrypted = h.crypt_method != CryptMethod::None;
+        s.compression = Some(h.compression_type);
+        s.extended_l2 = h.has_extended_l2();
+        s.snapshots = h.nb_snapshots;
+    }
+    Ok(s)
+}

@@ -1,0 +1,379 @@
+//! The backing graph: each image's parent is its resolved backing file, so a
+//! base shows all its overlays as children. Broken links, cycles, bases
+//! outside the scanned roots and risky backings are flagged, never fatal.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::scan::read_record;
+use super::ImageRecord;
+use crate::engine::chain::{classify_backing, BackingName};
+use crate::engine::Format;
+
+pub type NodeId = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flag {
+    /// The backing file does not exist: the chain is broken.
+    MissingBacking { wanted: String },
+    /// Part of a backing cycle; its parent link is cut to draw it.
+    Cycle,
+    /// Found as the backing of a scanned image, outside the roots.
+    OutsideRoots,
+    /// The overlay does not record its backing's format (QEMU probes it).
+    BackingFormatNotRecorded,
+    /// The recorded backing format is not what the backing file is.
+    BackingFormatMismatch { recorded: String, actual: String },
+    /// `json:` or protocol backing: reported, not followed.
+    UnfollowedBacking { name: String },
+    /// The header could not be read.
+    Unreadable { message: String },
+}
+
+impl Flag {
+    /// Short text for lists and the tree.
+    pub fn describe(&self) -> String {
+        match self {
+            Flag::MissingBacking { wanted } => format!("backing missing: {wanted}"),
+            Flag::Cycle => "backing cycle".into(),
+            Flag::OutsideRoots => "outside scanned roots".into(),
+            Flag::BackingFormatNotRecorded => "backing format not recorded".into(),
+            Flag::BackingFormatMismatch { recorded, actual } => {
+                format!("backing recorded as {recorded} but is {actual}")
+            }
+            Flag::UnfollowedBacking { name } => format!("backing not followed: {name}"),
+            Flag::Unreadable { message } => format!("unreadable: {message}"),
+        }
+    }
+
+    /// A stable machine name (JSON).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Flag::MissingBacking { .. } => "missing-backing",
+            Flag::Cycle => "cycle",
+            Flag::OutsideRoots => "outside-roots",
+            Flag::BackingFormatNotRecorded => "backing-format-not-recorded",
+            Flag::BackingFormatMismatch { .. } => "backing-format-mismatch",
+            Flag::UnfollowedBacking { .. } => "unfollowed-backing",
+            Flag::Unreadable { .. } => "unreadable",
+        }
+    }
+
+    /// A problem that stops QEMU from opening the chain.
+    pub fn is_broken(&self) -> bool {
+        matches!(
+            self,
+            Flag::MissingBacking { .. }
+                | Flag::Cycle
+                | Flag::BackingFormatMismatch { .. }
+                | Flag::UnfollowedBacking { .. }
+                | Flag::Unreadable { .. }
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub record: ImageRecord,
+    pub parent: Option<NodeId>,
+    pub children: Vec<NodeId>,
+    pub flags: Vec<Flag>,
+}
+
+/// Space of one tree (a root and everything growing on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TreeSpace {
+    /// Allocated bytes of every image in the tree.
+    pub used: u64,
+    /// What the tree's leaves would take as independent full copies: each
+    /// leaf's chain flattened (sum of allocated bytes along the chain).
+    pub full_copies: u64,
+}
+
+impl TreeSpace {
+    pub fn saved(&self) -> u64 {
+        self.full_copies.saturating_sub(self.used)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Forest {
+    pub nodes: Vec<Node>,
+    /// Nodes without a parent, sorted by path.
+    pub roots: Vec<NodeId>,
+    by_key: HashMap<PathBuf, NodeId>,
+    /// For nodes found outside the roots: how many such bases lead to them.
+    outside_depth: HashMap<NodeId, usize>,
+}
+
+/// Deepest chain of external bases followed outside the roots.
+const MAX_EXTERNAL_DEPTH: usize = 64;
+
+impl Forest {
+    /// Build the forest from scanned records. Backing files outside the
+    /// scanned set are looked up on disk and added as outside-root nodes.
+    pub fn build(records: Vec<ImageRecord>) -> Forest {
+        let mut f = Forest::default();
+        for r in records {
+            f.insert(r);
+        }
+        f.link();
+        f
+    }
+
+    fn insert(&mut self, record: ImageRecord) -> NodeId {
+        if let Some(&id) = self.by_key.get(&record.key) {
+            return id;
+        }
+        let id = self.nodes.len();
+        self.by_key.insert(record.key.clone(), id);
+        let mut flags = Vec::new();
+        if let Some(message) = &record.error {
+            flags.push(Flag::Unreadable {
+                message: message.clone(),
+            });
+        }
+        self.nodes.push(Node {
+            record,
+            parent: None,
+            children: Vec::new(),
+            flags,
+        });
+        id
+    }
+
+    pub fn get(&self, key: &Path) -> Option<NodeId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Resolve every image's backing, then cut cycles and sort.
+    fn link(&mut self) {
+        let mut i = 0;
+        // Outside-root nodes are appended while linking, and linked in turn.
+        while i < self.nodes.len() {
+            self.link_one(i);
+            i += 1;
+        }
+        self.cut_cycles();
+        for n in &mut self.nodes {
+            n.children.clear();
+        }
+        for id in 0..self.nodes.len() {
+            if let Some(p) = self.nodes[id].parent {
+                self.nodes[p].children.push(id);
+            }
+        }
+        let nodes = &self.nodes;
+        let by_path = |a: &NodeId, b: &NodeId| nodes[*a].record.path.cmp(&nodes[*b].record.path);
+        let mut roots: Vec<NodeId> = (0..nodes.len())
+            .filter(|&i| nodes[i].parent.is_none())
+            .collect();
+        roots.sort_by(by_path);
+        let mut sorted_children: Vec<Vec<NodeId>> = nodes
+            .iter()
+            .map(|n| {
+                let mut c = n.children.clone();
+                c.sort_by(by_path);
+                c
+            })
+            .collect();
+        for (n, c) in self.nodes.iter_mut().zip(sorted_children.iter_mut()) {
+            n.children = std::mem::take(c);
+        }
+        self.roots = roots;
+    }
+
+    fn link_one(&mut self, id: NodeId) {
+        let Some(summary) = self.nodes[id].record.summary.clone() else {
+            return;
+        };
+        let Some(name) = summary.backing_filename.clone() else {
+            return;
+        };
+        let path = self.nodes[id].record.path.clone();
+        let backing_path = match classify_backing(&path, &name) {
+            BackingName::Path(p) => p,
+            _ => {
+                self.nodes[id].flags.push(Flag::UnfollowedBacking { name });
+                return;
+            }
+        };
+        if summary.backing_format.is_none() {
+            self.nodes[id].flags.push(Flag::BackingFormatNotRecorded);
+        }
+        let Ok(key) = backing_path.canonicalize() else {
+            self.nodes[id]
+                .flags
+                .push(Flag::MissingBacking { wanted: name });
+            return;
+        };
+        let parent = match self.by_key.get(&key) {
+            Some(&p) => p,
+            None => {
+                let depth = self.outside_depth.get(&id).copied().unwrap_or(0) + 1;
+                if depth > MAX_EXTERNAL_DEPTH {
+                    return;
+                }
+                match read_record(&backing_path) {
+                    Ok(Some(mut r)) => {
+                        r.key = key;
+                        let p = self.insert(r);
+                        self.nodes[p].flags.push(Flag::OutsideRoots);
+                        self.outside_depth.insert(p, depth);
+                        p
+                    }
+                    // Exists but is no image we know (e.g. raw without a raw
+                    // extension): read it as the overlay says.
+                    Ok(None) => match read_record_as_raw(&backing_path, key) {
+                        Some(r) => {
+                            let p = self.insert(r);
+                            self.nodes[p].flags.push(Flag::OutsideRoots);
+                            self.outside_depth.insert(p, depth);
+                            p
+                        }
+                        None => {
+                            self.nodes[id]
+                                .flags
+                                .push(Flag::MissingBacking { wanted: name });
+                            return;
+                        }
+                    },
+                    Err(_) => {
+                        self.nodes[id]
+                            .flags
+                            .push(Flag::MissingBacking { wanted: name });
+                        return;
+                    }
+                }
+            }
+        };
+        if let (Some(recorded), Some(actual)) = (
+            summary.backing_format.as_deref(),
+            self.nodes[parent].record.summary.as_ref().map(|s| s.format),
+        ) {
+            // Reading a qcow2 as raw works (it is what the overlay asked
+            // for); asking qcow2 of a raw file fails in QEMU.
+            if recorded == "qcow2" && actual != Format::Qcow2 {
+                self.nodes[id].flags.push(Flag::BackingFormatMismatch {
+                    recorded: recorded.to_string(),
+                    actual: actual.name().to_string(),
+                });
+            }
+        }
+        self.nodes[id].parent = Some(parent);
+    }
+
+    /// Nodes on a parent cycle get the Cycle flag and lose their parent.
+    fn cut_cycles(&mut self) {
+        let n = self.nodes.len();
+        // 0 = unvisited, 1 = on the current path, 2 = done.
+        let mut state = vec![0u8; n];
+        for start in 0..n {
+            let mut path = Vec::new();
+            let mut cur = Some(start);
+            while let Some(c) = cur {
+                match state[c] {
+                    0 => {
+                        state[c] = 1;
+                        path.push(c);
+                        cur = self.nodes[c].parent;
+                    }
+                    1 => {
+                        // `c` closes a cycle: everything from c on the path.
+                        let from = path.iter().position(|&x| x == c).unwrap_or(0);
+                        for &m in &path[from..] {
+                            self.nodes[m].flags.push(Flag::Cycle);
+                        }
+                        for &m in &path[from..] {
+                            self.nodes[m].parent = None;
+                        }
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            for m in path {
+                state[m] = 2;
+            }
+        }
+    }
+
+    /// Depth-first order of a tree, with each node's depth.
+    pub fn walk(&self, root: NodeId) -> Vec<(NodeId, usize)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(root, 0usize)];
+        while let Some((id, d)) = stack.pop() {
+            out.push((id, d));
+            for &c in self.nodes[id].children.iter().rev() {
+                stack.push((c, d + 1));
+            }
+        }
+        out
+    }
+
+    /// The root of the tree `id` belongs to.
+    pub fn root_of(&self, mut id: NodeId) -> NodeId {
+        while let Some(p) = self.nodes[id].parent {
+            id = p;
+        }
+        id
+    }
+
+    /// Chain from `id` up to its root, `id` first.
+    pub fn chain(&self, mut id: NodeId) -> Vec<NodeId> {
+        let mut out = vec![id];
+        while let Some(p) = self.nodes[id].parent {
+            id = p;
+            out.push(id);
+        }
+        out
+    }
+
+    pub fn space(&self, root: NodeId) -> TreeSpace {
+        let mut s = TreeSpace::default();
+        for (id, _) in self.walk(root) {
+            s.used += self.nodes[id].record.sizes.allocated;
+            if self.nodes[id].children.is_empty() {
+                s.full_copies += self
+                    .chain(id)
+                    .iter()
+                    .map(|&c| self.nodes[c].record.sizes.allocated)
+                    .sum::<u64>();
+            }
+        }
+        s
+    }
+}
+
+fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(ImageRecord {
+        path: path.to_path_buf(),
+        key,
+        dev_ino: (meta.dev(), meta.ino()),
+        summary: Some(crate::engine::HeaderSummary {
+            format: Format::Raw,
+            virtual_size: meta.len().next_multiple_of(512),
+            cluster_size: None,
+            backing_filename: None,
+            backing_format: None,
+            version: None,
+            dirty: false,
+            corrupt: false,
+            encrypted: false,
+            compression: None,
+            extended_l2: false,
+            snapshots: 0,
+        }),
+        error: None,
+        sizes: super::Sizes {
+            virtual_size: meta.len().next_multiple_of(512),
+            allocated: meta.blocks() * 512,
+            apparent: meta.len(),
+        },
+        mtime: meta.modified().ok(),
+        lock: crate::engine::LockState::None,
+        holders: Vec::new(),
+    })
+}

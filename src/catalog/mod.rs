@@ -1,0 +1,44 @@
+//! What images exist under the scanned roots and how they relate. The
+//! catalog reads headers (through the engine's probe) and file metadata; it
+//! never writes an image.
+
+pub mod forest;
+pub mod holders;
+pub mod scan;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::engine::{HeaderSummary, LockState};
+
+pub use forest::{Flag, Forest, Node, NodeId, TreeSpace};
+pub use holders::Holder;
+pub use scan::{scan, ScanEvent};
+
+/// Sizes from `stat`: cheap enough for the UI's live refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sizes {
+    pub virtual_size: u64,
+    /// st_blocks × 512: what the image costs on disk.
+    pub allocated: u64,
+    /// st_size.
+    pub apparent: u64,
+}
+
+/// One image file found by a scan.
+#[derive(Debug, Clone)]
+pub struct ImageRecord {
+    /// As reached from the root that was scanned.
+    pub path: PathBuf,
+    /// Canonical path: the identity of the file (links shown once).
+    pub key: PathBuf,
+    pub dev_ino: (u64, u64),
+    /// Header facts; `None` when the header could not be read (`error` says
+    /// why).
+    pub summary: Option<HeaderSummary>,
+    pub error: Option<String>,
+    pub sizes: Sizes,
+    pub mtime: Option<SystemTime>,
+    pub lock: LockState,
+    pub holders: Vec<Holder>,
+}

@@ -1,0 +1,163 @@
+//! Scan roots for images: walk (walkdir, following links with loop
+//! detection), then probe each candidate's header on a few threads. Results
+//! stream out as they come, so a UI can show the forest before the scan
+//! ends.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use crossbeam_channel::{bounded, Sender};
+
+use super::holders::find_holders;
+use super::{ImageRecord, Sizes};
+use crate::engine::lock::lock_bytes;
+use crate::engine::{inspect_file, Format, LockState};
+
+#[derive(Debug)]
+pub enum ScanEvent {
+    Image(Box<ImageRecord>),
+    /// A directory or file that could not be read; the scan goes on.
+    Error {
+        path: PathBuf,
+        message: String,
+    },
+    /// Every root has been walked and every candidate probed.
+    Done,
+}
+
+/// Unrecognised files count as raw images only with these extensions: a
+/// raw image has no magic, and most files are not images.
+const RAW_EXTENSIONS: &[&str] = &["raw", "img"];
+
+/// Scan `roots` recursively with `threads` probing threads, sending events
+/// to `tx` and ending with [`ScanEvent::Done`]. Blocks until done; run it on
+/// a thread of its own to stream.
+pub fn scan(roots: &[PathBuf], threads: usize, tx: &Sender<ScanEvent>) {
+    let (work_tx, work_rx) = bounded::<PathBuf>(1024);
+    thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            let rx = work_rx.clone();
+            let tx = tx.clone();
+            s.spawn(move || {
+                for path in rx {
+                    match read_record(&path) {
+                        Ok(Some(r)) => {
+                            let _ = tx.send(ScanEvent::Image(Box::new(r)));
+                        }
+                        Ok(None) => {}
+                        Err(message) => {
+                            let _ = tx.send(ScanEvent::Error { path, message });
+                        }
+                    }
+                }
+            });
+        }
+        drop(work_rx);
+        let mut seen = HashSet::new();
+        for root in roots {
+            for entry in walkdir::WalkDir::new(root).follow_links(true) {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let path = e.path().unwrap_or(root).to_path_buf();
+                        let message = match e.loop_ancestor() {
+                            Some(a) => format!("symlink loop back to {}", a.display()),
+                            None => e
+                                .io_error()
+                                .map_or_else(|| e.to_string(), |io| io.to_string()),
+                        };
+                        let _ = tx.send(ScanEvent::Error { path, message });
+                        continue;
+                    }
+                };
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                // Reached twice (a link, or overlapping roots): shown once.
+                if seen.insert((meta.dev(), meta.ino())) && work_tx.send(entry.into_path()).is_err()
+                {
+                    break;
+                }
+            }
+        }
+        drop(work_tx);
+    });
+    let _ = tx.send(ScanEvent::Done);
+}
+
+/// Scan and collect: images in the order found, and errors.
+pub fn scan_all(roots: &[PathBuf]) -> (Vec<ImageRecord>, Vec<(PathBuf, String)>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let threads = thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    scan(roots, threads, &tx);
+    drop(tx);
+    let (mut images, mut errors) = (Vec::new(), Vec::new());
+    for ev in rx {
+        match ev {
+            ScanEvent::Image(r) => images.push(*r),
+            ScanEvent::Error { path, message } => errors.push((path, message)),
+            ScanEvent::Done => {}
+        }
+    }
+    images.sort_by(|a, b| a.path.cmp(&b.path));
+    (images, errors)
+}
+
+/// Stat and probe one file: `Ok(None)` if it is not an image.
+pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let (summary, error) = match inspect_file(&file, path) {
+        Ok(s) => (Some(s), None),
+        // A qcow2 magic with a header we refuse is still an image, shown
+        // with its problem.
+        Err(e) => match crate::engine::format::probe_file(&file, path) {
+            Ok(Format::Qcow2) => (None, Some(e.to_string())),
+            _ => return Ok(None),
+        },
+    };
+    if let Some(s) = &summary {
+        if s.format == Format::Raw && !has_raw_extension(path) {
+            return Ok(None);
+        }
+    }
+    let lock = lock_bytes(&file, path).map_or(LockState::None, |b| b.state());
+    let dev_ino = (meta.dev(), meta.ino());
+    let holders = if lock == LockState::None {
+        Vec::new()
+    } else {
+        find_holders(&HashSet::from([dev_ino]))
+            .remove(&dev_ino)
+            .unwrap_or_default()
+    };
+    Ok(Some(ImageRecord {
+        path: path.to_path_buf(),
+        key: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
+        dev_ino,
+        sizes: Sizes {
+            virtual_size: summary.as_ref().map_or(0, |s| s.virtual_size),
+            allocated: meta.blocks() * 512,
+            apparent: meta.len(),
+        },
+        summary,
+        error,
+        mtime: meta.modified().ok(),
+        lock,
+        holders,
+    }))
+}
+
+fn has_raw_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| RAW_EXTENSIONS.iter().any(|r| e.eq_ignore_ascii_case(r)))
+}
