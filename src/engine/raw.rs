@@ -76,8 +76,8 @@ impl RawImage {
 
 /// Is `[offset, offset + len)` of a host file data or a hole, and for how
 /// many bytes (> 0, ≤ len)? QEMU's file-posix answer: SEEK_DATA/SEEK_HOLE,
-/// a partial sector at EOF counts as data, past the last data is a hole, and
-/// a file system without the information is all data.
+/// past the last data (and past EOF) is a hole, and a file system without
+/// the information is all data.
 pub(crate) fn host_allocation(
     file: &File,
     path: &Path,
@@ -99,8 +99,7 @@ pub(crate) fn host_allocation(
                 Some(h) => h,
                 None => offset + len,
             };
-            let hole = hole.next_multiple_of(SECTOR).max(offset + 1);
-            Ok((true, (hole - offset).min(len)))
+            Ok((true, (hole - offset).clamp(1, len)))
         }
     }
 }

@@ -108,9 +108,11 @@ impl Work {
             .env("LC_ALL", "C")
             .output()
             .unwrap_or_else(|e| panic!("[{}] cannot run {program}: {e}", self.case));
-        let mut cmdline = shell_quote(Path::new(program).file_name().map_or(program, |n| {
-            n.to_str().unwrap_or(program)
-        }));
+        let mut cmdline = shell_quote(
+            Path::new(program)
+                .file_name()
+                .map_or(program, |n| n.to_str().unwrap_or(program)),
+        );
         for a in args {
             cmdline.push(' ');
             cmdline.push_str(&shell_quote(a));
@@ -145,7 +147,14 @@ impl Work {
     }
 
     /// `qemu-img create -f FMT [-o OPTS] [-b BACKING -F BFMT] FILE SIZE`.
-    pub fn create(&self, file: &str, fmt: &str, opts: &str, backing: Option<(&str, &str)>, size: u64) {
+    pub fn create(
+        &self,
+        file: &str,
+        fmt: &str,
+        opts: &str,
+        backing: Option<(&str, &str)>,
+        size: u64,
+    ) {
         let size = size.to_string();
         let mut args = vec!["create", "-q", "-f", fmt];
         if !opts.is_empty() {
@@ -204,22 +213,19 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 /// deliberately not multiples of any cluster size.
 pub fn mixed_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
-    let lens = random_bytes(seed ^ 0x5eed, 4096);
-    let mut i = 0usize;
+    let lens = random_bytes(seed ^ 0x5eed, 2 * 4096);
+    let mut k = 0usize;
     while out.len() < len {
-        let r = u16::from_le_bytes([lens[i % lens.len()], lens[(i + 1) % lens.len()]]) as usize;
-        let chunk = (1 + r % 96_000).min(len - out.len());
-        match i % 4 {
-            0 => out.extend(random_bytes(seed.wrapping_add(i as u64), chunk)),
+        let r = u16::from_le_bytes([lens[(2 * k) % lens.len()], lens[(2 * k + 1) % lens.len()]]);
+        let chunk = (1 + r as usize % 96_000).min(len - out.len());
+        // Rotate the order of kinds every round so that all pairs meet.
+        match (k + k / 4) % 4 {
+            0 => out.extend(random_bytes(seed.wrapping_add(k as u64), chunk)),
             1 => out.extend(b"cowshed moo ".iter().cycle().take(chunk)),
-            2 => out.extend(std::iter::repeat(0u8).take(chunk)),
-            _ => out.extend(std::iter::repeat((i as u8) | 1).take(chunk)),
+            2 => out.resize(out.len() + chunk, 0),
+            _ => out.resize(out.len() + chunk, (k as u8) | 1),
         }
-        i += 2;
-        // Every second round, swap the kind order so all pairs occur.
-        if i % 8 == 0 {
-            i += 1;
-        }
+        k += 1;
     }
     out
 }
@@ -231,7 +237,8 @@ pub fn mixed_bytes(seed: u64, len: usize) -> Vec<u8> {
 pub fn mergeable(a: &Value, b: &Value) -> bool {
     let same = |k: &str| a.get(k) == b.get(k);
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
-    let (Some(s0), Some(l0), Some(s1)) = (num(a, "start"), num(a, "length"), num(b, "start")) else {
+    let (Some(s0), Some(l0), Some(s1)) = (num(a, "start"), num(a, "length"), num(b, "start"))
+    else {
         return false;
     };
     if !(same("depth") && same("present") && same("zero") && same("data") && same("compressed")) {
@@ -297,6 +304,15 @@ pub fn extent_line(e: &Value) -> String {
     s
 }
 
+/// One extent a line.
+pub fn extents_text(extents: &[Value]) -> String {
+    extents
+        .iter()
+        .map(extent_line)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Render two extent lists side by side, marking the lines that differ.
 pub fn extent_diff(expected: &[Value], actual: &[Value]) -> String {
     let mut s = String::new();
@@ -321,7 +337,9 @@ pub fn extent_diff(expected: &[Value], actual: &[Value]) -> String {
 pub fn info_differences(what: &str, qemu: &Value, ours: &Value) -> Vec<String> {
     let mut diffs = Vec::new();
     let (Some(q), Some(o)) = (qemu.as_object(), ours.as_object()) else {
-        diffs.push(format!("{what}: not both objects:\n qemu-img: {qemu}\n cowshed : {ours}"));
+        diffs.push(format!(
+            "{what}: not both objects:\n qemu-img: {qemu}\n cowshed : {ours}"
+        ));
         return diffs;
     };
     for (k, qv) in q {
@@ -329,13 +347,17 @@ pub fn info_differences(what: &str, qemu: &Value, ours: &Value) -> Vec<String> {
             continue;
         }
         let Some(ov) = o.get(k) else {
-            diffs.push(format!("{what}: key `{k}` missing in cowshed (qemu-img: {qv})"));
+            diffs.push(format!(
+                "{what}: key `{k}` missing in cowshed (qemu-img: {qv})"
+            ));
             continue;
         };
         if k == "format-specific" {
             diffs.extend(format_specific_differences(what, qv, ov));
         } else if qv != ov {
-            diffs.push(format!("{what}: `{k}` differs\n   qemu-img: {qv}\n   cowshed : {ov}"));
+            diffs.push(format!(
+                "{what}: `{k}` differs\n   qemu-img: {qv}\n   cowshed : {ov}"
+            ));
         }
     }
     diffs
@@ -418,7 +440,8 @@ impl Failures {
     }
 
     pub fn push(&mut self, check: &str, msg: impl Into<String>) {
-        self.list.push(format!("[{}] {check}: {}", self.case, msg.into()));
+        self.list
+            .push(format!("[{}] {check}: {}", self.case, msg.into()));
     }
 
     pub fn check(&mut self, cond: bool, check: &str, msg: impl FnOnce() -> String) {

@@ -32,6 +32,19 @@ pub fn map(
     mut emit: impl FnMut(&BlockStatus) -> Result<()>,
 ) -> Result<()> {
     let end = start.saturating_add(length).min(chain.virtual_size());
+    if chain.virtual_size() == 0 {
+        // qemu-img map prints one empty extent for an empty disk.
+        return emit(&BlockStatus {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        });
+    }
     let mut cur: Option<BlockStatus> = None;
     let mut pos = start;
     while pos < end {
