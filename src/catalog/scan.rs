@@ -4,7 +4,6 @@
 //! ends.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -111,7 +110,7 @@ pub fn scan_all(roots: &[PathBuf]) -> (Vec<ImageRecord>, Vec<(PathBuf, String)>)
 
 /// Stat and probe one file: `Ok(None)` if it is not an image.
 pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
+    let file = crate::engine::format::open_image_file(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Ok(None);

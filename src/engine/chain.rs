@@ -3,12 +3,11 @@
 //! read through the chain and tell which layer serves each range.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::error::{Error, IoContext, Result};
-use super::format::{probe_file, Format};
+use super::format::{open_image_file, probe_file, Format};
 use super::layer::{Image, LayerStatus};
 
 /// Deepest chain we open. QEMU has no limit and recurses until memory runs
@@ -44,16 +43,19 @@ pub fn classify_backing(overlay: &Path, name: &str) -> BackingName {
 /// the directory part of `base` as written (not normalised), so
 /// `sub/ov.qcow2` + `../base.qcow2` = `sub/../base.qcow2`.
 pub fn combine_path(base: &Path, name: &str) -> PathBuf {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let name_path = Path::new(name);
     if name_path.is_absolute() {
         return name_path.to_path_buf();
     }
-    let base_bytes = base.as_os_str().as_encoded_bytes();
+    // Bytes, not str: directory names need not be UTF-8.
+    let base_bytes = base.as_os_str().as_bytes();
     match base_bytes.iter().rposition(|&b| b == b'/') {
         Some(i) => {
-            let mut s = base.as_os_str().to_string_lossy()[..=i].to_string();
-            s.push_str(name);
-            PathBuf::from(s)
+            let mut joined = base_bytes[..=i].to_vec();
+            joined.extend_from_slice(name.as_bytes());
+            PathBuf::from(OsString::from_vec(joined))
         }
         None => name_path.to_path_buf(),
     }
@@ -100,7 +102,7 @@ pub struct BlockStatus {
 
 /// Open a file and decide its format: `given` wins, else the magic decides.
 pub fn open_image(path: &Path, given: Option<Format>) -> Result<(Image, FormatSource)> {
-    let file = File::open(path).at(path)?;
+    let file = open_image_file(path)?;
     let probed = probe_file(&file, path)?;
     let (format, source) = match given {
         Some(f) => (f, FormatSource::Recorded),
@@ -129,6 +131,7 @@ impl Chain {
         };
         let mut seen = HashSet::new();
         seen.insert(file_id(&top)?);
+        top.image.open_data_file()?;
         let mut layers = vec![top];
         loop {
             let layer = layers.last().expect("chain has a top layer");
@@ -169,21 +172,25 @@ impl Chain {
                 })?),
                 None => None,
             };
-            let (image, source) = open_image(&next_path, recorded).map_err(|e| match e {
-                Error::Io { cause: source, .. } => Error::invalid(
+            let (image, source) = open_image(&next_path, recorded).map_err(|e| {
+                let why = match e {
+                    Error::Io { cause, .. } => cause.to_string(),
+                    other => other.to_string(),
+                };
+                Error::invalid(
                     &layer.path,
                     format!(
-                        "Could not open backing file '{}': {source}",
+                        "Could not open backing file '{}': {why}",
                         next_path.display()
                     ),
-                ),
-                other => other,
+                )
             })?;
             let next = Layer {
                 path: next_path,
                 image,
                 format_source: source,
             };
+            next.image.open_data_file()?;
             if !seen.insert(file_id(&next)?) {
                 return Err(Error::BackingCycle {
                     path: layers[0].path.clone(),

@@ -132,12 +132,31 @@ pub fn probe_file(file: &File, path: &Path) -> Result<Format> {
 
 /// Probe a path: open read-only, one small read.
 pub fn probe(path: &Path) -> Result<Format> {
-    let file = File::open(path).at(path)?;
-    let meta = file.metadata().at(path)?;
-    if meta.is_dir() {
-        return Err(Error::invalid(path, "is a directory"));
-    }
+    let file = open_image_file(path)?;
     probe_file(&file, path)
+}
+
+/// Open an image read-only. Only regular files and block devices are
+/// images: a FIFO or a character device would block a scan forever, so the
+/// open does not wait (O_NONBLOCK) and anything else is refused.
+pub fn open_image_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .at(path)?;
+    let ty = file.metadata().at(path)?.file_type();
+    if ty.is_dir() {
+        return Err(Error::invalid(path, "is a directory, not an image"));
+    }
+    if !(ty.is_file() || ty.is_block_device()) {
+        return Err(Error::invalid(
+            path,
+            "is not a regular file or a block device",
+        ));
+    }
+    Ok(file)
 }
 
 /// `read_at` that tolerates short files: returns how many bytes were read.

@@ -79,6 +79,14 @@ impl Image {
         }
     }
 
+    /// Open an external data file now (reading needs it; info does not).
+    pub fn open_data_file(&self) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.open_data_file(),
+            Image::Raw(_) => Ok(()),
+        }
+    }
+
     /// See [`Qcow2Image::status`]; `offset` must be below the virtual size.
     pub fn status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64)> {
         match self {

@@ -88,7 +88,7 @@ pub fn lock_bytes(file: &File, path: &Path) -> Result<LockBytes> {
 
 /// Lock state of the image at `path`, opening it read-only just to ask.
 pub fn lock_state(path: &Path) -> Result<LockState> {
-    let file = File::open(path).at(path)?;
+    let file = crate::engine::format::open_image_file(path)?;
     match lock_bytes(&file, path) {
         Ok(b) => Ok(b.state()),
         // File systems without OFD locks: QEMU runs unlocked there too.

@@ -61,6 +61,8 @@ pub fn convert_to_raw(
         .ok_or_else(|| Error::invalid(dst, "destination has no file name"))?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.cowshed-tmp-", name.to_string_lossy()))
+        // 0666 less the umask, like any new file (tempfile's default is 0600).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .at(dst)?;
     let out = tmp.as_file();

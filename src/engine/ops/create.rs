@@ -331,6 +331,8 @@ fn write_new_file(path: &Path, len: u64, extents: &[Extent]) -> Result<()> {
     };
     let tmp = tempfile::Builder::new()
         .prefix(".cowshed-create-")
+        // 0666 less the umask, like any new file (tempfile's default is 0600).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .at(path)?;
     let f: &File = tmp.as_file();

@@ -224,7 +224,7 @@ pub struct HeaderSummary {
 
 /// Read just enough of `path` to place it in a forest of backing chains.
 pub fn inspect(path: &Path) -> Result<HeaderSummary> {
-    let file = File::open(path).at(path)?;
+    let file = crate::engine::format::open_image_file(path)?;
     inspect_file(&file, path)
 }
 
@@ -248,7 +248,7 @@ pub fn inspect_file(file: &File, path: &Path) -> Result<HeaderSummary> {
     };
     if format == Format::Qcow2 {
         let h = Header::read(file, path, meta.len())?;
-        s.virtual_size = h.size;
+        s.virtual_size = h.size & !511;
         s.cluster_size = Some(h.cluster_size());
         s.backing_filename = h.backing_file.clone();
         s.backing_format = h.extensions.backing_format.clone();

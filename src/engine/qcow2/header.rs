@@ -397,17 +397,16 @@ impl Header {
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(bad("Too many snapshots".into()));
         }
-        if h.nb_snapshots > 0 {
-            validate_table(
-                path,
-                h.snapshots_offset,
-                u64::from(h.nb_snapshots),
-                40,
-                u64::from(MAX_SNAPSHOTS) * 1024,
-                cs,
-                "Snapshot table",
-            )?;
-        }
+        // Checked even without snapshots, as QEMU does.
+        validate_table(
+            path,
+            h.snapshots_offset,
+            u64::from(h.nb_snapshots),
+            40,
+            u64::from(MAX_SNAPSHOTS) * 1024,
+            cs,
+            "Snapshot table",
+        )?;
         if u64::from(h.l1_size) > MAX_L1_BYTES / 8 {
             return Err(bad("Active L1 table too large".into()));
         }

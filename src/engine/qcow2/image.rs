@@ -28,8 +28,10 @@ pub struct Qcow2Image {
     snapshots: Vec<Snapshot>,
     geo: Geometry,
     l1: Vec<u64>,
-    /// The external data file, when the image has one.
-    data_file: Option<(PathBuf, File)>,
+    /// The external data file's path, when the image has one, and the file
+    /// once opened.
+    data_file: Option<PathBuf>,
+    data_file_handle: OnceLock<File>,
     l2_cache: Mutex<L2Cache>,
     /// Last decompressed cluster (descriptor, bytes): small reads inside one
     /// compressed cluster decompress it once.
@@ -94,16 +96,11 @@ impl Qcow2Image {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
 
+        // Opened on first data access: info and scans work without it, as
+        // in qemu-img.
         let data_file = match &header.extensions.data_file {
             Some(name) if header.has_data_file() => {
-                let p = crate::engine::chain::combine_path(path, name);
-                let f = File::open(&p).map_err(|e| {
-                    Error::invalid(
-                        path,
-                        format!("Could not open external data file '{}': {e}", p.display()),
-                    )
-                })?;
-                Some((p, f))
+                Some(crate::engine::chain::combine_path(path, name))
             }
             _ => None,
         };
@@ -117,6 +114,7 @@ impl Qcow2Image {
             geo,
             l1,
             data_file,
+            data_file_handle: OnceLock::new(),
             l2_cache: Mutex::new(L2Cache {
                 tables: HashMap::new(),
                 order: VecDeque::new(),
@@ -143,12 +141,13 @@ impl Qcow2Image {
         &self.file
     }
 
+    /// QEMU counts whole sectors: a header size of 1000 is a 512-byte disk.
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size & !511
     }
 
     pub fn data_file_path(&self) -> Option<&Path> {
-        self.data_file.as_ref().map(|(p, _)| p.as_path())
+        self.data_file.as_deref()
     }
 
     fn corrupt(&self, msg: String) -> Error {
@@ -199,7 +198,7 @@ impl Qcow2Image {
     /// Block status of this layer alone for `[offset, offset + max_len)`:
     /// the status at `offset` and how many bytes share it (> 0).
     pub fn status(&self, offset: u64, max_len: u64) -> Result<(LayerStatus, u64)> {
-        let size = self.header.size;
+        let size = self.virtual_size();
         debug_assert!(offset < size);
         let max_len = max_len.min(size - offset);
         let unit = self.geo.unit_size();
@@ -266,8 +265,8 @@ impl Qcow2Image {
         let host = first_host.map(|h| h + within).filter(|_| !encrypted);
         let status = match first {
             Unit::Normal(_) => {
-                if let (Some(h), true) = (host, self.metadata_preallocated()?) {
-                    let (path, file) = self.data_path_and_file();
+                if let (Some(h), true) = (host, self.metadata_preallocated()) {
+                    let (path, file) = self.data_path_and_file()?;
                     let (data, n) = host_allocation(file, path, h, len)?;
                     return Ok((
                         LayerStatus::Data {
@@ -302,27 +301,41 @@ impl Qcow2Image {
         }
     }
 
-    /// Detected once, on first use: only block status needs it.
-    fn metadata_preallocated(&self) -> Result<bool> {
-        if let Some(&v) = self.prealloc.get() {
-            return Ok(v);
-        }
-        let v = detect_metadata_preallocation(&self.file, &self.path, &self.header)?;
-        Ok(*self.prealloc.get_or_init(|| v))
+    /// Detected once, on first use: only block status needs it. Like QEMU,
+    /// an image whose refcounts cannot be read is simply not preallocated.
+    fn metadata_preallocated(&self) -> bool {
+        *self.prealloc.get_or_init(|| {
+            detect_metadata_preallocation(&self.file, &self.path, &self.header).unwrap_or(false)
+        })
     }
 
-    fn data_path_and_file(&self) -> (&Path, &File) {
-        match &self.data_file {
-            Some((p, f)) => (p.as_path(), f),
-            None => (self.path.as_path(), &self.file),
+    pub fn open_data_file(&self) -> Result<()> {
+        self.data_path_and_file().map(|_| ())
+    }
+
+    /// Where guest data lives: the external data file (opened now if not
+    /// yet) or the image itself.
+    fn data_path_and_file(&self) -> Result<(&Path, &File)> {
+        let Some(p) = &self.data_file else {
+            return Ok((self.path.as_path(), &self.file));
+        };
+        if let Some(f) = self.data_file_handle.get() {
+            return Ok((p.as_path(), f));
         }
+        let f = crate::engine::format::open_image_file(p).map_err(|e| {
+            Error::invalid(
+                &self.path,
+                format!("Could not open external data file '{}': {e}", p.display()),
+            )
+        })?;
+        Ok((p.as_path(), self.data_file_handle.get_or_init(|| f)))
     }
 
     /// Read guest data that `status` reported as `Data` at host offset `host`.
     /// Bytes past the end of the (data) file read as zeros, as in QEMU.
     pub fn read_data(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         self.refuse_encrypted()?;
-        let (path, file) = self.data_path_and_file();
+        let (path, file) = self.data_path_and_file()?;
         let n = read_up_to(file, buf, host).at(path)?;
         if n < buf.len() {
             let len = file.metadata().at(path)?.len();
