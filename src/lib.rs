@@ -6,3 +6,5 @@
 pub mod catalog;
 pub mod cli;
 pub mod engine;
+pub mod jobs;
+pub mod tui;

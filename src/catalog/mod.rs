@@ -5,6 +5,7 @@
 pub mod forest;
 pub mod holders;
 pub mod scan;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -14,6 +15,7 @@ use crate::engine::{HeaderSummary, LockState};
 pub use forest::{Flag, Forest, Node, NodeId, TreeSpace};
 pub use holders::Holder;
 pub use scan::{scan, ScanEvent};
+pub use watch::{CatalogEvent, SizeHistory, WatchMode, WatchOptions, Watcher};
 
 /// Sizes from `stat`: cheap enough for the UI's live refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

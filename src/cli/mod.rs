@@ -4,6 +4,7 @@
 
 mod convert;
 mod create;
+mod demo;
 mod info;
 mod map;
 mod tree;
@@ -18,11 +19,19 @@ use crate::engine::Format;
     version,
     about = "QEMU disk images and their copy-on-write backing chains",
     long_about = "cowshed reads qcow2 and raw images and their backing chains natively, \
-                  with flags and JSON output that mirror qemu-img."
+                  with flags and JSON output that mirror qemu-img. Without a \
+                  subcommand it opens the terminal UI on the given directories.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Directories to open the terminal UI on (default: the config file's
+    /// roots, else the current directory).
+    pub roots: Vec<std::path::PathBuf>,
+    /// Config file (default: $XDG_CONFIG_HOME/cowshed/config.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +50,10 @@ pub enum Command {
     /// Flatten an image and its whole backing chain into a new image
     /// (like `qemu-img convert`; raw output only for now).
     Convert(convert::ConvertArgs),
+    /// Build a demo fleet (a base with overlays, a chain of depth 3, a raw
+    /// disk, a broken overlay), start a simulated guest writing into one
+    /// overlay, and open the TUI on it.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -51,12 +64,16 @@ pub enum Output {
 }
 
 pub fn run(cli: Cli) -> color_eyre::Result<i32> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return crate::tui::run(cli.roots, cli.config);
+    };
+    match command {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

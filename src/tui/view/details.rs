@@ -1,0 +1,249 @@
+//! The details pane (the selected image: header facts, chain, which layer
+//! serves how much of the disk, snapshots, features, holders, the space its
+//! tree saves) and the jobs pane beside it.
+
+use ratatui::layout::Rect;
+use ratatui::style::{Color, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph};
+use ratatui::Frame;
+
+use super::human;
+use crate::engine::LockState;
+use crate::jobs::JobState;
+use crate::tui::app::{file_name, App};
+use crate::tui::worker::Details;
+
+/// One glyph per layer depth (top first), then the empty part: the bar
+/// says with shapes what the colours say.
+const LAYER_GLYPHS: [char; 4] = ['█', '▓', '▒', '▚'];
+const EMPTY_GLYPH: char = '░';
+const LAYER_COLOURS: [Color; 4] = [Color::Green, Color::Cyan, Color::Magenta, Color::Blue];
+
+fn pane(title: String) -> Block<'static> {
+    Block::new().borders(Borders::TOP).title(title)
+}
+
+pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
+    let dim = Style::new().fg(app.theme.dim);
+    let Some(id) = app.selected_node() else {
+        frame.render_widget(pane(" details ".into()), area);
+        return;
+    };
+    let node = &app.forest.nodes[id];
+    let r = &node.record;
+    let block = pane(format!(" {} ", app.display_path(&r.path)));
+    let inner_w = usize::from(area.width).saturating_sub(1);
+    let mut lines: Vec<Line> = Vec::new();
+
+    let d = app.details.as_ref().filter(|d| d.key == r.key);
+    match d.map(|d| &d.info) {
+        Some(Ok(info)) => {
+            let mut facts = vec![info.format.name().to_string()];
+            if let Some(q) = &info.qcow2 {
+                facts[0] = format!("qcow2 v{}", q.version);
+                facts.push(format!("{} clusters", human(q.cluster_size)));
+                facts.push(q.compression_type.name().to_string());
+            }
+            facts.push(format!("virtual {}", human(info.virtual_size)));
+            facts.push(format!("on disk {}", human(info.actual_size)));
+            lines.push(Line::from(format!(" {}", facts.join(" · "))));
+        }
+        Some(Err(e)) => lines.push(Line::from(Span::styled(
+            format!(" ✗ {}", app.relativize(e)),
+            Style::new().fg(app.theme.broken),
+        ))),
+        None => lines.push(Line::from(Span::styled(" reading…", dim))),
+    }
+    if let Some(d) = d {
+        chain_lines(app, d, inner_w, &mut lines);
+        if let Some(Ok(info)) = Some(&d.info) {
+            let snaps = info.qcow2.as_ref().map_or(0, |q| q.snapshots.len());
+            let snap_text = match info.qcow2.as_ref().map(|q| &q.snapshots) {
+                Some(s) if !s.is_empty() => {
+                    let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+                    format!("snapshots {} ({})", snaps, names.join(", "))
+                }
+                _ => "snapshots none".to_string(),
+            };
+            let features = info.qcow2.as_ref().map_or_else(Vec::new, |q| {
+                let mut f = Vec::new();
+                if q.lazy_refcounts {
+                    f.push("lazy_refcounts".to_string());
+                }
+                if q.extended_l2 {
+                    f.push("extended_l2".to_string());
+                }
+                if q.dirty {
+                    f.push("dirty".to_string());
+                }
+                if q.corrupt {
+                    f.push("corrupt".to_string());
+                }
+                if q.data_file.is_some() {
+                    f.push("data_file".to_string());
+                }
+                if !q.bitmaps.is_empty() {
+                    f.push(format!("{} bitmaps", q.bitmaps.len()));
+                }
+                if q.refcount_bits != 16 {
+                    f.push(format!("refcount_bits={}", q.refcount_bits));
+                }
+                f
+            });
+            let features = if features.is_empty() {
+                "features none".to_string()
+            } else {
+                format!("features {}", features.join(", "))
+            };
+            lines.push(Line::from(format!(" {snap_text} · {features}")));
+        }
+    }
+    // From the catalog record: no need to wait for the inspector.
+    let held = match (r.lock, r.holders.as_slice()) {
+        (LockState::None, _) => "held by nobody".to_string(),
+        (l, []) => format!("held by an unknown process ({})", lock_word(l)),
+        (l, hs) => {
+            let who: Vec<String> = hs
+                .iter()
+                .map(|h| format!("{} (pid {})", h.command, h.pid))
+                .collect();
+            format!("held by {}, {}", who.join(", "), lock_word(l))
+        }
+    };
+    let held_style = if r.lock == LockState::None {
+        Style::new()
+    } else {
+        Style::new().fg(app.theme.in_use)
+    };
+    lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
+    let root = app.forest.root_of(id);
+    let space = app.forest.space(root);
+    let count = app.forest.walk(root).len();
+    lines.push(Line::from(format!(
+        " tree of {}: {} image{} · {} used · {} as full copies · {} saved",
+        file_name(&app.forest.nodes[root].record.path),
+        count,
+        if count == 1 { "" } else { "s" },
+        human(space.used),
+        human(space.full_copies),
+        human(space.saved()),
+    )));
+    for f in &node.flags {
+        let style = if f.is_broken() {
+            Style::new().fg(app.theme.broken)
+        } else {
+            Style::new().fg(app.theme.warning)
+        };
+        let glyph = if f.is_broken() { "✗" } else { "!" };
+        lines.insert(
+            1,
+            Line::from(Span::styled(format!(" {glyph} {}", f.describe()), style)),
+        );
+    }
+    frame.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+fn lock_word(l: LockState) -> &'static str {
+    match l {
+        LockState::None => "not in use",
+        LockState::Reader => "read-only",
+        LockState::Writer => "read-write",
+    }
+}
+
+/// `chain a → b`, the bar of who serves the disk, and its legend.
+fn chain_lines(app: &App, d: &Details, width: usize, lines: &mut Vec<Line<'static>>) {
+    if let Some(e) = &d.chain_error {
+        lines.push(Line::from(Span::styled(
+            format!(" ✗ chain: {}", app.relativize(e)),
+            Style::new().fg(app.theme.broken),
+        )));
+    }
+    if d.chain.is_empty() {
+        return;
+    }
+    let names: Vec<String> = d.chain.iter().map(|p| file_name(p)).collect();
+    lines.push(Line::from(format!(" chain  {}", names.join(" → "))));
+    let total: u64 = d.served.iter().sum::<u64>() + d.empty;
+    if total == 0 {
+        return;
+    }
+    let bar_w = width.saturating_sub(9).max(10);
+    // Every part with bytes gets at least one cell, so a small top layer
+    // still shows; the empty part absorbs rounding.
+    let mut cells: Vec<(usize, usize)> = Vec::new();
+    let mut used = 0;
+    for (depth, &bytes) in d.served.iter().enumerate() {
+        if bytes > 0 {
+            let n = ((bytes as u128 * bar_w as u128 / total as u128) as usize).max(1);
+            cells.push((depth, n));
+            used += n;
+        }
+    }
+    let mut spans = vec![Span::raw(" serves ")];
+    for &(depth, n) in &cells {
+        let i = depth.min(LAYER_GLYPHS.len() - 1);
+        spans.push(Span::styled(
+            LAYER_GLYPHS[i].to_string().repeat(n),
+            Style::new().fg(LAYER_COLOURS[i]),
+        ));
+    }
+    let empty_n = bar_w.saturating_sub(used);
+    spans.push(Span::styled(
+        EMPTY_GLYPH.to_string().repeat(empty_n),
+        Style::new().fg(app.theme.dim),
+    ));
+    lines.push(Line::from(spans));
+    let pct = |b: u64| (b as u128 * 100 / total as u128) as u64;
+    let mut legend = vec![Span::raw("        ")];
+    for (depth, &bytes) in d.served.iter().enumerate() {
+        let i = depth.min(LAYER_GLYPHS.len() - 1);
+        legend.push(Span::styled(
+            format!("{} ", LAYER_GLYPHS[i]),
+            Style::new().fg(LAYER_COLOURS[i]),
+        ));
+        legend.push(Span::raw(format!(
+            "{} {}% · ",
+            names.get(depth).map_or("?", String::as_str),
+            pct(bytes)
+        )));
+    }
+    legend.push(Span::styled(
+        format!("{EMPTY_GLYPH} "),
+        Style::new().fg(app.theme.dim),
+    ));
+    legend.push(Span::raw(format!("empty {}%", pct(d.empty))));
+    lines.push(Line::from(legend));
+}
+
+pub fn draw_jobs(app: &App, frame: &mut Frame, area: Rect) {
+    let mut lines = Vec::new();
+    for j in app
+        .jobs
+        .iter()
+        .rev()
+        .take(usize::from(area.height.saturating_sub(1)))
+    {
+        let (glyph, style) = match &j.state {
+            JobState::Queued => ("…", Style::new().fg(app.theme.dim)),
+            JobState::Running => ("⟳", Style::new().fg(app.theme.accent)),
+            JobState::Done => ("✓", Style::new().fg(app.theme.growing)),
+            JobState::Failed(_) => ("✗", Style::new().fg(app.theme.broken)),
+            JobState::Cancelled => ("–", Style::new().fg(app.theme.dim)),
+        };
+        let mut text = format!(" {glyph} {} · {}", j.label, j.state.name());
+        if j.state == JobState::Running && j.progress.1 > 0 {
+            text.push_str(&format!(" {}%", j.progress.0 * 100 / j.progress.1));
+        }
+        lines.push(Line::from(Span::styled(text, style)));
+    }
+    frame.render_widget(
+        Paragraph::new(lines).block(
+            Block::new()
+                .borders(Borders::TOP | Borders::LEFT)
+                .title(" jobs "),
+        ),
+        area,
+    );
+}

@@ -1,0 +1,228 @@
+//! End to end in a real terminal: tmux runs the built binary on a fixture
+//! directory, keys are sent with `send-keys`, the pane is read with
+//! `capture-pane`, and the files are checked on disk with qemu-img.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cowshed");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A tmux server of our own (its own socket, no user config) with one
+/// session; killed on drop, whatever way the test ends.
+struct Tmux {
+    socket: String,
+    session: String,
+}
+
+impl Tmux {
+    fn start(dir: &Path, name: &str, command: &str) -> Tmux {
+        let t = Tmux {
+            socket: format!("cowshed-test-{}-{name}", std::process::id()),
+            session: "tui".into(),
+        };
+        let out = t.tmux_in(
+            dir,
+            &[
+                "new-session",
+                "-d",
+                "-x",
+                "120",
+                "-y",
+                "40",
+                "-s",
+                &t.session,
+                command,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "tmux: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+
+    fn tmux_in(&self, dir: &Path, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .current_dir(dir)
+            // The outer terminal tmux pretends to be; inside, tmux sets its
+            // own TERM for the program.
+            .env("TERM", "xterm-256color")
+            // Never the developer's own cowshed config.
+            .env("XDG_CONFIG_HOME", dir)
+            .output()
+            .expect("run tmux")
+    }
+
+    fn tmux(&self, args: &[&str]) -> Output {
+        self.tmux_in(Path::new("/"), args)
+    }
+
+    fn capture(&self) -> String {
+        let out = self.tmux(&["capture-pane", "-p", "-t", &self.session]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn send(&self, keys: &str) {
+        let out = self.tmux(&["send-keys", "-t", &self.session, keys]);
+        assert!(
+            out.status.success(),
+            "send-keys: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn alive(&self) -> bool {
+        self.tmux(&["has-session", "-t", &self.session])
+            .status
+            .success()
+    }
+
+    /// Poll the pane until `pred` holds; panic with the last screen if not.
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.capture();
+            if pred(&screen) {
+                return screen;
+            }
+            if start.elapsed() > WAIT {
+                panic!("timed out waiting for {what}; the pane shows:\n{screen}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"]);
+    }
+}
+
+fn run(dir: &Path, cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn clone_in_a_real_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    run(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "vm.qcow2",
+        ],
+    );
+
+    let tmux = Tmux::start(d, "clone", &format!("'{BIN}' ."));
+    tmux.wait_for("the tree", |s| {
+        s.contains("base.qcow2") && s.contains("vm.qcow2") && s.contains("2 images")
+    });
+    // The base is selected first; one key clones it.
+    tmux.send("c");
+    let screen = tmux.wait_for("the clone in the tree", |s| {
+        s.contains("created base-1.qcow2") && s.contains("base-1.qcow2 ")
+    });
+    let selected = screen
+        .lines()
+        .find(|l| l.starts_with('›'))
+        .unwrap_or_default();
+    assert!(
+        selected.contains("base-1.qcow2"),
+        "selected row: {selected}\n{screen}"
+    );
+
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(d.join("base-1.qcow2"))
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+
+    tmux.send("q");
+    let start = Instant::now();
+    while tmux.alive() {
+        assert!(
+            start.elapsed() < WAIT,
+            "q did not end the program:\n{}",
+            tmux.capture()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn quitting_restores_the_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    run(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    // A shell around cowshed shows what the terminal is like afterwards:
+    // the line printed before must be back (alternate screen left) and the
+    // tty must be cooked again (raw mode off: `icanon` without a minus).
+    let script = format!(
+        "echo before-cowshed; '{BIN}' .; echo \"exit=$?\"; stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon -e echo -e -echo; sleep 60"
+    );
+    let tmux = Tmux::start(
+        d,
+        "restore",
+        &format!("sh -c \"{}\"", script.replace('"', "\\\"")),
+    );
+    tmux.wait_for("the tree", |s| {
+        s.contains("1 image") && !s.contains("before-cowshed")
+    });
+    tmux.send("q");
+    let screen = tmux.wait_for("the shell after cowshed", |s| {
+        s.contains("exit=0") && s.contains("echo")
+    });
+    let lines: Vec<&str> = screen.lines().map(str::trim).collect();
+    assert!(lines.contains(&"before-cowshed"), "{screen}");
+    assert!(
+        lines.contains(&"icanon") && lines.contains(&"echo"),
+        "{screen}"
+    );
+    assert!(
+        !lines.contains(&"-icanon") && !lines.contains(&"-echo"),
+        "{screen}"
+    );
+}
