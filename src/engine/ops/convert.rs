@@ -32,9 +32,11 @@ pub struct ConvertOptions {
     pub cache: CacheMode,
 }
 
-/// Bytes moved per read/write. Large enough for sequential throughput, small
-/// enough that cancel is seen within a few ms.
-const CHUNK: usize = 4 << 20;
+/// Bytes moved per read/write. Measured on the 2 GiB fixture: 4 MiB chunks
+/// made the kernel's copy into the page cache 3x slower per byte (the
+/// buffers in flight no longer fit in cache); 256 KiB to 2 MiB are equally
+/// fast. Small enough that cancel is seen within a few ms.
+const CHUNK: usize = 1 << 20;
 /// qemu-img's default `-S`: runs of zeros this long are left as holes.
 const ZERO_GRAIN: usize = 4096;
 /// Buffers in flight between the reading and the writing thread.
@@ -164,6 +166,10 @@ fn write_skipping_zeros(out: &File, path: &Path, data: &[u8], offset: u64) -> Re
 }
 
 fn is_zero(b: &[u8]) -> bool {
+    // Data is rarely zero: look at the first bytes before scanning it all.
+    if b.iter().take(16).any(|&x| x != 0) {
+        return false;
+    }
     // OR-fold without early exit over a 4 KiB grain: vectorises well.
     let words = b.chunks_exact(16);
     let tail = words.remainder().iter().fold(0u8, |a, &x| a | x);
