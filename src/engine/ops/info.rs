@@ -222,6 +222,26 @@ pub struct HeaderSummary {
     pub snapshots: u32,
 }
 
+impl HeaderSummary {
+    /// A file without a qcow2 header: its size is its disk (whole sectors).
+    pub fn plain(format: Format, file_len: u64) -> Self {
+        HeaderSummary {
+            format,
+            virtual_size: file_len.next_multiple_of(512),
+            cluster_size: None,
+            backing_filename: None,
+            backing_format: None,
+            version: None,
+            dirty: false,
+            corrupt: false,
+            encrypted: false,
+            compression: None,
+            extended_l2: false,
+            snapshots: 0,
+        }
+    }
+}
+
 /// Read just enough of `path` to place it in a forest of backing chains.
 pub fn inspect(path: &Path) -> Result<HeaderSummary> {
     let file = crate::engine::format::open_image_file(path)?;
@@ -232,20 +252,7 @@ pub fn inspect(path: &Path) -> Result<HeaderSummary> {
 pub fn inspect_file(file: &File, path: &Path) -> Result<HeaderSummary> {
     let meta = file.metadata().at(path)?;
     let format = crate::engine::format::probe_file(file, path)?;
-    let mut s = HeaderSummary {
-        format,
-        virtual_size: meta.len().next_multiple_of(512),
-        cluster_size: None,
-        backing_filename: None,
-        backing_format: None,
-        version: None,
-        dirty: false,
-        corrupt: false,
-        encrypted: false,
-        compression: None,
-        extended_l2: false,
-        snapshots: 0,
-    };
+    let mut s = HeaderSummary::plain(format, meta.len());
     if format == Format::Qcow2 {
         let h = Header::read(file, path, meta.len())?;
         s.virtual_size = h.size & !511;
