@@ -42,7 +42,7 @@ pub fn run(a: MapArgs) -> color_eyre::Result<i32> {
         })
         .collect();
     let stdout = std::io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut first = true;
     let len = a.max_length.unwrap_or(u64::MAX);
     let mut bad = None;

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::error::{Error, IoContext, Result};
 use super::format::{open_image_file, probe_file, Format};
@@ -81,6 +82,42 @@ pub struct Layer {
 
 pub struct Chain {
     layers: Vec<Layer>,
+    /// Per layer, the last run its status returned. Deeper layers split a
+    /// long run of an upper layer into many extents; without this, each
+    /// extent would rescan the upper layer's run from its start.
+    last_runs: Vec<Mutex<Option<Run>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: u64,
+    len: u64,
+    status: LayerStatus,
+}
+
+impl Run {
+    /// The status at `pos` inside this run, and how far it goes.
+    fn at(&self, pos: u64) -> Option<(LayerStatus, u64)> {
+        if pos < self.start || pos >= self.start + self.len {
+            return None;
+        }
+        let delta = pos - self.start;
+        let shift = |o: Option<u64>| o.map(|h| h + delta);
+        let status = match self.status {
+            LayerStatus::Data { offset, zero } => LayerStatus::Data {
+                offset: shift(offset),
+                zero,
+            },
+            LayerStatus::Zero { offset } => LayerStatus::Zero {
+                offset: shift(offset),
+            },
+            LayerStatus::Unallocated { offset } => LayerStatus::Unallocated {
+                offset: shift(offset),
+            },
+            LayerStatus::Compressed => LayerStatus::Compressed,
+        };
+        Some((status, self.start + self.len - pos))
+    }
 }
 
 /// The answer of the whole chain for a guest range: QEMU's block status as
@@ -199,7 +236,8 @@ impl Chain {
             }
             layers.push(next);
         }
-        Ok(Chain { layers })
+        let last_runs = layers.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Chain { layers, last_runs })
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -220,7 +258,7 @@ impl Chain {
         debug_assert!(offset < size && max_len > 0);
         let mut len = max_len.min(size - offset);
         for (depth, layer) in self.layers.iter().enumerate() {
-            let (st, n) = layer.image.status(offset, len)?;
+            let (st, n) = self.layer_status(depth, layer, offset, len)?;
             len = n;
             let unalloc_offset = match st {
                 LayerStatus::Unallocated { offset } => offset,
@@ -265,6 +303,28 @@ impl Chain {
             }
         }
         unreachable!("the bottom layer always answers")
+    }
+
+    fn layer_status(
+        &self,
+        depth: usize,
+        layer: &Layer,
+        offset: u64,
+        len: u64,
+    ) -> Result<(LayerStatus, u64)> {
+        let mut last = self.last_runs[depth]
+            .lock()
+            .map_err(|_| Error::invalid(&layer.path, "internal lock poisoned"))?;
+        if let Some((st, n)) = last.and_then(|r| r.at(offset)) {
+            return Ok((st, n.min(len)));
+        }
+        let (status, n) = layer.image.status(offset, len)?;
+        *last = Some(Run {
+            start: offset,
+            len: n,
+            status,
+        });
+        Ok((status, n))
     }
 
     /// Read guest bytes at `offset` through the chain. Ranges past the end

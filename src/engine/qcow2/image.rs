@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::compress;
@@ -38,6 +39,7 @@ pub struct Qcow2Image {
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// QEMU's metadata-preallocation heuristic, computed on first status.
     prealloc: OnceLock<bool>,
+    file_len: AtomicU64,
 }
 
 struct L2Cache {
@@ -122,6 +124,7 @@ impl Qcow2Image {
             }),
             last_compressed: Mutex::new(None),
             prealloc: OnceLock::new(),
+            file_len: AtomicU64::new(file_len),
         })
     }
 
@@ -154,8 +157,17 @@ impl Qcow2Image {
         Error::invalid(&self.path, msg)
     }
 
-    fn file_len(&self) -> Result<u64> {
-        Ok(self.file.metadata().at(&self.path)?.len())
+    /// The file's length, at least as far as `end` if the file reaches it.
+    /// The length seen last is cached: a live image only grows, so a stat
+    /// is needed only when an offset lies past what we saw.
+    fn file_len_covering(&self, end: u64) -> Result<u64> {
+        let known = self.file_len.load(Ordering::Relaxed);
+        if end <= known {
+            return Ok(known);
+        }
+        let now = self.file.metadata().at(&self.path)?.len();
+        self.file_len.store(now, Ordering::Relaxed);
+        Ok(now)
     }
 
     /// The L2 table for L1 index `l1_index`, or `None` when unallocated.
@@ -176,7 +188,7 @@ impl Qcow2Image {
         if let Some(t) = self.l2_cache.lock().map_err(poisoned)?.get(offset) {
             return Ok(Some(t));
         }
-        if offset + cs > self.file_len()? {
+        if offset + cs > self.file_len_covering(offset + cs)? {
             return Err(self.corrupt(format!(
                 "L2 table at offset 0x{offset:x} (L1 index 0x{l1_index:x}) lies past the end of the file"
             )));
@@ -380,7 +392,7 @@ impl Qcow2Image {
             }
         }
         let (host, span) = self.geo.compressed_span(desc);
-        let file_len = self.file_len()?;
+        let file_len = self.file_len_covering(host + span)?;
         if host >= file_len {
             return Err(self.corrupt(format!(
                 "compressed cluster for guest offset 0x{guest:x} at host offset 0x{host:x} lies past the end of the file"
