@@ -175,6 +175,17 @@ pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
     code
 }
 
+/// Build the demo fleet in `dir` (new, empty or a previous fleet) and
+/// nothing else: no guest, no TUI. Public so that the screenshots example
+/// renders the very fleet `cowshed demo` shows. Returns how many images
+/// were built and whether they hold data (that needs qemu-io).
+pub fn build_fleet_in(dir: &Path) -> color_eyre::Result<(usize, bool)> {
+    let dir = prepare_dir(Some(dir.to_path_buf()))?;
+    let qemu_io = find_in_path("qemu-io");
+    let (made, _) = build_fleet(&dir, qemu_io.as_deref())?;
+    Ok((made, qemu_io.is_some()))
+}
+
 fn describe(kind: &Kind) -> String {
     match kind {
         Kind::Base { size } => format!("qcow2 base, {} virtual", human_size(*size)),

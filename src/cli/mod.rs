@@ -9,6 +9,8 @@ mod info;
 mod map;
 mod tree;
 
+pub use demo::build_fleet_in as build_demo_fleet;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::engine::Format;
