@@ -97,7 +97,24 @@ fn check(w: &Work, t: &Target) {
     check_info(w, t, false, &mut f);
     check_info(w, t, true, &mut f);
     check_convert(w, t, &mut f);
+    check_check(w, t, &mut f);
     f.finish();
+}
+
+/// `cowshed check` gives qemu-img check's JSON (every key) and exit code.
+fn check_check(w: &Work, t: &Target, f: &mut Failures) {
+    let q = w.qemu_img_may_fail(&["check", "--output=json", "-f", t.fmt, &t.file]);
+    let c = w.cowshed(&["check", "--output", "json", "-f", t.fmt, &t.file]);
+    f.check(q.code == c.code, "check exit code", || {
+        format!("qemu-img: {q}\ncowshed: {c}")
+    });
+    if q.code == Some(63) {
+        return;
+    }
+    let parse = |r: &common::Run| serde_json::from_str::<Value>(&r.stdout).ok();
+    f.check(parse(&q) == parse(&c), "check --output json", || {
+        format!("qemu-img: {q}\ncowshed: {c}")
+    });
 }
 
 fn check_map_json(w: &Work, t: &Target, f: &mut Failures) -> Vec<Value> {

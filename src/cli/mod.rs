@@ -2,6 +2,7 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod check;
 mod convert;
 mod create;
 mod demo;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Scan directories and print the forest of backing chains: every base
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
+    /// Check an image's metadata the way `qemu-img check` does: leaks and
+    /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63). Read only.
+    Check(check::CheckArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -73,6 +77,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Check(a) => check::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Demo(a) => demo::run(a),

@@ -55,6 +55,9 @@ pub struct Qcow2Info {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
     pub name: String,
+    /// Where the bitmap's table lies and how many entries it has.
+    pub table_offset: u64,
+    pub table_entries: u32,
     pub granularity: u64,
     pub in_use: bool,
     pub auto: bool,
@@ -157,7 +160,7 @@ fn qcow2_info(path: &Path, h: &Header, snapshots: &[Snapshot], file: &File) -> R
 }
 
 /// Persistent dirty bitmaps: only their names, granularity and flags.
-fn read_bitmap_directory(
+pub(crate) fn read_bitmap_directory(
     path: &Path,
     file: &File,
     offset: u64,
@@ -194,6 +197,8 @@ fn read_bitmap_directory(
         }
         out.push(BitmapInfo {
             name: String::from_utf8_lossy(name).into_owned(),
+            table_offset: u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]),
+            table_entries: u32::from_be_bytes([e[8], e[9], e[10], e[11]]),
             granularity: 1u64 << granularity_bits,
             in_use: flags & 1 != 0,
             auto: flags & 2 != 0,

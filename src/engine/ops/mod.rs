@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
+pub mod check;
 pub mod convert;
 pub mod create;
 pub mod info;

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::header::Header;
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::format::read_up_to;
 
 /// Reftable entry bits 9..63 hold the refblock offset.
 pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
@@ -45,6 +46,31 @@ impl Refcounts {
         })
     }
 
+    /// Like [`Refcounts::load`], but a table running past the end of the
+    /// file reads as zeros there, as QEMU reads it: `check` must report on
+    /// such images, not refuse them.
+    pub fn load_lenient(file: &File, path: &Path, h: &Header) -> Result<Self> {
+        let bytes = u64::from(h.refcount_table_clusters) * h.cluster_size();
+        // ≤ 8 MiB by header validation.
+        let mut raw = vec![0u8; bytes as usize];
+        let n = read_up_to(file, &mut raw, h.refcount_table_offset).at(path)?;
+        raw[n..].fill(0);
+        Ok(Refcounts {
+            table: raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            cluster_bits: h.cluster_bits,
+            refcount_order: h.refcount_order,
+            blocks: HashMap::new(),
+        })
+    }
+
+    /// The refcount table's raw entries.
+    pub fn table(&self) -> &[u64] {
+        &self.table
+    }
+
     fn entries_per_block(&self) -> u64 {
         (1u64 << (self.cluster_bits + 3)) >> self.refcount_order
     }
@@ -69,13 +95,15 @@ impl Refcounts {
         let block = match self.blocks.entry(block_off) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
+                // Past EOF reads as zeros, as in QEMU.
                 let mut raw = vec![0u8; cs as usize];
-                file.read_exact_at(&mut raw, block_off).map_err(|e| {
+                let n = read_up_to(file, &mut raw, block_off).map_err(|e| {
                     Error::invalid(
                         path,
                         format!("cannot read refcount block at 0x{block_off:x}: {e}"),
                     )
                 })?;
+                raw[n..].fill(0);
                 v.insert(raw)
             }
         };

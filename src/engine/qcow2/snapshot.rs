@@ -25,6 +25,8 @@ pub struct Snapshot {
     /// Virtual disk size when the snapshot was taken (extra data), if recorded.
     pub disk_size: Option<u64>,
     pub icount: Option<i64>,
+    /// Bytes this entry takes in the snapshot table (padded to 8).
+    pub entry_bytes: u64,
 }
 
 pub fn read_snapshots(
@@ -92,6 +94,7 @@ pub fn read_snapshots(
             vm_state_size,
             disk_size: ex64(8),
             icount: ex64(16).map(|v| v as i64),
+            entry_bytes: entry_len,
         });
         off += entry_len;
     }

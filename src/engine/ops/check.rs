@@ -1,0 +1,510 @@
+//! `check`: recompute every refcount from the metadata and compare it with
+//! the refcounts stored in the image, the way `qemu-img check` does
+//! (QCOW2.md §3.2, §3.4): leaks (stored > referenced) versus corruptions
+//! (stored < referenced, misaligned or out-of-file structures, wrong COPIED
+//! flags), with qemu-img's counters. Read only: repairs need the engine's
+//! allocating writer.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::engine::chain::open_image;
+use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::format::{read_up_to, Format};
+use crate::engine::layer::Image;
+use crate::engine::ops::info::read_bitmap_directory;
+use crate::engine::qcow2::header::{Header, MAX_L1_BYTES};
+use crate::engine::qcow2::l2::{
+    Geometry, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use crate::engine::qcow2::refcount::{Refcounts, REFTABLE_OFFSET_MASK};
+use crate::engine::qcow2::Qcow2Image;
+
+const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
+const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
+const BITMAP_TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// qemu-img check's result, field for field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub filename: PathBuf,
+    pub format: &'static str,
+    pub check_errors: u64,
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    /// One line per finding, in qemu-img's words.
+    pub findings: Vec<String>,
+}
+
+impl CheckReport {
+    /// qemu-img check's exit code: 0 clean, 1 check not completed,
+    /// 2 corruptions, 3 leaks only.
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClusterType {
+    Unallocated,
+    ZeroPlain,
+    ZeroAlloc,
+    Normal,
+    Compressed,
+}
+
+/// Check the image at `path`. Raw images have nothing to check
+/// ([`Error::CheckUnsupported`], qemu-img's exit 63).
+pub fn check(path: &Path, format: Option<Format>) -> Result<CheckReport> {
+    let (image, _) = open_image(path, format)?;
+    let q = match &image {
+        Image::Qcow2(q) => q,
+        Image::Raw(_) => {
+            return Err(Error::CheckUnsupported {
+                path: path.to_path_buf(),
+                format: "raw",
+            })
+        }
+    };
+    Checker::new(path, q)?.run()
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+    file: &'a File,
+    h: &'a Header,
+    q: &'a Qcow2Image,
+    geo: Geometry,
+    cs: u64,
+    file_len: u64,
+    /// The in-memory refcount table: references found per host cluster.
+    refs: Vec<u32>,
+    refcount_max: u64,
+    stored: Refcounts,
+    report: CheckReport,
+}
+
+impl<'a> Checker<'a> {
+    fn new(path: &'a Path, q: &'a Qcow2Image) -> Result<Self> {
+        let h = q.header();
+        let file = q.file();
+        let file_len = file.metadata().at(path)?.len();
+        let cs = h.cluster_size();
+        let nb_clusters = file_len.div_ceil(cs);
+        // One counter per cluster of the file: bounded by the file's size.
+        let refs = vec![0u32; nb_clusters as usize];
+        let refcount_max = if h.refcount_order >= 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << h.refcount_order)) - 1
+        };
+        Ok(Checker {
+            path,
+            file,
+            h,
+            q,
+            geo: Geometry {
+                cluster_bits: h.cluster_bits,
+                extended: h.has_extended_l2(),
+                external_data: h.has_data_file(),
+                version: h.version,
+            },
+            cs,
+            file_len,
+            refs,
+            refcount_max,
+            stored: Refcounts::load_lenient(file, path, h)?,
+            report: CheckReport {
+                filename: path.to_path_buf(),
+                format: "qcow2",
+                total_clusters: q.virtual_size().div_ceil(cs),
+                ..CheckReport::default()
+            },
+        })
+    }
+
+    fn corruption(&mut self, msg: String) {
+        self.report.corruptions += 1;
+        self.report.findings.push(msg);
+    }
+
+    fn run(mut self) -> Result<CheckReport> {
+        self.calculate_refcounts()?;
+        self.compare_refcounts()?;
+        self.check_oflag_copied()?;
+        Ok(self.report)
+    }
+
+    /// QEMU's qcow2_inc_refcounts_imrt.
+    fn inc(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let end = offset.saturating_add(size);
+        if end > self.file_len && end - self.file_len >= self.cs {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
+            ));
+            return;
+        }
+        let first = offset / self.cs;
+        let last = (end - 1) / self.cs;
+        for k in first..=last {
+            if k as usize >= self.refs.len() {
+                // Less than a cluster past EOF: the last cluster may be
+                // partly written.
+                self.refs.resize(k as usize + 1, 0);
+            }
+            let r = &mut self.refs[k as usize];
+            if u64::from(*r) >= self.refcount_max.min(u64::from(u32::MAX)) {
+                self.corruption(format!(
+                    "ERROR: overflow cluster offset=0x{:x}",
+                    k * self.cs
+                ));
+                continue;
+            }
+            *r += 1;
+        }
+    }
+
+    fn read_table(&self, offset: u64, entries: u64) -> Result<Vec<u64>> {
+        // Callers bound `entries` (L1 ≤ 32 MiB, L2 = one cluster).
+        let mut raw = vec![0u8; (entries * 8) as usize];
+        let n = read_up_to(self.file, &mut raw, offset).at(self.path)?;
+        raw[n..].fill(0);
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
+
+    fn cluster_type(&self, entry: u64) -> ClusterType {
+        if entry & OFLAG_COMPRESSED != 0 {
+            ClusterType::Compressed
+        } else if entry & OFLAG_ZERO != 0 && !self.geo.extended {
+            if entry & L2_OFFSET_MASK != 0 {
+                ClusterType::ZeroAlloc
+            } else {
+                ClusterType::ZeroPlain
+            }
+        } else if entry & L2_OFFSET_MASK == 0 {
+            if self.geo.external_data && entry & OFLAG_COPIED != 0 {
+                ClusterType::Normal
+            } else {
+                ClusterType::Unallocated
+            }
+        } else {
+            ClusterType::Normal
+        }
+    }
+
+    fn calculate_refcounts(&mut self) -> Result<()> {
+        let h = self.h;
+        self.inc(0, self.cs);
+        self.check_l1(h.l1_table_offset, u64::from(h.l1_size), true)?;
+        if h.has_data_file() && h.nb_snapshots > 0 {
+            self.corruption(format!(
+                "ERROR {} snapshots in image with data file",
+                h.nb_snapshots
+            ));
+        }
+        let mut snapshots_size = 0;
+        for sn in self.q.snapshots() {
+            snapshots_size += sn.entry_bytes;
+            if sn.l1_table_offset % self.cs != 0 {
+                self.corruption(format!(
+                    "ERROR snapshot {} ({}) l1_offset=0x{:x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    sn.id, sn.name, sn.l1_table_offset
+                ));
+                continue;
+            }
+            if u64::from(sn.l1_size) > MAX_L1_BYTES / 8 {
+                self.corruption(format!(
+                    "ERROR snapshot {} ({}) l1_size=0x{:x}: L1 table is too large; snapshot table entry corrupted",
+                    sn.id, sn.name, sn.l1_size
+                ));
+                continue;
+            }
+            self.check_l1(sn.l1_table_offset, u64::from(sn.l1_size), false)?;
+        }
+        self.inc(h.snapshots_offset, snapshots_size);
+        let reftable_bytes = u64::from(h.refcount_table_clusters) * self.cs;
+        self.inc(h.refcount_table_offset, reftable_bytes);
+        if let Some(c) = &h.extensions.crypto {
+            self.inc(c.offset, c.length);
+        }
+        if let Some(b) = &h.extensions.bitmaps {
+            self.inc(b.directory_offset, b.directory_size);
+            let bitmaps = read_bitmap_directory(
+                self.path,
+                self.file,
+                b.directory_offset,
+                b.directory_size,
+                b.nb_bitmaps,
+            )?;
+            for bm in bitmaps {
+                let entries = u64::from(bm.table_entries);
+                self.inc(bm.table_offset, entries * 8);
+                if entries * 8 > MAX_L1_BYTES || bm.table_offset % self.cs != 0 {
+                    continue;
+                }
+                for e in self.read_table(bm.table_offset, entries)? {
+                    let off = e & BITMAP_TABLE_OFFSET_MASK;
+                    if off != 0 {
+                        self.inc(off, self.cs);
+                    }
+                }
+            }
+        }
+        self.check_refblocks()
+    }
+
+    fn check_l1(&mut self, l1_offset: u64, l1_size: u64, active: bool) -> Result<()> {
+        if l1_size == 0 {
+            return Ok(());
+        }
+        self.inc(l1_offset, l1_size * 8);
+        let l1 = self.read_table(l1_offset, l1_size)?;
+        for entry in l1 {
+            if entry == 0 {
+                continue;
+            }
+            if entry & L1_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found L1 entry with reserved bits set: {entry:x}"
+                ));
+            }
+            let l2_offset = entry & L1_OFFSET_MASK;
+            self.inc(l2_offset, self.cs);
+            if l2_offset % self.cs != 0 {
+                self.corruption(format!(
+                    "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            self.check_l2(l2_offset, active)?;
+        }
+        Ok(())
+    }
+
+    fn check_l2(&mut self, l2_offset: u64, active: bool) -> Result<()> {
+        let words = self.geo.entry_words() as u64;
+        let entries = self.cs / (8 * words);
+        let table = self.read_table(l2_offset, entries * words)?;
+        let mut next_contiguous = 0u64;
+        for i in 0..entries as usize {
+            let entry = table[i * words as usize];
+            let bitmap = if words == 2 { table[i * 2 + 1] } else { 0 };
+            let ty = self.cluster_type(entry);
+            if ty != ClusterType::Compressed && entry & L2_STD_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                ));
+            }
+            match ty {
+                ClusterType::Compressed => {
+                    if entry & OFLAG_COPIED != 0 {
+                        self.corruption(format!(
+                            "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
+                            self.geo.compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED)).0
+                        ));
+                    }
+                    if self.geo.external_data {
+                        self.corruption(format!(
+                            "ERROR compressed cluster {i} with data file, entry=0x{entry:x}"
+                        ));
+                        continue;
+                    }
+                    if bitmap != 0 {
+                        self.corruption(format!(
+                            "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+                        ));
+                        continue;
+                    }
+                    let (coffset, csize) = self
+                        .geo
+                        .compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED));
+                    self.inc(coffset, csize);
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        self.report.compressed_clusters += 1;
+                        self.report.fragmented_clusters += 1;
+                    }
+                }
+                ClusterType::ZeroAlloc | ClusterType::Normal => {
+                    let offset = entry & L2_OFFSET_MASK;
+                    if (bitmap >> 32) & bitmap != 0 {
+                        self.corruption(format!(
+                            "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                        ));
+                    }
+                    if offset % self.cs != 0 {
+                        let contains_data = if self.geo.extended {
+                            bitmap & BITMAP_ALL_ALLOC != 0
+                        } else {
+                            entry & OFLAG_ZERO == 0
+                        };
+                        self.corruption(if contains_data {
+                            format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
+                        } else {
+                            format!("ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.")
+                        });
+                    }
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        if next_contiguous != 0 && offset != next_contiguous {
+                            self.report.fragmented_clusters += 1;
+                        }
+                        next_contiguous = offset + self.cs;
+                    }
+                    if !self.geo.external_data {
+                        self.inc(offset, self.cs);
+                    }
+                }
+                ClusterType::ZeroPlain => {}
+                ClusterType::Unallocated => {
+                    if bitmap & BITMAP_ALL_ALLOC != 0 {
+                        self.corruption(
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_refblocks(&mut self) -> Result<()> {
+        let table = self.stored.table().to_vec();
+        for (i, &entry) in table.iter().enumerate() {
+            let offset = entry & REFTABLE_OFFSET_MASK;
+            let cluster = offset / self.cs;
+            if entry & REFTABLE_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            if offset % self.cs != 0 {
+                self.corruption(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            if cluster as usize >= self.refs.len() {
+                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            if offset != 0 {
+                self.inc(offset, self.cs);
+                let r = self.refs[cluster as usize];
+                if r != 1 {
+                    self.corruption(format!("ERROR refcount block {i} refcount={r}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn compare_refcounts(&mut self) -> Result<()> {
+        let mut highest = 0u64;
+        for i in 0..self.refs.len() as u64 {
+            let stored = match self.stored.get(self.file, self.path, i) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.report.check_errors += 1;
+                    self.report
+                        .findings
+                        .push(format!("Can't get refcount for cluster {i}: {e}"));
+                    continue;
+                }
+            };
+            let referenced = u64::from(self.refs[i as usize]);
+            if stored > 0 || referenced > 0 {
+                highest = i;
+            }
+            if stored != referenced {
+                let word = if stored < referenced {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
+                self.report.findings.push(format!(
+                    "{word} cluster {i} refcount={stored} reference={referenced}"
+                ));
+                if stored < referenced {
+                    self.report.corruptions += 1;
+                } else {
+                    self.report.leaks += 1;
+                }
+            }
+        }
+        self.report.image_end_offset = (highest + 1) * self.cs;
+        Ok(())
+    }
+
+    /// COPIED must be set exactly where the stored refcount is 1 (active L1
+    /// and the L2 tables it points to).
+    fn check_oflag_copied(&mut self) -> Result<()> {
+        let h = self.h;
+        let l1 = self.read_table(h.l1_table_offset, u64::from(h.l1_size))?;
+        let words = self.geo.entry_words() as u64;
+        let entries = self.cs / (8 * words);
+        for (i, &l1_entry) in l1.iter().enumerate() {
+            let l2_offset = l1_entry & L1_OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            let Ok(refcount) = self.stored.get(self.file, self.path, l2_offset / self.cs) else {
+                continue;
+            };
+            if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                self.corruption(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
+                ));
+            }
+            let table = self.read_table(l2_offset, entries * words)?;
+            for j in 0..entries as usize {
+                let entry = table[j * words as usize];
+                if !matches!(
+                    self.cluster_type(entry),
+                    ClusterType::Normal | ClusterType::ZeroAlloc
+                ) {
+                    continue;
+                }
+                let refcount = if self.geo.external_data {
+                    1
+                } else {
+                    match self
+                        .stored
+                        .get(self.file, self.path, (entry & L2_OFFSET_MASK) / self.cs)
+                    {
+                        Ok(r) => r,
+                        Err(_) => continue,
+                    }
+                };
+                if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
+                    self.corruption(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
