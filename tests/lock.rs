@@ -117,3 +117,107 @@ fn info_json_reports_lock_state() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["lock-state"], "writer");
 }
+
+use cowshed::engine::lock::{ImageLock, LockMode};
+
+fn qemu_io_write(path: &Path) -> std::process::Output {
+    Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x42 0 4k"])
+        .arg(path)
+        .output()
+        .expect("run qemu-io")
+}
+
+#[test]
+fn our_write_lock_keeps_qemu_out_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let file = std::fs::File::open(&img).unwrap();
+    let lock = ImageLock::acquire(&file, &img, LockMode::WRITER).expect("free image locks");
+    assert_eq!(
+        lock_state(&img).unwrap(),
+        LockState::Writer,
+        "QEMU's tools see a writer"
+    );
+
+    let w = qemu_io_write(&img);
+    assert!(!w.status.success(), "qemu-io wrote into an image we hold");
+    assert!(
+        String::from_utf8_lossy(&w.stderr).contains("Failed to get"),
+        "{}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    let info = Command::new("qemu-img")
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        !info.status.success(),
+        "qemu-img info (which locks for reading) should be refused"
+    );
+    let info_u = Command::new("qemu-img")
+        .args(["info", "-U"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        info_u.status.success(),
+        "qemu-img info -U takes no conflicting lock"
+    );
+
+    drop(lock);
+    assert_eq!(
+        lock_state(&img).unwrap(),
+        LockState::None,
+        "locks released on drop"
+    );
+    assert!(
+        qemu_io_write(&img).status.success(),
+        "QEMU can write once we let go"
+    );
+    drop(file);
+}
+
+#[test]
+fn qemu_holders_make_our_lock_fail_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("busy.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    let before = std::fs::read(&img).unwrap();
+
+    let writer = hold(&img, false);
+    assert_eq!(wait_for(&img, LockState::Writer), LockState::Writer);
+    let file = std::fs::File::open(&img).unwrap();
+    let err =
+        ImageLock::acquire(&file, &img, LockMode::WRITER).expect_err("a QEMU writer holds it");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("in use by pid") && msg.contains("qemu-io"),
+        "{msg}"
+    );
+    assert!(msg.contains("busy.qcow2"), "{msg}");
+    // A read-only opener conflicts with a writer too (QEMU unshares write).
+    assert!(ImageLock::acquire(&file, &img, LockMode::READER).is_err());
+    release(writer);
+    assert_eq!(
+        wait_for(&img, LockState::None),
+        LockState::None,
+        "our failed attempt left no lock"
+    );
+
+    // A QEMU reader: we may read alongside it, but not write.
+    let reader = hold(&img, true);
+    assert_eq!(wait_for(&img, LockState::Reader), LockState::Reader);
+    assert!(ImageLock::acquire(&file, &img, LockMode::WRITER).is_err());
+    let shared = ImageLock::acquire(&file, &img, LockMode::READER).expect("readers share");
+    drop(shared);
+    release(reader);
+    assert_eq!(wait_for(&img, LockState::None), LockState::None);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the image was never written"
+    );
+}

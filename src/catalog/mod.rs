@@ -3,7 +3,6 @@
 //! never writes an image.
 
 pub mod forest;
-pub mod holders;
 pub mod scan;
 pub mod watch;
 
@@ -12,8 +11,9 @@ use std::time::SystemTime;
 
 use crate::engine::{HeaderSummary, LockState};
 
+/// Holder discovery lives in the engine, beside the locks it explains.
+pub use crate::engine::holders::{self, Holder};
 pub use forest::{Flag, Forest, Node, NodeId, TreeSpace};
-pub use holders::Holder;
 pub use scan::{scan, ScanEvent};
 pub use watch::{CatalogEvent, SizeHistory, WatchMode, WatchOptions, Watcher};
 

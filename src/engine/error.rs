@@ -50,6 +50,10 @@ pub enum Error {
     #[error("{}: unknown image format '{format}' (expected qcow2 or raw)", path.display())]
     UnknownFormat { path: PathBuf, format: String },
 
+    /// Another process (a running QEMU) holds the image.
+    #[error("{}: {detail}", path.display())]
+    Locked { path: PathBuf, detail: String },
+
     /// qemu-img's exit 63: the format has no consistency check.
     #[error("{}: This image format ({format}) does not support checks", path.display())]
     CheckUnsupported { path: PathBuf, format: &'static str },

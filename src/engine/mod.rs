@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod error;
 pub mod format;
+pub mod holders;
 pub mod layer;
 pub mod lock;
 pub mod ops;
