@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use serde_json::{json, Value};
+use std::io::Write;
+
+use serde::Serialize;
 
 use super::{display, human_size, Output};
 use crate::catalog::scan::scan_all;
@@ -23,10 +25,7 @@ pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
     let (records, errors) = scan_all(&a.roots);
     let forest = Forest::build(records);
     match a.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&to_json(&forest, &errors))?
-        ),
+        Output::Json => write_json(&forest, &errors)?,
         Output::Human => {
             print!("{}", to_human(&forest));
             for (path, msg) in &errors {
@@ -37,57 +36,147 @@ pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
     Ok(0)
 }
 
-fn node_json(forest: &Forest, n: &Node) -> Value {
-    let r = &n.record;
-    let mut v = json!({
-        "filename": display(&r.path),
-        "format": r.summary.as_ref().map(|s| s.format.name()),
-        "virtual-size": r.sizes.virtual_size,
-        "actual-size": r.sizes.allocated,
-        "apparent-size": r.sizes.apparent,
-        "parent": n.parent.map(|p| display(&forest.nodes[p].record.path)),
-        "children": n.children.iter().map(|&c| display(&forest.nodes[c].record.path)).collect::<Vec<_>>(),
-        "flags": n.flags.iter().map(|f| json!({"kind": f.kind(), "text": f.describe()})).collect::<Vec<_>>(),
-        "lock-state": r.lock.name(),
-        "holders": r.holders.iter().map(|h| json!({"pid": h.pid, "command": h.command})).collect::<Vec<_>>(),
-    });
-    if let Some(s) = &r.summary {
-        if let Some(b) = &s.backing_filename {
-            v["backing-filename"] = json!(b);
-        }
-        if let Some(f) = &s.backing_format {
-            v["backing-filename-format"] = json!(f);
-        }
-    }
-    v
+/// One image in `tree --output json`. Serialized one at a time while the
+/// document streams out: a 10,000-image fleet never sits in memory as JSON.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ImageJson<'a> {
+    filename: String,
+    format: Option<&'static str>,
+    virtual_size: u64,
+    actual_size: u64,
+    apparent_size: u64,
+    parent: Option<String>,
+    children: Vec<String>,
+    flags: Vec<FlagJson>,
+    lock_state: &'static str,
+    holders: Vec<HolderJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename_format: Option<&'a str>,
 }
 
-fn to_json(forest: &Forest, errors: &[(PathBuf, String)]) -> Value {
-    let images: Vec<Value> = forest
-        .roots
-        .iter()
-        .flat_map(|&r| forest.walk(r))
-        .map(|(id, _)| node_json(forest, &forest.nodes[id]))
-        .collect();
-    let trees: Vec<Value> = forest
-        .roots
-        .iter()
-        .map(|&r| {
-            let s = forest.space(r);
-            json!({
-                "root": display(&forest.nodes[r].record.path),
-                "images": forest.walk(r).len(),
-                "used": s.used,
-                "full-copies": s.full_copies,
-                "saved": s.saved(),
+#[derive(Serialize)]
+struct FlagJson {
+    kind: &'static str,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct HolderJson<'a> {
+    pid: u32,
+    command: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct TreeJson {
+    root: String,
+    images: usize,
+    used: u64,
+    full_copies: u64,
+    saved: u64,
+}
+
+#[derive(Serialize)]
+struct ErrorJson {
+    filename: String,
+    error: String,
+}
+
+impl<'a> ImageJson<'a> {
+    fn new(forest: &'a Forest, n: &'a Node) -> Self {
+        let r = &n.record;
+        let name = |id: usize| display(&forest.nodes[id].record.path);
+        ImageJson {
+            filename: display(&r.path),
+            format: r.summary.as_ref().map(|s| s.format.name()),
+            virtual_size: r.sizes.virtual_size,
+            actual_size: r.sizes.allocated,
+            apparent_size: r.sizes.apparent,
+            parent: n.parent.map(name),
+            children: n.children.iter().map(|&c| name(c)).collect(),
+            flags: n
+                .flags
+                .iter()
+                .map(|f| FlagJson {
+                    kind: f.kind(),
+                    text: f.describe(),
+                })
+                .collect(),
+            lock_state: r.lock.name(),
+            holders: r
+                .holders
+                .iter()
+                .map(|h| HolderJson {
+                    pid: h.pid,
+                    command: &h.command,
+                })
+                .collect(),
+            backing_filename: r
+                .summary
+                .as_ref()
+                .and_then(|s| s.backing_filename.as_deref()),
+            backing_filename_format: r.summary.as_ref().and_then(|s| s.backing_format.as_deref()),
+        }
+    }
+}
+
+/// Serializes as a sequence produced on the fly.
+struct Seq<F>(F);
+
+impl<F, I, T> Serialize for Seq<F>
+where
+    F: Fn() -> I,
+    I: Iterator<Item = T>,
+    T: Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq((self.0)())
+    }
+}
+
+fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Result<()> {
+    #[derive(Serialize)]
+    struct Doc<A, B, C> {
+        images: A,
+        trees: B,
+        errors: C,
+    }
+    let doc = Doc {
+        images: Seq(|| {
+            forest
+                .roots
+                .iter()
+                .flat_map(|&r| forest.walk(r))
+                .map(|(id, _)| ImageJson::new(forest, &forest.nodes[id]))
+        }),
+        trees: Seq(|| {
+            forest.roots.iter().map(|&r| {
+                let s = forest.space(r);
+                TreeJson {
+                    root: display(&forest.nodes[r].record.path),
+                    images: forest.walk(r).len(),
+                    used: s.used,
+                    full_copies: s.full_copies,
+                    saved: s.saved(),
+                }
             })
-        })
-        .collect();
-    let errors: Vec<Value> = errors
-        .iter()
-        .map(|(p, m)| json!({"filename": display(p), "error": m}))
-        .collect();
-    json!({"images": images, "trees": trees, "errors": errors})
+        }),
+        errors: Seq(|| {
+            errors.iter().map(|(p, m)| ErrorJson {
+                filename: display(p),
+                error: m.clone(),
+            })
+        }),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    serde_json::to_writer_pretty(&mut out, &doc)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }
 
 fn to_human(forest: &Forest) -> String {

@@ -359,6 +359,22 @@ impl App {
                     self.rebuild_rows();
                 }
             }
+            Event::Sizes { key, sizes } => {
+                if let Some(id) = self.forest.get(&key) {
+                    Arc::make_mut(&mut self.forest).nodes[id].record.sizes = sizes;
+                    self.totals = totals(&self.forest);
+                    if self.sort != SortKey::Name {
+                        self.rebuild_rows();
+                    }
+                    let stamp = self.selected_stamp();
+                    if stamp.is_some()
+                        && stamp != self.details_stamp
+                        && self.details_wanted.is_none()
+                    {
+                        self.request_details();
+                    }
+                }
+            }
             Event::Tick => {
                 for j in &mut self.jobs {
                     if let Some(p) = self.pool.progress(j.id) {

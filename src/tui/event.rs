@@ -10,6 +10,7 @@ use crossbeam_channel::Sender;
 use ratatui::crossterm::event as ct;
 
 use super::worker::{CatalogUpdate, Details};
+use crate::catalog::Sizes;
 use crate::jobs::JobEvent;
 
 #[derive(Debug)]
@@ -27,6 +28,13 @@ pub enum Event {
         allocated: u64,
         rate: f64,
         history: Vec<u64>,
+    },
+    /// An image's sizes changed (a guest writes). Patched into the forest
+    /// in place: rebuilding a 10,000-image forest on every write would cost
+    /// a core while a guest writes.
+    Sizes {
+        key: PathBuf,
+        sizes: Sizes,
     },
     /// Time passes while something moves (a job runs, an image grows).
     Tick,
