@@ -305,8 +305,9 @@ impl Stat {
 struct Known {
     key: PathBuf,
     stat: Stat,
-    /// When its stat last changed (or it was first seen).
-    changed: Instant,
+    /// When its stat last changed after it became known: recently changed
+    /// images are polled even when events arrive.
+    changed: Option<Instant>,
     /// When the lock bytes were last looked at.
     lock_checked: Instant,
     summary: Option<HeaderSummary>,
@@ -316,11 +317,11 @@ struct Known {
 }
 
 impl Known {
-    fn of(r: &ImageRecord, stat: Stat) -> Known {
+    fn of(r: &ImageRecord, stat: Stat, changed: Option<Instant>) -> Known {
         Known {
             key: r.key.clone(),
             stat,
-            changed: Instant::now(),
+            changed,
             lock_checked: Instant::now(),
             summary: r.summary.clone(),
             error: r.error.clone(),
@@ -375,7 +376,7 @@ impl State {
             mtime: r.mtime,
         };
         self.not_images.remove(&path);
-        self.known.insert(path, Known::of(&r, stat));
+        self.known.insert(path, Known::of(&r, stat, None));
     }
 
     /// Something happened at `path` (a file or a directory).
@@ -473,7 +474,10 @@ impl State {
             }
             match read_record(path) {
                 Ok(Some(r)) => {
-                    self.known.insert(path.to_path_buf(), Known::of(&r, stat));
+                    self.known.insert(
+                        path.to_path_buf(),
+                        Known::of(&r, stat, report.then(Instant::now)),
+                    );
                     self.not_images.remove(path);
                     if report {
                         self.emit(CatalogEvent::Appeared(Box::new(r)));
@@ -505,7 +509,7 @@ impl State {
         let changed = sizes != old.sizes;
         if let Some(k) = self.known.get_mut(path) {
             if k.stat != stat {
-                k.changed = Instant::now();
+                k.changed = Some(Instant::now());
             }
             k.stat = stat;
             k.sizes = sizes;
@@ -548,10 +552,16 @@ impl State {
                     if let Some(k) = self.known.remove(path) {
                         self.emit(CatalogEvent::Vanished { path: k.key });
                     }
-                    self.known.insert(path.to_path_buf(), Known::of(&r, stat));
+                    self.known.insert(
+                        path.to_path_buf(),
+                        Known::of(&r, stat, Some(Instant::now())),
+                    );
                     self.emit(CatalogEvent::Appeared(Box::new(r)));
                 } else {
-                    self.known.insert(path.to_path_buf(), Known::of(&r, stat));
+                    self.known.insert(
+                        path.to_path_buf(),
+                        Known::of(&r, stat, Some(Instant::now())),
+                    );
                     self.emit(CatalogEvent::HeaderChanged(Box::new(r)));
                 }
             }
@@ -583,7 +593,7 @@ impl State {
             .iter()
             .filter(|(p, k)| {
                 all || k.lock != LockState::None
-                    || k.changed.elapsed() < HOT
+                    || k.changed.is_some_and(|t| t.elapsed() < HOT)
                     || under_walk_root(p, &self.walk_roots)
             })
             .map(|(p, _)| p.clone())
