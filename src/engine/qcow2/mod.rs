@@ -6,6 +6,8 @@ pub mod image;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
+pub mod writer;
 
 pub use header::Header;
 pub use image::Qcow2Image;
+pub use writer::Qcow2Writer;

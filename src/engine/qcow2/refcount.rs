@@ -126,6 +126,80 @@ impl Refcounts {
     }
 }
 
+impl Refcounts {
+    pub(crate) fn per_block(&self) -> u64 {
+        self.entries_per_block()
+    }
+
+    /// The refblock covering `cluster`, if there is one.
+    pub(crate) fn refblock_offset(&self, cluster: u64) -> Option<u64> {
+        let e = *self
+            .table
+            .get((cluster / self.entries_per_block()) as usize)?;
+        let off = e & REFTABLE_OFFSET_MASK;
+        (off != 0).then_some(off)
+    }
+
+    pub(crate) fn reftable_entries(&self) -> u64 {
+        self.table.len() as u64
+    }
+
+    /// Record a new refblock (already written) in the in-memory table.
+    pub(crate) fn install_refblock(&mut self, index: u64, offset: u64, block: Vec<u8>) {
+        if let Some(slot) = self.table.get_mut(index as usize) {
+            *slot = offset;
+        }
+        self.blocks.insert(offset, block);
+    }
+
+    /// Set the refcount of `cluster` in its (existing, loaded) refblock and
+    /// return the bytes to write: (file offset, bytes).
+    pub(crate) fn set_in_block(
+        &mut self,
+        file: &File,
+        path: &Path,
+        cluster: u64,
+        value: u64,
+    ) -> Result<(u64, Vec<u8>)> {
+        // Load the block through `get` (it validates and caches).
+        self.get(file, path, cluster)?;
+        let Some(block_off) = self.refblock_offset(cluster) else {
+            return Err(Error::invalid(path, "internal: no refblock to update"));
+        };
+        let idx = cluster % self.entries_per_block();
+        let bits = 1u64 << self.refcount_order;
+        let Some(block) = self.blocks.get_mut(&block_off) else {
+            return Err(Error::invalid(path, "internal: refblock not cached"));
+        };
+        Ok(encode_refcount(block, block_off, idx, bits, value))
+    }
+}
+
+/// Store `value` at entry `idx` of a refblock with `bits`-wide entries;
+/// returns the file offset and bytes that changed.
+pub(crate) fn encode_refcount(
+    block: &mut [u8],
+    block_off: u64,
+    idx: u64,
+    bits: u64,
+    value: u64,
+) -> (u64, Vec<u8>) {
+    if bits < 8 {
+        let bit = idx * bits;
+        let at = (bit / 8) as usize;
+        let shift = bit % 8;
+        let mask = (((1u16 << bits) - 1) << shift) as u8;
+        block[at] = (block[at] & !mask) | (((value as u8) << shift) & mask);
+        (block_off + at as u64, vec![block[at]])
+    } else {
+        let w = (bits / 8) as usize;
+        let at = idx as usize * w;
+        let bytes = value.to_be_bytes();
+        block[at..at + w].copy_from_slice(&bytes[8 - w..]);
+        (block_off + at as u64, block[at..at + w].to_vec())
+    }
+}
+
 /// QEMU's `qcow2_detect_metadata_preallocation`: more clusters are in use by
 /// refcount than the file has allocated on disk, so most data clusters must
 /// be preallocated holes. QEMU then asks the host file whether data clusters
