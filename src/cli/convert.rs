@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use color_eyre::eyre::{bail, eyre};
+use color_eyre::eyre::bail;
 
 use super::parse_format;
+use super::progress::{install_ctrlc, spawn_reporter};
 use crate::engine::{self, CacheMode, Cancel, ConvertOptions, Format, Progress};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -44,12 +44,9 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         );
     }
     let cancel = Cancel::new();
-    {
-        let c = cancel.clone();
-        // Ctrl-C cancels: the engine removes its temporary file and leaves
-        // no partial destination.
-        ctrlc::set_handler(move || c.cancel()).map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))?;
-    }
+    // Ctrl-C cancels: the engine removes its temporary file and leaves no
+    // partial destination.
+    install_ctrlc(&cancel)?;
     let opts = ConvertOptions {
         src_format: a.format,
         cache: match a.cache {
@@ -75,32 +72,4 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Print `(NN.NN/100%)` lines like qemu-img -p, on stderr.
-fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHandle<()>) {
-    let stop = Cancel::new();
-    let s = stop.clone();
-    let handle = std::thread::spawn(move || {
-        let start = Instant::now();
-        loop {
-            let (done, total) = p.snapshot();
-            let pct = if total == 0 {
-                100.0
-            } else {
-                done as f64 * 100.0 / total as f64
-            };
-            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
-            eprint!(
-                "\r    ({pct:6.2}/100%) {}/s   ",
-                super::human_size(rate as u64)
-            );
-            if s.is_cancelled() {
-                eprintln!();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
-    (stop, handle)
 }

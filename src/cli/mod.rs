@@ -3,11 +3,13 @@
 //! command go up to `main`, where color-eyre prints them.
 
 mod check;
+mod commit;
 mod convert;
 mod create;
 mod demo;
 mod info;
 mod map;
+mod progress;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -51,6 +53,9 @@ pub enum Command {
     /// Check an image's metadata the way `qemu-img check` does: leaks and
     /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63). Read only.
     Check(check::CheckArgs),
+    /// Copy an overlay's data into its backing file (like `qemu-img
+    /// commit`), then empty the overlay unless -d or -b.
+    Commit(commit::CommitArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -78,6 +83,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Demo(a) => demo::run(a),

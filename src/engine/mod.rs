@@ -17,6 +17,7 @@ pub use error::{Error, Result};
 pub use format::{probe, Format};
 pub use lock::{lock_state, LockState};
 pub use ops::check::{check, CheckReport};
+pub use ops::commit::{commit, CommitOptions};
 pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
 pub use ops::create::{create, CreateOptions};
 pub use ops::info::{info, info_chain, inspect, inspect_file, HeaderSummary, ImageInfo};

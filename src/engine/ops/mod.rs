@@ -1,6 +1,7 @@
 //! One function per qemu-img operation.
 
 pub mod check;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod info;

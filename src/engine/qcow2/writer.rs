@@ -244,6 +244,14 @@ impl Qcow2Writer {
             self.set_refcount(c, r - 1)?;
             if r == 1 {
                 self.free_hint = self.free_hint.min(c);
+                // Unreferenced now: give the space back to the file system.
+                let _ = nix::fcntl::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    (c * self.cs) as i64,
+                    self.cs as i64,
+                );
             }
         }
         Ok(())
@@ -429,6 +437,59 @@ impl Qcow2Writer {
             }
             g += n;
         }
+        Ok(())
+    }
+
+    /// Drop this image's own data for the whole clusters of
+    /// `[offset, offset + len)`: they read from the backing again (or as
+    /// zeros without one). This is how commit empties the top image.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.before_first_write()?;
+        let first = offset.div_ceil(self.cs) * self.cs;
+        let end = (offset + len) / self.cs * self.cs;
+        let span = self.cs * self.l2_entries();
+        let mut g = first;
+        while g < end {
+            let table_end = ((g / span + 1) * span).min(end);
+            if self.l1[(g / span) as usize] & L1_OFFSET_MASK == 0 {
+                // Nothing allocated under this L1 entry.
+                g = table_end;
+                continue;
+            }
+            let l2 = self.l2_for_write(g)?;
+            while g < table_end {
+                let entry = self.l2_entry(g)?;
+                if entry != 0 {
+                    self.set_l2_entry(l2, g, 0)?;
+                    self.release_entry(entry)?;
+                }
+                g += self.cs;
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow the virtual disk to `new_size` (rounded up to 512); never
+    /// shrinks. Needs the L1 table to cover the new size already.
+    pub fn grow(&mut self, new_size: u64) -> Result<()> {
+        let new_size = new_size.next_multiple_of(512);
+        if new_size <= self.virtual_size() {
+            return Ok(());
+        }
+        let needed = new_size.div_ceil(self.cs * self.l2_entries());
+        if needed > self.l1.len() as u64 {
+            return Err(Error::invalid(
+                &self.path,
+                format!(
+                    "growing to {new_size} bytes needs a larger L1 table, which cowshed does not write yet"
+                ),
+            ));
+        }
+        self.before_first_write()?;
+        self.pwrite(&new_size.to_be_bytes(), 24)?;
+        self.file.sync_data().at(&self.path)?;
+        self.h.size = new_size;
         Ok(())
     }
 

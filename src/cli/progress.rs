@@ -1,0 +1,43 @@
+//! What long commands share on the terminal: Ctrl-C as cancel, and a
+//! progress line like qemu-img -p.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use color_eyre::eyre::eyre;
+
+use crate::engine::{Cancel, Progress};
+
+/// Ctrl-C sets `cancel`; the engine stops within a chunk and cleans up.
+pub(crate) fn install_ctrlc(cancel: &Cancel) -> color_eyre::Result<()> {
+    let c = cancel.clone();
+    ctrlc::set_handler(move || c.cancel()).map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))
+}
+
+/// Print `(NN.NN/100%)` lines like qemu-img -p, on stderr.
+pub(crate) fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHandle<()>) {
+    let stop = Cancel::new();
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let start = Instant::now();
+        loop {
+            let (done, total) = p.snapshot();
+            let pct = if total == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / total as f64
+            };
+            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
+            eprint!(
+                "\r    ({pct:6.2}/100%) {}/s   ",
+                super::human_size(rate as u64)
+            );
+            if s.is_cancelled() {
+                eprintln!();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    (stop, handle)
+}

@@ -1,0 +1,348 @@
+//! `cowshed commit` against `qemu-img commit` run on copies of the same
+//! images: bases and tops read the same afterwards (`qemu-img compare`),
+//! every qcow2 passes `qemu-img check`, and a running QEMU holding either
+//! image makes commit refuse without changing a byte.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(cwd: &Path, prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("spawn")
+}
+
+fn ok(cwd: &Path, prog: &str, args: &[&str]) -> String {
+    let out = run(cwd, prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cowshed(cwd: &Path, args: &[&str]) -> Output {
+    run(cwd, env!("CARGO_BIN_EXE_cowshed"), args)
+}
+
+/// Copy `names` from `from` into fresh dirs `ours/` and `qemu/`.
+fn twin(d: &Path, names: &[&str]) {
+    for side in ["ours", "qemu"] {
+        std::fs::create_dir_all(d.join(side)).unwrap();
+        for n in names {
+            std::fs::copy(d.join("src").join(n), d.join(side).join(n)).unwrap();
+        }
+    }
+}
+
+fn same(d: &Path, a: &str, b: &str, what: &str) {
+    let out = run(d, "qemu-img", &["compare", a, b]);
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn clean(d: &Path, img: &str) {
+    ok(d, "qemu-img", &["check", img]);
+}
+
+/// base (qcow2 or raw, smaller than the top) <- top with data, zeros,
+/// compressed clusters, a write straddling the base's end.
+fn fixture(d: &Path, base_fmt: &str) -> String {
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let base = format!("base.{}", if base_fmt == "raw" { "raw" } else { "qcow2" });
+    ok(
+        &src,
+        "qemu-img",
+        &["create", "-q", "-f", base_fmt, &base, "1M"],
+    );
+    ok(
+        &src,
+        "qemu-io",
+        &["-f", base_fmt, "-c", "write -P 0x0b 0 1M", &base],
+    );
+    ok(
+        &src,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &base,
+            "-F",
+            base_fmt,
+            "top.qcow2",
+            "3M",
+        ],
+    );
+    ok(
+        &src,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x11 4k 8k",
+            "-c",
+            "write -z 128k 64k",
+            "-c",
+            "write -c -P 0x22 256k 64k",
+            "-c",
+            "write -P 0x33 960k 128k",
+            "-c",
+            "write -P 0x44 2M 64k",
+            "top.qcow2",
+        ],
+    );
+    base
+}
+
+#[test]
+fn commit_into_qcow2_and_raw_bases_equals_qemu_img() {
+    for base_fmt in ["qcow2", "raw"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let base = fixture(d, base_fmt);
+        ok(
+            &d.join("src"),
+            "qemu-img",
+            &["convert", "-O", "raw", "top.qcow2", "view.raw"],
+        );
+        twin(d, &[&base, "top.qcow2"]);
+        ok(&d.join("qemu"), "qemu-img", &["commit", "-q", "top.qcow2"]);
+        let out = cowshed(&d.join("ours"), &["commit", "top.qcow2"]);
+        assert!(
+            out.status.success(),
+            "{base_fmt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (ob, qb) = (format!("ours/{base}"), format!("qemu/{base}"));
+        same(d, &ob, &qb, &format!("{base_fmt}: bases after commit"));
+        same(
+            d,
+            "ours/top.qcow2",
+            "qemu/top.qcow2",
+            &format!("{base_fmt}: tops after commit"),
+        );
+        same(
+            d,
+            "ours/top.qcow2",
+            "src/view.raw",
+            &format!("{base_fmt}: top's view unchanged"),
+        );
+        clean(d, "ours/top.qcow2");
+        if base_fmt == "qcow2" {
+            clean(d, &ob);
+        }
+        // The top was emptied: nothing of its own left.
+        let map = ok(d, "qemu-img", &["map", "--output=json", "ours/top.qcow2"]);
+        let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["depth"] != 0 || e["present"] == false),
+            "{map}"
+        );
+        // The base grew to the top's size.
+        let info = ok(
+            d,
+            "qemu-img",
+            &["info", "--output=json", "-f", base_fmt, &ob],
+        );
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["virtual-size"], 3 << 20, "{base_fmt}: base not grown");
+    }
+}
+
+#[test]
+fn keep_top_and_deeper_base_equal_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    ok(
+        &src,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "2M"],
+    );
+    ok(&src, "qemu-io", &["-c", "write -P 0x0a 0 2M", "base.qcow2"]);
+    ok(
+        &src,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "mid.qcow2",
+        ],
+    );
+    ok(
+        &src,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x1a 100k 300k",
+            "-c",
+            "write -z 1M 64k",
+            "mid.qcow2",
+        ],
+    );
+    ok(
+        &src,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    ok(
+        &src,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x2a 200k 64k",
+            "-c",
+            "write -P 0x2b 1500k 100k",
+            "top.qcow2",
+        ],
+    );
+    ok(
+        &src,
+        "qemu-img",
+        &["convert", "-O", "raw", "top.qcow2", "view.raw"],
+    );
+
+    // -d: the top keeps its data, byte for byte.
+    twin(d, &["base.qcow2", "mid.qcow2", "top.qcow2"]);
+    let top_before = std::fs::read(d.join("ours/top.qcow2")).unwrap();
+    ok(
+        &d.join("qemu"),
+        "qemu-img",
+        &["commit", "-q", "-d", "top.qcow2"],
+    );
+    let out = cowshed(&d.join("ours"), &["commit", "-d", "top.qcow2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(d.join("ours/top.qcow2")).unwrap(),
+        top_before,
+        "-d changed the top"
+    );
+    same(d, "ours/mid.qcow2", "qemu/mid.qcow2", "-d: mid");
+    same(d, "ours/top.qcow2", "src/view.raw", "-d: top view");
+    clean(d, "ours/mid.qcow2");
+
+    // -b base: top and mid both go down into base; the top is kept.
+    for side in ["ours", "qemu"] {
+        std::fs::remove_dir_all(d.join(side)).unwrap();
+    }
+    twin(d, &["base.qcow2", "mid.qcow2", "top.qcow2"]);
+    ok(
+        &d.join("qemu"),
+        "qemu-img",
+        &["commit", "-q", "-b", "base.qcow2", "top.qcow2"],
+    );
+    let out = cowshed(
+        &d.join("ours"),
+        &["commit", "-b", "base.qcow2", "top.qcow2"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    same(d, "ours/base.qcow2", "qemu/base.qcow2", "-b: base");
+    same(
+        d,
+        "ours/base.qcow2",
+        "src/view.raw",
+        "-b: base holds the top's view",
+    );
+    same(d, "ours/top.qcow2", "qemu/top.qcow2", "-b: top");
+    clean(d, "ours/base.qcow2");
+    clean(d, "ours/top.qcow2");
+
+    // A base that is not in the chain, and an image without backing.
+    let out = cowshed(
+        &d.join("ours"),
+        &["commit", "-b", "../src/view.raw", "top.qcow2"],
+    );
+    assert!(!out.status.success());
+    let out = cowshed(&d.join("ours"), &["commit", "base.qcow2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not have a backing file"));
+}
+
+#[test]
+fn refuses_while_qemu_holds_the_base_or_the_top() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = fixture(d, "qcow2");
+    let s = d.join("src");
+    for held in [base.as_str(), "top.qcow2"] {
+        let before: Vec<Vec<u8>> = [base.as_str(), "top.qcow2"]
+            .iter()
+            .map(|n| std::fs::read(s.join(n)).unwrap())
+            .collect();
+        let mut holder = Command::new("qemu-io")
+            .args(["-f", "qcow2", held])
+            .current_dir(&s)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cowshed::engine::lock_state(&s.join(held)).unwrap()
+            != cowshed::engine::LockState::Writer
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io never locked {held}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let out = cowshed(&s, &["commit", "top.qcow2"]);
+        drop(holder.stdin.take());
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(
+            !out.status.success(),
+            "commit ran while qemu-io held {held}"
+        );
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(msg.contains("in use by pid"), "{msg}");
+        let after: Vec<Vec<u8>> = [base.as_str(), "top.qcow2"]
+            .iter()
+            .map(|n| std::fs::read(s.join(n)).unwrap())
+            .collect();
+        assert!(
+            before == after,
+            "an image changed although commit was refused ({held} held)"
+        );
+    }
+}
