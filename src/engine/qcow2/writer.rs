@@ -10,7 +10,7 @@
 //! shared with internal snapshots (COPIED), compressed clusters rewritten,
 //! zero writes. Refused with a clear error for now: extended L2 entries,
 //! external data files, encryption, and images whose refcount table would
-//! have to grow.
+//! have to grow. The L1 table grows when the disk does.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -470,26 +470,58 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// Grow the virtual disk to `new_size` (rounded up to 512); never
-    /// shrinks. Needs the L1 table to cover the new size already.
+    /// Grow the virtual disk to `new_size` (rounded up to 512), growing the
+    /// L1 table if it must; never shrinks.
     pub fn grow(&mut self, new_size: u64) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         if new_size <= self.virtual_size() {
             return Ok(());
         }
         let needed = new_size.div_ceil(self.cs * self.l2_entries());
+        self.before_first_write()?;
         if needed > self.l1.len() as u64 {
-            return Err(Error::invalid(
-                &self.path,
-                format!(
-                    "growing to {new_size} bytes needs a larger L1 table, which cowshed does not write yet"
-                ),
-            ));
+            self.grow_l1(needed)?;
         }
         self.before_first_write()?;
         self.pwrite(&new_size.to_be_bytes(), 24)?;
         self.file.sync_data().at(&self.path)?;
         self.h.size = new_size;
+        Ok(())
+    }
+
+    /// A larger L1 table in new clusters: written and flushed, then the
+    /// header's size and offset fields (adjacent: one write) switched to
+    /// it, then the old table released, as QEMU does.
+    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        if entries * 8 > super::header::MAX_L1_BYTES {
+            return Err(Error::invalid(&self.path, "Active L1 table too large"));
+        }
+        let clusters = (entries * 8).div_ceil(self.cs);
+        let start = self.find_free(clusters)?;
+        // Taken before the refcounts are set: new refblocks go elsewhere.
+        self.free_hint = start + clusters;
+        for c in start..start + clusters {
+            self.set_refcount(c, 1)?;
+        }
+        let new_off = start * self.cs;
+        let mut table = vec![0u8; (entries * 8) as usize];
+        for (i, e) in self.l1.iter().enumerate() {
+            table[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.pwrite(&table, new_off)?;
+        self.file.sync_data().at(&self.path)?;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        fields[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.pwrite(&fields, 36)?;
+        self.file.sync_data().at(&self.path)?;
+        let (old_off, old_len) = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
+        self.h.l1_size = entries as u32;
+        self.h.l1_table_offset = new_off;
+        self.l1.resize(entries as usize, 0);
+        if old_len > 0 {
+            self.release(old_off, old_len)?;
+        }
         Ok(())
     }
 
