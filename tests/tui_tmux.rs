@@ -226,3 +226,57 @@ fn quitting_restores_the_terminal() {
         "{screen}"
     );
 }
+
+/// `cowshed demo` in a real terminal: the simulated guest holds web-1 like
+/// a running VM (QEMU's writer locks) and makes it grow on screen and on
+/// disk; quitting releases it, and QEMU finds the image clean.
+#[test]
+fn demo_guest_grows_an_overlay_through_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = d.join("fleet");
+    let tmux = Tmux::start(d, "demo", &format!("'{BIN}' demo fleet"));
+    tmux.wait_for("the demo tree", |s| {
+        s.contains("web-1.qcow2") && s.contains("debian-12.qcow2")
+    });
+    let web1 = fleet.join("web-1.qcow2");
+    let first = std::fs::metadata(&web1).unwrap().len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&web1).unwrap().len() < first + (2 << 20) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web-1.qcow2 does not grow"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        cowshed::engine::lock_state(&web1).unwrap(),
+        cowshed::engine::LockState::Writer,
+        "the guest holds web-1 as a writer"
+    );
+    let refused = Command::new("qemu-io")
+        .args(["-c", "write 0 4k"])
+        .arg(&web1)
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "QEMU could write into the guest's image"
+    );
+    tmux.wait_for("a growth rate on screen", |s| s.contains("/s"));
+    tmux.send("q");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tmux.alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo did not quit:\n{}",
+            tmux.capture()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        cowshed::engine::lock_state(&web1).unwrap(),
+        cowshed::engine::LockState::None
+    );
+    run(&fleet, "qemu-img", &["check", "web-1.qcow2"]);
+}

@@ -3,23 +3,23 @@
 //! simulated guest writing into one overlay, and open the TUI on it.
 //!
 //! Images are made by the engine (`engine::create`, byte for byte what
-//! qemu-img makes). The engine has no allocating writer yet, so guest data
-//! is written by `qemu-io` (Debian's qemu-utils) when it is installed: a
-//! few extents into the base and overlays at build time, and, while the TUI
-//! is open, one 1 MiB write every 300 ms into `web-1.qcow2`. Without
-//! qemu-io the fleet is built empty and nothing grows.
+//! qemu-img makes) and their data is written by the engine's allocating
+//! writer: a few extents into the base and overlays at build time, and,
+//! while the TUI is open, one 1 MiB write every 300 ms into `web-1.qcow2`
+//! by a simulated guest that holds the image like a running VM would
+//! (QEMU's writer locks).
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use color_eyre::eyre::{bail, eyre, WrapErr};
+use color_eyre::eyre::{bail, WrapErr};
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 
 use super::{display, human_size};
+use crate::engine::qcow2::Qcow2Writer;
 use crate::engine::{self, CreateOptions, Format};
 
 #[derive(Debug, Args)]
@@ -130,8 +130,7 @@ const FLEET: &[Image] = &[
 
 pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
     let dir = prepare_dir(a.dir)?;
-    let qemu_io = find_in_path("qemu-io");
-    let (made, kept) = build_fleet(&dir, qemu_io.as_deref())?;
+    let (made, kept) = build_fleet(&dir)?;
     println!(
         "cowshed demo fleet in {} ({made} images built, {kept} kept):",
         display(&dir)
@@ -139,38 +138,18 @@ pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
     for image in FLEET {
         println!("  {:<16} {}", image.name, describe(&image.kind));
     }
-    match &qemu_io {
-        Some(_) => {}
-        None if made > 0 => println!(
-            "qemu-io not found (Debian: apt-get install qemu-utils): the images hold no data"
-        ),
-        None => {}
-    }
     if a.no_tui {
         return Ok(0);
     }
-    let guest = match &qemu_io {
-        Some(q) => {
-            println!(
-                "simulated guest: {} writes {} into {GROWING} every {} ms (stops when cowshed exits)",
-                display(q),
-                human_size(GUEST_WRITE),
-                GUEST_PERIOD.as_millis()
-            );
-            Some(Guest::start(q.clone(), dir.join(GROWING))?)
-        }
-        None => {
-            println!(
-                "no simulated guest: it needs qemu-io (the engine has no allocating writer yet)"
-            );
-            None
-        }
-    };
+    println!(
+        "simulated guest: cowshed's writer puts {} into {GROWING} every {} ms, holding it like a running VM (stops when cowshed exits)",
+        human_size(GUEST_WRITE),
+        GUEST_PERIOD.as_millis()
+    );
+    let guest = Guest::start(dir.join(GROWING))?;
     let code = open_tui(&dir);
-    if let Some(g) = guest {
-        if let Some(err) = g.stop() {
-            eprintln!("cowshed: the simulated guest stopped early: {err}");
-        }
+    if let Some(err) = guest.stop() {
+        eprintln!("cowshed: the simulated guest stopped early: {err}");
     }
     code
 }
@@ -178,12 +157,12 @@ pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
 /// Build the demo fleet in `dir` (new, empty or a previous fleet) and
 /// nothing else: no guest, no TUI. Public so that the screenshots example
 /// renders the very fleet `cowshed demo` shows. Returns how many images
-/// were built and whether they hold data (that needs qemu-io).
+/// were built and whether they hold data (always, since the engine writes
+/// it; kept for callers that predate the writer).
 pub fn build_fleet_in(dir: &Path) -> color_eyre::Result<(usize, bool)> {
     let dir = prepare_dir(Some(dir.to_path_buf()))?;
-    let qemu_io = find_in_path("qemu-io");
-    let (made, _) = build_fleet(&dir, qemu_io.as_deref())?;
-    Ok((made, qemu_io.is_some()))
+    let (made, _) = build_fleet(&dir)?;
+    Ok((made, true))
 }
 
 fn describe(kind: &Kind) -> String {
@@ -234,7 +213,7 @@ fn prepare_dir(dir: Option<PathBuf>) -> color_eyre::Result<PathBuf> {
 }
 
 /// Build what is missing; returns (built, kept).
-fn build_fleet(dir: &Path, qemu_io: Option<&Path>) -> color_eyre::Result<(usize, usize)> {
+fn build_fleet(dir: &Path) -> color_eyre::Result<(usize, usize)> {
     // The marker goes first, so that an interrupted build can be resumed.
     fs::write(
         dir.join(MARKER),
@@ -272,71 +251,56 @@ fn build_fleet(dir: &Path, qemu_io: Option<&Path>) -> color_eyre::Result<(usize,
             },
         };
         engine::create(&path, &opts)?;
-        if let Some(q) = qemu_io {
-            let format = if matches!(image.kind, Kind::Raw { .. }) {
-                "raw"
-            } else {
-                "qcow2"
-            };
-            write_data(q, &path, format, image.writes)?;
-        }
+        let format = if matches!(image.kind, Kind::Raw { .. }) {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        write_data(&path, format, image.writes)?;
         made += 1;
     }
     Ok((made, kept))
 }
 
-/// Guest data by qemu-io, all writes in one run.
-fn write_data(
-    qemu_io: &Path,
-    image: &Path,
-    format: &str,
-    writes: &[(u8, u64, u64)],
-) -> color_eyre::Result<()> {
+/// Guest data through the engine's writer (qcow2) or plain positional
+/// writes (raw).
+fn write_data(image: &Path, format: &str, writes: &[(u8, u64, u64)]) -> color_eyre::Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
-    let mut cmd = Command::new(qemu_io);
-    cmd.arg("-f").arg(format);
-    for (pattern, offset, len) in writes {
-        cmd.arg("-c")
-            .arg(format!("write -P {pattern} {offset} {len}"));
+    if format == "raw" {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(image)
+            .wrap_err_with(|| format!("cannot open {}", display(image)))?;
+        for &(pattern, offset, len) in writes {
+            f.write_all_at(&vec![pattern; len as usize], offset)
+                .wrap_err_with(|| format!("cannot write into {}", display(image)))?;
+        }
+        return Ok(());
     }
-    let out = cmd
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .wrap_err_with(|| format!("cannot run {}", display(qemu_io)))?;
-    if !out.status.success() {
-        return Err(eyre!(
-            "qemu-io could not write into {}: {}",
-            display(image),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let mut w = Qcow2Writer::open(image)?;
+    for &(pattern, offset, len) in writes {
+        w.write(&vec![pattern; len as usize], offset)?;
     }
+    w.flush()?;
     Ok(())
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-/// The simulated guest: a thread that runs one short `qemu-io` write per
-/// tick. Short-lived children keep it safe to stop at any moment: dropping
-/// the guest kills the write in flight, Ctrl-C reaches the children with
-/// the rest of the foreground process group, and if cowshed dies the
-/// write in flight ends by itself and no new one starts.
+/// The simulated guest: a thread that holds the overlay open through the
+/// engine's writer (with QEMU's writer locks, as a running VM would) and
+/// writes 1 MiB every tick. It is a stand-in for an external VM, not one of
+/// cowshed's own operations, so it lives here and not in `jobs`.
 struct Guest {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<Option<String>>>,
 }
 
 impl Guest {
-    fn start(qemu_io: PathBuf, image: PathBuf) -> color_eyre::Result<Guest> {
-        let virtual_size = engine::inspect(&image)?.virtual_size;
+    fn start(image: PathBuf) -> color_eyre::Result<Guest> {
+        let mut writer = Qcow2Writer::open(&image)?;
+        let virtual_size = writer.virtual_size();
         // Continue past what is written already, so a reused fleet grows
         // too: the file's length is about the data it holds.
         let apparent = fs::metadata(&image).map_or(0, |m| m.len());
@@ -346,42 +310,20 @@ impl Guest {
             .name("cowshed-demo-guest".into())
             .spawn(move || {
                 let mut offset = start;
-                let mut failures = 0;
                 for n in 0u64.. {
                     let tick = Instant::now();
-                    let pattern = n % 255 + 1;
-                    let child = Command::new(&qemu_io)
-                        .args(["-f", "qcow2", "-c"])
-                        .arg(format!("write -P {pattern} {offset} {GUEST_WRITE}"))
-                        .arg(&image)
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn();
-                    let ok = match child {
-                        Ok(c) => match wait_or_stop(c, &stop_rx) {
-                            Some(ok) => ok,
-                            None => return None,
-                        },
-                        Err(e) => return Some(format!("cannot run qemu-io: {e}")),
-                    };
-                    // A run of failures (the image taken by another
-                    // writer, deleted...) ends the guest, not the demo.
-                    failures = if ok { 0 } else { failures + 1 };
-                    if failures >= 5 {
-                        return Some(format!(
-                            "qemu-io failed 5 times writing {}",
-                            display(&image)
-                        ));
+                    let pattern = (n % 255 + 1) as u8;
+                    if let Err(e) = writer.write(&vec![pattern; GUEST_WRITE as usize], offset) {
+                        return Some(e.to_string());
                     }
                     offset = (offset + GUEST_WRITE) % virtual_size.max(GUEST_WRITE);
                     let left = GUEST_PERIOD.saturating_sub(tick.elapsed());
                     match stop_rx.recv_timeout(left) {
                         Err(RecvTimeoutError::Timeout) => {}
-                        _ => return None,
+                        _ => break,
                     }
                 }
-                None
+                writer.flush().err().map(|e| e.to_string())
             })
             .wrap_err("cannot start the simulated guest")?;
         Ok(Guest {
@@ -405,25 +347,5 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         self.halt();
-    }
-}
-
-/// Wait for a write to finish: `Some(success)`, or `None` when told to
-/// stop (the child is then killed and reaped).
-fn wait_or_stop(mut child: Child, stop: &crossbeam_channel::Receiver<()>) -> Option<bool> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status.success()),
-            Ok(None) => {}
-            Err(_) => return Some(false),
-        }
-        if !matches!(
-            stop.recv_timeout(Duration::from_millis(20)),
-            Err(RecvTimeoutError::Timeout)
-        ) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
     }
 }
