@@ -420,7 +420,7 @@ fn too_small_terminal_says_so() {
 fn config_key_overrides_drive_dispatch_and_footer() {
     let dir = fleet();
     let config = Config::parse(
-        "[keys]\nclone = \"n\"\ndown = [\"x\"]\n",
+        "[keys]\nclone = \"n\"\ndown = [\"w\"]\n",
         Path::new("test.toml"),
     )
     .expect("config");
@@ -431,7 +431,7 @@ fn config_key_overrides_drive_dispatch_and_footer() {
     assert_eq!(j.selected_name(), "base.qcow2");
     assert!(!dir.path().join("base-1.qcow2").exists());
     // ...the new ones work, and the footer and help say so.
-    j.key(KeyCode::Char('x'));
+    j.key(KeyCode::Char('w'));
     assert_eq!(j.selected_name(), "web-1.qcow2");
     j.key(KeyCode::Char('n'));
     assert!(dir.path().join("web-1-1.qcow2").exists());
@@ -439,7 +439,7 @@ fn config_key_overrides_drive_dispatch_and_footer() {
     let footer = screen.lines().last().expect("footer");
     assert!(footer.contains("n clone"), "{footer}");
     j.key(KeyCode::Char('?'));
-    assert!(j.screen().contains("│ x "), "help lists the new key");
+    assert!(j.screen().contains("│ w "), "help lists the new key");
 }
 
 #[test]
@@ -577,4 +577,359 @@ fn an_image_held_by_qemu_shows_its_lock_and_holder() {
         "{screen}"
     );
     drop(stdin);
+}
+
+// ---- commit as a job (issue 4) ----
+
+fn qemu_img_ok(args: &[&str], dir: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}"))
+        .status
+        .success()
+}
+
+/// `qemu-img check` finds no errors and no leaks (exit 0).
+fn assert_check_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(path)
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` says the two images read the same.
+fn assert_same_content(a: &Path, b: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest's view of `image` as a raw file in `out_dir` (outside the
+/// scanned root, so it does not join the tree).
+fn raw_view(image: &Path, out_dir: &Path) -> PathBuf {
+    let out = out_dir.join("view.raw");
+    let (i, o) = (image.display().to_string(), out.display().to_string());
+    assert!(qemu_img_ok(
+        &["convert", "-U", "-O", "raw", &i, &o],
+        out_dir
+    ));
+    out
+}
+
+impl Journey {
+    /// A key without waiting for the app to become idle: a confirmed job
+    /// keeps it busy until the job ends, and some tests act meanwhile.
+    fn press(&mut self, code: KeyCode) {
+        self.app.update(Event::Input(CtEvent::Key(KeyEvent::new(
+            code,
+            KeyModifiers::NONE,
+        ))));
+    }
+
+    /// Drive the app like the real loop until every job has ended: events
+    /// as they come, a tick when none comes for a tick's time. The screen
+    /// is drawn after each step; returns those drawn while a job ran.
+    fn run_jobs(&mut self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + SETTLE * 4;
+        let mut running = Vec::new();
+        while self.app.jobs.iter().any(|j| !j.state.is_finished()) {
+            assert!(std::time::Instant::now() < deadline, "the job did not end");
+            match self.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => self.app.update(ev),
+                Err(_) => self.app.update(Event::Tick),
+            }
+            if self
+                .app
+                .jobs
+                .iter()
+                .any(|j| j.state == cowshed::jobs::JobState::Running)
+            {
+                running.push(self.screen());
+            }
+        }
+        self.settle();
+        running
+    }
+
+    fn select(&mut self, name: &str) {
+        let i = self
+            .visible_names()
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} not in the tree"));
+        while self.app.selected != i {
+            let code = if self.app.selected < i {
+                KeyCode::Down
+            } else {
+                KeyCode::Up
+            };
+            self.key(code);
+        }
+        assert_eq!(self.selected_name(), name);
+    }
+}
+
+#[test]
+fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-1.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('m'));
+    let Mode::ConfirmCommit(plan) = &j.app.mode else {
+        panic!("no confirm dialog: {:?}", j.app.mode);
+    };
+    // web-2 and web-2-1 hang on base.qcow2 too.
+    assert_eq!(plan.affected, 2);
+    insta::assert_snapshot!("commit_confirm_siblings", j.screen());
+
+    // Enter alone, or `y`, does not commit into a shared base.
+    j.key(KeyCode::Char('y'));
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    assert!(j.app.jobs.is_empty());
+    assert!(j.screen().contains("only the word yes commits"));
+
+    j.chars("yes");
+    j.press(KeyCode::Enter);
+    assert_eq!(j.app.mode, Mode::Normal);
+    assert_eq!(j.app.jobs.len(), 1);
+    let running = j.run_jobs();
+    // While it ran, the jobs pane showed it and the tree marked both images.
+    let during = running
+        .iter()
+        .find(|s| s.contains("running   commit web-1.qcow2 → base.qcow2"))
+        .expect("a screen with the running job");
+    for name in ["base.qcow2 ", "web-1.qcow2 "] {
+        let row = during.lines().find(|l| l.contains(name)).expect("row");
+        assert!(row.contains("job: commit"), "{row}");
+    }
+    assert!(during.contains('%'), "{during}");
+
+    let job = &j.app.jobs[0];
+    assert_eq!(
+        job.state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(
+        job.progress.1 > 0 && job.progress.0 == job.progress.1,
+        "{:?}",
+        job.progress
+    );
+    let screen = j.screen();
+    assert!(
+        screen.contains("✓ done      commit web-1.qcow2"),
+        "{screen}"
+    );
+    assert!(screen.contains("100%"), "{screen}");
+    assert!(!screen.contains("job: commit"), "{screen}");
+
+    // The base now holds what the overlay showed; both images are sound
+    // and the overlay still reads the same (through the base).
+    assert_same_content(&d.join("base.qcow2"), &before);
+    assert_same_content(&d.join("web-1.qcow2"), &before);
+    assert_check_clean(&d.join("base.qcow2"));
+    assert_check_clean(&d.join("web-1.qcow2"));
+    // web-1 was emptied: the catalog's details (refreshed after the job)
+    // show everything served by the base.
+    let d1 = j.app.details.as_ref().expect("details");
+    assert_eq!(d1.served.first(), Some(&0), "{:?}", d1.served);
+}
+
+#[test]
+fn commit_dialog_cancelled_changes_nothing() {
+    let dir = fleet();
+    let d = dir.path();
+    let read = |n: &str| std::fs::read(d.join(n)).expect("read");
+    let (base, top) = (read("base.qcow2"), read("web-2-1.qcow2"));
+    let mut j = Journey::start(d);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('m'));
+    let Mode::ConfirmCommit(plan) = &j.app.mode else {
+        panic!("no confirm dialog");
+    };
+    // web-2 has no other overlay: a plain y/Enter would do.
+    assert_eq!(plan.affected, 0);
+    let screen = j.screen();
+    assert!(
+        screen.contains("Commit web-2-1.qcow2 into web-2.qcow2"),
+        "{screen}"
+    );
+    assert!(screen.contains("y or Enter commits"), "{screen}");
+    j.key(KeyCode::Esc);
+    assert_eq!(j.app.mode, Mode::Normal);
+    // And `n` cancels as well.
+    j.key(KeyCode::Char('m'));
+    j.key(KeyCode::Char('n'));
+    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.app.jobs.is_empty());
+    assert_eq!(read("base.qcow2"), base);
+    assert_eq!(read("web-2-1.qcow2"), top);
+}
+
+#[test]
+fn commit_is_refused_without_a_usable_backing() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    for (name, why) in [
+        ("base.qcow2", "no backing image"),
+        ("disk.raw", "raw image"),
+        ("orphan.qcow2", "backing missing: old-base.qcow2"),
+    ] {
+        j.select(name);
+        j.key(KeyCode::Char('m'));
+        assert_eq!(j.app.mode, Mode::Normal, "{name}: no dialog");
+        let status = j.app.status.clone().expect("a status");
+        assert!(
+            status.error && status.text.contains(name) && status.text.contains(why),
+            "{name}: {status:?}"
+        );
+        assert!(j.app.jobs.is_empty());
+    }
+    let screen = j.screen();
+    assert!(
+        screen.contains("✗ cannot commit orphan.qcow2: backing missing"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
+    let dir = tempfile::Builder::new()
+        .prefix("cowshed-journey-")
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "big-base.qcow2", "256M"],
+        d,
+    );
+    run("qemu-io", &["-c", "write -P 3 0 8M", "big-base.qcow2"], d);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "big-base.qcow2",
+            "-F",
+            "qcow2",
+            "big.qcow2",
+        ],
+        d,
+    );
+    // 128 MiB of data: far more than the engine copies between two checks
+    // of its cancel flag (1 MiB).
+    run("qemu-io", &["-c", "write -P 9 4M 128M", "big.qcow2"], d);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("big.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("big.qcow2");
+    j.key(KeyCode::Char('m'));
+    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    // No other overlay: `y` confirms.
+    j.press(KeyCode::Char('y'));
+    assert_eq!(j.app.jobs.len(), 1);
+    j.pump_until("the job to run", |app| {
+        app.jobs[0].state != cowshed::jobs::JobState::Queued
+    });
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Running);
+    // Ticks while it copies: the pane shows a bar, percent, rate and ETA.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while j.app.jobs[0].rate == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "no progress seen");
+        std::thread::sleep(Duration::from_millis(5));
+        j.app.update(Event::Tick);
+    }
+    let screen = j.screen();
+    let bar = screen
+        .lines()
+        .find(|l| l.contains('░') && l.contains("ETA"))
+        .unwrap_or_else(|| panic!("no progress line: {screen}"));
+    assert!(bar.contains('%') && bar.contains("/s"), "{bar}");
+    let row = screen
+        .lines()
+        .find(|l| l.contains("big.qcow2 "))
+        .expect("row");
+    assert!(row.contains("job: commit"), "{row}");
+    // No job selected: x takes the newest unfinished one.
+    j.press(KeyCode::Char('x'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Cancelled,
+        "{:?}",
+        j.app.status
+    );
+    let screen = j.screen();
+    assert!(screen.contains("– cancelled commit big.qcow2"), "{screen}");
+    assert_check_clean(&d.join("big.qcow2"));
+    assert_check_clean(&d.join("big-base.qcow2"));
+    // The overlay reads as before (the base may hold part of its data, as
+    // after a cancelled qemu-img commit).
+    assert_same_content(&d.join("big.qcow2"), &before);
+}
+
+#[test]
+fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    // No jobs: Tab says so and the tree keeps the keys.
+    j.key(KeyCode::Tab);
+    assert!(!j.app.jobs_focus);
+    // Two finished clone jobs.
+    j.key(KeyCode::Char('c'));
+    j.select("base.qcow2");
+    j.key(KeyCode::Char('c'));
+    assert_eq!(j.app.jobs.len(), 2);
+    j.key(KeyCode::Tab);
+    assert!(j.app.jobs_focus);
+    // The newest first; ↓ moves to the older one, and the tree stays put.
+    let selected_image = j.selected_name();
+    assert_eq!(j.app.job_selected, Some(j.app.jobs[1].id));
+    j.key(KeyCode::Down);
+    assert_eq!(j.app.job_selected, Some(j.app.jobs[0].id));
+    assert_eq!(j.selected_name(), selected_image);
+    let screen = j.screen();
+    assert!(screen.contains("jobs · ↑↓ select · x cancel"), "{screen}");
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.contains("›✓ done      clone base.qcow2")),
+        "{screen}"
+    );
+    // x on a finished job cancels nothing and says so.
+    j.key(KeyCode::Char('x'));
+    let status = j.app.status.clone().expect("status");
+    assert!(status.text.contains("already done"), "{status:?}");
+    j.key(KeyCode::Esc);
+    assert!(!j.app.jobs_focus);
 }

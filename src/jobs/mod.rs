@@ -56,6 +56,9 @@ pub struct JobEvent {
     /// The image the job made, if it made one (a clone's new overlay), so a
     /// UI can show and select it.
     pub created: Option<PathBuf>,
+    /// `(done, total)` bytes when the job finished: its live progress is
+    /// dropped with it, and a UI polling on ticks may have missed the end.
+    pub progress: (u64, u64),
 }
 
 /// What a job runs. It returns the path of an image it created, if any.
@@ -137,6 +140,7 @@ impl Jobs {
             id,
             state: JobState::Queued,
             created: None,
+            progress: (0, 0),
         });
         lock(&self.shared.queue)
             .pending
@@ -160,6 +164,7 @@ impl Jobs {
                 id,
                 state: JobState::Cancelled,
                 created: None,
+                progress: (0, 0),
             });
         } else if let Some((_, c)) = lock(&self.shared.live).get(&id) {
             c.cancel();
@@ -224,6 +229,7 @@ fn worker(shared: &Shared) {
             id: job.id,
             state: JobState::Running,
             created: None,
+            progress: (0, 0),
         });
         let work = job.work;
         // A panicking operation fails its job, not the pool.
@@ -238,6 +244,7 @@ fn worker(shared: &Shared) {
                 None,
             ),
         };
+        let last = progress.snapshot();
         lock(&shared.live).remove(&job.id);
         {
             let mut q = lock(&shared.queue);
@@ -250,6 +257,7 @@ fn worker(shared: &Shared) {
             id: job.id,
             state,
             created,
+            progress: last,
         });
     }
 }

@@ -71,6 +71,35 @@ pub enum Mode {
         input: String,
     },
     Help,
+    /// Asking before a commit; nothing has been done yet.
+    ConfirmCommit(Box<CommitPlan>),
+}
+
+/// What a commit of the selected overlay would do, computed from the forest
+/// in memory when `m` is pressed (no I/O on the key path), shown in the
+/// confirm dialog and carried out when confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitPlan {
+    pub top: PathBuf,
+    pub top_key: PathBuf,
+    pub base: PathBuf,
+    pub base_key: PathBuf,
+    /// The overlay's allocated bytes: about what gets copied.
+    pub allocated: u64,
+    /// Other overlays of the base (the top's siblings and everything on
+    /// them) among the scanned images: their view changes with the base.
+    pub affected: usize,
+    /// What the user typed: with affected overlays the word `yes` is
+    /// required, so a reflexive Enter cannot invalidate them.
+    pub input: String,
+    /// Enter was pressed without `yes` typed: say what is wanted.
+    pub nudge: bool,
+}
+
+impl CommitPlan {
+    pub fn needs_typed_yes(&self) -> bool {
+        self.affected > 0
+    }
 }
 
 /// One visible line of the tree.
@@ -93,11 +122,38 @@ pub struct Growth {
 #[derive(Debug, Clone)]
 pub struct JobView {
     pub id: JobId,
+    /// `clone`, `commit`: the tree's badge says it.
+    pub kind: &'static str,
     pub label: String,
-    /// Key of the image the job works on, for the tree's badge.
-    pub source: PathBuf,
+    /// Keys of the images the job works on, for the tree's badge.
+    pub touches: Vec<PathBuf>,
+    /// Paths the catalog re-probes when the job ends (sizes, headers).
+    pub refresh: Vec<PathBuf>,
     pub state: JobState,
     pub progress: (u64, u64),
+    /// When it started running, for the rate.
+    pub started: Option<Instant>,
+    /// Bytes per second since it started, and the time left at that rate;
+    /// computed on ticks so drawing stays a pure function of state.
+    pub rate: f64,
+    pub eta: Option<Duration>,
+}
+
+impl JobView {
+    fn new(id: JobId, kind: &'static str, label: String, touches: Vec<PathBuf>) -> JobView {
+        JobView {
+            id,
+            kind,
+            label,
+            touches,
+            refresh: Vec::new(),
+            state: JobState::Queued,
+            progress: (0, 0),
+            started: None,
+            rate: 0.0,
+            eta: None,
+        }
+    }
 }
 
 /// A message on the status line.
@@ -135,6 +191,10 @@ pub struct App {
     pub details: Option<Details>,
     pub growth: HashMap<PathBuf, Growth>,
     pub jobs: Vec<JobView>,
+    /// Keys move through the jobs pane instead of the tree (Tab).
+    pub jobs_focus: bool,
+    /// The job `x` cancels; `None` means the newest unfinished one.
+    pub job_selected: Option<JobId>,
     pub status: Option<Status>,
     /// The terminal's size, for layout-dependent decisions (scrolling,
     /// mouse hits).
@@ -189,6 +249,8 @@ impl App {
             details: None,
             growth: HashMap::new(),
             jobs: Vec::new(),
+            jobs_focus: false,
+            job_selected: None,
             status: None,
             area,
             quit: false,
@@ -376,9 +438,13 @@ impl App {
                 }
             }
             Event::Tick => {
+                let now = Instant::now();
                 for j in &mut self.jobs {
                     if let Some(p) = self.pool.progress(j.id) {
                         j.progress = p;
+                    }
+                    if j.state == JobState::Running {
+                        j.update_rate(now);
                     }
                 }
             }
@@ -390,6 +456,21 @@ impl App {
             return;
         };
         j.state = e.state.clone();
+        if e.state == JobState::Running {
+            j.started = Some(Instant::now());
+        }
+        if e.state.is_finished() {
+            // The pool's last word on progress: ticks may have missed it.
+            if e.progress.1 > 0 {
+                j.progress = e.progress;
+            }
+            j.eta = None;
+            // Whatever the outcome, the images may have changed (a
+            // cancelled commit has grown the base): re-read them.
+            for p in std::mem::take(&mut j.refresh) {
+                self.catalog.send(CatalogCmd::Probe(p));
+            }
+        }
         let label = j.label.clone();
         match &e.state {
             JobState::Done => {
@@ -430,6 +511,12 @@ impl App {
                     true
                 }
             });
+        }
+        if self
+            .job_selected
+            .is_some_and(|id| !self.jobs.iter().any(|j| j.id == id))
+        {
+            self.job_selected = None;
         }
     }
 
@@ -483,7 +570,52 @@ impl App {
                 }
                 return;
             }
+            Mode::ConfirmCommit(plan) => {
+                let confirmed = match k.code {
+                    // `n` cancels in both forms: `yes` has no n in it.
+                    KeyCode::Esc | KeyCode::Char('n' | 'N') => {
+                        self.mode = Mode::Normal;
+                        self.status = Some(Status {
+                            text: "commit cancelled: nothing was changed".into(),
+                            error: false,
+                        });
+                        return;
+                    }
+                    KeyCode::Enter if plan.needs_typed_yes() => {
+                        let yes = plan.input.trim().eq_ignore_ascii_case("yes");
+                        if !yes {
+                            plan.input.clear();
+                            plan.nudge = true;
+                        }
+                        yes
+                    }
+                    KeyCode::Backspace => {
+                        plan.input.pop();
+                        false
+                    }
+                    KeyCode::Char(c) if plan.needs_typed_yes() && !key.ctrl && !key.alt => {
+                        // A few letters are enough for `yes`; more is noise.
+                        if plan.input.chars().count() < 8 {
+                            plan.input.push(c);
+                        }
+                        false
+                    }
+                    KeyCode::Enter | KeyCode::Char('y' | 'Y') => !plan.needs_typed_yes(),
+                    _ => false,
+                };
+                if confirmed {
+                    let plan = std::mem::replace(&mut self.mode, Mode::Normal);
+                    if let Mode::ConfirmCommit(plan) = plan {
+                        self.submit_commit(*plan);
+                    }
+                }
+                return;
+            }
             Mode::Normal => {
+                if self.jobs_focus && k.code == KeyCode::Esc {
+                    self.jobs_focus = false;
+                    return;
+                }
                 if k.code == KeyCode::Esc && !self.filter.is_empty() {
                     self.filter.clear();
                     self.rebuild_rows();
@@ -498,6 +630,9 @@ impl App {
 
     fn dispatch(&mut self, action: Action) {
         match action {
+            // With the jobs pane focused, up and down pick the job `x` acts on.
+            Action::Up if self.jobs_focus => self.move_job_selection(-1),
+            Action::Down if self.jobs_focus => self.move_job_selection(1),
             Action::Up => self.move_selection(-1),
             Action::Down => self.move_selection(1),
             Action::Left => self.left(),
@@ -523,6 +658,23 @@ impl App {
                         source,
                         input: String::new(),
                     };
+                }
+            }
+            Action::Commit => self.ask_commit(),
+            Action::CancelJob => self.cancel_job(),
+            Action::FocusJobs => {
+                if self.jobs.is_empty() {
+                    self.jobs_focus = false;
+                    self.status = Some(Status {
+                        text: "no jobs".into(),
+                        error: false,
+                    });
+                } else {
+                    self.jobs_focus = !self.jobs_focus;
+                    if self.jobs_focus && self.job_selected.is_none() {
+                        // Start where the pane starts: the newest job.
+                        self.job_selected = self.jobs.last().map(|j| j.id);
+                    }
                 }
             }
             Action::Rescan => {
@@ -586,13 +738,96 @@ impl App {
             Ok(Some(target))
         });
         let job = self.pool.submit(vec![key.to_path_buf()], work);
-        self.jobs.push(JobView {
-            id: job,
-            label,
-            source: key.to_path_buf(),
-            state: JobState::Queued,
-            progress: (0, 0),
+        self.jobs
+            .push(JobView::new(job, "clone", label, vec![key.to_path_buf()]));
+    }
+
+    /// `m`: check that the selected image can be committed, from what the
+    /// forest knows, and open the confirm dialog; or say why not.
+    fn ask_commit(&mut self) {
+        let Some(id) = self.selected_node() else {
+            return;
+        };
+        match commit_plan(&self.forest, id) {
+            Ok(plan) => self.mode = Mode::ConfirmCommit(Box::new(plan)),
+            Err(why) => {
+                let name = self.display_path(&self.forest.nodes[id].record.path);
+                self.status = Some(Status {
+                    text: format!("cannot commit {name}: {why}"),
+                    error: true,
+                });
+            }
+        }
+    }
+
+    /// Queue the confirmed commit. It touches both images, so no other job
+    /// on either runs meanwhile; the engine takes QEMU's locks itself.
+    fn submit_commit(&mut self, plan: CommitPlan) {
+        let label = format!(
+            "commit {} → {}",
+            file_name(&plan.top),
+            file_name(&plan.base)
+        );
+        let top = plan.top.clone();
+        let work: Work = Box::new(move |progress, cancel| {
+            let opts = engine::CommitOptions {
+                base: None,
+                keep_top: false,
+            };
+            engine::commit(&top, &opts, progress, cancel)?;
+            Ok(None)
         });
+        let touches = vec![plan.top_key.clone(), plan.base_key.clone()];
+        let id = self.pool.submit(touches.clone(), work);
+        let mut view = JobView::new(id, "commit", label.clone(), touches);
+        view.refresh = vec![plan.top, plan.base];
+        self.jobs.push(view);
+        self.status = Some(Status {
+            text: format!("{label}: started (x cancels)"),
+            error: false,
+        });
+    }
+
+    /// `x`: cancel the job selected in the focused jobs pane, or else the
+    /// newest one not finished.
+    fn cancel_job(&mut self) {
+        // The selection counts only while the pane has the focus: from the
+        // tree, `x` means "stop what is running now".
+        let selected = self.job_selected.filter(|_| self.jobs_focus);
+        let target = match selected {
+            Some(id) => self.jobs.iter().find(|j| j.id == id),
+            None => self.jobs.iter().rev().find(|j| !j.state.is_finished()),
+        };
+        let Some(j) = target else {
+            self.status = Some(Status {
+                text: "no job to cancel".into(),
+                error: false,
+            });
+            return;
+        };
+        let (id, text) = if j.state.is_finished() {
+            (None, format!("{}: already {}", j.label, j.state.name()))
+        } else {
+            (Some(j.id), format!("{}: cancelling…", j.label))
+        };
+        if let Some(id) = id {
+            self.pool.cancel(id);
+        }
+        self.status = Some(Status { text, error: false });
+    }
+
+    /// Move the job selection in the order the pane shows (newest first).
+    fn move_job_selection(&mut self, delta: isize) {
+        let order: Vec<JobId> = self.jobs.iter().rev().map(|j| j.id).collect();
+        if order.is_empty() {
+            return;
+        }
+        let at = self
+            .job_selected
+            .and_then(|id| order.iter().position(|&o| o == id))
+            .unwrap_or(0);
+        let to = at.saturating_add_signed(delta).min(order.len() - 1);
+        self.job_selected = Some(order[to]);
     }
 
     fn move_selection(&mut self, delta: isize) {
@@ -832,6 +1067,72 @@ impl App {
             last.pop();
         }
     }
+}
+
+impl JobView {
+    /// Average rate since the start and the time left at that rate.
+    fn update_rate(&mut self, now: Instant) {
+        let Some(start) = self.started else {
+            return;
+        };
+        let secs = now.duration_since(start).as_secs_f64();
+        let (done, total) = self.progress;
+        // Over the first few milliseconds the average is mostly noise.
+        if secs < 0.05 || done == 0 {
+            return;
+        }
+        self.rate = done as f64 / secs;
+        self.eta =
+            (total >= done).then(|| Duration::from_secs_f64((total - done) as f64 / self.rate));
+    }
+}
+
+/// What committing node `id` into its backing would do, or why it cannot.
+/// Only the forest is read: this runs on a key press.
+pub fn commit_plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
+    let node = &f.nodes[id];
+    let r = &node.record;
+    let Some(summary) = &r.summary else {
+        return Err("its header could not be read".into());
+    };
+    if summary.format == Format::Raw {
+        return Err("a raw image has no backing image to commit into".into());
+    }
+    if summary.format != Format::Qcow2 {
+        return Err(format!(
+            "{} images are not supported",
+            summary.format.name()
+        ));
+    }
+    if let Some(flag) = node.flags.iter().find(|fl| fl.is_broken()) {
+        return Err(flag.describe());
+    }
+    let Some(parent) = node.parent else {
+        return Err(match &summary.backing_filename {
+            None => "it has no backing image: nothing to commit into".into(),
+            Some(b) => format!("its backing image {b} was not found"),
+        });
+    };
+    let base = &f.nodes[parent];
+    if let Some(flag) = base.flags.iter().find(|fl| fl.is_broken()) {
+        return Err(format!("its backing image is broken: {}", flag.describe()));
+    }
+    let affected = base
+        .children
+        .iter()
+        .filter(|&&c| c != id)
+        .map(|&c| f.walk(c).len())
+        .sum();
+    Ok(CommitPlan {
+        top: r.path.clone(),
+        top_key: r.key.clone(),
+        base: base.record.path.clone(),
+        base_key: base.record.key.clone(),
+        allocated: r.sizes.allocated,
+        affected,
+        input: String::new(),
+        nudge: false,
+    })
 }
 
 pub fn file_name(p: &Path) -> String {

@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn overrides_and_relative_roots() {
         let c = parse(
-            "roots = [\"vms\", \"/abs\"]\n[keys]\nclone = \"n\"\nquit = [\"x\", \"ctrl+q\"]\n\
+            "roots = [\"vms\", \"/abs\"]\n[keys]\nclone = \"n\"\nquit = [\"Q\", \"ctrl+q\"]\n\
              [theme]\nbroken = \"#ff0000\"\n",
         )
         .expect("valid");
@@ -159,7 +159,7 @@ mod tests {
             vec![PathBuf::from("/etc/cowshed/vms"), PathBuf::from("/abs")]
         );
         assert_eq!(c.theme.broken, Color::Rgb(255, 0, 0));
-        assert_eq!(c.keymap.footer().last(), Some(&("x".to_string(), "quit")));
+        assert_eq!(c.keymap.footer().last(), Some(&("Q".to_string(), "quit")));
     }
 
     #[test]

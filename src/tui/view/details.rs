@@ -1,6 +1,6 @@
 //! The details pane (the selected image: header facts, chain, which layer
 //! serves how much of the disk, snapshots, features, holders, the space its
-//! tree saves) and the jobs pane beside it.
+//! tree saves).
 
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Style};
@@ -10,7 +10,6 @@ use ratatui::Frame;
 
 use super::human;
 use crate::engine::LockState;
-use crate::jobs::JobState;
 use crate::tui::app::{file_name, App};
 use crate::tui::worker::Details;
 
@@ -215,35 +214,4 @@ fn chain_lines(app: &App, d: &Details, width: usize, lines: &mut Vec<Line<'stati
     ));
     legend.push(Span::raw(format!("empty {}%", pct(d.empty))));
     lines.push(Line::from(legend));
-}
-
-pub fn draw_jobs(app: &App, frame: &mut Frame, area: Rect) {
-    let mut lines = Vec::new();
-    for j in app
-        .jobs
-        .iter()
-        .rev()
-        .take(usize::from(area.height.saturating_sub(1)))
-    {
-        let (glyph, style) = match &j.state {
-            JobState::Queued => ("…", Style::new().fg(app.theme.dim)),
-            JobState::Running => ("⟳", Style::new().fg(app.theme.accent)),
-            JobState::Done => ("✓", Style::new().fg(app.theme.growing)),
-            JobState::Failed(_) => ("✗", Style::new().fg(app.theme.broken)),
-            JobState::Cancelled => ("–", Style::new().fg(app.theme.dim)),
-        };
-        let mut text = format!(" {glyph} {} · {}", j.label, j.state.name());
-        if j.state == JobState::Running && j.progress.1 > 0 {
-            text.push_str(&format!(" {}%", j.progress.0 * 100 / j.progress.1));
-        }
-        lines.push(Line::from(Span::styled(text, style)));
-    }
-    frame.render_widget(
-        Paragraph::new(lines).block(
-            Block::new()
-                .borders(Borders::TOP | Borders::LEFT)
-                .title(" jobs "),
-        ),
-        area,
-    );
 }

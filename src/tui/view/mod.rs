@@ -2,15 +2,16 @@
 //! state; everything shown was computed by `App::update` or a worker.
 
 mod details;
+mod jobs;
 mod tree;
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Clear, Paragraph};
+use ratatui::widgets::{Block, Borders, Clear, Padding, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::app::{App, Mode};
+use super::app::{App, CommitPlan, Mode};
 
 /// Below this the screen says so instead of drawing a mangled tree.
 pub const MIN_WIDTH: u16 = 60;
@@ -18,7 +19,7 @@ pub const MIN_HEIGHT: u16 = 18;
 /// Rows of the details pane, its title line included.
 const DETAILS_HEIGHT: u16 = 10;
 /// Width of the jobs pane when there are jobs.
-const JOBS_WIDTH: u16 = 44;
+const JOBS_WIDTH: u16 = 48;
 
 /// Where each part of the screen goes. Shared with `App` so mouse clicks
 /// and scrolling agree with what is drawn.
@@ -77,13 +78,14 @@ pub fn draw(app: &App, frame: &mut Frame) {
         let [d, j] = Layout::horizontal([Constraint::Min(1), Constraint::Length(JOBS_WIDTH)])
             .areas(a.details);
         details::draw(app, frame, d);
-        details::draw_jobs(app, frame, j);
+        jobs::draw(app, frame, j);
     }
     draw_status(app, frame, a.status);
     draw_footer(app, frame, a.footer);
     match &app.mode {
         Mode::Help => draw_help(app, frame, area),
         Mode::CloneName { source, input } => draw_clone_prompt(app, frame, area, source, input),
+        Mode::ConfirmCommit(plan) => draw_commit_confirm(app, frame, area, plan),
         Mode::Normal | Mode::Filter => {}
     }
 }
@@ -282,6 +284,98 @@ fn draw_clone_prompt(
             Block::new()
                 .borders(Borders::ALL)
                 .title(format!(" clone {name} as ")),
+        ),
+        r,
+    );
+}
+
+/// The commit confirmation: what will happen, and loudly (colour, glyph
+/// and words) how many other overlays of the base it invalidates.
+fn draw_commit_confirm(app: &App, frame: &mut Frame, area: Rect, plan: &CommitPlan) {
+    let top = app.display_path(&plan.top);
+    let base = app.display_path(&plan.base);
+    let warn = Style::new()
+        .fg(app.theme.warning)
+        .add_modifier(Modifier::BOLD);
+    let dim = Style::new().fg(app.theme.dim);
+    let mut lines = vec![
+        Line::from(format!(
+            "Commit {top} into {base}: copies its {} (allocated size) into the base, \
+             then empties {top}.",
+            human(plan.allocated)
+        )),
+        Line::default(),
+    ];
+    if plan.affected > 0 {
+        let n = plan.affected;
+        let (s, verb) = if n == 1 { ("", "sees") } else { ("s", "see") };
+        lines.push(Line::from(Span::styled(
+            format!(
+                "⚠ WARNING: {n} other overlay{s} of {base} {verb} changed data afterwards: \
+                 committing into a shared base invalidates them."
+            ),
+            warn,
+        )));
+        lines.push(Line::from(Span::styled(
+            "(counted among the scanned images; overlays elsewhere are hit too)",
+            dim,
+        )));
+        lines.push(Line::default());
+        lines.push(Line::from(vec![
+            Span::raw("type "),
+            Span::styled("yes", warn),
+            Span::raw(" and Enter to commit: "),
+            Span::styled(format!("{}▏", plan.input), warn),
+        ]));
+        if plan.nudge {
+            lines.push(Line::from(Span::styled(
+                "only the word yes commits · Esc or n cancels",
+                warn,
+            )));
+        } else {
+            lines.push(Line::from(Span::styled("Esc or n cancels", dim)));
+        }
+    } else {
+        lines.push(Line::from(Span::styled(
+            "no other overlay of the base was found: nothing else changes",
+            dim,
+        )));
+        lines.push(Line::default());
+        lines.push(Line::from(vec![
+            Span::styled("y", Style::new().fg(app.theme.accent)),
+            Span::raw(" or "),
+            Span::styled("Enter", Style::new().fg(app.theme.accent)),
+            Span::raw(" commits · "),
+            Span::styled("Esc", Style::new().fg(app.theme.accent)),
+            Span::raw(" or "),
+            Span::styled("n", Style::new().fg(app.theme.accent)),
+            Span::raw(" cancels"),
+        ]));
+    }
+    let width = area.width.saturating_sub(4).min(80);
+    // Borders and a column of padding on each side.
+    let inner = usize::from(width.saturating_sub(4)).max(1);
+    // Wrapped height: each line takes its length over the inner width,
+    // rounded up (word wrapping may need one more now and then).
+    let height: usize = lines
+        .iter()
+        .map(|l| l.width().div_ceil(inner).max(1))
+        .sum::<usize>()
+        + 3;
+    let r = centered(area, width, height as u16);
+    let border = if plan.affected > 0 {
+        warn
+    } else {
+        Style::new()
+    };
+    frame.render_widget(Clear, r);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::new()
+                .borders(Borders::ALL)
+                .border_style(border)
+                .padding(Padding::horizontal(1))
+                .title(" commit? "),
         ),
         r,
     );

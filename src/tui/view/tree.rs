@@ -9,6 +9,7 @@ use ratatui::Frame;
 use super::human;
 use crate::catalog::Node;
 use crate::engine::LockState;
+use crate::jobs::JobState;
 use crate::tui::app::{file_name, App, Growth, Row};
 
 const FMT_W: usize = 6;
@@ -180,13 +181,29 @@ fn growth_cell(g: &Growth) -> String {
 /// The IN USE column: a running job, else QEMU's lock with its holder.
 fn in_use_badge(app: &App, node: &Node) -> Option<(String, Style)> {
     let r = &node.record;
+    // A running job first: it is what changes the image right now.
+    let mine = |j: &&crate::tui::app::JobView| j.touches.contains(&r.key);
     if let Some(j) = app
         .jobs
         .iter()
-        .find(|j| j.source == r.key && !j.state.is_finished())
+        .filter(mine)
+        .find(|j| j.state == JobState::Running)
     {
-        let verb = j.label.split(' ').next().unwrap_or("job");
-        return Some((format!("job: {verb}"), Style::new().fg(app.theme.accent)));
+        return Some((
+            format!("job: {}", j.kind),
+            Style::new().fg(app.theme.accent),
+        ));
+    }
+    if let Some(j) = app
+        .jobs
+        .iter()
+        .filter(mine)
+        .find(|j| j.state == JobState::Queued)
+    {
+        return Some((
+            format!("job: {} (queued)", j.kind),
+            Style::new().fg(app.theme.dim),
+        ));
     }
     let lock = match r.lock {
         LockState::None => return None,
