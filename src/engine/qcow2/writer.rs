@@ -12,6 +12,7 @@
 //! external data files, encryption, and images whose refcount table would
 //! have to grow. The L1 table grows when the disk does.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,13 @@ pub struct Qcow2Writer {
     /// The backing chain, for copy-on-write of partially written clusters.
     backing: Option<Chain>,
     autoclear_cleared: bool,
+    /// L2 tables read or written, by offset: the writer is the image's only
+    /// writer (it holds QEMU's locks), so they stay true.
+    l2_cache: HashMap<u64, Vec<u64>>,
 }
+
+/// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
+const L2_CACHE_TABLES: usize = 1024;
 
 impl Qcow2Writer {
     /// Open `path` for writing: QEMU's writer locks are taken first, so a
@@ -117,6 +124,7 @@ impl Qcow2Writer {
             free_hint: 0,
             backing,
             autoclear_cleared: false,
+            l2_cache: HashMap::new(),
             h,
         })
     }
@@ -278,6 +286,7 @@ impl Qcow2Writer {
             self.pread(&mut table, off)?;
         }
         self.pwrite(&table, new)?;
+        self.cache_table(new, &table);
         let new_entry = new | OFLAG_COPIED;
         self.pwrite(
             &new_entry.to_be_bytes(),
@@ -290,22 +299,38 @@ impl Qcow2Writer {
         Ok(new)
     }
 
-    fn l2_entry(&self, g: u64) -> Result<u64> {
+    fn cache_table(&mut self, off: u64, raw: &[u8]) {
+        if self.l2_cache.len() >= L2_CACHE_TABLES {
+            self.l2_cache.clear();
+        }
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        self.l2_cache.insert(off, table);
+    }
+
+    fn l2_entry(&mut self, g: u64) -> Result<u64> {
         let idx = (g / (self.cs * self.l2_entries())) as usize;
         let off = self.l1[idx] & L1_OFFSET_MASK;
         if off == 0 {
             return Ok(0);
         }
-        let mut b = [0u8; 8];
-        self.pread(&mut b, off + (g / self.cs % self.l2_entries()) * 8)?;
-        Ok(u64::from_be_bytes(b))
+        if !self.l2_cache.contains_key(&off) {
+            let mut raw = vec![0u8; self.cs as usize];
+            self.pread(&mut raw, off)?;
+            self.cache_table(off, &raw);
+        }
+        let i = (g / self.cs % self.l2_entries()) as usize;
+        Ok(self.l2_cache.get(&off).map_or(0, |t| t[i]))
     }
 
     fn set_l2_entry(&mut self, l2: u64, g: u64, entry: u64) -> Result<()> {
-        self.pwrite(
-            &entry.to_be_bytes(),
-            l2 + (g / self.cs % self.l2_entries()) * 8,
-        )
+        let i = (g / self.cs % self.l2_entries()) as usize;
+        if let Some(t) = self.l2_cache.get_mut(&l2) {
+            t[i] = entry;
+        }
+        self.pwrite(&entry.to_be_bytes(), l2 + i as u64 * 8)
     }
 
     // --------------------------------------------------------------- data --
@@ -458,13 +483,26 @@ impl Qcow2Writer {
                 continue;
             }
             let l2 = self.l2_for_write(g)?;
+            // One table write per L2 table, then the releases: the table no
+            // longer points at the clusters before they are freed.
+            self.l2_entry(g)?;
+            let Some(mut table) = self.l2_cache.remove(&l2) else {
+                return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
+            };
+            let mut released = Vec::new();
             while g < table_end {
-                let entry = self.l2_entry(g)?;
-                if entry != 0 {
-                    self.set_l2_entry(l2, g, 0)?;
-                    self.release_entry(entry)?;
+                let i = (g / self.cs % self.l2_entries()) as usize;
+                if table[i] != 0 {
+                    released.push(table[i]);
+                    table[i] = 0;
                 }
                 g += self.cs;
+            }
+            let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.pwrite(&raw, l2)?;
+            self.l2_cache.insert(l2, table);
+            for entry in released {
+                self.release_entry(entry)?;
             }
         }
         Ok(())
