@@ -122,7 +122,7 @@ pub fn commit(
     // Locks first: a running QEMU on either image stops us before any write.
     // The top is held as a writer throughout (its writer is what empties
     // it at the end; two of our own opens would conflict like any two).
-    let mut top_writer = Qcow2Writer::open(top)?;
+    let top_writer = Qcow2Writer::open(top)?;
     let mut target = match &layers[base_depth].image {
         Image::Qcow2(_) => Target::Qcow2(Box::new(Qcow2Writer::open(&base_path)?)),
         Image::Raw(_) => {
@@ -165,8 +165,7 @@ pub fn commit(
     drop(target);
     if !keep_top {
         cancel.check()?;
-        top_writer.discard(0, size)?;
-        top_writer.flush()?;
+        top_writer.make_empty()?;
     }
     Ok(base_path)
 }

@@ -112,7 +112,7 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
 }
 
 /// Bytes to write at a file offset.
-type Extent = (u64, Vec<u8>);
+pub(crate) type Extent = (u64, Vec<u8>);
 
 /// Where everything lands in a fresh qcow2, computed the way QEMU's
 /// allocator places it: header, reftable, first refblock, L1, then any
@@ -171,46 +171,6 @@ impl<'a> Qcow2Layout<'a> {
     /// The file's length and its non-zero extents `(offset, bytes)`.
     fn build(&self) -> Result<(u64, Vec<Extent>)> {
         let cs = self.cs;
-        let entry_bytes = if self.opts.extended_l2 { 16 } else { 8 };
-        let l1_span = cs * (cs / entry_bytes);
-        let l1_size = self.size.div_ceil(l1_span);
-        if l1_size * 8 > header::MAX_L1_BYTES {
-            return Err(Error::invalid(
-                self.path,
-                "Image is too big for this cluster size (L1 table would exceed 32 MiB)",
-            ));
-        }
-        let l1_clusters = (l1_size * 8).div_ceil(cs);
-
-        // Clusters 0-2 are header, reftable and the first refblock; the L1
-        // follows; refblocks for clusters past the first block's coverage
-        // come after it.
-        let per_block = (cs * 8) >> self.refcount_order;
-        let reftable_entries = cs / 8;
-        let mut alloc = RefblockAllocator {
-            per_block,
-            reftable: vec![2],
-            next_free: 3 + l1_clusters,
-            used: (0..3 + l1_clusters).collect(),
-        };
-        for c in 0..3 + l1_clusters {
-            alloc.ensure(c);
-        }
-        let RefblockAllocator {
-            reftable,
-            next_free,
-            used,
-            ..
-        } = alloc;
-        let reftable: Vec<u64> = reftable.iter().map(|&c| c * cs).collect();
-        if reftable.len() as u64 > reftable_entries {
-            return Err(Error::invalid(
-                self.path,
-                "this size needs a refcount table larger than one cluster, which cowshed create does not lay out yet; use a larger cluster size",
-            ));
-        }
-
-        let l1_offset = if l1_size > 0 { 3 * cs } else { 0 };
         let mut incompatible = 0;
         if self.opts.compression == CompressionType::Zstd {
             incompatible |= incompat::COMPRESSION;
@@ -218,17 +178,17 @@ impl<'a> Qcow2Layout<'a> {
         if self.opts.extended_l2 {
             incompatible |= incompat::EXTL2;
         }
-        let mut h = Header {
+        let h = Header {
             version: self.opts.version,
             backing_file_offset: 0,
             backing_file_size: 0,
             cluster_bits: cs.trailing_zeros(),
             size: self.size,
             crypt_method: CryptMethod::None,
-            l1_size: l1_size as u32,
-            l1_table_offset: l1_offset,
-            refcount_table_offset: cs,
-            refcount_table_clusters: 1,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
             nb_snapshots: 0,
             snapshots_offset: 0,
             incompatible_features: incompatible,
@@ -253,27 +213,75 @@ impl<'a> Qcow2Layout<'a> {
             },
             backing_file: self.opts.backing.clone(),
         };
-        let cluster0 = h.to_cluster(self.path)?;
-
-        let mut table = vec![0u8; cs as usize];
-        for (k, &off) in reftable.iter().enumerate() {
-            table[k * 8..k * 8 + 8].copy_from_slice(&off.to_be_bytes());
-        }
-        let mut extents = vec![(0, cluster0), (cs, table)];
-        for (k, &off) in reftable.iter().enumerate().filter(|(_, &o)| o != 0) {
-            let covered = used
-                .iter()
-                .filter(|&&c| c / per_block == k as u64)
-                .map(|&c| c % per_block);
-            extents.push((off, refblock(cs, self.refcount_order, covered)));
-        }
-        // The L1 is all zeros, but QEMU writes it out to its exact length.
-        let mut len = next_free * cs;
-        if l1_size > 0 && next_free == 3 + l1_clusters {
-            len = 3 * cs + l1_size * 8;
-        }
-        Ok((len, extents))
+        fresh_layout(self.path, h)
     }
+}
+
+/// Lay out a fresh image for header `h` (its layout fields are set here):
+/// header, refcount table, first refblock, an empty L1 sized for the disk,
+/// then refblocks the L1 pushes past the first block's coverage, placed as
+/// QEMU's allocator places them. Returns the file length and the non-zero
+/// extents. Shared by `create` and by emptying an overlay after a commit.
+pub(crate) fn fresh_layout(path: &Path, mut h: Header) -> Result<(u64, Vec<Extent>)> {
+    let cs = h.cluster_size();
+    let l1_span = h.l1_entry_span();
+    let l1_size = (h.size & !511).div_ceil(l1_span);
+    if l1_size * 8 > header::MAX_L1_BYTES {
+        return Err(Error::invalid(
+            path,
+            "Image is too big for this cluster size (L1 table would exceed 32 MiB)",
+        ));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs);
+    let per_block = (cs * 8) >> h.refcount_order;
+    let mut alloc = RefblockAllocator {
+        per_block,
+        reftable: vec![2],
+        next_free: 3 + l1_clusters,
+        used: (0..3 + l1_clusters).collect(),
+    };
+    for c in 0..3 + l1_clusters {
+        alloc.ensure(c);
+    }
+    let RefblockAllocator {
+        reftable,
+        next_free,
+        used,
+        ..
+    } = alloc;
+    let reftable: Vec<u64> = reftable.iter().map(|&c| c * cs).collect();
+    if reftable.len() as u64 > cs / 8 {
+        return Err(Error::invalid(
+            path,
+            "this size needs a refcount table larger than one cluster, which cowshed does not lay out yet; use a larger cluster size",
+        ));
+    }
+    h.l1_size = l1_size as u32;
+    h.l1_table_offset = if l1_size > 0 { 3 * cs } else { 0 };
+    h.refcount_table_offset = cs;
+    h.refcount_table_clusters = 1;
+    h.nb_snapshots = 0;
+    h.snapshots_offset = 0;
+    let cluster0 = h.to_cluster(path)?;
+
+    let mut table = vec![0u8; cs as usize];
+    for (k, &off) in reftable.iter().enumerate() {
+        table[k * 8..k * 8 + 8].copy_from_slice(&off.to_be_bytes());
+    }
+    let mut extents = vec![(0, cluster0), (cs, table)];
+    for (k, &off) in reftable.iter().enumerate().filter(|(_, &o)| o != 0) {
+        let covered = used
+            .iter()
+            .filter(|&&c| c / per_block == k as u64)
+            .map(|&c| c % per_block);
+        extents.push((off, refblock(cs, h.refcount_order, covered)));
+    }
+    // The L1 is all zeros, but QEMU writes it out to its exact length.
+    let mut len = next_free * cs;
+    if l1_size > 0 && next_free == 3 + l1_clusters {
+        len = 3 * cs + l1_size * 8;
+    }
+    Ok((len, extents))
 }
 
 /// QEMU's refblock placement for a fresh image: a missing refblock takes the

@@ -508,6 +508,43 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Empty the image: it then reads entirely from its backing. Like
+    /// QEMU's make_empty, an image without snapshots or bitmaps is laid out
+    /// afresh (same header, extensions and backing; the file shrinks to a
+    /// few clusters), written beside it and renamed over it, so a crash
+    /// leaves either the old or the new file. Others are emptied cluster by
+    /// cluster.
+    pub fn make_empty(mut self) -> Result<()> {
+        self.before_first_write()?;
+        if self.h.nb_snapshots > 0 || self.h.extensions.bitmaps.is_some() {
+            let size = self.virtual_size();
+            self.discard(0, size)?;
+            return self.flush();
+        }
+        let (len, extents) = crate::engine::ops::create::fresh_layout(&self.path, self.h.clone())?;
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &self.file.metadata().at(&self.path)?.permissions(),
+        );
+        let tmp = tempfile::Builder::new()
+            .prefix(".cowshed-empty-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .tempfile_in(&dir)
+            .at(&self.path)?;
+        for (off, data) in &extents {
+            tmp.as_file().write_all_at(data, *off).at(&self.path)?;
+        }
+        tmp.as_file().set_len(len).at(&self.path)?;
+        tmp.as_file().sync_all().at(&self.path)?;
+        tmp.persist(&self.path)
+            .map_err(|e| Error::io(&self.path, e.error))?;
+        File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
+        Ok(())
+    }
+
     /// Grow the virtual disk to `new_size` (rounded up to 512), growing the
     /// L1 table if it must; never shrinks.
     pub fn grow(&mut self, new_size: u64) -> Result<()> {
