@@ -358,7 +358,16 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(jobs.progress(id), Some((0, 100)));
+        // The job sets its total right after it starts running.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while jobs.progress(id) != Some((0, 100)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "progress: {:?}",
+                jobs.progress(id)
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         jobs.cancel(id);
         let ev = wait_finished(&rx, 1);
         assert_eq!(
