@@ -181,3 +181,59 @@ fn raw_images_have_no_check_and_clean_ones_pass() {
         "human output differs"
     );
 }
+
+#[test]
+fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p, _, l2, _, rb) = image(d, "leak.qcow2");
+    poke(&p, rb, &2u16.to_be_bytes());
+    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    // A second leak: a data cluster counted twice.
+    poke(&p, rb + 2 * data_cluster, &2u16.to_be_bytes());
+    std::fs::copy(&p, d.join("qemu.qcow2")).unwrap();
+    let q = Command::new("qemu-img")
+        .args(["check", "-r", "leaks", "--output=json", "qemu.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let c = Command::new(env!("CARGO_BIN_EXE_cowshed"))
+        .args(["check", "-r", "leaks", "--output", "json", "leak.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        c.status.code(),
+        q.status.code(),
+        "{}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+    let qj: Value = serde_json::from_slice(&q.stdout).unwrap();
+    let mut cj: Value = serde_json::from_slice(&c.stdout).unwrap();
+    cj["filename"] = qj["filename"].clone();
+    assert_eq!(cj, qj, "JSON after repair differs");
+    assert_eq!(qj["leaks-fixed"], 2, "recipe: two leaks");
+    assert_eq!(
+        run_check("qemu-img", &p).0,
+        Some(0),
+        "repaired image is clean for QEMU"
+    );
+
+    // Corruptions: -r leaks repairs nothing and says so by its exit code.
+    let (p, _, l2, _, rb) = image(d, "low.qcow2");
+    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    poke(&p, rb + 2 * data_cluster, &0u16.to_be_bytes());
+    poke(&p, rb, &2u16.to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    let c = Command::new(env!("CARGO_BIN_EXE_cowshed"))
+        .args(["check", "-r", "leaks"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(c.status.code(), Some(2));
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a corrupt image was written"
+    );
+}

@@ -39,8 +39,16 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
+    /// Leaks repaired by [`check_repair_leaks`].
+    pub leaks_fixed: u64,
     /// One line per finding, in qemu-img's words.
     pub findings: Vec<String>,
+    /// (cluster, references found) of each leaked cluster.
+    pub leaked: Vec<(u64, u64)>,
+    /// Corruptions that are only COPIED flags disagreeing with stored
+    /// refcounts: a leak repair can cure those (QEMU checks the flags after
+    /// repairing the refcounts).
+    pub copied_flag_corruptions: u64,
 }
 
 impl CheckReport {
@@ -57,6 +65,37 @@ impl CheckReport {
             0
         }
     }
+}
+
+/// `check -r leaks`: lower the refcount of every leaked cluster to the
+/// references found, through the writer (QEMU's locks, ordered writes),
+/// then check again. Only when nothing worse than leaks was found: with
+/// corruptions the refcounts cannot be trusted, and the image is left alone
+/// (`qemu-img check -r all` rebuilds them).
+pub fn check_repair_leaks(path: &Path, format: Option<Format>) -> Result<CheckReport> {
+    let first = check(path, format)?;
+    let real_corruptions = first.corruptions - first.copied_flag_corruptions;
+    if first.leaks == 0 || real_corruptions > 0 || first.check_errors > 0 {
+        return Ok(first);
+    }
+    let mut w = crate::engine::qcow2::Qcow2Writer::open(path)?;
+    for &(cluster, referenced) in &first.leaked {
+        w.set_cluster_refcount(cluster, referenced)?;
+    }
+    w.flush()?;
+    drop(w);
+    let mut after = check(path, format)?;
+    after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
+    let mut findings = first.findings;
+    findings.extend(
+        first
+            .leaked
+            .iter()
+            .map(|(c, r)| format!("Repairing cluster {c} reference={r}")),
+    );
+    findings.append(&mut after.findings);
+    after.findings = findings;
+    Ok(after)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,6 +490,7 @@ impl<'a> Checker<'a> {
                     self.report.corruptions += 1;
                 } else {
                     self.report.leaks += 1;
+                    self.report.leaked.push((i, referenced));
                 }
             }
         }
@@ -474,6 +514,7 @@ impl<'a> Checker<'a> {
                 continue;
             };
             if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
+                self.report.copied_flag_corruptions += 1;
                 self.corruption(format!(
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
                 ));
@@ -499,6 +540,7 @@ impl<'a> Checker<'a> {
                     }
                 };
                 if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
+                    self.report.copied_flag_corruptions += 1;
                     self.corruption(format!(
                         "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
                     ));
