@@ -5,6 +5,7 @@
 //! flags), with qemu-img's counters. Read only: repairs need the engine's
 //! allocating writer.
 
+use crate::engine::qcow2::be64_table;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -226,10 +227,7 @@ impl<'a> Checker<'a> {
         let mut raw = vec![0u8; (entries * 8) as usize];
         let n = read_up_to(self.file, &mut raw, offset).at(self.path)?;
         raw[n..].fill(0);
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect())
+        Ok(be64_table(&raw))
     }
 
     fn cluster_type(&self, entry: u64) -> ClusterType {

@@ -87,6 +87,10 @@ pub fn commit(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<PathBuf> {
+    // The top's lock first: its metadata is read only once no QEMU can
+    // change it. Held as a writer throughout (its writer is what empties
+    // it at the end; two of our own opens would conflict like any two).
+    let top_writer = Qcow2Writer::open(top)?;
     let chain = Chain::open(top, Some(Format::Qcow2))?;
     let layers = chain.layers();
     if layers.len() < 2 {
@@ -119,10 +123,7 @@ pub fn commit(
     let keep_top = opts.keep_top || opts.base.is_some();
     let base_path = layers[base_depth].path.clone();
 
-    // Locks first: a running QEMU on either image stops us before any write.
-    // The top is held as a writer throughout (its writer is what empties
-    // it at the end; two of our own opens would conflict like any two).
-    let top_writer = Qcow2Writer::open(top)?;
+    // A running QEMU on the base stops us here, before any write.
     let mut target = match &layers[base_depth].image {
         Image::Qcow2(_) => Target::Qcow2(Box::new(Qcow2Writer::open(&base_path)?)),
         Image::Raw(_) => {

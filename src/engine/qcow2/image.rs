@@ -2,6 +2,7 @@
 //! an L2 cache, per-layer block status, and reads of data and compressed
 //! clusters.
 
+use super::be64_table;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -93,10 +94,7 @@ impl Qcow2Image {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, header.l1_table_offset)
             .at(path)?;
-        let l1 = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = be64_table(&raw);
 
         // Opened on first data access: info and scans work without it, as
         // in qemu-img.
@@ -195,11 +193,7 @@ impl Qcow2Image {
         }
         let mut raw = vec![0u8; cs as usize];
         self.file.read_exact_at(&mut raw, offset).at(&self.path)?;
-        let table: Arc<Vec<u64>> = Arc::new(
-            raw.chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
-        );
+        let table: Arc<Vec<u64>> = Arc::new(be64_table(&raw));
         self.l2_cache
             .lock()
             .map_err(poisoned)?

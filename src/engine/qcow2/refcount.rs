@@ -1,5 +1,6 @@
 //! Refcount table and blocks, read side: the refcount of a host cluster.
 
+use super::be64_table;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -34,10 +35,7 @@ impl Refcounts {
         let mut raw = vec![0u8; bytes as usize];
         file.read_exact_at(&mut raw, h.refcount_table_offset)
             .at(path)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let table = be64_table(&raw);
         Ok(Refcounts {
             table,
             cluster_bits: h.cluster_bits,
@@ -56,10 +54,7 @@ impl Refcounts {
         let n = read_up_to(file, &mut raw, h.refcount_table_offset).at(path)?;
         raw[n..].fill(0);
         Ok(Refcounts {
-            table: raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
+            table: be64_table(&raw),
             cluster_bits: h.cluster_bits,
             refcount_order: h.refcount_order,
             blocks: HashMap::new(),

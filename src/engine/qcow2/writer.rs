@@ -12,6 +12,7 @@
 //! external data files, encryption, and images whose refcount table would
 //! have to grow. The L1 table grows when the disk does.
 
+use super::be64_table;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -85,10 +86,7 @@ impl Qcow2Writer {
         let l1_bytes = u64::from(h.l1_size) * 8;
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, h.l1_table_offset).at(path)?;
-        let l1 = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = be64_table(&raw);
         let refs = Refcounts::load(&file, path, &h)?;
         let backing = match &h.backing_file {
             None => None,
@@ -310,10 +308,7 @@ impl Qcow2Writer {
         if self.l2_cache.len() >= L2_CACHE_TABLES {
             self.l2_cache.clear();
         }
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let table = be64_table(&raw);
         self.l2_cache.insert(off, table);
     }
 
