@@ -308,7 +308,7 @@ impl Qcow2Writer {
         if self.l2_cache.len() >= L2_CACHE_TABLES {
             self.l2_cache.clear();
         }
-        let table = be64_table(&raw);
+        let table = be64_table(raw);
         self.l2_cache.insert(off, table);
     }
 
