@@ -58,6 +58,19 @@ pub enum Error {
     #[error("{}: This image format ({format}) does not support checks", path.display())]
     CheckUnsupported { path: PathBuf, format: &'static str },
 
+    /// The operation would not fit in the target's file system.
+    #[error(
+        "{}: not enough free space: the operation needs {} more but the file system has {} free",
+        path.display(),
+        humansize::format_size(*needed, humansize::BINARY),
+        humansize::format_size(*available, humansize::BINARY)
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+
     #[error("operation cancelled")]
     Cancelled,
 }

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod progress;
 pub mod qcow2;
 pub mod raw;
+pub mod space;
 
 pub use chain::{BlockStatus, Chain};
 pub use error::{Error, Result};
