@@ -21,7 +21,7 @@ pub fn available(path: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(probe)
         .map_err(std::io::Error::from)
         .at(path)?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// Refuse when `needed` more bytes will not fit beside `path`.
