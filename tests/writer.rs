@@ -1,5 +1,5 @@
-//! The allocating writer against QEMU: random sequences of writes and zero
-//! writes (offsets around cluster and L2-table boundaries) applied by the
+//! The allocating writer against QEMU: random sequences of writes, zero
+//! writes and discards (offsets around cluster and L2-table boundaries) applied by the
 //! engine to one copy of an image and by qemu-io to another. Both copies
 //! must read the same (`qemu-img compare`), ours must pass `qemu-img check`
 //! with no errors and no leaks, and an internal snapshot must still read as
@@ -34,8 +34,20 @@ fn ok(cwd: &Path, prog: &str, args: &[&str]) {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64, pattern: u8 },
-    Zero { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        pattern: u8,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+    /// Whole clusters only; they read from the backing again.
+    Discard {
+        off: u64,
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -53,16 +65,20 @@ fn l2_span(cluster: u64) -> u64 {
     cluster * (cluster / 8)
 }
 
-/// Two L2 tables' worth where that is small, so writes cross a table
-/// boundary; 2 MiB clusters (512 GiB per table) get 64 MiB.
+/// Two L2 tables' worth, so writes cross a table boundary (1 TiB of
+/// sparse disk at 2 MiB clusters), and at least 4 MiB.
 fn size_of(cluster: u64) -> u64 {
-    (2 * l2_span(cluster))
-        .clamp(4 << 20, 1 << 30)
-        .min(if cluster >= 2 << 20 {
-            64 << 20
-        } else {
-            1 << 30
-        })
+    (2 * l2_span(cluster)).max(4 << 20)
+}
+
+/// The backing chain's content, as the test wrote it: `(start, len,
+/// pattern)` runs, zeros elsewhere.
+fn backing_runs(backing: u8, size: u64) -> Vec<(u64, u64, u8)> {
+    match backing {
+        1 => vec![(0, 3 << 20, 0x5b), (size / 2, 64 << 10, 0x5c)],
+        2 => vec![(0, 999_424, 0x6b)],
+        _ => vec![],
+    }
 }
 
 /// Turn raw draws into operations near interesting offsets.
@@ -82,8 +98,10 @@ fn ops(case: &Case) -> Vec<Op> {
             let base = marks[(mark as usize) % marks.len()] as i64;
             let off = (base + delta).clamp(0, size as i64 - 1) as u64;
             let len = len.clamp(1, size - off).min(3 * case.cluster + 4096);
-            if kind % 4 == 0 {
+            if kind % 5 == 0 {
                 Op::Zero { off, len }
+            } else if kind % 5 == 1 {
+                Op::Discard { off, len }
             } else {
                 Op::Write {
                     off,
@@ -118,13 +136,10 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             |(cluster, compat, refcount_bits, backing, snapshot, compressed, ops)| Case {
                 cluster,
                 compat,
-                // v2 has 16-bit refcounts only; 64-bit refblocks over 512-byte
-                // clusters would need a growing refcount table.
-                refcount_bits: if compat == "0.10" || (refcount_bits == 64 && cluster == 512) {
-                    16
-                } else {
-                    refcount_bits
-                },
+                // v2 has 16-bit refcounts only. (64-bit refcounts over
+                // 512-byte clusters outgrow the first refcount table
+                // cluster at 2 MiB of file: the table grows.)
+                refcount_bits: if compat == "0.10" { 16 } else { refcount_bits },
                 backing,
                 // 1-bit refcounts cannot count a snapshot's second
                 // reference (QEMU refuses to create one).
@@ -154,17 +169,13 @@ fn check_case(case: &Case) {
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", "base.qcow2", &size],
             );
-            ok(
-                d,
-                "qemu-io",
-                &[
-                    "-c",
-                    "write -P 0x5b 0 3M",
-                    "-c",
-                    &format!("write -P 0x5c {} 64k", size_of(case.cluster) / 2),
-                    "base.qcow2",
-                ],
-            );
+            let mut qio: Vec<String> = backing_runs(1, size_of(case.cluster))
+                .into_iter()
+                .flat_map(|(s, n, p)| ["-c".to_string(), format!("write -P {p} {s} {n}")])
+                .collect();
+            qio.push("base.qcow2".into());
+            let qio: Vec<&str> = qio.iter().map(|s| s.as_str()).collect();
+            ok(d, "qemu-io", &qio);
             create.extend(["-b", "base.qcow2", "-F", "qcow2"].map(String::from));
         }
         2 => {
@@ -173,10 +184,17 @@ fn check_case(case: &Case) {
                 "qemu-img",
                 &["create", "-q", "-f", "raw", "base.raw", "1000000"],
             );
+            let (s, n, p) = backing_runs(2, 0)[0];
             ok(
                 d,
                 "qemu-io",
-                &["-f", "raw", "-c", "write -P 0x6b 0 999424", "base.raw"],
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("write -P {p} {s} {n}"),
+                    "base.raw",
+                ],
             );
             create.extend(["-b", "base.raw", "-F", "raw"].map(String::from));
         }
@@ -234,6 +252,23 @@ fn check_case(case: &Case) {
                     .unwrap_or_else(|e| panic!("{op:?}: {e}"));
                 qio.extend(["-c".into(), format!("write -z {off} {len}")]);
             }
+            Op::Discard { off, len } => {
+                w.discard(off, len)
+                    .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+                // qemu-io's discard keeps backing data hidden (zero
+                // clusters), so QEMU is told what the range must read as
+                // now: zeros, then the backing's runs written back.
+                let (a, b) = (off.div_ceil(c) * c, (off + len) / c * c);
+                if a < b {
+                    qio.extend(["-c".into(), format!("write -z {a} {}", b - a)]);
+                    for (start, n, pattern) in backing_runs(case.backing, size_of(c)) {
+                        let (s, e) = (start.max(a), (start + n).min(b));
+                        if s < e {
+                            qio.extend(["-c".into(), format!("write -P {pattern} {s} {}", e - s)]);
+                        }
+                    }
+                }
+            }
         }
     }
     w.flush().unwrap();
@@ -269,11 +304,20 @@ fn check_case(case: &Case) {
                 "snap-after.raw",
             ],
         );
-        assert!(
-            std::fs::read(d.join("snap.raw")).unwrap()
-                == std::fs::read(d.join("snap-after.raw")).unwrap(),
-            "{case:?}: the snapshot changed"
+        let same = run(
+            d,
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                "snap.raw",
+                "snap-after.raw",
+            ],
         );
+        assert!(same.status.success(), "{case:?}: the snapshot changed");
     }
 }
 
@@ -331,4 +375,67 @@ fn refuses_images_held_by_qemu_and_leaves_them_untouched() {
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(std::fs::read(d.join("img.qcow2")).unwrap(), before);
+}
+
+/// Files larger than the first refcount table cluster can count (512-byte
+/// clusters: 8 MiB at 16-bit refcounts, 2 MiB at 64-bit) make the writer
+/// grow the table; QEMU must read the result as its own and check it clean.
+#[test]
+fn refcount_table_grows_with_the_file() {
+    for (compat, bits) in [("1.1", 64), ("0.10", 16), ("1.1", 32)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let opts = format!("cluster_size=512,compat={compat},refcount_bits={bits}");
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                "img.qcow2",
+                "32M",
+            ],
+        );
+        std::fs::copy(d.join("img.qcow2"), d.join("qemu.qcow2")).unwrap();
+        std::fs::copy(d.join("img.qcow2"), d.join("fresh.qcow2")).unwrap();
+        let mut w = Qcow2Writer::open(&d.join("img.qcow2")).unwrap();
+        let mut qio: Vec<String> = Vec::new();
+        // Scattered 1 MiB writes: data and L2 tables interleave.
+        for (k, off) in [
+            0u64,
+            20 << 20,
+            3 << 20,
+            9 << 20,
+            30 << 20,
+            14 << 20,
+            5 << 20,
+        ]
+        .into_iter()
+        .chain((22..26).map(|m| m << 20))
+        .enumerate()
+        {
+            let pattern = 0x30 + k as u8;
+            w.write(&vec![pattern; 1 << 20], off).unwrap();
+            qio.extend(["-c".into(), format!("write -P {pattern} {off} 1M")]);
+        }
+        w.flush().unwrap();
+        drop(w);
+        qio.push("qemu.qcow2".into());
+        let qio: Vec<&str> = qio.iter().map(|s| s.as_str()).collect();
+        ok(d, "qemu-io", &qio);
+        let reftable = |name: &str| std::fs::read(d.join(name)).unwrap()[48..60].to_vec();
+        assert_ne!(
+            reftable("img.qcow2"),
+            reftable("fresh.qcow2"),
+            "{compat}/{bits}: the refcount table did not move"
+        );
+        ok(d, "qemu-img", &["check", "img.qcow2"]);
+        ok(d, "qemu-img", &["compare", "img.qcow2", "qemu.qcow2"]);
+        let info = run(d, "qemu-img", &["info", "--output", "json", "img.qcow2"]);
+        assert!(info.status.success());
+    }
 }

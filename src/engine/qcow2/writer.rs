@@ -8,9 +8,9 @@
 //! Covered: v2 and v3, standard L2 entries, every cluster size and refcount
 //! width, copy-on-write from the backing chain, clusters and L2 tables
 //! shared with internal snapshots (COPIED), compressed clusters rewritten,
-//! zero writes. Refused with a clear error for now: extended L2 entries,
-//! external data files, encryption, and images whose refcount table would
-//! have to grow. The L1 table grows when the disk does.
+//! zero writes; the L1 table grows when the disk does, the refcount table
+//! when the file does. Refused with a clear error for now: extended L2
+//! entries, external data files and encryption.
 
 use super::be64_table;
 use std::collections::HashMap;
@@ -181,10 +181,7 @@ impl Qcow2Writer {
         let per_block = self.refs.per_block();
         let index = cluster / per_block;
         if index >= self.refs.reftable_entries() {
-            return Err(Error::invalid(
-                &self.path,
-                "the refcount table would have to grow, which cowshed does not do yet",
-            ));
+            return self.grow_reftable(cluster);
         }
         let at = self.find_free(1)?;
         // Taken: a refblock made for `at` below must not land on it.
@@ -206,6 +203,90 @@ impl Qcow2Writer {
         )?;
         self.refs.install_refblock(index, at * self.cs, block);
         Ok(())
+    }
+
+    /// The refcount table cannot reach `cluster`'s refblock: a larger table
+    /// goes into fresh clusters past everything in use, with the new
+    /// refblocks it needs (for `cluster` and for the new clusters
+    /// themselves), as QEMU's refcount area does. Blocks and table are
+    /// written and flushed before the header points at them (its offset and
+    /// size fields are adjacent: one write); the old table is released
+    /// last. A crash before the switch leaks the new clusters at worst.
+    fn grow_reftable(&mut self, cluster: u64) -> Result<()> {
+        let cs = self.cs;
+        let per_block = self.refs.per_block();
+        let old_entries = self.refs.reftable_entries();
+        let file_clusters = self.file.metadata().at(&self.path)?.len().div_ceil(cs);
+        // Past the file, the caller's cluster and anything it reserved.
+        let start = file_clusters.max(cluster + 1).max(self.free_hint);
+        let needs_block = |i: u64, refs: &Refcounts| refs.refblock_offset(i * per_block).is_none();
+        // Fixed point: the new clusters must be counted by the blocks and
+        // the table they are part of.
+        let mut new_blocks: Vec<u64> = Vec::new();
+        let mut table_clusters = 1u64;
+        let entries = loop {
+            let end = start + new_blocks.len() as u64 + table_clusters;
+            let covered = ((end - 1) / per_block + 1).max(cluster / per_block + 1);
+            // Headroom, so the table does not grow again at every block.
+            let entries = (covered.max(old_entries) * 3 / 2).next_multiple_of(cs / 8);
+            let want_clusters = entries * 8 / cs;
+            let mut want_blocks: Vec<u64> = (start / per_block..=(end - 1) / per_block)
+                .chain(std::iter::once(cluster / per_block))
+                .filter(|&i| needs_block(i, &self.refs))
+                .collect();
+            want_blocks.sort_unstable();
+            want_blocks.dedup();
+            if want_blocks == new_blocks && want_clusters == table_clusters {
+                break entries;
+            }
+            new_blocks = want_blocks;
+            table_clusters = want_clusters;
+        };
+        if entries * 8 > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::invalid(
+                &self.path,
+                "the refcount table would exceed QEMU's 8 MiB limit",
+            ));
+        }
+        let bits = 1u64 << self.h.refcount_order;
+        let table_off = (start + new_blocks.len() as u64) * cs;
+        let mut blocks: Vec<(u64, u64, Vec<u8>)> = new_blocks
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| (i, (start + k as u64) * cs, vec![0u8; cs as usize]))
+            .collect();
+        // Count the new clusters: in a new block where one covers them,
+        // else in the existing block (before the switch: a leak at worst).
+        let area_end = table_off / cs + table_clusters;
+        for c in start..area_end {
+            if let Some((_, off, block)) = blocks.iter_mut().find(|(i, ..)| *i == c / per_block) {
+                encode_refcount(block, *off, c % per_block, bits, 1);
+            } else {
+                self.set_refcount(c, 1)?;
+            }
+        }
+        let mut table: Vec<u64> = self.refs.table().to_vec();
+        table.resize(entries as usize, 0);
+        for (i, off, block) in &blocks {
+            self.pwrite(block, *off)?;
+            table[*i as usize] = *off;
+        }
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, table_off)?;
+        self.file.sync_data().at(&self.path)?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_off.to_be_bytes());
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.pwrite(&fields, 48)?;
+        self.file.sync_data().at(&self.path)?;
+        let old = (
+            self.h.refcount_table_offset,
+            u64::from(self.h.refcount_table_clusters) * cs,
+        );
+        self.h.refcount_table_offset = table_off;
+        self.h.refcount_table_clusters = table_clusters as u32;
+        self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
+        self.release(old.0, old.1)
     }
 
     /// The first `n` contiguous clusters with refcount 0 (n is 1 for now).
