@@ -3,6 +3,8 @@
 //! every qcow2 passes `qemu-img check`, and a running QEMU holding either
 //! image makes commit refuse without changing a byte.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -343,6 +345,94 @@ fn refuses_while_qemu_holds_the_base_or_the_top() {
         assert!(
             before == after,
             "an image changed although commit was refused ({held} held)"
+        );
+    }
+}
+
+/// A commit whose new clusters will not fit in the base's file system is
+/// refused before anything is written, naming both numbers; one that needs
+/// no new space (the base already owns the clusters) runs there.
+#[test]
+fn refuses_when_the_base_file_system_is_too_small() {
+    for (base_fmt, base_full) in [
+        ("qcow2", false),
+        ("raw", false),
+        ("qcow2", true),
+        ("raw", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let base = if base_fmt == "raw" {
+            "base.raw"
+        } else {
+            "base.qcow2"
+        };
+        ok(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", base_fmt, base, "32M"],
+        );
+        if base_full {
+            ok(
+                d,
+                "qemu-io",
+                &["-f", base_fmt, "-c", "write -P 0x11 0 12M", base],
+            );
+        }
+        ok(
+            d,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                base,
+                "-F",
+                base_fmt,
+                "big.qcow2",
+            ],
+        );
+        ok(d, "qemu-io", &["-c", "write -P 0x5a 0 12M", "big.qcow2"]);
+        let cow = env!("CARGO_BIN_EXE_cowshed");
+        // 6-8 MiB free once the images are in: less than the 12 MiB a base
+        // without those clusters needs.
+        let script = format!(
+            "cp --sparse=always {base} big.qcow2 small/\n\
+             cd small\n\
+             sha256sum {base} big.qcow2 > ../before\n\
+             {cow} commit big.qcow2 > ../out 2>&1 || echo $? > ../rc\n\
+             sha256sum {base} big.qcow2 > ../after\n\
+             qemu-io -f {base_fmt} -c 'read -P 0x5a 0 12M' {base} > ../read 2>&1 || true\n"
+        );
+        let mib = if base_full { 32 } else { 20 };
+        let Some(out) = common::small_fs::run_with_small_fs(d, mib, &script) else {
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let msg = std::fs::read_to_string(d.join("out")).unwrap();
+        let rc = std::fs::read_to_string(d.join("rc")).unwrap_or_default();
+        if base_full {
+            assert_eq!(rc.trim(), "", "{base_fmt}: needs no new space: {msg}");
+            let read = std::fs::read_to_string(d.join("read")).unwrap();
+            assert!(read.contains("read 12582912/12582912"), "{read}");
+            continue;
+        }
+        assert_eq!(rc.trim(), "1", "{base_fmt}: {msg}");
+        assert!(msg.contains(base), "names the file: {msg}");
+        assert!(
+            msg.contains("not enough free space") && msg.contains("MiB"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read(d.join("before")).unwrap(),
+            std::fs::read(d.join("after")).unwrap(),
+            "{base_fmt}: the images changed"
         );
     }
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod small_fs;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

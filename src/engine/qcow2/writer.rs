@@ -141,6 +141,12 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// What every write does first (clearing autoclear bits), for callers
+    /// that write data themselves through [`Qcow2Writer::data_file`].
+    pub fn prepare_for_writes(&mut self) -> Result<()> {
+        self.before_first_write()
+    }
+
     /// Autoclear bits mark extensions a writer keeps consistent (bitmaps);
     /// cowshed does not maintain them, so it clears them before its first
     /// write, as QEMU clears the ones it does not know.
@@ -289,7 +295,7 @@ impl Qcow2Writer {
         self.release(old.0, old.1)
     }
 
-    /// The first `n` contiguous clusters with refcount 0 (n is 1 for now).
+    /// The first `n` contiguous clusters with refcount 0.
     fn find_free(&mut self, n: u64) -> Result<u64> {
         let mut c = self.free_hint;
         let mut run = 0;
@@ -308,11 +314,46 @@ impl Qcow2Writer {
 
     /// Allocate one cluster: its refcount is 1 on disk when this returns.
     fn alloc_cluster(&mut self) -> Result<u64> {
-        let c = self.find_free(1)?;
-        // Taken before its refcount is set: a new refblock must not land
-        // on it.
-        self.free_hint = c + 1;
-        self.set_refcount(c, 1)?;
+        self.alloc_clusters(1)
+    }
+
+    /// Allocate `n` contiguous clusters; their refcounts are 1 on disk when
+    /// this returns (one write per refblock touched). Returns the byte
+    /// offset of the first.
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let c = self.find_free(n)?;
+        // Taken before the refcounts are set: a new refblock must not land
+        // in the run.
+        self.free_hint = c + n;
+        let mut pending: Option<(u64, Vec<u8>)> = None;
+        for k in c..c + n {
+            if self.refs.refblock_offset(k).is_none() {
+                if let Some((off, bytes)) = pending.take() {
+                    self.pwrite(&bytes, off)?;
+                }
+                self.new_refblock(k)?;
+            }
+            let (off, bytes) = self.refs.set_in_block(&self.file, &self.path, k, 1)?;
+            pending = match pending.take() {
+                // Sub-byte refcounts: the same byte again.
+                Some((p, mut acc)) if p + acc.len() as u64 - 1 == off && bytes.len() == 1 => {
+                    *acc.last_mut().unwrap_or(&mut 0) = bytes[0];
+                    Some((p, acc))
+                }
+                Some((p, mut acc)) if p + acc.len() as u64 == off => {
+                    acc.extend_from_slice(&bytes);
+                    Some((p, acc))
+                }
+                Some((p, acc)) => {
+                    self.pwrite(&acc, p)?;
+                    Some((off, bytes))
+                }
+                None => Some((off, bytes)),
+            };
+        }
+        if let Some((off, bytes)) = pending {
+            self.pwrite(&bytes, off)?;
+        }
         Ok(c * self.cs)
     }
 
@@ -408,6 +449,34 @@ impl Qcow2Writer {
         Ok(self.l2_cache.get(&off).map_or(0, |t| t[i]))
     }
 
+    /// Set several entries of one (cached) L2 table with one write
+    /// spanning them.
+    fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, u64)]) -> Result<()> {
+        if entries.len() == 1 {
+            return self.set_l2_entry(l2, entries[0].0, entries[0].1);
+        }
+        let n = self.l2_entries();
+        let idx = |g: u64| (g / self.cs % n) as usize;
+        let (lo, hi) = entries.iter().fold((usize::MAX, 0), |(lo, hi), &(g, _)| {
+            (lo.min(idx(g)), hi.max(idx(g)))
+        });
+        let Some(table) = self.l2_cache.get_mut(&l2) else {
+            // Not cached (cannot happen after l2_entry): one at a time.
+            for &(g, e) in entries {
+                self.set_l2_entry(l2, g, e)?;
+            }
+            return Ok(());
+        };
+        for &(g, e) in entries {
+            table[idx(g)] = e;
+        }
+        let raw: Vec<u8> = table[lo..=hi]
+            .iter()
+            .flat_map(|e| e.to_be_bytes())
+            .collect();
+        self.pwrite(&raw, l2 + lo as u64 * 8)
+    }
+
     fn set_l2_entry(&mut self, l2: u64, g: u64, entry: u64) -> Result<()> {
         let i = (g / self.cs % self.l2_entries()) as usize;
         if let Some(t) = self.l2_cache.get_mut(&l2) {
@@ -468,16 +537,56 @@ impl Qcow2Writer {
         }
     }
 
+    /// Where guest `[offset, offset + len)` lives, as `(guest, host, len)`
+    /// runs, when this image alone owns every cluster of it (allocated,
+    /// COPIED, in a COPIED L2 table): writing there changes no metadata, so
+    /// callers may do it themselves, from other threads, through
+    /// [`Qcow2Writer::data_file`]. None when any cluster would need
+    /// allocating.
+    /// Writing through the runs needs [`Qcow2Writer::prepare_for_writes`]
+    /// first; the query itself writes nothing.
+    pub fn in_place_runs(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64, u64)>>> {
+        self.check_range(offset, len)?;
+        let cs = self.cs;
+        let span = cs * self.l2_entries();
+        let end = offset + len;
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        let mut g = offset;
+        while g < end {
+            if self.l1[(g / span) as usize] & OFLAG_COPIED == 0 {
+                return Ok(None);
+            }
+            let entry = self.l2_entry(g)?;
+            let host = match self.geo.classify(entry, 0, 0) {
+                Unit::Normal(host) if entry & OFLAG_COPIED != 0 => host + g % cs,
+                _ => return Ok(None),
+            };
+            let n = (cs - g % cs).min(end - g);
+            match runs.last_mut() {
+                Some((_, h, l)) if *h + *l == host => *l += n,
+                _ => runs.push((g, host, n)),
+            }
+            g += n;
+        }
+        Ok(Some(runs))
+    }
+
+    /// The image file, for data writes at offsets
+    /// [`Qcow2Writer::in_place_runs`] returned.
+    pub fn data_file(&self) -> &File {
+        &self.file
+    }
+
     /// Write guest bytes at `offset`.
     pub fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         self.before_first_write()?;
+        let span = self.cs * self.l2_entries();
         let mut done = 0usize;
         while done < data.len() {
             let g = offset + done as u64;
-            let in_cluster = (g % self.cs) as usize;
-            let n = (self.cs as usize - in_cluster).min(data.len() - done);
-            self.write_cluster(g - in_cluster as u64, in_cluster, &data[done..done + n])?;
+            let n = ((span - g % span) as usize).min(data.len() - done);
+            self.write_in_table(&data[done..done + n], g)?;
             done += n;
         }
         Ok(())
@@ -496,24 +605,122 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    fn write_cluster(&mut self, g: u64, in_cluster: usize, bytes: &[u8]) -> Result<()> {
-        let l2 = self.l2_for_write(g)?;
-        let entry = self.l2_entry(g)?;
-        if let Unit::Normal(host) = self.geo.classify(entry, 0, 0) {
-            if entry & OFLAG_COPIED != 0 {
-                return self.pwrite(bytes, host + in_cluster as u64);
+    /// Write `data` at guest `offset`, all under one L2 table. Clusters this
+    /// image owns alone are written in place; the others get new clusters,
+    /// allocated as one contiguous run where the file allows (refcounts on
+    /// disk first), filled (old content around partial writes), and only
+    /// then mapped, with one write for the table's changed entries; what
+    /// they replaced is released last. Adjacent host ranges go out in one
+    /// vectored write.
+    fn write_in_table(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cs;
+        let l2 = self.l2_for_write(offset)?;
+        let first = offset - offset % cs;
+        let end = offset + data.len() as u64;
+        // Per cluster: guest offset, old entry, host offset if in place.
+        let mut clusters: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let mut g = first;
+        while g < end {
+            let entry = self.l2_entry(g)?;
+            let in_place = match self.geo.classify(entry, 0, 0) {
+                Unit::Normal(host) if entry & OFLAG_COPIED != 0 => Some(host),
+                _ => None,
+            };
+            clusters.push((g, entry, in_place));
+            g += cs;
+        }
+        let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
+        let mut next_fresh = if fresh > 0 {
+            self.alloc_clusters(fresh)?
+        } else {
+            0
+        };
+        // Partial new clusters carry the old content around the new bytes.
+        let mut merged: Vec<Vec<u8>> = Vec::new();
+        let mut plan: Vec<(u64, usize, usize, Option<usize>)> = Vec::new();
+        let mut mapped: Vec<(u64, u64, u64)> = Vec::new();
+        for &(g, entry, in_place) in &clusters {
+            let lo = offset.max(g);
+            let hi = end.min(g + cs);
+            let range = ((lo - offset) as usize, (hi - offset) as usize);
+            match in_place {
+                Some(host) => plan.push((host + (lo - g), range.0, range.1, None)),
+                None => {
+                    let host = next_fresh;
+                    next_fresh += cs;
+                    if hi - lo < cs {
+                        let mut buf = vec![0u8; cs as usize];
+                        self.cluster_content(g, entry, &mut buf)?;
+                        buf[(lo - g) as usize..(hi - g) as usize]
+                            .copy_from_slice(&data[range.0..range.1]);
+                        merged.push(buf);
+                        plan.push((host, 0, 0, Some(merged.len() - 1)));
+                    } else {
+                        plan.push((host, range.0, range.1, None));
+                    }
+                    mapped.push((g, entry, host));
+                }
             }
         }
-        // A new cluster: old content around the new bytes, then the map.
-        let mut buf = vec![0u8; self.cs as usize];
-        if bytes.len() < self.cs as usize {
-            self.cluster_content(g, entry, &mut buf)?;
+        let pieces: Vec<(u64, &[u8])> = plan
+            .iter()
+            .map(|&(host, a, b, m)| (host, m.map_or(&data[a..b], |i| &merged[i][..])))
+            .collect();
+        self.pwrite_runs(&pieces)?;
+        if mapped.is_empty() {
+            return Ok(());
         }
-        buf[in_cluster..in_cluster + bytes.len()].copy_from_slice(bytes);
-        let host = self.alloc_cluster()?;
-        self.pwrite(&buf, host)?;
-        self.set_l2_entry(l2, g, host | OFLAG_COPIED)?;
-        self.release_entry(entry)
+        let entries: Vec<(u64, u64)> = mapped
+            .iter()
+            .map(|&(g, _, host)| (g, host | OFLAG_COPIED))
+            .collect();
+        self.set_l2_entries(l2, &entries)?;
+        for (_, old, _) in mapped {
+            self.release_entry(old)?;
+        }
+        Ok(())
+    }
+
+    /// Write `(host offset, bytes)` pieces, merging host-contiguous ones
+    /// into one vectored write.
+    fn pwrite_runs(&self, pieces: &[(u64, &[u8])]) -> Result<()> {
+        let mut i = 0;
+        while i < pieces.len() {
+            let start = pieces[i].0;
+            let mut end = start + pieces[i].1.len() as u64;
+            let mut j = i + 1;
+            while j < pieces.len() && pieces[j].0 == end && j - i < 512 {
+                end += pieces[j].1.len() as u64;
+                j += 1;
+            }
+            if j - i == 1 {
+                self.pwrite(pieces[i].1, start)?;
+            } else {
+                let slices: Vec<std::io::IoSlice> = pieces[i..j]
+                    .iter()
+                    .map(|p| std::io::IoSlice::new(p.1))
+                    .collect();
+                let n = nix::sys::uio::pwritev(&self.file, &slices, start as i64)
+                    .map_err(std::io::Error::from)
+                    .at(&self.path)?;
+                // A short write: the rest one piece at a time.
+                let mut at = start;
+                for p in &pieces[i..j] {
+                    let len = p.1.len() as u64;
+                    if at + len > start + n as u64 {
+                        let skip = (start + n as u64).saturating_sub(at) as usize;
+                        self.pwrite(&p.1[skip..], at + skip as u64)?;
+                    }
+                    at += len;
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn write_cluster(&mut self, g: u64, in_cluster: usize, bytes: &[u8]) -> Result<()> {
+        self.write_in_table(bytes, g + in_cluster as u64)
     }
 
     /// Make `[offset, offset + len)` read as zeros: whole clusters become
