@@ -313,7 +313,12 @@ impl Guest {
                 for n in 0u64.. {
                     let tick = Instant::now();
                     let pattern = (n % 255 + 1) as u8;
-                    if let Err(e) = writer.write(&vec![pattern; GUEST_WRITE as usize], offset) {
+                    // Flushed like a guest's fsync, so what the TUI reads of
+                    // the image's tables follows the writes.
+                    let wrote = writer
+                        .write(&vec![pattern; GUEST_WRITE as usize], offset)
+                        .and_then(|()| writer.flush());
+                    if let Err(e) = wrote {
                         return Some(e.to_string());
                     }
                     offset = (offset + GUEST_WRITE) % virtual_size.max(GUEST_WRITE);

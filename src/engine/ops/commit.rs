@@ -109,7 +109,7 @@ impl Target {
         }
     }
 
-    fn flush(&self) -> Result<()> {
+    fn flush(&mut self) -> Result<()> {
         match self {
             Target::Qcow2(w) => w.flush(),
             Target::Raw { file, path, .. } => file.sync_all().at(path),

@@ -5,6 +5,14 @@
 //! are released last. A crash can leak clusters, never leave a reference to
 //! an unowned or unwritten one.
 //!
+//! The order holds on disk, not only in the page cache (which writes back
+//! in any order on a power cut), the way QEMU's cache flush dependencies
+//! do it: L2 entry changes stay in memory and go out in batches, after an
+//! fsync made the data and refcounts they depend on durable; clusters they
+//! replaced are released after a second fsync made the tables durable; a
+//! new L2 table or refcount block is fsynced before the L1 or refcount
+//! table points at it.
+//!
 //! Covered: v2 and v3, standard L2 entries, every cluster size and refcount
 //! width, copy-on-write from the backing chain, clusters and L2 tables
 //! shared with internal snapshots (COPIED), compressed clusters rewritten,
@@ -45,7 +53,17 @@ pub struct Qcow2Writer {
     /// L2 tables read or written, by offset: the writer is the image's only
     /// writer (it holds QEMU's locks), so they stay true.
     l2_cache: HashMap<u64, Vec<u64>>,
+    /// Cached L2 tables with entries not yet written: they go out only
+    /// after the data and refcounts they depend on are durable.
+    dirty_l2: std::collections::BTreeSet<u64>,
+    /// Host ranges to release once no durable table points at them.
+    pending_release: Vec<(u64, u64)>,
 }
+
+/// Dirty L2 tables or pending releases that trigger a metadata flush on
+/// their own, bounding memory and what a power cut can leak.
+const DIRTY_TABLES_MAX: usize = 256;
+const PENDING_RELEASES_MAX: usize = 8192;
 
 /// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
 const L2_CACHE_TABLES: usize = 1024;
@@ -123,6 +141,8 @@ impl Qcow2Writer {
             backing,
             autoclear_cleared: false,
             l2_cache: HashMap::new(),
+            dirty_l2: Default::default(),
+            pending_release: Vec::new(),
             h,
         })
     }
@@ -203,6 +223,7 @@ impl Qcow2Writer {
             self.set_refcount(at, 1)?;
         }
         // The block is on disk before the table points at it.
+        self.file.sync_data().at(&self.path)?;
         self.pwrite(
             &(at * self.cs).to_be_bytes(),
             self.h.refcount_table_offset + index * 8,
@@ -413,7 +434,10 @@ impl Qcow2Writer {
             self.pread(&mut table, off)?;
         }
         self.pwrite(&table, new)?;
-        self.cache_table(new, &table);
+        // Data and refcounts, then the new table, durable before the L1
+        // points at it.
+        self.file.sync_data().at(&self.path)?;
+        self.cache_table(new, &table)?;
         let new_entry = new | OFLAG_COPIED;
         self.pwrite(
             &new_entry.to_be_bytes(),
@@ -421,17 +445,52 @@ impl Qcow2Writer {
         )?;
         self.l1[idx] = new_entry;
         if off != 0 {
-            self.release(off, self.cs)?;
+            self.pending_release.push((off, self.cs));
         }
         Ok(new)
     }
 
-    fn cache_table(&mut self, off: u64, raw: &[u8]) {
+    fn cache_table(&mut self, off: u64, raw: &[u8]) -> Result<()> {
         if self.l2_cache.len() >= L2_CACHE_TABLES {
+            // Dirty tables are written before the cache forgets them.
+            self.flush_metadata()?;
             self.l2_cache.clear();
         }
         let table = be64_table(raw);
         self.l2_cache.insert(off, table);
+        Ok(())
+    }
+
+    /// Write what the in-memory state owes the file, in dependency order:
+    /// fsync (data and refcounts durable), dirty L2 tables, fsync (tables
+    /// durable), then the releases of what they no longer point at.
+    fn flush_metadata(&mut self) -> Result<()> {
+        if !self.dirty_l2.is_empty() {
+            self.file.sync_data().at(&self.path)?;
+            for off in std::mem::take(&mut self.dirty_l2) {
+                if let Some(table) = self.l2_cache.get(&off) {
+                    let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                    self.pwrite(&raw, off)?;
+                }
+            }
+        }
+        if !self.pending_release.is_empty() {
+            self.file.sync_data().at(&self.path)?;
+            for (off, len) in std::mem::take(&mut self.pending_release) {
+                self.release(off, len)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep the memory held by deferred metadata bounded.
+    fn bound_deferred(&mut self) -> Result<()> {
+        if self.dirty_l2.len() > DIRTY_TABLES_MAX
+            || self.pending_release.len() > PENDING_RELEASES_MAX
+        {
+            self.flush_metadata()?;
+        }
+        Ok(())
     }
 
     fn l2_entry(&mut self, g: u64) -> Result<u64> {
@@ -443,46 +502,29 @@ impl Qcow2Writer {
         if !self.l2_cache.contains_key(&off) {
             let mut raw = vec![0u8; self.cs as usize];
             self.pread(&mut raw, off)?;
-            self.cache_table(off, &raw);
+            self.cache_table(off, &raw)?;
         }
         let i = (g / self.cs % self.l2_entries()) as usize;
         Ok(self.l2_cache.get(&off).map_or(0, |t| t[i]))
     }
 
-    /// Set several entries of one (cached) L2 table with one write
-    /// spanning them.
+    /// Set entries of one L2 table (cached: [`Self::l2_entry`] read it) in
+    /// memory; [`Self::flush_metadata`] writes them out.
     fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, u64)]) -> Result<()> {
-        if entries.len() == 1 {
-            return self.set_l2_entry(l2, entries[0].0, entries[0].1);
-        }
         let n = self.l2_entries();
-        let idx = |g: u64| (g / self.cs % n) as usize;
-        let (lo, hi) = entries.iter().fold((usize::MAX, 0), |(lo, hi), &(g, _)| {
-            (lo.min(idx(g)), hi.max(idx(g)))
-        });
+        let cs = self.cs;
         let Some(table) = self.l2_cache.get_mut(&l2) else {
-            // Not cached (cannot happen after l2_entry): one at a time.
-            for &(g, e) in entries {
-                self.set_l2_entry(l2, g, e)?;
-            }
-            return Ok(());
+            return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
         };
         for &(g, e) in entries {
-            table[idx(g)] = e;
+            table[(g / cs % n) as usize] = e;
         }
-        let raw: Vec<u8> = table[lo..=hi]
-            .iter()
-            .flat_map(|e| e.to_be_bytes())
-            .collect();
-        self.pwrite(&raw, l2 + lo as u64 * 8)
+        self.dirty_l2.insert(l2);
+        Ok(())
     }
 
     fn set_l2_entry(&mut self, l2: u64, g: u64, entry: u64) -> Result<()> {
-        let i = (g / self.cs % self.l2_entries()) as usize;
-        if let Some(t) = self.l2_cache.get_mut(&l2) {
-            t[i] = entry;
-        }
-        self.pwrite(&entry.to_be_bytes(), l2 + i as u64 * 8)
+        self.set_l2_entries(l2, &[(g, entry)])
     }
 
     // --------------------------------------------------------------- data --
@@ -525,15 +567,18 @@ impl Qcow2Writer {
         chain.read_at(&mut buf[..n], g)
     }
 
-    /// Release what an L2 entry owned in this image (after it was replaced).
-    fn release_entry(&mut self, entry: u64) -> Result<()> {
+    /// Release what an L2 entry owned in this image (after it was
+    /// replaced), once the table that replaced it is durable.
+    fn release_entry(&mut self, entry: u64) {
         match self.geo.classify(entry, 0, 0) {
-            Unit::Normal(host) | Unit::ZeroAlloc(host) => self.release(host, self.cs),
+            Unit::Normal(host) | Unit::ZeroAlloc(host) => {
+                self.pending_release.push((host, self.cs));
+            }
             Unit::Compressed(desc) => {
                 let (host, span) = self.geo.compressed_span(desc);
-                self.release(host, span)
+                self.pending_release.push((host, span));
             }
-            _ => Ok(()),
+            _ => {}
         }
     }
 
@@ -546,7 +591,10 @@ impl Qcow2Writer {
     /// Writing through the runs needs [`Qcow2Writer::prepare_for_writes`]
     /// first; the query itself writes nothing.
     pub fn in_place_runs(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64, u64)>>> {
-        self.check_range(offset, len)?;
+        if self.check_range(offset, len).is_err() {
+            // Past the end (a base not grown yet): nothing there is owned.
+            return Ok(None);
+        }
         let cs = self.cs;
         let span = cs * self.l2_entries();
         let end = offset + len;
@@ -676,9 +724,9 @@ impl Qcow2Writer {
             .collect();
         self.set_l2_entries(l2, &entries)?;
         for (_, old, _) in mapped {
-            self.release_entry(old)?;
+            self.release_entry(old);
         }
-        Ok(())
+        self.bound_deferred()
     }
 
     /// Write `(host offset, bytes)` pieces, merging host-contiguous ones
@@ -746,7 +794,7 @@ impl Qcow2Writer {
                     }
                     _ => {
                         self.set_l2_entry(l2, cluster, OFLAG_ZERO)?;
-                        self.release_entry(entry)?;
+                        self.release_entry(entry);
                     }
                 }
             }
@@ -788,12 +836,12 @@ impl Qcow2Writer {
                 }
                 g += self.cs;
             }
-            let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.pwrite(&raw, l2)?;
             self.l2_cache.insert(l2, table);
+            self.dirty_l2.insert(l2);
             for entry in released {
-                self.release_entry(entry)?;
+                self.release_entry(entry);
             }
+            self.bound_deferred()?;
         }
         Ok(())
     }
@@ -811,6 +859,9 @@ impl Qcow2Writer {
             self.discard(0, size)?;
             return self.flush();
         }
+        // Nothing deferred is worth writing into a file about to be replaced.
+        self.dirty_l2.clear();
+        self.pending_release.clear();
         let (len, extents) = crate::engine::ops::create::fresh_layout(&self.path, self.h.clone())?;
         let dir = match self.path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -891,7 +942,17 @@ impl Qcow2Writer {
     }
 
     /// Flush everything written so far to stable storage.
-    pub fn flush(&self) -> Result<()> {
+    pub fn flush(&mut self) -> Result<()> {
+        self.flush_metadata()?;
         self.file.sync_all().at(&self.path)
+    }
+}
+
+impl Drop for Qcow2Writer {
+    /// A writer dropped without [`Qcow2Writer::flush`] (an error or a
+    /// cancel part way) still leaves its deferred entries mapped, in order;
+    /// what was written stays readable and nothing leaks.
+    fn drop(&mut self) {
+        let _ = self.flush_metadata();
     }
 }
