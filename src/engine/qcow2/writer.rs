@@ -12,6 +12,7 @@
 //! external data files, encryption, and images whose refcount table would
 //! have to grow. The L1 table grows when the disk does.
 
+pub mod backing;
 use super::be64_table;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
