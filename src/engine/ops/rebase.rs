@@ -47,17 +47,18 @@ pub fn rebase(
     cancel: &Cancel,
 ) -> Result<()> {
     let name = (!opts.backing.is_empty()).then_some(opts.backing.as_str());
-    let format =
-        match (name, opts.backing_format) {
-            (Some(n), None) => return Err(Error::invalid(
+    let format = match (name, opts.backing_format) {
+        (Some(n), None) => {
+            return Err(Error::invalid(
                 file,
                 format!(
                     "Could not change the backing file to '{n}': backing format must be specified"
                 ),
-            )),
-            (Some(_), Some(f)) => Some(f),
-            (None, _) => None,
-        };
+            ))
+        }
+        (Some(_), Some(f)) => Some(f),
+        (None, _) => None,
+    };
     let format_name = format.map(Format::name);
     if opts.unsafe_header_only {
         let mut editor = HeaderEditor::open(file).map_err(|e| not_qcow2(file, e))?;
