@@ -10,6 +10,7 @@ mod demo;
 mod info;
 mod map;
 mod progress;
+mod rebase;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -56,6 +57,10 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Change an image's backing file (like `qemu-img rebase`): safe mode
+    /// copies what differs so the guest view is kept; -u changes the header
+    /// only; -b "" flattens.
+    Rebase(rebase::RebaseArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -84,6 +89,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Rebase(a) => rebase::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Demo(a) => demo::run(a),

@@ -466,3 +466,75 @@ impl Failures {
         );
     }
 }
+
+/// Helpers shared by the tests of operations that change images in place
+/// (rebase, commit): copies, the oracle's verdicts, a QEMU holder.
+impl Work {
+    /// Copy `from` to `to` (paths relative to the scratch directory).
+    pub fn copy(&self, from: &str, to: &str) {
+        std::fs::copy(self.path(from), self.path(to))
+            .unwrap_or_else(|e| panic!("[{}] copy {from} {to}: {e}", self.case));
+    }
+
+    /// `qemu-img compare A B` succeeded (same guest view).
+    pub fn same_view(&self, a: &str, b: &str) -> Result<(), String> {
+        let r = self.run("qemu-img", &["compare", a, b]);
+        if r.ok() {
+            Ok(())
+        } else {
+            Err(r.to_string())
+        }
+    }
+
+    /// `qemu-img check` exit code (0 clean, 2 corrupt, 3 leaks only).
+    pub fn check_code(&self, img: &str) -> i32 {
+        self.run("qemu-img", &["check", img]).code.unwrap_or(-1)
+    }
+
+    /// `qemu-img map --output json` of an image, extents merged.
+    pub fn map_json(&self, img: &str) -> Vec<Value> {
+        let r = self.qemu_img(&["map", "--output", "json", img]);
+        let v = self.json(&r);
+        merge_extents(v.as_array().map_or(&[][..], |a| a.as_slice()))
+    }
+
+    /// `qemu-img info --output json` of an image (with -U: readable while
+    /// another process holds it).
+    pub fn info_json(&self, img: &str) -> Value {
+        let r = self.qemu_img(&["info", "-U", "--output", "json", img]);
+        self.json(&r)
+    }
+
+    /// Start `qemu-io` holding `img` open read-write (it waits for commands
+    /// on stdin) and wait until its lock is visible. Stop it with
+    /// [`release_holder`].
+    pub fn hold_writer(&self, img: &str, fmt: &str) -> std::process::Child {
+        use std::process::Stdio;
+        let mut child = Command::new("qemu-io")
+            .args(["-f", fmt, img])
+            .current_dir(self.root())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("[{}] cannot spawn qemu-io: {e}", self.case));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            // qemu-img info without -U fails while a writer holds the image.
+            if !self.run("qemu-img", &["info", img]).ok() {
+                return child;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("[{}] qemu-io never locked {img}", self.case);
+    }
+}
+
+/// Stop a holder started by [`Work::hold_writer`].
+pub fn release_holder(mut child: std::process::Child) {
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+}

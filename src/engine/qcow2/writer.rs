@@ -20,6 +20,7 @@
 //! when the file does. Refused with a clear error for now: extended L2
 //! entries, external data files and encryption.
 
+pub mod backing;
 use super::be64_table;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -1,0 +1,79 @@
+//! `cowshed rebase`: point a qcow2 image at another backing file, like
+//! `qemu-img rebase`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::progress::{install_ctrlc, spawn_reporter};
+use crate::engine::{self, Cancel, Format, Progress, RebaseOptions};
+
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Change the backing file of a qcow2 image, like `qemu-img rebase`.\n\n\
+Safe mode (the default) keeps what the guest sees: wherever FILE does not hold a \
+cluster itself and the old and the new backing chains read differently, the old \
+content is first copied into FILE; then the header is switched to the new backing \
+in a single write. Both chains must be readable. Interrupted (Ctrl-C, a crash), \
+FILE keeps its old backing and reads as before.\n\n\
+Unsafe mode (-u) only rewrites the backing file name and format in the header; the \
+old backing need not exist. Use it when the backing was moved or renamed, or is a \
+copy with the same content: if the new backing reads differently, the guest sees \
+different data.\n\n\
+-b \"\" removes the backing file: in safe mode FILE is flattened (everything the old \
+chain provides is copied in, FILE becomes standalone); with -u the reference is \
+just dropped.\n\n\
+The new name is stored as typed; a relative name is resolved against FILE's \
+directory. -F is required with a non-empty -b, as in QEMU 10. FILE is refused \
+while a running QEMU holds it."
+)]
+pub struct RebaseArgs {
+    /// Only change the header (do not copy any data; the old backing need
+    /// not exist).
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// The new backing file, stored as given ("" to remove the backing).
+    #[arg(short = 'b', value_name = "BACKING", allow_hyphen_values = true)]
+    backing: String,
+    /// Format of the new backing file (qcow2 or raw); required unless -b "".
+    #[arg(short = 'F', value_name = "FMT", value_parser = super::parse_format)]
+    backing_format: Option<Format>,
+    /// Show progress on stderr.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet (accepted for qemu-img compatibility; rebase prints nothing on
+    /// success).
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The qcow2 image to rebase.
+    file: PathBuf,
+}
+
+pub fn run(a: RebaseArgs) -> color_eyre::Result<i32> {
+    let cancel = Cancel::new();
+    install_ctrlc(&cancel)?;
+    let progress = Arc::new(Progress::new());
+    let reporter = (a.progress && !a.quiet).then(|| spawn_reporter(progress.clone()));
+    let opts = RebaseOptions {
+        backing: a.backing.clone(),
+        backing_format: a.backing_format,
+        unsafe_header_only: a.unsafe_mode,
+    };
+    let result = engine::rebase(&a.file, &opts, &progress, &cancel);
+    if let Some((stop, handle)) = reporter {
+        stop.cancel();
+        let _ = handle.join();
+    }
+    match result {
+        Ok(()) => Ok(0),
+        Err(engine::Error::Cancelled) => {
+            eprintln!(
+                "cowshed: rebase cancelled; {} still uses its old backing file and reads as before",
+                a.file.display()
+            );
+            Ok(130)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,191 @@
+//! What `rebase` needs from the writer: where this image allocates (at
+//! QEMU's granularity), the old backing chain it reads through, whole zero
+//! clusters at the disk's end, and the header rewrite that switches the
+//! backing file. The header is rewritten in one write, after everything
+//! else is on disk, so a crash leaves either the old or the new backing.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::super::header::{autoclear, Header};
+use super::super::l2::{Unit, OFLAG_ZERO};
+use super::Qcow2Writer;
+use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::format::read_up_to;
+use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::Chain;
+
+impl Qcow2Writer {
+    pub fn header(&self) -> &Header {
+        &self.h
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+
+    /// The backing chain this image reads through now (the old one during
+    /// a rebase), if it has one.
+    pub fn backing_chain(&self) -> Option<&Chain> {
+        self.backing.as_ref()
+    }
+
+    /// Whether the cluster at guest offset `g` is allocated in this image
+    /// (data, zero or compressed: QEMU's BDRV_BLOCK_ALLOCATED), and how many
+    /// bytes from `g`, at most `max`, give the same answer. A run never
+    /// crosses an L2 table's end, as QEMU's qcow2 block status does.
+    pub fn allocation_run(&mut self, g: u64, max: u64) -> Result<(bool, u64)> {
+        let span = self.cs * self.l2_entries();
+        let end = (g + max).min((g / span + 1) * span);
+        let first = self.is_allocated(g)?;
+        let mut p = g - g % self.cs + self.cs;
+        while p < end && self.is_allocated(p)? == first {
+            p += self.cs;
+        }
+        Ok((first, p.min(end) - g))
+    }
+
+    fn is_allocated(&mut self, g: u64) -> Result<bool> {
+        let entry = self.l2_entry(g)?;
+        Ok(!matches!(
+            self.geo.classify(entry, 0, 0),
+            Unit::Unallocated | Unit::UnallocatedAlloc(_)
+        ))
+    }
+
+    /// Make the clusters covering `[offset, offset + len)`, which this image
+    /// does not allocate, read as zeros. A partial last cluster at the end
+    /// of the disk becomes a zero cluster as a whole, as QEMU's
+    /// write-zeroes makes it (v3); v2 has no zero clusters: zero bytes.
+    pub fn zero_unallocated(&mut self, offset: u64, len: u64) -> Result<()> {
+        if self.h.version < 3 {
+            return self.write_zeroes(offset, len);
+        }
+        self.check_range(offset, len)?;
+        self.before_first_write()?;
+        let mut g = offset - offset % self.cs;
+        while g < offset + len {
+            let l2 = self.l2_for_write(g)?;
+            let entry = self.l2_entry(g)?;
+            if !matches!(self.geo.classify(entry, 0, 0), Unit::Unallocated) {
+                return Err(Error::invalid(
+                    &self.path,
+                    format!("internal: cluster at 0x{g:x} is allocated"),
+                ));
+            }
+            self.set_l2_entry(l2, g, OFLAG_ZERO)?;
+            g += self.cs;
+        }
+        Ok(())
+    }
+
+    /// Flush the data, then point the header at a new backing file (`None`:
+    /// no backing; the format extension goes with it) in one write.
+    pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let new = with_backing(&self.h, name, format);
+        self.flush()?;
+        let mut h = new;
+        write_header(&self.file, &self.path, &mut h)?;
+        self.h = h;
+        Ok(())
+    }
+}
+
+/// `h` with another backing name and format.
+pub fn with_backing(h: &Header, name: Option<&str>, format: Option<&str>) -> Header {
+    let mut new = h.clone();
+    new.backing_file = name.map(str::to_string);
+    new.extensions.backing_format = match name {
+        Some(_) => format.map(str::to_string),
+        None => None,
+    };
+    new
+}
+
+/// Would `h` with this backing fit in its first cluster? The error names
+/// the file and says why.
+pub fn check_fits(h: &Header, path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    let mut new = with_backing(h, name, format);
+    new.to_cluster(path).map(|_| ()).map_err(|_| {
+        Error::invalid(
+            path,
+            format!(
+                "the new backing file name ({} bytes) does not fit in the header cluster ({} bytes) \
+                 beside the header and its extensions",
+                name.map_or(0, str::len),
+                h.cluster_size()
+            ),
+        )
+    })
+}
+
+/// Write the header `h` (fixed fields, extensions, backing name) in one
+/// write over the old one: the bytes up to the end of whichever of the two
+/// is longer (the rest of the cluster is zeros in the new header), then
+/// flush.
+fn write_header(file: &File, path: &Path, h: &mut Header) -> Result<()> {
+    let cluster = h.to_cluster(path)?;
+    let mut old = vec![0u8; cluster.len()];
+    let n = read_up_to(file, &mut old, 0).at(path)?;
+    old.truncate(n);
+    let used = |b: &[u8]| b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+    let len = used(&old)
+        .max(used(&cluster))
+        .next_multiple_of(512)
+        .min(cluster.len());
+    file.write_all_at(&cluster[..len], 0).at(path)?;
+    file.sync_all().at(path)
+}
+
+/// The header of a qcow2 image, held as QEMU's writer holds it, for
+/// changing only its backing file (`rebase -u`): the backing chain is never
+/// opened, so it need not exist.
+pub struct HeaderEditor {
+    path: PathBuf,
+    file: File,
+    _lock: ImageLock,
+    h: Header,
+}
+
+impl HeaderEditor {
+    /// The lock is taken before the header is read.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .at(path)?;
+        let lock = ImageLock::acquire(&file, path, LockMode::WRITER)?;
+        let len = file.metadata().at(path)?.len();
+        let h = Header::read(&file, path, len)?;
+        if h.is_corrupt() || h.is_dirty() {
+            return Err(Error::invalid(
+                path,
+                "the image is marked dirty or corrupt; repair it first with `qemu-img check -r all`",
+            ));
+        }
+        Ok(HeaderEditor {
+            path: path.to_path_buf(),
+            file,
+            _lock: lock,
+            h,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.h
+    }
+
+    pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let mut h = with_backing(&self.h, name, format);
+        // QEMU clears the autoclear bits it does not know on a writable
+        // open; it knows these two.
+        if h.version >= 3 {
+            h.autoclear_features &= autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
+        }
+        write_header(&self.file, &self.path, &mut h)?;
+        self.h = h;
+        Ok(())
+    }
+}
