@@ -1,4 +1,5 @@
-//! `cowshed convert`: flatten a chain into a new image. Raw output for now.
+//! `cowshed convert`: flatten a chain into a new raw or qcow2 image, with
+//! qemu-img convert's flags.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,9 +7,10 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use color_eyre::eyre::bail;
 
+use super::create::{apply_option, parse_size};
 use super::parse_format;
 use super::progress::{install_ctrlc, spawn_reporter};
-use crate::engine::{self, CacheMode, Cancel, ConvertOptions, Format, Progress};
+use crate::engine::{self, CacheMode, Cancel, ConvertOptions, CreateOptions, Format, Progress};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Cache {
@@ -19,13 +21,39 @@ enum Cache {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    cowshed convert -O qcow2 disk.raw disk.qcow2\n  \
+    cowshed convert -O qcow2 -c -o compression_type=zstd top.qcow2 small.qcow2\n  \
+    cowshed convert -O qcow2 -B base.qcow2 -F qcow2 top.qcow2 new-top.qcow2\n\n\
+    The output is written under a temporary name beside DST and renamed into \
+    place when complete: an interrupted convert leaves no DST.")]
 pub struct ConvertArgs {
     /// Source format (qcow2 or raw); probed from the file's magic if absent.
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Output format. Only raw is written yet.
+    /// Output format: raw (default, as in qemu-img) or qcow2.
     #[arg(short = 'O', value_parser = parse_format, default_value = "raw")]
     output_format: Format,
+    /// Compress every cluster that shrinks, with the output's
+    /// compression_type (qcow2 only).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// qcow2 output options, comma separated: cluster_size=N,
+    /// compression_type=zlib|zstd, compat=1.1|0.10, refcount_bits=N,
+    /// lazy_refcounts=on|off.
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Backing file of the output, stored as given (relative to DST's
+    /// directory). Only what the source's top layer holds is copied.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the -B backing file (required, as in QEMU 10).
+    #[arg(short = 'F', value_parser = parse_format, value_name = "FMT")]
+    backing_format: Option<Format>,
+    /// Runs of zero bytes at least this long are not written (default 4k;
+    /// 0 writes everything). Bytes, or with a suffix k, M, G.
+    #[arg(short = 'S', value_name = "SIZE")]
+    sparse: Option<String>,
     /// Cache mode of the output.
     #[arg(short = 't', value_enum, default_value = "writeback")]
     cache: Cache,
@@ -37,12 +65,40 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
-    if a.output_format != Format::Raw {
-        bail!(
-            "-O {}: cowshed convert writes raw output only so far",
-            a.output_format.name()
-        );
+    let mut target = CreateOptions {
+        format: a.output_format,
+        backing: a.backing.clone(),
+        backing_format: a.backing_format,
+        ..CreateOptions::default()
+    };
+    for group in &a.options {
+        for kv in group.split(',').filter(|s| !s.is_empty()) {
+            let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+            if !matches!(
+                key,
+                "cluster_size" | "compression_type" | "compat" | "refcount_bits" | "lazy_refcounts"
+            ) {
+                bail!(
+                    "Invalid option '{key}' for convert -o (supported: cluster_size, \
+                     compression_type, compat, refcount_bits, lazy_refcounts)"
+                );
+            }
+            apply_option(&mut target, kv)?;
+        }
     }
+    if a.output_format != Format::Qcow2 && a.options.iter().any(|o| !o.is_empty()) {
+        bail!("-o options apply to qcow2 output only");
+    }
+    if a.output_format == Format::Raw && a.compress {
+        bail!("Compression not supported for this file format (raw); use -O qcow2");
+    }
+    if a.output_format == Format::Raw && a.backing.is_some() {
+        bail!("raw output cannot have a backing file (-B); use -O qcow2");
+    }
+    let min_sparse = match a.sparse.as_deref() {
+        Some(s) => parse_size(s)?,
+        None => 4096,
+    };
     let cancel = Cancel::new();
     // Ctrl-C cancels: the engine removes its temporary file and leaves no
     // partial destination.
@@ -53,10 +109,13 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
             Cache::Writeback => CacheMode::Writeback,
             Cache::Unsafe => CacheMode::Unsafe,
         },
+        target,
+        compress: a.compress,
+        min_sparse,
     };
     let progress = Arc::new(Progress::new());
     let reporter = a.progress.then(|| spawn_reporter(progress.clone()));
-    let result = engine::convert_to_raw(&a.src, &a.dst, &opts, &progress, &cancel);
+    let result = engine::convert(&a.src, &a.dst, &opts, &progress, &cancel);
     if let Some((stop, handle)) = reporter {
         stop.cancel();
         let _ = handle.join();

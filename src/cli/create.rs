@@ -78,7 +78,7 @@ fn on_off(key: &str, v: &str) -> color_eyre::Result<bool> {
     }
 }
 
-fn apply_option(o: &mut CreateOptions, kv: &str) -> color_eyre::Result<()> {
+pub(crate) fn apply_option(o: &mut CreateOptions, kv: &str) -> color_eyre::Result<()> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| eyre!("option '{kv}' needs a value (key=value)"))?;

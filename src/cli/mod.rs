@@ -64,7 +64,8 @@ pub enum Command {
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
-    /// (like `qemu-img convert`; raw output only for now).
+    /// (like `qemu-img convert`): raw or qcow2, optionally compressed or
+    /// over a new backing file.
     Convert(convert::ConvertArgs),
     /// Build a demo fleet (a base with overlays, a chain of depth 3, a raw
     /// disk, a broken overlay), start a simulated guest writing into one

@@ -19,7 +19,7 @@ pub use format::{probe, Format};
 pub use lock::{lock_state, LockState};
 pub use ops::check::{check, check_repair_leaks, CheckReport};
 pub use ops::commit::{commit, CommitOptions};
-pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
+pub use ops::convert::{convert, convert_to_raw, CacheMode, ConvertOptions};
 pub use ops::create::{create, CreateOptions};
 pub use ops::info::{info, info_chain, inspect, inspect_file, HeaderSummary, ImageInfo};
 pub use ops::map::map;

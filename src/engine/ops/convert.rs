@@ -1,4 +1,6 @@
-//! `convert -O raw`: flatten a whole chain into a sparse raw file.
+//! `convert`: flatten a whole chain into a new image. This file holds what
+//! every output format shares (options, the temporary output file, zero
+//! detection) and the raw output; `convert_qcow2` writes qcow2.
 //!
 //! The output is written to a temporary file beside the destination and
 //! renamed into place only when complete, so an interrupted convert leaves
@@ -7,12 +9,15 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+
+use tempfile::NamedTempFile;
 
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::Format;
+use crate::engine::ops::create::CreateOptions;
 use crate::engine::progress::{Cancel, Progress};
 
 /// Durability of the output, as qemu-img's `-t`.
@@ -26,10 +31,111 @@ pub enum CacheMode {
     Unsafe,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub src_format: Option<Format>,
     pub cache: CacheMode,
+    /// Output format and, for qcow2, its creation options (`-O`, `-o`,
+    /// `-B` as `backing`, `-F` as `backing_format`). `size` is ignored: the
+    /// output has the source's size.
+    pub target: CreateOptions,
+    /// `-c`: compress every cluster that shrinks (qcow2 only).
+    pub compress: bool,
+    /// `-S`: zero runs at least this long are not written; 0 writes
+    /// everything. Rounded down to 512-byte sectors.
+    pub min_sparse: u64,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            src_format: None,
+            cache: CacheMode::default(),
+            target: CreateOptions {
+                format: Format::Raw,
+                ..CreateOptions::default()
+            },
+            compress: false,
+            min_sparse: ZERO_GRAIN as u64,
+        }
+    }
+}
+
+/// `qemu-img convert`: the output format is `opts.target.format`.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<()> {
+    match opts.target.format {
+        Format::Raw => {
+            let bad = |m: &str| Err(Error::invalid(dst, m.to_string()));
+            if opts.compress {
+                return bad("Compression not supported for this file format");
+            }
+            if opts.target.backing.is_some() {
+                return bad("raw output cannot have a backing file (-B)");
+            }
+            convert_to_raw(src, dst, opts, progress, cancel)
+        }
+        Format::Qcow2 => super::convert_qcow2::convert_to_qcow2(src, dst, opts, progress, cancel),
+        Format::Other(o) => Err(Error::UnsupportedFormat {
+            path: dst.to_path_buf(),
+            format: o.name(),
+        }),
+    }
+}
+
+/// The output under construction: a temporary file beside the destination,
+/// removed when dropped unless `persist` renamed it into place.
+pub(crate) struct TempOutput {
+    tmp: NamedTempFile,
+    dir: PathBuf,
+    dst: PathBuf,
+}
+
+impl TempOutput {
+    pub(crate) fn new(dst: &Path) -> Result<Self> {
+        let dir = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = dst
+            .file_name()
+            .ok_or_else(|| Error::invalid(dst, "destination has no file name"))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.cowshed-tmp-", name.to_string_lossy()))
+            // 0666 less the umask, like any new file (tempfile's default is 0600).
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(dir)
+            .at(dst)?;
+        Ok(TempOutput {
+            tmp,
+            dir: dir.to_path_buf(),
+            dst: dst.to_path_buf(),
+        })
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        self.tmp.as_file()
+    }
+
+    /// Rename into place (replacing DST), unless cancel was requested; with
+    /// `Writeback`, flush the data first and the directory after.
+    pub(crate) fn persist(self, cache: CacheMode, cancel: &Cancel) -> Result<()> {
+        cancel.check()?;
+        if cache == CacheMode::Writeback {
+            self.tmp.as_file().sync_data().at(&self.dst)?;
+        }
+        let TempOutput { tmp, dir, dst } = self;
+        tmp.persist(&dst).map_err(|e| Error::io(&dst, e.error))?;
+        if cache == CacheMode::Writeback {
+            File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
+        }
+        Ok(())
+    }
 }
 
 /// Bytes moved per read/write. Measured on the 2 GiB fixture: 4 MiB chunks
@@ -54,32 +160,12 @@ pub fn convert_to_raw(
     let size = chain.virtual_size();
     progress.set_total(size);
 
-    let dir = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = dst
-        .file_name()
-        .ok_or_else(|| Error::invalid(dst, "destination has no file name"))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.cowshed-tmp-", name.to_string_lossy()))
-        // 0666 less the umask, like any new file (tempfile's default is 0600).
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(dir)
-        .at(dst)?;
-    let out = tmp.as_file();
+    let tmp = TempOutput::new(dst)?;
+    let out = tmp.file();
     out.set_len(size).at(dst)?;
 
     copy_pipelined(&chain, out, dst, progress, cancel)?;
-    cancel.check()?;
-    if opts.cache == CacheMode::Writeback {
-        out.sync_data().at(dst)?;
-    }
-    tmp.persist(dst).map_err(|e| Error::io(dst, e.error))?;
-    if opts.cache == CacheMode::Writeback {
-        File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
-    }
-    Ok(())
+    tmp.persist(opts.cache, cancel)
 }
 
 /// Read on this thread, write on another: reads from the page cache and
@@ -165,7 +251,7 @@ fn write_skipping_zeros(out: &File, path: &Path, data: &[u8], offset: u64) -> Re
     Ok(())
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     // Data is rarely zero: look at the first bytes before scanning it all.
     if b.iter().take(16).any(|&x| x != 0) {
         return false;
@@ -182,7 +268,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Converting onto one of the source's own files would destroy the source.
-fn refuse_overwriting_source(chain: &Chain, dst: &Path) -> Result<()> {
+pub(crate) fn refuse_overwriting_source(chain: &Chain, dst: &Path) -> Result<()> {
     let Ok(m) = std::fs::metadata(dst) else {
         return Ok(());
     };

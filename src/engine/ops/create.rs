@@ -170,6 +170,12 @@ impl<'a> Qcow2Layout<'a> {
 
     /// The file's length and its non-zero extents `(offset, bytes)`.
     fn build(&self) -> Result<(u64, Vec<Extent>)> {
+        fresh_layout(self.path, self.header())
+    }
+
+    /// The header for these options, its layout fields (L1, reftable) still
+    /// unset: `fresh_layout` and `convert -O qcow2` place those.
+    fn header(&self) -> Header {
         let cs = self.cs;
         let mut incompatible = 0;
         if self.opts.compression == CompressionType::Zstd {
@@ -178,7 +184,7 @@ impl<'a> Qcow2Layout<'a> {
         if self.opts.extended_l2 {
             incompatible |= incompat::EXTL2;
         }
-        let h = Header {
+        Header {
             version: self.opts.version,
             backing_file_offset: 0,
             backing_file_size: 0,
@@ -212,9 +218,15 @@ impl<'a> Qcow2Layout<'a> {
                 ..Extensions::default()
             },
             backing_file: self.opts.backing.clone(),
-        };
-        fresh_layout(self.path, h)
+        }
     }
+}
+
+/// The validated qcow2 header `qemu-img create` would write for `opts` and
+/// a disk of `size` bytes, before its tables are placed. `convert -O qcow2`
+/// starts from it so its header cluster is create's, byte for byte.
+pub(crate) fn qcow2_header(path: &Path, opts: &CreateOptions, size: u64) -> Result<Header> {
+    Ok(Qcow2Layout::new(path, opts, size.next_multiple_of(512))?.header())
 }
 
 /// Lay out a fresh image for header `h` (its layout fields are set here):

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod commit;
 pub mod convert;
+pub mod convert_qcow2;
 pub mod create;
 pub mod info;
 pub mod map;

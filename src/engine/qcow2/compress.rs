@@ -1,8 +1,65 @@
-//! Decompression of compressed clusters: raw deflate (QEMU's "zlib") and
-//! zstd frames. The input span may carry a neighbour's bytes after the
-//! payload; decoding stops once a whole cluster is produced.
+//! Compressed clusters: raw deflate (QEMU's "zlib") and zstd frames.
+//! Decoding: the input span may carry a neighbour's bytes after the
+//! payload; it stops once a whole cluster is produced. Encoding: as QEMU's
+//! `qcow2_co_compress` does it, into a buffer one byte shorter than the
+//! cluster; what does not fit there is stored uncompressed.
 
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// QEMU's `deflateInit2(..., -12, ...)`: a raw stream with a 4 KiB window.
+const DEFLATE_WINDOW_BITS: u8 = 12;
+/// QEMU leaves zstd at its default level (ZSTD_CLEVEL_DEFAULT).
+const ZSTD_LEVEL: i32 = 3;
+
+/// One compressor, reused cluster after cluster (one per thread).
+pub struct Compressor {
+    kind: CompressionType,
+    deflate: Compress,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    out: Vec<u8>,
+}
+
+impl Compressor {
+    pub fn new(kind: CompressionType, cluster_size: usize) -> std::io::Result<Self> {
+        Ok(Compressor {
+            kind,
+            deflate: Compress::new_with_window_bits(
+                Compression::default(),
+                false,
+                DEFLATE_WINDOW_BITS,
+            ),
+            zstd: match kind {
+                CompressionType::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+                CompressionType::Deflate => None,
+            },
+            out: vec![0; cluster_size - 1],
+        })
+    }
+
+    /// The compressed form of `cluster` (a whole cluster), if it is shorter
+    /// than the cluster; `None` means: store it as it is.
+    pub fn compress(&mut self, cluster: &[u8]) -> Option<&[u8]> {
+        debug_assert_eq!(cluster.len(), self.out.len() + 1);
+        let n = match self.kind {
+            CompressionType::Deflate => {
+                self.deflate.reset();
+                match self
+                    .deflate
+                    .compress(cluster, &mut self.out, FlushCompress::Finish)
+                {
+                    Ok(Status::StreamEnd) => self.deflate.total_out() as usize,
+                    _ => return None,
+                }
+            }
+            CompressionType::Zstd => self
+                .zstd
+                .as_mut()?
+                .compress_to_buffer(cluster, &mut self.out[..])
+                .ok()?,
+        };
+        Some(&self.out[..n])
+    }
+}
 
 use super::header::CompressionType;
 
@@ -71,6 +128,30 @@ mod tests {
         decompress(CompressionType::Deflate, &c, &mut out).unwrap();
         assert_eq!(out, data);
         assert!(decompress(CompressionType::Deflate, &c[..c.len() / 4], &mut out).is_err());
+    }
+
+    #[test]
+    fn compressor_round_trips_and_refuses_what_does_not_shrink() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let mut noise = vec![0u8; 65536];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let mut c = Compressor::new(kind, 65536).unwrap();
+            for _ in 0..2 {
+                let packed = c.compress(&data).unwrap().to_vec();
+                assert!(packed.len() < 4096, "{kind:?}: {}", packed.len());
+                let mut out = vec![0u8; 65536];
+                decompress(kind, &packed, &mut out).unwrap();
+                assert_eq!(out, data);
+            }
+            assert!(c.compress(&noise).is_none(), "{kind:?}");
+        }
     }
 
     #[test]

@@ -128,6 +128,15 @@ impl Geometry {
         let len = (sectors + 1) * 512 - (offset & 511);
         (offset, len)
     }
+
+    /// Encode a compressed descriptor (bits 0..61) for `len` compressed
+    /// bytes at host byte `offset`: the extra-sector count is that of the
+    /// 512-byte sectors the bytes touch, less one (QCOW2.md §2.4).
+    pub fn compressed_descriptor(&self, offset: u64, len: u64) -> u64 {
+        let x = 62 - (self.cluster_bits - 8);
+        let sectors = ((offset + len - 1) >> 9) - (offset >> 9);
+        (sectors << x) | offset
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +180,13 @@ mod tests {
             panic!()
         };
         assert_eq!(g.compressed_span(d), (0x639fc, 80 * 512 - 0x1fc));
+        // And back: 79 bytes at 0x60000 is one sector; the span above
+        // needs the bytes to reach into its 80th sector.
+        assert_eq!(g.compressed_descriptor(0x60000, 79), 0x0000000000060000);
+        assert_eq!(
+            g.compressed_descriptor(0x639fc, 79 * 512 + 1) | OFLAG_COMPRESSED,
+            0x53C00000000639FC
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod image;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
+pub mod stream;
 pub mod writer;
 
 pub use header::Header;
