@@ -933,3 +933,140 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     j.key(KeyCode::Esc);
     assert!(!j.app.jobs_focus);
 }
+
+// ---- rebase, flatten and convert as jobs (issue 5) ----
+
+#[test]
+fn rebase_picks_the_new_backing_in_the_tree_and_keeps_the_guest_view() {
+    let dir = fleet();
+    let d = dir.path();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base2.qcow2", "64M"],
+        d,
+    );
+    run("qemu-io", &["-c", "write -P 7 0 3M", "base2.qcow2"], d);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-1.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('b'));
+    assert!(
+        matches!(j.app.mode, Mode::PickBacking(_)),
+        "{:?}",
+        j.app.mode
+    );
+    assert!(j
+        .screen()
+        .contains("select its new backing image in the tree"));
+    // Itself is no backing: refused, still picking.
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.mode, Mode::PickBacking(_)));
+    assert!(j.screen().contains("cannot rebase onto that image"));
+    j.select("base2.qcow2");
+    j.key(KeyCode::Enter);
+    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+        panic!("no rebase dialog: {:?}", j.app.mode);
+    };
+    assert_eq!(plan.backing_name, "base2.qcow2");
+    assert!(!plan.unsafe_mode);
+    insta::assert_snapshot!("rebase_confirm", j.screen());
+    // `u` explains and selects unsafe; `s` goes back to safe.
+    j.key(KeyCode::Char('u'));
+    assert!(matches!(&j.app.mode, Mode::ConfirmRebase(p) if p.unsafe_mode));
+    j.key(KeyCode::Char('s'));
+    j.press(KeyCode::Enter);
+    assert_eq!(j.app.mode, Mode::Normal);
+    j.run_jobs();
+    let job = &j.app.jobs[0];
+    assert_eq!(
+        job.state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    let info = qemu_info(&d.join("web-1.qcow2"));
+    assert_eq!(info["backing-filename"], "base2.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_same_content(&d.join("web-1.qcow2"), &before);
+    assert_check_clean(&d.join("web-1.qcow2"));
+    // The tree follows: web-1 now grows on base2.
+    let web1 = j
+        .app
+        .forest
+        .get(&d.join("web-1.qcow2").canonicalize().unwrap());
+    let parent = web1
+        .and_then(|id| j.app.forest.nodes[id].parent)
+        .expect("a parent");
+    assert!(j.app.forest.nodes[parent]
+        .record
+        .path
+        .ends_with("base2.qcow2"));
+}
+
+#[test]
+fn flatten_asks_then_makes_the_overlay_standalone() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-2-1.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("base.qcow2");
+    j.key(KeyCode::Char('f'));
+    assert!(j.screen().contains("cannot flatten base.qcow2"));
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('f'));
+    assert!(
+        matches!(j.app.mode, Mode::ConfirmFlatten(_)),
+        "{:?}",
+        j.app.mode
+    );
+    assert!(j.screen().contains("Flatten web-2-1.qcow2"));
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    let info = qemu_info(&d.join("web-2-1.qcow2"));
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    assert_same_content(&d.join("web-2-1.qcow2"), &before);
+    assert_check_clean(&d.join("web-2-1.qcow2"));
+}
+
+#[test]
+fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('v'));
+    assert!(matches!(j.app.mode, Mode::Convert(_)), "{:?}", j.app.mode);
+    // Field 2 (compression): none → zlib → zstd.
+    j.key(KeyCode::Down);
+    j.key(KeyCode::Down);
+    j.key(KeyCode::Right);
+    j.key(KeyCode::Right);
+    insta::assert_snapshot!("convert_dialog", j.screen());
+    j.press(KeyCode::Enter);
+    assert_eq!(j.app.mode, Mode::Normal);
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    let out = d.join("web-1-conv.qcow2");
+    assert_same_content(&out, &d.join("web-1.qcow2"));
+    assert_check_clean(&out);
+    let info = qemu_info(&out);
+    assert_eq!(info["format-specific"]["data"]["compression-type"], "zstd");
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    // The new image joins the tree and is selected.
+    j.app.settle(&j.rx, SETTLE);
+    assert!(j.visible_names().contains(&"web-1-conv.qcow2".to_string()));
+    assert_eq!(j.selected_name(), "web-1-conv.qcow2");
+}

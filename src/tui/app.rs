@@ -14,6 +14,7 @@ use ratatui::crossterm::event::{
 };
 use ratatui::layout::{Position, Rect};
 
+use super::chainops::{BackingPick, ConvertPlan, FlattenPlan, RebasePlan};
 use super::config::Config;
 use super::event::Event;
 use super::keymap::{Action, Key, Keymap};
@@ -73,6 +74,13 @@ pub enum Mode {
     Help,
     /// Asking before a commit; nothing has been done yet.
     ConfirmCommit(Box<CommitPlan>),
+    /// `b`: choosing the new backing in the tree (or typing its path).
+    PickBacking(Box<BackingPick>),
+    /// Safe or unsafe, asked before a rebase.
+    ConfirmRebase(Box<RebasePlan>),
+    ConfirmFlatten(Box<FlattenPlan>),
+    /// The convert dialog.
+    Convert(Box<ConvertPlan>),
 }
 
 /// What a commit of the selected overlay would do, computed from the forest
@@ -140,7 +148,12 @@ pub struct JobView {
 }
 
 impl JobView {
-    fn new(id: JobId, kind: &'static str, label: String, touches: Vec<PathBuf>) -> JobView {
+    pub(crate) fn new(
+        id: JobId,
+        kind: &'static str,
+        label: String,
+        touches: Vec<PathBuf>,
+    ) -> JobView {
         JobView {
             id,
             kind,
@@ -210,7 +223,7 @@ pub struct App {
     catalog_seen: u64,
     catalog: CatalogHandle,
     inspector: InspectHandle,
-    pool: Jobs,
+    pub(crate) pool: Jobs,
     /// Last time a growth report said an image grows.
     last_growth: Option<Instant>,
 }
@@ -522,6 +535,33 @@ impl App {
 
     fn on_key(&mut self, k: KeyEvent) {
         let key = Key::from_event(&k);
+        let plain_char = match k.code {
+            KeyCode::Char(c) if !key.ctrl && !key.alt => Some(c),
+            _ => None,
+        };
+        match &self.mode {
+            Mode::PickBacking(_) => {
+                if self.pick_backing_key(k.code, plain_char) {
+                    return;
+                }
+                // Otherwise only moving through the tree: the pick is modal.
+                if let Some(
+                    action @ (Action::Up
+                    | Action::Down
+                    | Action::Left
+                    | Action::Right
+                    | Action::Fold),
+                ) = self.keymap.action_for(key)
+                {
+                    self.dispatch(action);
+                }
+                return;
+            }
+            Mode::ConfirmRebase(_) => return self.confirm_rebase_key(k.code, plain_char),
+            Mode::ConfirmFlatten(_) => return self.confirm_flatten_key(k.code, plain_char),
+            Mode::Convert(_) => return self.convert_key(k.code, plain_char),
+            _ => {}
+        }
         match &mut self.mode {
             Mode::Help => {
                 // Any key closes help; it is a popup, not a mode to learn.
@@ -611,6 +651,11 @@ impl App {
                 }
                 return;
             }
+            // Handled above.
+            Mode::PickBacking(_)
+            | Mode::ConfirmRebase(_)
+            | Mode::ConfirmFlatten(_)
+            | Mode::Convert(_) => return,
             Mode::Normal => {
                 if self.jobs_focus && k.code == KeyCode::Esc {
                     self.jobs_focus = false;
@@ -661,6 +706,9 @@ impl App {
                 }
             }
             Action::Commit => self.ask_commit(),
+            Action::Rebase => self.ask_rebase(),
+            Action::Flatten => self.ask_flatten(),
+            Action::Convert => self.ask_convert(),
             Action::CancelJob => self.cancel_job(),
             Action::FocusJobs => {
                 if self.jobs.is_empty() {

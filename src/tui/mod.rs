@@ -3,6 +3,7 @@
 //! (catalog, inspector, jobs) do every file access off the UI thread.
 
 pub mod app;
+pub mod chainops;
 pub mod config;
 pub mod event;
 pub mod keymap;

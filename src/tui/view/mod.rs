@@ -2,13 +2,14 @@
 //! state; everything shown was computed by `App::update` or a worker.
 
 mod details;
+mod dialogs;
 mod jobs;
 mod tree;
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Clear, Padding, Paragraph, Wrap};
+use ratatui::widgets::{Block, Borders, Clear, Paragraph};
 use ratatui::Frame;
 
 use super::app::{App, CommitPlan, Mode};
@@ -86,6 +87,10 @@ pub fn draw(app: &App, frame: &mut Frame) {
         Mode::Help => draw_help(app, frame, area),
         Mode::CloneName { source, input } => draw_clone_prompt(app, frame, area, source, input),
         Mode::ConfirmCommit(plan) => draw_commit_confirm(app, frame, area, plan),
+        Mode::PickBacking(pick) => dialogs::draw_pick(app, frame, area, pick),
+        Mode::ConfirmRebase(plan) => dialogs::draw_rebase(app, frame, area, plan),
+        Mode::ConfirmFlatten(plan) => dialogs::draw_flatten(app, frame, area, plan),
+        Mode::Convert(plan) => dialogs::draw_convert(app, frame, area, plan),
         Mode::Normal | Mode::Filter => {}
     }
 }
@@ -352,33 +357,12 @@ fn draw_commit_confirm(app: &App, frame: &mut Frame, area: Rect, plan: &CommitPl
             Span::raw(" cancels"),
         ]));
     }
-    let width = area.width.saturating_sub(4).min(80);
-    // Borders and a column of padding on each side.
-    let inner = usize::from(width.saturating_sub(4)).max(1);
-    // Wrapped height: each line takes its length over the inner width,
-    // rounded up (word wrapping may need one more now and then).
-    let height: usize = lines
-        .iter()
-        .map(|l| l.width().div_ceil(inner).max(1))
-        .sum::<usize>()
-        + 3;
-    let r = centered(area, width, height as u16);
     let border = if plan.affected > 0 {
         warn
     } else {
         Style::new()
     };
-    frame.render_widget(Clear, r);
-    frame.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
-            Block::new()
-                .borders(Borders::ALL)
-                .border_style(border)
-                .padding(Padding::horizontal(1))
-                .title(" commit? "),
-        ),
-        r,
-    );
+    dialogs::draw_dialog(frame, area, "commit?", lines, border);
 }
 
 #[cfg(test)]
