@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MAKE_FIXTURES = REPO / ".." / "shared" / "bench" / "make-fixtures.sh"
 FLEET_N = 1000
+ALL_SECTIONS = ("convert", "info", "map", "commit", "write", "convert-qcow2", "rebase")
 
 
 class BenchError(Exception):
@@ -625,6 +626,131 @@ def bench_write(rep: Report, fx: Path, scratch: Path, runs: int) -> None:
         f"{gib * 1024 / c.med:.0f} |"]))
 
 
+def alternate(rounds: int, programs: dict, prepare=None, cleanup=None) -> dict:
+    """Time each program once per round, alternating who goes first, after an
+    untimed warm-up round. `programs` maps a name to a zero-argument function
+    returning seconds; `prepare(name)` runs untimed before each run (fresh
+    copies), `cleanup(name)` after."""
+    series = {n: Series(n) for n in programs}
+    names = list(programs)
+    for i in range(rounds + 1):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if prepare:
+                prepare(name)
+            settle()
+            t = programs[name]()
+            if i > 0:
+                series[name].times.append(t)
+            if cleanup:
+                cleanup(name)
+    return series
+
+
+def verify_image(rep: Report, key: str, out: Path, src: Path) -> str:
+    """`qemu-img compare` against the source and `qemu-img check`: a cell."""
+    cmp = subprocess.run(["qemu-img", "compare", str(out), str(src)], capture_output=True, text=True)
+    chk = subprocess.run(["qemu-img", "check", str(out)], capture_output=True, text=True)
+    if cmp.returncode != 0 or chk.returncode != 0:
+        rep.failures.append(f"{key}: compare exit {cmp.returncode}, check exit {chk.returncode}:\n"
+                            f"{cmp.stdout}{chk.stdout}{chk.stderr}")
+        return "**NO**"
+    return "yes"
+
+
+def bench_convert_qcow2(rep: Report, cow: Path, fx: Path, scratch: Path, top: str,
+                        runs: int) -> None:
+    """convert -O qcow2, plain and compressed, against qemu-img at equal
+    durability (neither flushes: qemu-img convert's default, cowshed -t unsafe)."""
+    configs = [
+        ("base.raw → qcow2", "base.raw", [], [], True),
+        (f"{top} (depth 8) → qcow2", top, [], [], False),
+        ("base.raw → qcow2 -c zlib", "base.raw", ["-c"], ["-c", "-W"], False),
+        ("base.raw → qcow2 -c zstd", "base.raw", ["-c", "-o", "compression_type=zstd"],
+         ["-c", "-W", "-o", "compression_type=zstd"], False),
+    ]
+    rows = []
+    for label, src_name, cow_extra, q_extra, with_cp in configs:
+        src = fx / src_name
+        outs = {n: scratch / f"conv-{n}.qcow2" for n in ("cowshed", "qemu-img", "cp")}
+        programs = {
+            "cowshed": lambda: timed([cow, "convert", "-t", "unsafe", "-O", "qcow2", *cow_extra,
+                                      src, outs["cowshed"]]),
+            "qemu-img": lambda: timed(["qemu-img", "convert", "-O", "qcow2", *q_extra, src,
+                                       outs["qemu-img"]]),
+        }
+        if with_cp:
+            programs["cp"] = lambda: timed(["cp", "--sparse=always", src, outs["cp"]])
+        log(f"convert -O qcow2: {label}: {runs} alternated rounds")
+        # One checked run of each first: same guest data, check clean, sizes.
+        for n in ("cowshed", "qemu-img"):
+            unlink(outs[n])
+            programs[n]()
+        ok = verify_image(rep, label, outs["cowshed"], src)
+        alloc = (allocated(outs["cowshed"]), allocated(outs["qemu-img"]))
+        series = alternate(runs, programs, cleanup=lambda n: unlink(outs[n]))
+        for o in outs.values():
+            unlink(o)
+        rep.raw[f"convert -O qcow2 {label}"] = {n: [round(t, 4) for t in v.times]
+                                                for n, v in series.items()}
+        c, q = series["cowshed"], series["qemu-img"]
+        cp = f"{series['cp'].med / c.med:.2f}" if "cp" in series else "–"
+        rows.append(f"| {label} | {s(c.med)} | {s(q.med)} | {ratio_cell(pair_ratios(q, c))} | "
+                    f"{cp} | {alloc[0] / alloc[1]:.3f} | {ok} |")
+    rep.sections.append("\n".join([
+        "## 6. `convert -O qcow2` (plain and compressed)", "",
+        f"{runs} alternated rounds after a warm-up; neither flushes (qemu-img convert's default, "
+        "`cowshed convert -t unsafe`); compressed: qemu-img with `-W` (its fastest: parallel "
+        "compression needs out-of-order writes), cowshed in order.", "",
+        "| workload | cowshed s | qemu-img s | qemu-img / cowshed | cp / cowshed | "
+        "allocated cowshed / qemu-img | compare + check |",
+        "|---|---:|---:|---:|---:|---:|:---:|", *rows]))
+
+
+def bench_rebase(rep: Report, cow: Path, fx: Path, scratch: Path, runs: int) -> None:
+    """Safe rebase of a fresh overlay copy onto base.raw (same content as its
+    base.qcow2: everything compared, nothing written) and onto "" (flatten)."""
+    rows = []
+    for label, args in (("onto base.raw (-F raw)", ["-b", "base.raw", "-F", "raw"]),
+                        ('onto "" (flatten)', ["-b", ""])):
+        dirs = {n: scratch / f"rebase-{n}" for n in ("cowshed", "qemu-img")}
+
+        def prepare(name: str) -> None:
+            d = dirs[name]
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            for f in ("base.qcow2", "base.raw"):
+                (d / f).symlink_to(fx / f)
+            run(["cp", "--sparse=always", fx / "overlay.qcow2", d / "overlay.qcow2"])
+
+        programs = {
+            "cowshed": lambda: timed([cow, "rebase", *args, "overlay.qcow2"], cwd=dirs["cowshed"]),
+            "qemu-img": lambda: timed(["qemu-img", "rebase", "-t", "writeback", *args,
+                                       "overlay.qcow2"], cwd=dirs["qemu-img"]),
+        }
+        log(f"rebase {label}: {runs} alternated rounds (fresh overlay copy each, not timed)")
+        for n in programs:
+            prepare(n)
+            programs[n]()
+        ok = verify_image(rep, f"rebase {label}", dirs["cowshed"] / "overlay.qcow2",
+                          fx / "overlay.qcow2")
+        alloc = (allocated(dirs["cowshed"] / "overlay.qcow2"),
+                 allocated(dirs["qemu-img"] / "overlay.qcow2"))
+        series = alternate(runs, programs, prepare=prepare)
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+        rep.raw[f"rebase {label}"] = {n: [round(t, 4) for t in v.times] for n, v in series.items()}
+        c, q = series["cowshed"], series["qemu-img"]
+        rows.append(f"| rebase {label} | {s(c.med)} | {s(q.med)} | "
+                    f"{ratio_cell(pair_ratios(q, c))} | {alloc[0] / alloc[1]:.3f} | {ok} |")
+    rep.sections.append("\n".join([
+        "## 7. `rebase` (safe) of overlay.qcow2", "",
+        f"{runs} alternated rounds after a warm-up, fresh copy of the overlay before each (not "
+        "timed); both flush at the end (`qemu-img rebase -t writeback`).", "",
+        "| workload | cowshed s | qemu-img s | qemu-img / cowshed | allocated cowshed / qemu-img "
+        "| view unchanged + check |",
+        "|---|---:|---:|---:|---:|:---:|", *rows]))
+
+
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
@@ -701,14 +827,14 @@ def main() -> int:
     ap.add_argument("--map-runs", type=int, default=21, help="alternated map rounds (default 21)")
     ap.add_argument("--info-reps", type=int, default=3,
                     help="alternated rounds over the fleet (default 3)")
-    ap.add_argument("--only", choices=("convert", "info", "map", "commit", "write"), action="append",
+    ap.add_argument("--only", choices=ALL_SECTIONS, action="append",
                     help="run only these sections (repeatable)")
     ap.add_argument("--cowshed", type=Path,
                     help="use this binary instead of building with cargo build --release")
     a = ap.parse_args()
     if min(a.runs, a.map_runs, a.info_reps) < 1:
         ap.error("run counts must be >= 1")
-    sections = set(a.only or ("convert", "info", "map", "commit", "write"))
+    sections = set(a.only or ALL_SECTIONS)
     t_start = time.perf_counter()
 
     try:
@@ -743,6 +869,10 @@ def main() -> int:
             section(rep, "commit", bench_commit, rep, cow, fx, scratch, max(3, a.runs // 2 + 1))
         if "write" in sections:
             section(rep, "write", bench_write, rep, fx, scratch, max(3, a.runs // 2 + 1))
+        if "convert-qcow2" in sections:
+            section(rep, "convert-qcow2", bench_convert_qcow2, rep, cow, fx, scratch, top, a.runs)
+        if "rebase" in sections:
+            section(rep, "rebase", bench_rebase, rep, cow, fx, scratch, a.runs)
     except BenchError as e:
         rep.failures.append(str(e))
     except KeyboardInterrupt:
