@@ -179,5 +179,13 @@ pub fn all(stage: &mut Stage) -> Result<Vec<(&'static str, Buffer)>, String> {
     stage.select("web-2.qcow2")?;
     stage.key(KeyCode::Char('c'))?;
     shots.push(("clone", stage.draw()?));
+    // The convert dialog, compression set to zstd.
+    stage.select("web-2.qcow2")?;
+    stage.key(KeyCode::Char('v'))?;
+    for code in [KeyCode::Down, KeyCode::Down, KeyCode::Right, KeyCode::Right] {
+        stage.key(code)?;
+    }
+    shots.push(("convert", stage.draw()?));
+    stage.key(KeyCode::Esc)?;
     Ok(shots)
 }
