@@ -58,6 +58,8 @@ struct Case {
     backing: u8, // 0 none, 1 qcow2, 2 raw (shorter than the top)
     snapshot: bool,
     compressed: bool,
+    /// Extended L2 entries (subclusters): v3, clusters of 16 KiB or more.
+    extended: bool,
     ops: Vec<(u8, u64, i64, u64, u8)>,
 }
 
@@ -89,6 +91,8 @@ fn ops(case: &Case) -> Vec<Op> {
         case.cluster,
         3 * case.cluster,
         l2_span(case.cluster),
+        // Where a table of 16-byte (extended) entries ends.
+        l2_span(case.cluster) / 2,
         size / 2,
         size - case.cluster,
     ];
@@ -121,6 +125,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         0u8..3,
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
         prop::collection::vec(
             (
                 any::<u8>(),
@@ -133,7 +138,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
         ),
     )
         .prop_map(
-            |(cluster, compat, refcount_bits, backing, snapshot, compressed, ops)| Case {
+            |(cluster, compat, refcount_bits, backing, snapshot, compressed, extended, ops)| Case {
                 cluster,
                 compat,
                 // v2 has 16-bit refcounts only. (64-bit refcounts over
@@ -145,6 +150,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 // reference (QEMU refuses to create one).
                 snapshot: snapshot && refcount_bits != 1,
                 compressed,
+                extended: extended && compat == "1.1" && cluster >= 16384,
                 ops,
             },
         )
@@ -155,8 +161,11 @@ fn check_case(case: &Case) {
     let d = dir.path();
     let size = size_of(case.cluster).to_string();
     let opts = format!(
-        "cluster_size={},compat={},refcount_bits={}",
-        case.cluster, case.compat, case.refcount_bits
+        "cluster_size={},compat={},refcount_bits={},extended_l2={}",
+        case.cluster,
+        case.compat,
+        case.refcount_bits,
+        if case.extended { "on" } else { "off" }
     );
     let mut create: Vec<String> = ["create", "-q", "-f", "qcow2", "-o", &opts]
         .iter()

@@ -16,9 +16,11 @@
 //! Covered: v2 and v3, standard L2 entries, every cluster size and refcount
 //! width, copy-on-write from the backing chain, clusters and L2 tables
 //! shared with internal snapshots (COPIED), compressed clusters rewritten,
-//! zero writes; the L1 table grows when the disk does, the refcount table
-//! when the file does. Refused with a clear error for now: extended L2
-//! entries, external data files and encryption.
+//! zero writes, extended L2 entries (a partial write into a cluster that is
+//! not wholly this image's data is copied on write as a whole cluster, so
+//! every subcluster ends up allocated); the L1 table grows when the disk
+//! does, the refcount table when the file does. Refused with a clear error
+//! for now: external data files and encryption.
 
 pub mod backing;
 use super::be64_table;
@@ -29,7 +31,9 @@ use std::path::{Path, PathBuf};
 
 use super::compress;
 use super::header::{autoclear, Header};
-use super::l2::{Geometry, Unit, L1_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::l2::{
+    Geometry, Unit, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
 use super::refcount::{encode_refcount, Refcounts};
 use crate::engine::chain::{classify_backing, BackingName};
 use crate::engine::error::{Error, IoContext, Result};
@@ -66,6 +70,10 @@ pub struct Qcow2Writer {
 const DIRTY_TABLES_MAX: usize = 256;
 const PENDING_RELEASES_MAX: usize = 8192;
 
+/// Extended L2 bitmaps: every subcluster allocated, or every one zero.
+const ALL_ALLOCATED: u64 = 0xffff_ffff;
+const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
 /// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
 const L2_CACHE_TABLES: usize = 1024;
 
@@ -92,9 +100,6 @@ impl Qcow2Writer {
                 path,
                 "the image is marked dirty or corrupt; repair it first with `qemu-img check -r all`",
             ));
-        }
-        if h.has_extended_l2() {
-            return refuse("extended L2 entries");
         }
         if h.has_data_file() {
             return refuse("an external data file");
@@ -129,7 +134,7 @@ impl Qcow2Writer {
             path: path.to_path_buf(),
             geo: Geometry {
                 cluster_bits: h.cluster_bits,
-                extended: false,
+                extended: h.has_extended_l2(),
                 external_data: false,
                 version: h.version,
             },
@@ -416,8 +421,50 @@ impl Qcow2Writer {
 
     // -------------------------------------------------------------- L1/L2 --
 
+    /// Entries per L2 table (16-byte entries with extended L2).
     fn l2_entries(&self) -> u64 {
-        self.cs / 8
+        self.cs / (8 * self.geo.entry_words() as u64)
+    }
+
+    /// Index of `g`'s entry in its L2 table, in 64-bit words.
+    fn l2_word(&self, g: u64) -> usize {
+        (g / self.cs % self.l2_entries()) as usize * self.geo.entry_words()
+    }
+
+    /// The L2 value of a cluster that reads entirely as data at `host`.
+    fn data_entry(&self, host: u64) -> (u64, u64) {
+        (
+            host | OFLAG_COPIED,
+            if self.geo.extended { ALL_ALLOCATED } else { 0 },
+        )
+    }
+
+    /// The L2 value of a zero cluster, keeping `host` (0: none).
+    fn zero_entry(&self, host: u64) -> (u64, u64) {
+        let entry = if host != 0 { host | OFLAG_COPIED } else { 0 };
+        if self.geo.extended {
+            (entry, ALL_ZERO)
+        } else {
+            (entry | OFLAG_ZERO, 0)
+        }
+    }
+
+    /// Whether the cluster of `(entry, bitmap)` is this image's alone and
+    /// reads entirely as its own data: a write can go there in place.
+    fn owned_data(&self, (entry, bitmap): (u64, u64)) -> Option<u64> {
+        let host = entry & L2_OFFSET_MASK;
+        let whole = !self.geo.extended || bitmap == ALL_ALLOCATED;
+        match self.geo.classify(entry, bitmap, 0) {
+            Unit::Normal(_) if entry & OFLAG_COPIED != 0 && whole => Some(host),
+            _ => None,
+        }
+    }
+
+    /// The host cluster an entry owns in this image's file, if any
+    /// (compressed clusters aside), whatever its subclusters say.
+    fn owned_host(&self, entry: u64) -> Option<u64> {
+        let host = entry & L2_OFFSET_MASK;
+        (entry & OFLAG_COMPRESSED == 0 && host != 0 && entry & OFLAG_COPIED != 0).then_some(host)
     }
 
     /// The L2 table for guest offset `g`, writable in place (COPIED):
@@ -495,63 +542,91 @@ impl Qcow2Writer {
     }
 
     fn l2_entry(&mut self, g: u64) -> Result<u64> {
+        Ok(self.l2_pair(g)?.0)
+    }
+
+    /// `g`'s L2 entry and (extended L2) its subcluster bitmap.
+    fn l2_pair(&mut self, g: u64) -> Result<(u64, u64)> {
         let idx = (g / (self.cs * self.l2_entries())) as usize;
         let off = self.l1[idx] & L1_OFFSET_MASK;
         if off == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
         if !self.l2_cache.contains_key(&off) {
             let mut raw = vec![0u8; self.cs as usize];
             self.pread(&mut raw, off)?;
             self.cache_table(off, &raw)?;
         }
-        let i = (g / self.cs % self.l2_entries()) as usize;
-        Ok(self.l2_cache.get(&off).map_or(0, |t| t[i]))
+        let i = self.l2_word(g);
+        let extended = self.geo.extended;
+        Ok(self
+            .l2_cache
+            .get(&off)
+            .map_or((0, 0), |t| (t[i], if extended { t[i + 1] } else { 0 })))
     }
 
     /// Set entries of one L2 table (cached: [`Self::l2_entry`] read it) in
     /// memory; [`Self::flush_metadata`] writes them out.
-    fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, u64)]) -> Result<()> {
-        let n = self.l2_entries();
-        let cs = self.cs;
+    fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, (u64, u64))]) -> Result<()> {
+        let words: Vec<usize> = entries.iter().map(|&(g, _)| self.l2_word(g)).collect();
+        let extended = self.geo.extended;
         let Some(table) = self.l2_cache.get_mut(&l2) else {
             return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
         };
-        for &(g, e) in entries {
-            table[(g / cs % n) as usize] = e;
+        for (&(_, (entry, bitmap)), i) in entries.iter().zip(words) {
+            table[i] = entry;
+            if extended {
+                table[i + 1] = bitmap;
+            }
         }
         self.dirty_l2.insert(l2);
         Ok(())
     }
 
-    fn set_l2_entry(&mut self, l2: u64, g: u64, entry: u64) -> Result<()> {
-        self.set_l2_entries(l2, &[(g, entry)])
+    fn set_l2_entry(&mut self, l2: u64, g: u64, value: (u64, u64)) -> Result<()> {
+        self.set_l2_entries(l2, &[(g, value)])
     }
 
     // --------------------------------------------------------------- data --
 
-    /// The guest content of the whole cluster at `g`, as it reads now.
-    fn cluster_content(&mut self, g: u64, entry: u64, buf: &mut [u8]) -> Result<()> {
-        match self.geo.classify(entry, 0, 0) {
-            Unit::Normal(host) => self.pread(buf, host),
-            Unit::ZeroPlain | Unit::ZeroAlloc(_) => {
-                buf.fill(0);
-                Ok(())
+    /// The guest content of the whole cluster at `g`, as it reads now
+    /// (unit by unit: subclusters with extended L2).
+    fn cluster_content(
+        &mut self,
+        g: u64,
+        (entry, bitmap): (u64, u64),
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let unit = self.geo.unit_size() as usize;
+        for (sc, part) in buf.chunks_mut(unit).enumerate() {
+            let at = g + (sc * unit) as u64;
+            match self.geo.classify(entry, bitmap, sc as u64) {
+                Unit::Normal(host) => self.pread(part, host)?,
+                Unit::ZeroPlain | Unit::ZeroAlloc(_) => part.fill(0),
+                Unit::Compressed(desc) => {
+                    // Compressed clusters have no subclusters: the whole one.
+                    let (host, span) = self.geo.compressed_span(desc);
+                    let mut input = vec![0u8; span as usize];
+                    self.pread(&mut input, host)?;
+                    return compress::decompress(self.h.compression_type, &input, buf).map_err(
+                        |why| {
+                            Error::invalid(
+                                &self.path,
+                                format!("compressed cluster at 0x{g:x}: {why}"),
+                            )
+                        },
+                    );
+                }
+                Unit::Unallocated | Unit::UnallocatedAlloc(_) => self.backing_read(at, part)?,
+                Unit::Invalid(why) => {
+                    return Err(Error::invalid(
+                        &self.path,
+                        format!("{why} at guest offset 0x{at:x}"),
+                    ))
+                }
             }
-            Unit::Compressed(desc) => {
-                let (host, span) = self.geo.compressed_span(desc);
-                let mut input = vec![0u8; span as usize];
-                self.pread(&mut input, host)?;
-                compress::decompress(self.h.compression_type, &input, buf).map_err(|why| {
-                    Error::invalid(&self.path, format!("compressed cluster at 0x{g:x}: {why}"))
-                })
-            }
-            Unit::Unallocated | Unit::UnallocatedAlloc(_) => self.backing_read(g, buf),
-            Unit::Invalid(why) => Err(Error::invalid(
-                &self.path,
-                format!("{why} at guest offset 0x{g:x}"),
-            )),
         }
+        Ok(())
     }
 
     /// Backing data (zeros past a shorter backing or without one).
@@ -571,15 +646,13 @@ impl Qcow2Writer {
     /// Release what an L2 entry owned in this image (after it was
     /// replaced), once the table that replaced it is durable.
     fn release_entry(&mut self, entry: u64) {
-        match self.geo.classify(entry, 0, 0) {
-            Unit::Normal(host) | Unit::ZeroAlloc(host) => {
-                self.pending_release.push((host, self.cs));
-            }
-            Unit::Compressed(desc) => {
-                let (host, span) = self.geo.compressed_span(desc);
-                self.pending_release.push((host, span));
-            }
-            _ => {}
+        if entry & OFLAG_COMPRESSED != 0 {
+            let (host, span) = self
+                .geo
+                .compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED));
+            self.pending_release.push((host, span));
+        } else if entry & L2_OFFSET_MASK != 0 {
+            self.pending_release.push((entry & L2_OFFSET_MASK, self.cs));
         }
     }
 
@@ -605,10 +678,9 @@ impl Qcow2Writer {
             if self.l1[(g / span) as usize] & OFLAG_COPIED == 0 {
                 return Ok(None);
             }
-            let entry = self.l2_entry(g)?;
-            let host = match self.geo.classify(entry, 0, 0) {
-                Unit::Normal(host) if entry & OFLAG_COPIED != 0 => host + g % cs,
-                _ => return Ok(None),
+            let pair = self.l2_pair(g)?;
+            let Some(host) = self.owned_data(pair).map(|h| h + g % cs) else {
+                return Ok(None);
             };
             let n = (cs - g % cs).min(end - g);
             match runs.last_mut() {
@@ -667,15 +739,11 @@ impl Qcow2Writer {
         let first = offset - offset % cs;
         let end = offset + data.len() as u64;
         // Per cluster: guest offset, old entry, host offset if in place.
-        let mut clusters: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let mut clusters: Vec<(u64, (u64, u64), Option<u64>)> = Vec::new();
         let mut g = first;
         while g < end {
-            let entry = self.l2_entry(g)?;
-            let in_place = match self.geo.classify(entry, 0, 0) {
-                Unit::Normal(host) if entry & OFLAG_COPIED != 0 => Some(host),
-                _ => None,
-            };
-            clusters.push((g, entry, in_place));
+            let pair = self.l2_pair(g)?;
+            clusters.push((g, pair, self.owned_data(pair)));
             g += cs;
         }
         let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
@@ -687,7 +755,7 @@ impl Qcow2Writer {
         // Partial new clusters carry the old content around the new bytes.
         let mut merged: Vec<Vec<u8>> = Vec::new();
         let mut plan: Vec<(u64, usize, usize, Option<usize>)> = Vec::new();
-        let mut mapped: Vec<(u64, u64, u64)> = Vec::new();
+        let mut mapped: Vec<(u64, (u64, u64), u64)> = Vec::new();
         for &(g, entry, in_place) in &clusters {
             let lo = offset.max(g);
             let hi = end.min(g + cs);
@@ -719,12 +787,12 @@ impl Qcow2Writer {
         if mapped.is_empty() {
             return Ok(());
         }
-        let entries: Vec<(u64, u64)> = mapped
+        let entries: Vec<(u64, (u64, u64))> = mapped
             .iter()
-            .map(|&(g, _, host)| (g, host | OFLAG_COPIED))
+            .map(|&(g, _, host)| (g, self.data_entry(host)))
             .collect();
         self.set_l2_entries(l2, &entries)?;
-        for (_, old, _) in mapped {
+        for (_, (old, _), _) in mapped {
             self.release_entry(old);
         }
         self.bound_deferred()
@@ -789,12 +857,10 @@ impl Qcow2Writer {
             } else {
                 let l2 = self.l2_for_write(cluster)?;
                 let entry = self.l2_entry(cluster)?;
-                match self.geo.classify(entry, 0, 0) {
-                    Unit::Normal(host) | Unit::ZeroAlloc(host) if entry & OFLAG_COPIED != 0 => {
-                        self.set_l2_entry(l2, cluster, host | OFLAG_COPIED | OFLAG_ZERO)?;
-                    }
-                    _ => {
-                        self.set_l2_entry(l2, cluster, OFLAG_ZERO)?;
+                match self.owned_host(entry) {
+                    Some(host) => self.set_l2_entry(l2, cluster, self.zero_entry(host))?,
+                    None => {
+                        self.set_l2_entry(l2, cluster, self.zero_entry(0))?;
                         self.release_entry(entry);
                     }
                 }
@@ -829,12 +895,13 @@ impl Qcow2Writer {
                 return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
             };
             let mut released = Vec::new();
+            let words = self.geo.entry_words();
             while g < table_end {
-                let i = (g / self.cs % self.l2_entries()) as usize;
+                let i = self.l2_word(g);
                 if table[i] != 0 {
                     released.push(table[i]);
-                    table[i] = 0;
                 }
+                table[i..i + words].fill(0);
                 g += self.cs;
             }
             self.l2_cache.insert(l2, table);

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::super::header::{autoclear, Header};
-use super::super::l2::{Unit, OFLAG_ZERO};
+use super::super::l2::Unit;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::read_up_to;
@@ -39,17 +39,20 @@ impl Qcow2Writer {
         let span = self.cs * self.l2_entries();
         let end = (g + max).min((g / span + 1) * span);
         let first = self.is_allocated(g)?;
-        let mut p = g - g % self.cs + self.cs;
+        // Subclusters with extended L2: each is allocated or not on its own.
+        let unit = self.geo.unit_size();
+        let mut p = g - g % unit + unit;
         while p < end && self.is_allocated(p)? == first {
-            p += self.cs;
+            p += unit;
         }
         Ok((first, p.min(end) - g))
     }
 
     fn is_allocated(&mut self, g: u64) -> Result<bool> {
-        let entry = self.l2_entry(g)?;
+        let (entry, bitmap) = self.l2_pair(g)?;
+        let sc = g % self.cs / self.geo.unit_size();
         Ok(!matches!(
-            self.geo.classify(entry, 0, 0),
+            self.geo.classify(entry, bitmap, sc),
             Unit::Unallocated | Unit::UnallocatedAlloc(_)
         ))
     }
@@ -59,7 +62,9 @@ impl Qcow2Writer {
     /// of the disk becomes a zero cluster as a whole, as QEMU's
     /// write-zeroes makes it (v3); v2 has no zero clusters: zero bytes.
     pub fn zero_unallocated(&mut self, offset: u64, len: u64) -> Result<()> {
-        if self.h.version < 3 {
+        // v2 has no zero clusters; with subclusters the range may share a
+        // cluster with this image's own data: zero writes keep that.
+        if self.h.version < 3 || self.geo.extended {
             return self.write_zeroes(offset, len);
         }
         self.check_range(offset, len)?;
@@ -74,7 +79,7 @@ impl Qcow2Writer {
                     format!("internal: cluster at 0x{g:x} is allocated"),
                 ));
             }
-            self.set_l2_entry(l2, g, OFLAG_ZERO)?;
+            self.set_l2_entry(l2, g, self.zero_entry(0))?;
             g += self.cs;
         }
         Ok(())
