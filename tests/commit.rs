@@ -161,6 +161,18 @@ fn commit_into_qcow2_and_raw_bases_equals_qemu_img() {
         );
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(v["virtual-size"], 3 << 20, "{base_fmt}: base not grown");
+        if base_fmt == "raw" {
+            // Zeros committed into a raw base are holes, as QEMU makes them.
+            let blocks = |p: &str| {
+                std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(d.join(p)).unwrap())
+            };
+            assert!(
+                blocks(&ob) <= blocks(&qb),
+                "raw base allocates {} blocks, qemu-img's {}",
+                blocks(&ob),
+                blocks(&qb)
+            );
+        }
     }
 }
 

@@ -63,7 +63,20 @@ impl Target {
     fn write_zeroes(&mut self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
         match self {
             Target::Qcow2(w) => w.write_zeroes(offset, len),
-            Target::Raw { .. } => {
+            Target::Raw { file, .. } => {
+                // A hole reads as zeros and keeps the file sparse, as QEMU's
+                // write-zeroes on a raw file does; zero bytes where the file
+                // system cannot punch one.
+                let punched = nix::fcntl::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                );
+                if punched.is_ok() {
+                    return Ok(());
+                }
                 buf.clear();
                 buf.resize(len as usize, 0);
                 let zeros = std::mem::take(buf);
