@@ -72,6 +72,15 @@ impl Image {
         }
     }
 
+    /// The file that data host offsets refer to (see
+    /// [`Qcow2Image::data_source`]); a raw image's own.
+    pub fn data_file(&self) -> Result<&File> {
+        match self {
+            Image::Qcow2(q) => q.data_source().map(|(_, f)| f),
+            Image::Raw(r) => Ok(r.file()),
+        }
+    }
+
     pub fn as_qcow2(&self) -> Option<&Qcow2Image> {
         match self {
             Image::Qcow2(q) => Some(q),

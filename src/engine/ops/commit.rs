@@ -295,7 +295,12 @@ fn copy_into(
                 cancel.check()?;
                 let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
                 if st.present && st.depth < base_depth {
-                    if st.data {
+                    if st.data
+                        && !st.compressed
+                        && copy_in_kernel(chain, &st, target, &file, base_path)?
+                    {
+                        // Copied file to file without a user buffer.
+                    } else if st.data {
                         let Ok(mut buf) = free_rx.recv() else {
                             return Ok(()); // a writer failed: its error is reported
                         };
@@ -344,4 +349,46 @@ fn copy_into(
         }
         walked.and(written)
     })
+}
+
+/// Copy a plain data extent straight from its layer's file into clusters
+/// the target owns with `copy_file_range`: the kernel moves the bytes page
+/// cache to page cache, one copy instead of a read and a write through a
+/// buffer. False (nothing done) when the target must allocate, or the
+/// source ends early (past its EOF it reads as zeros, which only the
+/// buffered path writes).
+fn copy_in_kernel(
+    chain: &Chain,
+    st: &crate::engine::chain::BlockStatus,
+    target: &mut Target,
+    out: &File,
+    out_path: &Path,
+) -> Result<bool> {
+    let Some(src_host) = st.offset else {
+        return Ok(false);
+    };
+    let layer = &chain.layers()[st.depth];
+    let src = layer.image.data_file()?;
+    let src_len = src.metadata().at(&layer.path)?.len();
+    if src_host + st.length > src_len {
+        return Ok(false);
+    }
+    let Some(runs) = target.in_place_runs(st.start, st.length)? else {
+        return Ok(false);
+    };
+    for (g, host, n) in runs {
+        let (mut from, mut to, mut left) =
+            ((src_host + g - st.start) as i64, host as i64, n as usize);
+        while left > 0 {
+            let copied =
+                nix::fcntl::copy_file_range(src, Some(&mut from), out, Some(&mut to), left)
+                    .map_err(std::io::Error::from)
+                    .at(out_path)?;
+            if copied == 0 {
+                return Err(Error::invalid(out_path, "copy_file_range copied nothing"));
+            }
+            left -= copied;
+        }
+    }
+    Ok(true)
 }

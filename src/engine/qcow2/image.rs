@@ -321,6 +321,14 @@ impl Qcow2Image {
 
     /// Where guest data lives: the external data file (opened now if not
     /// yet) or the image itself.
+    /// The file plain data clusters' host offsets point into (the image's
+    /// own, or its external data file), for copies that bypass
+    /// [`Qcow2Image::read_data`]'s buffer.
+    pub fn data_source(&self) -> Result<(&Path, &File)> {
+        self.refuse_encrypted()?;
+        self.data_path_and_file()
+    }
+
     fn data_path_and_file(&self) -> Result<(&Path, &File)> {
         let Some(p) = &self.data_file else {
             return Ok((self.path.as_path(), &self.file));
