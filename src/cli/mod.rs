@@ -9,6 +9,7 @@ mod create;
 mod demo;
 mod info;
 mod map;
+mod measure;
 mod progress;
 mod tree;
 
@@ -61,6 +62,9 @@ pub enum Command {
     /// Flatten an image and its whole backing chain into a new image
     /// (like `qemu-img convert`; raw output only for now).
     Convert(convert::ConvertArgs),
+    /// Compute the size a new image would take, empty (--size) or holding
+    /// a copy of a source chain (like `qemu-img measure`).
+    Measure(measure::MeasureArgs),
     /// Build a demo fleet (a base with overlays, a chain of depth 3, a raw
     /// disk, a broken overlay), start a simulated guest writing into one
     /// overlay, and open the TUI on it.
@@ -86,6 +90,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Commit(a) => commit::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Measure(a) => measure::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }

@@ -23,4 +23,5 @@ pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
 pub use ops::create::{create, CreateOptions};
 pub use ops::info::{info, info_chain, inspect, inspect_file, HeaderSummary, ImageInfo};
 pub use ops::map::map;
+pub use ops::measure::{measure, Measure, MeasureOptions, MeasureSource};
 pub use progress::{Cancel, Progress};
