@@ -52,7 +52,8 @@ pub enum Command {
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
     /// Check an image's metadata the way `qemu-img check` does: leaks and
-    /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63). Read only.
+    /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63); `-r leaks`
+    /// and `-r all` repair as qemu-img does.
     Check(check::CheckArgs),
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.

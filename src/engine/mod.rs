@@ -17,7 +17,7 @@ pub use chain::{BlockStatus, Chain};
 pub use error::{Error, Result};
 pub use format::{probe, Format};
 pub use lock::{lock_state, LockState};
-pub use ops::check::{check, check_repair_leaks, CheckReport};
+pub use ops::check::{check, check_repair_all, check_repair_leaks, CheckReport};
 pub use ops::commit::{commit, CommitOptions};
 pub use ops::convert::{convert_to_raw, CacheMode, ConvertOptions};
 pub use ops::create::{create, CreateOptions};
