@@ -17,8 +17,9 @@ pub struct MeasureArgs {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
     /// Format of the new image: qcow2 or raw (default raw, as qemu-img).
-    #[arg(short = 'O', value_parser = parse_format, default_value = "raw")]
-    out_format: Format,
+    // Parsed when run, so that an unsupported one exits 1 as in qemu-img.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
     /// Options of the new image, comma separated: cluster_size=N,
     /// refcount_bits=N, compat=1.1|0.10, extended_l2=on|off,
     /// preallocation=off|metadata|falloc|full, backing_file=NAME;
@@ -41,8 +42,9 @@ pub struct MeasureArgs {
 
 pub fn run(a: MeasureArgs) -> color_eyre::Result<i32> {
     let _ = a.force_share;
+    let format = parse_format(&a.out_format).map_err(|e| eyre!(e))?;
     let mut opts = MeasureOptions {
-        format: a.out_format,
+        format,
         ..MeasureOptions::default()
     };
     for group in &a.options {

@@ -169,6 +169,7 @@ pub fn check_repair_all(path: &Path, format: Option<Format>) -> Result<CheckRepo
             c.report.leaks_fixed += old.leaks - c.report.leaks;
         }
         c.report.leaks += fresh_leaks;
+        file.sync_data().at(path)?;
         c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
         c.report
     } else {
@@ -180,6 +181,8 @@ pub fn check_repair_all(path: &Path, format: Option<Format>) -> Result<CheckRepo
             };
             c.compare_refcounts(FIX_LEAKS | FIX_ERRORS)?;
         }
+        // Refcounts on disk before COPIED flags are made to agree with them.
+        file.sync_data().at(path)?;
         c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
         c.report
     };
