@@ -284,6 +284,69 @@ fn source_images_and_flattened_chains() {
     w.write_file("empty.raw", &[]);
     compare(&w, &mut f, &["-O", "qcow2", "empty.raw"]);
 
+    // More of the oracle matrix: internal snapshots (not measured), an
+    // external data file (raw and not), an odd virtual size, zstd
+    // compression, a dirty image with lazy refcounts, a relative backing
+    // name in a subdirectory.
+    w.create("snap.qcow2", "qcow2", "", None, 4 * MIB);
+    io("snap.qcow2", &["write -P 1 0 1M"]);
+    w.qemu_img(&["snapshot", "-c", "s1", "snap.qcow2"]);
+    io("snap.qcow2", &["write -z 0 512k", "write -P 2 2M 64k"]);
+    compare_source(&w, &mut f, "snap.qcow2");
+    w.create(
+        "df.qcow2",
+        "qcow2",
+        "data_file=df.data,data_file_raw=on",
+        None,
+        4 * MIB,
+    );
+    io("df.qcow2", &["write -P 1 64k 64k"]);
+    compare_source(&w, &mut f, "df.qcow2");
+    w.create("df2.qcow2", "qcow2", "data_file=df2.data", None, 4 * MIB);
+    io("df2.qcow2", &["write -P 1 64k 64k", "write -z 1M 64k"]);
+    compare_source(&w, &mut f, "df2.qcow2");
+    w.create("odd.qcow2", "qcow2", "cluster_size=4k", None, 1_000_000);
+    io("odd.qcow2", &["write -P 1 975k 512"]);
+    compare_source(&w, &mut f, "odd.qcow2");
+    w.create(
+        "zstd.qcow2",
+        "qcow2",
+        "compression_type=zstd",
+        None,
+        4 * MIB,
+    );
+    io(
+        "zstd.qcow2",
+        &["write -c -P 1 0 64k", "write -c -P 2 1M 128k"],
+    );
+    compare_source(&w, &mut f, "zstd.qcow2");
+    w.create("lazy.qcow2", "qcow2", "lazy_refcounts=on", None, 4 * MIB);
+    w.run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "abort",
+            "lazy.qcow2",
+        ],
+    );
+    compare_source(&w, &mut f, "lazy.qcow2");
+    w.mkdir("sub");
+    w.create("sub/b.qcow2", "qcow2", "", None, 4 * MIB);
+    io("sub/b.qcow2", &["write -P 1 0 64k"]);
+    w.create(
+        "sub/o.qcow2",
+        "qcow2",
+        "",
+        Some(("b.qcow2", "qcow2")),
+        4 * MIB,
+    );
+    io("sub/o.qcow2", &["write -P 2 1M 64k"]);
+    compare_source(&w, &mut f, "sub/o.qcow2");
+
     // A source and a size together, or a missing source.
     compare(&w, &mut f, &["-O", "qcow2", "--size", "1G", "mixed.qcow2"]);
     compare(&w, &mut f, &["-O", "qcow2", "missing.qcow2"]);
