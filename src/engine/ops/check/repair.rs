@@ -250,8 +250,9 @@ impl Checker<'_> {
     /// Grow the file to `len` bytes (zeros), as QEMU does for a refblock
     /// past the end of the file; the in-memory refcounts follow.
     pub(super) fn grow_file_to(&mut self, len: u64) -> std::io::Result<()> {
-        if len > i64::MAX as u64 {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        // QEMU's bound on the clusters a check counts (INT_MAX).
+        if len.div_ceil(self.cs) > i32::MAX as u64 {
+            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
         }
         if len > self.file_len {
             self.file.set_len(len)?;
@@ -427,7 +428,9 @@ impl Checker<'_> {
     /// until nothing moves), flushed; then the header switched in one
     /// write. The old structure is left for the caller to free as leaks.
     pub(super) fn rebuild_refcount_structure(&mut self) -> Result<()> {
-        let mut refs: Vec<u64> = self.refs.iter().map(|&r| u64::from(r)).collect();
+        // The counts found are the new refcounts (capped at the width's
+        // maximum by `inc`, as in QEMU's in-memory table).
+        let mut refs = std::mem::take(&mut self.refs);
         let mut reftable: Vec<u64> = Vec::new();
         let end = refs.len() as u64;
         self.write_refblocks(&mut refs, 0, end, &mut reftable)?;
@@ -463,7 +466,7 @@ impl Checker<'_> {
     /// has none yet. Returns whether the reftable had to grow.
     fn write_refblocks(
         &mut self,
-        refs: &mut Vec<u64>,
+        refs: &mut Vec<u32>,
         first: u64,
         mut end: u64,
         reftable: &mut Vec<u64>,
@@ -507,7 +510,7 @@ impl Checker<'_> {
     }
 
     /// The on-disk refblock for clusters from `start`: a slice of `refs`.
-    fn encode_refblock(&self, refs: &[u64], start: u64) -> Vec<u8> {
+    fn encode_refblock(&self, refs: &[u32], start: u64) -> Vec<u8> {
         let per_block = self.stored.per_block();
         let bits = 1u64 << self.h.refcount_order;
         let mut block = vec![0u8; self.cs as usize];
@@ -515,6 +518,7 @@ impl Checker<'_> {
             let Some(&v) = refs.get((start + idx) as usize) else {
                 break;
             };
+            let v = u64::from(v);
             if v == 0 {
                 continue;
             }
@@ -535,7 +539,7 @@ impl Checker<'_> {
 /// references at or after `*first_free` (which moves to the first free
 /// cluster seen), growing the in-memory table past the end of the file if
 /// needed; the run is counted as used. Returns its first cluster.
-fn alloc_in_memory(refs: &mut Vec<u64>, count: u64, first_free: &mut u64) -> u64 {
+fn alloc_in_memory(refs: &mut Vec<u32>, count: u64, first_free: &mut u64) -> u64 {
     let mut cluster = *first_free;
     let mut contiguous = 0u64;
     let mut first_gap = true;
@@ -562,4 +566,36 @@ fn alloc_in_memory(refs: &mut Vec<u64>, count: u64, first_free: &mut u64) -> u64
         refs[c as usize] = 1;
     }
     cluster
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_memory_allocation_is_first_fit_and_grows_past_the_end() {
+        let mut refs = vec![1, 0, 1, 0, 0, 1];
+        let mut first_free = 0;
+        assert_eq!(alloc_in_memory(&mut refs, 1, &mut first_free), 1);
+        assert_eq!(first_free, 1);
+        assert_eq!(refs, [1, 1, 1, 0, 0, 1]);
+        // Two together: the hole at 3-4.
+        let mut first_free = 0;
+        assert_eq!(alloc_in_memory(&mut refs, 2, &mut first_free), 3);
+        // No room left: appended, the table grows.
+        let mut first_free = 0;
+        assert_eq!(alloc_in_memory(&mut refs, 2, &mut first_free), 6);
+        assert_eq!(refs, [1; 8]);
+        // Starting beyond the end.
+        let mut first_free = 10;
+        assert_eq!(alloc_in_memory(&mut refs, 1, &mut first_free), 10);
+        assert_eq!(refs.len(), 11);
+    }
+
+    #[test]
+    fn qemu_range_overlap() {
+        assert!(overlaps(0x20000, 0x10000, 0x20200, 0x10000));
+        assert!(!overlaps(0x10000, 0x10000, 0x20000, 0x10000));
+        assert!(!overlaps(0x10000, 0, 0x10000, 0x10000));
+    }
 }
