@@ -298,9 +298,9 @@ fn assert_same_repair_maybe_bytes(dir: &Path, name: &str, want_code: i32, same_b
     let cmp = Command::new("qemu-img")
         .args(["compare", "-q", &q, &c])
         .current_dir(dir)
-        .status()
+        .output()
         .unwrap();
-    assert_eq!(cmp.code(), Some(0), "{name}: guest content differs");
+    assert_eq!(cmp.status.code(), Some(0), "{name}: guest content differs");
     if !same_bytes {
         return;
     }
@@ -535,6 +535,44 @@ fn repair_all_rebuilds_other_layouts_like_qemu_img() {
     poke(&p, refblock(&p) + 8, &0u16.to_be_bytes());
     poke(&p, 72, &1u64.to_be_bytes());
     assert_same_repair(d, "lazy.qcow2", 0);
+
+    // 512-byte clusters, 10 MiB of data: the reftable takes two clusters,
+    // so the rebuild's reftable must grow and be placed again. One refblock
+    // dropped from the table; one data cluster's count zeroed.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let raw: Vec<u8> = (0..10 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(d.join("r.raw"), raw).unwrap();
+    for name in ["wide1.qcow2", "wide2.qcow2"] {
+        qemu(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                "r.raw",
+                name,
+            ],
+        );
+    }
+    let p = d.join("wide1.qcow2");
+    assert_eq!(be64(&p, 56) >> 32, 2, "recipe: a two-cluster reftable");
+    poke(&p, be64(&p, 48) + 8 * 3, &0u64.to_be_bytes());
+    assert_same_repair(d, "wide1.qcow2", 0);
+    let p = d.join("wide2.qcow2");
+    poke(&p, refblock(&p) + 2 * 7, &0u16.to_be_bytes());
+    assert_same_repair(d, "wide2.qcow2", 0);
 
     // Persistent bitmaps: QEMU's read-write open marks them in use and
     // stores them again on close, at new offsets; cowshed leaves them where
