@@ -219,22 +219,66 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
         "repaired image is clean for QEMU"
     );
 
-    // Corruptions: -r leaks repairs nothing and says so by its exit code.
+    // A refcount of 0 on a used cluster needs a rebuild: -r leaks repairs
+    // nothing, not even the leak, and the check fails (exit 1), as QEMU's.
     let (p, _, l2, _, rb) = image(d, "low.qcow2");
     let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     poke(&p, rb + 2 * data_cluster, &0u16.to_be_bytes());
     poke(&p, rb, &2u16.to_be_bytes());
+    std::fs::copy(&p, d.join("q-low.qcow2")).unwrap();
     let before = std::fs::read(&p).unwrap();
     let c = Command::new(env!("CARGO_BIN_EXE_cowshed"))
         .args(["check", "-r", "leaks"])
         .arg(&p)
         .output()
         .unwrap();
-    assert_eq!(c.status.code(), Some(2));
+    let q = Command::new("qemu-img")
+        .args(["check", "-r", "leaks", "q-low.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(q.status.code(), Some(1), "recipe: QEMU needs a rebuild");
+    assert_eq!(c.status.code(), q.status.code());
     assert_eq!(
         std::fs::read(&p).unwrap(),
         before,
         "a corrupt image was written"
+    );
+
+    // Corruptions that need no rebuild (a count too low) stay; the leak
+    // next to them is repaired; exit 2, same JSON and bytes as QEMU's.
+    let (p, _, l2, _, rb) = image(d, "low2.qcow2");
+    qemu(d, "qemu-img", &["snapshot", "-c", "s", "low2.qcow2"]);
+    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    poke(&p, rb + 2 * data_cluster, &1u16.to_be_bytes());
+    poke(&p, rb, &2u16.to_be_bytes());
+    std::fs::copy(&p, d.join("q-low2.qcow2")).unwrap();
+    let run = |prog: &str, file: &str| {
+        let json: &[&str] = if prog == "qemu-img" {
+            &["--output=json"]
+        } else {
+            &["--output", "json"]
+        };
+        let out = Command::new(prog)
+            .args(["check", "-r", "leaks"])
+            .args(json)
+            .arg(file)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("filename");
+        }
+        (out.status.code(), v)
+    };
+    let (qc, qj) = run("qemu-img", "q-low2.qcow2");
+    let (cc, cj) = run(env!("CARGO_BIN_EXE_cowshed"), "low2.qcow2");
+    assert_eq!(qc, Some(2), "recipe: {qj}");
+    assert_eq!((cc, &cj), (qc, &qj));
+    assert!(
+        std::fs::read(&p).unwrap() == std::fs::read(d.join("q-low2.qcow2")).unwrap(),
+        "files differ after -r leaks"
     );
 }
 

@@ -76,34 +76,12 @@ impl CheckReport {
 }
 
 /// `check -r leaks`: lower the refcount of every leaked cluster to the
-/// references found, through the writer (QEMU's locks, ordered writes),
-/// then check again. Only when nothing worse than leaks was found: with
-/// corruptions the refcounts cannot be trusted, and the image is left alone
-/// (`qemu-img check -r all` rebuilds them).
+/// references found, as `qemu-img check -r leaks` does (QEMU's locks, the
+/// same writes), then check again. An image whose refcount structure needs
+/// a rebuild is left alone and the check fails, as in QEMU (exit 1);
+/// corruptions are left for `-r all`.
 pub fn check_repair_leaks(path: &Path, format: Option<Format>) -> Result<CheckReport> {
-    let first = check(path, format)?;
-    let real_corruptions = first.corruptions - first.copied_flag_corruptions;
-    if first.leaks == 0 || real_corruptions > 0 || first.check_errors > 0 {
-        return Ok(first);
-    }
-    let mut w = crate::engine::qcow2::Qcow2Writer::open(path)?;
-    for &(cluster, referenced) in &first.leaked {
-        w.set_cluster_refcount(cluster, referenced)?;
-    }
-    w.flush()?;
-    drop(w);
-    let mut after = check(path, format)?;
-    after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
-    let mut findings = first.findings;
-    findings.extend(
-        first
-            .leaked
-            .iter()
-            .map(|(c, r)| format!("Repairing cluster {c} reference={r}")),
-    );
-    findings.append(&mut after.findings);
-    after.findings = findings;
-    Ok(after)
+    repair::repair(path, format, FIX_LEAKS)
 }
 
 /// What a check may repair (QEMU's BdrvCheckMode bits).

@@ -99,6 +99,12 @@ impl Ignore {
 /// `check -r all` on the image at `path`: repair, then check again, with
 /// qemu-img's counters (`leaks_fixed`, `corruptions_fixed`) and verdict.
 pub fn check_repair_all(path: &Path, format: Option<Format>) -> Result<CheckReport> {
+    repair(path, format, FIX_LEAKS | FIX_ERRORS)
+}
+
+/// QEMU's qcow2_check_refcounts with repair mode `fix`, then qemu-img's
+/// second check when something was fixed.
+pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<CheckReport> {
     // Same format handling and errors as the read-only check.
     let (image, _) = open_image(path, format)?;
     if let Image::Raw(_) = image {
@@ -117,12 +123,12 @@ pub fn check_repair_all(path: &Path, format: Option<Format>) -> Result<CheckRepo
     let q = Qcow2Image::open(path, file.try_clone().at(path)?)?;
 
     let mut c = Checker::new(path, &q)?;
-    c.fix = FIX_LEAKS | FIX_ERRORS;
+    c.fix = fix;
     c.calculate_refcounts()?;
     let pre_compare = c.report.clone();
     c.compare_refcounts(0)?;
 
-    let mut report = if c.rebuild {
+    let mut report = if c.rebuild && fix & FIX_ERRORS != 0 {
         c.report
             .findings
             .push("Rebuilding refcount structure".into());
@@ -173,17 +179,24 @@ pub fn check_repair_all(path: &Path, format: Option<Format>) -> Result<CheckRepo
         c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
         c.report
     } else {
+        if c.rebuild {
+            // Only `-r all` rebuilds; QEMU fails the check here.
+            return Err(Error::invalid(
+                path,
+                "Check failed: the refcount structure needs a rebuild (use -r all)",
+            ));
+        }
         if c.report.leaks > 0 || c.report.corruptions > 0 {
             let findings = std::mem::take(&mut c.report.findings);
             c.report = CheckReport {
                 findings,
                 ..pre_compare
             };
-            c.compare_refcounts(FIX_LEAKS | FIX_ERRORS)?;
+            c.compare_refcounts(fix)?;
         }
         // Refcounts on disk before COPIED flags are made to agree with them.
         file.sync_data().at(path)?;
-        c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
+        c.check_oflag_copied(fix)?;
         c.report
     };
     drop(q);
