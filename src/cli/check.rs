@@ -43,7 +43,18 @@ pub fn run(a: CheckArgs) -> color_eyre::Result<i32> {
             eprintln!("cowshed: {e}");
             return Ok(63);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            if a.repair.is_some() {
+                // What made the repair stop, as qemu-img lists it before
+                // "Check failed" (a read-only check sees the same).
+                if let Ok(r) = engine::check(&a.file, a.format) {
+                    for f in &r.findings {
+                        eprintln!("{f}");
+                    }
+                }
+            }
+            return Err(e.into());
+        }
     };
     for f in &report.findings {
         eprintln!("{f}");
