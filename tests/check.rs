@@ -280,6 +280,18 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
         std::fs::read(&p).unwrap() == std::fs::read(d.join("q-low2.qcow2")).unwrap(),
         "files differ after -r leaks"
     );
+    // An unaligned refblock: the check fails and QEMU marks the image
+    // corrupt on its way; so does cowshed (same bytes).
+    let (p, _, _, reftable, rb) = image(d, "unaligned.qcow2");
+    poke(&p, reftable, &(rb + 512).to_be_bytes());
+    std::fs::copy(&p, d.join("q-unaligned.qcow2")).unwrap();
+    let (qc, _) = run("qemu-img", "q-unaligned.qcow2");
+    let (cc, _) = run(env!("CARGO_BIN_EXE_cowshed"), "unaligned.qcow2");
+    assert_eq!((cc, qc), (Some(1), Some(1)));
+    assert!(
+        std::fs::read(&p).unwrap() == std::fs::read(d.join("q-unaligned.qcow2")).unwrap(),
+        "files differ after -r leaks on an unaligned refblock"
+    );
 }
 
 /// (exit code, JSON without `filename`, stdout) of `check -r all`.
@@ -409,6 +421,37 @@ fn repair_all_like_qemu_img() {
     let (p, _, _, reftable, rb) = image(d, "rb-reserved.qcow2");
     poke(&p, reftable, &(rb | 0x100).to_be_bytes());
     assert_same_repair(d, "rb-reserved.qcow2", 1);
+
+    // An unaligned refblock whose rebuild lands elsewhere: QEMU marks the
+    // image corrupt, rebuilds, then fails its second check (exit 1) with
+    // the last leak repair never written (a leak remains). cowshed exits 1
+    // too, with everything repaired but the corrupt bit, which the next
+    // `check -r all` clears.
+    let (p, _, _, reftable, _) = image(d, "rb-unaligned2.qcow2");
+    let l1 = be64(&p, 40);
+    poke(&p, reftable, &(l1 + 512).to_be_bytes());
+    std::fs::copy(&p, d.join("q-rb-unaligned2.qcow2")).unwrap();
+    let (qc, ..) = repair_all("qemu-img", d, "q-rb-unaligned2.qcow2", true);
+    let (cc, ..) = repair_all(
+        env!("CARGO_BIN_EXE_cowshed"),
+        d,
+        "rb-unaligned2.qcow2",
+        true,
+    );
+    assert_eq!((cc, qc), (Some(1), Some(1)));
+    assert_eq!(
+        run_check("qemu-img", &d.join("q-rb-unaligned2.qcow2")).0,
+        Some(3)
+    );
+    assert_eq!(run_check("qemu-img", &p).0, Some(0));
+    let (cc, ..) = repair_all(
+        env!("CARGO_BIN_EXE_cowshed"),
+        d,
+        "rb-unaligned2.qcow2",
+        true,
+    );
+    assert_eq!(cc, Some(0));
+    assert_eq!(be64(&p, 72) & 2, 0, "corrupt bit cleared by the second run");
 
     // An L2 entry pointing past the end of the file cannot be repaired: the
     // cluster it owned is freed, its COPIED flag cleared, exit 2.

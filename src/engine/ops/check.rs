@@ -130,6 +130,8 @@ struct Checker<'a> {
     fix: u8,
     /// The refcount structure itself is broken: only a rebuild helps.
     rebuild: bool,
+    /// A repair marked the image corrupt, as QEMU does (see `repair`).
+    marked_corrupt: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -170,6 +172,7 @@ impl<'a> Checker<'a> {
             },
             fix: 0,
             rebuild: false,
+            marked_corrupt: false,
         })
     }
 
@@ -487,6 +490,11 @@ impl<'a> Checker<'a> {
                     self.report
                         .findings
                         .push(format!("Can't get refcount for cluster {i}: {e}"));
+                    if self.fix != 0 {
+                        // A repair opens the image for writing, and QEMU
+                        // then marks it corrupt on an unaligned refblock.
+                        self.unaligned_refblock_seen(i);
+                    }
                     continue;
                 }
             };

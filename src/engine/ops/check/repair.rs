@@ -127,6 +127,10 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
     c.calculate_refcounts()?;
     let pre_compare = c.report.clone();
     c.compare_refcounts(0)?;
+    // QEMU's image is unusable once it marked it corrupt: it repairs, but
+    // its second check then fails (exit 1). cowshed repairs the same way
+    // and fails the same way; the next `check -r all` clears the bit.
+    let marked_corrupt = c.marked_corrupt;
 
     let mut report = if c.rebuild && fix & FIX_ERRORS != 0 {
         c.report
@@ -201,10 +205,19 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
     };
     drop(q);
 
+    // QEMU also clears the dirty bit whenever it closes the image, even
+    // after a failed check; cowshed leaves it set then, so that the next
+    // QEMU to open the image still repairs it.
     if report.check_errors == 0 && report.corruptions == 0 {
         mark_clean_and_consistent(&file, path)?;
     }
     file.sync_all().at(path)?;
+    if marked_corrupt {
+        return Err(Error::invalid(
+            path,
+            "Check failed: the image was marked corrupt (a refblock offset is not cluster aligned); repairs were written, run the check again",
+        ));
+    }
     if report.corruptions_fixed == 0 && report.leaks_fixed == 0 {
         return Ok(report);
     }
@@ -295,6 +308,18 @@ impl Checker<'_> {
             );
         }
         Ok(())
+    }
+
+    /// QEMU's qcow2_get_refcount on an image open for writing: a refblock
+    /// offset that is not cluster aligned marks the image corrupt.
+    pub(super) fn unaligned_refblock_seen(&mut self, cluster: u64) {
+        if let Some(off) = self.stored.refblock_offset(cluster) {
+            if off % self.cs != 0 && !self.marked_corrupt {
+                // Best effort, as QEMU's marking.
+                let _ = mark_corrupt(self.file, self.path, self.h);
+                self.marked_corrupt = true;
+            }
+        }
     }
 
     /// The metadata QEMU's default ("cached") overlap check protects.
