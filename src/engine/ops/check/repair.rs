@@ -1,6 +1,7 @@
-//! `check -r all`: QEMU's `qcow2_check_refcounts` with both repair modes,
-//! step for step, so that the same image gets the same repairs, counters and
-//! exit code as with `qemu-img check -r all`:
+//! `check -r leaks` and `check -r all`: QEMU's `qcow2_check_refcounts` with
+//! its repair modes, step for step, so that the same image gets the same
+//! repairs, counters, exit code (and, on the tested corruptions, the same
+//! bytes) as with `qemu-img check -r`. For `-r all`:
 //!
 //! 1. Recompute every refcount from the metadata (a refblock lying past the
 //!    end of the file is made to exist by growing the file, as QEMU does;
@@ -24,8 +25,17 @@
 //! metadata stops the repair with "Check failed" instead of corrupting.
 //! The image stays locked with QEMU's writer locks throughout.
 //!
+//! `-r leaks` only lowers leaked refcounts; an image that needs a rebuild
+//! fails the check (exit 1) untouched, as in QEMU.
+//!
 //! Not done (QEMU does not either): L2 entries pointing past the end of the
 //! file or at unaligned data stay corruptions; the check then exits 2.
+//! Deliberate differences from QEMU: images with persistent bitmaps keep
+//! them where they are (QEMU rewrites them elsewhere on close); after a
+//! failed check the dirty bit stays set (QEMU clears it on close); after an
+//! unaligned refblock marked the image corrupt, the repairs cowshed makes
+//! all reach the disk (QEMU's last leak repair does not) before the check
+//! fails with exit 1 like QEMU's.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
