@@ -219,21 +219,512 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
         "repaired image is clean for QEMU"
     );
 
-    // Corruptions: -r leaks repairs nothing and says so by its exit code.
+    // A refcount of 0 on a used cluster needs a rebuild: -r leaks repairs
+    // nothing, not even the leak, and the check fails (exit 1), as QEMU's.
     let (p, _, l2, _, rb) = image(d, "low.qcow2");
     let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     poke(&p, rb + 2 * data_cluster, &0u16.to_be_bytes());
     poke(&p, rb, &2u16.to_be_bytes());
+    std::fs::copy(&p, d.join("q-low.qcow2")).unwrap();
     let before = std::fs::read(&p).unwrap();
     let c = Command::new(env!("CARGO_BIN_EXE_cowshed"))
         .args(["check", "-r", "leaks"])
         .arg(&p)
         .output()
         .unwrap();
-    assert_eq!(c.status.code(), Some(2));
+    let q = Command::new("qemu-img")
+        .args(["check", "-r", "leaks", "q-low.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(q.status.code(), Some(1), "recipe: QEMU needs a rebuild");
+    assert_eq!(c.status.code(), q.status.code());
     assert_eq!(
         std::fs::read(&p).unwrap(),
         before,
         "a corrupt image was written"
+    );
+
+    // Corruptions that need no rebuild (a count too low) stay; the leak
+    // next to them is repaired; exit 2, same JSON and bytes as QEMU's.
+    let (p, _, l2, _, rb) = image(d, "low2.qcow2");
+    qemu(d, "qemu-img", &["snapshot", "-c", "s", "low2.qcow2"]);
+    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    poke(&p, rb + 2 * data_cluster, &1u16.to_be_bytes());
+    poke(&p, rb, &2u16.to_be_bytes());
+    std::fs::copy(&p, d.join("q-low2.qcow2")).unwrap();
+    let run = |prog: &str, file: &str| {
+        let json: &[&str] = if prog == "qemu-img" {
+            &["--output=json"]
+        } else {
+            &["--output", "json"]
+        };
+        let out = Command::new(prog)
+            .args(["check", "-r", "leaks"])
+            .args(json)
+            .arg(file)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("filename");
+        }
+        (out.status.code(), v)
+    };
+    let (qc, qj) = run("qemu-img", "q-low2.qcow2");
+    let (cc, cj) = run(env!("CARGO_BIN_EXE_cowshed"), "low2.qcow2");
+    assert_eq!(qc, Some(2), "recipe: {qj}");
+    assert_eq!((cc, &cj), (qc, &qj));
+    assert!(
+        std::fs::read(&p).unwrap() == std::fs::read(d.join("q-low2.qcow2")).unwrap(),
+        "files differ after -r leaks"
+    );
+    // An unaligned refblock: the check fails and QEMU marks the image
+    // corrupt on its way; so does cowshed (same bytes).
+    let (p, _, _, reftable, rb) = image(d, "unaligned.qcow2");
+    poke(&p, reftable, &(rb + 512).to_be_bytes());
+    std::fs::copy(&p, d.join("q-unaligned.qcow2")).unwrap();
+    let (qc, _) = run("qemu-img", "q-unaligned.qcow2");
+    let (cc, _) = run(env!("CARGO_BIN_EXE_cowshed"), "unaligned.qcow2");
+    assert_eq!((cc, qc), (Some(1), Some(1)));
+    assert!(
+        std::fs::read(&p).unwrap() == std::fs::read(d.join("q-unaligned.qcow2")).unwrap(),
+        "files differ after -r leaks on an unaligned refblock"
+    );
+}
+
+/// (exit code, JSON without `filename`, stdout) of `check -r all`.
+fn repair_all(prog: &str, dir: &Path, file: &str, json: bool) -> (Option<i32>, Value, String) {
+    let mut args = vec!["check", "-r", "all"];
+    if json {
+        args.extend(if prog == "qemu-img" {
+            &["--output=json"][..]
+        } else {
+            &["--output", "json"][..]
+        });
+    }
+    let out = Command::new(prog)
+        .args(&args)
+        .arg(file)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("filename");
+    }
+    (
+        out.status.code(),
+        v,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Repair one copy with qemu-img and one with cowshed: same exit code, same
+/// JSON (repair counters included), same verdict of `qemu-img check`
+/// afterwards, same guest content (`qemu-img compare`), and the same bytes:
+/// cowshed places a rebuilt refcount structure where QEMU does, so the two
+/// files come out identical (QEMU sets the corrupt bit when it stops a
+/// write on metadata, and so does cowshed).
+fn assert_same_repair(dir: &Path, name: &str, want_code: i32) {
+    assert_same_repair_maybe_bytes(dir, name, want_code, true);
+}
+
+fn assert_same_repair_maybe_bytes(dir: &Path, name: &str, want_code: i32, same_bytes: bool) {
+    let q = format!("q-{name}");
+    let c = format!("c-{name}");
+    std::fs::copy(dir.join(name), dir.join(&q)).unwrap();
+    std::fs::copy(dir.join(name), dir.join(&c)).unwrap();
+    let (qc, qj, _) = repair_all("qemu-img", dir, &q, true);
+    let (cc, cj, _) = repair_all(env!("CARGO_BIN_EXE_cowshed"), dir, &c, true);
+    assert_eq!(
+        qc,
+        Some(want_code),
+        "{name}: recipe did not give qemu-img exit {want_code}: {qj}"
+    );
+    assert_eq!(
+        cc, qc,
+        "{name}: exit codes differ; qemu-img {qj}, cowshed {cj}"
+    );
+    assert_eq!(cj, qj, "{name}: JSON after repair differs");
+    let (qa, _) = run_check("qemu-img", &dir.join(&q));
+    let (ca, cja) = run_check("qemu-img", &dir.join(&c));
+    assert_eq!(ca, qa, "{name}: qemu-img check after repair: {cja}");
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-q", &q, &c])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert_eq!(cmp.status.code(), Some(0), "{name}: guest content differs");
+    if !same_bytes {
+        return;
+    }
+    let (qb, cb) = (
+        std::fs::read(dir.join(&q)).unwrap(),
+        std::fs::read(dir.join(&c)).unwrap(),
+    );
+    assert!(
+        qb == cb,
+        "{name}: repaired files differ (first at byte {:?})",
+        qb.iter().zip(&cb).position(|(a, b)| a != b)
+    );
+}
+
+#[test]
+fn repair_all_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rc = |p: &Path, cluster: u64, v: u16| {
+        let reftable = be64(p, 48);
+        let rb = be64(p, reftable) & !0x1ff;
+        poke(p, rb + 2 * cluster, &v.to_be_bytes());
+    };
+
+    // Leaked cluster (the header counted twice).
+    let (p, ..) = image(d, "leak.qcow2");
+    rc(&p, 0, 2);
+    assert_same_repair(d, "leak.qcow2", 0);
+
+    // Refcount too low: a cluster shared with a snapshot counted once.
+    let (p, _, l2, ..) = image(d, "low.qcow2");
+    qemu(d, "qemu-img", &["snapshot", "-c", "s1", "low.qcow2"]);
+    let data = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    rc(&p, data, 1);
+    assert_same_repair(d, "low.qcow2", 0);
+
+    // Refcount zero on a used data cluster: rebuild.
+    let (p, _, l2, ..) = image(d, "zero.qcow2");
+    rc(&p, (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 0);
+    assert_same_repair(d, "zero.qcow2", 0);
+
+    // The refblock pointer points into the L2 table: rebuild.
+    let (p, _, l2, reftable, _) = image(d, "rb-in-l2.qcow2");
+    poke(&p, reftable, &l2.to_be_bytes());
+    assert_same_repair(d, "rb-in-l2.qcow2", 0);
+
+    // Reftable entries past the end of the file (the first one, and an
+    // unused second one): QEMU grows the file to hold them, then rebuilds.
+    let (p, _, _, reftable, _) = image(d, "rb-eof0.qcow2");
+    poke(&p, reftable, &0x10_0000u64.to_be_bytes());
+    assert_same_repair(d, "rb-eof0.qcow2", 0);
+    let (p, _, _, reftable, _) = image(d, "rb-eof1.qcow2");
+    poke(&p, reftable + 8, &0x100_0000u64.to_be_bytes());
+    assert_same_repair(d, "rb-eof1.qcow2", 0);
+
+    // An unaligned refblock offset, and reserved bits in a reftable entry:
+    // the rebuilt refblock would land on what the table still names a
+    // refblock, so QEMU stops (exit 1) and marks the image corrupt.
+    let (p, _, _, reftable, rb) = image(d, "rb-unaligned.qcow2");
+    poke(&p, reftable, &(rb + 512).to_be_bytes());
+    assert_same_repair(d, "rb-unaligned.qcow2", 1);
+    let (p, _, _, reftable, rb) = image(d, "rb-reserved.qcow2");
+    poke(&p, reftable, &(rb | 0x100).to_be_bytes());
+    assert_same_repair(d, "rb-reserved.qcow2", 1);
+
+    // An unaligned refblock whose rebuild lands elsewhere: QEMU marks the
+    // image corrupt, rebuilds, then fails its second check (exit 1) with
+    // the last leak repair never written (a leak remains). cowshed exits 1
+    // too, with everything repaired but the corrupt bit, which the next
+    // `check -r all` clears.
+    let (p, _, _, reftable, _) = image(d, "rb-unaligned2.qcow2");
+    let l1 = be64(&p, 40);
+    poke(&p, reftable, &(l1 + 512).to_be_bytes());
+    std::fs::copy(&p, d.join("q-rb-unaligned2.qcow2")).unwrap();
+    let (qc, ..) = repair_all("qemu-img", d, "q-rb-unaligned2.qcow2", true);
+    let (cc, ..) = repair_all(
+        env!("CARGO_BIN_EXE_cowshed"),
+        d,
+        "rb-unaligned2.qcow2",
+        true,
+    );
+    assert_eq!((cc, qc), (Some(1), Some(1)));
+    assert_eq!(
+        run_check("qemu-img", &d.join("q-rb-unaligned2.qcow2")).0,
+        Some(3)
+    );
+    assert_eq!(run_check("qemu-img", &p).0, Some(0));
+    let (cc, ..) = repair_all(
+        env!("CARGO_BIN_EXE_cowshed"),
+        d,
+        "rb-unaligned2.qcow2",
+        true,
+    );
+    assert_eq!(cc, Some(0));
+    assert_eq!(be64(&p, 72) & 2, 0, "corrupt bit cleared by the second run");
+
+    // An L2 entry pointing past the end of the file cannot be repaired: the
+    // cluster it owned is freed, its COPIED flag cleared, exit 2.
+    let (p, _, l2, ..) = image(d, "l2-eof.qcow2");
+    poke(&p, l2, &0x8000_0000_4000_0000u64.to_be_bytes());
+    assert_same_repair(d, "l2-eof.qcow2", 2);
+
+    // Overlapping tables: an L1 entry pointing at the refcount table.
+    let (p, l1, _, reftable, _) = image(d, "overlap.qcow2");
+    poke(&p, l1, &(reftable | 1 << 63).to_be_bytes());
+    assert_same_repair(d, "overlap.qcow2", 0);
+
+    // A preallocated (zero) cluster at an unaligned offset becomes a zero
+    // cluster; a wrong COPIED flag is set right.
+    let (p, _, l2, ..) = image(d, "prealloc.qcow2");
+    poke(&p, l2 + 8 * 32, &0x8000_0000_0007_0201u64.to_be_bytes());
+    assert_same_repair(d, "prealloc.qcow2", 0);
+    let (p, l1, ..) = image(d, "copied.qcow2");
+    let e = be64(&p, l1);
+    poke(&p, l1, &(e & !(1 << 63)).to_be_bytes());
+    assert_same_repair(d, "copied.qcow2", 0);
+
+    // Dirty and corrupt bits with a leak: repaired, bits cleared.
+    let (p, ..) = image(d, "bits.qcow2");
+    rc(&p, 0, 2);
+    poke(&p, 72, &3u64.to_be_bytes());
+    assert_same_repair(d, "bits.qcow2", 0);
+
+    // Clean: nothing written.
+    image(d, "clean.qcow2");
+    assert_same_repair(d, "clean.qcow2", 0);
+}
+
+#[test]
+fn repair_all_rebuilds_other_layouts_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let refblock = |p: &Path| be64(p, be64(p, 48)) & !0x1ff;
+
+    // 512-byte clusters, 1-bit refcounts, data over many refblocks; the
+    // first refblock dropped from the table: 4095 corruptions, one rebuild
+    // with many refblocks.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=1",
+            "small.qcow2",
+            "8M",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 1 0 2M",
+            "-c",
+            "write -c -P 2 3M 64k",
+            "small.qcow2",
+        ],
+    );
+    let p = d.join("small.qcow2");
+    poke(&p, be64(&p, 48), &0u64.to_be_bytes());
+    assert_same_repair(d, "small.qcow2", 0);
+
+    // 4 KiB clusters, 64-bit refcounts, a data cluster's count zeroed.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,refcount_bits=64",
+            "w64.qcow2",
+            "8M",
+        ],
+    );
+    qemu(d, "qemu-io", &["-c", "write -P 1 0 100k", "w64.qcow2"]);
+    let p = d.join("w64.qcow2");
+    poke(&p, refblock(&p) + 8 * 5, &0u64.to_be_bytes());
+    assert_same_repair(d, "w64.qcow2", 0);
+
+    // Extended L2 and a snapshot: a leak and a count too low.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "ext.qcow2",
+            "4M",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 1 0 4k",
+            "-c",
+            "write -P 2 64k 64k",
+            "ext.qcow2",
+        ],
+    );
+    qemu(d, "qemu-img", &["snapshot", "-c", "s", "ext.qcow2"]);
+    let p = d.join("ext.qcow2");
+    let rb = refblock(&p);
+    poke(&p, rb, &3u16.to_be_bytes());
+    poke(&p, rb + 2 * 5, &1u16.to_be_bytes());
+    assert_same_repair(d, "ext.qcow2", 0);
+
+    // A snapshot's L2 table with its refcount zeroed: the rebuild counts
+    // snapshot tables too.
+    let (p, ..) = image(d, "snap.qcow2");
+    qemu(d, "qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"]);
+    qemu(d, "qemu-io", &["-c", "write -P 9 0 64k", "snap.qcow2"]);
+    poke(&p, refblock(&p) + 2 * 4, &0u16.to_be_bytes());
+    assert_same_repair(d, "snap.qcow2", 0);
+
+    // v2 image; lazy refcounts left dirty.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "4M",
+        ],
+    );
+    qemu(d, "qemu-io", &["-c", "write -P 1 0 64k", "v2.qcow2"]);
+    let p = d.join("v2.qcow2");
+    poke(&p, refblock(&p) + 2, &0u16.to_be_bytes());
+    assert_same_repair(d, "v2.qcow2", 0);
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "lazy.qcow2",
+            "4M",
+        ],
+    );
+    qemu(d, "qemu-io", &["-c", "write -P 1 0 64k", "lazy.qcow2"]);
+    let p = d.join("lazy.qcow2");
+    poke(&p, refblock(&p) + 8, &0u16.to_be_bytes());
+    poke(&p, 72, &1u64.to_be_bytes());
+    assert_same_repair(d, "lazy.qcow2", 0);
+
+    // 512-byte clusters, 10 MiB of data: the reftable takes two clusters,
+    // so the rebuild's reftable must grow and be placed again. One refblock
+    // dropped from the table; one data cluster's count zeroed.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let raw: Vec<u8> = (0..10 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(d.join("r.raw"), raw).unwrap();
+    for name in ["wide1.qcow2", "wide2.qcow2"] {
+        qemu(
+            d,
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                "r.raw",
+                name,
+            ],
+        );
+    }
+    let p = d.join("wide1.qcow2");
+    assert_eq!(be64(&p, 56) >> 32, 2, "recipe: a two-cluster reftable");
+    poke(&p, be64(&p, 48) + 8 * 3, &0u64.to_be_bytes());
+    assert_same_repair(d, "wide1.qcow2", 0);
+    let p = d.join("wide2.qcow2");
+    poke(&p, refblock(&p) + 2 * 7, &0u16.to_be_bytes());
+    assert_same_repair(d, "wide2.qcow2", 0);
+
+    // Persistent bitmaps: QEMU's read-write open marks them in use and
+    // stores them again on close, at new offsets; cowshed leaves them where
+    // they are (repairing refcounts changes no guest data, so they stay
+    // valid). Same verdicts and content, different layout.
+    let (p, ..) = image(d, "bitmap.qcow2");
+    qemu(d, "qemu-img", &["bitmap", "--add", "bitmap.qcow2", "b0"]);
+    qemu(d, "qemu-io", &["-c", "write -P 3 128k 64k", "bitmap.qcow2"]);
+    poke(&p, refblock(&p) + 8, &0u16.to_be_bytes());
+    assert_same_repair_maybe_bytes(d, "bitmap.qcow2", 0, false);
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "c-bitmap.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"][0]["name"], "b0",
+        "bitmap kept: {info}"
+    );
+}
+
+#[test]
+fn repair_all_human_text_and_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p, _, l2, reftable, _) = image(d, "h.qcow2");
+    let data = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    poke(&p, be64(&p, reftable) + 2 * data, &0u16.to_be_bytes());
+    std::fs::copy(&p, d.join("q.qcow2")).unwrap();
+    let (qc, _, qt) = repair_all("qemu-img", d, "q.qcow2", false);
+    let (cc, _, ct) = repair_all(env!("CARGO_BIN_EXE_cowshed"), d, "h.qcow2", false);
+    assert_eq!((cc, ct.as_str()), (qc, qt.as_str()), "human output differs");
+
+    // A running QEMU holds the image: refused, nothing written.
+    let (p, ..) = image(d, "busy.qcow2");
+    poke(&p, be64(&p, be64(&p, 48)), &2u16.to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 20000", "busy.qcow2"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cowshed::engine::lock_state(&p).unwrap() != cowshed::engine::LockState::Writer {
+        assert!(std::time::Instant::now() < deadline, "qemu-io never locked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_cowshed"))
+        .args(["check", "-r", "all", "busy.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a locked image was written"
     );
 }

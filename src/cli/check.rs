@@ -21,10 +21,10 @@ pub struct CheckArgs {
     /// no lock.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Repair: `leaks` lowers leaked clusters' refcounts (takes QEMU's
-    /// writer locks; refused while a QEMU holds the image). `all`
-    /// (rebuilding refcounts) is not done by cowshed yet: use
-    /// `qemu-img check -r all`.
+    /// Repair (takes QEMU's writer locks; refused while a QEMU holds the
+    /// image): `leaks` lowers leaked clusters' refcounts; `all` also raises
+    /// refcounts that are too low, fixes COPIED flags and rebuilds a broken
+    /// refcount structure, as `qemu-img check -r all` does.
     #[arg(short = 'r', value_parser = ["leaks", "all"])]
     repair: Option<String>,
     file: PathBuf,
@@ -33,10 +33,7 @@ pub struct CheckArgs {
 pub fn run(a: CheckArgs) -> color_eyre::Result<i32> {
     let _ = a.force_share;
     let result = match a.repair.as_deref() {
-        Some("all") => color_eyre::eyre::bail!(
-            "{}: -r all (rebuilding refcounts) is not done by cowshed yet; use `qemu-img check -r all`",
-            a.file.display()
-        ),
+        Some("all") => engine::check_repair_all(&a.file, a.format),
         Some(_) => engine::check_repair_leaks(&a.file, a.format),
         None => engine::check(&a.file, a.format),
     };
@@ -46,7 +43,18 @@ pub fn run(a: CheckArgs) -> color_eyre::Result<i32> {
             eprintln!("cowshed: {e}");
             return Ok(63);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            if a.repair.is_some() {
+                // What made the repair stop, as qemu-img lists it before
+                // "Check failed" (a read-only check sees the same).
+                if let Ok(r) = engine::check(&a.file, a.format) {
+                    for f in &r.findings {
+                        eprintln!("{f}");
+                    }
+                }
+            }
+            return Err(e.into());
+        }
     };
     for f in &report.findings {
         eprintln!("{f}");
@@ -73,6 +81,7 @@ fn to_json(r: &CheckReport) -> Value {
         ("fragmented-clusters", r.fragmented_clusters),
         ("compressed-clusters", r.compressed_clusters),
         ("leaks-fixed", r.leaks_fixed),
+        ("corruptions-fixed", r.corruptions_fixed),
     ] {
         if v > 0 {
             m.insert(key.into(), json!(v));
@@ -84,11 +93,11 @@ fn to_json(r: &CheckReport) -> Value {
 fn to_human(r: &CheckReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    if r.leaks_fixed > 0 {
+    if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
         let _ = writeln!(
             s,
-            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...",
-            r.leaks_fixed
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+            r.leaks_fixed, r.corruptions_fixed
         );
     }
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {

@@ -9,6 +9,7 @@ mod create;
 mod demo;
 mod info;
 mod map;
+mod measure;
 mod progress;
 mod rebase;
 mod tree;
@@ -52,7 +53,8 @@ pub enum Command {
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
     /// Check an image's metadata the way `qemu-img check` does: leaks and
-    /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63). Read only.
+    /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63); `-r leaks`
+    /// and `-r all` repair as qemu-img does.
     Check(check::CheckArgs),
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
@@ -67,6 +69,9 @@ pub enum Command {
     /// (like `qemu-img convert`): raw or qcow2, optionally compressed or
     /// over a new backing file.
     Convert(convert::ConvertArgs),
+    /// Compute the size a new image would take, empty (--size) or holding
+    /// a copy of a source chain (like `qemu-img measure`).
+    Measure(measure::MeasureArgs),
     /// Build a demo fleet (a base with overlays, a chain of depth 3, a raw
     /// disk, a broken overlay), start a simulated guest writing into one
     /// overlay, and open the TUI on it.
@@ -93,6 +98,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Rebase(a) => rebase::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Measure(a) => measure::run(a),
         Command::Demo(a) => demo::run(a),
     }
 }

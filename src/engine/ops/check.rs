@@ -2,8 +2,13 @@
 //! the refcounts stored in the image, the way `qemu-img check` does
 //! (QCOW2.md §3.2, §3.4): leaks (stored > referenced) versus corruptions
 //! (stored < referenced, misaligned or out-of-file structures, wrong COPIED
-//! flags), with qemu-img's counters. Read only: repairs need the engine's
-//! allocating writer.
+//! flags), with qemu-img's counters. The same checker repairs for
+//! `check -r all` (see [`repair`]): it then writes, in the places and order
+//! QEMU's `qcow2_check_refcounts` writes.
+
+mod repair;
+
+pub use repair::check_repair_all;
 
 use crate::engine::qcow2::be64_table;
 use std::fs::File;
@@ -40,8 +45,10 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
-    /// Leaks repaired by [`check_repair_leaks`].
+    /// Leaks repaired by [`check_repair_leaks`] or [`check_repair_all`].
     pub leaks_fixed: u64,
+    /// Corruptions repaired by [`check_repair_all`].
+    pub corruptions_fixed: u64,
     /// One line per finding, in qemu-img's words.
     pub findings: Vec<String>,
     /// (cluster, references found) of each leaked cluster.
@@ -69,35 +76,17 @@ impl CheckReport {
 }
 
 /// `check -r leaks`: lower the refcount of every leaked cluster to the
-/// references found, through the writer (QEMU's locks, ordered writes),
-/// then check again. Only when nothing worse than leaks was found: with
-/// corruptions the refcounts cannot be trusted, and the image is left alone
-/// (`qemu-img check -r all` rebuilds them).
+/// references found, as `qemu-img check -r leaks` does (QEMU's locks, the
+/// same writes), then check again. An image whose refcount structure needs
+/// a rebuild is left alone and the check fails, as in QEMU (exit 1);
+/// corruptions are left for `-r all`.
 pub fn check_repair_leaks(path: &Path, format: Option<Format>) -> Result<CheckReport> {
-    let first = check(path, format)?;
-    let real_corruptions = first.corruptions - first.copied_flag_corruptions;
-    if first.leaks == 0 || real_corruptions > 0 || first.check_errors > 0 {
-        return Ok(first);
-    }
-    let mut w = crate::engine::qcow2::Qcow2Writer::open(path)?;
-    for &(cluster, referenced) in &first.leaked {
-        w.set_cluster_refcount(cluster, referenced)?;
-    }
-    w.flush()?;
-    drop(w);
-    let mut after = check(path, format)?;
-    after.leaks_fixed = first.leaks.saturating_sub(after.leaks);
-    let mut findings = first.findings;
-    findings.extend(
-        first
-            .leaked
-            .iter()
-            .map(|(c, r)| format!("Repairing cluster {c} reference={r}")),
-    );
-    findings.append(&mut after.findings);
-    after.findings = findings;
-    Ok(after)
+    repair::repair(path, format, FIX_LEAKS)
 }
+
+/// What a check may repair (QEMU's BdrvCheckMode bits).
+pub(crate) const FIX_LEAKS: u8 = 1;
+pub(crate) const FIX_ERRORS: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClusterType {
@@ -137,6 +126,12 @@ struct Checker<'a> {
     refcount_max: u64,
     stored: Refcounts,
     report: CheckReport,
+    /// What this pass may repair (0 for a read-only check).
+    fix: u8,
+    /// The refcount structure itself is broken: only a rebuild helps.
+    rebuild: bool,
+    /// A repair marked the image corrupt, as QEMU does (see `repair`).
+    marked_corrupt: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -175,6 +170,9 @@ impl<'a> Checker<'a> {
                 total_clusters: q.virtual_size().div_ceil(cs),
                 ..CheckReport::default()
             },
+            fix: 0,
+            rebuild: false,
+            marked_corrupt: false,
         })
     }
 
@@ -185,8 +183,8 @@ impl<'a> Checker<'a> {
 
     fn run(mut self) -> Result<CheckReport> {
         self.calculate_refcounts()?;
-        self.compare_refcounts()?;
-        self.check_oflag_copied()?;
+        self.compare_refcounts(0)?;
+        self.check_oflag_copied(0)?;
         Ok(self.report)
     }
 
@@ -395,11 +393,18 @@ impl<'a> Checker<'a> {
                         } else {
                             entry & OFLAG_ZERO == 0
                         };
-                        self.corruption(if contains_data {
-                            format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
+                        if contains_data {
+                            self.corruption(format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."));
+                        } else if self.fix & FIX_ERRORS != 0 {
+                            self.report.findings.push(format!("Repairing offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."));
+                            self.report.corruptions += 1;
+                            if self.fix_l2_entry_by_zero(l2_offset, i as u64, bitmap, active)? {
+                                // Unused now: not counted.
+                                continue;
+                            }
                         } else {
-                            format!("ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.")
-                        });
+                            self.corruption(format!("ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."));
+                        }
                     }
                     if active {
                         self.report.allocated_clusters += 1;
@@ -435,16 +440,32 @@ impl<'a> Checker<'a> {
                 self.corruption(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if offset % self.cs != 0 {
                 self.corruption(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
+                self.rebuild = true;
                 continue;
             }
             if cluster as usize >= self.refs.len() {
-                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                if self.fix & FIX_ERRORS == 0 {
+                    self.corruption(format!("ERROR refcount block {i} is outside image"));
+                    continue;
+                }
+                self.corruption(format!("Repairing refcount block {i} is outside image"));
+                // QEMU grows the file to hold the block (zeros), counts it,
+                // and lets the zero refcounts it holds trigger a rebuild.
+                if let Err(e) = self.grow_file_to(offset.saturating_add(self.cs)) {
+                    self.report
+                        .findings
+                        .push(format!("ERROR could not resize image: {e}"));
+                    self.rebuild = true;
+                    continue;
+                }
+                self.inc(offset, self.cs);
                 continue;
             }
             if offset != 0 {
@@ -452,13 +473,14 @@ impl<'a> Checker<'a> {
                 let r = self.refs[cluster as usize];
                 if r != 1 {
                     self.corruption(format!("ERROR refcount block {i} refcount={r}"));
+                    self.rebuild = true;
                 }
             }
         }
         Ok(())
     }
 
-    fn compare_refcounts(&mut self) -> Result<()> {
+    fn compare_refcounts(&mut self, fix: u8) -> Result<()> {
         let mut highest = 0u64;
         for i in 0..self.refs.len() as u64 {
             let stored = match self.stored.get(self.file, self.path, i) {
@@ -468,6 +490,11 @@ impl<'a> Checker<'a> {
                     self.report
                         .findings
                         .push(format!("Can't get refcount for cluster {i}: {e}"));
+                    if self.fix != 0 {
+                        // A repair opens the image for writing, and QEMU
+                        // then marks it corrupt on an unaligned refblock.
+                        self.unaligned_refblock_seen(i);
+                    }
                     continue;
                 }
             };
@@ -476,7 +503,17 @@ impl<'a> Checker<'a> {
                 highest = i;
             }
             if stored != referenced {
-                let word = if stored < referenced {
+                let fixing = if stored == 0 {
+                    self.rebuild = true;
+                    false
+                } else if stored > referenced {
+                    fix & FIX_LEAKS != 0
+                } else {
+                    fix & FIX_ERRORS != 0
+                };
+                let word = if fixing {
+                    "Repairing"
+                } else if stored < referenced {
                     "ERROR"
                 } else {
                     "Leaked"
@@ -484,6 +521,22 @@ impl<'a> Checker<'a> {
                 self.report.findings.push(format!(
                     "{word} cluster {i} refcount={stored} reference={referenced}"
                 ));
+                if fixing {
+                    match self.write_refcount(i, referenced) {
+                        Ok(()) => {
+                            if stored > referenced {
+                                self.report.leaks_fixed += 1;
+                            } else {
+                                self.report.corruptions_fixed += 1;
+                            }
+                            continue;
+                        }
+                        Err(e) => self
+                            .report
+                            .findings
+                            .push(format!("ERROR cannot update refcount of cluster {i}: {e}")),
+                    }
+                }
                 if stored < referenced {
                     self.report.corruptions += 1;
                 } else {
@@ -498,7 +551,16 @@ impl<'a> Checker<'a> {
 
     /// COPIED must be set exactly where the stored refcount is 1 (active L1
     /// and the L2 tables it points to).
-    fn check_oflag_copied(&mut self) -> Result<()> {
+    fn check_oflag_copied(&mut self, fix: u8) -> Result<()> {
+        let repair = if fix & FIX_ERRORS != 0 {
+            true
+        } else if fix & FIX_LEAKS != 0 {
+            // Safe only when the refcounts were repaired completely.
+            self.report.check_errors == 0 && self.report.corruptions == 0 && self.report.leaks == 0
+        } else {
+            false
+        };
+        let word = if repair { "Repairing" } else { "ERROR" };
         let h = self.h;
         let l1 = self.read_table(h.l1_table_offset, u64::from(h.l1_size))?;
         let words = self.geo.entry_words() as u64;
@@ -514,10 +576,22 @@ impl<'a> Checker<'a> {
             if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
                 self.report.copied_flag_corruptions += 1;
                 self.corruption(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
+                    "{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
                 ));
+                if repair {
+                    let fixed = l1_entry ^ OFLAG_COPIED;
+                    self.write_table_bytes(
+                        h.l1_table_offset + i as u64 * 8,
+                        &fixed.to_be_bytes(),
+                        repair::Ignore::ActiveL1,
+                    )?;
+                    self.report.copied_flag_corruptions -= 1;
+                    self.report.corruptions -= 1;
+                    self.report.corruptions_fixed += 1;
+                }
             }
-            let table = self.read_table(l2_offset, entries * words)?;
+            let mut table = self.read_table(l2_offset, entries * words)?;
+            let mut dirty = 0u64;
             for j in 0..entries as usize {
                 let entry = table[j * words as usize];
                 if !matches!(
@@ -540,9 +614,20 @@ impl<'a> Checker<'a> {
                 if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
                     self.report.copied_flag_corruptions += 1;
                     self.corruption(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+                        "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
                     ));
+                    if repair {
+                        table[j * words as usize] = entry ^ OFLAG_COPIED;
+                        dirty += 1;
+                    }
                 }
+            }
+            if dirty > 0 {
+                let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                self.write_table_bytes(l2_offset, &raw, repair::Ignore::ActiveL2)?;
+                self.report.copied_flag_corruptions -= dirty;
+                self.report.corruptions -= dirty;
+                self.report.corruptions_fixed += dirty;
             }
         }
         Ok(())

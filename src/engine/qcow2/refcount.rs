@@ -209,11 +209,14 @@ pub fn detect_metadata_preallocation(file: &File, path: &Path, h: &Header) -> Re
     let mut refs = Refcounts::load(file, path, h)?;
     let mut count = 0u64;
     let mut i = 0u64;
-    while i < end_cluster && count <= threshold {
+    while i < end_cluster && count < threshold {
         if refs.get(file, path, i)? != 0 {
             count += 1;
         }
         i += 1;
     }
-    Ok(count > threshold)
+    // `>=`, as QEMU: a fresh image with one compressed cluster appended
+    // (8 clusters in use, 6 allocated on disk) already counts as
+    // preallocated, and qemu-img map then reports its data clusters' holes.
+    Ok(count >= threshold)
 }
