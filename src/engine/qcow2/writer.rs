@@ -384,13 +384,6 @@ impl Qcow2Writer {
         Ok(c * self.cs)
     }
 
-    /// Set a cluster's refcount outright (`check -r leaks`: the value the
-    /// metadata's references call for).
-    pub fn set_cluster_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
-        self.before_first_write()?;
-        self.set_refcount(cluster, value)
-    }
-
     /// Drop one reference to each cluster of `[offset, offset + len)`.
     fn release(&mut self, offset: u64, len: u64) -> Result<()> {
         let first = offset / self.cs;
