@@ -20,7 +20,9 @@
 //! not wholly this image's data is copied on write as a whole cluster, so
 //! every subcluster ends up allocated); the L1 table grows when the disk
 //! does, the refcount table when the file does. Refused with a clear error
-//! for now: external data files and encryption.
+//! for now: encryption. External data files hold the data clusters, at
+//! their guest offsets (QEMU's mapping), uncounted; a raw one is kept a
+//! valid raw image of the disk.
 
 pub mod backing;
 use super::be64_table;
@@ -45,6 +47,10 @@ pub struct Qcow2Writer {
     path: PathBuf,
     file: File,
     _lock: ImageLock,
+    /// The external data file, when guest data lives there: a data
+    /// cluster's host offset is its guest offset in that file (QEMU maps
+    /// them one to one and counts no references to them).
+    data: Option<DataFile>,
     h: Header,
     geo: Geometry,
     cs: u64,
@@ -69,6 +75,15 @@ pub struct Qcow2Writer {
 /// their own, bounding memory and what a power cut can leak.
 const DIRTY_TABLES_MAX: usize = 256;
 const PENDING_RELEASES_MAX: usize = 8192;
+
+struct DataFile {
+    path: PathBuf,
+    file: File,
+    _lock: ImageLock,
+    /// `data_file_raw`: the data file is a valid raw image of the disk
+    /// too, so zeros are written into it as well.
+    raw: bool,
+}
 
 /// Extended L2 bitmaps: every subcluster allocated, or every one zero.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
@@ -101,9 +116,6 @@ impl Qcow2Writer {
                 "the image is marked dirty or corrupt; repair it first with `qemu-img check -r all`",
             ));
         }
-        if h.has_data_file() {
-            return refuse("an external data file");
-        }
         if h.crypt_method != super::header::CryptMethod::None {
             return refuse("encryption");
         }
@@ -112,6 +124,30 @@ impl Qcow2Writer {
         file.read_exact_at(&mut raw, h.l1_table_offset).at(path)?;
         let l1 = be64_table(&raw);
         let refs = Refcounts::load(&file, path, &h)?;
+        let data = match (&h.extensions.data_file, h.has_data_file()) {
+            (Some(name), true) => {
+                let data_path = crate::engine::chain::combine_path(path, name);
+                let data_file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&data_path)
+                    .map_err(|e| {
+                        Error::invalid(
+                            path,
+                            format!("Could not open external data file '{}': {e}", data_path.display()),
+                        )
+                    })?;
+                let lock = ImageLock::acquire(&data_file, &data_path, LockMode::WRITER)?;
+                Some(DataFile {
+                    path: data_path,
+                    file: data_file,
+                    _lock: lock,
+                    raw: h.data_file_raw(),
+                })
+            }
+            (None, true) => return refuse("an external data file it cannot name"),
+            _ => None,
+        };
         let backing = match &h.backing_file {
             None => None,
             Some(name) => {
@@ -135,12 +171,13 @@ impl Qcow2Writer {
             geo: Geometry {
                 cluster_bits: h.cluster_bits,
                 extended: h.has_extended_l2(),
-                external_data: false,
+                external_data: h.has_data_file(),
                 version: h.version,
             },
             cs: h.cluster_size(),
             file,
             _lock: lock,
+            data,
             l1,
             refs,
             free_hint: 0,
@@ -164,6 +201,43 @@ impl Qcow2Writer {
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let n = read_up_to(&self.file, buf, off).at(&self.path)?;
         buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Where data clusters live: the external data file, else the image.
+    fn data_target(&self) -> (&Path, &File) {
+        match &self.data {
+            Some(d) => (&d.path, &d.file),
+            None => (&self.path, &self.file),
+        }
+    }
+
+    /// Read a data cluster's bytes (zeros past the end of its file).
+    fn data_pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let (path, file) = self.data_target();
+        let n = read_up_to(file, buf, off).at(path)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Make `[off, off + len)` of a raw external data file read as zeros,
+    /// so its raw view stays the disk's (a hole where the file system can).
+    fn zero_raw_data(&self, off: u64, len: u64) -> Result<()> {
+        let Some(d) = self.data.as_ref().filter(|d| d.raw) else {
+            return Ok(());
+        };
+        let punched = nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&d.file),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        );
+        if punched.is_err() {
+            d.file
+                .write_all_at(&vec![0u8; len as usize], off)
+                .at(&d.path)?;
+        }
         Ok(())
     }
 
@@ -594,7 +668,7 @@ impl Qcow2Writer {
         for (sc, part) in buf.chunks_mut(unit).enumerate() {
             let at = g + (sc * unit) as u64;
             match self.geo.classify(entry, bitmap, sc as u64) {
-                Unit::Normal(host) => self.pread(part, host)?,
+                Unit::Normal(host) => self.data_pread(part, host)?,
                 Unit::ZeroPlain | Unit::ZeroAlloc(_) => part.fill(0),
                 Unit::Compressed(desc) => {
                     // Compressed clusters have no subclusters: the whole one.
@@ -639,6 +713,10 @@ impl Qcow2Writer {
     /// Release what an L2 entry owned in this image (after it was
     /// replaced), once the table that replaced it is durable.
     fn release_entry(&mut self, entry: u64) {
+        if self.data.is_some() {
+            // Data clusters in an external file are not refcounted.
+            return;
+        }
         if entry & OFLAG_COMPRESSED != 0 {
             let (host, span) = self
                 .geo
@@ -688,7 +766,7 @@ impl Qcow2Writer {
     /// The image file, for data writes at offsets
     /// [`Qcow2Writer::in_place_runs`] returned.
     pub fn data_file(&self) -> &File {
-        &self.file
+        self.data_target().1
     }
 
     /// Write guest bytes at `offset`.
@@ -740,7 +818,7 @@ impl Qcow2Writer {
             g += cs;
         }
         let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
-        let mut next_fresh = if fresh > 0 {
+        let mut next_fresh = if fresh > 0 && self.data.is_none() {
             self.alloc_clusters(fresh)?
         } else {
             0
@@ -756,7 +834,8 @@ impl Qcow2Writer {
             match in_place {
                 Some(host) => plan.push((host + (lo - g), range.0, range.1, None)),
                 None => {
-                    let host = next_fresh;
+                    // External data: the cluster's place is its guest offset.
+                    let host = if self.data.is_some() { g } else { next_fresh };
                     next_fresh += cs;
                     if hi - lo < cs {
                         let mut buf = vec![0u8; cs as usize];
@@ -791,8 +870,8 @@ impl Qcow2Writer {
         self.bound_deferred()
     }
 
-    /// Write `(host offset, bytes)` pieces, merging host-contiguous ones
-    /// into one vectored write.
+    /// Write `(host offset, bytes)` pieces of data clusters, merging
+    /// host-contiguous ones into one vectored write.
     fn pwrite_runs(&self, pieces: &[(u64, &[u8])]) -> Result<()> {
         let mut i = 0;
         while i < pieces.len() {
@@ -803,23 +882,24 @@ impl Qcow2Writer {
                 end += pieces[j].1.len() as u64;
                 j += 1;
             }
+            let (path, file) = self.data_target();
             if j - i == 1 {
-                self.pwrite(pieces[i].1, start)?;
+                file.write_all_at(pieces[i].1, start).at(path)?;
             } else {
                 let slices: Vec<std::io::IoSlice> = pieces[i..j]
                     .iter()
                     .map(|p| std::io::IoSlice::new(p.1))
                     .collect();
-                let n = nix::sys::uio::pwritev(&self.file, &slices, start as i64)
+                let n = nix::sys::uio::pwritev(file, &slices, start as i64)
                     .map_err(std::io::Error::from)
-                    .at(&self.path)?;
+                    .at(path)?;
                 // A short write: the rest one piece at a time.
                 let mut at = start;
                 for p in &pieces[i..j] {
                     let len = p.1.len() as u64;
                     if at + len > start + n as u64 {
                         let skip = (start + n as u64).saturating_sub(at) as usize;
-                        self.pwrite(&p.1[skip..], at + skip as u64)?;
+                        file.write_all_at(&p.1[skip..], at + skip as u64).at(path)?;
                     }
                     at += len;
                 }
@@ -850,6 +930,11 @@ impl Qcow2Writer {
             } else {
                 let l2 = self.l2_for_write(cluster)?;
                 let entry = self.l2_entry(cluster)?;
+                if self.data.as_ref().is_some_and(|d| d.raw) {
+                    self.set_raw_data_zero(l2, cluster)?;
+                    g += n;
+                    continue;
+                }
                 match self.owned_host(entry) {
                     Some(host) => self.set_l2_entry(l2, cluster, self.zero_entry(host))?,
                     None => {
@@ -863,12 +948,32 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// A raw external data file keeps every cluster mapped at its guest
+    /// offset: a zeroed cluster stays mapped, flagged zero, and its bytes in
+    /// the data file become zeros too.
+    fn set_raw_data_zero(&mut self, l2: u64, cluster: u64) -> Result<()> {
+        self.zero_raw_data(cluster, self.cs)?;
+        let (entry, bitmap) = self.zero_entry(0);
+        self.set_l2_entry(l2, cluster, (entry | cluster | OFLAG_COPIED, bitmap))
+    }
+
     /// Drop this image's own data for the whole clusters of
     /// `[offset, offset + len)`: they read from the backing again (or as
     /// zeros without one). This is how commit empties the top image.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        if self.data.as_ref().is_some_and(|d| d.raw) {
+            // No backing is allowed beside a raw data file: reading from
+            // "the backing" means reading zeros, kept mapped.
+            let first = offset.div_ceil(self.cs) * self.cs;
+            let end = (offset + len) / self.cs * self.cs;
+            return if first < end {
+                self.write_zeroes(first, end - first)
+            } else {
+                Ok(())
+            };
+        }
         let first = offset.div_ceil(self.cs) * self.cs;
         let end = (offset + len) / self.cs * self.cs;
         let span = self.cs * self.l2_entries();
@@ -915,7 +1020,8 @@ impl Qcow2Writer {
     /// cluster.
     pub fn make_empty(mut self) -> Result<()> {
         self.before_first_write()?;
-        if self.h.nb_snapshots > 0 || self.h.extensions.bitmaps.is_some() {
+        // External data: the data file is not part of a fresh layout.
+        if self.h.nb_snapshots > 0 || self.h.extensions.bitmaps.is_some() || self.data.is_some() {
             let size = self.virtual_size();
             self.discard(0, size)?;
             return self.flush();
@@ -960,6 +1066,12 @@ impl Qcow2Writer {
             self.grow_l1(needed)?;
         }
         self.before_first_write()?;
+        if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
+            // The raw view grows with the disk.
+            if d.file.metadata().at(&d.path)?.len() < new_size {
+                d.file.set_len(new_size).at(&d.path)?;
+            }
+        }
         self.pwrite(&new_size.to_be_bytes(), 24)?;
         self.file.sync_data().at(&self.path)?;
         self.h.size = new_size;
