@@ -381,6 +381,59 @@ fn refusals_leave_every_file_as_it_was() {
 }
 
 #[test]
+fn the_new_header_must_fit_in_the_first_cluster() {
+    // 512-byte clusters, v3: header 112 + format extension 16 + end 8 =
+    // 136 bytes, so a name of 376 bytes fits and one of 377 does not.
+    let w = Work::new("fit");
+    let mut f = Failures::new("fit");
+    w.create("B.qcow2", "qcow2", "cluster_size=512", None, MIB);
+    w.io("qcow2", "B.qcow2", &["write -P 0xbb 0 64k".into()]);
+    w.create("A.qcow2", "qcow2", "cluster_size=512", None, MIB);
+    w.create(
+        "orig.qcow2",
+        "qcow2",
+        "cluster_size=512",
+        Some(("A.qcow2", "qcow2")),
+        MIB,
+    );
+    let name = |len: usize| format!("{}B.qcow2", "./".repeat((len - 7) / 2));
+    let (fits, too_long) = (name(375), name(377));
+    assert_eq!((fits.len(), too_long.len()), (375, 377));
+    for mode in [&["-u"][..], &[][..]] {
+        for (n, ok) in [(&fits, true), (&too_long, false)] {
+            let label = format!("{mode:?} name of {} bytes", n.len());
+            w.copy("orig.qcow2", "q.qcow2");
+            w.copy("orig.qcow2", "o.qcow2");
+            let mut a = vec!["rebase"];
+            a.extend_from_slice(mode);
+            a.extend(["-b", n.as_str(), "-F", "qcow2"]);
+            let q = w.qemu_img_may_fail(&[&a[..], &["q.qcow2"]].concat());
+            let o = w.cowshed(&[&a[..], &["o.qcow2"]].concat());
+            f.check(q.ok() == ok, &label, || format!("oracle: {q}"));
+            f.check(o.ok() == ok, &label, || format!("cowshed: {o}"));
+            if ok && mode == ["-u"] {
+                f.check(
+                    w.read_file("q.qcow2") == w.read_file("o.qcow2"),
+                    &label,
+                    || "differs from qemu-img's".into(),
+                );
+            }
+            if !ok {
+                // qemu-img fails only after copying the data in safe mode;
+                // cowshed refuses before writing anything.
+                f.check(
+                    w.read_file("o.qcow2") == w.read_file("orig.qcow2"),
+                    &label,
+                    || "changed".into(),
+                );
+                f.check(o.stderr.contains("does not fit"), &label, || o.to_string());
+            }
+        }
+    }
+    f.finish();
+}
+
+#[test]
 fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
     use cowshed::engine::{rebase, Cancel, Error, Format, Progress, RebaseOptions};
     use std::time::{Duration, Instant};
