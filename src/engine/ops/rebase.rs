@@ -39,6 +39,9 @@ pub struct RebaseOptions {
 /// QEMU's IO_BUF_SIZE: the largest range compared at once.
 const CHUNK: u64 = 2 << 20;
 
+/// Bytes read and compared at once inside a chunk (cache-sized).
+const SLICE: u64 = 256 << 10;
+
 /// Rebase `file` onto `opts.backing`.
 pub fn rebase(
     file: &Path,
@@ -97,6 +100,7 @@ pub fn rebase(
     progress.set_total(size);
     let mut old_buf = vec![0u8; CHUNK as usize];
     let mut new_buf = vec![0u8; CHUNK as usize];
+    let mut differs = Vec::new();
     let mut pos = 0u64;
     while pos < size {
         cancel.check()?;
@@ -107,10 +111,29 @@ pub fn rebase(
             let old_zero = reads_zero(w.backing_chain(), pos, old_n)?;
             let new_zero = reads_zero(new.as_ref(), pos, new_n)?;
             if !(old_zero && new_zero) {
-                let (old, newb) = (&mut old_buf[..n as usize], &mut new_buf[..n as usize]);
-                fill(w.backing_chain(), old, pos, old_n, old_zero)?;
-                fill(new.as_ref(), newb, pos, new_n, new_zero)?;
-                copy_differences(&mut w, old, newb, pos, old_size, cs)?;
+                // Read and compare a slice at a time, while it is still in
+                // the CPU's cache.
+                let slice = SLICE.max(cs);
+                differs.clear();
+                let mut a = 0u64;
+                while a < n {
+                    let b = (a + slice).min(n);
+                    let (o, nw) = (
+                        &mut old_buf[a as usize..b as usize],
+                        &mut new_buf[a as usize..b as usize],
+                    );
+                    let valid = |total: u64| total.saturating_sub(a).min(b - a);
+                    fill(w.backing_chain(), o, pos + a, valid(old_n), old_zero)?;
+                    fill(new.as_ref(), nw, pos + a, valid(new_n), new_zero)?;
+                    differs.extend(
+                        o.chunks(cs as usize)
+                            .zip(nw.chunks(cs as usize))
+                            .map(|(x, y)| x != y),
+                    );
+                    a = b;
+                }
+                let old = &old_buf[..n as usize];
+                copy_differences(&mut w, old, &differs, pos, old_size, cs)?;
             }
         }
         pos += n;
@@ -120,13 +143,15 @@ pub fn rebase(
     w.set_backing(name, format_name)
 }
 
-/// Write into the image, cluster-wise, where `old` and `new` (the chunk at
-/// `pos`) differ: the old content, or zero clusters once past the old
-/// backing's end (QEMU's compare_buffers and old_backing_eof).
+/// Write into the image, cluster-wise, where the old and the new chain
+/// differ (`differs`, a flag per cluster of the chunk at `pos`): the old
+/// content, or zero clusters once past the old backing's end. Runs of
+/// differing clusters are written at once, as QEMU's compare_buffers and
+/// old_backing_eof split them.
 fn copy_differences(
     w: &mut Qcow2Writer,
     old: &[u8],
-    new: &[u8],
+    differs: &[bool],
     pos: u64,
     old_size: u64,
     cs: u64,
@@ -134,27 +159,24 @@ fn copy_differences(
     let n = old.len();
     let cs = cs as usize;
     let mut old_eof = pos >= old_size;
-    let mut done = 0usize;
-    while done < n {
-        let differs = |i: usize| {
-            let e = (i + cs).min(n);
-            old[i..e] != new[i..e]
-        };
-        let first = differs(done);
-        let mut end = (done + cs).min(n);
-        while end < n && differs(end) == first {
-            end = (end + cs).min(n);
+    let mut i = 0usize;
+    while i < differs.len() {
+        let first = differs[i];
+        let mut j = i + 1;
+        while j < differs.len() && differs[j] == first {
+            j += 1;
         }
+        let (from, to) = (i * cs, (j * cs).min(n));
         if first {
-            let at = pos + done as u64;
+            let at = pos + from as u64;
             if old_eof {
-                w.zero_unallocated(at, (end - done) as u64)?;
+                w.zero_unallocated(at, (to - from) as u64)?;
             } else {
-                w.write(&old[done..end], at)?;
+                w.write(&old[from..to], at)?;
             }
         }
-        done = end;
-        if pos + done as u64 >= old_size {
+        i = j;
+        if pos + to as u64 >= old_size {
             old_eof = true;
         }
     }
