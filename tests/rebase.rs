@@ -202,6 +202,42 @@ fn safe_rebase_of_v2_and_standalone_images() {
         "standalone onto B",
         &["-b", "../bases/B.qcow2", "-F", "qcow2"],
     );
+    // Onto an image of its own chain (B <- mid <- image): only what mid
+    // holds differs (QEMU skips the rest without reading it).
+    w.create(
+        "vm/mid.qcow2",
+        "qcow2",
+        "",
+        Some(("../bases/B.qcow2", "qcow2")),
+        6 * MIB,
+    );
+    w.io(
+        "qcow2",
+        "vm/mid.qcow2",
+        &[
+            "write -P 0x5a 1M 1M".into(),
+            "write -z 4M 64k".into(),
+            "write -P 0x5b 5M 1M".into(),
+        ],
+    );
+    w.create(
+        "vm/orig.qcow2",
+        "qcow2",
+        "",
+        Some(("mid.qcow2", "qcow2")),
+        6 * MIB,
+    );
+    w.io(
+        "qcow2",
+        "vm/orig.qcow2",
+        &["write -P 0x77 1200k 64k".into()],
+    );
+    rebase_both(
+        &w,
+        &mut f,
+        "onto its own chain's base",
+        &["-b", "../bases/B.qcow2", "-F", "qcow2"],
+    );
     f.finish();
 }
 
