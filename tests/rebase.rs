@@ -523,3 +523,17 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
         );
     }
 }
+
+#[test]
+fn help_explains_safe_unsafe_and_flatten() {
+    let w = Work::new("help");
+    let r = w.cowshed(&["rebase", "--help"]);
+    assert!(r.ok(), "{r}");
+    for want in ["Safe mode", "Unsafe mode (-u)", "-b \"\"", "-F is required"] {
+        assert!(
+            r.stdout.contains(want),
+            "--help lacks `{want}`:\n{}",
+            r.stdout
+        );
+    }
+}
