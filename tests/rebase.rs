@@ -115,11 +115,19 @@ fn rebase_both(w: &Work, f: &mut Failures, label: &str, args: &[&str]) {
     let qa = with("vm/q.qcow2");
     w.qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
     let oa = with("vm/o.qcow2");
+    let needed = space_needed(w, args, "vm/o.qcow2");
+    let before = disk_usage(w, "vm/o.qcow2");
     let r = w.cowshed(&oa.iter().map(String::as_str).collect::<Vec<_>>());
     if !r.ok() {
         f.push(label, format!("cowshed failed: {r}"));
         return;
     }
+    let grown = disk_usage(w, "vm/o.qcow2").saturating_sub(before);
+    f.check(grown <= needed, label, || {
+        format!(
+            "the file grew by {grown} bytes, more than the {needed} the free-space check asked for"
+        )
+    });
     if let Err(e) = w.same_view("vm/o.qcow2", "vm/orig.qcow2") {
         f.push(label, format!("guest view changed: {e}"));
     }
@@ -146,6 +154,29 @@ fn rebase_both(w: &Work, f: &mut Failures, label: &str, args: &[&str]) {
             )
         });
     }
+}
+
+/// What the free-space check asks for, for `rebase ARGS img`.
+fn space_needed(w: &Work, args: &[&str], img: &str) -> u64 {
+    use cowshed::engine::{rebase_space_needed, Format, RebaseOptions};
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1))
+            .copied()
+    };
+    let opts = RebaseOptions {
+        backing: after("-b").unwrap_or("").to_string(),
+        backing_format: after("-F").and_then(Format::from_name),
+        unsafe_header_only: args.contains(&"-u"),
+    };
+    rebase_space_needed(&w.path(img), &opts).unwrap()
+}
+
+/// Bytes the file occupies on disk.
+fn disk_usage(w: &Work, img: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(w.path(img)).unwrap().blocks() * 512
 }
 
 #[test]

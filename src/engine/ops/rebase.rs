@@ -78,19 +78,7 @@ pub fn rebase(
         return editor.set_backing(name, format_name);
     }
 
-    // The lock first, then the metadata (the writer reads it after locking)
-    // and the old chain.
-    let mut w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
-    let new = match (name, format) {
-        (Some(n), Some(f)) => {
-            let chain = open_new(file, n, f)?;
-            refuse_cycle(file, n, &chain)?;
-            Some(chain)
-        }
-        _ => None,
-    };
-    check_fits(w.header(), file, name, format_name)?;
-
+    let (mut w, new) = open_safe(file, name, format)?;
     let size = w.virtual_size();
     let cs = w.cluster_size();
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
@@ -141,6 +129,40 @@ pub fn rebase(
     }
     cancel.check()?;
     w.set_backing(name, format_name)
+}
+
+/// The image (locked as QEMU's writer, with its old chain) and the new
+/// chain, checked: no loop, and the new header fits.
+fn open_safe(
+    file: &Path,
+    name: Option<&str>,
+    format: Option<Format>,
+) -> Result<(Qcow2Writer, Option<Chain>)> {
+    // The lock first, then the metadata (the writer reads it after locking)
+    // and the old chain.
+    let w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    let new = match (name, format) {
+        (Some(n), Some(f)) => {
+            let chain = open_new(file, n, f)?;
+            refuse_cycle(file, n, &chain)?;
+            Some(chain)
+        }
+        _ => None,
+    };
+    check_fits(w.header(), file, name, format.map(Format::name))?;
+    Ok((w, new))
+}
+
+/// How many bytes a safe rebase of `file` may add to it at most (what the
+/// free-space check asks for); 0 for `-u`.
+pub fn rebase_space_needed(file: &Path, opts: &RebaseOptions) -> Result<u64> {
+    if opts.unsafe_header_only {
+        return Ok(0);
+    }
+    let name = (!opts.backing.is_empty()).then_some(opts.backing.as_str());
+    let (mut w, new) = open_safe(file, name, opts.backing_format.filter(|_| name.is_some()))?;
+    let (size, cs) = (w.virtual_size(), w.cluster_size());
+    needed_bytes(&mut w, new.as_ref(), size, cs)
 }
 
 /// Write into the image, cluster-wise, where the old and the new chain
@@ -214,14 +236,28 @@ fn fill(chain: Option<&Chain>, buf: &mut [u8], pos: u64, len: u64, zero: bool) -
 }
 
 /// An upper bound of what safe mode may add to the file: every cluster the
-/// image does not allocate, below the old backing's end, where the old or
-/// the new chain does not read zeros; plus an L2 table for each
-/// table's worth and a refblock for each refblock's worth.
+/// image does not allocate, below the old backing's end (v3), where the old or
+/// the new chain does not read zeros; plus an L2 table for each table range
+/// written to and refblocks to count all of it.
 fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) -> Result<u64> {
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.map_or(0, Chain::virtual_size);
-    let limit = size.min(old_size);
+    // Past the old backing's end differences become zero clusters, which
+    // take no space; v2 has none and writes zero bytes there.
+    let limit = if w.header().version >= 3 {
+        size.min(old_size)
+    } else {
+        size
+    };
+    let l2_span = cs * (cs / 8);
     let mut clusters = 0u64;
+    // Zero clusters past the old end need L2 tables too.
+    let mut tables = if limit < size {
+        (size - 1) / l2_span + 1 - limit / l2_span
+    } else {
+        0
+    };
+    let mut last_table = None;
     // Clusters before this offset are counted already.
     let mut counted = 0u64;
     let mut pos = 0u64;
@@ -242,7 +278,13 @@ fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) ->
                 if nonzero {
                     let from = (p - p % cs).max(counted);
                     let to = (p + step).next_multiple_of(cs);
-                    clusters += (to.saturating_sub(from)) / cs;
+                    if to > from {
+                        clusters += (to - from) / cs;
+                        // An L2 table for each table's range touched.
+                        let (first, last) = (from / l2_span, (to - 1) / l2_span);
+                        tables += last + 1 - first - u64::from(last_table == Some(first));
+                        last_table = Some(last);
+                    }
                     counted = counted.max(to);
                 }
                 p += step;
@@ -250,9 +292,9 @@ fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) ->
         }
         pos += n;
     }
-    let per_l2 = cs / 8;
+    // Refblocks for everything new (they cover themselves too).
     let per_refblock = cs * 8 / u64::from(w.header().refcount_bits());
-    let metadata = clusters.div_ceil(per_l2) + clusters.div_ceil(per_refblock) + 1;
+    let metadata = tables + (clusters + tables).div_ceil(per_refblock) + 1;
     Ok((clusters + metadata) * cs)
 }
 
