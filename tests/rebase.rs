@@ -431,6 +431,46 @@ fn refusals_leave_every_file_as_it_was() {
         &all,
     );
 
+    // Safe mode needs the old backing; -u does not.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "../bases/gone.qcow2",
+        "-F",
+        "qcow2",
+        "vm/lost.qcow2",
+        "4M",
+    ]);
+    refused(
+        &w,
+        &mut f,
+        "old backing missing",
+        &[
+            "rebase",
+            "-b",
+            "../bases/B.qcow2",
+            "-F",
+            "qcow2",
+            "vm/lost.qcow2",
+        ],
+        "gone.qcow2",
+        &["vm/lost.qcow2"],
+    );
+    let r = w.cowshed(&[
+        "rebase",
+        "-u",
+        "-b",
+        "../bases/B.qcow2",
+        "-F",
+        "qcow2",
+        "vm/lost.qcow2",
+    ]);
+    f.check(r.ok(), "-u with the old backing missing", || r.to_string());
+
     // A running QEMU holds the image.
     let holder = w.hold_writer("vm/top.qcow2", "qcow2");
     for mode in [&[][..], &["-u"][..]] {
