@@ -576,6 +576,7 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
             let r = h.join().unwrap();
             (r, t.elapsed())
         });
+        eprintln!("{label}: cancel seen after {latency:?}");
         assert!(
             matches!(result, Err(Error::Cancelled)),
             "{label}: {result:?}"

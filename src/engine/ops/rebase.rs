@@ -83,7 +83,7 @@ pub fn rebase(
     let cs = w.cluster_size();
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.as_ref().map_or(0, Chain::virtual_size);
-    space::ensure_fits(file, needed_bytes(&mut w, new.as_ref(), size, cs)?)?;
+    space::ensure_fits(file, needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?)?;
 
     progress.set_total(size);
     let mut old_buf = vec![0u8; CHUNK as usize];
@@ -162,7 +162,7 @@ pub fn rebase_space_needed(file: &Path, opts: &RebaseOptions) -> Result<u64> {
     let name = (!opts.backing.is_empty()).then_some(opts.backing.as_str());
     let (mut w, new) = open_safe(file, name, opts.backing_format.filter(|_| name.is_some()))?;
     let (size, cs) = (w.virtual_size(), w.cluster_size());
-    needed_bytes(&mut w, new.as_ref(), size, cs)
+    needed_bytes(&mut w, new.as_ref(), size, cs, &Cancel::new())
 }
 
 /// Write into the image, cluster-wise, where the old and the new chain
@@ -239,7 +239,13 @@ fn fill(chain: Option<&Chain>, buf: &mut [u8], pos: u64, len: u64, zero: bool) -
 /// image does not allocate, below the old backing's end (v3), where the old or
 /// the new chain does not read zeros; plus an L2 table for each table range
 /// written to and refblocks to count all of it.
-fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) -> Result<u64> {
+fn needed_bytes(
+    w: &mut Qcow2Writer,
+    new: Option<&Chain>,
+    size: u64,
+    cs: u64,
+    cancel: &Cancel,
+) -> Result<u64> {
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.map_or(0, Chain::virtual_size);
     // Past the old backing's end differences become zero clusters, which
@@ -262,6 +268,7 @@ fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) ->
     let mut counted = 0u64;
     let mut pos = 0u64;
     while pos < limit {
+        cancel.check()?;
         let (allocated, n) = w.allocation_run(pos, (limit - pos).min(CHUNK))?;
         if !allocated {
             let mut p = pos;
