@@ -471,6 +471,39 @@ fn refusals_leave_every_file_as_it_was() {
     ]);
     f.check(r.ok(), "-u with the old backing missing", || r.to_string());
 
+    // Persistent bitmaps would go stale if data were copied in.
+    w.copy("vm/orig.qcow2", "vm/bitmap.qcow2");
+    w.qemu_img(&["bitmap", "--add", "vm/bitmap.qcow2", "b0"]);
+    refused(
+        &w,
+        &mut f,
+        "persistent bitmaps",
+        &[
+            "rebase",
+            "-b",
+            "../bases/B.qcow2",
+            "-F",
+            "qcow2",
+            "vm/bitmap.qcow2",
+        ],
+        "persistent bitmaps",
+        &["vm/bitmap.qcow2"],
+    );
+    let r = w.cowshed(&[
+        "rebase",
+        "-u",
+        "-b",
+        "../bases/B.qcow2",
+        "-F",
+        "qcow2",
+        "vm/bitmap.qcow2",
+    ]);
+    f.check(r.ok(), "-u keeps bitmaps", || r.to_string());
+    let code = w.check_code("vm/bitmap.qcow2");
+    f.check(code == 0, "-u keeps bitmaps", || {
+        format!("check exit {code}")
+    });
+
     // A running QEMU holds the image.
     let holder = w.hold_writer("vm/top.qcow2", "qcow2");
     for mode in [&[][..], &["-u"][..]] {

@@ -83,7 +83,17 @@ pub fn rebase(
     let cs = w.cluster_size();
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.as_ref().map_or(0, Chain::virtual_size);
-    space::ensure_fits(file, needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?)?;
+    let needed = needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?;
+    if needed > 0 && w.header().extensions.bitmaps.is_some() {
+        // The writer does not update bitmaps; QEMU would then drop them.
+        return Err(Error::invalid(
+            file,
+            "the image has persistent bitmaps, which cowshed cannot keep up to date: a safe \
+             rebase that copies data into it would invalidate them (use qemu-img rebase, or -u \
+             if the new backing reads the same as the old)",
+        ));
+    }
+    space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
     let mut old_buf = vec![0u8; CHUNK as usize];
