@@ -115,11 +115,19 @@ fn rebase_both(w: &Work, f: &mut Failures, label: &str, args: &[&str]) {
     let qa = with("vm/q.qcow2");
     w.qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
     let oa = with("vm/o.qcow2");
+    let needed = space_needed(w, args, "vm/o.qcow2");
+    let before = disk_usage(w, "vm/o.qcow2");
     let r = w.cowshed(&oa.iter().map(String::as_str).collect::<Vec<_>>());
     if !r.ok() {
         f.push(label, format!("cowshed failed: {r}"));
         return;
     }
+    let grown = disk_usage(w, "vm/o.qcow2").saturating_sub(before);
+    f.check(grown <= needed, label, || {
+        format!(
+            "the file grew by {grown} bytes, more than the {needed} the free-space check asked for"
+        )
+    });
     if let Err(e) = w.same_view("vm/o.qcow2", "vm/orig.qcow2") {
         f.push(label, format!("guest view changed: {e}"));
     }
@@ -146,6 +154,29 @@ fn rebase_both(w: &Work, f: &mut Failures, label: &str, args: &[&str]) {
             )
         });
     }
+}
+
+/// What the free-space check asks for, for `rebase ARGS img`.
+fn space_needed(w: &Work, args: &[&str], img: &str) -> u64 {
+    use cowshed::engine::{rebase_space_needed, Format, RebaseOptions};
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1))
+            .copied()
+    };
+    let opts = RebaseOptions {
+        backing: after("-b").unwrap_or("").to_string(),
+        backing_format: after("-F").and_then(Format::from_name),
+        unsafe_header_only: args.contains(&"-u"),
+    };
+    rebase_space_needed(&w.path(img), &opts).unwrap()
+}
+
+/// Bytes the file occupies on disk.
+fn disk_usage(w: &Work, img: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(w.path(img)).unwrap().blocks() * 512
 }
 
 #[test]
@@ -200,6 +231,42 @@ fn safe_rebase_of_v2_and_standalone_images() {
         &w,
         &mut f,
         "standalone onto B",
+        &["-b", "../bases/B.qcow2", "-F", "qcow2"],
+    );
+    // Onto an image of its own chain (B <- mid <- image): only what mid
+    // holds differs (QEMU skips the rest without reading it).
+    w.create(
+        "vm/mid.qcow2",
+        "qcow2",
+        "",
+        Some(("../bases/B.qcow2", "qcow2")),
+        6 * MIB,
+    );
+    w.io(
+        "qcow2",
+        "vm/mid.qcow2",
+        &[
+            "write -P 0x5a 1M 1M".into(),
+            "write -z 4M 64k".into(),
+            "write -P 0x5b 5M 1M".into(),
+        ],
+    );
+    w.create(
+        "vm/orig.qcow2",
+        "qcow2",
+        "",
+        Some(("mid.qcow2", "qcow2")),
+        6 * MIB,
+    );
+    w.io(
+        "qcow2",
+        "vm/orig.qcow2",
+        &["write -P 0x77 1200k 64k".into()],
+    );
+    rebase_both(
+        &w,
+        &mut f,
+        "onto its own chain's base",
         &["-b", "../bases/B.qcow2", "-F", "qcow2"],
     );
     f.finish();
@@ -364,6 +431,79 @@ fn refusals_leave_every_file_as_it_was() {
         &all,
     );
 
+    // Safe mode needs the old backing; -u does not.
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "../bases/gone.qcow2",
+        "-F",
+        "qcow2",
+        "vm/lost.qcow2",
+        "4M",
+    ]);
+    refused(
+        &w,
+        &mut f,
+        "old backing missing",
+        &[
+            "rebase",
+            "-b",
+            "../bases/B.qcow2",
+            "-F",
+            "qcow2",
+            "vm/lost.qcow2",
+        ],
+        "gone.qcow2",
+        &["vm/lost.qcow2"],
+    );
+    let r = w.cowshed(&[
+        "rebase",
+        "-u",
+        "-b",
+        "../bases/B.qcow2",
+        "-F",
+        "qcow2",
+        "vm/lost.qcow2",
+    ]);
+    f.check(r.ok(), "-u with the old backing missing", || r.to_string());
+
+    // Persistent bitmaps would go stale if data were copied in.
+    w.copy("vm/orig.qcow2", "vm/bitmap.qcow2");
+    w.qemu_img(&["bitmap", "--add", "vm/bitmap.qcow2", "b0"]);
+    refused(
+        &w,
+        &mut f,
+        "persistent bitmaps",
+        &[
+            "rebase",
+            "-b",
+            "../bases/B.qcow2",
+            "-F",
+            "qcow2",
+            "vm/bitmap.qcow2",
+        ],
+        "persistent bitmaps",
+        &["vm/bitmap.qcow2"],
+    );
+    let r = w.cowshed(&[
+        "rebase",
+        "-u",
+        "-b",
+        "../bases/B.qcow2",
+        "-F",
+        "qcow2",
+        "vm/bitmap.qcow2",
+    ]);
+    f.check(r.ok(), "-u keeps bitmaps", || r.to_string());
+    let code = w.check_code("vm/bitmap.qcow2");
+    f.check(code == 0, "-u keeps bitmaps", || {
+        format!("check exit {code}")
+    });
+
     // A running QEMU holds the image.
     let holder = w.hold_writer("vm/top.qcow2", "qcow2");
     for mode in [&[][..], &["-u"][..]] {
@@ -377,6 +517,59 @@ fn refusals_leave_every_file_as_it_was() {
         });
     }
     release_holder(holder);
+    f.finish();
+}
+
+#[test]
+fn the_new_header_must_fit_in_the_first_cluster() {
+    // 512-byte clusters, v3: header 112 + format extension 16 + end 8 =
+    // 136 bytes, so a name of 376 bytes fits and one of 377 does not.
+    let w = Work::new("fit");
+    let mut f = Failures::new("fit");
+    w.create("B.qcow2", "qcow2", "cluster_size=512", None, MIB);
+    w.io("qcow2", "B.qcow2", &["write -P 0xbb 0 64k".into()]);
+    w.create("A.qcow2", "qcow2", "cluster_size=512", None, MIB);
+    w.create(
+        "orig.qcow2",
+        "qcow2",
+        "cluster_size=512",
+        Some(("A.qcow2", "qcow2")),
+        MIB,
+    );
+    let name = |len: usize| format!("{}B.qcow2", "./".repeat((len - 7) / 2));
+    let (fits, too_long) = (name(375), name(377));
+    assert_eq!((fits.len(), too_long.len()), (375, 377));
+    for mode in [&["-u"][..], &[][..]] {
+        for (n, ok) in [(&fits, true), (&too_long, false)] {
+            let label = format!("{mode:?} name of {} bytes", n.len());
+            w.copy("orig.qcow2", "q.qcow2");
+            w.copy("orig.qcow2", "o.qcow2");
+            let mut a = vec!["rebase"];
+            a.extend_from_slice(mode);
+            a.extend(["-b", n.as_str(), "-F", "qcow2"]);
+            let q = w.qemu_img_may_fail(&[&a[..], &["q.qcow2"]].concat());
+            let o = w.cowshed(&[&a[..], &["o.qcow2"]].concat());
+            f.check(q.ok() == ok, &label, || format!("oracle: {q}"));
+            f.check(o.ok() == ok, &label, || format!("cowshed: {o}"));
+            if ok && mode == ["-u"] {
+                f.check(
+                    w.read_file("q.qcow2") == w.read_file("o.qcow2"),
+                    &label,
+                    || "differs from qemu-img's".into(),
+                );
+            }
+            if !ok {
+                // qemu-img fails only after copying the data in safe mode;
+                // cowshed refuses before writing anything.
+                f.check(
+                    w.read_file("o.qcow2") == w.read_file("orig.qcow2"),
+                    &label,
+                    || "changed".into(),
+                );
+                f.check(o.stderr.contains("does not fit"), &label, || o.to_string());
+            }
+        }
+    }
     f.finish();
 }
 
@@ -416,6 +609,7 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
             let r = h.join().unwrap();
             (r, t.elapsed())
         });
+        eprintln!("{label}: cancel seen after {latency:?}");
         assert!(
             matches!(result, Err(Error::Cancelled)),
             "{label}: {result:?}"
@@ -431,6 +625,20 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
         assert!(
             progress.snapshot().0 < 64 * MIB,
             "{label}: finished before the cancel"
+        );
+    }
+}
+
+#[test]
+fn help_explains_safe_unsafe_and_flatten() {
+    let w = Work::new("help");
+    let r = w.cowshed(&["rebase", "--help"]);
+    assert!(r.ok(), "{r}");
+    for want in ["Safe mode", "Unsafe mode (-u)", "-b \"\"", "-F is required"] {
+        assert!(
+            r.stdout.contains(want),
+            "--help lacks `{want}`:\n{}",
+            r.stdout
         );
     }
 }

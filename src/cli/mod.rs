@@ -62,6 +62,27 @@ pub enum Command {
     /// Change an image's backing file (like `qemu-img rebase`): safe mode
     /// copies what differs so the guest view is kept; -u changes the header
     /// only; -b "" flattens.
+    ///
+    /// Safe mode (the default) keeps what the guest sees: wherever FILE does
+    /// not hold a cluster itself and the old and the new backing chains read
+    /// differently, the old content is first copied into FILE; then the
+    /// header is switched to the new backing in a single write. Both chains
+    /// must be readable. Interrupted (Ctrl-C, a crash), FILE keeps its old
+    /// backing and reads as before.
+    ///
+    /// Unsafe mode (-u) only rewrites the backing file name and format in
+    /// the header; the old backing need not exist. Use it when the backing
+    /// was moved or renamed, or for a copy with the same content: if the new
+    /// backing reads differently, the guest sees different data.
+    ///
+    /// -b "" removes the backing file: in safe mode FILE is flattened
+    /// (everything the old chain provides is copied in and FILE becomes
+    /// standalone); with -u the reference is just dropped and the guest
+    /// sees zeros where the backing used to answer.
+    ///
+    /// The new name is stored as typed; a relative name is resolved against
+    /// FILE's directory. -F is required with a non-empty -b, as in QEMU 10.
+    /// FILE is refused while a running QEMU holds it.
     Rebase(rebase::RebaseArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),

@@ -10,24 +10,6 @@ use super::progress::{install_ctrlc, spawn_reporter};
 use crate::engine::{self, Cancel, Format, Progress, RebaseOptions};
 
 #[derive(Debug, Args)]
-#[command(
-    long_about = "Change the backing file of a qcow2 image, like `qemu-img rebase`.\n\n\
-Safe mode (the default) keeps what the guest sees: wherever FILE does not hold a \
-cluster itself and the old and the new backing chains read differently, the old \
-content is first copied into FILE; then the header is switched to the new backing \
-in a single write. Both chains must be readable. Interrupted (Ctrl-C, a crash), \
-FILE keeps its old backing and reads as before.\n\n\
-Unsafe mode (-u) only rewrites the backing file name and format in the header; the \
-old backing need not exist. Use it when the backing was moved or renamed, or is a \
-copy with the same content: if the new backing reads differently, the guest sees \
-different data.\n\n\
--b \"\" removes the backing file: in safe mode FILE is flattened (everything the old \
-chain provides is copied in, FILE becomes standalone); with -u the reference is \
-just dropped.\n\n\
-The new name is stored as typed; a relative name is resolved against FILE's \
-directory. -F is required with a non-empty -b, as in QEMU 10. FILE is refused \
-while a running QEMU holds it."
-)]
 pub struct RebaseArgs {
     /// Only change the header (do not copy any data; the old backing need
     /// not exist).

@@ -520,8 +520,10 @@ impl Work {
             .unwrap_or_else(|e| panic!("[{}] cannot spawn qemu-io: {e}", self.case));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
-            // qemu-img info without -U fails while a writer holds the image.
-            if !self.run("qemu-img", &["info", img]).ok() {
+            // Asked without taking a lock (a probe that locks, like
+            // `qemu-img info`, could make qemu-io fail to start).
+            let state = cowshed::engine::lock_state(&self.path(img));
+            if matches!(state, Ok(cowshed::engine::LockState::Writer)) {
                 return child;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

@@ -39,6 +39,9 @@ pub struct RebaseOptions {
 /// QEMU's IO_BUF_SIZE: the largest range compared at once.
 const CHUNK: u64 = 2 << 20;
 
+/// Bytes read and compared at once inside a chunk (cache-sized).
+const SLICE: u64 = 256 << 10;
+
 /// Rebase `file` onto `opts.backing`.
 pub fn rebase(
     file: &Path,
@@ -75,28 +78,27 @@ pub fn rebase(
         return editor.set_backing(name, format_name);
     }
 
-    // The lock first, then the metadata (the writer reads it after locking)
-    // and the old chain.
-    let mut w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
-    let new = match (name, format) {
-        (Some(n), Some(f)) => {
-            let chain = open_new(file, n, f)?;
-            refuse_cycle(file, n, &chain)?;
-            Some(chain)
-        }
-        _ => None,
-    };
-    check_fits(w.header(), file, name, format_name)?;
-
+    let (mut w, new) = open_safe(file, name, format)?;
     let size = w.virtual_size();
     let cs = w.cluster_size();
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.as_ref().map_or(0, Chain::virtual_size);
-    space::ensure_fits(file, needed_bytes(&mut w, new.as_ref(), size, cs)?)?;
+    let needed = needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?;
+    if needed > 0 && w.header().extensions.bitmaps.is_some() {
+        // The writer does not update bitmaps; QEMU would then drop them.
+        return Err(Error::invalid(
+            file,
+            "the image has persistent bitmaps, which cowshed cannot keep up to date: a safe \
+             rebase that copies data into it would invalidate them (use qemu-img rebase, or -u \
+             if the new backing reads the same as the old)",
+        ));
+    }
+    space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
     let mut old_buf = vec![0u8; CHUNK as usize];
     let mut new_buf = vec![0u8; CHUNK as usize];
+    let mut differs = Vec::new();
     let mut pos = 0u64;
     while pos < size {
         cancel.check()?;
@@ -107,10 +109,29 @@ pub fn rebase(
             let old_zero = reads_zero(w.backing_chain(), pos, old_n)?;
             let new_zero = reads_zero(new.as_ref(), pos, new_n)?;
             if !(old_zero && new_zero) {
-                let (old, newb) = (&mut old_buf[..n as usize], &mut new_buf[..n as usize]);
-                fill(w.backing_chain(), old, pos, old_n, old_zero)?;
-                fill(new.as_ref(), newb, pos, new_n, new_zero)?;
-                copy_differences(&mut w, old, newb, pos, old_size, cs)?;
+                // Read and compare a slice at a time, while it is still in
+                // the CPU's cache.
+                let slice = SLICE.max(cs);
+                differs.clear();
+                let mut a = 0u64;
+                while a < n {
+                    let b = (a + slice).min(n);
+                    let (o, nw) = (
+                        &mut old_buf[a as usize..b as usize],
+                        &mut new_buf[a as usize..b as usize],
+                    );
+                    let valid = |total: u64| total.saturating_sub(a).min(b - a);
+                    fill(w.backing_chain(), o, pos + a, valid(old_n), old_zero)?;
+                    fill(new.as_ref(), nw, pos + a, valid(new_n), new_zero)?;
+                    differs.extend(
+                        o.chunks(cs as usize)
+                            .zip(nw.chunks(cs as usize))
+                            .map(|(x, y)| x != y),
+                    );
+                    a = b;
+                }
+                let old = &old_buf[..n as usize];
+                copy_differences(&mut w, old, &differs, pos, old_size, cs)?;
             }
         }
         pos += n;
@@ -120,13 +141,49 @@ pub fn rebase(
     w.set_backing(name, format_name)
 }
 
-/// Write into the image, cluster-wise, where `old` and `new` (the chunk at
-/// `pos`) differ: the old content, or zero clusters once past the old
-/// backing's end (QEMU's compare_buffers and old_backing_eof).
+/// The image (locked as QEMU's writer, with its old chain) and the new
+/// chain, checked: no loop, and the new header fits.
+fn open_safe(
+    file: &Path,
+    name: Option<&str>,
+    format: Option<Format>,
+) -> Result<(Qcow2Writer, Option<Chain>)> {
+    // The lock first, then the metadata (the writer reads it after locking)
+    // and the old chain.
+    let w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    let new = match (name, format) {
+        (Some(n), Some(f)) => {
+            let chain = open_new(file, n, f)?;
+            refuse_cycle(file, n, &chain)?;
+            Some(chain)
+        }
+        _ => None,
+    };
+    check_fits(w.header(), file, name, format.map(Format::name))?;
+    Ok((w, new))
+}
+
+/// How many bytes a safe rebase of `file` may add to it at most (what the
+/// free-space check asks for); 0 for `-u`.
+pub fn rebase_space_needed(file: &Path, opts: &RebaseOptions) -> Result<u64> {
+    if opts.unsafe_header_only {
+        return Ok(0);
+    }
+    let name = (!opts.backing.is_empty()).then_some(opts.backing.as_str());
+    let (mut w, new) = open_safe(file, name, opts.backing_format.filter(|_| name.is_some()))?;
+    let (size, cs) = (w.virtual_size(), w.cluster_size());
+    needed_bytes(&mut w, new.as_ref(), size, cs, &Cancel::new())
+}
+
+/// Write into the image, cluster-wise, where the old and the new chain
+/// differ (`differs`, a flag per cluster of the chunk at `pos`): the old
+/// content, or zero clusters once past the old backing's end. Runs of
+/// differing clusters are written at once, as QEMU's compare_buffers and
+/// old_backing_eof split them.
 fn copy_differences(
     w: &mut Qcow2Writer,
     old: &[u8],
-    new: &[u8],
+    differs: &[bool],
     pos: u64,
     old_size: u64,
     cs: u64,
@@ -134,27 +191,24 @@ fn copy_differences(
     let n = old.len();
     let cs = cs as usize;
     let mut old_eof = pos >= old_size;
-    let mut done = 0usize;
-    while done < n {
-        let differs = |i: usize| {
-            let e = (i + cs).min(n);
-            old[i..e] != new[i..e]
-        };
-        let first = differs(done);
-        let mut end = (done + cs).min(n);
-        while end < n && differs(end) == first {
-            end = (end + cs).min(n);
+    let mut i = 0usize;
+    while i < differs.len() {
+        let first = differs[i];
+        let mut j = i + 1;
+        while j < differs.len() && differs[j] == first {
+            j += 1;
         }
+        let (from, to) = (i * cs, (j * cs).min(n));
         if first {
-            let at = pos + done as u64;
+            let at = pos + from as u64;
             if old_eof {
-                w.zero_unallocated(at, (end - done) as u64)?;
+                w.zero_unallocated(at, (to - from) as u64)?;
             } else {
-                w.write(&old[done..end], at)?;
+                w.write(&old[from..to], at)?;
             }
         }
-        done = end;
-        if pos + done as u64 >= old_size {
+        i = j;
+        if pos + to as u64 >= old_size {
             old_eof = true;
         }
     }
@@ -192,18 +246,39 @@ fn fill(chain: Option<&Chain>, buf: &mut [u8], pos: u64, len: u64, zero: bool) -
 }
 
 /// An upper bound of what safe mode may add to the file: every cluster the
-/// image does not allocate, below the old backing's end, where the old or
-/// the new chain does not read zeros; plus an L2 table for each
-/// table's worth and a refblock for each refblock's worth.
-fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) -> Result<u64> {
+/// image does not allocate, below the old backing's end (v3), where the old or
+/// the new chain does not read zeros; plus an L2 table for each table range
+/// written to and refblocks to count all of it.
+fn needed_bytes(
+    w: &mut Qcow2Writer,
+    new: Option<&Chain>,
+    size: u64,
+    cs: u64,
+    cancel: &Cancel,
+) -> Result<u64> {
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.map_or(0, Chain::virtual_size);
-    let limit = size.min(old_size);
+    // Past the old backing's end differences become zero clusters, which
+    // take no space; v2 has none and writes zero bytes there.
+    let limit = if w.header().version >= 3 {
+        size.min(old_size)
+    } else {
+        size
+    };
+    let l2_span = cs * (cs / 8);
     let mut clusters = 0u64;
+    // Zero clusters past the old end need L2 tables too.
+    let mut tables = if limit < size {
+        (size - 1) / l2_span + 1 - limit / l2_span
+    } else {
+        0
+    };
+    let mut last_table = None;
     // Clusters before this offset are counted already.
     let mut counted = 0u64;
     let mut pos = 0u64;
     while pos < limit {
+        cancel.check()?;
         let (allocated, n) = w.allocation_run(pos, (limit - pos).min(CHUNK))?;
         if !allocated {
             let mut p = pos;
@@ -220,7 +295,13 @@ fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) ->
                 if nonzero {
                     let from = (p - p % cs).max(counted);
                     let to = (p + step).next_multiple_of(cs);
-                    clusters += (to.saturating_sub(from)) / cs;
+                    if to > from {
+                        clusters += (to - from) / cs;
+                        // An L2 table for each table's range touched.
+                        let (first, last) = (from / l2_span, (to - 1) / l2_span);
+                        tables += last + 1 - first - u64::from(last_table == Some(first));
+                        last_table = Some(last);
+                    }
                     counted = counted.max(to);
                 }
                 p += step;
@@ -228,9 +309,9 @@ fn needed_bytes(w: &mut Qcow2Writer, new: Option<&Chain>, size: u64, cs: u64) ->
         }
         pos += n;
     }
-    let per_l2 = cs / 8;
+    // Refblocks for everything new (they cover themselves too).
     let per_refblock = cs * 8 / u64::from(w.header().refcount_bits());
-    let metadata = clusters.div_ceil(per_l2) + clusters.div_ceil(per_refblock) + 1;
+    let metadata = tables + (clusters + tables).div_ceil(per_refblock) + 1;
     Ok((clusters + metadata) * cs)
 }
 

@@ -88,9 +88,12 @@ impl Qcow2Writer {
     /// Flush the data, then point the header at a new backing file (`None`:
     /// no backing; the format extension goes with it) in one write.
     pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
-        let new = with_backing(&self.h, name, format);
+        let mut h = with_backing(&self.h, name, format);
+        if h.version >= 3 {
+            // As QEMU on a writable open: unknown autoclear bits go.
+            h.autoclear_features &= autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
+        }
         self.flush()?;
-        let mut h = new;
         write_header(&self.file, &self.path, &mut h)?;
         self.h = h;
         Ok(())
