@@ -40,6 +40,15 @@ pub fn classify_backing(overlay: &Path, name: &str) -> BackingName {
     BackingName::Path(combine_path(overlay, name))
 }
 
+/// Where QEMU looks for an image's external data file: the name as stored,
+/// so a relative one is relative to the current directory, not to the
+/// image's (tried with qemu-io 10: `sub/img.qcow2` with `data_file=img.data`
+/// opened from the parent directory reads `./img.data`). Backing names, by
+/// contrast, go through [`combine_path`].
+pub fn data_file_path(name: &str) -> PathBuf {
+    PathBuf::from(name)
+}
+
 /// QEMU's `path_combine`: an absolute name as is, a relative one appended to
 /// the directory part of `base` as written (not normalised), so
 /// `sub/ov.qcow2` + `../base.qcow2` = `sub/../base.qcow2`.

@@ -100,7 +100,7 @@ impl Qcow2Image {
         // in qemu-img.
         let data_file = match &header.extensions.data_file {
             Some(name) if header.has_data_file() => {
-                Some(crate::engine::chain::combine_path(path, name))
+                Some(crate::engine::chain::data_file_path(name))
             }
             _ => None,
         };

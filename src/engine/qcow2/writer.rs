@@ -126,7 +126,7 @@ impl Qcow2Writer {
         let refs = Refcounts::load(&file, path, &h)?;
         let data = match (&h.extensions.data_file, h.has_data_file()) {
             (Some(name), true) => {
-                let data_path = crate::engine::chain::combine_path(path, name);
+                let data_path = crate::engine::chain::data_file_path(name);
                 let data_file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -134,7 +134,10 @@ impl Qcow2Writer {
                     .map_err(|e| {
                         Error::invalid(
                             path,
-                            format!("Could not open external data file '{}': {e}", data_path.display()),
+                            format!(
+                                "Could not open external data file '{}': {e}",
+                                data_path.display()
+                            ),
                         )
                     })?;
                 let lock = ImageLock::acquire(&data_file, &data_path, LockMode::WRITER)?;
