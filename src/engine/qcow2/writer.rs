@@ -92,30 +92,38 @@ const ALL_ZERO: u64 = 0xffff_ffff << 32;
 /// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
 const L2_CACHE_TABLES: usize = 1024;
 
+/// Open a qcow2 image read-write under QEMU's writer locks (taken before
+/// anything is read, so a running QEMU stops us first) and read its header;
+/// dirty or corrupt images are refused.
+pub(super) fn open_locked(path: &Path) -> Result<(File, ImageLock, Header)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .at(path)?;
+    let lock = ImageLock::acquire(&file, path, LockMode::WRITER)?;
+    let file_len = file.metadata().at(path)?.len();
+    let h = Header::read(&file, path, file_len)?;
+    if h.is_corrupt() || h.is_dirty() {
+        return Err(Error::invalid(
+            path,
+            "the image is marked dirty or corrupt; repair it first with `cowshed check -r all`",
+        ));
+    }
+    Ok((file, lock, h))
+}
+
 impl Qcow2Writer {
     /// Open `path` for writing: QEMU's writer locks are taken first, so a
     /// running QEMU makes this fail before anything is read or written.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .at(path)?;
-        let lock = ImageLock::acquire(&file, path, LockMode::WRITER)?;
-        let file_len = file.metadata().at(path)?.len();
-        let h = Header::read(&file, path, file_len)?;
+        let (file, lock, h) = open_locked(path)?;
         let refuse = |what: &str| {
             Err(Error::invalid(
                 path,
                 format!("cowshed cannot write into images with {what} yet"),
             ))
         };
-        if h.is_corrupt() || h.is_dirty() {
-            return Err(Error::invalid(
-                path,
-                "the image is marked dirty or corrupt; repair it first with `qemu-img check -r all`",
-            ));
-        }
         if h.crypt_method != super::header::CryptMethod::None {
             return refuse("encryption");
         }

@@ -4,7 +4,7 @@
 //! backing file. The header is rewritten in one write, after everything
 //! else is on disk, so a crash leaves either the old or the new backing.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ use super::super::l2::Unit;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::read_up_to;
-use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::lock::ImageLock;
 use crate::engine::Chain;
 
 impl Qcow2Writer {
@@ -159,20 +159,7 @@ pub struct HeaderEditor {
 impl HeaderEditor {
     /// The lock is taken before the header is read.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .at(path)?;
-        let lock = ImageLock::acquire(&file, path, LockMode::WRITER)?;
-        let len = file.metadata().at(path)?.len();
-        let h = Header::read(&file, path, len)?;
-        if h.is_corrupt() || h.is_dirty() {
-            return Err(Error::invalid(
-                path,
-                "the image is marked dirty or corrupt; repair it first with `qemu-img check -r all`",
-            ));
-        }
+        let (file, lock, h) = super::open_locked(path)?;
         Ok(HeaderEditor {
             path: path.to_path_buf(),
             file,
