@@ -8,24 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn run(cwd: &Path, prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("spawn")
-}
-
-fn ok(cwd: &Path, prog: &str, args: &[&str]) -> String {
-    let out = run(cwd, prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::run::{ok, run};
 
 fn cowshed(cwd: &Path, args: &[&str]) -> Output {
     run(cwd, env!("CARGO_BIN_EXE_cowshed"), args)

@@ -5,32 +5,11 @@
 //!
 //! CRASH_TRIALS=N runs N trials (default 60).
 
-use std::path::Path;
+mod common;
+
+use common::run::{check_code, ok};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn ok(cwd: &Path, prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `qemu-img check` exit code: 0 clean, 3 leaks only are fine; 2 is not.
-fn check_code(cwd: &Path, img: &str) -> i32 {
-    let out = Command::new("qemu-img")
-        .args(["check", img])
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    out.status.code().unwrap_or(-1)
-}
 
 #[test]
 fn sigkill_during_commit_never_corrupts() {

@@ -2,6 +2,9 @@
 //! directory, keys are sent with `send-keys`, the pane is read with
 //! `capture-pane`, and the files are checked on disk with qemu-img.
 
+mod common;
+
+use common::run::ok;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -106,29 +109,16 @@ impl Drop for Tmux {
     }
 }
 
-fn run(dir: &Path, cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn clone_in_a_real_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    run(
+    ok(
         d,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
     );
-    run(
+    ok(
         d,
         "qemu-img",
         &[
@@ -192,7 +182,7 @@ fn clone_in_a_real_terminal() {
 fn quitting_restores_the_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    run(
+    ok(
         d,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
@@ -278,5 +268,5 @@ fn demo_guest_grows_an_overlay_through_the_engine() {
         cowshed::engine::lock_state(&web1).unwrap(),
         cowshed::engine::LockState::None
     );
-    run(&fleet, "qemu-img", &["check", "web-1.qcow2"]);
+    ok(&fleet, "qemu-img", &["check", "web-1.qcow2"]);
 }

@@ -7,30 +7,14 @@
 //!
 //! WRITER_CASES=N runs N cases (default 256).
 
-use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::run::{ok, run};
 use cowshed::engine::qcow2::Qcow2Writer;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-
-fn run(cwd: &Path, prog: &str, args: &[&str]) -> std::process::Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("spawn")
-}
-
-fn ok(cwd: &Path, prog: &str, args: &[&str]) {
-    let out = run(cwd, prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[derive(Debug, Clone)]
 enum Op {

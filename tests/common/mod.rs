@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod run;
 pub mod small_fs;
 
 use std::fmt::Write as _;
