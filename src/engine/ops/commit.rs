@@ -28,21 +28,6 @@ pub struct CommitOptions {
 
 /// Largest extent copied at once.
 const CHUNK: u64 = 1 << 20;
-/// Threads writing data into clusters the base already owns. Measured on
-/// the 2 GiB fixture: the copy into the page cache is the commit's main
-/// cost, and QEMU spreads it over its thread pool; one thread reading and
-/// two writing keep both cores busy.
-const DATA_WRITERS: usize = 2;
-/// Chunk buffers in flight.
-const BUFFERS: usize = 6;
-
-/// A chunk read from the chain and where its bytes go in the base's file.
-struct Chunk {
-    buf: Vec<u8>,
-    /// (offset in buf, host offset, length).
-    runs: Vec<(usize, u64, usize)>,
-}
-
 enum Target {
     Qcow2(Box<Qcow2Writer>),
     Raw {
@@ -88,7 +73,7 @@ impl Target {
     }
 
     /// Host runs for guest `[offset, offset + len)` that may be written
-    /// directly, from any thread (see [`Qcow2Writer::in_place_runs`]).
+    /// directly (see [`Qcow2Writer::in_place_runs`]).
     fn in_place_runs(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64, u64)>>> {
         match self {
             Target::Qcow2(w) => w.in_place_runs(offset, len),
@@ -248,10 +233,12 @@ fn space_needed(chain: &Chain, base_depth: usize, target: &mut Target) -> Result
     Ok(needed + needed / 64)
 }
 
-/// Copy what the layers above `base_depth` provide into the target: this
-/// thread walks the chain and reads; data bound for clusters the target
-/// already owns is written by [`DATA_WRITERS`] threads, the rest (new
-/// clusters, zeros) through the target's writer here, in order.
+/// Copy what the layers above `base_depth` provide into the target. Data
+/// bound for clusters the target already owns goes file to file in the
+/// kernel ([`copy_in_kernel`]); the rest (new clusters, compressed
+/// sources, zeros) through the target's writer. Measured on the 2 GiB
+/// fixture: the page-cache copy is the commit's whole cost, and two
+/// threads writing one file only queue on its inode lock.
 fn copy_into(
     chain: &Chain,
     base_depth: usize,
@@ -261,94 +248,30 @@ fn copy_into(
     cancel: &Cancel,
 ) -> Result<()> {
     let size = chain.virtual_size();
-    // A second handle on the same open file (same locks): the data
-    // writers use it while this thread keeps the writer.
+    // A second handle on the same open file (same locks), so the target's
+    // writer can be borrowed mutably alongside it.
     let file = target.data_file().try_clone().at(base_path)?;
-    let (full_tx, full_rx) = crossbeam_channel::bounded::<Chunk>(BUFFERS);
-    let (free_tx, free_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        let _ = free_tx.send(vec![0u8; CHUNK as usize]);
-    }
-    std::thread::scope(|s| {
-        let writers: Vec<_> = (0..DATA_WRITERS)
-            .map(|_| {
-                let (rx, free_tx, file) = (full_rx.clone(), free_tx.clone(), &file);
-                s.spawn(move || -> Result<()> {
-                    for chunk in rx {
-                        for &(at, host, n) in &chunk.runs {
-                            file.write_all_at(&chunk.buf[at..at + n], host)
-                                .at(base_path)?;
-                        }
-                        let _ = free_tx.send(chunk.buf);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        // Only the writers hold these now: if they all stop, the loop
-        // below sees closed channels instead of waiting forever.
-        drop((full_rx, free_tx));
-        let walked = (|| -> Result<()> {
-            let mut zeros = Vec::new();
-            let mut pos = 0u64;
-            while pos < size {
-                cancel.check()?;
-                let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
-                if st.present && st.depth < base_depth {
-                    if st.data
-                        && !st.compressed
-                        && copy_in_kernel(chain, &st, target, &file, base_path)?
-                    {
-                        // Copied file to file without a user buffer.
-                    } else if st.data {
-                        let Ok(mut buf) = free_rx.recv() else {
-                            return Ok(()); // a writer failed: its error is reported
-                        };
-                        let len = st.length as usize;
-                        chain.read_extent(&st, &mut buf[..len])?;
-                        match target.in_place_runs(pos, st.length)? {
-                            Some(runs) => {
-                                let runs = runs
-                                    .into_iter()
-                                    .map(|(g, host, n)| ((g - pos) as usize, host, n as usize))
-                                    .collect();
-                                if full_tx.send(Chunk { buf, runs }).is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            None => {
-                                target.write(&buf[..len], pos)?;
-                                // Back into the pool through a writer-free path.
-                                if full_tx
-                                    .send(Chunk {
-                                        buf,
-                                        runs: Vec::new(),
-                                    })
-                                    .is_err()
-                                {
-                                    return Ok(());
-                                }
-                            }
-                        }
-                    } else {
-                        target.write_zeroes(pos, st.length, &mut zeros)?;
-                    }
-                }
-                pos += st.length;
-                progress.advance(st.length);
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut zeros = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        cancel.check()?;
+        let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
+        if st.present && st.depth < base_depth {
+            if st.data && !st.compressed && copy_in_kernel(chain, &st, target, &file, base_path)? {
+                // Copied without passing through this process.
+            } else if st.data {
+                let chunk = &mut buf[..st.length as usize];
+                chain.read_extent(&st, chunk)?;
+                target.write(chunk, pos)?;
+            } else {
+                target.write_zeroes(pos, st.length, &mut zeros)?;
             }
-            Ok(())
-        })();
-        drop(full_tx);
-        let mut written = Ok(());
-        for w in writers {
-            let r = w
-                .join()
-                .unwrap_or_else(|_| Err(Error::invalid(base_path, "data writer panicked")));
-            written = written.and(r);
         }
-        walked.and(written)
-    })
+        pos += st.length;
+        progress.advance(st.length);
+    }
+    Ok(())
 }
 
 /// Copy a plain data extent straight from its layer's file into clusters
