@@ -40,6 +40,13 @@ use crate::engine::space::ensure_fits;
 /// that two compression workers get work early.
 const BATCH: u64 = 1 << 20;
 const SECTOR: u64 = 512;
+/// Compression threads: one per core, and at least QEMU's own limit of
+/// concurrent compression threads (QCOW2_MAX_THREADS = 4). Measured on a
+/// 2-core machine shared with other builds: 4 threads finished the 2 GiB
+/// fixture in 15-16 s against 23-27 s with 2 (same CPU time: the scheduler
+/// shares a busy machine by thread); on an idle machine the extra two cost
+/// nothing but a few context switches.
+const MIN_COMPRESS_THREADS: usize = 4;
 
 /// What a sector of the source is, for the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -560,7 +567,9 @@ fn run_pipeline(
     let cs = plan.cs;
     let batch_len = BATCH.max(cs);
     let workers = match compression {
-        Some(_) => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        Some(_) => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .max(MIN_COMPRESS_THREADS),
         None => 0,
     };
     let buffers = 2 * workers.max(1) + 2;
@@ -600,15 +609,27 @@ fn run_pipeline(
                 held.insert(b.seq, b);
                 while let Some(b) = held.remove(&next) {
                     cancel.check()?;
-                    for (k, out) in b.out.iter().enumerate() {
+                    let mut k = 0;
+                    while k < b.out.len() {
                         let gc = b.first + k as u64;
                         let at = k * cs as usize;
-                        match out {
+                        match &b.out[k] {
                             Out::Skip => {}
                             Out::Zero => writer.put_zero(gc)?,
-                            Out::Data => writer.put_data(gc, &b.buf[at..at + cs as usize])?,
+                            Out::Data => {
+                                // Consecutive data clusters go down together.
+                                let mut n = 1;
+                                while matches!(b.out.get(k + n), Some(Out::Data)) {
+                                    n += 1;
+                                }
+                                let end = at + n * cs as usize;
+                                writer.put_data_run(gc, &b.buf[at..end])?;
+                                k += n;
+                                continue;
+                            }
                             Out::Compressed(v) => writer.put_compressed(gc, v)?,
                         }
+                        k += 1;
                     }
                     progress.advance(b.len);
                     next += 1;
@@ -679,4 +700,34 @@ fn compress_worker(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // qemu-img convert -S 4k (alignment 8 sectors) of a disk whose first
+    // 12 sectors hold data, then 91 zero sectors, then data: its map shows
+    // data up to 8192 and zeros from 8192 to 49152 (sector 96).
+    #[test]
+    fn zero_runs_align_like_is_allocated_sectors() {
+        let mut zero = vec![false; 12];
+        zero.extend(vec![true; 91]);
+        zero.extend(vec![false; 20]);
+        assert_eq!(same_run(&zero, 0, zero.len(), 0, 8), (true, 16));
+        assert_eq!(same_run(&zero, 16, zero.len() - 16, 0, 8), (false, 80));
+        // A zero run shorter than its misalignment counts as data.
+        let zero = [false, false, false, true, true, false, false, false];
+        assert_eq!(same_run(&zero, 0, 8, 0, 8), (true, 8));
+        // All the same: no alignment.
+        assert_eq!(same_run(&[true; 5], 0, 5, 3, 8), (false, 5));
+    }
+
+    #[test]
+    fn runs_of_a_class() {
+        use Class::*;
+        let secs = [Skip, Data, Data, Skip, Zero, Skip];
+        assert_eq!(runs(&secs, Skip), vec![(0, 1), (3, 4), (5, 6)]);
+        assert_eq!(runs(&secs, Data), vec![(1, 3)]);
+    }
 }

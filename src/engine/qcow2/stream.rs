@@ -148,13 +148,31 @@ impl<'f> StreamWriter<'f> {
         self.cs
     }
 
-    /// Guest cluster `gc` holds `data` (at most one cluster; a short last
-    /// cluster reads zeros after it).
-    pub fn put_data(&mut self, gc: u64, data: &[u8]) -> Result<()> {
-        self.l2_for(gc)?;
-        let host = self.alloc_run(1)? * self.cs;
-        self.write(host, data)?;
-        self.set_entry(gc, OFLAG_COPIED | host);
+    /// Guest clusters from `gc` on hold `data` (whole clusters). Runs of
+    /// clusters that land next to each other on disk are written straight
+    /// from `data`, in one call each.
+    pub fn put_data_run(&mut self, gc: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cs as usize;
+        debug_assert_eq!(data.len() % cs, 0);
+        // (host offset, index in data) of the run being gathered.
+        let mut run: Option<(u64, usize)> = None;
+        for k in 0..data.len() / cs {
+            let g = gc + k as u64;
+            self.l2_for(g)?;
+            let host = self.alloc_run(1)? * self.cs;
+            self.set_entry(g, OFLAG_COPIED | host);
+            match run {
+                Some((h, s)) if h + (k * cs - s) as u64 == host => {}
+                Some((h, s)) => {
+                    self.write_large(h, &data[s..k * cs])?;
+                    run = Some((host, k * cs));
+                }
+                None => run = Some((host, k * cs)),
+            }
+        }
+        if let Some((h, s)) = run {
+            self.write_large(h, &data[s..])?;
+        }
         Ok(())
     }
 
@@ -405,6 +423,15 @@ impl<'f> StreamWriter<'f> {
             self.flush_pending()?;
         }
         Ok(())
+    }
+
+    /// Big writes skip the gathering buffer (one copy less).
+    fn write_large(&mut self, at: u64, data: &[u8]) -> Result<()> {
+        if data.len() < WRITE_BATCH / 4 {
+            return self.write(at, data);
+        }
+        self.flush_pending()?;
+        self.write_now(at, data)
     }
 
     fn flush_pending(&mut self) -> Result<()> {
