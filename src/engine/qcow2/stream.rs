@@ -23,6 +23,8 @@ use crate::engine::error::{Error, IoContext, Result};
 
 /// Sequential data is gathered up to this size before one `pwrite`.
 const WRITE_BATCH: usize = 2 << 20;
+/// Data at least this long is written straight from the caller's buffer.
+const DIRECT_WRITE: usize = 64 << 10;
 
 pub struct StreamWriter<'f> {
     file: &'f File,
@@ -425,9 +427,11 @@ impl<'f> StreamWriter<'f> {
         Ok(())
     }
 
-    /// Big writes skip the gathering buffer (one copy less).
+    /// Writes of 64 KiB or more skip the gathering buffer: copying into it
+    /// cost more than the syscalls it saves (perf: the kernel's copy from
+    /// the 2 MiB buffer took 3.7x qemu-img's time for the same bytes).
     fn write_large(&mut self, at: u64, data: &[u8]) -> Result<()> {
-        if data.len() < WRITE_BATCH / 4 {
+        if data.len() < DIRECT_WRITE {
             return self.write(at, data);
         }
         self.flush_pending()?;
