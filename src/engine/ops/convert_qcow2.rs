@@ -211,6 +211,28 @@ impl Plan<'_> {
         self.chain.block_status(pos, max)
     }
 
+    /// Whole batches from `pos` (batch aligned) that leave nothing in the
+    /// target: what the chain reports as zeros without `-B`, what the top
+    /// leaves to the backing with it. Skipping them unread keeps a sparse
+    /// 100 GiB disk from costing 100 000 batches.
+    fn skippable(&self, pos: u64, batch_len: u64) -> Result<u64> {
+        let st = self.status(pos, self.size)?;
+        let nothing = match self.class(&st) {
+            Class::Skip => true,
+            Class::Zero => self.backing.is_none() && self.min_sparse > 0,
+            Class::Data => false,
+        };
+        if !nothing {
+            return Ok(0);
+        }
+        let mut end = pos + st.length / batch_len * batch_len;
+        if self.compressed && self.backing.is_some() {
+            // With -c -B the short last cluster is read whatever it holds.
+            end = end.min((self.size - 1) / batch_len * batch_len);
+        }
+        Ok(end.saturating_sub(pos))
+    }
+
     /// An upper bound of the data clusters the target will hold: every
     /// cluster touched by a range that may become data. Sizes the free-space
     /// check and the refcount table.
@@ -645,6 +667,12 @@ fn run_pipeline(
             let mut seq = 0u64;
             while pos < plan.size {
                 cancel.check()?;
+                let skip = plan.skippable(pos, batch_len)?;
+                if skip > 0 {
+                    progress.advance(skip);
+                    pos += skip;
+                    continue;
+                }
                 // Err: a later stage stopped; its own error is reported.
                 let Ok(mut b) = free_rx.recv() else {
                     return Ok(());
