@@ -269,6 +269,43 @@ fn backing_output_matches_qemu_img() {
     f.finish();
 }
 
+/// A mostly empty 64 GiB disk: the empty ranges cost nothing (no batch is
+/// read for them) and the few bytes land where qemu-img puts them.
+#[test]
+fn huge_sparse_source_is_quick() {
+    let w = Work::new("convert-qcow2-sparse");
+    let f = std::fs::File::create(w.path("big.raw")).unwrap();
+    f.set_len(64 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"moo", 40 << 30).unwrap();
+    f.write_all_at(&[7u8; 70000], (64 << 30) - 70000).unwrap();
+    drop(f);
+    let mut fl = Failures::new(&w.case);
+    for opts in [&["-o", "cluster_size=4k"][..], &["-c"][..]] {
+        let t0 = Instant::now();
+        if let Err(e) = convert_both(&w, opts, "big.raw", "ours.qcow2", "theirs.qcow2") {
+            fl.push(&format!("{opts:?}"), e);
+            continue;
+        }
+        let took = t0.elapsed();
+        fl.check(
+            took < Duration::from_secs(5),
+            &format!("{opts:?}: time"),
+            || format!("{took:?}"),
+        );
+        let cmp = w.run("qemu-img", &["compare", "big.raw", "ours.qcow2"]);
+        fl.check(cmp.ok(), &format!("{opts:?}: compare"), || cmp.to_string());
+        if let Err(e) = w.check_clean("ours.qcow2") {
+            fl.push(&format!("{opts:?}: check"), e);
+        }
+        let (a, b) = (w.map_shape("ours.qcow2"), w.map_shape("theirs.qcow2"));
+        fl.check(a == b, &format!("{opts:?}: map"), || {
+            common::extent_diff(&b, &a)
+        });
+    }
+    fl.finish();
+}
+
 #[test]
 fn options_sparse_and_old_formats() {
     let w = Work::new("convert-qcow2-options");
