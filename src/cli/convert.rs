@@ -60,7 +60,10 @@ pub struct ConvertArgs {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Image to convert; its whole backing chain is read (with -B, only
+    /// what its top layer holds is copied).
     src: PathBuf,
+    /// Output file; replaced if it exists, never left half written.
     dst: PathBuf,
 }
 

@@ -541,3 +541,47 @@ pub fn release_holder(mut child: std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The file names in `dir`, sorted (to see what an operation left behind).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+impl Work {
+    /// `qemu-img check --output=json FILE`: `Ok(report)` when it exits 0 with
+    /// no corruptions and no leaks, else `Err(why)`.
+    pub fn check_clean(&self, file: &str) -> Result<Value, String> {
+        let r = self.run("qemu-img", &["check", "--output=json", file]);
+        let v: Value = serde_json::from_str(&r.stdout).map_err(|e| format!("{e}: {r}"))?;
+        if !r.ok() || v.get("corruptions").is_some() || v.get("leaks").is_some() {
+            return Err(format!("{r}"));
+        }
+        Ok(v)
+    }
+
+    /// `qemu-img info --output=json FILE`'s actual-size (bytes on disk).
+    pub fn actual_size(&self, file: &str) -> u64 {
+        let r = self.qemu_img(&["info", "--output=json", file]);
+        self.json(&r)["actual-size"].as_u64().unwrap_or_else(|| {
+            panic!("[{}] no actual-size in {r}", self.case);
+        })
+    }
+
+    /// `qemu-img map --output=json FILE` with host offsets dropped and
+    /// neighbours merged again: what each guest range is, not where.
+    pub fn map_shape(&self, file: &str) -> Vec<Value> {
+        let r = self.qemu_img(&["map", "--output=json", file]);
+        let mut v: Vec<Value> = self.json(&r).as_array().cloned().unwrap_or_default();
+        for e in &mut v {
+            if let Some(o) = e.as_object_mut() {
+                o.remove("offset");
+            }
+        }
+        merge_extents(&v)
+    }
+}

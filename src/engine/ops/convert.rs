@@ -164,7 +164,7 @@ pub fn convert_to_raw(
     let out = tmp.file();
     out.set_len(size).at(dst)?;
 
-    copy_pipelined(&chain, out, dst, progress, cancel)?;
+    copy_pipelined(&chain, out, dst, opts.min_sparse, progress, cancel)?;
     tmp.persist(opts.cache, cancel)
 }
 
@@ -174,10 +174,13 @@ fn copy_pipelined(
     chain: &Chain,
     out: &File,
     dst: &Path,
+    min_sparse: u64,
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<()> {
     let size = chain.virtual_size();
+    // -S counts whole sectors, as in qemu-img.
+    let grain = (min_sparse / 512 * 512) as usize;
     let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>, usize)>(BUFFERS);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
@@ -187,7 +190,7 @@ fn copy_pipelined(
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<()> {
             for (offset, buf, len) in full_rx {
-                write_skipping_zeros(out, dst, &buf[..len], offset)?;
+                write_skipping_zeros(out, dst, &buf[..len], offset, grain)?;
                 if free_tx.send(buf).is_err() {
                     break;
                 }
@@ -199,7 +202,8 @@ fn copy_pipelined(
             while pos < size {
                 cancel.check()?;
                 let st = chain.block_status(pos, (size - pos).min(CHUNK as u64))?;
-                if st.data {
+                // -S 0 writes zeros too: the output is fully allocated.
+                if st.data || min_sparse == 0 {
                     // Err: the writer stopped; its own error is reported.
                     let Ok(mut buf) = free_rx.recv() else {
                         return Ok(());
@@ -223,17 +227,27 @@ fn copy_pipelined(
     })
 }
 
-/// Write `data` at `offset`, leaving aligned all-zero blocks as holes (the
-/// file was just extended, so holes read as zeros).
-fn write_skipping_zeros(out: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {
+/// Write `data` at `offset`, leaving aligned all-zero blocks of `grain`
+/// bytes as holes (the file was just extended, so holes read as zeros);
+/// `grain` 0 writes everything.
+fn write_skipping_zeros(
+    out: &File,
+    path: &Path,
+    data: &[u8],
+    offset: u64,
+    grain: usize,
+) -> Result<()> {
+    if grain == 0 {
+        return out.write_all_at(data, offset).at(path);
+    }
     let mut run_start: Option<usize> = None;
     let mut i = 0usize;
     // Align grains to the guest offset so holes fall on block boundaries.
-    let first = ZERO_GRAIN - (offset as usize % ZERO_GRAIN);
+    let first = grain - (offset as usize % grain);
     let mut grain_end = first.min(data.len());
     while i < data.len() {
-        let grain = &data[i..grain_end];
-        let zero = grain.len() == ZERO_GRAIN && is_zero(grain);
+        let block = &data[i..grain_end];
+        let zero = block.len() == grain && is_zero(block);
         match (zero, run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(s)) => {
@@ -243,7 +257,7 @@ fn write_skipping_zeros(out: &File, path: &Path, data: &[u8], offset: u64) -> Re
             _ => {}
         }
         i = grain_end;
-        grain_end = (grain_end + ZERO_GRAIN).min(data.len());
+        grain_end = (grain_end + grain).min(data.len());
     }
     if let Some(s) = run_start {
         out.write_all_at(&data[s..], offset + s as u64).at(path)?;
