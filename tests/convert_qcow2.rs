@@ -571,3 +571,45 @@ fn sigkill_never_leaves_a_partial_destination() {
         "only {interrupted} of {trials} kills landed mid-convert ({completed} completed; convert took {span:?})"
     );
 }
+
+/// A destination file system too small for the output: refused before a
+/// byte is written, naming both numbers; no DST and no temporary file.
+#[test]
+fn refuses_when_the_destination_file_system_is_too_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::run::ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"],
+    );
+    common::run::ok(d, "qemu-io", &["-c", "write -P 0x5a 0 24M", "src.qcow2"]);
+    let cow = env!("CARGO_BIN_EXE_cowshed");
+    for (name, args) in [
+        ("raw", "-O raw"),
+        ("qcow2", "-O qcow2"),
+        ("zstd", "-O qcow2 -c -o compression_type=zstd"),
+    ] {
+        let script = format!(
+            "{cow} convert {args} src.qcow2 small/out > out-{name} 2>&1 || echo $? > rc-{name}\n\
+             ls -A small > ls-{name}\n"
+        );
+        let Some(out) = common::small_fs::run_with_small_fs(d, 16, &script) else {
+            return;
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let msg = std::fs::read_to_string(d.join(format!("out-{name}"))).unwrap();
+        let rc = std::fs::read_to_string(d.join(format!("rc-{name}"))).unwrap_or_default();
+        assert_eq!(rc.trim(), "1", "{name}: {msg}");
+        assert!(
+            msg.contains("small/out") && msg.contains("not enough free space"),
+            "{name}: {msg}"
+        );
+        let left = std::fs::read_to_string(d.join(format!("ls-{name}"))).unwrap();
+        assert!(left.trim().is_empty(), "{name}: left behind: {left}");
+    }
+}

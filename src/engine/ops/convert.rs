@@ -158,6 +158,7 @@ pub fn convert_to_raw(
     let chain = Chain::open(src, opts.src_format)?;
     refuse_overwriting_source(&chain, dst)?;
     let size = chain.virtual_size();
+    crate::engine::space::ensure_fits(dst, data_bytes(&chain, cancel)?)?;
     progress.set_total(size);
 
     let tmp = TempOutput::new(dst)?;
@@ -166,6 +167,21 @@ pub fn convert_to_raw(
 
     copy_pipelined(&chain, out, dst, opts.min_sparse, progress, cancel)?;
     tmp.persist(opts.cache, cancel)
+}
+
+/// What the chain provides as data: at most what a sparse copy allocates.
+fn data_bytes(chain: &Chain, cancel: &Cancel) -> Result<u64> {
+    let size = chain.virtual_size();
+    let (mut pos, mut data) = (0u64, 0u64);
+    while pos < size {
+        cancel.check()?;
+        let st = chain.block_status(pos, size - pos)?;
+        if st.data {
+            data += st.length;
+        }
+        pos += st.length;
+    }
+    Ok(data)
 }
 
 /// Read on this thread, write on another: reads from the page cache and
