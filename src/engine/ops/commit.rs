@@ -81,6 +81,20 @@ impl Target {
         }
     }
 
+    /// See [`Qcow2Writer::write_direct`]; a raw target's runs are the
+    /// guest offsets themselves.
+    fn write_direct(
+        &mut self,
+        offset: u64,
+        len: u64,
+        fill: &mut dyn FnMut(&[(u64, u64, u64)]) -> Result<()>,
+    ) -> Result<bool> {
+        match self {
+            Target::Qcow2(w) => w.write_direct(offset, len, fill),
+            Target::Raw { .. } => fill(&[(offset, offset, len)]).map(|()| true),
+        }
+    }
+
     fn prepare(&mut self) -> Result<()> {
         match self {
             Target::Qcow2(w) => w.prepare_for_writes(),
@@ -251,6 +265,17 @@ fn copy_into(
     // A second handle on the same open file (same locks), so the target's
     // writer can be borrowed mutably alongside it.
     let file = target.data_file().try_clone().at(base_path)?;
+    // Data file lengths of the layers above the base (0: not copied in
+    // the kernel, e.g. encrypted), once: a stat per extent showed up.
+    let src_lens: Vec<u64> = chain.layers()[..base_depth]
+        .iter()
+        .map(|l| {
+            l.image
+                .data_file()
+                .and_then(|f| f.metadata().at(&l.path))
+                .map_or(0, |m| m.len())
+        })
+        .collect();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut zeros = Vec::new();
     let mut pos = 0u64;
@@ -258,7 +283,10 @@ fn copy_into(
         cancel.check()?;
         let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
         if st.present && st.depth < base_depth {
-            if st.data && !st.compressed && copy_in_kernel(chain, &st, target, &file, base_path)? {
+            if st.data
+                && !st.compressed
+                && copy_in_kernel(chain, &st, src_lens[st.depth], target, &file, base_path)?
+            {
                 // Copied without passing through this process.
             } else if st.data {
                 let chunk = &mut buf[..st.length as usize];
@@ -274,15 +302,19 @@ fn copy_into(
     Ok(())
 }
 
-/// Copy a plain data extent straight from its layer's file into clusters
-/// the target owns with `copy_file_range`: the kernel moves the bytes page
-/// cache to page cache, one copy instead of a read and a write through a
-/// buffer. False (nothing done) when the target must allocate, or the
-/// source ends early (past its EOF it reads as zeros, which only the
-/// buffered path writes).
+/// Copy a plain data extent straight from its layer's file into the
+/// target's with `copy_file_range`: the kernel moves the bytes page cache
+/// to page cache, one copy instead of a read and a write through a buffer.
+/// The target's writer places the clusters (in place, or new ones mapped
+/// once filled). False (nothing done) for ranges that are not whole
+/// clusters of the target, or a source that ends early (past its end it
+/// reads as zeros, which only the buffered path writes). `src_len` is the
+/// answering layer's data file length (it cannot change: the chain above
+/// the base is ours while we hold the top's lock).
 fn copy_in_kernel(
     chain: &Chain,
     st: &crate::engine::chain::BlockStatus,
+    src_len: u64,
     target: &mut Target,
     out: &File,
     out_path: &Path,
@@ -290,28 +322,27 @@ fn copy_in_kernel(
     let Some(src_host) = st.offset else {
         return Ok(false);
     };
-    let layer = &chain.layers()[st.depth];
-    let src = layer.image.data_file()?;
-    let src_len = src.metadata().at(&layer.path)?.len();
     if src_host + st.length > src_len {
         return Ok(false);
     }
-    let Some(runs) = target.in_place_runs(st.start, st.length)? else {
-        return Ok(false);
-    };
-    for (g, host, n) in runs {
-        let (mut from, mut to, mut left) =
-            ((src_host + g - st.start) as i64, host as i64, n as usize);
-        while left > 0 {
-            let copied =
-                nix::fcntl::copy_file_range(src, Some(&mut from), out, Some(&mut to), left)
-                    .map_err(std::io::Error::from)
-                    .at(out_path)?;
-            if copied == 0 {
-                return Err(Error::invalid(out_path, "copy_file_range copied nothing"));
+    let src = chain.layers()[st.depth].image.data_file()?;
+    let mut copy = |runs: &[(u64, u64, u64)]| -> Result<()> {
+        for &(g, host, n) in runs {
+            let mut from = (src_host + g - st.start) as i64;
+            let mut to = host as i64;
+            let mut left = n as usize;
+            while left > 0 {
+                let copied =
+                    nix::fcntl::copy_file_range(src, Some(&mut from), out, Some(&mut to), left)
+                        .map_err(std::io::Error::from)
+                        .at(out_path)?;
+                if copied == 0 {
+                    return Err(Error::invalid(out_path, "copy_file_range copied nothing"));
+                }
+                left -= copied;
             }
-            left -= copied;
         }
-    }
-    Ok(true)
+        Ok(())
+    };
+    target.write_direct(st.start, st.length, &mut copy)
 }

@@ -881,6 +881,79 @@ impl Qcow2Writer {
         self.bound_deferred()
     }
 
+    /// Write whole clusters `[offset, offset + len)` with bytes the caller
+    /// puts in place itself (say, `copy_file_range` from another file):
+    /// the writer places the clusters as [`Qcow2Writer::write`] would (in
+    /// place where this image owns them, else new ones, refcounts first),
+    /// calls `fill` with the `(guest, host, len)` runs of its data file
+    /// ([`Qcow2Writer::data_file`]) to fill, and maps the new clusters only
+    /// after `fill` returned. False, with nothing done, when the range is
+    /// not made of whole clusters.
+    pub fn write_direct(
+        &mut self,
+        offset: u64,
+        len: u64,
+        fill: &mut dyn FnMut(&[(u64, u64, u64)]) -> Result<()>,
+    ) -> Result<bool> {
+        let cs = self.cs;
+        if offset % cs != 0 || len % cs != 0 {
+            return Ok(false);
+        }
+        self.check_range(offset, len)?;
+        self.before_first_write()?;
+        let span = cs * self.l2_entries();
+        let end = offset + len;
+        let mut g = offset;
+        while g < end {
+            let table_end = ((g / span + 1) * span).min(end);
+            let l2 = self.l2_for_write(g)?;
+            let mut clusters: Vec<(u64, (u64, u64), Option<u64>)> = Vec::new();
+            let mut c = g;
+            while c < table_end {
+                let pair = self.l2_pair(c)?;
+                clusters.push((c, pair, self.owned_data(pair)));
+                c += cs;
+            }
+            let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
+            let mut next_fresh = if fresh > 0 && self.data.is_none() {
+                self.alloc_clusters(fresh)?
+            } else {
+                0
+            };
+            let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+            let mut mapped: Vec<(u64, u64, u64)> = Vec::new();
+            for &(c, (entry, _), in_place) in &clusters {
+                let host = match in_place {
+                    Some(host) => host,
+                    None => {
+                        let host = if self.data.is_some() { c } else { next_fresh };
+                        next_fresh += cs;
+                        mapped.push((c, entry, host));
+                        host
+                    }
+                };
+                match runs.last_mut() {
+                    Some((_, h, n)) if *h + *n == host => *n += cs,
+                    _ => runs.push((c, host, cs)),
+                }
+            }
+            fill(&runs)?;
+            if !mapped.is_empty() {
+                let entries: Vec<(u64, (u64, u64))> = mapped
+                    .iter()
+                    .map(|&(c, _, host)| (c, self.data_entry(host)))
+                    .collect();
+                self.set_l2_entries(l2, &entries)?;
+                for (_, old, _) in mapped {
+                    self.release_entry(old);
+                }
+                self.bound_deferred()?;
+            }
+            g = table_end;
+        }
+        Ok(true)
+    }
+
     /// Write `(host offset, bytes)` pieces of data clusters, merging
     /// host-contiguous ones into one vectored write.
     fn pwrite_runs(&self, pieces: &[(u64, &[u8])]) -> Result<()> {
