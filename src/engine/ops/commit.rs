@@ -87,7 +87,7 @@ impl Target {
         &mut self,
         offset: u64,
         len: u64,
-        fill: &mut dyn FnMut(&[(u64, u64, u64)]) -> Result<()>,
+        fill: &mut crate::engine::qcow2::writer::FillRuns,
     ) -> Result<bool> {
         match self {
             Target::Qcow2(w) => w.write_direct(offset, len, fill),

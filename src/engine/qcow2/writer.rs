@@ -85,6 +85,10 @@ struct DataFile {
     raw: bool,
 }
 
+/// What [`Qcow2Writer::write_direct`] calls to fill `(guest, host, len)`
+/// runs of the data file.
+pub type FillRuns<'a> = dyn FnMut(&[(u64, u64, u64)]) -> Result<()> + 'a;
+
 /// Extended L2 bitmaps: every subcluster allocated, or every one zero.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
 const ALL_ZERO: u64 = 0xffff_ffff << 32;
@@ -889,12 +893,7 @@ impl Qcow2Writer {
     /// ([`Qcow2Writer::data_file`]) to fill, and maps the new clusters only
     /// after `fill` returned. False, with nothing done, when the range is
     /// not made of whole clusters.
-    pub fn write_direct(
-        &mut self,
-        offset: u64,
-        len: u64,
-        fill: &mut dyn FnMut(&[(u64, u64, u64)]) -> Result<()>,
-    ) -> Result<bool> {
+    pub fn write_direct(&mut self, offset: u64, len: u64, fill: &mut FillRuns) -> Result<bool> {
         let cs = self.cs;
         if offset % cs != 0 || len % cs != 0 {
             return Ok(false);
