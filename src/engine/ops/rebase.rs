@@ -20,6 +20,7 @@ use std::path::Path;
 use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{probe, Format};
+use crate::engine::layer::Image;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
 use crate::engine::qcow2::Qcow2Writer;
@@ -96,47 +97,27 @@ pub fn rebase(
     space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
-    let mut old_buf = vec![0u8; CHUNK as usize];
-    let mut new_buf = vec![0u8; CHUNK as usize];
-    let mut differs = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        cancel.check()?;
-        let (allocated, n) = w.allocation_run(pos, (size - pos).min(CHUNK))?;
-        if !allocated {
-            let old_n = old_size.saturating_sub(pos).min(n);
-            let new_n = new_size.saturating_sub(pos).min(n);
-            let old_zero = reads_zero(w.backing_chain(), pos, old_n)?;
-            let new_zero = reads_zero(new.as_ref(), pos, new_n)?;
-            if !(old_zero && new_zero) {
-                // Read and compare a slice at a time, while it is still in
-                // the CPU's cache.
-                let slice = SLICE.max(cs);
-                differs.clear();
-                let mut a = 0u64;
-                while a < n {
-                    let b = (a + slice).min(n);
-                    let (o, nw) = (
-                        &mut old_buf[a as usize..b as usize],
-                        &mut new_buf[a as usize..b as usize],
-                    );
-                    let valid = |total: u64| total.saturating_sub(a).min(b - a);
-                    fill(w.backing_chain(), o, pos + a, valid(old_n), old_zero)?;
-                    fill(new.as_ref(), nw, pos + a, valid(new_n), new_zero)?;
-                    differs.extend(
-                        o.chunks(cs as usize)
-                            .zip(nw.chunks(cs as usize))
-                            .map(|(x, y)| x != y),
-                    );
-                    a = b;
-                }
-                let old = &old_buf[..n as usize];
-                copy_differences(&mut w, old, &differs, pos, old_size, cs)?;
-            }
+    // The old chain again, for a reader thread: the writer keeps its own
+    // for copy-on-write while this thread writes.
+    let old_reader = match w.backing_chain() {
+        Some(c) => {
+            let top = c.top();
+            let fmt = match top.image {
+                Image::Qcow2(_) => Format::Qcow2,
+                Image::Raw(_) => Format::Raw,
+            };
+            Some(Chain::open(&top.path, Some(fmt))?)
         }
-        pos += n;
-        progress.advance(n);
-    }
+        None => None,
+    };
+    compare_and_copy(
+        &mut w,
+        old_reader.as_ref(),
+        new.as_ref(),
+        (old_size, new_size),
+        progress,
+        cancel,
+    )?;
     cancel.check()?;
     w.set_backing(name, format_name)
 }
@@ -180,6 +161,162 @@ pub fn rebase_space_needed(file: &Path, opts: &RebaseOptions) -> Result<u64> {
 /// content, or zero clusters once past the old backing's end. Runs of
 /// differing clusters are written at once, as QEMU's compare_buffers and
 /// old_backing_eof split them.
+/// A chunk the image does not allocate, to compare between the chains.
+struct Job {
+    pos: u64,
+    n: u64,
+    old_n: u64,
+    new_n: u64,
+    old_zero: bool,
+    new_zero: bool,
+    bufs: (Vec<u8>, Vec<u8>),
+}
+
+/// A compared chunk: the old chain's bytes and which clusters differ.
+struct Compared {
+    pos: u64,
+    n: u64,
+    bufs: (Vec<u8>, Vec<u8>),
+    differs: Vec<bool>,
+}
+
+/// Chunks the image does not allocate are read from both chains and
+/// compared on a reader thread while this one writes the differences of
+/// the chunk before: reading and writing each keep a core busy (measured:
+/// flatten of the 2 GiB fixture spent as long in preads as in pwrites).
+/// Writes stay in disk order.
+fn compare_and_copy(
+    w: &mut Qcow2Writer,
+    old: Option<&Chain>,
+    new: Option<&Chain>,
+    (old_size, new_size): (u64, u64),
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<()> {
+    let size = w.virtual_size();
+    let cs = w.cluster_size();
+    let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(1);
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Compared>>(2);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for job in job_rx {
+                if done_tx.send(compare(job, old, new, cs)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut spare: Vec<(Vec<u8>, Vec<u8>)> = (0..3)
+            .map(|_| (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]))
+            .collect();
+        let mut in_flight = 0usize;
+        let write = |w: &mut Qcow2Writer, done: Result<Compared>, spare: &mut Vec<_>| {
+            let c = done?;
+            copy_differences(
+                w,
+                &c.bufs.0[..c.n as usize],
+                &c.differs,
+                c.pos,
+                old_size,
+                cs,
+            )?;
+            spare.push(c.bufs);
+            Ok::<(), Error>(())
+        };
+        let walked = (|| -> Result<()> {
+            let mut pos = 0u64;
+            while pos < size {
+                cancel.check()?;
+                let (allocated, n) = w.allocation_run(pos, (size - pos).min(CHUNK))?;
+                if !allocated {
+                    let old_n = old_size.saturating_sub(pos).min(n);
+                    let new_n = new_size.saturating_sub(pos).min(n);
+                    let old_zero = reads_zero(old, pos, old_n)?;
+                    let new_zero = reads_zero(new, pos, new_n)?;
+                    if !(old_zero && new_zero) {
+                        let bufs = match spare.pop() {
+                            Some(b) => b,
+                            None => {
+                                let done = done_rx.recv().map_err(|_| reader_gone(w))?;
+                                in_flight -= 1;
+                                write(w, done, &mut spare)?;
+                                spare.pop().ok_or_else(|| reader_gone(w))?
+                            }
+                        };
+                        let job = Job {
+                            pos,
+                            n,
+                            old_n,
+                            new_n,
+                            old_zero,
+                            new_zero,
+                            bufs,
+                        };
+                        job_tx.send(job).map_err(|_| reader_gone(w))?;
+                        in_flight += 1;
+                    }
+                }
+                while let Ok(done) = done_rx.try_recv() {
+                    in_flight -= 1;
+                    write(w, done, &mut spare)?;
+                }
+                pos += n;
+                progress.advance(n);
+            }
+            while in_flight > 0 {
+                let done = done_rx.recv().map_err(|_| reader_gone(w))?;
+                in_flight -= 1;
+                write(w, done, &mut spare)?;
+            }
+            Ok(())
+        })();
+        drop(job_tx);
+        walked
+    })
+}
+
+fn reader_gone(w: &Qcow2Writer) -> Error {
+    Error::invalid(w.path(), "internal: the compare thread stopped")
+}
+
+/// Read a job's chunk from both chains, a slice at a time while it is
+/// still in the CPU's cache, and mark the clusters that differ.
+fn compare(job: Job, old: Option<&Chain>, new: Option<&Chain>, cs: u64) -> Result<Compared> {
+    let Job {
+        pos,
+        n,
+        old_n,
+        new_n,
+        old_zero,
+        new_zero,
+        mut bufs,
+    } = job;
+    let slice = SLICE.max(cs);
+    let mut differs = Vec::with_capacity((n / cs + 1) as usize);
+    let mut a = 0u64;
+    while a < n {
+        let b = (a + slice).min(n);
+        let (o, nw) = (
+            &mut bufs.0[a as usize..b as usize],
+            &mut bufs.1[a as usize..b as usize],
+        );
+        let valid = |total: u64| total.saturating_sub(a).min(b - a);
+        fill(old, o, pos + a, valid(old_n), old_zero)?;
+        fill(new, nw, pos + a, valid(new_n), new_zero)?;
+        differs.extend(
+            o.chunks(cs as usize)
+                .zip(nw.chunks(cs as usize))
+                .map(|(x, y)| x != y),
+        );
+        a = b;
+    }
+    Ok(Compared {
+        pos,
+        n,
+        bufs,
+        differs,
+    })
+}
+
 fn copy_differences(
     w: &mut Qcow2Writer,
     old: &[u8],

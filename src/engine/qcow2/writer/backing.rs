@@ -21,6 +21,10 @@ impl Qcow2Writer {
         &self.h
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn cluster_size(&self) -> u64 {
         self.cs
     }
