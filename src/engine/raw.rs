@@ -14,6 +14,37 @@ use super::layer::LayerStatus;
 
 const SECTOR: u64 = 512;
 
+/// Give `[offset, offset + len)` of `file` back to the file system: it then
+/// reads as zeros and the file keeps its size. Err where the file system
+/// cannot punch holes.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> nix::Result<()> {
+    nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    )
+}
+
+/// Make `[offset, offset + len)` of `file` read as zeros, as QEMU's
+/// write-zeroes on a file does: a hole where the file system can punch
+/// one (the file stays sparse), else zero bytes.
+pub fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    if punch_hole(file, offset, len).is_ok() {
+        return Ok(());
+    }
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], offset + done).at(path)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 pub struct RawImage {
     path: PathBuf,
     file: File,

@@ -45,39 +45,12 @@ impl Target {
         }
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
             Target::Qcow2(w) => w.write_zeroes(offset, len),
-            Target::Raw { file, .. } => {
-                // A hole reads as zeros and keeps the file sparse, as QEMU's
-                // write-zeroes on a raw file does; zero bytes where the file
-                // system cannot punch one.
-                let punched = nix::fcntl::fallocate(
-                    std::os::fd::AsRawFd::as_raw_fd(file),
-                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    offset as i64,
-                    len as i64,
-                );
-                if punched.is_ok() {
-                    return Ok(());
-                }
-                buf.clear();
-                buf.resize(len as usize, 0);
-                let zeros = std::mem::take(buf);
-                let r = self.write(&zeros, offset);
-                *buf = zeros;
-                r
+            Target::Raw { file, path, .. } => {
+                crate::engine::raw::zero_range(file, path, offset, len)
             }
-        }
-    }
-
-    /// Host runs for guest `[offset, offset + len)` that may be written
-    /// directly (see [`Qcow2Writer::in_place_runs`]).
-    fn in_place_runs(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64, u64)>>> {
-        match self {
-            Target::Qcow2(w) => w.in_place_runs(offset, len),
-            Target::Raw { .. } => Ok(Some(vec![(offset, offset, len)])),
         }
     }
 
@@ -92,13 +65,6 @@ impl Target {
         match self {
             Target::Qcow2(w) => w.write_direct(offset, len, fill),
             Target::Raw { .. } => fill(&[(offset, offset, len)]).map(|()| true),
-        }
-    }
-
-    fn prepare(&mut self) -> Result<()> {
-        match self {
-            Target::Qcow2(w) => w.prepare_for_writes(),
-            Target::Raw { .. } => Ok(()),
         }
     }
 
@@ -193,7 +159,6 @@ pub fn commit(
     let size = chain.virtual_size();
     crate::engine::space::ensure_fits(&base_path, space_needed(&chain, base_depth, &mut target)?)?;
     progress.set_total(size);
-    target.prepare()?;
     target.grow(size)?;
     copy_into(
         &chain,
@@ -224,6 +189,14 @@ fn space_needed(chain: &Chain, base_depth: usize, target: &mut Target) -> Result
         let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
         if st.present && st.depth < base_depth && st.data {
             needed += match (&mut *target, base) {
+                // Clusters the base owns are overwritten in place.
+                (Target::Qcow2(w), _) => {
+                    if w.owns_range(pos, st.length)? {
+                        0
+                    } else {
+                        st.length
+                    }
+                }
                 (Target::Raw { .. }, Image::Raw(raw)) => {
                     // Only the base's holes take new space.
                     let (mut at, end, mut holes) = (pos, pos + st.length, 0);
@@ -236,10 +209,7 @@ fn space_needed(chain: &Chain, base_depth: usize, target: &mut Target) -> Result
                     }
                     holes + end.saturating_sub(raw.virtual_size().max(pos))
                 }
-                (t, _) => match t.in_place_runs(pos, st.length)? {
-                    Some(_) => 0,
-                    None => st.length,
-                },
+                _ => st.length,
             };
         }
         pos += st.length;
@@ -277,7 +247,6 @@ fn copy_into(
         })
         .collect();
     let mut buf = vec![0u8; CHUNK as usize];
-    let mut zeros = Vec::new();
     let mut pos = 0u64;
     let mut written = 0u64;
     while pos < size {
@@ -294,7 +263,7 @@ fn copy_into(
                 chain.read_extent(&st, chunk)?;
                 target.write(chunk, pos)?;
             } else {
-                target.write_zeroes(pos, st.length, &mut zeros)?;
+                target.write_zeroes(pos, st.length)?;
             }
         }
         pos += st.length;

@@ -32,6 +32,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::compress::Compressor;
 use crate::engine::qcow2::header::CompressionType;
+use crate::engine::qcow2::refcount::refcount_structure;
 use crate::engine::qcow2::stream::StreamWriter;
 use crate::engine::space::ensure_fits;
 
@@ -148,12 +149,10 @@ pub fn convert_to_qcow2(
     let data_clusters = plan.data_cluster_bound(cancel)?;
     let cs = plan.cs;
     let l2_tables = size.div_ceil(header.l1_entry_span());
-    let per_block = cs * 8 / u64::from(header.refcount_bits());
-    let metadata = 2
-        + (l2_tables * 8).div_ceil(cs)
-        + l2_tables
-        + (data_clusters + l2_tables + 8).div_ceil(per_block)
-        + 1;
+    // Header, L1, L2 tables, and the refcount structure counting it all.
+    let counted = 1 + (l2_tables * 8).div_ceil(cs) + l2_tables + data_clusters;
+    let (blocks, table) = refcount_structure(counted, cs, header.refcount_order);
+    let metadata = counted - data_clusters + blocks + table;
     ensure_fits(dst, (data_clusters + metadata) * cs)?;
 
     let tmp = TempOutput::new(dst)?;

@@ -18,6 +18,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::format::Format;
 use crate::engine::ops::info::read_bitmap_directory;
 use crate::engine::qcow2::header::MAX_L1_BYTES;
+use crate::engine::qcow2::refcount::refcount_structure;
 
 /// Bytes of one reftable entry and one L1 entry.
 const TABLE_ENTRY: u64 = 8;
@@ -258,18 +259,7 @@ fn prealloc_size(total: u64, cs: u64, refcount_order: u32, l2e: u64) -> Option<u
 /// QEMU's `qcow2_refcount_metadata_size`: refcount blocks and table clusters
 /// needed to count `clusters` clusters plus themselves (the fixed point).
 pub(crate) fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
-    let blocks_per_table_cluster = cs / TABLE_ENTRY;
-    let refcounts_per_block = (cs * 8) >> refcount_order;
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(refcounts_per_block);
-        table = blocks.div_ceil(blocks_per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            break;
-        }
-    }
+    let (blocks, table) = refcount_structure(clusters, cs, refcount_order);
     (blocks + table) * cs
 }
 

@@ -20,7 +20,6 @@ use std::path::Path;
 use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{probe, Format};
-use crate::engine::layer::Image;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
 use crate::engine::qcow2::Qcow2Writer;
@@ -97,22 +96,11 @@ pub fn rebase(
     space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
-    // The old chain again, for a reader thread: the writer keeps its own
-    // for copy-on-write while this thread writes.
-    let old_reader = match w.backing_chain() {
-        Some(c) => {
-            let top = c.top();
-            let fmt = match top.image {
-                Image::Qcow2(_) => Format::Qcow2,
-                Image::Raw(_) => Format::Raw,
-            };
-            Some(Chain::open(&top.path, Some(fmt))?)
-        }
-        None => None,
-    };
+    // Shared with the reader thread while the writer writes.
+    let old_reader = w.shared_backing_chain();
     compare_and_copy(
         &mut w,
-        old_reader.as_ref(),
+        old_reader.as_deref(),
         new.as_ref(),
         (old_size, new_size),
         progress,

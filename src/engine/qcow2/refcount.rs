@@ -170,6 +170,21 @@ impl Refcounts {
     }
 }
 
+/// Refcount blocks and table clusters needed to count `clusters` clusters
+/// plus themselves: the fixed point of QEMU's `qcow2_refcount_metadata_size`.
+pub(crate) fn refcount_structure(clusters: u64, cs: u64, refcount_order: u32) -> (u64, u64) {
+    let per_block = (cs * 8) >> refcount_order;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let b = (clusters + blocks + table).div_ceil(per_block);
+        let t = b.div_ceil(cs / 8);
+        if (b, t) == (blocks, table) {
+            return (blocks, table);
+        }
+        (blocks, table) = (b, t);
+    }
+}
+
 /// Store `value` at entry `idx` of a refblock with `bits`-wide entries;
 /// returns the file offset and bytes that changed.
 pub(crate) fn encode_refcount(

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::header::{Header, MAX_REFTABLE_BYTES};
 use super::l2::{Geometry, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use super::refcount::encode_refcount;
+use super::refcount::{encode_refcount, refcount_structure};
 use crate::engine::error::{Error, IoContext, Result};
 
 /// Sequential data is gathered up to this size before one `pwrite`.
@@ -90,16 +90,7 @@ impl<'f> StreamWriter<'f> {
         // Everything but the refcount structures, then those: refblocks
         // also cover themselves and the table.
         let clusters = 1 + l1_clusters + l1_size + max_data_clusters + 2;
-        let mut blocks = 0;
-        let mut table_clusters = 0;
-        loop {
-            let b = (clusters + blocks + table_clusters).div_ceil(per_block);
-            let t = (b * 8).div_ceil(cs);
-            if (b, t) == (blocks, table_clusters) {
-                break;
-            }
-            (blocks, table_clusters) = (b, t);
-        }
+        let (_, table_clusters) = refcount_structure(clusters, cs, h.refcount_order);
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::invalid(
                 path,

@@ -59,7 +59,8 @@ pub struct Qcow2Writer {
     /// First cluster index worth looking at for a free cluster.
     free_hint: u64,
     /// The backing chain, for copy-on-write of partially written clusters.
-    backing: Option<Chain>,
+    /// Shared: a caller may read it from another thread while this writes.
+    backing: Option<std::sync::Arc<Chain>>,
     autoclear_cleared: bool,
     /// L2 tables read or written, by offset: the writer is the image's only
     /// writer (it holds QEMU's locks), so they stay true.
@@ -88,6 +89,16 @@ struct DataFile {
 /// What [`Qcow2Writer::write_direct`] calls to fill `(guest, host, len)`
 /// runs of the data file.
 pub type FillRuns<'a> = dyn FnMut(&[(u64, u64, u64)]) -> Result<()> + 'a;
+
+/// One cluster of a write: where its bytes go, and what it replaces.
+struct Placed {
+    guest: u64,
+    /// Its L2 entry and bitmap before the write.
+    old: (u64, u64),
+    host: u64,
+    /// A new cluster, mapped after its data is written.
+    fresh: bool,
+}
 
 /// Extended L2 bitmaps: every subcluster allocated, or every one zero.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
@@ -178,7 +189,7 @@ impl Qcow2Writer {
                     .backing_format
                     .as_deref()
                     .and_then(Format::from_name);
-                Some(Chain::open(&p, fmt)?)
+                Some(std::sync::Arc::new(Chain::open(&p, fmt)?))
             }
         };
         Ok(Qcow2Writer {
@@ -241,25 +252,7 @@ impl Qcow2Writer {
         let Some(d) = self.data.as_ref().filter(|d| d.raw) else {
             return Ok(());
         };
-        let punched = nix::fcntl::fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(&d.file),
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            off as i64,
-            len as i64,
-        );
-        if punched.is_err() {
-            d.file
-                .write_all_at(&vec![0u8; len as usize], off)
-                .at(&d.path)?;
-        }
-        Ok(())
-    }
-
-    /// What every write does first (clearing autoclear bits), for callers
-    /// that write data themselves through [`Qcow2Writer::data_file`].
-    pub fn prepare_for_writes(&mut self) -> Result<()> {
-        self.before_first_write()
+        crate::engine::raw::zero_range(&d.file, &d.path, off, len)
     }
 
     /// Autoclear bits mark extensions a writer keeps consistent (bitmaps);
@@ -489,13 +482,7 @@ impl Qcow2Writer {
             if r == 1 {
                 self.free_hint = self.free_hint.min(c);
                 // Unreferenced now: give the space back to the file system.
-                let _ = nix::fcntl::fallocate(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    (c * self.cs) as i64,
-                    self.cs as i64,
-                );
+                let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
             }
         }
         Ok(())
@@ -742,44 +729,31 @@ impl Qcow2Writer {
         }
     }
 
-    /// Where guest `[offset, offset + len)` lives, as `(guest, host, len)`
-    /// runs, when this image alone owns every cluster of it (allocated,
-    /// COPIED, in a COPIED L2 table): writing there changes no metadata, so
-    /// callers may do it themselves, from other threads, through
-    /// [`Qcow2Writer::data_file`]. None when any cluster would need
-    /// allocating.
-    /// Writing through the runs needs [`Qcow2Writer::prepare_for_writes`]
-    /// first; the query itself writes nothing.
-    pub fn in_place_runs(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64, u64)>>> {
+    /// Whether this image alone owns every cluster of `[offset, offset +
+    /// len)` as data (allocated, COPIED, in a COPIED L2 table), so writing
+    /// there needs no new cluster. Past the end of the disk: no.
+    pub fn owns_range(&mut self, offset: u64, len: u64) -> Result<bool> {
         if self.check_range(offset, len).is_err() {
-            // Past the end (a base not grown yet): nothing there is owned.
-            return Ok(None);
+            return Ok(false);
         }
         let cs = self.cs;
         let span = cs * self.l2_entries();
-        let end = offset + len;
-        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-        let mut g = offset;
-        while g < end {
+        let mut g = offset - offset % cs;
+        while g < offset + len {
             if self.l1[(g / span) as usize] & OFLAG_COPIED == 0 {
-                return Ok(None);
+                return Ok(false);
             }
             let pair = self.l2_pair(g)?;
-            let Some(host) = self.owned_data(pair).map(|h| h + g % cs) else {
-                return Ok(None);
-            };
-            let n = (cs - g % cs).min(end - g);
-            match runs.last_mut() {
-                Some((_, h, l)) if *h + *l == host => *l += n,
-                _ => runs.push((g, host, n)),
+            if self.owned_data(pair).is_none() {
+                return Ok(false);
             }
-            g += n;
+            g += cs;
         }
-        Ok(Some(runs))
+        Ok(true)
     }
 
-    /// The image file, for data writes at offsets
-    /// [`Qcow2Writer::in_place_runs`] returned.
+    /// The file data clusters live in (the image, or its external data
+    /// file): what [`Qcow2Writer::write_direct`]'s runs are offsets of.
     pub fn data_file(&self) -> &File {
         self.data_target().1
     }
@@ -824,46 +798,23 @@ impl Qcow2Writer {
         let l2 = self.l2_for_write(offset)?;
         let first = offset - offset % cs;
         let end = offset + data.len() as u64;
-        // Per cluster: guest offset, old entry, host offset if in place.
-        let mut clusters: Vec<(u64, (u64, u64), Option<u64>)> = Vec::new();
-        let mut g = first;
-        while g < end {
-            let pair = self.l2_pair(g)?;
-            clusters.push((g, pair, self.owned_data(pair)));
-            g += cs;
-        }
-        let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
-        let mut next_fresh = if fresh > 0 && self.data.is_none() {
-            self.alloc_clusters(fresh)?
-        } else {
-            0
-        };
+        let placed = self.place(first, end)?;
         // Partial new clusters carry the old content around the new bytes.
         let mut merged: Vec<Vec<u8>> = Vec::new();
         let mut plan: Vec<(u64, usize, usize, Option<usize>)> = Vec::new();
-        let mut mapped: Vec<(u64, (u64, u64), u64)> = Vec::new();
-        for &(g, entry, in_place) in &clusters {
-            let lo = offset.max(g);
-            let hi = end.min(g + cs);
+        for p in &placed {
+            let lo = offset.max(p.guest);
+            let hi = end.min(p.guest + cs);
             let range = ((lo - offset) as usize, (hi - offset) as usize);
-            match in_place {
-                Some(host) => plan.push((host + (lo - g), range.0, range.1, None)),
-                None => {
-                    // External data: the cluster's place is its guest offset.
-                    let host = if self.data.is_some() { g } else { next_fresh };
-                    next_fresh += cs;
-                    if hi - lo < cs {
-                        let mut buf = vec![0u8; cs as usize];
-                        self.cluster_content(g, entry, &mut buf)?;
-                        buf[(lo - g) as usize..(hi - g) as usize]
-                            .copy_from_slice(&data[range.0..range.1]);
-                        merged.push(buf);
-                        plan.push((host, 0, 0, Some(merged.len() - 1)));
-                    } else {
-                        plan.push((host, range.0, range.1, None));
-                    }
-                    mapped.push((g, entry, host));
-                }
+            if p.fresh && hi - lo < cs {
+                let mut buf = vec![0u8; cs as usize];
+                self.cluster_content(p.guest, p.old, &mut buf)?;
+                buf[(lo - p.guest) as usize..(hi - p.guest) as usize]
+                    .copy_from_slice(&data[range.0..range.1]);
+                merged.push(buf);
+                plan.push((p.host, 0, 0, Some(merged.len() - 1)));
+            } else {
+                plan.push((p.host + (lo - p.guest), range.0, range.1, None));
             }
         }
         let pieces: Vec<(u64, &[u8])> = plan
@@ -871,16 +822,58 @@ impl Qcow2Writer {
             .map(|&(host, a, b, m)| (host, m.map_or(&data[a..b], |i| &merged[i][..])))
             .collect();
         self.pwrite_runs(&pieces)?;
-        if mapped.is_empty() {
+        self.map_fresh(l2, &placed)
+    }
+
+    /// Where each cluster of `[first, end)` (one L2 table's range) is
+    /// written: in place where this image owns it alone, else in a new
+    /// cluster (one contiguous run, refcounts on disk when this returns;
+    /// external data: at its guest offset).
+    fn place(&mut self, first: u64, end: u64) -> Result<Vec<Placed>> {
+        let cs = self.cs;
+        let mut placed = Vec::new();
+        let mut g = first;
+        while g < end {
+            let old = self.l2_pair(g)?;
+            let (host, fresh) = match self.owned_data(old) {
+                Some(host) => (host, false),
+                None => (0, true),
+            };
+            placed.push(Placed {
+                guest: g,
+                old,
+                host,
+                fresh,
+            });
+            g += cs;
+        }
+        let fresh = placed.iter().filter(|p| p.fresh).count() as u64;
+        let mut next = if fresh > 0 && self.data.is_none() {
+            self.alloc_clusters(fresh)?
+        } else {
+            0
+        };
+        for p in placed.iter_mut().filter(|p| p.fresh) {
+            p.host = if self.data.is_some() { p.guest } else { next };
+            next += cs;
+        }
+        Ok(placed)
+    }
+
+    /// Map the new clusters of `placed` (their data is written) and
+    /// release what they replace once that is durable.
+    fn map_fresh(&mut self, l2: u64, placed: &[Placed]) -> Result<()> {
+        let entries: Vec<(u64, (u64, u64))> = placed
+            .iter()
+            .filter(|p| p.fresh)
+            .map(|p| (p.guest, self.data_entry(p.host)))
+            .collect();
+        if entries.is_empty() {
             return Ok(());
         }
-        let entries: Vec<(u64, (u64, u64))> = mapped
-            .iter()
-            .map(|&(g, _, host)| (g, self.data_entry(host)))
-            .collect();
         self.set_l2_entries(l2, &entries)?;
-        for (_, (old, _), _) in mapped {
-            self.release_entry(old);
+        for p in placed.iter().filter(|p| p.fresh) {
+            self.release_entry(p.old.0);
         }
         self.bound_deferred()
     }
@@ -906,48 +899,16 @@ impl Qcow2Writer {
         while g < end {
             let table_end = ((g / span + 1) * span).min(end);
             let l2 = self.l2_for_write(g)?;
-            let mut clusters: Vec<(u64, (u64, u64), Option<u64>)> = Vec::new();
-            let mut c = g;
-            while c < table_end {
-                let pair = self.l2_pair(c)?;
-                clusters.push((c, pair, self.owned_data(pair)));
-                c += cs;
-            }
-            let fresh = clusters.iter().filter(|c| c.2.is_none()).count() as u64;
-            let mut next_fresh = if fresh > 0 && self.data.is_none() {
-                self.alloc_clusters(fresh)?
-            } else {
-                0
-            };
+            let placed = self.place(g, table_end)?;
             let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-            let mut mapped: Vec<(u64, u64, u64)> = Vec::new();
-            for &(c, (entry, _), in_place) in &clusters {
-                let host = match in_place {
-                    Some(host) => host,
-                    None => {
-                        let host = if self.data.is_some() { c } else { next_fresh };
-                        next_fresh += cs;
-                        mapped.push((c, entry, host));
-                        host
-                    }
-                };
+            for p in &placed {
                 match runs.last_mut() {
-                    Some((_, h, n)) if *h + *n == host => *n += cs,
-                    _ => runs.push((c, host, cs)),
+                    Some((_, h, n)) if *h + *n == p.host => *n += cs,
+                    _ => runs.push((p.guest, p.host, cs)),
                 }
             }
             fill(&runs)?;
-            if !mapped.is_empty() {
-                let entries: Vec<(u64, (u64, u64))> = mapped
-                    .iter()
-                    .map(|&(c, _, host)| (c, self.data_entry(host)))
-                    .collect();
-                self.set_l2_entries(l2, &entries)?;
-                for (_, old, _) in mapped {
-                    self.release_entry(old);
-                }
-                self.bound_deferred()?;
-            }
+            self.map_fresh(l2, &placed)?;
             g = table_end;
         }
         Ok(true)

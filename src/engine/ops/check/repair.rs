@@ -309,13 +309,7 @@ impl Checker<'_> {
             .set_in_block(self.file, self.path, cluster, value)?;
         self.file.write_all_at(&bytes, off).at(self.path)?;
         if value == 0 {
-            let _ = nix::fcntl::fallocate(
-                std::os::fd::AsRawFd::as_raw_fd(self.file),
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                (cluster * self.cs) as i64,
-                self.cs as i64,
-            );
+            let _ = crate::engine::raw::punch_hole(self.file, cluster * self.cs, self.cs);
         }
         Ok(())
     }

@@ -29,10 +29,15 @@ impl Qcow2Writer {
         self.cs
     }
 
+    /// The same chain, shared, for reading on another thread.
+    pub fn shared_backing_chain(&self) -> Option<std::sync::Arc<Chain>> {
+        self.backing.clone()
+    }
+
     /// The backing chain this image reads through now (the old one during
     /// a rebase), if it has one.
     pub fn backing_chain(&self) -> Option<&Chain> {
-        self.backing.as_ref()
+        self.backing.as_deref()
     }
 
     /// Whether the cluster at guest offset `g` is allocated in this image
