@@ -2,12 +2,11 @@
 //! `qemu-img commit`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
-use super::progress::{install_ctrlc, spawn_reporter};
-use crate::engine::{self, Cancel, CommitOptions, Progress};
+use super::progress::run_cancellable;
+use crate::engine::{self, CommitOptions};
 
 #[derive(Debug, Args)]
 pub struct CommitArgs {
@@ -29,33 +28,24 @@ pub struct CommitArgs {
 }
 
 pub fn run(a: CommitArgs) -> color_eyre::Result<i32> {
-    let cancel = Cancel::new();
-    install_ctrlc(&cancel)?;
-    let progress = Arc::new(Progress::new());
-    let reporter = a.progress.then(|| spawn_reporter(progress.clone()));
     let opts = CommitOptions {
         base: a.base.clone(),
         keep_top: a.keep_top,
     };
-    let result = engine::commit(&a.file, &opts, &progress, &cancel);
-    if let Some((stop, handle)) = reporter {
-        stop.cancel();
-        let _ = handle.join();
+    let cancelled = || {
+        format!(
+            "commit cancelled; {} is unchanged, its base holds part of its data",
+            a.file.display()
+        )
+    };
+    let done = run_cancellable(a.progress, cancelled, |progress, cancel| {
+        engine::commit(&a.file, &opts, progress, cancel)
+    })?;
+    if done.is_none() {
+        return Ok(130);
     }
-    match result {
-        Ok(_) => {
-            if !a.quiet {
-                println!("Image committed.");
-            }
-            Ok(0)
-        }
-        Err(engine::Error::Cancelled) => {
-            eprintln!(
-                "cowshed: commit cancelled; {} is unchanged, its base holds part of its data",
-                a.file.display()
-            );
-            Ok(130)
-        }
-        Err(e) => Err(e.into()),
+    if !a.quiet {
+        println!("Image committed.");
     }
+    Ok(0)
 }

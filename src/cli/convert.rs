@@ -2,15 +2,14 @@
 //! qemu-img convert's flags.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use color_eyre::eyre::bail;
 
 use super::create::{apply_option, parse_size};
 use super::parse_format;
-use super::progress::{install_ctrlc, spawn_reporter};
-use crate::engine::{self, CacheMode, Cancel, ConvertOptions, CreateOptions, Format, Progress};
+use super::progress::run_cancellable;
+use crate::engine::{self, CacheMode, ConvertOptions, CreateOptions, Format};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Cache {
@@ -102,10 +101,6 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         Some(s) => parse_size(s)?,
         None => 4096,
     };
-    let cancel = Cancel::new();
-    // Ctrl-C cancels: the engine removes its temporary file and leaves no
-    // partial destination.
-    install_ctrlc(&cancel)?;
     let opts = ConvertOptions {
         src_format: a.format,
         cache: match a.cache {
@@ -116,22 +111,11 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         compress: a.compress,
         min_sparse,
     };
-    let progress = Arc::new(Progress::new());
-    let reporter = a.progress.then(|| spawn_reporter(progress.clone()));
-    let result = engine::convert(&a.src, &a.dst, &opts, &progress, &cancel);
-    if let Some((stop, handle)) = reporter {
-        stop.cancel();
-        let _ = handle.join();
-    }
-    match result {
-        Ok(()) => Ok(0),
-        Err(engine::Error::Cancelled) => {
-            eprintln!(
-                "cowshed: convert cancelled; {} was not written",
-                a.dst.display()
-            );
-            Ok(130)
-        }
-        Err(e) => Err(e.into()),
-    }
+    // Ctrl-C cancels: the engine removes its temporary file and leaves no
+    // partial destination.
+    let cancelled = || format!("convert cancelled; {} was not written", a.dst.display());
+    let done = run_cancellable(a.progress, cancelled, |progress, cancel| {
+        engine::convert(&a.src, &a.dst, &opts, progress, cancel)
+    })?;
+    Ok(if done.is_some() { 0 } else { 130 })
 }

@@ -7,10 +7,10 @@ use clap::Args;
 use color_eyre::eyre::{bail, eyre};
 use serde_json::{json, Map, Value};
 
-use super::create::parse_size;
+use super::create::{apply_option as apply_create_option, parse_size};
 use super::{parse_format, Output};
 use crate::engine::ops::measure::{measure, MeasureOptions, MeasureSource, Preallocation};
-use crate::engine::Format;
+use crate::engine::{CreateOptions, Format};
 
 #[derive(Debug, Args)]
 pub struct MeasureArgs {
@@ -87,33 +87,11 @@ pub fn run(a: MeasureArgs) -> color_eyre::Result<i32> {
     Ok(0)
 }
 
-fn on_off(key: &str, v: &str) -> color_eyre::Result<bool> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => bail!("Parameter '{key}' expects 'on' or 'off'"),
-    }
-}
-
 fn apply_option(o: &mut MeasureOptions, kv: &str) -> color_eyre::Result<()> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| eyre!("option '{kv}' needs a value (key=value)"))?;
     match k {
-        "cluster_size" => o.cluster_size = parse_size(v)?,
-        "refcount_bits" => {
-            o.refcount_bits = v
-                .parse()
-                .map_err(|_| eyre!("Parameter 'refcount_bits' expects a number"))?
-        }
-        "compat" => {
-            o.version = match v {
-                "1.1" | "v3" => 3,
-                "0.10" | "v2" => 2,
-                _ => bail!("Invalid compatibility level: '{v}'"),
-            }
-        }
-        "extended_l2" => o.extended_l2 = on_off(k, v)?,
         "preallocation" => {
             o.preallocation = match v {
                 "off" => Preallocation::Off,
@@ -124,15 +102,23 @@ fn apply_option(o: &mut MeasureOptions, kv: &str) -> color_eyre::Result<()> {
             }
         }
         "backing_file" => o.backing = !v.is_empty(),
-        "compression_type" => {
-            if !matches!(v, "zlib" | "zstd") {
-                bail!("Parameter 'compression_type' does not accept value '{v}'");
-            }
+        // The layout options of `create`, parsed and checked the same way;
+        // compression_type and lazy_refcounts change no size.
+        _ => {
+            let mut c = CreateOptions {
+                cluster_size: o.cluster_size,
+                refcount_bits: o.refcount_bits,
+                version: o.version,
+                extended_l2: o.extended_l2,
+                ..CreateOptions::default()
+            };
+            apply_create_option(&mut c, kv)
+                .map_err(|e| eyre!("{e} (measure also takes preallocation, backing_file)"))?;
+            o.cluster_size = c.cluster_size;
+            o.refcount_bits = c.refcount_bits;
+            o.version = c.version;
+            o.extended_l2 = c.extended_l2;
         }
-        "lazy_refcounts" => {
-            on_off(k, v)?;
-        }
-        _ => bail!("Invalid parameter '{k}' (supported: cluster_size, refcount_bits, compat, extended_l2, preallocation, backing_file, compression_type, lazy_refcounts)"),
     }
     Ok(())
 }

@@ -9,13 +9,13 @@ use color_eyre::eyre::eyre;
 use crate::engine::{Cancel, Progress};
 
 /// Ctrl-C sets `cancel`; the engine stops within a chunk and cleans up.
-pub(crate) fn install_ctrlc(cancel: &Cancel) -> color_eyre::Result<()> {
+fn install_ctrlc(cancel: &Cancel) -> color_eyre::Result<()> {
     let c = cancel.clone();
     ctrlc::set_handler(move || c.cancel()).map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))
 }
 
 /// Print `(NN.NN/100%)` lines like qemu-img -p, on stderr.
-pub(crate) fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHandle<()>) {
+fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHandle<()>) {
     let stop = Cancel::new();
     let s = stop.clone();
     let handle = std::thread::spawn(move || {
@@ -40,4 +40,31 @@ pub(crate) fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHand
         }
     });
     (stop, handle)
+}
+
+/// Run a long engine operation as the CLI does: Ctrl-C cancels it, `show`
+/// prints progress, and a cancel is reported with `cancelled` (what state
+/// the files are in) and exit code 130. Ok(None) means cancelled.
+pub(crate) fn run_cancellable<T>(
+    show: bool,
+    cancelled: impl FnOnce() -> String,
+    op: impl FnOnce(&Progress, &Cancel) -> crate::engine::Result<T>,
+) -> color_eyre::Result<Option<T>> {
+    let cancel = Cancel::new();
+    install_ctrlc(&cancel)?;
+    let progress = Arc::new(Progress::new());
+    let reporter = show.then(|| spawn_reporter(progress.clone()));
+    let result = op(&progress, &cancel);
+    if let Some((stop, handle)) = reporter {
+        stop.cancel();
+        let _ = handle.join();
+    }
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(crate::engine::Error::Cancelled) => {
+            eprintln!("cowshed: {}", cancelled());
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

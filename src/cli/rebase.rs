@@ -2,12 +2,11 @@
 //! `qemu-img rebase`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 
-use super::progress::{install_ctrlc, spawn_reporter};
-use crate::engine::{self, Cancel, Format, Progress, RebaseOptions};
+use super::progress::run_cancellable;
+use crate::engine::{self, Format, RebaseOptions};
 
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
@@ -33,29 +32,19 @@ pub struct RebaseArgs {
 }
 
 pub fn run(a: RebaseArgs) -> color_eyre::Result<i32> {
-    let cancel = Cancel::new();
-    install_ctrlc(&cancel)?;
-    let progress = Arc::new(Progress::new());
-    let reporter = (a.progress && !a.quiet).then(|| spawn_reporter(progress.clone()));
     let opts = RebaseOptions {
         backing: a.backing.clone(),
         backing_format: a.backing_format,
         unsafe_header_only: a.unsafe_mode,
     };
-    let result = engine::rebase(&a.file, &opts, &progress, &cancel);
-    if let Some((stop, handle)) = reporter {
-        stop.cancel();
-        let _ = handle.join();
-    }
-    match result {
-        Ok(()) => Ok(0),
-        Err(engine::Error::Cancelled) => {
-            eprintln!(
-                "cowshed: rebase cancelled; {} still uses its old backing file and reads as before",
-                a.file.display()
-            );
-            Ok(130)
-        }
-        Err(e) => Err(e.into()),
-    }
+    let cancelled = || {
+        format!(
+            "rebase cancelled; {} still uses its old backing file and reads as before",
+            a.file.display()
+        )
+    };
+    let done = run_cancellable(a.progress && !a.quiet, cancelled, |progress, cancel| {
+        engine::rebase(&a.file, &opts, progress, cancel)
+    })?;
+    Ok(if done.is_some() { 0 } else { 130 })
 }

@@ -114,6 +114,44 @@ fn resolve_size(path: &Path, opts: &CreateOptions) -> Result<u64> {
 /// Bytes to write at a file offset.
 pub(crate) type Extent = (u64, Vec<u8>);
 
+/// qemu-img create's checks of the qcow2 options, with its messages (also
+/// what `measure` accepts).
+pub(crate) fn check_qcow2_options(path: &Path, opts: &CreateOptions) -> Result<()> {
+    let bad = |msg: &str| Error::invalid(path, msg.to_string());
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+        return Err(bad(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
+    }
+    let rb = opts.refcount_bits;
+    if !rb.is_power_of_two() || rb > 64 {
+        return Err(bad(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
+    }
+    if opts.version == 2 {
+        if rb != 16 {
+            return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"));
+        }
+        if opts.lazy_refcounts {
+            return Err(bad("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+        }
+        if opts.compression != CompressionType::Deflate {
+            return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+        }
+        if opts.extended_l2 {
+            return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+        }
+    }
+    if opts.extended_l2 && cs < 16384 {
+        return Err(bad(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
+    }
+    Ok(())
+}
+
 /// Where everything lands in a fresh qcow2, computed the way QEMU's
 /// allocator places it: header, reftable, first refblock, L1, then any
 /// further refblocks the L1 needs.
@@ -127,38 +165,9 @@ struct Qcow2Layout<'a> {
 
 impl<'a> Qcow2Layout<'a> {
     fn new(path: &'a Path, opts: &'a CreateOptions, size: u64) -> Result<Self> {
-        let bad = |msg: &str| Error::invalid(path, msg.to_string());
+        check_qcow2_options(path, opts)?;
         let cs = opts.cluster_size;
-        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-            return Err(bad(
-                "Cluster size must be a power of two between 512 and 2048k",
-            ));
-        }
         let rb = opts.refcount_bits;
-        if !rb.is_power_of_two() || rb > 64 {
-            return Err(bad(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ));
-        }
-        if opts.version == 2 {
-            if rb != 16 {
-                return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"));
-            }
-            if opts.lazy_refcounts {
-                return Err(bad("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
-            }
-            if opts.compression != CompressionType::Deflate {
-                return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
-            }
-            if opts.extended_l2 {
-                return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
-            }
-        }
-        if opts.extended_l2 && cs < 16384 {
-            return Err(bad(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
-        }
         Ok(Qcow2Layout {
             path,
             opts,

@@ -16,6 +16,7 @@ use std::path::Path;
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, Result};
 use crate::engine::format::Format;
+use crate::engine::ops::create::{check_qcow2_options, CreateOptions};
 use crate::engine::ops::info::read_bitmap_directory;
 use crate::engine::qcow2::header::MAX_L1_BYTES;
 use crate::engine::qcow2::refcount::refcount_structure;
@@ -106,30 +107,17 @@ pub fn measure(source: MeasureSource<'_>, opts: &MeasureOptions) -> Result<Measu
         }
     }
     let cs = opts.cluster_size;
-    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err(bad(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
-    }
     let rb = opts.refcount_bits;
-    if !rb.is_power_of_two() || rb > 64 {
-        return Err(bad(
-            "Refcount width must be a power of two and may not exceed 64 bits",
-        ));
-    }
-    if opts.version == 2 && rb != 16 {
-        return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"));
-    }
-    if opts.extended_l2 {
-        if opts.version == 2 {
-            return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
-        }
-        if cs < 16384 {
-            return Err(bad(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
-        }
-    }
+    check_qcow2_options(
+        here,
+        &CreateOptions {
+            cluster_size: cs,
+            refcount_bits: rb,
+            version: opts.version,
+            extended_l2: opts.extended_l2,
+            ..CreateOptions::default()
+        },
+    )?;
     let l2e = if opts.extended_l2 { 16 } else { 8 };
 
     let (virtual_size, mut required, bitmaps) = match source {
