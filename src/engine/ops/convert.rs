@@ -225,6 +225,7 @@ fn copy_pipelined(
                         return Ok(());
                     };
                     let len = st.length as usize;
+                    poison_reused(&mut buf[..len]);
                     chain.read_extent(&st, &mut buf[..len])?;
                     if full_tx.send((pos, buf, len)).is_err() {
                         return Ok(());
@@ -279,6 +280,16 @@ fn write_skipping_zeros(
         out.write_all_at(&data[s..], offset + s as u64).at(path)?;
     }
     Ok(())
+}
+
+/// Debug builds (the tests) fill a reused buffer with a pattern before it is
+/// refilled, so a path that hands the writer bytes it never defined writes
+/// the pattern, which a guest-view comparison sees at once, instead of a
+/// stale copy of some earlier data that may happen to look right.
+pub(crate) fn poison_reused(buf: &mut [u8]) {
+    if cfg!(debug_assertions) {
+        buf.fill(0xa5);
+    }
 }
 
 pub(crate) fn is_zero(b: &[u8]) -> bool {

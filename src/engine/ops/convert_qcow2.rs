@@ -25,7 +25,9 @@ use std::path::Path;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use super::convert::{is_zero, refuse_overwriting_source, ConvertOptions, TempOutput};
+use super::convert::{
+    is_zero, poison_reused, refuse_overwriting_source, ConvertOptions, TempOutput,
+};
 use super::create::qcow2_header;
 use crate::engine::chain::{classify_backing, BackingName, BlockStatus, Chain};
 use crate::engine::error::{Error, Result};
@@ -274,6 +276,7 @@ impl Plan<'_> {
     fn fill(&self, b: &mut Batch, start: u64, classes: &mut Vec<Class>) -> Result<()> {
         let cs = self.cs;
         let end = (start + b.len).min(self.size);
+        poison_reused(&mut b.buf);
         let nsec = (end - start).div_ceil(SECTOR) as usize;
         classes.clear();
         classes.resize(nsec, Class::Skip);
@@ -285,12 +288,11 @@ impl Plan<'_> {
             if class == Class::Data {
                 self.chain.read_extent(&st, &mut b.buf[lo..hi])?;
             } else {
-                // A sector shared with data (odd raw hole edges) must read
-                // zeros here; whole sectors are filled when needed.
-                let head_end = lo.next_multiple_of(SECTOR as usize).min(hi);
-                b.buf[lo..head_end].fill(0);
-                let tail_start = (hi / SECTOR as usize * SECTOR as usize).max(lo);
-                b.buf[tail_start..hi].fill(0);
+                // Every byte is defined: `-S 0`, `-c` and v2 images write
+                // zero ranges out as data, and this buffer still holds an
+                // earlier batch. Skipped ranges written out are refilled
+                // from the new backing later.
+                b.buf[lo..hi].fill(0);
             }
             for c in &mut classes[lo / SECTOR as usize..hi.div_ceil(SECTOR as usize)] {
                 // Data wins a shared sector, then zero.
