@@ -25,9 +25,7 @@ use std::path::Path;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use super::convert::{
-    is_zero, poison_reused, refuse_overwriting_source, ConvertOptions, TempOutput,
-};
+use super::convert::{claim_destination, is_zero, poison_reused, ConvertOptions, TempOutput};
 use super::create::qcow2_header;
 use crate::engine::chain::{classify_backing, BackingName, BlockStatus, Chain};
 use crate::engine::error::{Error, Result};
@@ -120,7 +118,6 @@ pub fn convert_to_qcow2(
         ));
     }
     let chain = Chain::open(src, opts.src_format)?;
-    refuse_overwriting_source(&chain, dst)?;
     let size = chain.virtual_size().next_multiple_of(SECTOR);
     let header = qcow2_header(dst, t, size)?;
     let backing = match (&t.backing, t.backing_format) {
@@ -132,11 +129,12 @@ pub fn convert_to_qcow2(
             };
             let b = Chain::open(&p, Some(fmt))
                 .map_err(|e| bad(format!("Could not open backing image '{name}': {e}")))?;
-            refuse_overwriting_source(&b, dst)?;
             Some(b)
         }
         _ => None,
     };
+    let sources: Vec<&Chain> = std::iter::once(&chain).chain(&backing).collect();
+    let _claim = claim_destination(dst, &sources, opts)?;
     let plan = Plan {
         chain: &chain,
         backing,
@@ -161,7 +159,7 @@ pub fn convert_to_qcow2(
     let writer = StreamWriter::new(tmp.file(), dst, header.clone(), data_clusters)?;
     let compression = opts.compress.then_some(header.compression_type);
     run_pipeline(&plan, writer, compression, dst, progress, cancel)?;
-    tmp.persist(opts.cache, cancel)
+    tmp.persist(opts, cancel)
 }
 
 impl Plan<'_> {
