@@ -9,6 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use cowshed::tui::app::Mode;
+use cowshed::tui::dialog::commit::CommitDialog;
+use cowshed::tui::dialog::rebase::RebaseDialog;
+use cowshed::tui::dialog::Dialog;
 use cowshed::tui::{view, App, Config, Event};
 use crossbeam_channel::Receiver;
 use ratatui::backend::TestBackend;
@@ -174,6 +177,11 @@ impl Journey {
             .join("\n")
     }
 
+    /// No dialog open, keys go to the tree.
+    fn in_tree(&self) -> bool {
+        self.app.dialog.is_none() && self.app.mode == Mode::Tree
+    }
+
     fn selected_name(&self) -> String {
         let id = self.app.selected_node().expect("a selection");
         let p = &self.app.forest.nodes[id].record.path;
@@ -239,10 +247,10 @@ fn help_popup_from_the_key_table() {
     let dir = fleet();
     let mut j = Journey::start(dir.path());
     j.key(KeyCode::Char('?'));
-    assert_eq!(j.app.mode, Mode::Help);
+    assert!(matches!(j.app.mode, Mode::Help(_)));
     insta::assert_snapshot!("help", j.screen());
     j.key(KeyCode::Esc);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
 }
 
 #[test]
@@ -348,7 +356,7 @@ fn clone_as_asks_for_a_name() {
     let dir = fleet();
     let mut j = Journey::start(dir.path());
     j.key(KeyCode::Char('C'));
-    assert!(matches!(j.app.mode, Mode::CloneName { .. }));
+    assert!(matches!(j.app.dialog, Some(Dialog::Clone(_))));
     j.chars("gold.qcow2");
     insta::assert_snapshot!("clone_as_prompt", j.screen());
     j.key(KeyCode::Enter);
@@ -364,7 +372,10 @@ fn clone_as_asks_for_a_name() {
     j.chars("disk.raw");
     j.key(KeyCode::Enter);
     let status = j.app.status.clone().expect("a status");
-    assert!(status.error && status.text.contains("exists"), "{status:?}");
+    assert!(
+        status.is_error() && status.text.contains("exists"),
+        "{status:?}"
+    );
     assert_eq!(
         std::fs::read(dir.path().join("disk.raw")).expect("read"),
         before
@@ -699,8 +710,8 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
     let mut j = Journey::start(d);
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('m'));
-    let Mode::ConfirmCommit(plan) = &j.app.mode else {
-        panic!("no confirm dialog: {:?}", j.app.mode);
+    let Some(Dialog::Commit(CommitDialog { plan, .. })) = &j.app.dialog else {
+        panic!("no confirm dialog: {:?}", j.app.status);
     };
     // web-2 and web-2-1 hang on base.qcow2 too.
     assert_eq!(plan.affected, 2);
@@ -709,13 +720,13 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
     // Enter alone, or `y`, does not commit into a shared base.
     j.key(KeyCode::Char('y'));
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
     assert!(j.app.jobs.is_empty());
     assert!(j.screen().contains("only the word yes commits"));
 
     j.chars("yes");
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     assert_eq!(j.app.jobs.len(), 1);
     let running = j.run_jobs();
     // While it ran, the jobs pane showed it and the tree marked both images.
@@ -737,7 +748,7 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
         j.app.status
     );
     assert!(
-        job.progress.1 > 0 && job.progress.0 == job.progress.1,
+        job.progress.total > 0 && job.progress.done == job.progress.total,
         "{:?}",
         job.progress
     );
@@ -770,7 +781,7 @@ fn commit_dialog_cancelled_changes_nothing() {
     let mut j = Journey::start(d);
     j.select("web-2-1.qcow2");
     j.key(KeyCode::Char('m'));
-    let Mode::ConfirmCommit(plan) = &j.app.mode else {
+    let Some(Dialog::Commit(CommitDialog { plan, .. })) = &j.app.dialog else {
         panic!("no confirm dialog");
     };
     // web-2 has no other overlay: a plain y/Enter would do.
@@ -780,13 +791,13 @@ fn commit_dialog_cancelled_changes_nothing() {
         screen.contains("Commit web-2-1.qcow2 into web-2.qcow2"),
         "{screen}"
     );
-    assert!(screen.contains("y or Enter commits"), "{screen}");
+    assert!(screen.contains("y/Enter commit · n/Esc cancel"), "{screen}");
     j.key(KeyCode::Esc);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     // And `n` cancels as well.
     j.key(KeyCode::Char('m'));
     j.key(KeyCode::Char('n'));
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     assert!(j.app.jobs.is_empty());
     assert_eq!(read("base.qcow2"), base);
     assert_eq!(read("web-2-1.qcow2"), top);
@@ -803,10 +814,10 @@ fn commit_is_refused_without_a_usable_backing() {
     ] {
         j.select(name);
         j.key(KeyCode::Char('m'));
-        assert_eq!(j.app.mode, Mode::Normal, "{name}: no dialog");
+        assert!(j.in_tree(), "{name}: no dialog");
         let status = j.app.status.clone().expect("a status");
         assert!(
-            status.error && status.text.contains(name) && status.text.contains(why),
+            status.is_error() && status.text.contains(name) && status.text.contains(why),
             "{name}: {status:?}"
         );
         assert!(j.app.jobs.is_empty());
@@ -854,7 +865,7 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
     let mut j = Journey::start(d);
     j.select("big.qcow2");
     j.key(KeyCode::Char('m'));
-    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
     // No other overlay: `y` confirms.
     j.press(KeyCode::Char('y'));
     assert_eq!(j.app.jobs.len(), 1);
@@ -904,14 +915,14 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     let mut j = Journey::start(dir.path());
     // No jobs: Tab says so and the tree keeps the keys.
     j.key(KeyCode::Tab);
-    assert!(!j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Tree);
     // Two finished clone jobs.
     j.key(KeyCode::Char('c'));
     j.select("base.qcow2");
     j.key(KeyCode::Char('c'));
     assert_eq!(j.app.jobs.len(), 2);
     j.key(KeyCode::Tab);
-    assert!(j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Jobs);
     // The newest first; ↓ moves to the older one, and the tree stays put.
     let selected_image = j.selected_name();
     assert_eq!(j.app.job_selected, Some(j.app.jobs[1].id));
@@ -919,7 +930,11 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     assert_eq!(j.app.job_selected, Some(j.app.jobs[0].id));
     assert_eq!(j.selected_name(), selected_image);
     let screen = j.screen();
-    assert!(screen.contains("jobs · ↑↓ select · x cancel"), "{screen}");
+    let footer = screen.lines().last().expect("footer");
+    assert!(
+        footer.contains("↑ select  Enter open  x cancel  Tab tree"),
+        "{screen}"
+    );
     assert!(
         screen
             .lines()
@@ -931,7 +946,7 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     let status = j.app.status.clone().expect("status");
     assert!(status.text.contains("already done"), "{status:?}");
     j.key(KeyCode::Esc);
-    assert!(!j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Tree);
 }
 
 // ---- rebase, flatten and convert as jobs (issue 5) ----
@@ -952,31 +967,31 @@ fn rebase_picks_the_new_backing_in_the_tree_and_keeps_the_guest_view() {
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('b'));
     assert!(
-        matches!(j.app.mode, Mode::PickBacking(_)),
+        matches!(j.app.dialog, Some(Dialog::Pick(_))),
         "{:?}",
-        j.app.mode
+        j.app.status
     );
     assert!(j
         .screen()
         .contains("select its new backing image in the tree"));
     // Itself is no backing: refused, still picking.
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::PickBacking(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Pick(_))));
     assert!(j.screen().contains("cannot rebase onto that image"));
     j.select("base2.qcow2");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
-        panic!("no rebase dialog: {:?}", j.app.mode);
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
+        panic!("no rebase dialog: {:?}", j.app.status);
     };
     assert_eq!(plan.backing_name, "base2.qcow2");
     assert!(!plan.unsafe_mode);
     insta::assert_snapshot!("rebase_confirm", j.screen());
     // `u` explains and selects unsafe; `s` goes back to safe.
     j.key(KeyCode::Char('u'));
-    assert!(matches!(&j.app.mode, Mode::ConfirmRebase(p) if p.unsafe_mode));
+    assert!(matches!(&j.app.dialog, Some(Dialog::Rebase(d)) if d.plan.unsafe_mode));
     j.key(KeyCode::Char('s'));
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     j.run_jobs();
     let job = &j.app.jobs[0];
     assert_eq!(
@@ -1017,9 +1032,9 @@ fn flatten_asks_then_makes_the_overlay_standalone() {
     j.select("web-2-1.qcow2");
     j.key(KeyCode::Char('f'));
     assert!(
-        matches!(j.app.mode, Mode::ConfirmFlatten(_)),
+        matches!(j.app.dialog, Some(Dialog::Flatten(_))),
         "{:?}",
-        j.app.mode
+        j.app.status
     );
     assert!(j.screen().contains("Flatten web-2-1.qcow2"));
     j.press(KeyCode::Char('y'));
@@ -1043,7 +1058,11 @@ fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
     let mut j = Journey::start(d);
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('v'));
-    assert!(matches!(j.app.mode, Mode::Convert(_)), "{:?}", j.app.mode);
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
+        "{:?}",
+        j.app.status
+    );
     // Field 2 (compression): none → zlib → zstd.
     j.key(KeyCode::Down);
     j.key(KeyCode::Down);
@@ -1051,7 +1070,7 @@ fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
     j.key(KeyCode::Right);
     insta::assert_snapshot!("convert_dialog", j.screen());
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     j.run_jobs();
     assert_eq!(
         j.app.jobs[0].state,
@@ -1136,7 +1155,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     for key in ['m', 'b', 'f', 'v', 'c'] {
         j.select("web-1.qcow2");
         j.key(KeyCode::Char(key));
-        assert_eq!(j.app.mode, Mode::Normal, "{key}: a dialog opened");
+        assert!(j.in_tree(), "{key}: a dialog opened");
         let text = status_text(&j);
         assert!(
             text.contains(&format!("pid {}", vm.pid())) && text.contains("qemu-io"),
@@ -1148,7 +1167,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     // commit of another overlay into that base is refused, naming it.
     j.select("web-2.qcow2");
     j.key(KeyCode::Char('m'));
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     let text = status_text(&j);
     assert!(
         text.contains("base.qcow2")
@@ -1163,7 +1182,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     j.select("disk.raw");
     j.key(KeyCode::Char('v'));
     assert!(
-        matches!(j.app.mode, Mode::Convert(_)),
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
         "a reader does not change the image: convert may copy it"
     );
     j.key(KeyCode::Esc);
@@ -1189,7 +1208,10 @@ fn convert_never_replaces_an_existing_file() {
     }
     j.chars("web-2.qcow2");
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::Convert(_)), "the dialog stays");
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
+        "the dialog stays"
+    );
     let text = status_text(&j);
     assert!(text.contains("web-2.qcow2 exists"), "{text}");
     assert!(j.app.jobs.is_empty(), "a job was queued");
@@ -1213,14 +1235,14 @@ fn a_rebase_without_its_old_backing_offers_unsafe_and_says_why() {
     j.key(KeyCode::Char('b'));
     j.select("base.qcow2");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("no rebase dialog: {:?}", j.app.status);
     };
     assert!(plan.unsafe_mode, "unsafe is the default");
     assert!(plan.safe_refused.is_some());
     assert!(j.screen().contains("safe: not possible"));
     j.key(KeyCode::Char('s'));
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("the dialog closed");
     };
     assert!(plan.unsafe_mode, "s cannot choose safe");
@@ -1255,9 +1277,9 @@ fn a_typed_backing_path_is_probed_before_it_is_accepted() {
         j.chars(typed);
         j.key(KeyCode::Enter);
         assert!(
-            matches!(j.app.mode, Mode::PickBacking(_)),
+            matches!(j.app.dialog, Some(Dialog::Pick(_))),
             "{typed}: accepted: {:?}",
-            j.app.mode
+            j.app.status
         );
         let text = status_text(&j);
         assert!(text.contains(why), "{typed}: {text}");
@@ -1270,7 +1292,7 @@ fn a_typed_backing_path_is_probed_before_it_is_accepted() {
     j.key(KeyCode::Char('t'));
     j.chars("disk.raw");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("not accepted: {:?}", j.app.status);
     };
     assert_eq!(plan.format, cowshed::engine::Format::Raw);

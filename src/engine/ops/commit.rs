@@ -253,6 +253,9 @@ fn copy_into(
         cancel.check()?;
         let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
         if st.present && st.depth < base_depth {
+            if st.data {
+                progress.add_copied(st.length);
+            }
             if st.data
                 && !st.compressed
                 && copy_in_kernel(chain, &st, src_lens[st.depth], target, &file, base_path)?
