@@ -15,7 +15,7 @@ use ratatui::Frame;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use super::app::{App, Mode, StatusKind};
-use super::keymap::{Action, Layer};
+use super::keymap::{Action, Hint, Layer};
 
 pub use tree::{columns, Columns};
 
@@ -312,13 +312,39 @@ fn draw_status(app: &App, frame: &mut Frame, area: Rect) {
     frame.render_widget(Paragraph::new(line), area);
 }
 
+/// The hints the footer has room for in `width` cells, in table order;
+/// the way to the help is kept whatever else gives way.
+pub fn footer_hints(app: &App, width: u16) -> Vec<Hint> {
+    let hints = app.hints();
+    let cost = |h: &Hint| h.keys.width() + 1 + h.label.width() + 2;
+    let mut room = usize::from(width).saturating_sub(1);
+    let keep = |h: &Hint| h.action == Action::Help;
+    room = room.saturating_sub(hints.iter().filter(|h| keep(h)).map(cost).sum());
+    let mut shown = vec![false; hints.len()];
+    for (i, h) in hints.iter().enumerate() {
+        if keep(h) {
+            shown[i] = true;
+        } else if cost(h) <= room {
+            room -= cost(h);
+            shown[i] = true;
+        } else {
+            room = 0;
+        }
+    }
+    hints
+        .into_iter()
+        .zip(shown)
+        .filter_map(|(h, s)| s.then_some(h))
+        .collect()
+}
+
 /// The keys of the mode (or the open dialog), from the key table.
 fn draw_footer(app: &App, frame: &mut Frame, area: Rect) {
     let key_style = Style::new()
         .fg(app.theme.accent)
         .add_modifier(Modifier::BOLD);
     let mut spans = vec![Span::raw(" ")];
-    for (i, h) in app.hints().into_iter().enumerate() {
+    for (i, h) in footer_hints(app, area.width).into_iter().enumerate() {
         if i > 0 {
             spans.push(Span::raw("  "));
         }
