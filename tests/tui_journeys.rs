@@ -906,6 +906,14 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
     );
     let screen = j.screen();
     assert!(screen.contains("– cancelled commit big.qcow2"), "{screen}");
+    // Issue 11: the status line marks it as cancelled too, not with the
+    // tick of a job done.
+    let status = screen.lines().nth_back(1).expect("status line");
+    assert!(
+        status.contains("– commit big.qcow2 → big-base.qcow2: cancelled"),
+        "{status}"
+    );
+    assert!(!status.contains('✓'), "{status}");
     assert_check_clean(&d.join("big.qcow2"));
     assert_check_clean(&d.join("big-base.qcow2"));
     // The overlay reads as before (the base may hold part of its data, as
