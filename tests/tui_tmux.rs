@@ -270,3 +270,38 @@ fn demo_guest_grows_an_overlay_through_the_engine() {
     );
     ok(&fleet, "qemu-img", &["check", "web-1.qcow2"]);
 }
+
+/// Issue 11, defect 13: `cowshed demo` without a DIR builds its fleet in a
+/// temporary directory and removes it on quit (it used to leave a fleet,
+/// its guest's image filled to 1 GiB, behind every run).
+#[test]
+fn demo_without_a_dir_removes_its_fleet_on_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let tmux = Tmux::start(
+        dir.path(),
+        "demo-temp",
+        &format!("env TMPDIR='{}' '{BIN}' demo", tmp.display()),
+    );
+    tmux.wait_for("the demo tree", |s| {
+        s.contains("web-1.qcow2") && s.contains("debian-12.qcow2")
+    });
+    let fleets: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert_eq!(fleets.len(), 1, "one fleet while it runs");
+    tmux.send("q");
+    let start = Instant::now();
+    while tmux.alive() {
+        assert!(
+            start.elapsed() < WAIT,
+            "demo did not quit:\n{}",
+            tmux.capture()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
