@@ -305,3 +305,44 @@ fn demo_without_a_dir_removes_its_fleet_on_quit() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Issue 11, defect 6: an image the user may not read is shown where it
+/// is, greyed, with the reason, not dropped from the tree. Run as an
+/// unprivileged user (root reads everything), in a real terminal.
+#[test]
+fn an_image_that_cannot_be_read_is_shown_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for name in ["ok.qcow2", "locked.qcow2"] {
+        ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", name, "1M"]);
+        std::fs::set_permissions(d.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(
+        d.join("locked.qcow2"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let as_nobody = format!(
+        "setpriv --reuid 65534 --regid 65534 --clear-groups '{BIN}' '{}'",
+        d.display()
+    );
+    let tmux = Tmux::start(d, "unreadable", &as_nobody);
+    let screen = tmux.wait_for("both files", |s| {
+        s.contains("ok.qcow2") && s.contains("locked.qcow2")
+    });
+    let row = screen
+        .lines()
+        .find(|l| l.contains("locked.qcow2"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("unreadable") && row.contains("Permission denied"),
+        "{row}\n{screen}"
+    );
+    assert!(
+        screen.contains("1 image "),
+        "not counted as an image:\n{screen}"
+    );
+    tmux.send("q");
+}

@@ -197,8 +197,8 @@ fn catalog_worker(
                 Ok(ScanEvent::Error { path, message }) => {
                     // Shown where it is found too, not only in the log.
                     skipped_seen.insert(path.clone());
-                    cat.skipped
-                        .insert(path.clone(), (format!("unreadable: {message}"), Sizes::default()));
+                    let reason = format!("unreadable: {}", without_path(&message, &path));
+                    cat.skipped.insert(path.clone(), (reason, Sizes::default()));
                     cat.errors.push((path, message));
                     publish = true;
                 }
@@ -278,6 +278,17 @@ fn catalog_worker(
             }
         }
     }
+}
+
+/// `message` without the `path: ` it starts with (as often as it does):
+/// the row it is shown in is that file already.
+fn without_path<'a>(message: &'a str, path: &Path) -> &'a str {
+    let prefix = format!("{}: ", path.display());
+    let mut rest = message;
+    while let Some(r) = rest.strip_prefix(&prefix) {
+        rest = r;
+    }
+    rest
 }
 
 fn send_growth(events: &Sender<Event>, r: GrowthReport) {

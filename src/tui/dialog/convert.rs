@@ -149,8 +149,13 @@ pub struct ConvertDialog {
     pub plan: ConvertPlan,
 }
 
+/// Every hinted action with all its keys (`↓/Tab field`).
 pub fn hints(keymap: &Keymap) -> Vec<Hint> {
-    keymap.footer(Layer::Convert)
+    keymap
+        .footer(Layer::Convert)
+        .into_iter()
+        .map(|h| keymap.hint(Layer::Convert, h.action, Some(&h.label)))
+        .collect()
 }
 
 impl ConvertDialog {

@@ -32,9 +32,9 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     };
     let node = &app.forest.nodes[id];
     let r = &node.record;
-    // The whole path: the tree may show only the file name.
-    let full = std::path::absolute(&r.path).unwrap_or_else(|_| r.path.clone());
-    let block = pane(format!(" {} ", full.display()));
+    // The whole path, its root as given: the tree may show only the
+    // file name.
+    let block = pane(format!(" {} ", r.path.display()));
     let inner_w = usize::from(area.width).saturating_sub(1);
     let mut lines: Vec<Line> = Vec::new();
     if let Some(reason) = node.flags.iter().find_map(|f| match f {

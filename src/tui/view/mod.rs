@@ -396,14 +396,9 @@ fn help_lines(app: &App) -> Vec<Line<'static>> {
         .fg(app.theme.accent)
         .add_modifier(Modifier::BOLD);
     let title = Style::new().add_modifier(Modifier::BOLD);
-    let help = app.keymap.help();
-    let key_w = help
-        .iter()
-        .flat_map(|(_, rows)| rows.iter().map(|h| h.keys.width()))
-        .max()
-        .unwrap_or(0);
     let mut lines = Vec::new();
-    for (layer, rows) in help {
+    for (layer, rows) in app.keymap.help() {
+        let key_w = rows.iter().map(|h| h.keys.width()).max().unwrap_or(0);
         if !lines.is_empty() {
             lines.push(Line::default());
         }
