@@ -72,6 +72,7 @@ impl Session {
         }
         let model = Model::new(rec);
         let (points, states) = model.states(budget);
+        self.replay_matches_backing(&model);
         let violations = states::judge_all(&model, &states, &self.work, threads(), judge);
         Tally {
             name: self.name.clone(),
@@ -81,6 +82,41 @@ impl Session {
             states: states.len(),
             violations,
         }
+    }
+}
+
+impl Session {
+    /// The harness checks itself: the log replayed in full must give the
+    /// very files the operation left in the backing directory (a change
+    /// the recorder missed would show here).
+    fn replay_matches_backing(&self, model: &Model) {
+        let mut replica = states::Replica::new(model, &self.work.join("final"));
+        replica.with_state(&model.final_state(), |d| {
+            let names = |dir: &Path| {
+                let mut v: Vec<_> = std::fs::read_dir(dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            let (replayed, left) = (names(d), names(&self.backing));
+            assert_eq!(
+                replayed, left,
+                "[{}] replayed names differ from the backing directory",
+                self.name
+            );
+            for n in &left {
+                let a = std::fs::read(d.join(n)).unwrap();
+                let b = std::fs::read(self.backing.join(n)).unwrap();
+                assert!(
+                    a == b,
+                    "[{}] replayed {n:?} differs from the file the operation left",
+                    self.name
+                );
+            }
+        });
+        std::fs::remove_dir_all(self.work.join("final")).unwrap();
     }
 }
 
@@ -153,25 +189,43 @@ pub fn tool(dir: &Path, prog: &str, args: &[&str]) -> (i32, String) {
 pub fn no_corruption(dir: &Path, img: &str) -> Result<(), String> {
     match tool(dir, "qemu-img", &["check", img]) {
         (0 | 3, _) => Ok(()),
-        (code, out) => Err(format!("qemu-img check {img} exited {code}:\n{}", tail(&out))),
+        (code, out) => Err(format!(
+            "qemu-img check {img} exited {code}:\n{}",
+            tail(&out)
+        )),
     }
 }
 
 /// `qemu-img check`'s count of corruptions (for images that start with some).
 pub fn corruptions(dir: &Path, img: &str) -> Result<u64, String> {
-    let (code, out) = tool(dir, "qemu-img", &["check", "--output=json", img]);
-    let json = out.find('{').map(|i| &out[i..]).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| format!("qemu-img check {img} exited {code}, no JSON ({e}):\n{}", tail(&out)))?;
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", img])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img: {e}"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "qemu-img check {img} exited {:?}, no JSON ({e}):\n{}",
+            out.status.code(),
+            tail(&String::from_utf8_lossy(&out.stderr))
+        )
+    })?;
     Ok(v["corruptions"].as_u64().unwrap_or(0))
 }
 
 /// `qemu-img compare` of a raw reference with `img` says they are equal.
 pub fn same_view(dir: &Path, reference: &Path, img: &str, fmt: &str) -> Result<(), String> {
     let r = reference.to_string_lossy();
-    match tool(dir, "qemu-img", &["compare", "-f", "raw", "-F", fmt, &r, img]) {
+    match tool(
+        dir,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", fmt, &r, img],
+    ) {
         (0, _) => Ok(()),
-        (code, out) => Err(format!("qemu-img compare (view before) {img} exited {code}:\n{}", tail(&out))),
+        (code, out) => Err(format!(
+            "qemu-img compare (view before) {img} exited {code}:\n{}",
+            tail(&out)
+        )),
     }
 }
 

@@ -26,9 +26,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackgroundSession, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 /// A file as the log knows it: a number given the first time the daemon
@@ -57,13 +57,30 @@ pub enum Entry {
         keep_size: bool,
     },
     /// truncate, ftruncate, or a fallocate that grew the file.
-    SetLen { file: FileId, len: u64 },
+    SetLen {
+        file: FileId,
+        len: u64,
+    },
     /// fsync or fdatasync of one file.
-    Sync { file: FileId, data_only: bool },
-    Create { name: OsString, file: FileId },
-    Link { name: OsString, file: FileId },
-    Unlink { name: OsString },
-    Rename { from: OsString, to: OsString },
+    Sync {
+        file: FileId,
+        data_only: bool,
+    },
+    Create {
+        name: OsString,
+        file: FileId,
+    },
+    Link {
+        name: OsString,
+        file: FileId,
+    },
+    Unlink {
+        name: OsString,
+    },
+    Rename {
+        from: OsString,
+        to: OsString,
+    },
     /// fsync of the root directory.
     SyncDir,
 }
@@ -209,8 +226,7 @@ impl PassThrough {
 fn open_backing(path: &Path, flags: i32, create: Option<u32>) -> std::io::Result<File> {
     let acc = flags & libc::O_ACCMODE;
     let mut o = OpenOptions::new();
-    o.read(acc != libc::O_WRONLY)
-        .write(acc != libc::O_RDONLY);
+    o.read(acc != libc::O_WRONLY).write(acc != libc::O_RDONLY);
     if let Some(mode) = create {
         // The kernel asked for O_EXCL only when the program did.
         if flags & libc::O_EXCL != 0 {
@@ -287,7 +303,10 @@ impl fuser::Filesystem for PassThrough {
             g.handles[&fh.0].1.try_clone()
         } else {
             match g.names.get(&ino.0) {
-                Some(n) => OpenOptions::new().write(size.is_some()).read(true).open(g.path(n)),
+                Some(n) => OpenOptions::new()
+                    .write(size.is_some())
+                    .read(true)
+                    .open(g.path(n)),
                 None if ino.0 == ROOT => File::open(&g.backing),
                 None => return reply.error(Errno::ENOENT),
             }
@@ -609,7 +628,10 @@ impl fuser::Filesystem for PassThrough {
             Ok(l) => l,
             Err(e) => return reply.error(errno(e)),
         };
-        let mut names: Vec<OsString> = listing.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        let mut names: Vec<OsString> = listing
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
         names.sort();
         for name in names {
             if let Ok(md) = std::fs::symlink_metadata(g.path(&name)) {
@@ -674,7 +696,8 @@ impl fuser::Filesystem for PassThrough {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }
@@ -686,7 +709,12 @@ impl fuser::Filesystem for PassThrough {
         let before = f.metadata().map(|m| m.len()).unwrap_or(0);
         // SAFETY: a plain syscall on a descriptor the handle table keeps open.
         let rc = unsafe {
-            libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
+            libc::fallocate(
+                f.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
         };
         if rc != 0 {
             return reply.error(errno(std::io::Error::last_os_error()));
@@ -701,7 +729,10 @@ impl fuser::Filesystem for PassThrough {
                 keep_size,
             });
         } else if after != before {
-            g.log.push(Entry::SetLen { file: id, len: after });
+            g.log.push(Entry::SetLen {
+                file: id,
+                len: after,
+            });
         }
         reply.ok();
     }
@@ -804,7 +835,8 @@ impl Recorder {
             next_fh: 1,
             log: Vec::new(),
         };
-        let root_md = std::fs::metadata(backing).map_err(|e| format!("{}: {e}", backing.display()))?;
+        let root_md =
+            std::fs::metadata(backing).map_err(|e| format!("{}: {e}", backing.display()))?;
         inner.ids.insert(root_md.ino(), ROOT);
         let mut initial_names = Vec::new();
         let mut listing: Vec<_> = std::fs::read_dir(backing)
@@ -815,7 +847,10 @@ impl Recorder {
         for e in listing {
             let md = e.metadata().map_err(|e| e.to_string())?;
             if !md.is_file() {
-                return Err(format!("{}: only plain files are recorded", e.path().display()));
+                return Err(format!(
+                    "{}: only plain files are recorded",
+                    e.path().display()
+                ));
             }
             let id = inner.id_for(&md, &e.file_name());
             std::fs::copy(e.path(), pristine.join(id.to_string()))
@@ -828,13 +863,14 @@ impl Recorder {
         config.mount_options = vec![MountOption::FSName("cowshed-powercut".into())];
         config.acl = SessionACL::Owner;
         config.n_threads = Some(1);
-        let session = fuser::spawn_mount(PassThrough(inner.clone()), mount, &config).map_err(|e| {
-            format!(
+        let session =
+            fuser::spawn_mount(PassThrough(inner.clone()), mount, &config).map_err(|e| {
+                format!(
                 "cannot mount the FUSE recorder on {}: {e} (it needs /dev/fuse and either root, \
                  for a direct mount(2), or the fusermount3 helper of Debian's fuse3 package)",
                 mount.display()
             )
-        })?;
+            })?;
         Ok(Recorder {
             session: Some(session),
             inner,
@@ -846,7 +882,11 @@ impl Recorder {
 
     /// Entries logged so far (a mark to tie a point of a workload to the log).
     pub fn log_len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).log.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .log
+            .len()
     }
 
     /// Unmount and hand over the log.

@@ -94,6 +94,8 @@ pub struct Budget {
     pub random: usize,
     /// Crash points added between two consecutive syncs.
     pub between: usize,
+    /// Cap on crash points (evenly spaced among all of them when more).
+    pub max_points: usize,
 }
 
 /// The log's structure: which entries each sync makes durable.
@@ -174,6 +176,18 @@ impl<'a> Model<'a> {
         self.name_ops.partition_point(|&i| i < point) - self.durable_names(point)
     }
 
+    /// Everything on disk after the last entry: the files the operation
+    /// left, if the recorder missed nothing.
+    pub fn final_state(&self) -> CrashState {
+        let n = self.rec.entries.len();
+        CrashState {
+            point: n,
+            picks: self.pending_data(n).into_iter().map(Pick::Whole).collect(),
+            names: self.pending_names(n),
+            kind: "final",
+        }
+    }
+
     /// Every point just before a sync, the end, and `between` points spread
     /// between consecutive syncs.
     pub fn crash_points(&self, between: usize) -> Vec<usize> {
@@ -211,13 +225,18 @@ impl<'a> Model<'a> {
             _ => return None,
         };
         let mid = (off + len / 2) / PAGE * PAGE;
-        let split = if mid > off { mid } else { (off / PAGE + 1) * PAGE };
+        let split = if mid > off {
+            mid
+        } else {
+            (off / PAGE + 1) * PAGE
+        };
         (split > off && split < off + len).then_some(split)
     }
 
     /// The states to try, deduplicated, in order of crash point.
     pub fn states(&self, budget: Budget) -> (usize, Vec<CrashState>) {
-        let points = self.crash_points(budget.between);
+        let all_points = self.crash_points(budget.between);
+        let points = spread(&all_points, budget.max_points);
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for &point in &points {
@@ -315,7 +334,9 @@ fn spread(v: &[usize], cap: usize) -> Vec<usize> {
     if v.len() <= cap {
         return v.to_vec();
     }
-    (0..cap).map(|k| v[k * (v.len() - 1) / (cap - 1).max(1)]).collect()
+    (0..cap)
+        .map(|k| v[k * (v.len() - 1) / (cap - 1).max(1)])
+        .collect()
 }
 
 struct SplitMix(u64);
