@@ -183,7 +183,10 @@ fn record_and_judge(
 }
 
 fn commit_case(name: &str, cluster: u64, base_compat: &str, prog: &str, args: &[&str]) -> Tally {
-    let s = Session::new(name);
+    commit_case_in(Session::new(name), cluster, base_compat, prog, args)
+}
+
+fn commit_case_in(s: Session, cluster: u64, base_compat: &str, prog: &str, args: &[&str]) -> Tally {
     commit_images_v(&s, cluster, base_compat);
     let reference = s.refs.join("top.raw");
     record_and_judge(&s, prog, args, &|d, _| {
@@ -230,6 +233,15 @@ fn commit_survives_power_cuts() {
         commit_case(
             "commit, 4 KiB clusters",
             4 * KIB,
+            "1.1",
+            COWSHED,
+            &["commit", "top.qcow2"],
+        ),
+        // The kernel's own fallback (splice through the mount) when the
+        // file system has no copy_file_range.
+        commit_case_in(
+            Session::new("commit, no copy_file_range").refusing_copy_file_range(),
+            64 * KIB,
             "1.1",
             COWSHED,
             &["commit", "top.qcow2"],

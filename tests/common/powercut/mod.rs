@@ -27,6 +27,8 @@ pub struct Session {
     pub refs: PathBuf,
     work: PathBuf,
     pristine: PathBuf,
+    /// See [`Session::refusing_copy_file_range`].
+    refuse_copy_file_range: bool,
 }
 
 impl Session {
@@ -43,6 +45,7 @@ impl Session {
             refs: d.join("refs"),
             work: d.join("work"),
             pristine: d.join("pristine"),
+            refuse_copy_file_range: false,
             _tmp: tmp,
         };
         for p in [&s.backing, &s.refs, &s.work] {
@@ -51,11 +54,23 @@ impl Session {
         s
     }
 
+    /// The recorder answers copy_file_range with ENOSYS (the kernel falls
+    /// back to reads and writes through the mount).
+    pub fn refusing_copy_file_range(mut self) -> Self {
+        self.refuse_copy_file_range = true;
+        self
+    }
+
     /// Mount the recorder over the backing directory, run `op` in the
     /// mount, unmount. A mount failure fails the test with the reason.
     pub fn record<R>(&self, op: impl FnOnce(&Path, &Recorder) -> R) -> (Recording, R) {
-        let rec = Recorder::start(&self.backing, &self.mount, &self.pristine)
-            .unwrap_or_else(|e| panic!("[{}] {e}", self.name));
+        let rec = Recorder::start(
+            &self.backing,
+            &self.mount,
+            &self.pristine,
+            self.refuse_copy_file_range,
+        )
+        .unwrap_or_else(|e| panic!("[{}] {e}", self.name));
         let r = op(&self.mount, &rec);
         (rec.finish(), r)
     }

@@ -142,6 +142,10 @@ struct Inner {
     handles: HashMap<u64, (FileId, File)>,
     next_fh: u64,
     log: Vec<Entry>,
+    /// Answer copy_file_range with ENOSYS: the kernel then copies by
+    /// reading and writing through the mount (splice), as it would on a
+    /// file system without the call.
+    refuse_copy_file_range: bool,
 }
 
 impl Inner {
@@ -775,6 +779,9 @@ impl fuser::Filesystem for PassThrough {
         reply: ReplyWrite,
     ) {
         let mut g = self.inner();
+        if g.refuse_copy_file_range {
+            return reply.error(Errno::ENOSYS);
+        }
         let len = len.min(1 << 30) as usize;
         let mut buf = vec![0u8; len];
         let mut got = 0;
@@ -824,7 +831,12 @@ impl Recorder {
     /// Mount a recorder of `backing` on `mount`, copying the files already
     /// in `backing` to `pristine` first (the state before the first
     /// logged entry). Err says why FUSE could not be mounted.
-    pub fn start(backing: &Path, mount: &Path, pristine: &Path) -> Result<Recorder, String> {
+    pub fn start(
+        backing: &Path,
+        mount: &Path,
+        pristine: &Path,
+        refuse_copy_file_range: bool,
+    ) -> Result<Recorder, String> {
         std::fs::create_dir_all(pristine).map_err(|e| format!("{}: {e}", pristine.display()))?;
         let mut inner = Inner {
             backing: backing.to_path_buf(),
@@ -834,6 +846,7 @@ impl Recorder {
             handles: HashMap::new(),
             next_fh: 1,
             log: Vec::new(),
+            refuse_copy_file_range,
         };
         let root_md =
             std::fs::metadata(backing).map_err(|e| format!("{}: {e}", backing.display()))?;
