@@ -53,7 +53,7 @@ fn budget() -> Budget {
             per_point: 48,
             random: 12,
             between: 2,
-            max_points: usize::MAX,
+            max_points: 240,
         }
     } else {
         Budget {
