@@ -256,8 +256,3 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(12)..].join("\n")
 }
-
-/// The names in a state directory that exist.
-pub fn exists(dir: &Path, name: &str) -> bool {
-    dir.join(name).exists()
-}

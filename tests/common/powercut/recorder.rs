@@ -13,6 +13,11 @@
 //!
 //! Only the mount's root directory is served (flat scratch directories are
 //! all the workloads need); `mkdir` and symlinks are refused.
+//!
+//! Mounting: `fuser` without its libfuse features mounts with mount(2)
+//! itself, which works as root with `/dev/fuse`; only where that is
+//! refused (EPERM, not root) does it run the `fusermount3` helper of the
+//! `fuse3` package. A mount that fails fails the test, saying why.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
