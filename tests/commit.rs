@@ -444,7 +444,21 @@ fn commits_into_a_base_on_another_file_system() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
     );
-    ok(d, "qemu-io", &["-c", "write -P 0x11 0 8M", "base.qcow2"]);
+    // The clusters of 1M..2M laid out in reverse, so that one extent of the
+    // top lands in many separate runs of the base.
+    let mut writes = vec!["write -P 0x11 0 1M".to_string()];
+    writes.extend(
+        (0..16)
+            .rev()
+            .map(|i| format!("write -P 0x11 {} 64k", (1 << 20) + i * 65536)),
+    );
+    writes.push("write -P 0x11 2M 6M".into());
+    let mut args = Vec::new();
+    for w in &writes {
+        args.extend(["-c", w.as_str()]);
+    }
+    args.push("base.qcow2");
+    ok(d, "qemu-io", &args);
     ok(
         d,
         "qemu-img",

@@ -341,13 +341,15 @@ fn copy_in_kernel(
             let mut left = n as usize;
             while left > 0 {
                 if !*in_kernel {
-                    return copy_buffered(
+                    // The rest of this run; the runs after it come here too.
+                    copy_buffered(
                         (src, src_path),
                         from as u64,
                         (out, out_path),
                         to as u64,
                         left,
-                    );
+                    )?;
+                    break;
                 }
                 let copied = match nix::fcntl::copy_file_range(
                     src,
