@@ -1563,7 +1563,12 @@ fn images_in_sub_folders_show_their_path_where_names_collide() {
         ],
     );
     let mut j = Journey::start(dir.path());
-    let rows: Vec<String> = j.app.rows.iter().map(|r| r.name.clone()).collect();
+    let rows: Vec<String> = j
+        .app
+        .rows
+        .iter()
+        .map(|r| cowshed::tui::rows::row_name(&j.app.forest, &j.app.roots, r))
+        .collect();
     assert_eq!(rows, ["a/disk.qcow2", "b/disk.qcow2", "solo.qcow2"]);
     j.key(KeyCode::Down);
     let screen = j.screen();

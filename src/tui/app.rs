@@ -455,12 +455,11 @@ impl App {
                         .iter()
                         .position(|n| &n.record.path == want)
                     {
-                        // Unfold the way to it, and make sure a filter
-                        // does not hide it.
+                        // Unfold the way to it (a filter that hides it is
+                        // cleared below).
                         for a in self.forest.chain(id).into_iter().skip(1) {
                             self.folded.remove(&self.forest.nodes[a].record.key);
                         }
-                        self.filter.clear();
                         select = Some(id);
                         self.select_after = None;
                     } else if !self.scanning && self.catalog_seen >= self.catalog.last_sent() {
@@ -469,8 +468,14 @@ impl App {
                     }
                 }
                 self.rebuild_rows();
-                if let Some(i) = select.and_then(|id| self.rows.iter().position(|r| r.id == id)) {
-                    self.select_row(i);
+                if let Some(id) = select {
+                    if !self.filter.is_empty() && !self.rows.iter().any(|r| r.id == id) {
+                        self.filter.clear();
+                        self.rebuild_rows();
+                    }
+                    if let Some(i) = self.rows.iter().position(|r| r.id == id) {
+                        self.select_row(i);
+                    }
                 }
                 // The selected image changed on disk (a guest writes, a
                 // header was rewritten): its details are stale.

@@ -1,6 +1,7 @@
 //! The tree's visible rows, from the forest and the view's choices (folds,
 //! filter, sort): a pure function, tested on forests built in memory.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -47,9 +48,10 @@ pub struct Row {
     pub guides: String,
     pub has_children: bool,
     pub folded: bool,
-    /// The file name, or its path relative to its root where two images
-    /// of the forest share the file name.
-    pub name: String,
+    /// Shown by its path under its root, not its file name alone: another
+    /// image of the forest has the same file name. (The text itself is
+    /// made for the rows drawn only: see [`row_name`].)
+    pub qualified: bool,
 }
 
 /// What the rows depend on besides the forest.
@@ -83,30 +85,53 @@ pub fn relative_to_roots(roots: &[PathBuf], p: &Path) -> String {
     p.display().to_string()
 }
 
-/// The name each node is shown by: its file name, or its path under its
-/// root where the file name alone would be ambiguous.
-pub fn shown_names(f: &Forest, roots: &[PathBuf]) -> Vec<String> {
-    let names: Vec<String> = f.nodes.iter().map(|n| file_name(&n.record.path)).collect();
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for n in &names {
-        *count.entry(n.as_str()).or_default() += 1;
+fn borrowed_name(p: &Path) -> Cow<'_, str> {
+    match p.file_name() {
+        Some(n) => n.to_string_lossy(),
+        None => Cow::Owned(p.display().to_string()),
     }
-    let ambiguous: HashSet<String> = count
-        .into_iter()
-        .filter(|&(_, c)| c > 1)
-        .map(|(n, _)| n.to_string())
+}
+
+/// The name each node is shown by: its file name, or its path under its
+/// root where the file name alone would be ambiguous (flagged true).
+/// Borrowed where it can be: this runs over the whole forest on every
+/// rebuild of the rows.
+fn shown_names<'a>(f: &'a Forest, roots: &[PathBuf]) -> Vec<(Cow<'a, str>, bool)> {
+    let names: Vec<Cow<str>> = f
+        .nodes
+        .iter()
+        .map(|n| borrowed_name(&n.record.path))
         .collect();
+    let mut count: HashMap<&str, usize> = HashMap::with_capacity(names.len());
+    for n in &names {
+        *count.entry(n.as_ref()).or_default() += 1;
+    }
+    let ambiguous: Vec<bool> = names.iter().map(|n| count[n.as_ref()] > 1).collect();
     names
         .into_iter()
         .zip(&f.nodes)
-        .map(|(name, node)| {
-            if ambiguous.contains(&name) {
-                relative_to_roots(roots, &node.record.path)
+        .zip(ambiguous)
+        .map(|((name, node), amb)| {
+            if amb {
+                (
+                    Cow::Owned(relative_to_roots(roots, &node.record.path)),
+                    true,
+                )
             } else {
-                name
+                (name, false)
             }
         })
         .collect()
+}
+
+/// The text a row shows for its image.
+pub fn row_name(f: &Forest, roots: &[PathBuf], row: &Row) -> String {
+    let path = &f.nodes[row.id].record.path;
+    if row.qualified {
+        relative_to_roots(roots, path)
+    } else {
+        file_name(path)
+    }
 }
 
 /// The visible rows: roots and (unless folded) their overlays, depth
@@ -117,7 +142,7 @@ pub fn build_rows(f: &Forest, o: &RowOptions) -> Vec<Row> {
     let filter = o.filter.to_lowercase();
     let shown: Option<HashSet<NodeId>> = (!filter.is_empty()).then(|| {
         let mut s = HashSet::new();
-        for (id, name) in names.iter().enumerate() {
+        for (id, (name, _)) in names.iter().enumerate() {
             if name.to_lowercase().contains(&filter) {
                 s.extend(f.chain(id));
             }
@@ -140,7 +165,7 @@ pub fn build_rows(f: &Forest, o: &RowOptions) -> Vec<Row> {
 struct Builder<'a> {
     f: &'a Forest,
     o: &'a RowOptions<'a>,
-    names: &'a [String],
+    names: &'a [(Cow<'a, str>, bool)],
     shown: Option<&'a HashSet<NodeId>>,
 }
 
@@ -152,7 +177,7 @@ impl Builder<'_> {
             .copied()
             .filter(|id| self.shown.is_none_or(|s| s.contains(id)))
             .collect();
-        let name = |id: &NodeId| &self.names[*id];
+        let name = |id: &NodeId| &self.names[*id].0;
         match self.o.sort {
             SortKey::Name => v.sort_by(|a, b| name(a).cmp(name(b))),
             SortKey::Size => v.sort_by(|a, b| {
@@ -200,7 +225,7 @@ impl Builder<'_> {
             guides: g,
             has_children: !children.is_empty(),
             folded: folded && !children.is_empty(),
-            name: self.names[id].clone(),
+            qualified: self.names[id].1,
         });
         if folded {
             return;
@@ -254,9 +279,10 @@ mod tests {
         f
     }
 
-    fn names(rows: &[Row]) -> Vec<String> {
+    fn names(f: &Forest, rows: &[Row]) -> Vec<String> {
+        let roots = [PathBuf::from("/vm")];
         rows.iter()
-            .map(|r| format!("{}{}", r.guides, r.name))
+            .map(|r| format!("{}{}", r.guides, row_name(f, &roots, r)))
             .collect()
     }
 
@@ -305,9 +331,10 @@ mod tests {
 
     #[test]
     fn overlays_under_their_base_with_guides_sorted_by_name() {
-        let rows = Opts::new().rows(&fleet());
+        let f = fleet();
+        let rows = Opts::new().rows(&f);
         assert_eq!(
-            names(&rows),
+            names(&f, &rows),
             [
                 "base.qcow2",
                 "├ web-1.qcow2",
@@ -326,12 +353,12 @@ mod tests {
         let mut o = Opts::new();
         o.folded.insert(PathBuf::from("/vm/base.qcow2"));
         let rows = o.rows(&f);
-        assert_eq!(names(&rows), ["base.qcow2", "disk.raw"]);
+        assert_eq!(names(&f, &rows), ["base.qcow2", "disk.raw"]);
         assert!(rows[0].folded);
         // Matches and the images they hang on, folds ignored, any case.
         o.filter = "WEB-2-".into();
         assert_eq!(
-            names(&o.rows(&f)),
+            names(&f, &o.rows(&f)),
             ["base.qcow2", "└ web-2.qcow2", "  └ web-2-1.qcow2"]
         );
         o.filter = "nothing".into();
@@ -344,7 +371,7 @@ mod tests {
         let mut o = Opts::new();
         o.sort = SortKey::Size;
         assert_eq!(
-            names(&o.rows(&f)),
+            names(&f, &o.rows(&f)),
             [
                 "disk.raw",
                 "base.qcow2",
@@ -362,7 +389,7 @@ mod tests {
             },
         );
         assert_eq!(
-            names(&o.rows(&f))[..3],
+            names(&f, &o.rows(&f))[..3],
             ["base.qcow2", "├ web-2.qcow2", "│ └ web-2-1.qcow2"]
         );
     }
@@ -379,11 +406,11 @@ mod tests {
         ]);
         let mut o = Opts::new();
         assert_eq!(
-            names(&o.rows(&f)),
+            names(&f, &o.rows(&f)),
             ["a/disk.qcow2", "b/disk.qcow2", "solo.qcow2"]
         );
         // The filter reads the shown name.
         o.filter = "b/".into();
-        assert_eq!(names(&o.rows(&f)), ["b/disk.qcow2"]);
+        assert_eq!(names(&f, &o.rows(&f)), ["b/disk.qcow2"]);
     }
 }

@@ -151,7 +151,8 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
     } else {
         ""
     };
-    let name = format!("{}{marker}{glyph}{}", row.guides, row.name);
+    let shown = crate::tui::rows::row_name(&app.forest, &app.roots, row);
+    let name = format!("{}{marker}{glyph}{shown}", row.guides);
     let name_style = if broken {
         Style::new().fg(t.broken)
     } else if warned {
