@@ -707,8 +707,12 @@ impl App {
         match opened {
             Ok(d) => {
                 self.status = None;
+                // The picker sets the tree's filter aside.
+                let picking = matches!(d, Dialog::Pick(_));
                 self.dialog = Some(d);
-                self.rebuild_rows();
+                if picking {
+                    self.rebuild_rows();
+                }
             }
             Err(why) => {
                 let name = self
