@@ -699,12 +699,12 @@ fn repair_all_human_text_and_locks() {
     poke(&p, be64(&p, be64(&p, 48)), &2u16.to_be_bytes());
     let before = std::fs::read(&p).unwrap();
     let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 20000", "busy.qcow2"])
+        .args(["-f", "qcow2", "-c", "sleep 600000", "busy.qcow2"])
         .current_dir(d)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while cowshed::engine::lock_state(&p).unwrap() != cowshed::engine::LockState::Writer {
         assert!(std::time::Instant::now() < deadline, "qemu-io never locked");
         std::thread::sleep(std::time::Duration::from_millis(20));
