@@ -22,6 +22,25 @@
 //!   points that thread passes (and the jobs it submits: see [`inherit`]),
 //!   counts them, and can pause that thread at a chosen hit until the test
 //!   releases it. Other tests running in the same process are unaffected.
+//!
+//! The points (grep `fault::point` for where):
+//! - commit: `commit.copied` (each extent copied or zeroed into the base),
+//!   `commit.base_flushed`, `commit.before_empty`, `commit.emptied`;
+//! - rebase and flatten: `rebase.copied` (each compared chunk's
+//!   differences written), `rebase.before_header_switch`,
+//!   `rebase.header_switched`;
+//! - convert: `convert.raw.batch` (each chunk read), `convert.qcow2.batch_read`,
+//!   `convert.qcow2.batch_written`, `convert.qcow2.finished`,
+//!   `convert.before_rename`, `convert.renamed`;
+//! - the allocating writer: `writer.l2_batch.before`/`.after` (deferred L2
+//!   tables written), `writer.releases.before`/`.after`,
+//!   `writer.l2_table.before_link`, `writer.refblock.before_link`,
+//!   `writer.reftable.before_switch`/`.switched`,
+//!   `writer.l1.before_switch`/`.switched`, `writer.backing.before_switch`,
+//!   `writer.empty.before_rename`;
+//! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
+//!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);
