@@ -14,7 +14,6 @@ mod common;
 use common::fault::{self, Trace};
 use common::run::{check_code, ok};
 use std::path::Path;
-use std::time::Duration;
 
 fn hits_per_point() -> usize {
     std::env::var("CRASH_HITS_PER_POINT")
@@ -272,7 +271,7 @@ fn commit_cancel_keeps_both_images_valid() {
                     &cancel,
                 )
             });
-            let paused = plan.wait_paused(Duration::from_secs(120));
+            let paused = plan.wait_paused(fault::HANG_GUARD);
             cancel.cancel();
             plan.release();
             let r = h.join().unwrap();

@@ -615,7 +615,7 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
                 let _faults = plan.enter();
                 rebase(&w.path("top.qcow2"), &opts, &progress, &cancel)
             });
-            let paused = plan.wait_paused(std::time::Duration::from_secs(120));
+            let paused = plan.wait_paused(common::fault::HANG_GUARD);
             cancel.cancel();
             plan.release();
             let r = h.join().unwrap();

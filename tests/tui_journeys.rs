@@ -22,7 +22,8 @@ use tempfile::TempDir;
 
 const W: u16 = 110;
 const H: u16 = 30;
-const SETTLE: Duration = Duration::from_secs(30);
+/// A hang guard for what the UI waits on (a job, an event, a lock).
+const SETTLE: Duration = Duration::from_secs(60);
 
 fn run(cmd: &str, args: &[&str], dir: &Path) {
     let out = Command::new(cmd)
