@@ -83,7 +83,7 @@ mod imp {
 
     /// A thread paused by a plan that nobody releases (a test that failed
     /// before releasing it) goes on after this long rather than hang.
-    const PAUSE_LIMIT: Duration = Duration::from_secs(300);
+    const PAUSE_LIMIT: Duration = Duration::from_secs(120);
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|e| e.into_inner())
@@ -175,18 +175,26 @@ mod imp {
                 *h += 1;
                 *h
             };
-            if let Some(t) = &self.trace {
-                // One write per line (O_APPEND): the line is in the file
-                // before any action below, and a kill cannot tear it.
-                let _ = lock(t).write_all(format!("{name} {hit}\n").as_bytes());
-            }
-            for (n, h, action) in &self.arms {
-                if n == name && *h == hit {
-                    match action {
-                        Action::Kill => signal_self(libc::SIGKILL),
-                        Action::Pause => self.wait_for_release(),
-                    }
+            let action = self
+                .arms
+                .iter()
+                .find(|(n, h, _)| n == name && *h == hit)
+                .map(|a| a.2);
+            // Held through a kill: no other thread's line follows this
+            // one, so the trace ends where the process died.
+            let trace = self.trace.as_ref().map(|t| {
+                let mut t = lock(t);
+                // One write per line (O_APPEND): a kill cannot tear it.
+                let _ = t.write_all(format!("{name} {hit}\n").as_bytes());
+                t
+            });
+            match action {
+                Some(Action::Kill) => signal_self(libc::SIGKILL),
+                Some(Action::Pause) => {
+                    drop(trace);
+                    self.wait_for_release();
                 }
+                None => {}
             }
         }
     }
@@ -237,7 +245,8 @@ mod imp {
     impl Drop for Entered {
         fn drop(&mut self) {
             let previous = self.0.take();
-            CURRENT.with(|c| *c.borrow_mut() = previous);
+            // Gone already when the thread itself is ending: nothing to undo.
+            let _ = CURRENT.try_with(|c| *c.borrow_mut() = previous);
         }
     }
 
@@ -247,13 +256,22 @@ mod imp {
 
     /// Capture the current thread's plan (if any).
     pub fn inherit() -> Inherited {
-        Inherited(CURRENT.with(|c| c.borrow().clone()))
+        Inherited(current())
+    }
+
+    /// The thread's plan; none while the thread is being torn down (a
+    /// writer dropped then still passes points).
+    fn current() -> Option<Plan> {
+        CURRENT.try_with(|c| c.borrow().clone()).ok().flatten()
     }
 
     impl Inherited {
         /// Enter the captured plan on this thread (nothing if there was none).
         pub fn enter(&self) -> Entered {
-            let previous = CURRENT.with(|c| c.replace(self.0.clone()));
+            let previous = CURRENT
+                .try_with(|c| c.replace(self.0.clone()))
+                .ok()
+                .flatten();
             Entered(previous)
         }
     }
@@ -354,7 +372,7 @@ mod imp {
     /// plan in force says (the thread's own plan first, else the
     /// environment's).
     pub fn point(name: &'static str) {
-        if let Some(plan) = CURRENT.with(|c| c.borrow().clone()) {
+        if let Some(plan) = current() {
             plan.pass(name);
         } else if let Some(plan) = env_plan() {
             plan.pass(name);

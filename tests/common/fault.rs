@@ -189,9 +189,8 @@ pub fn pause_at(cwd: &Path, args: &[&str], point: &str, hit: u64) -> Paused {
         trace,
         release,
     };
-    let want = (point.to_string(), hit);
     p.wait_for_trace(&format!("the pause at {point} #{hit}"), |t| {
-        t.last() == Some(&want)
+        t.position(point, hit).is_some()
     });
     p
 }
