@@ -386,3 +386,27 @@ fn tree_cli_json_lists_parents_children_and_flags() {
     assert!(text.contains("└─ ./ov.qcow2"), "{text}");
     assert!(text.contains("✗ ./lost.qcow2"), "{text}");
 }
+
+/// A root that cannot be scanned is an error: what could be scanned is
+/// still shown, the error is named, and the exit status says so.
+#[test]
+fn tree_exits_1_when_a_root_cannot_be_scanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    for output in ["human", "json"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cowshed"))
+            .args(["tree", "--output", output, ".", "missing-dir"])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{output}: {stdout}{stderr}");
+        assert!(stdout.contains("base.qcow2"), "{output}: {stdout}");
+        assert!(
+            stderr.contains("missing-dir") || stdout.contains("missing-dir"),
+            "{output}: the root is named: {stdout}{stderr}"
+        );
+    }
+}

@@ -1070,3 +1070,209 @@ fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
     assert!(j.visible_names().contains(&"web-1-conv.qcow2".to_string()));
     assert_eq!(j.selected_name(), "web-1-conv.qcow2");
 }
+
+// ---- refusals said before asking (issue 9) ----
+
+/// `qemu-io` holding `name` in `dir` (read-only with `-r`) until dropped,
+/// once its lock is visible.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn start(dir: &Path, name: &str, read_only: bool) -> Holder {
+        let mut cmd = Command::new("qemu-io");
+        if read_only {
+            cmd.arg("-r");
+        }
+        let child = cmd
+            .arg(name)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        let want = if read_only {
+            cowshed::engine::LockState::Reader
+        } else {
+            cowshed::engine::LockState::Writer
+        };
+        let deadline = std::time::Instant::now() + SETTLE;
+        while cowshed::engine::lock_state(&dir.join(name)).ok() != Some(want) {
+            assert!(std::time::Instant::now() < deadline, "qemu-io took no lock");
+            std::thread::yield_now();
+        }
+        Holder(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn status_text(j: &Journey) -> String {
+    j.app
+        .status
+        .as_ref()
+        .map_or_else(String::new, |s| s.text.clone())
+}
+
+#[test]
+fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
+    let dir = fleet();
+    let d = dir.path();
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let before: Vec<Vec<u8>> = ["web-1.qcow2", "base.qcow2"]
+        .iter()
+        .map(|n| std::fs::read(d.join(n)).expect("read"))
+        .collect();
+    let mut j = Journey::start(d);
+    for key in ['m', 'b', 'f', 'v', 'c'] {
+        j.select("web-1.qcow2");
+        j.key(KeyCode::Char(key));
+        assert_eq!(j.app.mode, Mode::Normal, "{key}: a dialog opened");
+        let text = status_text(&j);
+        assert!(
+            text.contains(&format!("pid {}", vm.pid())) && text.contains("qemu-io"),
+            "{key}: {text}"
+        );
+        assert!(j.app.jobs.is_empty(), "{key}: a job was queued");
+    }
+    // The VM holds its backing file too (read-only, as QEMU opens one): a
+    // commit of another overlay into that base is refused, naming it.
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('m'));
+    assert_eq!(j.app.mode, Mode::Normal);
+    let text = status_text(&j);
+    assert!(
+        text.contains("base.qcow2")
+            && text.contains("reading")
+            && text.contains(&format!("pid {}", vm.pid())),
+        "{text}"
+    );
+    drop(vm);
+    // A reader alone does not change the image: a copy may be made.
+    let reader = Holder::start(d, "disk.raw", true);
+    j.key(KeyCode::Char('r'));
+    j.select("disk.raw");
+    j.key(KeyCode::Char('v'));
+    assert!(
+        matches!(j.app.mode, Mode::Convert(_)),
+        "a reader does not change the image: convert may copy it"
+    );
+    j.key(KeyCode::Esc);
+    drop(reader);
+    let after: Vec<Vec<u8>> = ["web-1.qcow2", "base.qcow2"]
+        .iter()
+        .map(|n| std::fs::read(d.join(n)).expect("read"))
+        .collect();
+    assert!(before == after, "an image changed");
+}
+
+#[test]
+fn convert_never_replaces_an_existing_file() {
+    let dir = fleet();
+    let d = dir.path();
+    let before = std::fs::read(d.join("web-2.qcow2")).expect("read");
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('v'));
+    // Replace the proposed name with an existing image's.
+    for _ in 0.."web-1-conv.qcow2".len() {
+        j.key(KeyCode::Backspace);
+    }
+    j.chars("web-2.qcow2");
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.mode, Mode::Convert(_)), "the dialog stays");
+    let text = status_text(&j);
+    assert!(text.contains("web-2.qcow2 exists"), "{text}");
+    assert!(j.app.jobs.is_empty(), "a job was queued");
+    assert_eq!(std::fs::read(d.join("web-2.qcow2")).expect("read"), before);
+    // A free name converts.
+    for _ in 0.."web-2.qcow2".len() {
+        j.key(KeyCode::Backspace);
+    }
+    j.chars("fresh.qcow2");
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Done);
+    assert_same_content(&d.join("fresh.qcow2"), &d.join("web-1.qcow2"));
+}
+
+#[test]
+fn a_rebase_without_its_old_backing_offers_unsafe_and_says_why() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    j.select("orphan.qcow2");
+    j.key(KeyCode::Char('b'));
+    j.select("base.qcow2");
+    j.key(KeyCode::Enter);
+    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+        panic!("no rebase dialog: {:?}", j.app.status);
+    };
+    assert!(plan.unsafe_mode, "unsafe is the default");
+    assert!(plan.safe_refused.is_some());
+    assert!(j.screen().contains("safe: not possible"));
+    j.key(KeyCode::Char('s'));
+    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+        panic!("the dialog closed");
+    };
+    assert!(plan.unsafe_mode, "s cannot choose safe");
+    assert!(
+        status_text(&j).contains("no safe rebase"),
+        "{:?}",
+        j.app.status
+    );
+    // Unsafe repairs the broken link: the header now names the base.
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Done);
+    let info = qemu_info(&dir.path().join("orphan.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+}
+
+#[test]
+fn a_typed_backing_path_is_probed_before_it_is_accepted() {
+    let dir = fleet();
+    let d = dir.path();
+    std::fs::write(d.join("notes.txt"), "not a disk\n").expect("write");
+    let mut j = Journey::start(d);
+    for (typed, why) in [
+        ("missing.qcow2", "No such file"),
+        ("notes.txt", "not a disk image"),
+        ("/proc/self/status", "kernel file"),
+        ("orphan.qcow2", "old-base.qcow2"),
+    ] {
+        j.select("web-2-1.qcow2");
+        j.key(KeyCode::Char('b'));
+        j.key(KeyCode::Char('t'));
+        j.chars(typed);
+        j.key(KeyCode::Enter);
+        assert!(
+            matches!(j.app.mode, Mode::PickBacking(_)),
+            "{typed}: accepted: {:?}",
+            j.app.mode
+        );
+        let text = status_text(&j);
+        assert!(text.contains(why), "{typed}: {text}");
+        j.key(KeyCode::Esc);
+        j.key(KeyCode::Esc);
+    }
+    // A real image is accepted with the format the probe found.
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('b'));
+    j.key(KeyCode::Char('t'));
+    j.chars("disk.raw");
+    j.key(KeyCode::Enter);
+    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+        panic!("not accepted: {:?}", j.app.status);
+    };
+    assert_eq!(plan.format, cowshed::engine::Format::Raw);
+    assert_eq!(plan.backing_name, "disk.raw");
+}

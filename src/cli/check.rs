@@ -24,7 +24,10 @@ pub struct CheckArgs {
     /// Repair (takes QEMU's writer locks; refused while a QEMU holds the
     /// image): `leaks` lowers leaked clusters' refcounts; `all` also raises
     /// refcounts that are too low, fixes COPIED flags and rebuilds a broken
-    /// refcount structure, as `qemu-img check -r all` does.
+    /// refcount structure, as `qemu-img check -r all` does. Beyond qemu-img,
+    /// on purpose: `leaks` writes nothing (exit 1) on an image with
+    /// corruptions, since a "leaked" cluster may then be the one a corrupt
+    /// entry was meant to point at.
     #[arg(short = 'r', value_parser = ["leaks", "all"])]
     repair: Option<String>,
     file: PathBuf,

@@ -9,6 +9,7 @@ use color_eyre::eyre::bail;
 use super::create::{apply_option, parse_size};
 use super::parse_format;
 use super::progress::run_cancellable;
+use crate::engine::preflight::ReplaceOptions;
 use crate::engine::{self, CacheMode, ConvertOptions, CreateOptions, Format};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -59,10 +60,20 @@ pub struct ConvertArgs {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Replace DST even when other images in its directory use it as their
+    /// backing file (they will read the new content: only for a DST whose
+    /// overlays are to be thrown away). A DST in SRC's own chain, or held
+    /// by a QEMU, is refused all the same.
+    #[arg(long)]
+    force: bool,
     /// Image to convert; its whole backing chain is read (with -B, only
     /// what its top layer holds is copied).
     src: PathBuf,
-    /// Output file; replaced if it exists, never left half written.
+    /// Output file, never left half written. An existing DST is replaced,
+    /// as by qemu-img, unless a QEMU holds it (refused, naming the
+    /// process; QEMU's locks stay on it until it is replaced) or another
+    /// image in its directory uses it as backing file (refused unless
+    /// --force).
     dst: PathBuf,
 }
 
@@ -110,6 +121,10 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         target,
         compress: a.compress,
         min_sparse,
+        replace: Some(ReplaceOptions {
+            force: a.force,
+            search: Vec::new(),
+        }),
     };
     // Ctrl-C cancels: the engine removes its temporary file and leaves no
     // partial destination.

@@ -33,7 +33,9 @@ pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
             }
         }
     }
-    Ok(0)
+    // What could be scanned is shown, but a script must see that some of
+    // it could not: an error never ends with exit 0.
+    Ok(if errors.is_empty() { 0 } else { 1 })
 }
 
 /// One image in `tree --output json`. Serialized one at a time while the

@@ -54,6 +54,26 @@ pub enum Error {
     #[error("{}: {detail}", path.display())]
     Locked { path: PathBuf, detail: String },
 
+    /// The metadata a write would rely on is corrupt: nothing was written.
+    #[error(
+        "{}: refusing to write: the image's metadata is corrupt: {detail}; `cowshed check {}` \
+         shows what is wrong, `cowshed check -r all {}` repairs what can be repaired",
+        path.display(), path.display(), path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+
+    /// Replacing the file would change what other images read through it.
+    #[error(
+        "{}: is the backing file of {}: replacing it would corrupt every image that grows on it \
+         (--force replaces it anyway)",
+        path.display(),
+        dependents.iter().map(|d| format!("'{}'", d.display())).collect::<Vec<_>>().join(", ")
+    )]
+    HasDependents {
+        path: PathBuf,
+        dependents: Vec<PathBuf>,
+    },
+
     /// qemu-img's exit 63: the format has no consistency check.
     #[error("{}: This image format ({format}) does not support checks", path.display())]
     CheckUnsupported { path: PathBuf, format: &'static str },

@@ -8,6 +8,7 @@ pub mod holders;
 pub mod layer;
 pub mod lock;
 pub mod ops;
+pub mod preflight;
 pub mod progress;
 pub mod qcow2;
 pub mod raw;

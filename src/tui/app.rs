@@ -97,6 +97,8 @@ pub struct CommitPlan {
     /// Other overlays of the base (the top's siblings and everything on
     /// them) among the scanned images: their view changes with the base.
     pub affected: usize,
+    /// The base's file system may be too small for what is copied.
+    pub space_warning: Option<String>,
     /// What the user typed: with affected overlays the word `yes` is
     /// required, so a reflexive Enter cannot invalidate them.
     pub input: String,
@@ -222,7 +224,7 @@ pub struct App {
     select_after: Option<PathBuf>,
     catalog_seen: u64,
     catalog: CatalogHandle,
-    inspector: InspectHandle,
+    pub(crate) inspector: InspectHandle,
     pub(crate) pool: Jobs,
     /// Last time a growth report said an image grows.
     last_growth: Option<Instant>,
@@ -296,6 +298,7 @@ impl App {
             || self.details_wanted.is_some()
             || self.jobs.iter().any(|j| !j.state.is_finished())
             || self.select_after.is_some()
+            || matches!(&self.mode, Mode::PickBacking(p) if p.probing.is_some())
     }
 
     /// Handle events from `rx` until the app is no longer busy (or
@@ -419,6 +422,7 @@ impl App {
                     self.details = Some(*d);
                 }
             }
+            Event::BackingProbe(p) => self.on_backing_probe(p),
             Event::Job(e) => self.on_job(e),
             Event::Growth {
                 key,
@@ -758,6 +762,11 @@ impl App {
             let text = format!("cannot clone a {} image", format.name());
             return fail(self, text);
         }
+        // An overlay on a disk a VM writes would read it changing.
+        if let Err(why) = crate::tui::chainops::in_use(&self.forest, &[id], true) {
+            let text = format!("cannot clone {}: {why}", self.display_path(&record.path));
+            return fail(self, text);
+        }
         if name.as_deref().is_some_and(|n| n.contains('/')) {
             return fail(
                 self,
@@ -797,7 +806,11 @@ impl App {
             return;
         };
         match commit_plan(&self.forest, id) {
-            Ok(plan) => self.mode = Mode::ConfirmCommit(Box::new(plan)),
+            Ok(mut plan) => {
+                plan.space_warning =
+                    crate::tui::chainops::space_warning(&plan.base, plan.allocated);
+                self.mode = Mode::ConfirmCommit(Box::new(plan));
+            }
             Err(why) => {
                 let name = self.display_path(&self.forest.nodes[id].record.path);
                 self.status = Some(Status {
@@ -1165,6 +1178,9 @@ pub fn commit_plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
     if let Some(flag) = base.flags.iter().find(|fl| fl.is_broken()) {
         return Err(format!("its backing image is broken: {}", flag.describe()));
     }
+    // The top is emptied and the base written: a VM on either (or on any
+    // overlay of the top, which holds the top as its backing) stops it.
+    crate::tui::chainops::in_use(f, &[id, parent], false)?;
     let affected = base
         .children
         .iter()
@@ -1178,6 +1194,7 @@ pub fn commit_plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
         base_key: base.record.key.clone(),
         allocated: r.sizes.allocated,
         affected,
+        space_warning: None,
         input: String::new(),
         nudge: false,
     })

@@ -13,6 +13,7 @@ use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::convert::{convert, ConvertOptions};
 use crate::engine::ops::rebase::{rebase, RebaseOptions};
 use crate::engine::qcow2::header::CompressionType;
+use crate::engine::LockState;
 use crate::engine::{CreateOptions, Format};
 use crate::jobs::Work;
 
@@ -23,6 +24,9 @@ pub struct BackingPick {
     pub image_key: PathBuf,
     /// Some while a path is being typed (`t`).
     pub typed: Option<String>,
+    /// A typed name being probed on the inspector thread: the dialog opens
+    /// when the answer says it is an image cowshed can use.
+    pub probing: Option<String>,
 }
 
 /// The rebase dialog: what will be written into the header, and how.
@@ -38,6 +42,9 @@ pub struct RebasePlan {
     pub format: Format,
     /// `-u`: the header only.
     pub unsafe_mode: bool,
+    /// Why safe mode cannot work here (the old backing is missing): unsafe
+    /// is then the default and `s` says this instead.
+    pub safe_refused: Option<String>,
 }
 
 /// The flatten confirmation.
@@ -50,6 +57,8 @@ pub struct FlattenPlan {
     pub backing: String,
     /// What the chain below allocates: about what gets copied, at most.
     pub below: u64,
+    /// The file system may be too small for that.
+    pub space_warning: Option<String>,
 }
 
 /// The convert dialog's fields, in the order Up/Down visits them.
@@ -75,6 +84,10 @@ pub struct ConvertPlan {
     pub keep_backing: bool,
     /// Index into [`CONVERT_FIELDS`].
     pub field: usize,
+    /// What the chain allocates: what a copy needs at most.
+    pub allocated: u64,
+    /// The destination's file system may be too small for that.
+    pub space_warning: Option<String>,
 }
 
 impl ConvertPlan {
@@ -153,6 +166,62 @@ fn qcow2_node(f: &Forest, id: NodeId) -> Result<(), String> {
     Ok(())
 }
 
+/// Why the images `ids` may not be written (`writers_only`: read) now,
+/// from QEMU's locks as the catalog last saw them, naming the holders. The
+/// job takes the locks itself and refuses again if a QEMU came meanwhile;
+/// this only lets the dialog say so before asking.
+pub fn in_use(f: &Forest, ids: &[NodeId], writers_only: bool) -> Result<(), String> {
+    for &id in ids {
+        let r = &f.nodes[id].record;
+        let held = match r.lock {
+            LockState::None => false,
+            LockState::Reader => !writers_only,
+            LockState::Writer => true,
+        };
+        if !held {
+            continue;
+        }
+        let who = if r.holders.is_empty() {
+            "another process".to_string()
+        } else {
+            r.holders
+                .iter()
+                .map(|h| format!("pid {} ({})", h.pid, h.command))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let how = if r.lock == LockState::Writer {
+            "writing"
+        } else {
+            "reading"
+        };
+        return Err(format!(
+            "{} is in use by {who}, {how}: an image a QEMU holds is never written{}",
+            file_name(&r.path),
+            if writers_only {
+                ", nor copied while it changes"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// A warning when `needed` bytes (an upper bound) may not fit beside
+/// `path`. `statvfs` reads the file system's counters, like a `stat`,
+/// never an image; the job checks the exact need before it writes.
+pub fn space_warning(path: &Path, needed: u64) -> Option<String> {
+    let free = crate::engine::space::available(path).ok()?;
+    (needed > free).then(|| {
+        format!(
+            "may not fit: up to {} to write, {} free there (the job checks exactly before writing)",
+            crate::tui::view::human(needed),
+            crate::tui::view::human(free)
+        )
+    })
+}
+
 /// The name to store for `backing` in `image`'s header: relative when the
 /// backing is in the image's directory or below, else absolute.
 fn backing_name_for(image_key: &Path, backing_key: &Path) -> String {
@@ -186,19 +255,37 @@ pub fn rebase_plan(f: &Forest, image: NodeId, backing: NodeId) -> Result<RebaseP
         return Err(format!("the new backing is broken: {}", flag.describe()));
     }
     let r = &f.nodes[image].record;
+    let safe_refused = safe_rebase_refused(f, image);
     Ok(RebasePlan {
         image: r.path.clone(),
         image_key: r.key.clone(),
         backing_name: backing_name_for(&r.key, &b.record.key),
         backing_key: Some(b.record.key.clone()),
         format,
-        unsafe_mode: false,
+        unsafe_mode: safe_refused.is_some(),
+        safe_refused,
     })
+}
+
+/// A safe rebase reads the old chain; when it is broken only the header
+/// can change.
+fn safe_rebase_refused(f: &Forest, image: NodeId) -> Option<String> {
+    let broken = f
+        .chain(image)
+        .into_iter()
+        .flat_map(|n| f.nodes[n].flags.iter())
+        .find(|fl| fl.is_broken())?;
+    Some(format!(
+        "a safe rebase copies from the old backing chain, which is broken ({}): only the \
+         header can change (unsafe), e.g. to point at a moved base",
+        broken.describe()
+    ))
 }
 
 /// Flattening `image`: it must have a readable chain to copy from.
 pub fn flatten_plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
     qcow2_node(f, image)?;
+    in_use(f, &[image], false)?;
     let node = &f.nodes[image];
     if let Some(flag) = node.flags.iter().find(|fl| fl.is_broken()) {
         return Err(flag.describe());
@@ -228,6 +315,7 @@ pub fn flatten_plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
             .collect(),
         backing,
         below,
+        space_warning: None,
     })
 }
 
@@ -247,6 +335,12 @@ pub fn convert_plan(f: &Forest, source: NodeId) -> Result<ConvertPlan, String> {
     if let Some(flag) = node.flags.iter().find(|fl| fl.is_broken()) {
         return Err(flag.describe());
     }
+    let chain = f.chain(source);
+    in_use(f, &chain, true)?;
+    let allocated = chain
+        .iter()
+        .map(|&n| f.nodes[n].record.sizes.allocated)
+        .sum();
     let backing = node.parent.and_then(|p| {
         let name = summary.backing_filename.clone()?;
         let fmt = f.nodes[p].record.summary.as_ref()?.format;
@@ -267,6 +361,8 @@ pub fn convert_plan(f: &Forest, source: NodeId) -> Result<ConvertPlan, String> {
         cluster_size: 64 << 10,
         keep_backing: false,
         field: 0,
+        allocated,
+        space_warning: None,
     })
 }
 
@@ -284,7 +380,9 @@ impl App {
         let Some(id) = self.selected_node() else {
             return;
         };
-        if let Err(why) = qcow2_node(&self.forest, id) {
+        if let Err(why) =
+            qcow2_node(&self.forest, id).and_then(|()| in_use(&self.forest, &[id], false))
+        {
             return self.refuse("rebase", id, why);
         }
         let r = &self.forest.nodes[id].record;
@@ -292,6 +390,7 @@ impl App {
             image: r.path.clone(),
             image_key: r.key.clone(),
             typed: None,
+            probing: None,
         }));
     }
 
@@ -301,7 +400,10 @@ impl App {
             return;
         };
         match flatten_plan(&self.forest, id) {
-            Ok(plan) => self.mode = Mode::ConfirmFlatten(Box::new(plan)),
+            Ok(mut plan) => {
+                plan.space_warning = space_warning(&plan.image, plan.below);
+                self.mode = Mode::ConfirmFlatten(Box::new(plan));
+            }
             Err(why) => self.refuse("flatten", id, why),
         }
     }
@@ -312,7 +414,10 @@ impl App {
             return;
         };
         match convert_plan(&self.forest, id) {
-            Ok(plan) => self.mode = Mode::Convert(Box::new(plan)),
+            Ok(mut plan) => {
+                plan.space_warning = space_warning(&plan.source, plan.allocated);
+                self.mode = Mode::Convert(Box::new(plan));
+            }
             Err(why) => self.refuse("convert", id, why),
         }
     }
@@ -325,15 +430,23 @@ impl App {
         };
         if let Some(typed) = &mut pick.typed {
             match code {
-                KeyCode::Esc => pick.typed = None,
+                KeyCode::Esc => {
+                    pick.typed = None;
+                    pick.probing = None;
+                }
                 KeyCode::Backspace => {
                     typed.pop();
                 }
                 KeyCode::Enter => {
                     let name = typed.trim().to_string();
                     if !name.is_empty() {
-                        let pick = (**pick).clone();
-                        self.typed_backing(pick, name);
+                        // Probing reads the file: the inspector thread does
+                        // it and the dialog opens on its answer.
+                        let dir = pick.image_key.parent().unwrap_or(Path::new("/"));
+                        let resolved = lexical_normalize(&dir.join(&name));
+                        pick.probing = Some(name.clone());
+                        self.inspector
+                            .probe_backing(pick.image_key.clone(), name, resolved);
                     }
                 }
                 _ => {
@@ -382,10 +495,33 @@ impl App {
         }
     }
 
-    /// A typed backing name: stored as typed; its format comes from the
-    /// scan when the name resolves to a scanned image, else qcow2 (`F` in
-    /// the dialog changes it).
-    fn typed_backing(&mut self, pick: BackingPick, name: String) {
+    /// The answer about a typed backing: open the rebase dialog with the
+    /// format found, or say why that file cannot be a backing file.
+    pub(crate) fn on_backing_probe(&mut self, p: crate::tui::worker::BackingProbe) {
+        let Mode::PickBacking(pick) = &mut self.mode else {
+            return;
+        };
+        if pick.image_key != p.image_key || pick.probing.as_deref() != Some(p.name.as_str()) {
+            return;
+        }
+        pick.probing = None;
+        match p.result {
+            Ok(format) => {
+                let pick = (**pick).clone();
+                self.typed_backing(pick, p.name, format);
+            }
+            Err(why) => {
+                self.status = Some(Status {
+                    text: format!("cannot rebase onto {}: {why}", p.name),
+                    error: true,
+                });
+            }
+        }
+    }
+
+    /// A typed backing name, probed: stored as typed, with the format the
+    /// probe found (`F` in the dialog changes it).
+    fn typed_backing(&mut self, pick: BackingPick, name: String, format: Format) {
         let dir = pick.image_key.parent().unwrap_or(Path::new("/"));
         let resolved = lexical_normalize(&dir.join(&name));
         let scanned = self
@@ -393,9 +529,6 @@ impl App {
             .nodes
             .iter()
             .find(|n| n.record.key == resolved || n.record.path == resolved);
-        let format = scanned
-            .and_then(|n| n.record.summary.as_ref())
-            .map_or(Format::Qcow2, |s| s.format);
         let backing_key = scanned.map(|n| n.record.key.clone());
         if let (Some(image), Some(key)) = (self.forest.get(&pick.image_key), &backing_key) {
             if let Some(b) = self.forest.get(key) {
@@ -408,13 +541,19 @@ impl App {
                 }
             }
         }
+        let safe_refused = self
+            .forest
+            .get(&pick.image_key)
+            .and_then(|id| safe_rebase_refused(&self.forest, id));
+        self.status = None;
         self.mode = Mode::ConfirmRebase(Box::new(RebasePlan {
             image: pick.image,
             image_key: pick.image_key,
             backing_name: name,
             backing_key,
             format,
-            unsafe_mode: false,
+            unsafe_mode: safe_refused.is_some(),
+            safe_refused,
         }));
     }
 
@@ -431,7 +570,13 @@ impl App {
                 });
             }
             (_, Some('u')) => plan.unsafe_mode = true,
-            (_, Some('s')) => plan.unsafe_mode = false,
+            (_, Some('s')) => match &plan.safe_refused {
+                Some(why) => {
+                    let text = format!("no safe rebase: {why}");
+                    self.status = Some(Status { text, error: true });
+                }
+                None => plan.unsafe_mode = false,
+            },
             (_, Some('F')) => {
                 plan.format = if plan.format == Format::Qcow2 {
                     Format::Raw
@@ -497,6 +642,20 @@ impl App {
                 if plan.dest.trim().is_empty() || plan.dest.contains('/') {
                     self.status = Some(Status {
                         text: "give a file name: the copy goes next to the image".into(),
+                        error: true,
+                    });
+                    return;
+                }
+                // A new file only: an existing one (an image a VM may use,
+                // a base with overlays) is never replaced from here. One
+                // stat; the job refuses too if the name appears meanwhile.
+                let dir = plan.source.parent().unwrap_or(Path::new(""));
+                if dir.join(plan.dest.trim()).symlink_metadata().is_ok() {
+                    self.status = Some(Status {
+                        text: format!(
+                            "{} exists: choose another name (an existing file is never replaced)",
+                            plan.dest.trim()
+                        ),
                         error: true,
                     });
                     return;
@@ -578,6 +737,9 @@ impl App {
                 ..CreateOptions::default()
             },
             compress: plan.compression.is_some() && plan.format == Format::Qcow2,
+            // The dialog offers new names only; a name taken meanwhile is
+            // refused, never replaced.
+            replace: None,
             ..ConvertOptions::default()
         };
         let source = plan.source.clone();

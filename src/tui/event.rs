@@ -9,7 +9,7 @@ use std::thread;
 use crossbeam_channel::Sender;
 use ratatui::crossterm::event as ct;
 
-use super::worker::{CatalogUpdate, Details};
+use super::worker::{BackingProbe, CatalogUpdate, Details};
 use crate::catalog::Sizes;
 use crate::jobs::JobEvent;
 
@@ -19,6 +19,8 @@ pub enum Event {
     Input(ct::Event),
     Catalog(CatalogUpdate),
     Details(Box<Details>),
+    /// Whether a typed backing path is an image (the rebase picker).
+    BackingProbe(BackingProbe),
     Job(JobEvent),
     /// How an image grows (from the catalog's watcher): its allocated
     /// bytes, the rate in bytes per second over the last seconds, and the

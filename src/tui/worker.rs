@@ -314,24 +314,60 @@ pub struct Details {
     pub chain_error: Option<String>,
 }
 
+enum InspectRequest {
+    /// The details of the image with this key, found at this path.
+    Details(PathBuf, PathBuf),
+    /// Is the typed backing name (resolved to the path) a usable image?
+    Backing {
+        image_key: PathBuf,
+        name: String,
+        resolved: PathBuf,
+    },
+}
+
+/// The answer to [`InspectHandle::probe_backing`].
+#[derive(Debug, Clone)]
+pub struct BackingProbe {
+    pub image_key: PathBuf,
+    pub name: String,
+    /// The image's format, or why it cannot be a backing file.
+    pub result: Result<engine::Format, String>,
+}
+
 pub struct InspectHandle {
-    tx: Sender<(PathBuf, PathBuf)>,
+    tx: Sender<InspectRequest>,
 }
 
 impl InspectHandle {
     pub fn start(events: Sender<Event>) -> std::io::Result<InspectHandle> {
-        let (tx, rx) = unbounded::<(PathBuf, PathBuf)>();
+        let (tx, rx) = unbounded::<InspectRequest>();
         thread::Builder::new()
             .name("cowshed-inspect".into())
             .spawn(move || {
                 while let Ok(mut req) = rx.recv() {
-                    // Moving through the tree asks for many; only the last
-                    // one is still wanted.
-                    while let Ok(newer) = rx.try_recv() {
-                        req = newer;
+                    // Moving through the tree asks for many details; only
+                    // the last is still wanted. Probes are all answered.
+                    while matches!(req, InspectRequest::Details(..)) {
+                        match rx.try_recv() {
+                            Ok(newer) => req = newer,
+                            Err(_) => break,
+                        }
                     }
-                    let d = inspect(&req.0, &req.1);
-                    if events.send(Event::Details(Box::new(d))).is_err() {
+                    let event = match req {
+                        InspectRequest::Details(key, path) => {
+                            Event::Details(Box::new(inspect(&key, &path)))
+                        }
+                        InspectRequest::Backing {
+                            image_key,
+                            name,
+                            resolved,
+                        } => Event::BackingProbe(BackingProbe {
+                            image_key,
+                            name,
+                            result: probe_backing(&resolved),
+                        }),
+                    };
+                    if events.send(event).is_err() {
                         return;
                     }
                 }
@@ -341,8 +377,43 @@ impl InspectHandle {
 
     /// Ask for the details of the image with `key`, found at `path`.
     pub fn request(&self, key: PathBuf, path: PathBuf) {
-        let _ = self.tx.send((key, path));
+        let _ = self.tx.send(InspectRequest::Details(key, path));
     }
+
+    /// Ask whether `resolved` (typed as `name` for the image `image_key`)
+    /// can be a backing file; answered with [`Event::BackingProbe`].
+    pub fn probe_backing(&self, image_key: PathBuf, name: String, resolved: PathBuf) {
+        let _ = self.tx.send(InspectRequest::Backing {
+            image_key,
+            name,
+            resolved,
+        });
+    }
+}
+
+/// A typed backing path is accepted only if it is an image cowshed can read
+/// through: qcow2, or raw named as such (as the scan decides), not on a
+/// pseudo file system, its own chain intact. The format comes from here.
+pub fn probe_backing(path: &Path) -> Result<engine::Format, String> {
+    use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC, SYSFS_MAGIC};
+    if let Ok(st) = statfs(path) {
+        let t = st.filesystem_type();
+        if t == PROC_SUPER_MAGIC || t == SYSFS_MAGIC {
+            return Err("it is a kernel file (/proc, /sys), not a disk image".into());
+        }
+    }
+    let record = read_record(path)?.ok_or_else(|| {
+        "it is not a disk image cowshed recognises (qcow2, or raw named .raw or .img)".to_string()
+    })?;
+    if let Some(e) = record.error {
+        return Err(e);
+    }
+    let format = record
+        .summary
+        .map(|s| s.format)
+        .ok_or_else(|| "its header could not be read".to_string())?;
+    Chain::open(path, Some(format)).map_err(|e| e.to_string())?;
+    Ok(format)
 }
 
 /// Compute the details of one image (read only).

@@ -110,6 +110,11 @@ pub fn check(path: &Path, format: Option<Format>) -> Result<CheckReport> {
             })
         }
     };
+    check_open(path, q)
+}
+
+/// [`check`] on an image already open (the writer's pre-flight).
+pub(crate) fn check_open(path: &Path, q: &Qcow2Image) -> Result<CheckReport> {
     Checker::new(path, q)?.run()
 }
 

@@ -8,7 +8,7 @@
 //! cancel (a SIGKILL can leave it behind, under a name that says what it is).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -18,6 +18,7 @@ use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::Format;
 use crate::engine::ops::create::CreateOptions;
+use crate::engine::preflight::{self, DestinationClaim, ReplaceOptions};
 use crate::engine::progress::{Cancel, Progress};
 
 /// Durability of the output, as qemu-img's `-t`.
@@ -44,6 +45,10 @@ pub struct ConvertOptions {
     /// `-S`: zero runs at least this long are not written; 0 writes
     /// everything. Rounded down to 512-byte sectors.
     pub min_sparse: u64,
+    /// An existing destination is replaced (as by qemu-img) after the
+    /// checks of [`preflight::claim_destination`]; `None`: an existing
+    /// destination is refused, even if it appears while converting.
+    pub replace: Option<ReplaceOptions>,
 }
 
 impl Default for ConvertOptions {
@@ -57,6 +62,7 @@ impl Default for ConvertOptions {
             },
             compress: false,
             min_sparse: ZERO_GRAIN as u64,
+            replace: Some(ReplaceOptions::default()),
         }
     }
 }
@@ -122,15 +128,22 @@ impl TempOutput {
         self.tmp.as_file()
     }
 
-    /// Rename into place (replacing DST), unless cancel was requested; with
-    /// `Writeback`, flush the data first and the directory after.
-    pub(crate) fn persist(self, cache: CacheMode, cancel: &Cancel) -> Result<()> {
+    /// Rename into place, unless cancel was requested; with `Writeback`,
+    /// flush the data first and the directory after. An existing DST is
+    /// replaced only when `opts.replace` says so (and then it was claimed).
+    pub(crate) fn persist(self, opts: &ConvertOptions, cancel: &Cancel) -> Result<()> {
+        let cache = opts.cache;
         cancel.check()?;
         if cache == CacheMode::Writeback {
             self.tmp.as_file().sync_data().at(&self.dst)?;
         }
         let TempOutput { tmp, dir, dst } = self;
-        tmp.persist(&dst).map_err(|e| Error::io(&dst, e.error))?;
+        if opts.replace.is_some() {
+            tmp.persist(&dst).map_err(|e| Error::io(&dst, e.error))?;
+        } else {
+            tmp.persist_noclobber(&dst)
+                .map_err(|e| Error::io(&dst, e.error))?;
+        }
         if cache == CacheMode::Writeback {
             File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
         }
@@ -156,7 +169,7 @@ pub fn convert_to_raw(
     cancel: &Cancel,
 ) -> Result<()> {
     let chain = Chain::open(src, opts.src_format)?;
-    refuse_overwriting_source(&chain, dst)?;
+    let _claim = claim_destination(dst, &[&chain], opts)?;
     let size = chain.virtual_size();
     crate::engine::space::ensure_fits(dst, data_bytes(&chain, cancel)?)?;
     progress.set_total(size);
@@ -166,7 +179,7 @@ pub fn convert_to_raw(
     out.set_len(size).at(dst)?;
 
     copy_pipelined(&chain, out, dst, opts.min_sparse, progress, cancel)?;
-    tmp.persist(opts.cache, cancel)
+    tmp.persist(opts, cancel)
 }
 
 /// What the chain provides as data: at most what a sparse copy allocates.
@@ -225,6 +238,7 @@ fn copy_pipelined(
                         return Ok(());
                     };
                     let len = st.length as usize;
+                    poison_reused(&mut buf[..len]);
                     chain.read_extent(&st, &mut buf[..len])?;
                     if full_tx.send((pos, buf, len)).is_err() {
                         return Ok(());
@@ -281,6 +295,16 @@ fn write_skipping_zeros(
     Ok(())
 }
 
+/// Debug builds (the tests) fill a reused buffer with a pattern before it is
+/// refilled, so a path that hands the writer bytes it never defined writes
+/// the pattern, which a guest-view comparison sees at once, instead of a
+/// stale copy of some earlier data that may happen to look right.
+pub(crate) fn poison_reused(buf: &mut [u8]) {
+    if cfg!(debug_assertions) {
+        buf.fill(0xa5);
+    }
+}
+
 pub(crate) fn is_zero(b: &[u8]) -> bool {
     // Data is rarely zero: look at the first bytes before scanning it all.
     if b.iter().take(16).any(|&x| x != 0) {
@@ -297,22 +321,20 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
     acc == 0 && tail == 0
 }
 
-/// Converting onto one of the source's own files would destroy the source.
-pub(crate) fn refuse_overwriting_source(chain: &Chain, dst: &Path) -> Result<()> {
-    let Ok(m) = std::fs::metadata(dst) else {
-        return Ok(());
-    };
-    for layer in chain.layers() {
-        let lm = layer.image.file().metadata().at(&layer.path)?;
-        if (lm.dev(), lm.ino()) == (m.dev(), m.ino()) {
-            return Err(Error::invalid(
-                dst,
-                format!(
-                    "destination is the same file as '{}' in the source chain",
-                    layer.path.display()
-                ),
-            ));
-        }
+/// The checks before a destination is written (see
+/// [`preflight::claim_destination`]); with `opts.replace` unset, an
+/// existing destination is refused outright.
+pub(crate) fn claim_destination(
+    dst: &Path,
+    sources: &[&Chain],
+    opts: &ConvertOptions,
+) -> Result<DestinationClaim> {
+    match &opts.replace {
+        Some(r) => preflight::claim_destination(dst, sources, r),
+        None if dst.symlink_metadata().is_ok() => Err(Error::invalid(
+            dst,
+            "already exists; choose another name (nothing was written)",
+        )),
+        None => preflight::claim_destination(dst, sources, &ReplaceOptions::default()),
     }
-    Ok(())
 }

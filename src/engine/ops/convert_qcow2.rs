@@ -25,7 +25,7 @@ use std::path::Path;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use super::convert::{is_zero, refuse_overwriting_source, ConvertOptions, TempOutput};
+use super::convert::{claim_destination, is_zero, poison_reused, ConvertOptions, TempOutput};
 use super::create::qcow2_header;
 use crate::engine::chain::{classify_backing, BackingName, BlockStatus, Chain};
 use crate::engine::error::{Error, Result};
@@ -118,7 +118,6 @@ pub fn convert_to_qcow2(
         ));
     }
     let chain = Chain::open(src, opts.src_format)?;
-    refuse_overwriting_source(&chain, dst)?;
     let size = chain.virtual_size().next_multiple_of(SECTOR);
     let header = qcow2_header(dst, t, size)?;
     let backing = match (&t.backing, t.backing_format) {
@@ -130,11 +129,12 @@ pub fn convert_to_qcow2(
             };
             let b = Chain::open(&p, Some(fmt))
                 .map_err(|e| bad(format!("Could not open backing image '{name}': {e}")))?;
-            refuse_overwriting_source(&b, dst)?;
             Some(b)
         }
         _ => None,
     };
+    let sources: Vec<&Chain> = std::iter::once(&chain).chain(&backing).collect();
+    let _claim = claim_destination(dst, &sources, opts)?;
     let plan = Plan {
         chain: &chain,
         backing,
@@ -159,7 +159,7 @@ pub fn convert_to_qcow2(
     let writer = StreamWriter::new(tmp.file(), dst, header.clone(), data_clusters)?;
     let compression = opts.compress.then_some(header.compression_type);
     run_pipeline(&plan, writer, compression, dst, progress, cancel)?;
-    tmp.persist(opts.cache, cancel)
+    tmp.persist(opts, cancel)
 }
 
 impl Plan<'_> {
@@ -274,6 +274,7 @@ impl Plan<'_> {
     fn fill(&self, b: &mut Batch, start: u64, classes: &mut Vec<Class>) -> Result<()> {
         let cs = self.cs;
         let end = (start + b.len).min(self.size);
+        poison_reused(&mut b.buf);
         let nsec = (end - start).div_ceil(SECTOR) as usize;
         classes.clear();
         classes.resize(nsec, Class::Skip);
@@ -285,12 +286,11 @@ impl Plan<'_> {
             if class == Class::Data {
                 self.chain.read_extent(&st, &mut b.buf[lo..hi])?;
             } else {
-                // A sector shared with data (odd raw hole edges) must read
-                // zeros here; whole sectors are filled when needed.
-                let head_end = lo.next_multiple_of(SECTOR as usize).min(hi);
-                b.buf[lo..head_end].fill(0);
-                let tail_start = (hi / SECTOR as usize * SECTOR as usize).max(lo);
-                b.buf[tail_start..hi].fill(0);
+                // Every byte is defined: `-S 0`, `-c` and v2 images write
+                // zero ranges out as data, and this buffer still holds an
+                // earlier batch. Skipped ranges written out are refilled
+                // from the new backing later.
+                b.buf[lo..hi].fill(0);
             }
             for c in &mut classes[lo / SECTOR as usize..hi.div_ceil(SECTOR as usize)] {
                 // Data wins a shared sector, then zero.

@@ -109,7 +109,8 @@ const L2_CACHE_TABLES: usize = 1024;
 
 /// Open a qcow2 image read-write under QEMU's writer locks (taken before
 /// anything is read, so a running QEMU stops us first) and read its header;
-/// dirty or corrupt images are refused.
+/// dirty images, images marked corrupt and images whose metadata is corrupt
+/// are refused before anything is written.
 pub(super) fn open_locked(path: &Path) -> Result<(File, ImageLock, Header)> {
     let file = OpenOptions::new()
         .read(true)
@@ -125,6 +126,7 @@ pub(super) fn open_locked(path: &Path) -> Result<(File, ImageLock, Header)> {
             "the image is marked dirty or corrupt; repair it first with `cowshed check -r all`",
         ));
     }
+    crate::engine::preflight::ensure_metadata_sound(path, &file)?;
     Ok((file, lock, h))
 }
 

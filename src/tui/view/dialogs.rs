@@ -59,8 +59,15 @@ fn keys<'a>(app: &App, parts: &[(&'a str, &'a str)]) -> Line<'a> {
 /// the tree stays visible to pick from; typing a path gets a prompt.
 pub(super) fn draw_pick(app: &App, frame: &mut Frame, area: Rect, pick: &BackingPick) {
     let image = app.display_path(&pick.image);
-    let lines = match &pick.typed {
-        Some(typed) => vec![
+    let lines = match (&pick.typed, &pick.probing) {
+        (Some(_), Some(probing)) => vec![
+            Line::from(format!("new backing of {image}: {probing}")),
+            Line::from(Span::styled(
+                "checking that it is an image…",
+                Style::new().fg(app.theme.dim),
+            )),
+        ],
+        (Some(typed), None) => vec![
             Line::from(format!("new backing of {image}: {typed}▏")),
             keys(
                 app,
@@ -70,7 +77,7 @@ pub(super) fn draw_pick(app: &App, frame: &mut Frame, area: Rect, pick: &Backing
                 ],
             ),
         ],
-        None => vec![
+        (None, _) => vec![
             Line::from(format!(
                 "rebase {image}: select its new backing image in the tree"
             )),
@@ -111,6 +118,14 @@ pub(super) fn draw_rebase(app: &App, frame: &mut Frame, area: Rect, plan: &Rebas
         .add_modifier(Modifier::BOLD);
     let dim = Style::new().fg(app.theme.dim);
     let mark = |on: bool| if on { "(•)" } else { "( )" };
+    let safe = match &plan.safe_refused {
+        None => Line::from(format!(
+            "{} safe: where the old and the new backing differ, the old data is \
+             copied into {image} first; the guest sees the same disk.",
+            mark(!plan.unsafe_mode)
+        )),
+        Some(why) => Line::from(Span::styled(format!("    safe: not possible: {why}"), dim)),
+    };
     let mut lines = vec![
         Line::from(format!(
             "Rebase {image} onto {} (format {}).",
@@ -118,11 +133,7 @@ pub(super) fn draw_rebase(app: &App, frame: &mut Frame, area: Rect, plan: &Rebas
             plan.format.name()
         )),
         Line::default(),
-        Line::from(format!(
-            "{} safe: where the old and the new backing differ, the old data is \
-             copied into {image} first; the guest sees the same disk.",
-            mark(!plan.unsafe_mode)
-        )),
+        safe,
         Line::from(vec![
             Span::raw(format!("{} unsafe: ", mark(plan.unsafe_mode))),
             Span::styled(
@@ -155,7 +166,7 @@ pub(super) fn draw_rebase(app: &App, frame: &mut Frame, area: Rect, plan: &Rebas
 
 pub(super) fn draw_flatten(app: &App, frame: &mut Frame, area: Rect, plan: &FlattenPlan) {
     let image = app.display_path(&plan.image);
-    let lines = vec![
+    let mut lines = vec![
         Line::from(format!(
             "Flatten {image}: copy into it everything its backing chain ({}, {} \
              allocated below it) provides, then drop the backing file. The guest \
@@ -164,8 +175,15 @@ pub(super) fn draw_flatten(app: &App, frame: &mut Frame, area: Rect, plan: &Flat
             human(plan.below)
         )),
         Line::default(),
-        keys(app, &[("y/Enter", "flatten"), ("Esc/n", "cancel")]),
     ];
+    if let Some(w) = &plan.space_warning {
+        lines.push(Line::from(Span::styled(
+            format!("⚠ {w}"),
+            Style::new().fg(app.theme.warning),
+        )));
+        lines.push(Line::default());
+    }
+    lines.push(keys(app, &[("y/Enter", "flatten"), ("Esc/n", "cancel")]));
     draw_dialog(frame, area, "flatten?", lines, Style::new());
 }
 
@@ -223,6 +241,12 @@ pub(super) fn draw_convert(app: &App, frame: &mut Frame, area: Rect, plan: &Conv
         )));
     }
     lines.push(Line::default());
+    if let Some(w) = &plan.space_warning {
+        lines.push(Line::from(Span::styled(
+            format!("⚠ {w}"),
+            Style::new().fg(app.theme.warning),
+        )));
+    }
     lines.push(keys(
         app,
         &[

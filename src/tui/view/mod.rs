@@ -311,6 +311,10 @@ fn draw_commit_confirm(app: &App, frame: &mut Frame, area: Rect, plan: &CommitPl
         )),
         Line::default(),
     ];
+    if let Some(w) = &plan.space_warning {
+        lines.push(Line::from(Span::styled(format!("⚠ {w}"), warn)));
+        lines.push(Line::default());
+    }
     if plan.affected > 0 {
         let n = plan.affected;
         let (s, verb) = if n == 1 { ("", "sees") } else { ("s", "see") };

@@ -200,6 +200,23 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
                 "Check failed: the refcount structure needs a rebuild (use -r all)",
             ));
         }
+        if fix == FIX_LEAKS && c.report.corruptions > 0 {
+            // Beyond QEMU, which frees them anyway: next to corrupt entries
+            // a "leaked" cluster may be the one such an entry was meant to
+            // point at (the L2 table behind an unaligned L1 entry, the data
+            // cluster whose entry now points at the L1 table), and freeing
+            // it lets the next write overwrite it. Nothing is written;
+            // `-r all` is the repair that changes such images.
+            let first = c.report.findings.first().cloned().unwrap_or_default();
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{} corruption(s) ({first}); -r leaks frees only clusters nothing refers \
+                     to, which cannot be known while they stand; nothing was written",
+                    c.report.corruptions
+                ),
+            });
+        }
         if c.report.leaks > 0 || c.report.corruptions > 0 {
             let findings = std::mem::take(&mut c.report.findings);
             c.report = CheckReport {

@@ -123,6 +123,7 @@ pub fn with_backing(h: &Header, name: Option<&str>, format: Option<&str>) -> Hea
 /// Would `h` with this backing fit in its first cluster? The error names
 /// the file and says why.
 pub fn check_fits(h: &Header, path: &Path, name: Option<&str>, format: Option<&str>) -> Result<()> {
+    crate::engine::preflight::ensure_backing_allowed(h, path, name)?;
     let mut new = with_backing(h, name, format);
     new.to_cluster(path).map(|_| ()).map_err(|_| {
         Error::invalid(

@@ -1,0 +1,187 @@
+//! What a writing operation checks before its first write, in one place:
+//! the metadata it is about to rely on is sound, and a file it replaces is
+//! neither held by a QEMU nor the backing file of another image. A refusal
+//! here leaves every file byte-identical. The free-space guard is
+//! [`crate::engine::space`]; QEMU's locks are [`crate::engine::lock`].
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::chain::{classify_backing, BackingName, Chain};
+use super::error::{Error, IoContext, Result};
+use super::format::{open_image_file, probe_file, Format};
+use super::lock::{ImageLock, LockMode};
+use super::ops::check::check_open;
+use super::qcow2::header::Header;
+use super::qcow2::Qcow2Image;
+
+/// Refuse to write into a qcow2 image whose metadata is corrupt, the way
+/// QEMU's corruption checks would stop it, but before anything is written
+/// rather than half way: the checker that `cowshed check` runs reads every
+/// table the writer may follow (L1, L2, refcount table and blocks,
+/// snapshots, bitmaps) and finds unaligned or out-of-file offsets, reserved
+/// bits and clusters used twice. Leaks are harmless and allowed.
+pub fn ensure_metadata_sound(path: &Path, file: &File) -> Result<()> {
+    let image = Qcow2Image::open(path, file.try_clone().at(path)?)?;
+    let report = check_open(path, &image)?;
+    if report.corruptions == 0 && report.check_errors == 0 {
+        return Ok(());
+    }
+    let first = report
+        .findings
+        .iter()
+        .find(|f| f.starts_with("ERROR"))
+        .or(report.findings.first())
+        .map_or_else(String::new, |f| format!(" ({})", f.trim()));
+    Err(Error::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!(
+            "{} corruption(s){first}",
+            report.corruptions + report.check_errors
+        ),
+    })
+}
+
+/// A header a writer must not store: the qcow2 spec forbids a backing file
+/// beside a raw external data file (`data_file_raw`), and QEMU refuses to
+/// set one ("Could not change the backing file").
+pub fn ensure_backing_allowed(h: &Header, path: &Path, name: Option<&str>) -> Result<()> {
+    match name {
+        Some(n) if h.data_file_raw() => Err(Error::invalid(
+            path,
+            format!(
+                "Could not change the backing file to '{n}': the image's external data file is \
+                 raw (data_file_raw=on), which cannot have a backing file"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Images in `dirs` (not below them) whose backing file is `target`, by
+/// device and inode, so any spelling of the name counts. Files that are not
+/// images, or cannot be read, are skipped: they use nothing.
+pub fn dependents(target: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let want = std::fs::metadata(target).at(target)?;
+    let want = (want.dev(), want.ino());
+    let mut found = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for dir in dirs {
+        // A bare destination name has the empty directory: its dependents
+        // are named bare too, as the user would.
+        let listed = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir.as_path()
+        };
+        let Ok(entries) = std::fs::read_dir(listed) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = dir.join(entry.file_name());
+            let Ok(m) = entry.metadata() else { continue };
+            if !m.is_file() || (m.dev(), m.ino()) == want || !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            if backing_of(&path)
+                .is_some_and(|b| std::fs::metadata(b).is_ok_and(|bm| (bm.dev(), bm.ino()) == want))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The resolved backing file of the qcow2 image at `path`, if it has one
+/// that names a file.
+fn backing_of(path: &Path) -> Option<PathBuf> {
+    let file = open_image_file(path).ok()?;
+    if probe_file(&file, path).ok()? != Format::Qcow2 {
+        return None;
+    }
+    let len = file.metadata().ok()?.len();
+    let name = Header::read(&file, path, len).ok()?.backing_file?;
+    match classify_backing(path, &name) {
+        BackingName::Path(p) => Some(p),
+        _ => None,
+    }
+}
+
+/// How a destination that exists may be replaced.
+#[derive(Debug, Clone, Default)]
+pub struct ReplaceOptions {
+    /// Replace it even when other images use it as their backing file.
+    pub force: bool,
+    /// Directories searched for such images besides the destination's own.
+    pub search: Vec<PathBuf>,
+}
+
+/// QEMU's locks on a destination that is about to be replaced, held until
+/// it is: a QEMU starting meanwhile cannot open it, as with qemu-img
+/// convert. `None` when the destination did not exist.
+#[derive(Debug)]
+pub struct DestinationClaim {
+    _lock: Option<ImageLock>,
+}
+
+/// Check that `dst` may be created or replaced by an operation reading
+/// `sources`: when it exists, it is not one of their files, no QEMU holds
+/// it (the error names the holder), and no image in its directory (or in
+/// `opts.search`) uses it as backing file unless `opts.force`. On success,
+/// the locks stay held for as long as the returned claim lives.
+pub fn claim_destination(
+    dst: &Path,
+    sources: &[&Chain],
+    opts: &ReplaceOptions,
+) -> Result<DestinationClaim> {
+    let file = match open_image_file(dst) {
+        Ok(f) => f,
+        Err(Error::Io { cause, .. }) if cause.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(DestinationClaim { _lock: None })
+        }
+        Err(e) => return Err(e),
+    };
+    let m = file.metadata().at(dst)?;
+    for chain in sources {
+        for layer in chain.layers() {
+            let lm = layer.image.file().metadata().at(&layer.path)?;
+            if (lm.dev(), lm.ino()) == (m.dev(), m.ino()) {
+                return Err(Error::invalid(
+                    dst,
+                    format!(
+                        "destination is the same file as '{}' in the source chain",
+                        layer.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let lock = ImageLock::acquire(&file, dst, LockMode::WRITER).map_err(|e| match e {
+        Error::Locked { path, detail } => Error::Locked {
+            path,
+            detail: format!("{detail}; refusing to replace an image in use"),
+        },
+        e => e,
+    })?;
+    if !opts.force {
+        let mut dirs = vec![parent_dir(dst)];
+        dirs.extend(opts.search.iter().cloned());
+        let users = dependents(dst, &dirs)?;
+        if !users.is_empty() {
+            return Err(Error::HasDependents {
+                path: dst.to_path_buf(),
+                dependents: users,
+            });
+        }
+    }
+    Ok(DestinationClaim { _lock: Some(lock) })
+}
+
+/// The directory a path's file is in, as spelled in it (empty for a bare
+/// name).
+fn parent_dir(p: &Path) -> PathBuf {
+    p.parent().map(Path::to_path_buf).unwrap_or_default()
+}
