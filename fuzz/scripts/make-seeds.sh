@@ -31,10 +31,10 @@ fill() { # fill FILE CS SIZE [compress]
   local f=$1 cs=$2 size=$3 c=${4:-}
   local p=$((cs < 4096 ? cs : 4096))
   local cmds=("write -P 0x11 0 $p" "write -P 0x22 $((cs * 3)) $p" "write -P 0x22 $((cs * 4)) $p"
-    "write -P 0x33 $((size / 2 + 512)) 1024" "write -z $((cs * 8)) $((cs * 2))"
+    "write -P 0x33 $((size / 2 + 512)) 1024" "write -z $((cs * 5)) $((cs * 2))"
     "write -P 0x44 $((size - cs)) $p")
   if [ -n "$c" ]; then
-    cmds+=("write -c -P 0x55 $((cs * 12)) $cs" "write -c -P 0 $((cs * 14)) $cs")
+    cmds+=("write -c -P 0x55 $((cs * 6)) $cs" "write -c -P 0 $((cs * 7)) $cs")
   fi
   io qcow2 "$f" "${cmds[@]}"
 }
@@ -79,7 +79,7 @@ print("".join(struct.pack("<BIHB", r.randrange(256), r.randrange(1 << 32),
 new() { mkdir -p "$work/$1"; cd "$work/$1"; }
 
 for cs in 512 4096 65536 2097152; do
-  size=$((cs >= 2097152 ? 32 << 20 : 4 << 20))
+  size=$((cs >= 2097152 ? 16 << 20 : 4 << 20))
   new "cs$cs"; img create -f qcow2 -o cluster_size=$cs f0 $size; fill f0 $cs $size c; scenario "cs$cs"
   new "v2-cs$cs"; img create -f qcow2 -o compat=0.10,cluster_size=$cs f0 $size; fill f0 $cs $size c; scenario "v2-cs$cs"
 done

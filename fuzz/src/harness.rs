@@ -43,6 +43,36 @@ fn note(size: usize) {
     if ARMED.load(Ordering::Relaxed) {
         LARGEST.fetch_max(size, Ordering::Relaxed);
     }
+    if size > REFUSE_ABOVE {
+        say_refused(size);
+    }
+}
+
+/// Say why the process is about to abort (the allocation error handler
+/// only gives the size), without allocating: we are inside the allocator.
+fn say_refused(size: usize) {
+    let mut buf = [0u8; 96];
+    let head = b"fuzz harness: refused one allocation of ";
+    let tail = b" bytes (the limit is 256 MiB)\n";
+    buf[..head.len()].copy_from_slice(head);
+    let mut digits = [0u8; 20];
+    let mut n = size;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut at = head.len();
+    buf[at..at + digits.len() - i].copy_from_slice(&digits[i..]);
+    at += digits.len() - i;
+    buf[at..at + tail.len()].copy_from_slice(tail);
+    at += tail.len();
+    // SAFETY: writing an initialised buffer to stderr.
+    unsafe { libc::write(2, buf.as_ptr().cast(), at) };
 }
 
 fn grew(size: usize) {
@@ -453,13 +483,25 @@ pub fn file_len(path: &Path) -> u64 {
 
 /// Disks larger than this are not read whole (the time would be spent
 /// on zeros, not on metadata).
-pub const VIEW_BUDGET: u64 = 32 << 20;
+pub const VIEW_BUDGET: u64 = 16 << 20;
 
 /// The guest view of the chain at `path`, read whole; None when it cannot
 /// be opened or read, or is over the budget.
 pub fn view(path: &Path, format: Option<Format>) -> Option<Vec<u8>> {
     let chain = Chain::open(path, format).ok()?;
     view_of(&chain)
+}
+
+/// The first `len` bytes of the guest view at `path` (None when the disk is
+/// shorter or cannot be read).
+pub fn view_prefix(path: &Path, format: Option<Format>, len: u64) -> Option<Vec<u8>> {
+    let chain = Chain::open(path, format).ok()?;
+    if chain.virtual_size() < len || len > VIEW_BUDGET {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize];
+    chain.read_at(&mut buf, 0).ok()?;
+    Some(buf)
 }
 
 pub fn view_of(chain: &Chain) -> Option<Vec<u8>> {
@@ -549,6 +591,12 @@ pub fn cluster_size(path: &Path) -> u64 {
         .and_then(|i| i.qcow2.map(|q| q.cluster_size))
         .unwrap_or(65536)
         .clamp(512, 2 << 20)
+}
+
+/// The disk size the header of `path` states (0 when it has none): what
+/// growth bounds scale with, readable even when the data is not.
+pub fn virtual_size(path: &Path) -> u64 {
+    info(path, None).map_or(0, |i| i.virtual_size)
 }
 
 pub fn assert_growth(what: &str, path: &Path, before: u64, allowed: u64) {

@@ -9,7 +9,7 @@ use cowshed::engine::{map, Chain, Error};
 /// Disks larger than this are not mapped whole: the block status of an
 /// empty 2^60-byte disk takes as many steps as QEMU's does, which is time,
 /// not a bug.
-const MAP_BUDGET: u64 = 1 << 30;
+const MAP_BUDGET: u64 = 256 << 20;
 /// Extents looked at most (each one may be read to check zeros).
 const EXTENTS_MAX: usize = 20_000;
 /// Bytes of zero extents read back at most.

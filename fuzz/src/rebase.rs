@@ -6,7 +6,7 @@
 
 use crate::harness::{
     assert_growth, assert_names_a_file, assert_same_view, assert_still_consistent, cluster_size,
-    corruptions, file_len, measured, view, Exec, Input,
+    corruptions, file_len, measured, view, virtual_size, Exec, Input, MAX_FILE,
 };
 use cowshed::engine::{info, probe, rebase, Cancel, Format, Progress, RebaseOptions};
 
@@ -48,7 +48,7 @@ pub fn run(data: &[u8]) {
         if onto_f2 { "onto f2" } else { "to no backing" }
     );
     exec.assert_unchanged(&what, &before, &may_change, &[]);
-    let size = view0.as_ref().map_or(0, |v| v.len() as u64);
+    let size = virtual_size(&f0).min(MAX_FILE);
     assert_growth(&what, &f0, len0, 2 * size + 64 * cs + 4096);
     if let Err(e) = &r {
         assert_names_a_file(&what, e, &exec);
