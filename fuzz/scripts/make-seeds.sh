@@ -34,7 +34,7 @@ fill() { # fill FILE CS SIZE [compress]
     "write -P 0x33 $((size / 2 + 512)) 1024" "write -z $((cs * 5)) $((cs * 2))"
     "write -P 0x44 $((size - cs)) $p")
   if [ -n "$c" ]; then
-    cmds+=("write -c -P 0x55 $((cs * 6)) $cs" "write -c -P 0 $((cs * 7)) $cs")
+    cmds+=("write -c -P 0x55 $cs $cs" "write -c -P 0 $((cs * 2)) $cs")
   fi
   io qcow2 "$f" "${cmds[@]}"
 }
