@@ -58,7 +58,8 @@ def main():
             f.write(buf)
         if done:
             break
-    print(f"selector {sel}, rest {data[pos:].hex()}")
+    rest = data[pos:]
+    print(f"selector {sel}, {len(rest)} trailing bytes: {rest[:64].hex()}")
 
 
 if __name__ == "__main__":
