@@ -191,7 +191,16 @@ impl Qcow2Writer {
                     .backing_format
                     .as_deref()
                     .and_then(Format::from_name);
-                Some(std::sync::Arc::new(Chain::open(&p, fmt)?))
+                // A file that cannot be opened is named with what it is
+                // to this image, as when the chain is opened from the top.
+                let chain = Chain::open(&p, fmt).map_err(|e| match e {
+                    Error::Io { cause, .. } => Error::invalid(
+                        path,
+                        format!("Could not open backing file '{}': {cause}", p.display()),
+                    ),
+                    other => other,
+                })?;
+                Some(std::sync::Arc::new(chain))
             }
         };
         Ok(Qcow2Writer {
