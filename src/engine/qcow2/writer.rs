@@ -74,6 +74,13 @@ pub struct Qcow2Writer {
     /// current write, by guest offset: read before anything is allocated or
     /// written (see [`Qcow2Writer::read_edges`]).
     edges: Vec<(u64, Vec<u8>)>,
+    /// The first cluster wholly past the end of the file as opened, or
+    /// past the last one allocated since. The pre-flight check found no
+    /// reference beyond the end of the file, so a refcount stored for such
+    /// a cluster is a leak: it is free. (Trusting it let a refblock of
+    /// garbage past the end push new clusters terabytes out, one refcount
+    /// read at a time.)
+    past_end: u64,
 }
 
 /// Dirty L2 tables or pending releases that trigger a metadata flush on
@@ -139,6 +146,7 @@ impl Qcow2Writer {
     /// running QEMU makes this fail before anything is read or written.
     pub fn open(path: &Path) -> Result<Self> {
         let (file, lock, h) = open_locked(path)?;
+        let past_end = file.metadata().at(path)?.len().div_ceil(h.cluster_size());
         let refuse = |what: &str| {
             Err(Error::invalid(
                 path,
@@ -228,6 +236,7 @@ impl Qcow2Writer {
             dirty_l2: Default::default(),
             pending_release: Vec::new(),
             edges: Vec::new(),
+            past_end,
             h,
         })
     }
@@ -425,9 +434,10 @@ impl Qcow2Writer {
         let mut c = self.free_hint;
         let mut run = 0;
         loop {
-            if self.refcount(c)? == 0 {
+            if c >= self.past_end || self.refcount(c)? == 0 {
                 run += 1;
                 if run == n {
+                    self.past_end = self.past_end.max(c + 1);
                     return Ok(c + 1 - n);
                 }
             } else {
