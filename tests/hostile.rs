@@ -2083,3 +2083,93 @@ fn rebuild_of_refcounts_with_far_refblock_is_bounded() {
         }
     }
 }
+
+/// A safe rebase of an image whose refcounts call one of its own data
+/// clusters free (corrupt, yet every read works): qemu-img rebase allocates
+/// that cluster for the data it copies in, overwrites the guest's data and
+/// exits 0 with the guest view changed. cowshed refuses before writing
+/// (exit 1, file byte-identical), pointing at `cowshed check`.
+#[test]
+fn safe_rebase_refuses_an_image_whose_live_cluster_is_counted_free() {
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let f = |n: &str| d.join(n);
+    let create = |name: &str, backing: Option<&str>| {
+        let mut args = vec![os("create"), os("-q"), os("-f"), os("qcow2")];
+        if let Some(b) = backing {
+            args.extend([os("-b"), os(b), os("-F"), os("qcow2")]);
+        }
+        let p = f(name);
+        args.push(p.as_os_str());
+        args.push(os("4M"));
+        qemu_ok("qemu-img", &args);
+    };
+    let write = |name: &str, cmd: &str| {
+        let p = f(name);
+        qemu_ok(
+            "qemu-io",
+            &[os("-f"), os("qcow2"), os("-c"), os(cmd), p.as_os_str()],
+        );
+    };
+    create("base", None);
+    write("base", "write -P 0x71 0 2M");
+    create("mid", Some("base"));
+    write("mid", "write -P 0x61 1M 2M");
+    create("top", Some("mid"));
+    write("top", "write -P 0x51 0 64k");
+    let top = f("top");
+    let l = Qcow2Layout::read(&top);
+    let d0 = fs::read(&top).expect("read");
+    let data = be64(&d0, l.l2_tables[0] as usize) & OFFSET_MASK;
+    // 16-bit refcounts: the data cluster's becomes 0.
+    let at = l.refblocks[0] + 2 * (data / l.cluster_size());
+    write_at(&top, at, &[0, 0]);
+    let raw = |p: &Path, out: &str| -> Vec<u8> {
+        let o = f(out);
+        qemu_ok(
+            "qemu-img",
+            &[
+                os("convert"),
+                os("-O"),
+                os("raw"),
+                p.as_os_str(),
+                o.as_os_str(),
+            ],
+        );
+        fs::read(&o).expect("read raw")
+    };
+    let before = raw(&top, "before.raw");
+
+    let q = copy_to(&top, d, "q-top");
+    qemu_ok(
+        "qemu-img",
+        &[
+            os("rebase"),
+            os("-b"),
+            os("base"),
+            os("-F"),
+            os("qcow2"),
+            q.as_os_str(),
+        ],
+    );
+    assert!(
+        raw(&q, "q-after.raw") != before,
+        "qemu-img rebase no longer changes this image's view: the case is not what it says"
+    );
+
+    let bytes = fs::read(&top).expect("read");
+    let r = cowshed(&[
+        os("rebase"),
+        os("-b"),
+        os("base"),
+        os("-F"),
+        os("qcow2"),
+        top.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(1), "cowshed rebase: {}", r.stderr);
+    assert!(r.stderr.contains("cowshed check"), "{}", r.stderr);
+    assert!(
+        fs::read(&top).expect("read") == bytes,
+        "the refused image changed"
+    );
+}
