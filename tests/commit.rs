@@ -431,3 +431,86 @@ fn refuses_when_the_base_file_system_is_too_small() {
         );
     }
 }
+
+/// A base on another file system than the top: the kernel will not
+/// `copy_file_range` between them (EXDEV), and commit copies through a
+/// buffer instead of failing.
+#[test]
+fn commits_into_a_base_on_another_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"],
+    );
+    // The clusters of 1M..2M laid out in reverse, so that one extent of the
+    // top lands in many separate runs of the base.
+    let mut writes = vec!["write -P 0x11 0 1M".to_string()];
+    writes.extend(
+        (0..16)
+            .rev()
+            .map(|i| format!("write -P 0x11 {} 64k", (1 << 20) + i * 65536)),
+    );
+    writes.push("write -P 0x11 2M 6M".into());
+    let mut args = Vec::new();
+    for w in &writes {
+        args.extend(["-c", w.as_str()]);
+    }
+    args.push("base.qcow2");
+    ok(d, "qemu-io", &args);
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "8M",
+        ],
+    );
+    let cow = env!("CARGO_BIN_EXE_cowshed");
+    let script = format!(
+        "cp top.qcow2 small/\n\
+         cd small\n\
+         qemu-io -c 'write -P 0x5a 1M 4M' top.qcow2 > /dev/null\n\
+         {cow} commit top.qcow2 > ../out 2>&1 || echo $? > ../rc\n\
+         qemu-io -c 'read -P 0x5a 1M 4M' top.qcow2 > ../read-top 2>&1 || true\n"
+    );
+    let Some(out) = common::small_fs::run_with_small_fs(d, 16, &script) else {
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg = std::fs::read_to_string(d.join("out")).unwrap();
+    let rc = std::fs::read_to_string(d.join("rc")).unwrap_or_default();
+    assert_eq!(rc.trim(), "", "commit failed: {msg}");
+    let read = std::fs::read_to_string(d.join("read-top")).unwrap();
+    assert!(
+        read.contains("read 4194304/4194304"),
+        "top after commit: {read}"
+    );
+    for (cmd, what) in [
+        ("read -P 0x5a 1M 4M", "committed data"),
+        ("read -P 0x11 0 1M", "base data before"),
+        ("read -P 0x11 5M 3M", "base data after"),
+    ] {
+        let r = run(d, "qemu-io", &["-c", cmd, "base.qcow2"]);
+        let text = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            r.status.success() && !text.contains("Pattern verification failed"),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(common::run::check_code(d, "base.qcow2"), 0);
+}

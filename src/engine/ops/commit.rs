@@ -249,13 +249,25 @@ fn copy_into(
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0u64;
     let mut written = 0u64;
+    // Cleared when the kernel cannot copy between these files (another
+    // file system: EXDEV); the buffered path does the rest.
+    let mut in_kernel = true;
     while pos < size {
         cancel.check()?;
         let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
         if st.present && st.depth < base_depth {
             if st.data
                 && !st.compressed
-                && copy_in_kernel(chain, &st, src_lens[st.depth], target, &file, base_path)?
+                && in_kernel
+                && copy_in_kernel(
+                    chain,
+                    &st,
+                    src_lens[st.depth],
+                    target,
+                    &file,
+                    base_path,
+                    &mut in_kernel,
+                )?
             {
                 // Copied without passing through this process.
             } else if st.data {
@@ -301,7 +313,10 @@ fn start_writeback(file: &File) {
 /// clusters of the target, or a source that ends early (past its end it
 /// reads as zeros, which only the buffered path writes). `src_len` is the
 /// answering layer's data file length (it cannot change: the chain above
-/// the base is ours while we hold the top's lock).
+/// the base is ours while we hold the top's lock). Where the kernel cannot
+/// copy between the two files (EXDEV across file systems, or a file system
+/// without the call), the clusters already placed are filled by reading
+/// and writing, and `in_kernel` is cleared for the extents after.
 fn copy_in_kernel(
     chain: &Chain,
     st: &crate::engine::chain::BlockStatus,
@@ -309,6 +324,7 @@ fn copy_in_kernel(
     target: &mut Target,
     out: &File,
     out_path: &Path,
+    in_kernel: &mut bool,
 ) -> Result<bool> {
     let Some(src_host) = st.offset else {
         return Ok(false);
@@ -317,16 +333,43 @@ fn copy_in_kernel(
         return Ok(false);
     }
     let src = chain.layers()[st.depth].image.data_file()?;
+    let src_path: &Path = &chain.layers()[st.depth].path;
     let mut copy = |runs: &[(u64, u64, u64)]| -> Result<()> {
         for &(g, host, n) in runs {
             let mut from = (src_host + g - st.start) as i64;
             let mut to = host as i64;
             let mut left = n as usize;
             while left > 0 {
-                let copied =
-                    nix::fcntl::copy_file_range(src, Some(&mut from), out, Some(&mut to), left)
-                        .map_err(std::io::Error::from)
-                        .at(out_path)?;
+                if !*in_kernel {
+                    // The rest of this run; the runs after it come here too.
+                    copy_buffered(
+                        (src, src_path),
+                        from as u64,
+                        (out, out_path),
+                        to as u64,
+                        left,
+                    )?;
+                    break;
+                }
+                let copied = match nix::fcntl::copy_file_range(
+                    src,
+                    Some(&mut from),
+                    out,
+                    Some(&mut to),
+                    left,
+                ) {
+                    Ok(n) => n,
+                    Err(
+                        nix::errno::Errno::EXDEV
+                        | nix::errno::Errno::ENOSYS
+                        | nix::errno::Errno::EOPNOTSUPP
+                        | nix::errno::Errno::EINVAL,
+                    ) => {
+                        *in_kernel = false;
+                        continue;
+                    }
+                    Err(e) => return Err(std::io::Error::from(e)).at(out_path),
+                };
                 if copied == 0 {
                     return Err(Error::invalid(out_path, "copy_file_range copied nothing"));
                 }
@@ -336,4 +379,24 @@ fn copy_in_kernel(
         Ok(())
     };
     target.write_direct(st.start, st.length, &mut copy)
+}
+
+/// Copy `len` bytes from `src` at `from` to `out` at `to` through a buffer.
+fn copy_buffered(
+    (src, src_path): (&File, &Path),
+    from: u64,
+    (out, out_path): (&File, &Path),
+    to: u64,
+    len: usize,
+) -> Result<()> {
+    let mut buf = vec![0u8; len.min(CHUNK as usize)];
+    let mut done = 0usize;
+    while done < len {
+        let n = buf.len().min(len - done);
+        src.read_exact_at(&mut buf[..n], from + done as u64)
+            .at(src_path)?;
+        out.write_all_at(&buf[..n], to + done as u64).at(out_path)?;
+        done += n;
+    }
+    Ok(())
 }
