@@ -398,6 +398,8 @@ impl Qcow2Writer {
         // Count the new clusters: in a new block where one covers them,
         // else in the existing block (before the switch: a leak at worst).
         let area_end = table_off / cs + table_clusters;
+        // Taken, though past what `find_free` was asked for.
+        self.past_end = self.past_end.max(area_end);
         for c in start..area_end {
             if let Some((_, off, block)) = blocks.iter_mut().find(|(i, ..)| *i == c / per_block) {
                 encode_refcount(block, *off, c % per_block, bits, 1);
