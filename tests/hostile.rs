@@ -29,6 +29,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tempfile::TempDir;
 
+/// How long anything here may run before it counts as a hang: a guard
+/// against hangs only, generous so that a busy machine never trips it.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
 // ---------------------------------------------------------------------------
 // A counting allocator: live bytes and their peak, per thread. The engine is
 // synchronous, so an operation run on one thread is measured exactly, and
@@ -161,16 +165,12 @@ fn run_with_timeout(prog: &OsStr, args: &[&OsStr], timeout: Duration) -> Run {
 }
 
 fn cowshed(args: &[&OsStr]) -> Run {
-    run_with_timeout(
-        os(env!("CARGO_BIN_EXE_cowshed")),
-        args,
-        Duration::from_secs(60),
-    )
+    run_with_timeout(os(env!("CARGO_BIN_EXE_cowshed")), args, HANG_GUARD)
 }
 
 /// Run a QEMU tool; it must succeed.
 fn qemu_ok(tool: &str, args: &[&OsStr]) -> String {
-    let r = run_with_timeout(os(tool), args, Duration::from_secs(60));
+    let r = run_with_timeout(os(tool), args, HANG_GUARD);
     assert_eq!(
         r.code,
         Some(0),
@@ -183,7 +183,7 @@ fn qemu_ok(tool: &str, args: &[&OsStr]) -> String {
 
 /// Run a QEMU tool that must refuse its input (exit non-zero).
 fn qemu_refuses(tool: &str, args: &[&OsStr]) {
-    let r = run_with_timeout(os(tool), args, Duration::from_secs(60));
+    let r = run_with_timeout(os(tool), args, HANG_GUARD);
     assert!(
         r.code.is_some_and(|c| c != 0),
         "{tool} {args:?} accepted the file (exit {:?}); the test's corruption is not what it thinks:\n{}",
@@ -839,10 +839,8 @@ fn cyclic_chain() {
     // Plain info does not open the backing file.
     cli_ok(&[os("info"), os(&a)]);
     let a2 = a.clone();
-    let r = with_timeout(Duration::from_secs(10), move || {
-        Chain::open(&a2, None).map(|_| ())
-    })
-    .expect("Chain::open on a cycle");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&a2, None).map(|_| ()))
+        .expect("Chain::open on a cycle");
     lib_err("Chain::open", r, &a, needles);
     lib_err("info_chain", info_chain(&b, None), &b, needles);
     lib_convert_refuses(&a, &dst, needles);
@@ -859,10 +857,8 @@ fn image_that_backs_itself() {
         cli_refuses(&as_os(&cmd), &a, needles);
     }
     let a2 = a.clone();
-    let r = with_timeout(Duration::from_secs(10), move || {
-        Chain::open(&a2, None).map(|_| ())
-    })
-    .expect("Chain::open on a self-reference");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&a2, None).map(|_| ()))
+        .expect("Chain::open on a self-reference");
     lib_err("Chain::open", r, &a, needles);
 }
 
@@ -949,10 +945,8 @@ fn backing_chain_too_deep() {
     let top = tmp.path().join(name(0));
     let needles: &[&[&str]] = &[&["deep", "depth", "too many"]];
     let t2 = top.clone();
-    let r = with_timeout(Duration::from_secs(30), move || {
-        Chain::open(&t2, None).map(|_| ())
-    })
-    .expect("Chain::open on a deep chain");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&t2, None).map(|_| ()))
+        .expect("Chain::open on a deep chain");
     lib_err("Chain::open", r, &top, needles);
     cli_refuses(&[os("map"), os(&top)], &top, needles);
 }
@@ -987,7 +981,7 @@ fn non_utf8_directory() {
         );
 
         let ov2 = ov.clone();
-        let layers = with_timeout(Duration::from_secs(10), move || {
+        let layers = with_timeout(HANG_GUARD, move || {
             Chain::open(&ov2, None).map(|c| c.layers().len())
         })
         .unwrap_or_else(|e| panic!("Chain::open({}) {e}", ov.display()))
@@ -1012,9 +1006,7 @@ fn fifo_backing_does_not_hang() {
     create_overlay(&ov, "fifo", "raw", Some("1M"), true);
 
     let ov2 = ov.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
-        Chain::open(&ov2, None).map(|_| ())
-    });
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&ov2, None).map(|_| ()));
     if r.is_err() {
         // Unblock the stuck open so the thread can finish.
         let _ = OpenOptions::new().write(true).open(&fifo);
@@ -1025,7 +1017,7 @@ fn fifo_backing_does_not_hang() {
     let run = run_with_timeout(
         os(env!("CARGO_BIN_EXE_cowshed")),
         &[os("map"), os(&ov)],
-        Duration::from_secs(10),
+        HANG_GUARD,
     );
     assert_no_panic("cowshed map", &run);
     assert!(run.code.is_some_and(|c| c != 0));
@@ -1039,7 +1031,7 @@ fn probe_of_a_fifo_does_not_hang() {
     let fifo = tmp.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let f2 = fifo.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
+    let r = with_timeout(HANG_GUARD, move || {
         cowshed::engine::probe(&f2).map(|f| f.name())
     });
     if r.is_err() {
@@ -1052,14 +1044,14 @@ fn probe_of_a_fifo_does_not_hang() {
 /// The harness itself: a panic, a hang and a big allocation are all seen.
 #[test]
 fn harness_catches_panics_hangs_and_allocations() {
-    let e = with_timeout(Duration::from_secs(5), || -> () { panic!("boom") }).unwrap_err();
+    let e = with_timeout(HANG_GUARD, || -> () { panic!("boom") }).unwrap_err();
     assert!(e.contains("boom"), "{e}");
     let e = with_timeout(Duration::from_millis(100), || {
         std::thread::sleep(Duration::from_secs(2))
     })
     .unwrap_err();
     assert!(e.contains("did not finish"), "{e}");
-    let peak = with_timeout(Duration::from_secs(5), || {
+    let peak = with_timeout(HANG_GUARD, || {
         let mark = alloc_mark();
         let v = vec![1u8; 100 << 20];
         drop(std::hint::black_box(v));
@@ -1115,9 +1107,7 @@ fn external_data_file_fifo_does_not_hang() {
     nix::unistd::mkfifo(&data, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     qemu_ok("qemu-img", &[os("info"), os(&img)]);
     let img2 = img.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
-        info(&img2, None).map(|_| ())
-    });
+    let r = with_timeout(HANG_GUARD, move || info(&img2, None).map(|_| ()));
     if r.is_err() {
         let _ = OpenOptions::new().write(true).open(&data);
     }
@@ -1126,7 +1116,7 @@ fn external_data_file_fifo_does_not_hang() {
     let run = run_with_timeout(
         os(env!("CARGO_BIN_EXE_cowshed")),
         &[os("map"), os(&img)],
-        Duration::from_secs(10),
+        HANG_GUARD,
     );
     assert_no_panic("cowshed map", &run);
     assert!(
@@ -1294,7 +1284,7 @@ fn raw_backing_that_looks_like_qcow2_is_read_raw() {
 // allocates far more than the file.
 
 /// How long one case may take.
-const CASE_TIMEOUT: Duration = Duration::from_secs(10);
+const CASE_TIMEOUT: Duration = HANG_GUARD;
 /// Read the whole disk when it is at most this big; else only its data.
 const FULL_READ_LIMIT: u64 = 64 << 20;
 /// Read chunk: odd, so reads straddle cluster and extent boundaries.
@@ -1592,7 +1582,6 @@ fn fuzz(name: &str, cases: u32, build: impl FnOnce(&Path) -> PathBuf) {
             .collect();
         fs::write(&case_path, &bytes).unwrap();
         let p = case_path.clone();
-        let started = Instant::now();
         let o = with_timeout(CASE_TIMEOUT, move || exercise(&p))
             .map_err(|e| TestCaseError::fail(format!("{name}: {e} (mutations {muts:?})")))?;
         let budget = 64 * (bytes.len() as u64 + others) + (64 << 20);
@@ -1629,7 +1618,6 @@ fn fuzz(name: &str, cases: u32, build: impl FnOnce(&Path) -> PathBuf) {
             }));
         }
         MAX_PEAK.fetch_max(o.peak, Ordering::Relaxed);
-        prop_assert!(started.elapsed() < CASE_TIMEOUT);
         Ok(())
     });
     let kinds = kinds.into_inner().unwrap_or_default();
@@ -1840,7 +1828,7 @@ fn fuzz_against_qemu() {
                     os(&case_path),
                     os(&qraw),
                 ],
-                Duration::from_secs(60),
+                HANG_GUARD,
             );
             let (src, dst) = (case_path.clone(), craw.clone());
             let c = with_timeout(CASE_TIMEOUT, move || {

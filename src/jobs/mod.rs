@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 
-use crate::engine::{Cancel, Error, Progress};
+use crate::engine::{fault, Cancel, Error, Progress};
 
 pub type JobId = u64;
 
@@ -69,6 +69,8 @@ struct Pending {
     id: JobId,
     touches: Vec<PathBuf>,
     work: Work,
+    /// The submitter's fault plan (tests), in force while the job runs.
+    faults: fault::Inherited,
 }
 
 #[derive(Default)]
@@ -142,9 +144,12 @@ impl Jobs {
             created: None,
             progress: (0, 0),
         });
-        lock(&self.shared.queue)
-            .pending
-            .push_back(Pending { id, touches, work });
+        lock(&self.shared.queue).pending.push_back(Pending {
+            id,
+            touches,
+            work,
+            faults: fault::inherit(),
+        });
         self.shared.wake.notify_all();
         id
     }
@@ -232,6 +237,7 @@ fn worker(shared: &Shared) {
             progress: (0, 0),
         });
         let work = job.work;
+        let _faults = job.faults.enter();
         // A panicking operation fails its job, not the pool.
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&progress, &cancel)));

@@ -39,6 +39,7 @@ use super::l2::{
 use super::refcount::{encode_refcount, Refcounts};
 use crate::engine::chain::{classify_backing, BackingName};
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::{read_up_to, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::Chain;
@@ -337,6 +338,7 @@ impl Qcow2Writer {
         }
         // The block is on disk before the table points at it.
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.refblock.before_link");
         self.pwrite(
             &(at * self.cs).to_be_bytes(),
             self.h.refcount_table_offset + index * 8,
@@ -416,11 +418,13 @@ impl Qcow2Writer {
         let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.pwrite(&raw, table_off)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.reftable.before_switch");
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_off.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.pwrite(&fields, 48)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.reftable.switched");
         let old = (
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * cs,
@@ -582,6 +586,7 @@ impl Qcow2Writer {
         // Data and refcounts, then the new table, durable before the L1
         // points at it.
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l2_table.before_link");
         self.cache_table(new, &table)?;
         let new_entry = new | OFLAG_COPIED;
         self.pwrite(
@@ -612,18 +617,22 @@ impl Qcow2Writer {
     fn flush_metadata(&mut self) -> Result<()> {
         if !self.dirty_l2.is_empty() {
             self.file.sync_data().at(&self.path)?;
+            fault::point("writer.l2_batch.before");
             for off in std::mem::take(&mut self.dirty_l2) {
                 if let Some(table) = self.l2_cache.get(&off) {
                     let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
                     self.pwrite(&raw, off)?;
                 }
             }
+            fault::point("writer.l2_batch.after");
         }
         if !self.pending_release.is_empty() {
             self.file.sync_data().at(&self.path)?;
+            fault::point("writer.releases.before");
             for (off, len) in std::mem::take(&mut self.pending_release) {
                 self.release(off, len)?;
             }
+            fault::point("writer.releases.after");
         }
         Ok(())
     }
@@ -1166,6 +1175,7 @@ impl Qcow2Writer {
         }
         tmp.as_file().set_len(len).at(&self.path)?;
         tmp.as_file().sync_all().at(&self.path)?;
+        fault::point("writer.empty.before_rename");
         tmp.persist(&self.path)
             .map_err(|e| Error::io(&self.path, e.error))?;
         File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
@@ -1218,11 +1228,13 @@ impl Qcow2Writer {
         }
         self.pwrite(&table, new_off)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l1.before_switch");
         let mut fields = [0u8; 12];
         fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
         fields[4..].copy_from_slice(&new_off.to_be_bytes());
         self.pwrite(&fields, 36)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l1.switched");
         let (old_off, old_len) = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
         self.h.l1_size = entries as u32;
         self.h.l1_table_offset = new_off;

@@ -48,6 +48,7 @@ use std::path::Path;
 use super::{check, CheckReport, Checker, FIX_ERRORS, FIX_LEAKS};
 use crate::engine::chain::open_image;
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
@@ -153,6 +154,7 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         let old = c.report.clone();
         c.rebuild_refcount_structure()
             .map_err(|e| prefixed(path, "Check failed", e))?;
+        fault::point("check.repair.rebuilt");
         drop(c);
         // The header now points at the new structure: count again.
         let q = Qcow2Image::open(path, file.try_clone().at(path)?)?;
@@ -194,6 +196,7 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         }
         c.report.leaks += fresh_leaks;
         file.sync_data().at(path)?;
+        fault::point("check.repair.refcounts_fixed");
         c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
         c.report
     } else {
@@ -231,10 +234,12 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         }
         // Refcounts on disk before COPIED flags are made to agree with them.
         file.sync_data().at(path)?;
+        fault::point("check.repair.refcounts_fixed");
         c.check_oflag_copied(fix)?;
         c.report
     };
     drop(q);
+    fault::point("check.repair.copied_flags_fixed");
 
     // QEMU also clears the dirty bit whenever it closes the image, even
     // after a failed check; cowshed leaves it set then, so that the next
@@ -496,6 +501,7 @@ impl Checker<'_> {
         self.file.write_all_at(&raw, offset).at(self.path)?;
         // Everything the new header fields point at is on disk first.
         self.file.sync_data().at(self.path)?;
+        fault::point("check.rebuild.before_switch");
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&offset.to_be_bytes());
         fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
