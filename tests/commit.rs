@@ -313,7 +313,7 @@ fn refuses_while_qemu_holds_the_base_or_the_top() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while cowshed::engine::lock_state(&s.join(held)).unwrap()
             != cowshed::engine::LockState::Writer
         {

@@ -1,12 +1,17 @@
 //! convert -O raw behaviour beyond byte equality (which tests/oracle.rs
-//! checks): cancel leaves nothing behind, the source is never overwritten.
+//! checks): cancel, Ctrl-C and SIGKILL leave nothing behind, the source is
+//! never overwritten. Interruptions land at named fault points
+//! (src/engine/fault.rs), not after a delay.
+
+mod common;
 
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::fault::{self, HANG_GUARD};
+use cowshed::engine::fault::Plan;
 use cowshed::engine::{convert_to_raw, Cancel, ConvertOptions, Error, Progress};
 
 fn qemu_img(args: &[&str]) {
@@ -57,63 +62,89 @@ fn cancel_leaves_no_destination_and_no_temp_file() {
     let dst = dir.path().join("out.raw");
     let progress = Progress::new();
     let cancel = Cancel::new();
+    // Held after its second chunk while the cancel is requested: the
+    // reader sees it before reading a third.
+    let plan = Plan::new().pause_at("convert.raw.batch", 2);
     let result = std::thread::scope(|s| {
-        let h =
-            s.spawn(|| convert_to_raw(&src, &dst, &ConvertOptions::default(), &progress, &cancel));
-        // Cancel as soon as the first bytes moved.
-        while progress.snapshot().0 == 0 && !h.is_finished() {
-            std::thread::yield_now();
-        }
+        let h = s.spawn(|| {
+            let _faults = plan.enter();
+            convert_to_raw(&src, &dst, &ConvertOptions::default(), &progress, &cancel)
+        });
+        let paused = plan.wait_paused(HANG_GUARD);
         cancel.cancel();
-        h.join().unwrap()
+        plan.release();
+        let r = h.join().unwrap();
+        assert!(paused.is_some(), "never paused: {r:?}");
+        r
     });
     assert!(matches!(result, Err(Error::Cancelled)), "got {result:?}");
+    assert_eq!(plan.hits("convert.raw.batch"), 2);
+    assert_eq!(plan.hits("convert.before_rename"), 0);
     assert_eq!(names(dir.path()), vec!["src.qcow2".to_string()]);
 }
 
+/// Ctrl-C while the copy is held at its third chunk: the handler's cancel
+/// is seen (the trace shows it ran) before the copy goes on, so the exit is
+/// 130 with nothing left behind.
 #[test]
 fn sigint_leaves_no_destination_and_no_temp_file() {
     let dir = tempfile::tempdir().unwrap();
-    let src = data_image(dir.path(), 256);
-    let dst = dir.path().join("out.raw");
-    let child = Command::new(env!("CARGO_BIN_EXE_cowshed"))
-        .args(["convert", "-O", "raw"])
-        .arg(&src)
-        .arg(&dst)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Interrupt once the temporary file exists, i.e. mid-copy.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while names(dir.path()).len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
+    let d = dir.path().join("w");
+    fs::create_dir(&d).unwrap();
+    data_image(&d, 16);
+    let args = ["convert", "-O", "raw", "src.qcow2", "out.raw"];
+    let mut paused = fault::pause_at(&d, &args, "convert.raw.batch", 3);
+    nix::sys::signal::kill(paused.pid(), nix::sys::signal::Signal::SIGINT).unwrap();
+    paused.wait_for_trace("the Ctrl-C handler", |t| t.hits("cli.interrupted") == 1);
+    let (out, trace) = paused.release();
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {msg}");
+    assert!(msg.contains("cancelled"), "stderr: {msg}");
+    assert_eq!(trace.hits("convert.raw.batch"), 3);
+    assert_eq!(names(&d), vec!["src.qcow2".to_string()]);
+}
+
+/// SIGKILL at each chunk, before and after the rename: DST appears only
+/// once complete; a kill leaves at most the temporary file, under its
+/// telling name.
+#[test]
+fn sigkill_never_leaves_a_partial_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("w");
+    fs::create_dir(&d).unwrap();
+    data_image(&d, 4);
+    let args = ["convert", "-O", "raw", "src.qcow2", "out.raw"];
+    let trace = fault::trace(&d, &args);
+    fs::remove_file(d.join("out.raw")).unwrap();
+    for p in [
+        "convert.raw.batch",
+        "convert.before_rename",
+        "convert.renamed",
+    ] {
+        assert!(trace.hits(p) > 0, "never passed {p}: {:?}", trace.counts());
     }
-    let interrupted = names(dir.path()).len() == 2;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(interrupted, "the temporary file never appeared");
-    if out.status.code() == Some(130) {
-        assert_eq!(names(dir.path()), vec!["src.qcow2".to_string()]);
-        let msg = String::from_utf8_lossy(&out.stderr);
-        assert!(msg.contains("cancelled"), "stderr: {msg}");
-    } else {
-        // The copy won the race: then DST must be complete and no temp left.
-        assert!(out.status.success());
+    for (point, hit) in fault::choose(&trace, 4) {
+        fault::kill_at(&d, &args, &point, hit);
+        let complete = point == "convert.renamed";
+        if complete {
+            let cmp = Command::new("qemu-img")
+                .args(["compare", "src.qcow2", "out.raw"])
+                .current_dir(&d)
+                .output()
+                .unwrap();
+            assert!(cmp.status.success(), "killed at {point} #{hit}");
+            fs::remove_file(d.join("out.raw")).unwrap();
+        }
+        for n in names(&d) {
+            if n.starts_with(".out.raw.cowshed-tmp-") {
+                fs::remove_file(d.join(n)).unwrap();
+            }
+        }
         assert_eq!(
-            names(dir.path()),
-            vec!["out.raw".to_string(), "src.qcow2".to_string()]
+            names(&d),
+            vec!["src.qcow2".to_string()],
+            "killed at {point} #{hit}"
         );
-        let cmp = Command::new("qemu-img")
-            .arg("compare")
-            .arg(&src)
-            .arg(&dst)
-            .output()
-            .unwrap();
-        assert!(cmp.status.success());
     }
 }
 

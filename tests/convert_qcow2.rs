@@ -7,8 +7,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use common::fault::HANG_GUARD;
+use cowshed::engine::fault::Plan;
 
 use common::{dir_names, mixed_bytes, Failures, Work, KIB, MIB};
 use cowshed::engine::{convert, Cancel, ConvertOptions, CreateOptions, Error, Format, Progress};
@@ -270,7 +270,8 @@ fn backing_output_matches_qemu_img() {
 }
 
 /// A mostly empty 64 GiB disk: the empty ranges cost nothing (no batch is
-/// read for them) and the few bytes land where qemu-img puts them.
+/// read for them: the fault trace counts the batches read) and the few
+/// bytes land where qemu-img puts them.
 #[test]
 fn huge_sparse_source_is_quick() {
     let w = Work::new("convert-qcow2-sparse");
@@ -282,16 +283,21 @@ fn huge_sparse_source_is_quick() {
     drop(f);
     let mut fl = Failures::new(&w.case);
     for opts in [&["-o", "cluster_size=4k"][..], &["-c"][..]] {
-        let t0 = Instant::now();
-        if let Err(e) = convert_both(&w, opts, "big.raw", "ours.qcow2", "theirs.qcow2") {
-            fl.push(&format!("{opts:?}"), e);
-            continue;
-        }
-        let took = t0.elapsed();
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend(["big.raw", "ours.qcow2"]);
+        let trace = common::fault::trace(w.root(), &args);
+        let mut q = vec!["convert", "-q", "-O", "qcow2"];
+        q.extend_from_slice(opts);
+        q.extend(["big.raw", "theirs.qcow2"]);
+        w.qemu_img(&q);
+        // The two 1 MiB batches holding data (the last one's 70000 bytes
+        // may straddle two), none of the 65 534 empty ones.
+        let read = trace.hits("convert.qcow2.batch_read");
         fl.check(
-            took < Duration::from_secs(5),
-            &format!("{opts:?}: time"),
-            || format!("{took:?}"),
+            (2..=3).contains(&read),
+            &format!("{opts:?}: batches read"),
+            || format!("{read} batches read: {:?}", trace.counts()),
         );
         let cmp = w.run("qemu-img", &["compare", "big.raw", "ours.qcow2"]);
         fl.check(cmp.ok(), &format!("{opts:?}: compare"), || cmp.to_string());
@@ -529,24 +535,28 @@ fn cancel_and_failure_leave_nothing() {
         let progress = Progress::new();
         let cancel = Cancel::new();
         let opts = qcow2_options(compress);
-        let (result, latency) = std::thread::scope(|s| {
-            let h = s.spawn(|| convert(&src, &dst, &opts, &progress, &cancel));
-            while progress.snapshot().0 == 0 && !h.is_finished() {
-                std::thread::yield_now();
-            }
-            let t0 = Instant::now();
+        // Held after its second batch while the cancel is requested: the
+        // reader sees it before reading a third.
+        let plan = Plan::new().pause_at("convert.qcow2.batch_read", 2);
+        let result = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let _faults = plan.enter();
+                convert(&src, &dst, &opts, &progress, &cancel)
+            });
+            let paused = plan.wait_paused(HANG_GUARD);
             cancel.cancel();
+            plan.release();
             let r = h.join().unwrap();
-            (r, t0.elapsed())
+            assert!(paused.is_some(), "never paused: {r:?}");
+            r
         });
         assert!(
             matches!(result, Err(Error::Cancelled)),
             "-c {compress}: {result:?}"
         );
-        assert!(
-            latency < Duration::from_millis(500),
-            "cancel took {latency:?}"
-        );
+        assert_eq!(plan.hits("convert.qcow2.batch_read"), 2, "-c {compress}");
+        assert_eq!(plan.hits("convert.before_rename"), 0, "-c {compress}");
+        assert!(progress.snapshot().0 < 32 * MIB, "-c {compress}");
         assert_eq!(dir_names(w.root()), vec!["src.qcow2".to_string()]);
     }
     // A source that breaks half way: its second half lies past its end.
@@ -574,15 +584,13 @@ fn cancel_and_failure_leave_nothing() {
     }
 }
 
-/// SIGKILL `cowshed convert -O qcow2 -c` at random points: a destination
-/// never appears unless complete (then it is clean and equal to the source),
-/// and the source is untouched. CRASH_TRIALS=N runs N trials (default 60).
+/// SIGKILL `cowshed convert -O qcow2 -c` at its fault points (each batch
+/// read and written, the end of the pipeline, before and after the rename;
+/// see tests/crash.rs): a destination never appears unless complete (then
+/// it is clean and equal to the source), and the source is untouched.
 #[test]
 fn sigkill_never_leaves_a_partial_destination() {
-    let trials: u32 = std::env::var("CRASH_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+    use common::fault;
     let w = Work::new("convert-qcow2-crash");
     w.write_file("src.raw", &mixed_bytes(5, (4 * MIB) as usize));
     w.qemu_img(&[
@@ -606,39 +614,34 @@ fn sigkill_never_leaves_a_partial_destination() {
         "src.qcow2",
         "out.qcow2",
     ];
-    let t0 = Instant::now();
-    let r = w.cowshed(&args);
-    assert!(r.ok(), "{r}");
-    let span = t0.elapsed();
+    let trace = fault::trace(w.root(), &args);
     w.check_clean("out.qcow2").unwrap();
     std::fs::remove_file(w.path("out.qcow2")).unwrap();
+    for p in [
+        "convert.qcow2.batch_read",
+        "convert.qcow2.batch_written",
+        "convert.qcow2.finished",
+        "convert.before_rename",
+        "convert.renamed",
+    ] {
+        assert!(trace.hits(p) > 0, "never passed {p}: {:?}", trace.counts());
+    }
 
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let (mut interrupted, mut completed) = (0, 0);
-    for trial in 0..trials {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let delay = span.mul_f64((seed % 1000) as f64 / 1000.0);
-        let mut child = Command::new(common::COWSHED)
-            .args(args)
-            .current_dir(w.root())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        if child.try_wait().unwrap().is_none() {
-            interrupted += 1;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        if w.path("out.qcow2").exists() {
-            completed += 1;
+    let chosen = fault::choose(&trace, 4);
+    eprintln!("{} kills over {:?}", chosen.len(), trace.counts());
+    for (point, hit) in &chosen {
+        fault::kill_at(w.root(), &args, point, *hit);
+        let complete = point == "convert.renamed";
+        assert_eq!(
+            w.path("out.qcow2").exists(),
+            complete,
+            "killed at {point} #{hit}"
+        );
+        if complete {
             w.check_clean("out.qcow2")
-                .unwrap_or_else(|e| panic!("trial {trial} (killed after {delay:?}): {e}"));
+                .unwrap_or_else(|e| panic!("killed at {point} #{hit}: {e}"));
             let cmp = w.run("qemu-img", &["compare", "src.qcow2", "out.qcow2"]);
-            assert!(cmp.ok(), "trial {trial}: {cmp}");
+            assert!(cmp.ok(), "killed at {point} #{hit}: {cmp}");
             std::fs::remove_file(w.path("out.qcow2")).unwrap();
         }
         // What a SIGKILL leaves is a temporary file, never the destination.
@@ -647,13 +650,10 @@ fn sigkill_never_leaves_a_partial_destination() {
                 std::fs::remove_file(w.path(&n)).unwrap();
             }
         }
+        assert_eq!(dir_names(w.root()), ["src.qcow2", "src.raw"]);
     }
     assert_eq!(w.read_file("src.qcow2"), before, "the source changed");
     w.check_clean("src.qcow2").unwrap();
-    assert!(
-        interrupted >= trials / 2,
-        "only {interrupted} of {trials} kills landed mid-convert ({completed} completed; convert took {span:?})"
-    );
 }
 
 /// A destination file system too small for the output: refused before a

@@ -2,6 +2,8 @@
 //! of options, `qemu-img check` clean, and QEMU can write into the result
 //! and read the backing through it.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -315,4 +317,28 @@ fn raw_images_have_the_size_and_read_as_zeros() {
         ),
         "compare",
     );
+}
+
+/// SIGKILL just before the new image is linked into place: no image at
+/// the name (at most the flushed temporary file, under its telling name),
+/// so a later create of the same name still works.
+#[test]
+fn sigkill_before_the_link_leaves_no_image() {
+    use common::fault;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("w");
+    fs::create_dir(&d).unwrap();
+    let args = ["create", "-q", "-f", "qcow2", "new.qcow2", "1G"];
+    let trace = fault::trace(&d, &args);
+    assert_eq!(trace.counts(), [("create.before_link".to_string(), 1)]);
+    fs::remove_file(d.join("new.qcow2")).unwrap();
+    fault::kill_at(&d, &args, "create.before_link", 1);
+    let left = common::dir_names(&d);
+    assert!(
+        left.len() == 1 && left[0].starts_with(".cowshed-create-"),
+        "{left:?}"
+    );
+    let out = cowshed(&args, &d);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(common::run::check_code(&d, "new.qcow2"), 0);
 }

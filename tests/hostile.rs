@@ -29,6 +29,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tempfile::TempDir;
 
+/// How long anything here may run before it counts as a hang: a guard
+/// against hangs only, generous so that a busy machine never trips it.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
 // ---------------------------------------------------------------------------
 // A counting allocator: live bytes and their peak, per thread. The engine is
 // synchronous, so an operation run on one thread is measured exactly, and
@@ -161,16 +165,12 @@ fn run_with_timeout(prog: &OsStr, args: &[&OsStr], timeout: Duration) -> Run {
 }
 
 fn cowshed(args: &[&OsStr]) -> Run {
-    run_with_timeout(
-        os(env!("CARGO_BIN_EXE_cowshed")),
-        args,
-        Duration::from_secs(60),
-    )
+    run_with_timeout(os(env!("CARGO_BIN_EXE_cowshed")), args, HANG_GUARD)
 }
 
 /// Run a QEMU tool; it must succeed.
 fn qemu_ok(tool: &str, args: &[&OsStr]) -> String {
-    let r = run_with_timeout(os(tool), args, Duration::from_secs(60));
+    let r = run_with_timeout(os(tool), args, HANG_GUARD);
     assert_eq!(
         r.code,
         Some(0),
@@ -183,7 +183,7 @@ fn qemu_ok(tool: &str, args: &[&OsStr]) -> String {
 
 /// Run a QEMU tool that must refuse its input (exit non-zero).
 fn qemu_refuses(tool: &str, args: &[&OsStr]) {
-    let r = run_with_timeout(os(tool), args, Duration::from_secs(60));
+    let r = run_with_timeout(os(tool), args, HANG_GUARD);
     assert!(
         r.code.is_some_and(|c| c != 0),
         "{tool} {args:?} accepted the file (exit {:?}); the test's corruption is not what it thinks:\n{}",
@@ -839,10 +839,8 @@ fn cyclic_chain() {
     // Plain info does not open the backing file.
     cli_ok(&[os("info"), os(&a)]);
     let a2 = a.clone();
-    let r = with_timeout(Duration::from_secs(10), move || {
-        Chain::open(&a2, None).map(|_| ())
-    })
-    .expect("Chain::open on a cycle");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&a2, None).map(|_| ()))
+        .expect("Chain::open on a cycle");
     lib_err("Chain::open", r, &a, needles);
     lib_err("info_chain", info_chain(&b, None), &b, needles);
     lib_convert_refuses(&a, &dst, needles);
@@ -859,10 +857,8 @@ fn image_that_backs_itself() {
         cli_refuses(&as_os(&cmd), &a, needles);
     }
     let a2 = a.clone();
-    let r = with_timeout(Duration::from_secs(10), move || {
-        Chain::open(&a2, None).map(|_| ())
-    })
-    .expect("Chain::open on a self-reference");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&a2, None).map(|_| ()))
+        .expect("Chain::open on a self-reference");
     lib_err("Chain::open", r, &a, needles);
 }
 
@@ -949,10 +945,8 @@ fn backing_chain_too_deep() {
     let top = tmp.path().join(name(0));
     let needles: &[&[&str]] = &[&["deep", "depth", "too many"]];
     let t2 = top.clone();
-    let r = with_timeout(Duration::from_secs(30), move || {
-        Chain::open(&t2, None).map(|_| ())
-    })
-    .expect("Chain::open on a deep chain");
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&t2, None).map(|_| ()))
+        .expect("Chain::open on a deep chain");
     lib_err("Chain::open", r, &top, needles);
     cli_refuses(&[os("map"), os(&top)], &top, needles);
 }
@@ -987,7 +981,7 @@ fn non_utf8_directory() {
         );
 
         let ov2 = ov.clone();
-        let layers = with_timeout(Duration::from_secs(10), move || {
+        let layers = with_timeout(HANG_GUARD, move || {
             Chain::open(&ov2, None).map(|c| c.layers().len())
         })
         .unwrap_or_else(|e| panic!("Chain::open({}) {e}", ov.display()))
@@ -1012,9 +1006,7 @@ fn fifo_backing_does_not_hang() {
     create_overlay(&ov, "fifo", "raw", Some("1M"), true);
 
     let ov2 = ov.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
-        Chain::open(&ov2, None).map(|_| ())
-    });
+    let r = with_timeout(HANG_GUARD, move || Chain::open(&ov2, None).map(|_| ()));
     if r.is_err() {
         // Unblock the stuck open so the thread can finish.
         let _ = OpenOptions::new().write(true).open(&fifo);
@@ -1025,7 +1017,7 @@ fn fifo_backing_does_not_hang() {
     let run = run_with_timeout(
         os(env!("CARGO_BIN_EXE_cowshed")),
         &[os("map"), os(&ov)],
-        Duration::from_secs(10),
+        HANG_GUARD,
     );
     assert_no_panic("cowshed map", &run);
     assert!(run.code.is_some_and(|c| c != 0));
@@ -1039,7 +1031,7 @@ fn probe_of_a_fifo_does_not_hang() {
     let fifo = tmp.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let f2 = fifo.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
+    let r = with_timeout(HANG_GUARD, move || {
         cowshed::engine::probe(&f2).map(|f| f.name())
     });
     if r.is_err() {
@@ -1052,14 +1044,14 @@ fn probe_of_a_fifo_does_not_hang() {
 /// The harness itself: a panic, a hang and a big allocation are all seen.
 #[test]
 fn harness_catches_panics_hangs_and_allocations() {
-    let e = with_timeout(Duration::from_secs(5), || -> () { panic!("boom") }).unwrap_err();
+    let e = with_timeout(HANG_GUARD, || -> () { panic!("boom") }).unwrap_err();
     assert!(e.contains("boom"), "{e}");
     let e = with_timeout(Duration::from_millis(100), || {
         std::thread::sleep(Duration::from_secs(2))
     })
     .unwrap_err();
     assert!(e.contains("did not finish"), "{e}");
-    let peak = with_timeout(Duration::from_secs(5), || {
+    let peak = with_timeout(HANG_GUARD, || {
         let mark = alloc_mark();
         let v = vec![1u8; 100 << 20];
         drop(std::hint::black_box(v));
@@ -1115,9 +1107,7 @@ fn external_data_file_fifo_does_not_hang() {
     nix::unistd::mkfifo(&data, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     qemu_ok("qemu-img", &[os("info"), os(&img)]);
     let img2 = img.clone();
-    let r = with_timeout(Duration::from_secs(5), move || {
-        info(&img2, None).map(|_| ())
-    });
+    let r = with_timeout(HANG_GUARD, move || info(&img2, None).map(|_| ()));
     if r.is_err() {
         let _ = OpenOptions::new().write(true).open(&data);
     }
@@ -1126,7 +1116,7 @@ fn external_data_file_fifo_does_not_hang() {
     let run = run_with_timeout(
         os(env!("CARGO_BIN_EXE_cowshed")),
         &[os("map"), os(&img)],
-        Duration::from_secs(10),
+        HANG_GUARD,
     );
     assert_no_panic("cowshed map", &run);
     assert!(
@@ -1294,7 +1284,7 @@ fn raw_backing_that_looks_like_qcow2_is_read_raw() {
 // allocates far more than the file.
 
 /// How long one case may take.
-const CASE_TIMEOUT: Duration = Duration::from_secs(10);
+const CASE_TIMEOUT: Duration = HANG_GUARD;
 /// Read the whole disk when it is at most this big; else only its data.
 const FULL_READ_LIMIT: u64 = 64 << 20;
 /// Read chunk: odd, so reads straddle cluster and extent boundaries.
@@ -1592,7 +1582,6 @@ fn fuzz(name: &str, cases: u32, build: impl FnOnce(&Path) -> PathBuf) {
             .collect();
         fs::write(&case_path, &bytes).unwrap();
         let p = case_path.clone();
-        let started = Instant::now();
         let o = with_timeout(CASE_TIMEOUT, move || exercise(&p))
             .map_err(|e| TestCaseError::fail(format!("{name}: {e} (mutations {muts:?})")))?;
         let budget = 64 * (bytes.len() as u64 + others) + (64 << 20);
@@ -1629,7 +1618,6 @@ fn fuzz(name: &str, cases: u32, build: impl FnOnce(&Path) -> PathBuf) {
             }));
         }
         MAX_PEAK.fetch_max(o.peak, Ordering::Relaxed);
-        prop_assert!(started.elapsed() < CASE_TIMEOUT);
         Ok(())
     });
     let kinds = kinds.into_inner().unwrap_or_default();
@@ -1840,7 +1828,7 @@ fn fuzz_against_qemu() {
                     os(&case_path),
                     os(&qraw),
                 ],
-                Duration::from_secs(60),
+                HANG_GUARD,
             );
             let (src, dst) = (case_path.clone(), craw.clone());
             let c = with_timeout(CASE_TIMEOUT, move || {
@@ -1878,4 +1866,298 @@ fn fuzz_against_qemu() {
             panic!("{kind}: {e}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// `check -r all` stays bounded on hostile images: memory by the clusters the
+// file holds, the file by what the repaired metadata needs, never by an
+// offset read from the file.
+
+/// A small image as qemu-img and qemu-io make it (512-byte clusters, 1 MiB
+/// disk, 8 KiB of data: about 11 KiB of file), and its pristine copy.
+fn small_repair_image(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let pristine = dir.join(format!("{name}.orig"));
+    qemu_ok(
+        "qemu-img",
+        &[
+            os("create"),
+            os("-q"),
+            os("-f"),
+            os("qcow2"),
+            os("-o"),
+            os("cluster_size=512"),
+            pristine.as_os_str(),
+            os("1M"),
+        ],
+    );
+    qemu_ok(
+        "qemu-io",
+        &[
+            os("-f"),
+            os("qcow2"),
+            os("-c"),
+            os("write -P 0x5a 0 8k"),
+            os("-c"),
+            os("write -P 0x3c 600k 3k"),
+            pristine.as_os_str(),
+        ],
+    );
+    (copy_to(&pristine, dir, name), pristine)
+}
+
+struct Repaired {
+    code: Result<i32, String>,
+    /// Peak live bytes allocated by the repair.
+    peak: usize,
+    len_before: u64,
+    len_after: u64,
+}
+
+fn repair_measured(path: &Path) -> Repaired {
+    let len_before = fs::metadata(path).expect("stat").len();
+    let p = path.to_path_buf();
+    let (code, peak) = with_timeout(Duration::from_secs(120), move || {
+        let mark = alloc_mark();
+        let r = cowshed::engine::check_repair_all(&p, None);
+        (
+            r.map(|r| r.exit_code()).map_err(|e| e.to_string()),
+            alloc_peak_since(mark),
+        )
+    })
+    .expect("repair finishes");
+    Repaired {
+        code,
+        peak,
+        len_before,
+        len_after: fs::metadata(path).expect("stat").len(),
+    }
+}
+
+/// What qemu-img check -r all leaves: (exit code, file length).
+fn qemu_repair(path: &Path) -> (Option<i32>, u64) {
+    let r = run_with_timeout(
+        os("qemu-img"),
+        &[os("check"), os("-r"), os("all"), path.as_os_str()],
+        Duration::from_secs(120),
+    );
+    (r.code, fs::metadata(path).expect("stat").len())
+}
+
+fn qemu_check_code(path: &Path) -> Option<i32> {
+    run_with_timeout(
+        os("qemu-img"),
+        &[os("check"), path.as_os_str()],
+        Duration::from_secs(60),
+    )
+    .code
+}
+
+fn same_guest_content(a: &Path, b: &Path) -> bool {
+    run_with_timeout(
+        os("qemu-img"),
+        &[os("compare"), os("-q"), a.as_os_str(), b.as_os_str()],
+        Duration::from_secs(60),
+    )
+    .code
+        == Some(0)
+}
+
+/// Memory a repair of a ~11 KiB image may take: its tables, a few
+/// clusters, the report; before the fix a far refblock offset cost 1.6 GB.
+const SMALL_REPAIR_PEAK: usize = 2 << 20;
+
+/// Issue #9 §4 (a), (c): a refcount-table entry far past the end of the
+/// file. QEMU grows the file to that offset after sizing its in-memory
+/// table by it: at 200 GiB it takes 0.8 GB and leaves a 200 GiB file; at
+/// 1 TiB 4.2 GB, a 1 TiB file and exit 1 (measured with qemu-img 10.0.2,
+/// not run here for that reason). Only past what a file can be does its
+/// resize fail and it repairs in place: there both must agree. cowshed
+/// rebuilds the refcount structure for the clusters the file holds: a
+/// small allocation, a file of the same size, a correct repair.
+#[test]
+fn repair_of_refblock_entry_far_past_eof_is_bounded() {
+    let dir = TempDir::new().expect("tempdir");
+    for (case, offset) in [
+        ("200gib", 200u64 << 30),
+        ("1tib", 1u64 << 40),
+        ("beyond-any-file", 0x00ff_ffff_ffff_fe00),
+    ] {
+        let (img, pristine) = small_repair_image(dir.path(), &format!("{case}.qcow2"));
+        let l = Qcow2Layout::read(&img);
+        assert_eq!(l.refblocks.len(), 1, "{case}: one refblock expected");
+        // The second reftable entry, unused by the image.
+        write_at(&img, l.reftable_offset + 8, &offset.to_be_bytes());
+        let q = copy_to(&img, dir.path(), &format!("q-{case}.qcow2"));
+        let r = repair_measured(&img);
+        assert!(
+            r.peak <= SMALL_REPAIR_PEAK,
+            "{case}: the repair allocated {} bytes at peak",
+            r.peak
+        );
+        assert!(
+            r.len_after <= r.len_before + 8 * l.cluster_size(),
+            "{case}: the file grew from {} to {} bytes",
+            r.len_before,
+            r.len_after
+        );
+        assert_eq!(r.code, Ok(0), "{case}: repaired and clean");
+        assert_eq!(
+            qemu_check_code(&img),
+            Some(0),
+            "{case}: qemu-img check after"
+        );
+        assert!(same_guest_content(&img, &pristine), "{case}: guest content");
+        if case == "beyond-any-file" {
+            let (code, len) = qemu_repair(&q);
+            assert_eq!(code, Some(0), "{case}: qemu-img repairs it too");
+            assert!(
+                len <= r.len_before + 8 * l.cluster_size(),
+                "{case}: qemu-img could not grow it to the offset either"
+            );
+            assert!(
+                same_guest_content(&q, &img),
+                "{case}: same repair as qemu-img"
+            );
+        }
+    }
+}
+
+/// Issue #9 §4 (b), (c): the only refblock said to lie past the end of the
+/// file, so every cluster's refcount reads 0 and the whole structure is
+/// rebuilt. At an offset QEMU can handle (64 MiB), QEMU grows the file to
+/// it and rebuilds: both repairs read the same, both check clean, and
+/// cowshed's file stays small; at 1 TiB QEMU's in-memory table alone takes
+/// gigabytes, cowshed's repair takes what the 11 KiB file needs.
+#[test]
+fn rebuild_of_refcounts_with_far_refblock_is_bounded() {
+    let dir = TempDir::new().expect("tempdir");
+    for (case, offset, compare_with_qemu) in
+        [("64mib", 64u64 << 20, true), ("1tib", 1u64 << 40, false)]
+    {
+        let (img, pristine) = small_repair_image(dir.path(), &format!("rb-{case}.qcow2"));
+        let l = Qcow2Layout::read(&img);
+        write_at(&img, l.reftable_offset, &offset.to_be_bytes());
+        let q = copy_to(&img, dir.path(), &format!("q-rb-{case}.qcow2"));
+        let r = repair_measured(&img);
+        assert!(
+            r.peak <= SMALL_REPAIR_PEAK,
+            "{case}: the rebuild allocated {} bytes at peak",
+            r.peak
+        );
+        assert!(
+            r.len_after <= r.len_before + 8 * l.cluster_size(),
+            "{case}: the file grew from {} to {} bytes",
+            r.len_before,
+            r.len_after
+        );
+        assert_eq!(r.code, Ok(0), "{case}: rebuilt and clean");
+        assert_eq!(
+            qemu_check_code(&img),
+            Some(0),
+            "{case}: qemu-img check after"
+        );
+        assert!(same_guest_content(&img, &pristine), "{case}: guest content");
+        if compare_with_qemu {
+            let (code, len) = qemu_repair(&q);
+            assert_eq!(code, Some(0), "{case}: qemu-img repairs it too");
+            assert!(
+                len > offset,
+                "{case}: qemu-img grows the file to the refblock"
+            );
+            assert!(
+                same_guest_content(&q, &img),
+                "{case}: same repair as qemu-img"
+            );
+        }
+    }
+}
+
+/// A safe rebase of an image whose refcounts call one of its own data
+/// clusters free (corrupt, yet every read works): qemu-img rebase allocates
+/// that cluster for the data it copies in, overwrites the guest's data and
+/// exits 0 with the guest view changed. cowshed refuses before writing
+/// (exit 1, file byte-identical), pointing at `cowshed check`.
+#[test]
+fn safe_rebase_refuses_an_image_whose_live_cluster_is_counted_free() {
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let f = |n: &str| d.join(n);
+    let create = |name: &str, backing: Option<&str>| {
+        let mut args = vec![os("create"), os("-q"), os("-f"), os("qcow2")];
+        if let Some(b) = backing {
+            args.extend([os("-b"), os(b), os("-F"), os("qcow2")]);
+        }
+        let p = f(name);
+        args.push(p.as_os_str());
+        args.push(os("4M"));
+        qemu_ok("qemu-img", &args);
+    };
+    let write = |name: &str, cmd: &str| {
+        let p = f(name);
+        qemu_ok(
+            "qemu-io",
+            &[os("-f"), os("qcow2"), os("-c"), os(cmd), p.as_os_str()],
+        );
+    };
+    create("base", None);
+    write("base", "write -P 0x71 0 2M");
+    create("mid", Some("base"));
+    write("mid", "write -P 0x61 1M 2M");
+    create("top", Some("mid"));
+    write("top", "write -P 0x51 0 64k");
+    let top = f("top");
+    let l = Qcow2Layout::read(&top);
+    let d0 = fs::read(&top).expect("read");
+    let data = be64(&d0, l.l2_tables[0] as usize) & OFFSET_MASK;
+    // 16-bit refcounts: the data cluster's becomes 0.
+    let at = l.refblocks[0] + 2 * (data / l.cluster_size());
+    write_at(&top, at, &[0, 0]);
+    let raw = |p: &Path, out: &str| -> Vec<u8> {
+        let o = f(out);
+        qemu_ok(
+            "qemu-img",
+            &[
+                os("convert"),
+                os("-O"),
+                os("raw"),
+                p.as_os_str(),
+                o.as_os_str(),
+            ],
+        );
+        fs::read(&o).expect("read raw")
+    };
+    let before = raw(&top, "before.raw");
+
+    let q = copy_to(&top, d, "q-top");
+    qemu_ok(
+        "qemu-img",
+        &[
+            os("rebase"),
+            os("-b"),
+            os("base"),
+            os("-F"),
+            os("qcow2"),
+            q.as_os_str(),
+        ],
+    );
+    assert!(
+        raw(&q, "q-after.raw") != before,
+        "qemu-img rebase no longer changes this image's view: the case is not what it says"
+    );
+
+    let bytes = fs::read(&top).expect("read");
+    let r = cowshed(&[
+        os("rebase"),
+        os("-b"),
+        os("base"),
+        os("-F"),
+        os("qcow2"),
+        top.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(1), "cowshed rebase: {}", r.stderr);
+    assert!(r.stderr.contains("cowshed check"), "{}", r.stderr);
+    assert!(
+        fs::read(&top).expect("read") == bytes,
+        "the refused image changed"
+    );
 }

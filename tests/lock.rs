@@ -32,7 +32,7 @@ fn hold(path: &Path, read_only: bool) -> Child {
 }
 
 fn wait_for(path: &Path, want: LockState) -> LockState {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = lock_state(path).expect("lock state");
         if got == want || Instant::now() > deadline {

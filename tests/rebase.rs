@@ -584,8 +584,8 @@ fn the_new_header_must_fit_in_the_first_cluster() {
 
 #[test]
 fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
+    use cowshed::engine::fault::Plan;
     use cowshed::engine::{rebase, Cancel, Error, Format, Progress, RebaseOptions};
-    use std::time::{Duration, Instant};
     let w = Work::new("cancel");
     w.create("A.qcow2", "qcow2", "", None, 64 * MIB);
     w.io("qcow2", "A.qcow2", &["write -P 0x0a 0 64M".into()]);
@@ -607,26 +607,31 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
             backing_format: Some(Format::Qcow2),
             unsafe_header_only: false,
         };
-        let (result, latency) = std::thread::scope(|s| {
-            let h = s.spawn(|| rebase(&w.path("top.qcow2"), &opts, &progress, &cancel));
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while progress.snapshot().0 < 4 * MIB && !h.is_finished() && Instant::now() < deadline {
-                std::thread::yield_now();
-            }
-            let t = Instant::now();
+        // Held after the differences of its second chunk are written,
+        // while the cancel is requested.
+        let plan = Plan::new().pause_at("rebase.copied", 2);
+        let result = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let _faults = plan.enter();
+                rebase(&w.path("top.qcow2"), &opts, &progress, &cancel)
+            });
+            let paused = plan.wait_paused(common::fault::HANG_GUARD);
             cancel.cancel();
+            plan.release();
             let r = h.join().unwrap();
-            (r, t.elapsed())
+            assert!(paused.is_some(), "{label}: never paused: {r:?}");
+            r
         });
-        eprintln!("{label}: cancel seen after {latency:?}");
         assert!(
             matches!(result, Err(Error::Cancelled)),
             "{label}: {result:?}"
         );
-        assert!(
-            latency < Duration::from_millis(500),
-            "{label}: cancel took {latency:?}"
-        );
+        // Seen before the next chunk is walked; chunks the reader thread
+        // compared meanwhile are still written (three buffers: at most
+        // three more).
+        let copied = plan.hits("rebase.copied");
+        assert!((2..=5).contains(&copied), "{label}: {copied} chunks copied");
+        assert_eq!(plan.hits("rebase.before_header_switch"), 0, "{label}");
         assert_eq!(w.check_code("top.qcow2"), 0, "{label}");
         w.same_view("top.qcow2", "orig.qcow2").unwrap();
         let info: Value = w.info_json("top.qcow2");

@@ -25,7 +25,8 @@ use tempfile::TempDir;
 
 const W: u16 = 110;
 const H: u16 = 30;
-const SETTLE: Duration = Duration::from_secs(30);
+/// A hang guard for what the UI waits on (a job, an event, a lock).
+const SETTLE: Duration = Duration::from_secs(60);
 
 fn run(cmd: &str, args: &[&str], dir: &Path) {
     let out = Command::new(cmd)
@@ -497,14 +498,20 @@ fn a_growing_overlay_shows_its_rate_and_new_size() {
         .join("web-2-1.qcow2")
         .canonicalize()
         .expect("canonical");
-    // A guest writing: 4 MiB in a few steps.
+    let allocated = |app: &App| {
+        let id = app.forest.get(&key).expect("still there");
+        app.forest.nodes[id].record.sizes.allocated
+    };
+    // A guest writing: 4 MiB in steps, each seen by the live watcher
+    // before the next (the rate needs sizes sampled apart).
     for i in 0..4 {
+        let before = allocated(&j.app);
         run(
             "qemu-io",
             &["-c", &format!("write -P 7 {}M 1M", 8 + i), "web-2-1.qcow2"],
             dir.path(),
         );
-        std::thread::sleep(Duration::from_millis(150));
+        j.pump_until(&format!("step {i} seen"), |app| allocated(app) > before);
     }
     j.pump_until("a growth rate", |app| {
         app.growth.get(&key).is_some_and(|g| g.rate > 0.0)
@@ -861,23 +868,33 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
         ],
         d,
     );
-    // 128 MiB of data: far more than the engine copies between two checks
-    // of its cancel flag (1 MiB).
-    run("qemu-io", &["-c", "write -P 9 4M 128M", "big.qcow2"], d);
+    // 16 MiB of data: the job is held after its 8th MiB (a fault point)
+    // while the test looks at it and cancels.
+    run("qemu-io", &["-c", "write -P 9 4M 16M", "big.qcow2"], d);
     let scratch = tempfile::tempdir().expect("tempdir");
     let before = raw_view(&d.join("big.qcow2"), scratch.path());
     let mut j = Journey::start(d);
     j.select("big.qcow2");
     j.key(KeyCode::Char('m'));
     assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
+    // The job submitted from this thread carries the plan.
+    let plan = cowshed::engine::fault::Plan::new().pause_at("commit.copied", 8);
+    let faults = plan.enter();
     // No other overlay: `y` confirms.
     j.press(KeyCode::Char('y'));
+    drop(faults);
     assert_eq!(j.app.jobs.len(), 1);
+    assert!(
+        plan.wait_paused(SETTLE).is_some(),
+        "the commit never reached its 8th chunk"
+    );
     j.pump_until("the job to run", |app| {
         app.jobs[0].state != cowshed::jobs::JobState::Queued
     });
     assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Running);
-    // Ticks while it copies: the pane shows a bar, percent, rate and ETA.
+    // Ticks while it is held mid-copy: once the rate is measurable (the
+    // UI waits 50 ms of running for that) the pane shows a bar, percent,
+    // rate and ETA.
     let deadline = std::time::Instant::now() + SETTLE;
     while j.app.jobs[0].rate == 0.0 {
         assert!(std::time::Instant::now() < deadline, "no progress seen");
@@ -897,7 +914,9 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
     assert!(row.contains("job: commit"), "{row}");
     // No job selected: x takes the newest unfinished one.
     j.press(KeyCode::Char('x'));
+    plan.release();
     j.run_jobs();
+    assert_eq!(plan.hits("commit.copied"), 8, "copied on after the cancel");
     assert_eq!(
         j.app.jobs[0].state,
         cowshed::jobs::JobState::Cancelled,

@@ -350,7 +350,7 @@ fn refuses_images_held_by_qemu_and_leaves_them_untouched() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while cowshed::engine::lock_state(&d.join("img.qcow2")).unwrap()
         == cowshed::engine::LockState::None
     {

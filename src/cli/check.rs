@@ -27,7 +27,11 @@ pub struct CheckArgs {
     /// refcount structure, as `qemu-img check -r all` does. Beyond qemu-img,
     /// on purpose: `leaks` writes nothing (exit 1) on an image with
     /// corruptions, since a "leaked" cluster may then be the one a corrupt
-    /// entry was meant to point at.
+    /// entry was meant to point at; and `all` treats a refcount block said
+    /// to lie past the end of the file as a broken structure, rebuilt for
+    /// the clusters the file holds, never by growing the file to that
+    /// offset (where qemu-img turns a hostile 13 KB image into a 210 GB
+    /// file and takes gigabytes of memory).
     #[arg(short = 'r', value_parser = ["leaks", "all"])]
     repair: Option<String>,
     file: PathBuf,

@@ -11,7 +11,12 @@ use crate::engine::{Cancel, Progress};
 /// Ctrl-C sets `cancel`; the engine stops within a chunk and cleans up.
 fn install_ctrlc(cancel: &Cancel) -> color_eyre::Result<()> {
     let c = cancel.clone();
-    ctrlc::set_handler(move || c.cancel()).map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))
+    ctrlc::set_handler(move || {
+        c.cancel();
+        // Tests wait for this before letting a paused operation go on.
+        crate::engine::fault::point("cli.interrupted");
+    })
+    .map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))
 }
 
 /// Print `(NN.NN/100%) RATE/s` like qemu-img -p, on stderr: rewritten

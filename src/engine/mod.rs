@@ -3,6 +3,7 @@
 
 pub mod chain;
 pub mod error;
+pub mod fault;
 pub mod format;
 pub mod holders;
 pub mod layer;

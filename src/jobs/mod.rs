@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 
-use crate::engine::{Cancel, Error, Progress};
+use crate::engine::{fault, Cancel, Error, Progress};
 
 pub type JobId = u64;
 
@@ -90,6 +90,8 @@ struct Pending {
     id: JobId,
     touches: Vec<PathBuf>,
     work: Work,
+    /// The submitter's fault plan (tests), in force while the job runs.
+    faults: fault::Inherited,
 }
 
 #[derive(Default)]
@@ -163,9 +165,12 @@ impl Jobs {
             created: None,
             progress: JobProgress::default(),
         });
-        lock(&self.shared.queue)
-            .pending
-            .push_back(Pending { id, touches, work });
+        lock(&self.shared.queue).pending.push_back(Pending {
+            id,
+            touches,
+            work,
+            faults: fault::inherit(),
+        });
         self.shared.wake.notify_all();
         id
     }
@@ -255,6 +260,7 @@ fn worker(shared: &Shared) {
             progress: JobProgress::default(),
         });
         let work = job.work;
+        let _faults = job.faults.enter();
         // A panicking operation fails its job, not the pool.
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&progress, &cancel)));

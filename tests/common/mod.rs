@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
 pub mod run;
 pub mod small_fs;
 
@@ -519,7 +520,7 @@ impl Work {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("[{}] cannot spawn qemu-io: {e}", self.case));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::time::Instant::now() < deadline {
             // Asked without taking a lock (a probe that locks, like
             // `qemu-img info`, could make qemu-io fail to start).

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
@@ -169,10 +170,13 @@ pub fn commit(
         cancel,
     )?;
     target.flush()?;
+    fault::point("commit.base_flushed");
     drop(target);
     if !keep_top {
         cancel.check()?;
+        fault::point("commit.before_empty");
         top_writer.make_empty()?;
+        fault::point("commit.emptied");
     }
     Ok(base_path)
 }
@@ -280,6 +284,7 @@ fn copy_into(
             } else {
                 target.write_zeroes(pos, st.length)?;
             }
+            fault::point("commit.copied");
         }
         pos += st.length;
         progress.advance(st.length);

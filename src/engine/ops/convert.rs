@@ -16,6 +16,7 @@ use tempfile::NamedTempFile;
 
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::ops::create::CreateOptions;
 use crate::engine::preflight::{self, DestinationClaim, ReplaceOptions};
@@ -137,6 +138,7 @@ impl TempOutput {
         if cache == CacheMode::Writeback {
             self.tmp.as_file().sync_data().at(&self.dst)?;
         }
+        fault::point("convert.before_rename");
         let TempOutput { tmp, dir, dst } = self;
         if opts.replace.is_some() {
             tmp.persist(&dst).map_err(|e| Error::io(&dst, e.error))?;
@@ -144,6 +146,7 @@ impl TempOutput {
             tmp.persist_noclobber(&dst)
                 .map_err(|e| Error::io(&dst, e.error))?;
         }
+        fault::point("convert.renamed");
         if cache == CacheMode::Writeback {
             File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
         }
@@ -246,6 +249,7 @@ fn copy_pipelined(
                     if full_tx.send((pos, buf, len)).is_err() {
                         return Ok(());
                     }
+                    fault::point("convert.raw.batch");
                 }
                 pos += st.length;
                 progress.advance(st.length);

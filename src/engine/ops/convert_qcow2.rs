@@ -29,6 +29,7 @@ use super::convert::{claim_destination, is_zero, poison_reused, ConvertOptions, 
 use super::create::qcow2_header;
 use crate::engine::chain::{classify_backing, BackingName, BlockStatus, Chain};
 use crate::engine::error::{Error, Result};
+use crate::engine::fault;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::compress::Compressor;
 use crate::engine::qcow2::header::CompressionType;
@@ -159,6 +160,7 @@ pub fn convert_to_qcow2(
     let writer = StreamWriter::new(tmp.file(), dst, header.clone(), data_clusters)?;
     let compression = opts.compress.then_some(header.compression_type);
     run_pipeline(&plan, writer, compression, dst, progress, cancel)?;
+    fault::point("convert.qcow2.finished");
     tmp.persist(opts, cancel)
 }
 
@@ -657,6 +659,7 @@ fn run_pipeline(
                         k += 1;
                     }
                     progress.advance(b.len);
+                    fault::point("convert.qcow2.batch_written");
                     next += 1;
                     // Err once the reader is done: the buffer is not needed.
                     let _ = free_tx.send(b);
@@ -687,6 +690,7 @@ fn run_pipeline(
                 if to_next.send(b).is_err() {
                     return Ok(());
                 }
+                fault::point("convert.qcow2.batch_read");
                 pos += batch_len;
                 seq += 1;
             }

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use crate::engine::chain::{classify_backing, open_image, BackingName};
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::qcow2::header::{
     self, compat, incompat, CompressionType, CryptMethod, Extensions, Header,
@@ -370,6 +371,7 @@ fn write_new_file(path: &Path, len: u64, extents: &[Extent]) -> Result<()> {
     }
     f.set_len(len).at(path)?;
     f.sync_all().at(path)?;
+    fault::point("create.before_link");
     std::fs::hard_link(tmp.path(), path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             Error::invalid(

@@ -19,6 +19,7 @@ use std::path::Path;
 
 use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::{probe, Format};
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
@@ -107,7 +108,10 @@ pub fn rebase(
         cancel,
     )?;
     cancel.check()?;
-    w.set_backing(name, format_name)
+    fault::point("rebase.before_header_switch");
+    w.set_backing(name, format_name)?;
+    fault::point("rebase.header_switched");
+    Ok(())
 }
 
 /// The image (locked as QEMU's writer, with its old chain) and the new
@@ -208,6 +212,7 @@ fn compare_and_copy(
                 cs,
             )?;
             progress.add_copied(copied);
+            fault::point("rebase.copied");
             spare.push(c.bufs);
             Ok::<(), Error>(())
         };

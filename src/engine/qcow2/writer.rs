@@ -39,6 +39,7 @@ use super::l2::{
 use super::refcount::{encode_refcount, Refcounts};
 use crate::engine::chain::{classify_backing, BackingName};
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::{read_up_to, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::Chain;
@@ -70,6 +71,17 @@ pub struct Qcow2Writer {
     dirty_l2: std::collections::BTreeSet<u64>,
     /// Host ranges to release once no durable table points at them.
     pending_release: Vec<(u64, u64)>,
+    /// Old content of the partly written clusters at the edges of the
+    /// current write, by guest offset: read before anything is allocated or
+    /// written (see [`Qcow2Writer::read_edges`]).
+    edges: Vec<(u64, Vec<u8>)>,
+    /// The first cluster wholly past the end of the file as opened, or
+    /// past the last one allocated since. The pre-flight check found no
+    /// reference beyond the end of the file, so a refcount stored for such
+    /// a cluster is a leak: it is free. (Trusting it let a refblock of
+    /// garbage past the end push new clusters terabytes out, one refcount
+    /// read at a time.)
+    past_end: u64,
 }
 
 /// Dirty L2 tables or pending releases that trigger a metadata flush on
@@ -135,6 +147,7 @@ impl Qcow2Writer {
     /// running QEMU makes this fail before anything is read or written.
     pub fn open(path: &Path) -> Result<Self> {
         let (file, lock, h) = open_locked(path)?;
+        let past_end = file.metadata().at(path)?.len().div_ceil(h.cluster_size());
         let refuse = |what: &str| {
             Err(Error::invalid(
                 path,
@@ -191,7 +204,16 @@ impl Qcow2Writer {
                     .backing_format
                     .as_deref()
                     .and_then(Format::from_name);
-                Some(std::sync::Arc::new(Chain::open(&p, fmt)?))
+                // A file that cannot be opened is named with what it is
+                // to this image, as when the chain is opened from the top.
+                let chain = Chain::open(&p, fmt).map_err(|e| match e {
+                    Error::Io { cause, .. } => Error::invalid(
+                        path,
+                        format!("Could not open backing file '{}': {cause}", p.display()),
+                    ),
+                    other => other,
+                })?;
+                Some(std::sync::Arc::new(chain))
             }
         };
         Ok(Qcow2Writer {
@@ -214,6 +236,8 @@ impl Qcow2Writer {
             l2_cache: HashMap::new(),
             dirty_l2: Default::default(),
             pending_release: Vec::new(),
+            edges: Vec::new(),
+            past_end,
             h,
         })
     }
@@ -314,6 +338,7 @@ impl Qcow2Writer {
         }
         // The block is on disk before the table points at it.
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.refblock.before_link");
         self.pwrite(
             &(at * self.cs).to_be_bytes(),
             self.h.refcount_table_offset + index * 8,
@@ -375,6 +400,8 @@ impl Qcow2Writer {
         // Count the new clusters: in a new block where one covers them,
         // else in the existing block (before the switch: a leak at worst).
         let area_end = table_off / cs + table_clusters;
+        // Taken, though past what `find_free` was asked for.
+        self.past_end = self.past_end.max(area_end);
         for c in start..area_end {
             if let Some((_, off, block)) = blocks.iter_mut().find(|(i, ..)| *i == c / per_block) {
                 encode_refcount(block, *off, c % per_block, bits, 1);
@@ -391,11 +418,13 @@ impl Qcow2Writer {
         let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.pwrite(&raw, table_off)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.reftable.before_switch");
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_off.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         self.pwrite(&fields, 48)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.reftable.switched");
         let old = (
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * cs,
@@ -411,9 +440,10 @@ impl Qcow2Writer {
         let mut c = self.free_hint;
         let mut run = 0;
         loop {
-            if self.refcount(c)? == 0 {
+            if c >= self.past_end || self.refcount(c)? == 0 {
                 run += 1;
                 if run == n {
+                    self.past_end = self.past_end.max(c + 1);
                     return Ok(c + 1 - n);
                 }
             } else {
@@ -556,6 +586,7 @@ impl Qcow2Writer {
         // Data and refcounts, then the new table, durable before the L1
         // points at it.
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l2_table.before_link");
         self.cache_table(new, &table)?;
         let new_entry = new | OFLAG_COPIED;
         self.pwrite(
@@ -586,18 +617,22 @@ impl Qcow2Writer {
     fn flush_metadata(&mut self) -> Result<()> {
         if !self.dirty_l2.is_empty() {
             self.file.sync_data().at(&self.path)?;
+            fault::point("writer.l2_batch.before");
             for off in std::mem::take(&mut self.dirty_l2) {
                 if let Some(table) = self.l2_cache.get(&off) {
                     let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
                     self.pwrite(&raw, off)?;
                 }
             }
+            fault::point("writer.l2_batch.after");
         }
         if !self.pending_release.is_empty() {
             self.file.sync_data().at(&self.path)?;
+            fault::point("writer.releases.before");
             for (off, len) in std::mem::take(&mut self.pending_release) {
                 self.release(off, len)?;
             }
+            fault::point("writer.releases.after");
         }
         Ok(())
     }
@@ -763,14 +798,48 @@ impl Qcow2Writer {
     /// Write guest bytes at `offset`.
     pub fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
+        self.read_edges(offset, offset + data.len() as u64)?;
         self.before_first_write()?;
         let span = self.cs * self.l2_entries();
         let mut done = 0usize;
-        while done < data.len() {
-            let g = offset + done as u64;
-            let n = ((span - g % span) as usize).min(data.len() - done);
-            self.write_in_table(&data[done..done + n], g)?;
-            done += n;
+        let r = (|| {
+            while done < data.len() {
+                let g = offset + done as u64;
+                let n = ((span - g % span) as usize).min(data.len() - done);
+                self.write_in_table(&data[done..done + n], g)?;
+                done += n;
+            }
+            Ok(())
+        })();
+        self.edges.clear();
+        r
+    }
+
+    /// Read the old content of the clusters `[offset, end)` only partly
+    /// covers and that will be copied into new clusters (the first and the
+    /// last), before the write allocates or writes anything: a backing
+    /// file or compressed cluster that cannot be read then fails the write
+    /// with the image as it was, not with clusters allocated for nothing.
+    fn read_edges(&mut self, offset: u64, end: u64) -> Result<()> {
+        self.edges.clear();
+        if offset >= end {
+            return Ok(());
+        }
+        let cs = self.cs;
+        let first = offset - offset % cs;
+        let last = (end - 1) - (end - 1) % cs;
+        for g in [first, last] {
+            let partial = offset > g || end < g + cs;
+            if !partial || self.edges.iter().any(|e| e.0 == g) {
+                continue;
+            }
+            let old = self.l2_pair(g)?;
+            if self.owned_data(old).is_some() {
+                continue;
+            }
+            let mut buf = vec![0u8; cs as usize];
+            self.cluster_content(g, old, &mut buf)?;
+            self.edges.push((g, buf));
         }
         Ok(())
     }
@@ -809,8 +878,14 @@ impl Qcow2Writer {
             let hi = end.min(p.guest + cs);
             let range = ((lo - offset) as usize, (hi - offset) as usize);
             if p.fresh && hi - lo < cs {
-                let mut buf = vec![0u8; cs as usize];
-                self.cluster_content(p.guest, p.old, &mut buf)?;
+                let mut buf = match self.edges.iter().position(|e| e.0 == p.guest) {
+                    Some(i) => self.edges.swap_remove(i).1,
+                    None => {
+                        let mut buf = vec![0u8; cs as usize];
+                        self.cluster_content(p.guest, p.old, &mut buf)?;
+                        buf
+                    }
+                };
                 buf[(lo - p.guest) as usize..(hi - p.guest) as usize]
                     .copy_from_slice(&data[range.0..range.1]);
                 merged.push(buf);
@@ -964,6 +1039,13 @@ impl Qcow2Writer {
     /// as `qemu-io write -z` does), partial ones get zero bytes.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
+        self.read_edges(offset, offset + len)?;
+        let r = self.write_zeroes_edges_read(offset, len);
+        self.edges.clear();
+        r
+    }
+
+    fn write_zeroes_edges_read(&mut self, offset: u64, len: u64) -> Result<()> {
         self.before_first_write()?;
         let end = offset + len;
         let mut g = offset;
@@ -1093,6 +1175,7 @@ impl Qcow2Writer {
         }
         tmp.as_file().set_len(len).at(&self.path)?;
         tmp.as_file().sync_all().at(&self.path)?;
+        fault::point("writer.empty.before_rename");
         tmp.persist(&self.path)
             .map_err(|e| Error::io(&self.path, e.error))?;
         File::open(&dir).and_then(|d| d.sync_all()).at(&dir)?;
@@ -1145,11 +1228,13 @@ impl Qcow2Writer {
         }
         self.pwrite(&table, new_off)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l1.before_switch");
         let mut fields = [0u8; 12];
         fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
         fields[4..].copy_from_slice(&new_off.to_be_bytes());
         self.pwrite(&fields, 36)?;
         self.file.sync_data().at(&self.path)?;
+        fault::point("writer.l1.switched");
         let (old_off, old_len) = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
         self.h.l1_size = entries as u32;
         self.h.l1_table_offset = new_off;

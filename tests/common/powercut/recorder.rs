@@ -910,6 +910,7 @@ impl Recorder {
     /// Unmount and hand over the log.
     pub fn finish(mut self) -> Recording {
         if let Some(s) = self.session.take() {
+            wait_until_unused(&self.mount);
             if let Err(e) = s.umount_and_join() {
                 panic!("unmounting the recorder at {}: {e}", self.mount.display());
             }
@@ -920,5 +921,36 @@ impl Recorder {
             initial_names: std::mem::take(&mut self.initial_names),
             pristine: self.pristine.clone(),
         }
+    }
+}
+
+/// Wait until no process has a descriptor or its working directory under
+/// `mount`. A child that another test of this process forks (qemu-img,
+/// cowshed) holds copies of all our descriptors until its exec closes
+/// them; if the workload's files were open then, an unmount in that window
+/// fails with EBUSY (seen with both cores busy). Once the workload closed
+/// its files, no later fork can copy them, so the wait ends. A hang guard
+/// only: after it, the unmount reports what is left.
+fn wait_until_unused(mount: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let under = |link: std::io::Result<PathBuf>| link.is_ok_and(|t| t.starts_with(mount));
+    loop {
+        let busy = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|p| {
+                let dir = p.path();
+                under(std::fs::read_link(dir.join("cwd")))
+                    || std::fs::read_dir(dir.join("fd"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|fd| under(std::fs::read_link(fd.path())))
+            });
+        if !busy || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -3,12 +3,12 @@
 //! repairs, counters, exit code (and, on the tested corruptions, the same
 //! bytes) as with `qemu-img check -r`. For `-r all`:
 //!
-//! 1. Recompute every refcount from the metadata (a refblock lying past the
-//!    end of the file is made to exist by growing the file, as QEMU does;
-//!    preallocated clusters at unaligned offsets become zero clusters).
+//! 1. Recompute every refcount from the metadata (preallocated clusters at
+//!    unaligned offsets become zero clusters).
 //! 2. Compare with the stored refcounts. When the refcount structure itself
 //!    is broken (a referenced cluster with refcount 0, a refblock that is
-//!    unaligned, has reserved bits or is used by something else), rebuild
+//!    unaligned, has reserved bits, lies past the end of the file or is
+//!    used by something else), rebuild
 //!    it like QEMU's `rebuild_refcount_structure`: new refblocks and a new
 //!    reftable in clusters that nothing references (first fit, the file
 //!    grows when there are none), written and flushed, then the header's
@@ -30,12 +30,16 @@
 //!
 //! Not done (QEMU does not either): L2 entries pointing past the end of the
 //! file or at unaligned data stay corruptions; the check then exits 2.
-//! Deliberate differences from QEMU: images with persistent bitmaps keep
-//! them where they are (QEMU rewrites them elsewhere on close); after a
-//! failed check the dirty bit stays set (QEMU clears it on close); after an
-//! unaligned refblock marked the image corrupt, the repairs cowshed makes
-//! all reach the disk (QEMU's last leak repair does not) before the check
-//! fails with exit 1 like QEMU's.
+//! Deliberate differences from QEMU: a refblock offset past the end of the
+//! file is a broken structure to rebuild, not a place to grow the file to
+//! (QEMU grows it, and sizes its in-memory table by that offset: a hostile
+//! 13 KB image became a 210 GB file and took gigabytes of memory), so
+//! memory and the file stay bounded by the clusters the file holds; images
+//! with persistent bitmaps keep them where they are (QEMU rewrites them
+//! elsewhere on close); after a failed check the dirty bit stays set (QEMU
+//! clears it on close); after an unaligned refblock marked the image
+//! corrupt, the repairs cowshed makes all reach the disk (QEMU's last leak
+//! repair does not) before the check fails with exit 1 like QEMU's.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -44,6 +48,7 @@ use std::path::Path;
 use super::{check, CheckReport, Checker, FIX_ERRORS, FIX_LEAKS};
 use crate::engine::chain::open_image;
 use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
@@ -149,6 +154,7 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         let old = c.report.clone();
         c.rebuild_refcount_structure()
             .map_err(|e| prefixed(path, "Check failed", e))?;
+        fault::point("check.repair.rebuilt");
         drop(c);
         // The header now points at the new structure: count again.
         let q = Qcow2Image::open(path, file.try_clone().at(path)?)?;
@@ -190,6 +196,7 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         }
         c.report.leaks += fresh_leaks;
         file.sync_data().at(path)?;
+        fault::point("check.repair.refcounts_fixed");
         c.check_oflag_copied(FIX_LEAKS | FIX_ERRORS)?;
         c.report
     } else {
@@ -227,10 +234,12 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
         }
         // Refcounts on disk before COPIED flags are made to agree with them.
         file.sync_data().at(path)?;
+        fault::point("check.repair.refcounts_fixed");
         c.check_oflag_copied(fix)?;
         c.report
     };
     drop(q);
+    fault::point("check.repair.copied_flags_fixed");
 
     // QEMU also clears the dirty bit whenever it closes the image, even
     // after a failed check; cowshed leaves it set then, so that the next
@@ -300,24 +309,6 @@ fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
 }
 
 impl Checker<'_> {
-    /// Grow the file to `len` bytes (zeros), as QEMU does for a refblock
-    /// past the end of the file; the in-memory refcounts follow.
-    pub(super) fn grow_file_to(&mut self, len: u64) -> std::io::Result<()> {
-        // QEMU's bound on the clusters a check counts (INT_MAX).
-        if len.div_ceil(self.cs) > i32::MAX as u64 {
-            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
-        }
-        if len > self.file_len {
-            self.file.set_len(len)?;
-            self.file_len = len;
-        }
-        let clusters = self.file_len.div_ceil(self.cs) as usize;
-        if clusters > self.refs.len() {
-            self.refs.resize(clusters, 0);
-        }
-        Ok(())
-    }
-
     /// Set a stored refcount in its (existing) refblock; a cluster whose
     /// count drops to 0 is given back to the file system, as QEMU does.
     pub(super) fn write_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
@@ -510,6 +501,7 @@ impl Checker<'_> {
         self.file.write_all_at(&raw, offset).at(self.path)?;
         // Everything the new header fields point at is on disk first.
         self.file.sync_data().at(self.path)?;
+        fault::point("check.rebuild.before_switch");
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&offset.to_be_bytes());
         fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());

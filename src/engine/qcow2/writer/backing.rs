@@ -103,6 +103,7 @@ impl Qcow2Writer {
             h.autoclear_features &= autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
         }
         self.flush()?;
+        crate::engine::fault::point("writer.backing.before_switch");
         write_header(&self.file, &self.path, &mut h)?;
         self.h = h;
         Ok(())
