@@ -9,6 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use cowshed::tui::app::Mode;
+use cowshed::tui::dialog::commit::CommitDialog;
+use cowshed::tui::dialog::rebase::RebaseDialog;
+use cowshed::tui::dialog::Dialog;
 use cowshed::tui::{view, App, Config, Event};
 use crossbeam_channel::Receiver;
 use ratatui::backend::TestBackend;
@@ -114,19 +117,23 @@ impl Journey {
     }
 
     fn with_config(root: &Path, config: Config) -> Journey {
+        Journey::sized(root, config, W, H)
+    }
+
+    fn sized(root: &Path, config: Config, w: u16, h: u16) -> Journey {
         let (tx, rx) = crossbeam_channel::unbounded();
         let app = App::new(
             vec![root.to_path_buf()],
             config,
             true,
             tx,
-            Rect::new(0, 0, W, H),
+            Rect::new(0, 0, w, h),
         )
         .expect("start app");
         let mut j = Journey {
             app,
             rx,
-            term: Terminal::new(TestBackend::new(W, H)).expect("terminal"),
+            term: Terminal::new(TestBackend::new(w, h)).expect("terminal"),
             root: root.to_path_buf(),
         };
         j.settle();
@@ -173,6 +180,11 @@ impl Journey {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// No dialog open, keys go to the tree.
+    fn in_tree(&self) -> bool {
+        self.app.dialog.is_none() && self.app.mode == Mode::Tree
     }
 
     fn selected_name(&self) -> String {
@@ -240,10 +252,10 @@ fn help_popup_from_the_key_table() {
     let dir = fleet();
     let mut j = Journey::start(dir.path());
     j.key(KeyCode::Char('?'));
-    assert_eq!(j.app.mode, Mode::Help);
+    assert!(matches!(j.app.mode, Mode::Help(_)));
     insta::assert_snapshot!("help", j.screen());
     j.key(KeyCode::Esc);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
 }
 
 #[test]
@@ -349,7 +361,7 @@ fn clone_as_asks_for_a_name() {
     let dir = fleet();
     let mut j = Journey::start(dir.path());
     j.key(KeyCode::Char('C'));
-    assert!(matches!(j.app.mode, Mode::CloneName { .. }));
+    assert!(matches!(j.app.dialog, Some(Dialog::Clone(_))));
     j.chars("gold.qcow2");
     insta::assert_snapshot!("clone_as_prompt", j.screen());
     j.key(KeyCode::Enter);
@@ -365,7 +377,10 @@ fn clone_as_asks_for_a_name() {
     j.chars("disk.raw");
     j.key(KeyCode::Enter);
     let status = j.app.status.clone().expect("a status");
-    assert!(status.error && status.text.contains("exists"), "{status:?}");
+    assert!(
+        status.is_error() && status.text.contains("exists"),
+        "{status:?}"
+    );
     assert_eq!(
         std::fs::read(dir.path().join("disk.raw")).expect("read"),
         before
@@ -706,8 +721,8 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
     let mut j = Journey::start(d);
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('m'));
-    let Mode::ConfirmCommit(plan) = &j.app.mode else {
-        panic!("no confirm dialog: {:?}", j.app.mode);
+    let Some(Dialog::Commit(CommitDialog { plan, .. })) = &j.app.dialog else {
+        panic!("no confirm dialog: {:?}", j.app.status);
     };
     // web-2 and web-2-1 hang on base.qcow2 too.
     assert_eq!(plan.affected, 2);
@@ -716,13 +731,13 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
     // Enter alone, or `y`, does not commit into a shared base.
     j.key(KeyCode::Char('y'));
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
     assert!(j.app.jobs.is_empty());
     assert!(j.screen().contains("only the word yes commits"));
 
     j.chars("yes");
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     assert_eq!(j.app.jobs.len(), 1);
     let running = j.run_jobs();
     // While it ran, the jobs pane showed it and the tree marked both images.
@@ -744,7 +759,7 @@ fn commit_into_a_shared_base_warns_requires_yes_and_runs_as_a_job() {
         j.app.status
     );
     assert!(
-        job.progress.1 > 0 && job.progress.0 == job.progress.1,
+        job.progress.total > 0 && job.progress.done == job.progress.total,
         "{:?}",
         job.progress
     );
@@ -777,7 +792,7 @@ fn commit_dialog_cancelled_changes_nothing() {
     let mut j = Journey::start(d);
     j.select("web-2-1.qcow2");
     j.key(KeyCode::Char('m'));
-    let Mode::ConfirmCommit(plan) = &j.app.mode else {
+    let Some(Dialog::Commit(CommitDialog { plan, .. })) = &j.app.dialog else {
         panic!("no confirm dialog");
     };
     // web-2 has no other overlay: a plain y/Enter would do.
@@ -787,13 +802,13 @@ fn commit_dialog_cancelled_changes_nothing() {
         screen.contains("Commit web-2-1.qcow2 into web-2.qcow2"),
         "{screen}"
     );
-    assert!(screen.contains("y or Enter commits"), "{screen}");
+    assert!(screen.contains("y/Enter commit · n/Esc cancel"), "{screen}");
     j.key(KeyCode::Esc);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     // And `n` cancels as well.
     j.key(KeyCode::Char('m'));
     j.key(KeyCode::Char('n'));
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     assert!(j.app.jobs.is_empty());
     assert_eq!(read("base.qcow2"), base);
     assert_eq!(read("web-2-1.qcow2"), top);
@@ -810,10 +825,10 @@ fn commit_is_refused_without_a_usable_backing() {
     ] {
         j.select(name);
         j.key(KeyCode::Char('m'));
-        assert_eq!(j.app.mode, Mode::Normal, "{name}: no dialog");
+        assert!(j.in_tree(), "{name}: no dialog");
         let status = j.app.status.clone().expect("a status");
         assert!(
-            status.error && status.text.contains(name) && status.text.contains(why),
+            status.is_error() && status.text.contains(name) && status.text.contains(why),
             "{name}: {status:?}"
         );
         assert!(j.app.jobs.is_empty());
@@ -861,7 +876,7 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
     let mut j = Journey::start(d);
     j.select("big.qcow2");
     j.key(KeyCode::Char('m'));
-    assert!(matches!(j.app.mode, Mode::ConfirmCommit(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
     // The job submitted from this thread carries the plan.
     let plan = cowshed::engine::fault::Plan::new().pause_at("commit.copied", 8);
     let faults = plan.enter();
@@ -910,6 +925,14 @@ fn a_running_commit_is_cancelled_with_x_and_leaves_both_images_valid() {
     );
     let screen = j.screen();
     assert!(screen.contains("– cancelled commit big.qcow2"), "{screen}");
+    // Issue 11: the status line marks it as cancelled too, not with the
+    // tick of a job done.
+    let status = screen.lines().nth_back(1).expect("status line");
+    assert!(
+        status.contains("– commit big.qcow2 → big-base.qcow2: cancelled"),
+        "{status}"
+    );
+    assert!(!status.contains('✓'), "{status}");
     assert_check_clean(&d.join("big.qcow2"));
     assert_check_clean(&d.join("big-base.qcow2"));
     // The overlay reads as before (the base may hold part of its data, as
@@ -923,14 +946,14 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     let mut j = Journey::start(dir.path());
     // No jobs: Tab says so and the tree keeps the keys.
     j.key(KeyCode::Tab);
-    assert!(!j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Tree);
     // Two finished clone jobs.
     j.key(KeyCode::Char('c'));
     j.select("base.qcow2");
     j.key(KeyCode::Char('c'));
     assert_eq!(j.app.jobs.len(), 2);
     j.key(KeyCode::Tab);
-    assert!(j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Jobs);
     // The newest first; ↓ moves to the older one, and the tree stays put.
     let selected_image = j.selected_name();
     assert_eq!(j.app.job_selected, Some(j.app.jobs[1].id));
@@ -938,7 +961,11 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     assert_eq!(j.app.job_selected, Some(j.app.jobs[0].id));
     assert_eq!(j.selected_name(), selected_image);
     let screen = j.screen();
-    assert!(screen.contains("jobs · ↑↓ select · x cancel"), "{screen}");
+    let footer = screen.lines().last().expect("footer");
+    assert!(
+        footer.contains("↑ select  Enter open  x cancel  Tab tree"),
+        "{screen}"
+    );
     assert!(
         screen
             .lines()
@@ -950,7 +977,7 @@ fn tab_focuses_the_jobs_pane_where_x_acts_on_the_selected_job() {
     let status = j.app.status.clone().expect("status");
     assert!(status.text.contains("already done"), "{status:?}");
     j.key(KeyCode::Esc);
-    assert!(!j.app.jobs_focus);
+    assert_eq!(j.app.mode, Mode::Tree);
 }
 
 // ---- rebase, flatten and convert as jobs (issue 5) ----
@@ -971,31 +998,31 @@ fn rebase_picks_the_new_backing_in_the_tree_and_keeps_the_guest_view() {
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('b'));
     assert!(
-        matches!(j.app.mode, Mode::PickBacking(_)),
+        matches!(j.app.dialog, Some(Dialog::Pick(_))),
         "{:?}",
-        j.app.mode
+        j.app.status
     );
     assert!(j
         .screen()
         .contains("select its new backing image in the tree"));
     // Itself is no backing: refused, still picking.
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::PickBacking(_)));
+    assert!(matches!(j.app.dialog, Some(Dialog::Pick(_))));
     assert!(j.screen().contains("cannot rebase onto that image"));
     j.select("base2.qcow2");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
-        panic!("no rebase dialog: {:?}", j.app.mode);
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
+        panic!("no rebase dialog: {:?}", j.app.status);
     };
     assert_eq!(plan.backing_name, "base2.qcow2");
     assert!(!plan.unsafe_mode);
     insta::assert_snapshot!("rebase_confirm", j.screen());
     // `u` explains and selects unsafe; `s` goes back to safe.
     j.key(KeyCode::Char('u'));
-    assert!(matches!(&j.app.mode, Mode::ConfirmRebase(p) if p.unsafe_mode));
+    assert!(matches!(&j.app.dialog, Some(Dialog::Rebase(d)) if d.plan.unsafe_mode));
     j.key(KeyCode::Char('s'));
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     j.run_jobs();
     let job = &j.app.jobs[0];
     assert_eq!(
@@ -1036,9 +1063,9 @@ fn flatten_asks_then_makes_the_overlay_standalone() {
     j.select("web-2-1.qcow2");
     j.key(KeyCode::Char('f'));
     assert!(
-        matches!(j.app.mode, Mode::ConfirmFlatten(_)),
+        matches!(j.app.dialog, Some(Dialog::Flatten(_))),
         "{:?}",
-        j.app.mode
+        j.app.status
     );
     assert!(j.screen().contains("Flatten web-2-1.qcow2"));
     j.press(KeyCode::Char('y'));
@@ -1062,7 +1089,11 @@ fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
     let mut j = Journey::start(d);
     j.select("web-1.qcow2");
     j.key(KeyCode::Char('v'));
-    assert!(matches!(j.app.mode, Mode::Convert(_)), "{:?}", j.app.mode);
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
+        "{:?}",
+        j.app.status
+    );
     // Field 2 (compression): none → zlib → zstd.
     j.key(KeyCode::Down);
     j.key(KeyCode::Down);
@@ -1070,7 +1101,7 @@ fn convert_dialog_makes_a_compressed_copy_that_appears_in_the_tree() {
     j.key(KeyCode::Right);
     insta::assert_snapshot!("convert_dialog", j.screen());
     j.press(KeyCode::Enter);
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     j.run_jobs();
     assert_eq!(
         j.app.jobs[0].state,
@@ -1155,7 +1186,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     for key in ['m', 'b', 'f', 'v', 'c'] {
         j.select("web-1.qcow2");
         j.key(KeyCode::Char(key));
-        assert_eq!(j.app.mode, Mode::Normal, "{key}: a dialog opened");
+        assert!(j.in_tree(), "{key}: a dialog opened");
         let text = status_text(&j);
         assert!(
             text.contains(&format!("pid {}", vm.pid())) && text.contains("qemu-io"),
@@ -1167,7 +1198,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     // commit of another overlay into that base is refused, naming it.
     j.select("web-2.qcow2");
     j.key(KeyCode::Char('m'));
-    assert_eq!(j.app.mode, Mode::Normal);
+    assert!(j.in_tree());
     let text = status_text(&j);
     assert!(
         text.contains("base.qcow2")
@@ -1182,7 +1213,7 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     j.select("disk.raw");
     j.key(KeyCode::Char('v'));
     assert!(
-        matches!(j.app.mode, Mode::Convert(_)),
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
         "a reader does not change the image: convert may copy it"
     );
     j.key(KeyCode::Esc);
@@ -1208,7 +1239,10 @@ fn convert_never_replaces_an_existing_file() {
     }
     j.chars("web-2.qcow2");
     j.key(KeyCode::Enter);
-    assert!(matches!(j.app.mode, Mode::Convert(_)), "the dialog stays");
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Convert(_))),
+        "the dialog stays"
+    );
     let text = status_text(&j);
     assert!(text.contains("web-2.qcow2 exists"), "{text}");
     assert!(j.app.jobs.is_empty(), "a job was queued");
@@ -1232,14 +1266,14 @@ fn a_rebase_without_its_old_backing_offers_unsafe_and_says_why() {
     j.key(KeyCode::Char('b'));
     j.select("base.qcow2");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("no rebase dialog: {:?}", j.app.status);
     };
     assert!(plan.unsafe_mode, "unsafe is the default");
     assert!(plan.safe_refused.is_some());
     assert!(j.screen().contains("safe: not possible"));
     j.key(KeyCode::Char('s'));
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("the dialog closed");
     };
     assert!(plan.unsafe_mode, "s cannot choose safe");
@@ -1274,9 +1308,9 @@ fn a_typed_backing_path_is_probed_before_it_is_accepted() {
         j.chars(typed);
         j.key(KeyCode::Enter);
         assert!(
-            matches!(j.app.mode, Mode::PickBacking(_)),
+            matches!(j.app.dialog, Some(Dialog::Pick(_))),
             "{typed}: accepted: {:?}",
-            j.app.mode
+            j.app.status
         );
         let text = status_text(&j);
         assert!(text.contains(why), "{typed}: {text}");
@@ -1289,9 +1323,511 @@ fn a_typed_backing_path_is_probed_before_it_is_accepted() {
     j.key(KeyCode::Char('t'));
     j.chars("disk.raw");
     j.key(KeyCode::Enter);
-    let Mode::ConfirmRebase(plan) = &j.app.mode else {
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
         panic!("not accepted: {:?}", j.app.status);
     };
     assert_eq!(plan.format, cowshed::engine::Format::Raw);
     assert_eq!(plan.backing_name, "disk.raw");
+}
+
+// ---- issue 11: the second version ----
+
+/// Every mode's keys come from the one table: with every key of every
+/// layer moved to another key by the config, each mode's hints (footer or
+/// dialog) and the help name the moved keys, and the moved keys drive
+/// every mode, dialogs included.
+#[test]
+fn every_mode_reads_its_keys_from_the_table_and_config_moves_them() {
+    use cowshed::tui::keymap::{Key, Layer, ACTIONS};
+    let dir = fleet();
+    // F-keys and alt-keys, which nothing binds by default; each layer
+    // from the start of the pool, the confirm layer (read with the
+    // rebase layer) from further on.
+    let pool: Vec<String> = (1..=12)
+        .map(|n| format!("F{n}"))
+        .chain(('a'..='z').chain('0'..='9').map(|c| format!("alt+{c}")))
+        .collect();
+    let mut text = String::new();
+    for layer in Layer::ALL {
+        text.push_str(&format!("[keys.{}]\n", layer.name()));
+        let start = if layer == Layer::Confirm { 30 } else { 0 };
+        for (i, a) in ACTIONS.iter().filter(|a| a.layer == layer).enumerate() {
+            text.push_str(&format!("{} = \"{}\"\n", a.name, pool[start + i]));
+        }
+    }
+    let config = Config::parse(&text, Path::new("moved.toml")).expect("config");
+    let keymap = config.keymap.clone();
+    let mut j = Journey::with_config(dir.path(), config);
+    let press = |j: &mut Journey, layer: Layer, name: &str| {
+        let info = ACTIONS
+            .iter()
+            .find(|a| a.layer == layer && a.name == name)
+            .expect("action");
+        let key: Key = keymap.keys(layer, info.action)[0];
+        let mut modifiers = KeyModifiers::NONE;
+        if key.alt {
+            modifiers |= KeyModifiers::ALT;
+        }
+        j.send(CtEvent::Key(KeyEvent::new(key.code, modifiers)));
+    };
+    // Selecting with the moved keys of `layer` (the tree's or the picker's).
+    let goto = |j: &mut Journey, layer: Layer, name: &str| {
+        let i = j
+            .visible_names()
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} not in the tree"));
+        while j.app.selected != i {
+            let before = j.app.selected;
+            press(j, layer, if before < i { "down" } else { "up" });
+            assert_ne!(j.app.selected, before, "the moved keys do not move");
+        }
+    };
+    // The hints shown now name keys bound to their actions, and are on
+    // screen as the table says them.
+    let check = |j: &mut Journey, mode: &str| {
+        // A dialog's hint line wraps; the footer shows what fits.
+        let hints = match j.app.dialog {
+            Some(_) => j.app.hints(),
+            None => view::footer_hints(&j.app, W),
+        };
+        assert!(!hints.is_empty(), "{mode}: no hints");
+        let screen = j.screen();
+        for h in hints {
+            let bound = j.app.keymap.keys(h.layer, h.action);
+            assert!(!bound.is_empty(), "{mode}: {h:?} names no bound key");
+            let names: Vec<String> = bound.iter().map(|k| k.to_string()).collect();
+            assert!(
+                h.keys.split('/').all(|k| names.contains(&k.to_string())),
+                "{mode}: {h:?} shows keys that are not {names:?}"
+            );
+            assert!(
+                screen.contains(&format!("{} {}", h.keys, h.label)),
+                "{mode}: '{} {}' not on screen:\n{screen}",
+                h.keys,
+                h.label
+            );
+        }
+    };
+    check(&mut j, "tree");
+    // The default keys do nothing now.
+    j.key(KeyCode::Char('m'));
+    assert!(j.in_tree());
+    press(&mut j, Layer::Tree, "help");
+    assert!(matches!(j.app.mode, Mode::Help(_)));
+    check(&mut j, "help");
+    // Every help line names the keys bound to its action in its layer.
+    for (layer, rows) in j.app.keymap.help() {
+        for h in rows {
+            let keys: Vec<String> = j
+                .app
+                .keymap
+                .keys(layer, h.action)
+                .iter()
+                .map(|k| k.to_string())
+                .collect();
+            assert_eq!(h.keys, keys.join(" "), "{layer:?} {h:?}");
+        }
+    }
+    press(&mut j, Layer::Help, "close");
+    assert!(j.in_tree());
+    press(&mut j, Layer::Tree, "filter");
+    check(&mut j, "filter");
+    press(&mut j, Layer::Filter, "clear");
+    press(&mut j, Layer::Tree, "log");
+    check(&mut j, "log");
+    press(&mut j, Layer::Log, "close");
+    // Commit: the confirm layer.
+    goto(&mut j, Layer::Tree, "web-2-1.qcow2");
+    press(&mut j, Layer::Tree, "commit");
+    assert!(matches!(j.app.dialog, Some(Dialog::Commit(_))));
+    check(&mut j, "commit");
+    press(&mut j, Layer::Confirm, "no");
+    assert!(j.in_tree());
+    // Flatten.
+    press(&mut j, Layer::Tree, "flatten");
+    assert!(matches!(j.app.dialog, Some(Dialog::Flatten(_))));
+    check(&mut j, "flatten");
+    press(&mut j, Layer::Confirm, "no");
+    // Clone as: the input layer.
+    press(&mut j, Layer::Tree, "clone_as");
+    assert!(matches!(j.app.dialog, Some(Dialog::Clone(_))));
+    check(&mut j, "clone as");
+    press(&mut j, Layer::Input, "cancel");
+    assert!(j.in_tree());
+    // Rebase: the picker, its filter, a typed path, then the dialog.
+    goto(&mut j, Layer::Tree, "web-1.qcow2");
+    press(&mut j, Layer::Tree, "rebase");
+    assert!(matches!(j.app.dialog, Some(Dialog::Pick(_))));
+    check(&mut j, "pick");
+    press(&mut j, Layer::Pick, "filter");
+    check(&mut j, "pick filter");
+    press(&mut j, Layer::Filter, "keep");
+    press(&mut j, Layer::Pick, "type_path");
+    check(&mut j, "pick typing");
+    press(&mut j, Layer::Input, "cancel");
+    goto(&mut j, Layer::Pick, "web-2.qcow2");
+    press(&mut j, Layer::Pick, "choose");
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Rebase(_))),
+        "{:?}",
+        j.app.status
+    );
+    check(&mut j, "rebase");
+    press(&mut j, Layer::Rebase, "unsafe");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Rebase(d)) if d.plan.unsafe_mode));
+    press(&mut j, Layer::Confirm, "no");
+    // Convert: its own layer.
+    press(&mut j, Layer::Tree, "convert");
+    assert!(matches!(j.app.dialog, Some(Dialog::Convert(_))));
+    check(&mut j, "convert");
+    press(&mut j, Layer::Convert, "next_field");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Convert(d))
+        if d.plan.field == cowshed::tui::dialog::convert::Field::Format));
+    press(&mut j, Layer::Convert, "cancel");
+    assert!(j.in_tree());
+    // A job, the jobs pane and one job.
+    goto(&mut j, Layer::Tree, "base.qcow2");
+    press(&mut j, Layer::Tree, "clone");
+    assert!(dir.path().join("base-1.qcow2").exists());
+    press(&mut j, Layer::Tree, "focus_jobs");
+    assert_eq!(j.app.mode, Mode::Jobs);
+    check(&mut j, "jobs");
+    press(&mut j, Layer::Jobs, "open");
+    assert!(matches!(j.app.mode, Mode::Job(_)));
+    check(&mut j, "job");
+    press(&mut j, Layer::Job, "close");
+    press(&mut j, Layer::Jobs, "back");
+    assert!(j.in_tree());
+}
+
+/// A journey on a fleet made by the engine in `dir` (quicker than
+/// qemu-img for many images): `names` as small standalone qcow2 images.
+fn engine_images(dir: &Path, names: &[String]) {
+    for n in names {
+        let opts = cowshed::engine::CreateOptions {
+            size: Some(1 << 20),
+            ..cowshed::engine::CreateOptions::default()
+        };
+        cowshed::engine::create(&dir.join(n), &opts).expect("create");
+    }
+}
+
+/// Defect 8: Home/End/PageUp/PageDown and g/G move through a long list.
+#[test]
+fn home_end_and_pages_move_through_a_long_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names: Vec<String> = (0..60).map(|i| format!("vm-{i:02}.qcow2")).collect();
+    engine_images(dir.path(), &names);
+    let mut j = Journey::start(dir.path());
+    let page = usize::from(view::layout(Rect::new(0, 0, W, H)).tree_body.height);
+    assert!(page < 60);
+    j.key(KeyCode::End);
+    assert_eq!(j.selected_name(), "vm-59.qcow2");
+    assert!(j.screen().contains("›vm-59.qcow2"), "the view follows");
+    j.key(KeyCode::Home);
+    assert_eq!(j.selected_name(), "vm-00.qcow2");
+    j.key(KeyCode::PageDown);
+    assert_eq!(j.app.selected, page);
+    j.key(KeyCode::PageDown);
+    j.key(KeyCode::PageUp);
+    assert_eq!(j.app.selected, page);
+    j.key(KeyCode::Char('G'));
+    assert_eq!(j.selected_name(), "vm-59.qcow2");
+    j.key(KeyCode::Char('g'));
+    assert_eq!(j.selected_name(), "vm-00.qcow2");
+}
+
+/// Defect 2: names with wide characters do not shift the columns.
+#[test]
+fn wide_characters_keep_the_columns_in_place() {
+    use unicode_width::UnicodeWidthStr;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wide = "Übergröße-日本語-🐄.qcow2";
+    engine_images(dir.path(), &[wide.to_string(), "plain.qcow2".to_string()]);
+    let mut j = Journey::start(dir.path());
+    let screen = j.screen();
+    // Where "qcow2" (the FMT column) starts, in cells, on each row.
+    let fmt_column = |name: &str| {
+        let row = screen
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name}: no row\n{screen}"));
+        let at = row.find(" qcow2 ").expect("FMT column");
+        row[..at].width()
+    };
+    assert_eq!(fmt_column(wide), fmt_column("plain.qcow2"), "{screen}");
+    let head = screen.lines().nth(1).expect("titles");
+    assert_eq!(
+        fmt_column(wide),
+        head[..head.find(" FMT").expect("FMT")].width(),
+        "{screen}"
+    );
+}
+
+/// Defect 7: same file names in two sub-folders are told apart by their
+/// path under the root; the details pane shows the whole path.
+#[test]
+fn images_in_sub_folders_show_their_path_where_names_collide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for sub in ["a", "b"] {
+        std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+    }
+    engine_images(
+        dir.path(),
+        &[
+            "a/disk.qcow2".to_string(),
+            "b/disk.qcow2".to_string(),
+            "b/solo.qcow2".to_string(),
+        ],
+    );
+    let mut j = Journey::start(dir.path());
+    let rows: Vec<String> = j
+        .app
+        .rows
+        .iter()
+        .map(|r| cowshed::tui::rows::row_name(&j.app.forest, &j.app.roots, r))
+        .collect();
+    assert_eq!(rows, ["a/disk.qcow2", "b/disk.qcow2", "solo.qcow2"]);
+    j.key(KeyCode::Down);
+    let screen = j.screen();
+    assert!(screen.contains("›b/disk.qcow2"), "{screen}");
+    let full = dir.path().join("b/disk.qcow2").display().to_string();
+    let raw = format!("{}", j.term.backend());
+    assert!(raw.contains(&full), "no full path in the details:\n{raw}");
+}
+
+/// Defect 9: the tree's % and the details' % of an image are one figure.
+#[test]
+fn the_tree_and_the_details_give_the_same_percent() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    for name in ["base.qcow2", "web-1.qcow2", "web-2-1.qcow2"] {
+        j.select(name);
+        let screen = j.screen();
+        let row = screen
+            .lines()
+            .find(|l| l.contains(&format!("{name} ")))
+            .expect("row");
+        let tree_pct = row
+            .split_whitespace()
+            .find(|w| w.ends_with('%'))
+            .unwrap_or_else(|| panic!("no % in {row}"));
+        let wanted = format!("({tree_pct} of virtual)");
+        assert!(
+            screen.contains(&wanted),
+            "{name}: tree says {tree_pct}, details do not say {wanted}:\n{screen}"
+        );
+    }
+}
+
+/// Defect 5: an empty name in the clone dialog says why it stays open.
+#[test]
+fn an_empty_clone_name_is_refused_with_a_reason() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    j.key(KeyCode::Char('C'));
+    j.key(KeyCode::Enter);
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Clone(_))),
+        "the dialog stays"
+    );
+    let status = j.app.status.clone().expect("a reason");
+    assert!(
+        status.is_error() && status.text.contains("type a name"),
+        "{status:?}"
+    );
+    assert!(j.app.jobs.is_empty());
+}
+
+/// Defect 5: a commit reports the bytes it copied, not the disk's size.
+#[test]
+fn a_finished_commit_reports_the_bytes_it_copied() {
+    let dir = fleet();
+    let d = dir.path();
+    // 1 MiB of data in a 64 MiB disk.
+    run("qemu-io", &["-c", "write -P 5 2M 1M", "web-2-1.qcow2"], d);
+    let mut j = Journey::start(d);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('m'));
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Done);
+    assert_eq!(j.app.jobs[0].progress.copied, 1 << 20);
+    let screen = j.screen();
+    assert!(screen.contains("· 1 MiB copied"), "{screen}");
+    assert!(!screen.contains("64 MiB copied"), "{screen}");
+}
+
+/// Defect 4: the picker has a filter of its own; the tree's does not hide
+/// the new backing, `/` filters, Esc clears the picker's filter first.
+#[test]
+fn the_backing_picker_has_its_own_filter() {
+    let dir = fleet();
+    let mut j = Journey::start(dir.path());
+    // The tree filtered down to web-2's chain.
+    j.key(KeyCode::Char('/'));
+    j.chars("web-2-1");
+    j.key(KeyCode::Enter);
+    assert_eq!(
+        j.visible_names(),
+        ["base.qcow2", "web-2.qcow2", "web-2-1.qcow2"]
+    );
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('b'));
+    // Everything is there to pick from.
+    assert_eq!(j.visible_names().len(), 6, "{:?}", j.visible_names());
+    j.key(KeyCode::Char('/'));
+    j.chars("disk");
+    j.key(KeyCode::Enter);
+    assert_eq!(j.visible_names(), ["disk.raw"]);
+    // Esc clears the picker's filter, still picking.
+    j.key(KeyCode::Esc);
+    assert!(matches!(j.app.dialog, Some(Dialog::Pick(_))));
+    assert_eq!(j.visible_names().len(), 6);
+    // Filter again and pick.
+    j.key(KeyCode::Char('/'));
+    j.chars("disk");
+    j.key(KeyCode::Enter);
+    j.key(KeyCode::Enter);
+    let Some(Dialog::Rebase(RebaseDialog { plan })) = &j.app.dialog else {
+        panic!("no rebase dialog: {:?}", j.app.status);
+    };
+    assert_eq!(plan.backing_name, "disk.raw");
+    // Cancelled: the tree's own filter is back.
+    j.key(KeyCode::Esc);
+    assert!(j.in_tree());
+    assert_eq!(
+        j.visible_names(),
+        ["base.qcow2", "web-2.qcow2", "web-2-1.qcow2"]
+    );
+}
+
+/// Defect 6: files that are no images and files that cannot be read are
+/// shown (greyed, with the reason) instead of vanishing, and the log keeps
+/// every warning.
+#[test]
+fn files_that_are_not_images_are_shown_and_the_log_keeps_every_warning() {
+    let dir = fleet();
+    let d = dir.path();
+    std::fs::write(d.join("notes.txt"), "not a disk\n").expect("write");
+    std::fs::write(d.join(".hidden"), "a dot file\n").expect("write");
+    std::os::unix::fs::symlink("gone-1.qcow2", d.join("link-1.qcow2")).expect("symlink");
+    std::os::unix::fs::symlink("gone-2.qcow2", d.join("link-2.qcow2")).expect("symlink");
+    let mut j = Journey::start(d);
+    let names = j.visible_names();
+    for n in ["notes.txt", "link-1.qcow2", "link-2.qcow2"] {
+        assert!(names.contains(&n.to_string()), "{n} missing: {names:?}");
+    }
+    assert!(!names.contains(&".hidden".to_string()), "{names:?}");
+    // Not counted as images.
+    assert_eq!(j.app.totals.images, 6);
+    let screen = j.screen();
+    let row = |name: &str| {
+        screen
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name}\n{screen}"))
+            .to_string()
+    };
+    assert!(row("notes.txt").contains("not a disk image"), "{screen}");
+    assert!(row("link-1.qcow2").contains("unreadable"), "{screen}");
+    // The status line points to the log for the rest.
+    assert!(screen.contains("(and 1 more: e shows the log)"), "{screen}");
+    // Actions on them are refused with the reason.
+    j.select("notes.txt");
+    j.key(KeyCode::Char('v'));
+    assert!(j.in_tree());
+    assert!(status_text(&j).contains("no image cowshed can use"));
+    // The log has both scan warnings and the refusal.
+    j.key(KeyCode::Char('e'));
+    assert!(matches!(j.app.mode, Mode::Log(_)));
+    let log = j.screen();
+    for want in ["link-1.qcow2", "link-2.qcow2", "cannot convert notes.txt"] {
+        assert!(log.contains(want), "{want} not in the log:\n{log}");
+    }
+    j.key(KeyCode::Esc);
+    assert!(j.in_tree());
+}
+
+/// Defect 10: a job's whole label and error, opened from the jobs pane.
+#[test]
+fn a_job_opens_whole_from_the_jobs_pane() {
+    let dir = fleet();
+    let d = dir.path();
+    // Longer than the status line and the pane: only the job opened
+    // shows it whole.
+    let long = format!("{}.qcow2", "a-rather-long-name-".repeat(8));
+    let long = long.as_str();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", long, "1M"], d);
+    let mut j = Journey::start(d);
+    // Clone base under the long name, which exists: the job fails.
+    j.key(KeyCode::Char('C'));
+    j.chars(long);
+    j.key(KeyCode::Enter);
+    assert!(matches!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Failed(_)
+    ));
+    let before = j.screen();
+    assert!(!before.contains(long), "shown whole already:\n{before}");
+    j.key(KeyCode::Tab);
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.mode, Mode::Job(_)));
+    // The popup wraps: join its lines back.
+    let screen = j.screen();
+    let joined: String = screen
+        .lines()
+        .map(|l| l.trim_matches(|c| c == '"' || c == '│' || c == ' '))
+        .collect();
+    assert!(joined.contains(long), "{screen}");
+    j.key(KeyCode::Esc);
+    assert_eq!(j.app.mode, Mode::Jobs);
+}
+
+/// Defect 3: at 60×18 the IN USE column stays, the header keeps its
+/// parts apart, the jobs pane does not cover the details, and the help
+/// scrolls to its end.
+#[test]
+fn a_small_terminal_keeps_in_use_the_header_details_and_all_of_help() {
+    let dir = fleet();
+    let d = dir.path();
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let mut j = Journey::sized(d, Config::default(), 60, 18);
+    j.select("web-1.qcow2");
+    let screen = j.screen();
+    let row = screen
+        .lines()
+        .find(|l| l.contains("web-1.qcow2 "))
+        .expect("row");
+    assert!(row.contains("write"), "IN USE dropped: {row}\n{screen}");
+    let header = screen.lines().next().expect("header");
+    assert!(
+        header.contains("  6 images") || header.contains("… 6 images"),
+        "{header}"
+    );
+    // A job: the details stay readable beside it.
+    j.select("disk.raw");
+    j.key(KeyCode::Char('c'));
+    let screen = j.screen();
+    // Under the details, not over them: the details keep the width.
+    let facts = screen
+        .lines()
+        .position(|l| l.contains("qcow2 v3 · 64 KiB clusters"))
+        .unwrap_or_else(|| panic!("details covered:\n{screen}"));
+    let jobs = screen
+        .lines()
+        .position(|l| l.contains(" jobs "))
+        .unwrap_or_else(|| panic!("no jobs pane:\n{screen}"));
+    assert!(jobs > facts, "{screen}");
+    // Help: the last line can be scrolled to.
+    j.key(KeyCode::Char('?'));
+    assert!(!j.screen().contains("mouse: click selects"));
+    j.key(KeyCode::End);
+    assert!(
+        j.screen().contains("mouse: click selects"),
+        "{}",
+        j.screen()
+    );
+    drop(vm);
 }

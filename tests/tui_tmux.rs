@@ -270,3 +270,79 @@ fn demo_guest_grows_an_overlay_through_the_engine() {
     );
     ok(&fleet, "qemu-img", &["check", "web-1.qcow2"]);
 }
+
+/// Issue 11, defect 13: `cowshed demo` without a DIR builds its fleet in a
+/// temporary directory and removes it on quit (it used to leave a fleet,
+/// its guest's image filled to 1 GiB, behind every run).
+#[test]
+fn demo_without_a_dir_removes_its_fleet_on_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let tmux = Tmux::start(
+        dir.path(),
+        "demo-temp",
+        &format!("env TMPDIR='{}' '{BIN}' demo", tmp.display()),
+    );
+    tmux.wait_for("the demo tree", |s| {
+        s.contains("web-1.qcow2") && s.contains("debian-12.qcow2")
+    });
+    let fleets: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert_eq!(fleets.len(), 1, "one fleet while it runs");
+    tmux.send("q");
+    let start = Instant::now();
+    while tmux.alive() {
+        assert!(
+            start.elapsed() < WAIT,
+            "demo did not quit:\n{}",
+            tmux.capture()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Issue 11, defect 6: an image the user may not read is shown where it
+/// is, greyed, with the reason, not dropped from the tree. Run as an
+/// unprivileged user (root reads everything), in a real terminal.
+#[test]
+fn an_image_that_cannot_be_read_is_shown_with_the_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for name in ["ok.qcow2", "locked.qcow2"] {
+        ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", name, "1M"]);
+        std::fs::set_permissions(d.join(name), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(
+        d.join("locked.qcow2"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let as_nobody = format!(
+        "setpriv --reuid 65534 --regid 65534 --clear-groups '{BIN}' '{}'",
+        d.display()
+    );
+    let tmux = Tmux::start(d, "unreadable", &as_nobody);
+    let screen = tmux.wait_for("both files", |s| {
+        s.contains("ok.qcow2") && s.contains("locked.qcow2")
+    });
+    let row = screen
+        .lines()
+        .find(|l| l.contains("locked.qcow2"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("unreadable") && row.contains("Permission denied"),
+        "{row}\n{screen}"
+    );
+    assert!(
+        screen.contains("1 image "),
+        "not counted as an image:\n{screen}"
+    );
+    tmux.send("q");
+}

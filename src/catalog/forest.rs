@@ -28,6 +28,9 @@ pub enum Flag {
     UnfollowedBacking { name: String },
     /// The header could not be read.
     Unreadable { message: String },
+    /// Not an image at all: a file the scan found and could not use (no
+    /// image header, unreadable), shown so that nothing vanishes silently.
+    Skipped { reason: String },
 }
 
 impl Flag {
@@ -43,6 +46,7 @@ impl Flag {
             }
             Flag::UnfollowedBacking { name } => format!("backing not followed: {name}"),
             Flag::Unreadable { message } => format!("unreadable: {message}"),
+            Flag::Skipped { reason } => reason.clone(),
         }
     }
 
@@ -56,6 +60,7 @@ impl Flag {
             Flag::BackingFormatMismatch { .. } => "backing-format-mismatch",
             Flag::UnfollowedBacking { .. } => "unfollowed-backing",
             Flag::Unreadable { .. } => "unreadable",
+            Flag::Skipped { .. } => "skipped",
         }
     }
 
@@ -140,6 +145,39 @@ impl Forest {
             flags,
         });
         id
+    }
+
+    /// Add files that are no images (`(path, reason, sizes)`) as rows of
+    /// their own: roots without a chain, among the others by path.
+    pub fn with_skipped(mut self, skipped: Vec<(PathBuf, String, super::Sizes)>) -> Forest {
+        for (path, reason, sizes) in skipped {
+            if self.by_key.contains_key(&path) {
+                continue;
+            }
+            let id = self.nodes.len();
+            self.by_key.insert(path.clone(), id);
+            self.nodes.push(Node {
+                record: ImageRecord {
+                    key: path.clone(),
+                    path,
+                    dev_ino: (0, 0),
+                    summary: None,
+                    error: None,
+                    sizes,
+                    mtime: None,
+                    lock: crate::engine::LockState::None,
+                    holders: Vec::new(),
+                },
+                parent: None,
+                children: Vec::new(),
+                flags: vec![Flag::Skipped { reason }],
+            });
+            self.roots.push(id);
+        }
+        let nodes = &self.nodes;
+        self.roots
+            .sort_by(|a, b| nodes[*a].record.path.cmp(&nodes[*b].record.path));
+        self
     }
 
     pub fn get(&self, key: &Path) -> Option<NodeId> {

@@ -18,6 +18,14 @@ use crate::engine::{inspect_file, Format, LockState};
 #[derive(Debug)]
 pub enum ScanEvent {
     Image(Box<ImageRecord>),
+    /// A visible file that is no image cowshed reads (a UI shows it, greyed,
+    /// with the reason, so nothing vanishes silently). Hidden files (a dot
+    /// first) are not reported.
+    Skipped {
+        path: PathBuf,
+        reason: String,
+        sizes: Sizes,
+    },
     /// A directory or file that could not be read; the scan goes on.
     Error {
         path: PathBuf,
@@ -42,15 +50,19 @@ pub fn scan(roots: &[PathBuf], threads: usize, tx: &Sender<ScanEvent>) {
             let tx = tx.clone();
             s.spawn(move || {
                 for path in rx {
-                    match read_record(&path) {
-                        Ok(Some(r)) => {
-                            let _ = tx.send(ScanEvent::Image(Box::new(r)));
+                    let ev = match classify(&path) {
+                        Ok(Found::Image(r)) => ScanEvent::Image(r),
+                        Ok(Found::Other { reason, sizes }) if !is_hidden(&path) => {
+                            ScanEvent::Skipped {
+                                path,
+                                reason,
+                                sizes,
+                            }
                         }
-                        Ok(None) => {}
-                        Err(message) => {
-                            let _ = tx.send(ScanEvent::Error { path, message });
-                        }
-                    }
+                        Ok(Found::Other { .. }) => continue,
+                        Err(message) => ScanEvent::Error { path, message },
+                    };
+                    let _ = tx.send(ev);
                 }
             });
         }
@@ -101,19 +113,43 @@ pub fn scan_all(roots: &[PathBuf]) -> (Vec<ImageRecord>, Vec<(PathBuf, String)>)
         match ev {
             ScanEvent::Image(r) => images.push(*r),
             ScanEvent::Error { path, message } => errors.push((path, message)),
-            ScanEvent::Done => {}
+            ScanEvent::Skipped { .. } | ScanEvent::Done => {}
         }
     }
     images.sort_by(|a, b| a.path.cmp(&b.path));
     (images, errors)
 }
 
+/// What a file turned out to be.
+pub enum Found {
+    Image(Box<ImageRecord>),
+    /// Not an image cowshed reads, and why.
+    Other {
+        reason: String,
+        sizes: Sizes,
+    },
+}
+
 /// Stat and probe one file: `Ok(None)` if it is not an image.
 pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
+    Ok(match classify(path)? {
+        Found::Image(r) => Some(*r),
+        Found::Other { .. } => None,
+    })
+}
+
+/// Stat and probe one file: an image's record, or why it is none.
+pub fn classify(path: &Path) -> Result<Found, String> {
     let file = crate::engine::format::open_image_file(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
+    let sizes = Sizes {
+        virtual_size: 0,
+        allocated: meta.blocks() * 512,
+        apparent: meta.len(),
+    };
+    let other = |reason: String| Ok(Found::Other { reason, sizes });
     if !meta.is_file() {
-        return Ok(None);
+        return other("not a regular file".into());
     }
     let (summary, error) = match inspect_file(&file, path) {
         Ok(s) => (Some(s), None),
@@ -121,12 +157,16 @@ pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
         // with its problem.
         Err(e) => match crate::engine::format::probe_file(&file, path) {
             Ok(Format::Qcow2) => (None, Some(e.to_string())),
-            _ => return Ok(None),
+            _ => return other(format!("unreadable: {e}")),
         },
     };
     if let Some(s) = &summary {
         if s.format == Format::Raw && !has_raw_extension(path) {
-            return Ok(None);
+            return other(
+                "not a disk image cowshed recognises (no image header; raw images are \
+                 named .raw or .img)"
+                    .into(),
+            );
         }
     }
     let lock = lock_bytes(&file, path).map_or(LockState::None, |b| b.state());
@@ -138,7 +178,7 @@ pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
             .remove(&dev_ino)
             .unwrap_or_default()
     };
-    Ok(Some(ImageRecord {
+    Ok(Found::Image(Box::new(ImageRecord {
         path: path.to_path_buf(),
         key: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
         dev_ino,
@@ -152,7 +192,12 @@ pub fn read_record(path: &Path) -> Result<Option<ImageRecord>, String> {
         mtime: meta.modified().ok(),
         lock,
         holders,
-    }))
+    })))
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
 fn has_raw_extension(path: &Path) -> bool {

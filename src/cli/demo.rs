@@ -45,6 +45,11 @@ const GROWING: &str = "web-1.qcow2";
 /// The guest's pace: 1 MiB per tick, about 3.3 MiB/s.
 const GUEST_WRITE: u64 = MIB;
 const GUEST_PERIOD: Duration = Duration::from_millis(300);
+/// The guest writes like a log within the first this many bytes of the
+/// disk: at the end it discards them and starts again, so the overlay
+/// grows most of the time yet never takes much more than this on disk,
+/// however long the demo runs (it used to fill its whole 1 GiB).
+const GUEST_SPAN: u64 = 192 * MIB;
 
 enum Kind {
     Base {
@@ -129,7 +134,8 @@ const FLEET: &[Image] = &[
 ];
 
 pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
-    let dir = prepare_dir(a.dir)?;
+    let given = a.dir.is_some();
+    let (dir, temporary) = prepare_dir(a.dir)?;
     let (made, kept) = build_fleet(&dir)?;
     println!(
         "cowshed demo fleet in {} ({made} images built, {kept} kept):",
@@ -139,17 +145,35 @@ pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
         println!("  {:<16} {}", image.name, describe(&image.kind));
     }
     if a.no_tui {
+        // Built for later use: kept, whatever the directory.
+        if let Some(t) = temporary {
+            let _ = t.keep();
+        }
         return Ok(0);
     }
     println!(
-        "simulated guest: cowshed's writer puts {} into {GROWING} every {} ms, holding it like a running VM (stops when cowshed exits)",
+        "simulated guest: cowshed's writer puts {} into {GROWING} every {} ms within its first {}, \
+         holding it like a running VM (stops when cowshed exits)",
         human_size(GUEST_WRITE),
-        GUEST_PERIOD.as_millis()
+        GUEST_PERIOD.as_millis(),
+        human_size(GUEST_SPAN)
     );
+    if !given {
+        println!("the fleet is removed when cowshed exits (give a DIR to keep it)");
+    }
     let guest = Guest::start(dir.join(GROWING))?;
     let code = open_tui(&dir);
     if let Some(err) = guest.stop() {
         eprintln!("cowshed: the simulated guest stopped early: {err}");
+    }
+    // The guest has let go of its image: the temporary fleet can go.
+    if let Some(t) = temporary {
+        if let Err(e) = t.close() {
+            eprintln!(
+                "cowshed: cannot remove the demo fleet {}: {e}",
+                display(&dir)
+            );
+        }
     }
     code
 }
@@ -160,7 +184,7 @@ pub fn run(a: DemoArgs) -> color_eyre::Result<i32> {
 /// were built and whether they hold data (always, since the engine writes
 /// it; kept for callers that predate the writer).
 pub fn build_fleet_in(dir: &Path) -> color_eyre::Result<(usize, bool)> {
-    let dir = prepare_dir(Some(dir.to_path_buf()))?;
+    let (dir, _) = prepare_dir(Some(dir.to_path_buf()))?;
     let (made, _) = build_fleet(&dir)?;
     Ok((made, true))
 }
@@ -181,14 +205,15 @@ fn open_tui(dir: &Path) -> color_eyre::Result<i32> {
 }
 
 /// The directory to build in: `dir` if new, empty or a previous demo
-/// fleet; else a fresh temporary one (kept after exit).
-fn prepare_dir(dir: Option<PathBuf>) -> color_eyre::Result<PathBuf> {
+/// fleet; else a fresh temporary one, returned with its guard (dropping
+/// it removes the fleet).
+fn prepare_dir(dir: Option<PathBuf>) -> color_eyre::Result<(PathBuf, Option<tempfile::TempDir>)> {
     let Some(dir) = dir else {
         let tmp = tempfile::Builder::new()
             .prefix("cowshed-demo-")
             .tempdir()
             .wrap_err("cannot create a temporary directory for the demo")?;
-        return Ok(tmp.keep());
+        return Ok((tmp.path().to_path_buf(), Some(tmp)));
     };
     match fs::metadata(&dir) {
         Err(_) => {
@@ -209,7 +234,7 @@ fn prepare_dir(dir: Option<PathBuf>) -> color_eyre::Result<PathBuf> {
             }
         }
     }
-    Ok(dir)
+    Ok((dir, None))
 }
 
 /// Build what is missing; returns (built, kept).
@@ -300,11 +325,11 @@ struct Guest {
 impl Guest {
     fn start(image: PathBuf) -> color_eyre::Result<Guest> {
         let mut writer = Qcow2Writer::open(&image)?;
-        let virtual_size = writer.virtual_size();
+        let span = GUEST_SPAN.min(writer.virtual_size()).max(GUEST_WRITE);
         // Continue past what is written already, so a reused fleet grows
         // too: the file's length is about the data it holds.
         let apparent = fs::metadata(&image).map_or(0, |m| m.len());
-        let start = (apparent / GUEST_WRITE * GUEST_WRITE) % virtual_size.max(GUEST_WRITE);
+        let start = (apparent / GUEST_WRITE * GUEST_WRITE) % span;
         let (stop, stop_rx) = bounded::<()>(0);
         let thread = thread::Builder::new()
             .name("cowshed-demo-guest".into())
@@ -312,16 +337,9 @@ impl Guest {
                 let mut offset = start;
                 for n in 0u64.. {
                     let tick = Instant::now();
-                    let pattern = (n % 255 + 1) as u8;
-                    // Flushed like a guest's fsync, so what the TUI reads of
-                    // the image's tables follows the writes.
-                    let wrote = writer
-                        .write(&vec![pattern; GUEST_WRITE as usize], offset)
-                        .and_then(|()| writer.flush());
-                    if let Err(e) = wrote {
+                    if let Err(e) = guest_write(&mut writer, &mut offset, n, span) {
                         return Some(e.to_string());
                     }
-                    offset = (offset + GUEST_WRITE) % virtual_size.max(GUEST_WRITE);
                     let left = GUEST_PERIOD.saturating_sub(tick.elapsed());
                     match stop_rx.recv_timeout(left) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -349,8 +367,71 @@ impl Guest {
     }
 }
 
+/// One write of the guest at `offset` within `span`, the log rotated
+/// (the span discarded, writing from its start again) when it is full.
+/// Flushed like a guest's fsync, so what the TUI reads of the image's
+/// tables follows the writes.
+fn guest_write(
+    writer: &mut Qcow2Writer,
+    offset: &mut u64,
+    n: u64,
+    span: u64,
+) -> crate::engine::Result<()> {
+    if *offset + GUEST_WRITE > span {
+        writer.discard(0, span)?;
+        *offset = 0;
+    }
+    let pattern = (n % 255 + 1) as u8;
+    writer.write(&vec![pattern; GUEST_WRITE as usize], *offset)?;
+    writer.flush()?;
+    *offset += GUEST_WRITE;
+    Ok(())
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Issue 11, defect 13: however long the guest writes, the overlay
+    /// stays within its span (plus metadata), and QEMU finds it clean.
+    #[test]
+    fn the_guest_writes_like_a_rotated_log_within_its_span() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("guest.qcow2");
+        let opts = CreateOptions {
+            size: Some(64 * MIB),
+            ..CreateOptions::default()
+        };
+        engine::create(&image, &opts).expect("create");
+        let span = 8 * MIB;
+        let mut writer = Qcow2Writer::open(&image).expect("open");
+        let mut offset = 0;
+        let mut most = 0;
+        for n in 0..40 {
+            guest_write(&mut writer, &mut offset, n, span).expect("write");
+            let allocated = fs::metadata(&image).expect("stat").blocks() * 512;
+            most = most.max(allocated);
+        }
+        drop(writer);
+        // Data up to the span, and a few clusters of metadata.
+        assert!(most <= span + MIB, "grew to {most} bytes");
+        assert!(most >= span / 2, "hardly wrote: {most}");
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(&image)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
     }
 }

@@ -12,6 +12,7 @@ mod map;
 mod measure;
 mod progress;
 mod rebase;
+mod shell;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -97,6 +98,13 @@ pub enum Command {
     /// disk, a broken overlay), start a simulated guest writing into one
     /// overlay, and open the TUI on it.
     Demo(demo::DemoArgs),
+    /// Print shell completions on stdout (see the README: Installing).
+    Completions(shell::CompletionsArgs),
+    /// Print the man page (roff) on stdout (see the README: Installing).
+    Manpage,
+    /// Print the default config file: every setting, commented out with
+    /// its default (what assets/config.toml holds).
+    DefaultConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -108,6 +116,14 @@ pub enum Output {
 
 pub fn run(cli: Cli) -> color_eyre::Result<i32> {
     let Some(command) = cli.command else {
+        if let Some(word) = mistyped_command(&cli.roots) {
+            eprintln!(
+                "cowshed: unknown command '{word}' (commands: {}); to open the terminal UI \
+                 on a directory of that name, write ./{word}",
+                shell::command_names().join(", ")
+            );
+            return Ok(2);
+        }
         return crate::tui::run(cli.roots, cli.config);
     };
     match command {
@@ -121,7 +137,22 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Tree(a) => tree::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Completions(a) => shell::completions(a),
+        Command::Manpage => shell::manpage(),
+        Command::DefaultConfig => shell::default_config(),
     }
+}
+
+/// The first root, when it is no directory but a word that looks like a
+/// command (`cowshed resize x.qcow2 +1G`): the user meant a subcommand,
+/// and "resize: no such file or directory" would not say so.
+fn mistyped_command(roots: &[std::path::PathBuf]) -> Option<String> {
+    let first = roots.first()?.to_str()?;
+    let looks_like_a_command = first.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && first
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    (looks_like_a_command && std::fs::symlink_metadata(first).is_err()).then(|| first.to_string())
 }
 
 /// Parse a `-f`/`-O` format name.

@@ -19,26 +19,40 @@ fn install_ctrlc(cancel: &Cancel) -> color_eyre::Result<()> {
     .map_err(|e| eyre!("cannot catch Ctrl-C: {e}"))
 }
 
-/// Print `(NN.NN/100%)` lines like qemu-img -p, on stderr.
+/// Print `(NN.NN/100%) RATE/s` like qemu-img -p, on stderr: rewritten
+/// in place on a terminal; elsewhere (a log, a pipe) one line per percent,
+/// so no two reports share a line. Nothing is printed before the
+/// operation knows its total: "100% at 0 B/s" before any work was the
+/// first thing users saw.
 fn spawn_reporter(p: Arc<Progress>) -> (Cancel, std::thread::JoinHandle<()>) {
+    use std::io::IsTerminal;
     let stop = Cancel::new();
     let s = stop.clone();
+    let tty = std::io::stderr().is_terminal();
     let handle = std::thread::spawn(move || {
         let start = Instant::now();
+        let mut last_whole: Option<u64> = None;
+        let mut drawn = false;
         loop {
+            let stopping = s.is_cancelled();
             let (done, total) = p.snapshot();
-            let pct = if total == 0 {
-                100.0
-            } else {
-                done as f64 * 100.0 / total as f64
-            };
-            let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
-            eprint!(
-                "\r    ({pct:6.2}/100%) {}/s   ",
-                super::human_size(rate as u64)
-            );
-            if s.is_cancelled() {
-                eprintln!();
+            if total > 0 {
+                let pct = done.min(total) as f64 * 100.0 / total as f64;
+                let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-3);
+                let line = format!("    ({pct:6.2}/100%) {}/s", super::human_size(rate as u64));
+                let whole = pct as u64;
+                if tty {
+                    eprint!("\r{line}   ");
+                    drawn = true;
+                } else if last_whole != Some(whole) {
+                    eprintln!("{line}");
+                    last_whole = Some(whole);
+                }
+            }
+            if stopping {
+                if drawn {
+                    eprintln!();
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));

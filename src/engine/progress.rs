@@ -11,6 +11,9 @@ use super::error::{Error, Result};
 pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
+    /// Bytes of data actually moved into the target (not holes skipped,
+    /// not ranges already in place): what "copied" reports.
+    copied: AtomicU64,
 }
 
 impl Progress {
@@ -24,6 +27,15 @@ impl Progress {
 
     pub fn advance(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Data bytes written into the target (or copied in the kernel).
+    pub fn add_copied(&self, bytes: u64) {
+        self.copied.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
     }
 
     /// `(done, total)` in bytes of guest data.

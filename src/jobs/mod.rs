@@ -48,6 +48,27 @@ impl JobState {
     }
 }
 
+/// How far a job is: `done` of `total` bytes of the guest disk gone
+/// through (the bar), and the data bytes actually `copied` (a commit of a
+/// small overlay goes through the whole disk but copies little).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobProgress {
+    pub done: u64,
+    pub total: u64,
+    pub copied: u64,
+}
+
+impl JobProgress {
+    fn of(p: &Progress) -> JobProgress {
+        let (done, total) = p.snapshot();
+        JobProgress {
+            done,
+            total,
+            copied: p.copied(),
+        }
+    }
+}
+
 /// Sent whenever a job changes state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {
@@ -56,9 +77,9 @@ pub struct JobEvent {
     /// The image the job made, if it made one (a clone's new overlay), so a
     /// UI can show and select it.
     pub created: Option<PathBuf>,
-    /// `(done, total)` bytes when the job finished: its live progress is
-    /// dropped with it, and a UI polling on ticks may have missed the end.
-    pub progress: (u64, u64),
+    /// Progress when the job finished: its live progress is dropped with
+    /// it, and a UI polling on ticks may have missed the end.
+    pub progress: JobProgress,
 }
 
 /// What a job runs. It returns the path of an image it created, if any.
@@ -142,7 +163,7 @@ impl Jobs {
             id,
             state: JobState::Queued,
             created: None,
-            progress: (0, 0),
+            progress: JobProgress::default(),
         });
         lock(&self.shared.queue).pending.push_back(Pending {
             id,
@@ -169,16 +190,18 @@ impl Jobs {
                 id,
                 state: JobState::Cancelled,
                 created: None,
-                progress: (0, 0),
+                progress: JobProgress::default(),
             });
         } else if let Some((_, c)) = lock(&self.shared.live).get(&id) {
             c.cancel();
         }
     }
 
-    /// `(done, total)` bytes of a job not yet finished.
-    pub fn progress(&self, id: JobId) -> Option<(u64, u64)> {
-        lock(&self.shared.live).get(&id).map(|(p, _)| p.snapshot())
+    /// Progress of a job not yet finished.
+    pub fn progress(&self, id: JobId) -> Option<JobProgress> {
+        lock(&self.shared.live)
+            .get(&id)
+            .map(|(p, _)| JobProgress::of(p))
     }
 }
 
@@ -234,7 +257,7 @@ fn worker(shared: &Shared) {
             id: job.id,
             state: JobState::Running,
             created: None,
-            progress: (0, 0),
+            progress: JobProgress::default(),
         });
         let work = job.work;
         let _faults = job.faults.enter();
@@ -250,7 +273,7 @@ fn worker(shared: &Shared) {
                 None,
             ),
         };
-        let last = progress.snapshot();
+        let last = JobProgress::of(&progress);
         lock(&shared.live).remove(&job.id);
         {
             let mut q = lock(&shared.queue);
@@ -366,7 +389,7 @@ mod tests {
         }
         // The job sets its total right after it starts running.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while jobs.progress(id) != Some((0, 100)) {
+        while jobs.progress(id).map(|p| (p.done, p.total)) != Some((0, 100)) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "progress: {:?}",

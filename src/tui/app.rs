@@ -1,7 +1,8 @@
 //! The TUI's state and its one way to change: [`App::update`]. Nothing here
 //! reads a file: scans, probes and details are asked of the worker threads
 //! (`worker.rs`), engine operations run as jobs, and the answers come back
-//! as events.
+//! as events. Keys are routed through the key table's layers: to the open
+//! dialog (`dialog/`), else to the mode's own handling.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,20 +11,22 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use ratatui::crossterm::event::{
-    Event as CtEvent, KeyCode, KeyEvent, KeyEventKind, MouseButton, MouseEvent, MouseEventKind,
+    Event as CtEvent, KeyEvent, KeyEventKind, MouseButton, MouseEvent, MouseEventKind,
 };
 use ratatui::layout::{Position, Rect};
 
-use super::chainops::{BackingPick, ConvertPlan, FlattenPlan, RebasePlan};
 use super::config::Config;
+use super::dialog::{self, Ctx, Dialog, JobSpec, Outcome};
 use super::event::Event;
-use super::keymap::{Action, Key, Keymap};
+use super::keymap::{Action, Hint, Key, Keymap, Layer};
+use super::rows::{build_rows, relative_to_roots, RowOptions};
 use super::theme::Theme;
 use super::view;
 use super::worker::{CatalogCmd, CatalogHandle, Details, InspectHandle};
-use crate::catalog::{Forest, NodeId};
-use crate::engine::{self, CreateOptions, Format};
-use crate::jobs::{JobId, JobState, Jobs, Work, DEFAULT_WORKERS};
+use crate::catalog::{Flag, Forest, NodeId};
+use crate::jobs::{JobId, JobProgress, JobState, Jobs, DEFAULT_WORKERS};
+
+pub use super::rows::{file_name, Growth, Row, SortKey};
 
 /// Identity and state of a record, to tell when details are stale.
 type Stamp = (
@@ -36,97 +39,33 @@ type Stamp = (
 /// How often the UI redraws while something moves.
 pub const TICK: Duration = Duration::from_millis(250);
 
+/// Where keys go when no dialog is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SortKey {
-    Name,
-    Size,
-    Growth,
-}
-
-impl SortKey {
-    pub fn name(self) -> &'static str {
-        match self {
-            SortKey::Name => "name",
-            SortKey::Size => "size",
-            SortKey::Growth => "growth",
-        }
-    }
-
-    fn next(self) -> SortKey {
-        match self {
-            SortKey::Name => SortKey::Size,
-            SortKey::Size => SortKey::Growth,
-            SortKey::Growth => SortKey::Name,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
-    Normal,
+    Tree,
     /// Typing a filter.
     Filter,
-    /// Typing the name of a clone of the image with this key.
-    CloneName {
-        source: PathBuf,
-        input: String,
-    },
-    Help,
-    /// Asking before a commit; nothing has been done yet.
-    ConfirmCommit(Box<CommitPlan>),
-    /// `b`: choosing the new backing in the tree (or typing its path).
-    PickBacking(Box<BackingPick>),
-    /// Safe or unsafe, asked before a rebase.
-    ConfirmRebase(Box<RebasePlan>),
-    ConfirmFlatten(Box<FlattenPlan>),
-    /// The convert dialog.
-    Convert(Box<ConvertPlan>),
+    /// The jobs pane has the keys.
+    Jobs,
+    /// One job, opened from the jobs pane.
+    Job(JobId),
+    /// The help popup, scrolled this many lines.
+    Help(usize),
+    /// The log, scrolled this many lines from its start.
+    Log(usize),
 }
 
-/// What a commit of the selected overlay would do, computed from the forest
-/// in memory when `m` is pressed (no I/O on the key path), shown in the
-/// confirm dialog and carried out when confirmed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitPlan {
-    pub top: PathBuf,
-    pub top_key: PathBuf,
-    pub base: PathBuf,
-    pub base_key: PathBuf,
-    /// The overlay's allocated bytes: about what gets copied.
-    pub allocated: u64,
-    /// Other overlays of the base (the top's siblings and everything on
-    /// them) among the scanned images: their view changes with the base.
-    pub affected: usize,
-    /// The base's file system may be too small for what is copied.
-    pub space_warning: Option<String>,
-    /// What the user typed: with affected overlays the word `yes` is
-    /// required, so a reflexive Enter cannot invalidate them.
-    pub input: String,
-    /// Enter was pressed without `yes` typed: say what is wanted.
-    pub nudge: bool,
-}
-
-impl CommitPlan {
-    pub fn needs_typed_yes(&self) -> bool {
-        self.affected > 0
+impl Mode {
+    pub fn layer(self) -> Layer {
+        match self {
+            Mode::Tree => Layer::Tree,
+            Mode::Filter => Layer::Filter,
+            Mode::Jobs => Layer::Jobs,
+            Mode::Job(_) => Layer::Job,
+            Mode::Help(_) => Layer::Help,
+            Mode::Log(_) => Layer::Log,
+        }
     }
-}
-
-/// One visible line of the tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    pub id: NodeId,
-    pub depth: usize,
-    /// Tree guides drawn before the name (`│ ├ └`).
-    pub guides: String,
-    pub has_children: bool,
-    pub folded: bool,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Growth {
-    pub rate: f64,
-    pub history: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,7 +79,7 @@ pub struct JobView {
     /// Paths the catalog re-probes when the job ends (sizes, headers).
     pub refresh: Vec<PathBuf>,
     pub state: JobState,
-    pub progress: (u64, u64),
+    pub progress: JobProgress,
     /// When it started running, for the rate.
     pub started: Option<Instant>,
     /// Bytes per second since it started, and the time left at that rate;
@@ -150,23 +89,60 @@ pub struct JobView {
 }
 
 impl JobView {
-    pub(crate) fn new(
-        id: JobId,
-        kind: &'static str,
-        label: String,
-        touches: Vec<PathBuf>,
-    ) -> JobView {
+    fn new(id: JobId, spec: &JobSpec) -> JobView {
         JobView {
             id,
-            kind,
-            label,
-            touches,
-            refresh: Vec::new(),
+            kind: spec.kind,
+            label: spec.label.clone(),
+            touches: spec.touches.clone(),
+            refresh: spec.refresh.clone(),
             state: JobState::Queued,
-            progress: (0, 0),
+            progress: JobProgress::default(),
             started: None,
             rate: 0.0,
             eta: None,
+        }
+    }
+
+    /// Average rate since the start and the time left at that rate.
+    fn update_rate(&mut self, now: Instant) {
+        let Some(start) = self.started else {
+            return;
+        };
+        let secs = now.duration_since(start).as_secs_f64();
+        let JobProgress { done, total, .. } = self.progress;
+        // Over the first few milliseconds the average is mostly noise.
+        if secs < 0.05 || done == 0 {
+            return;
+        }
+        self.rate = done as f64 / secs;
+        self.eta =
+            (total >= done).then(|| Duration::from_secs_f64((total - done) as f64 / self.rate));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusKind {
+    /// What just happened (sorted, a job started).
+    Info,
+    /// A job or an action ended well.
+    Done,
+    /// Something was stopped or not done on request: nothing changed.
+    Cancelled,
+    /// A problem that does not stop anything (scan warnings).
+    Warning,
+    Error,
+}
+
+impl StatusKind {
+    /// The glyph before the text: colour is never alone.
+    pub fn glyph(self) -> &'static str {
+        match self {
+            StatusKind::Info => "·",
+            StatusKind::Done => "✓",
+            StatusKind::Cancelled => "–",
+            StatusKind::Warning => "!",
+            StatusKind::Error => "✗",
         }
     }
 }
@@ -175,7 +151,50 @@ impl JobView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     pub text: String,
-    pub error: bool,
+    pub kind: StatusKind,
+}
+
+impl Status {
+    pub fn info(text: impl Into<String>) -> Status {
+        Status {
+            text: text.into(),
+            kind: StatusKind::Info,
+        }
+    }
+
+    pub fn done(text: impl Into<String>) -> Status {
+        Status {
+            text: text.into(),
+            kind: StatusKind::Done,
+        }
+    }
+
+    pub fn cancelled(text: impl Into<String>) -> Status {
+        Status {
+            text: text.into(),
+            kind: StatusKind::Cancelled,
+        }
+    }
+
+    pub fn error(text: impl Into<String>) -> Status {
+        Status {
+            text: text.into(),
+            kind: StatusKind::Error,
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.kind == StatusKind::Error
+    }
+}
+
+/// One line of the log: every warning, refusal and job result since start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Local time of day, `HH:MM:SS`.
+    pub time: String,
+    pub kind: StatusKind,
+    pub text: String,
 }
 
 /// Totals for the header.
@@ -203,14 +222,15 @@ pub struct App {
     pub filter: String,
     pub sort: SortKey,
     pub mode: Mode,
+    /// The open dialog; it has the keys while open.
+    pub dialog: Option<Dialog>,
     pub details: Option<Details>,
     pub growth: HashMap<PathBuf, Growth>,
     pub jobs: Vec<JobView>,
-    /// Keys move through the jobs pane instead of the tree (Tab).
-    pub jobs_focus: bool,
-    /// The job `x` cancels; `None` means the newest unfinished one.
+    /// The job the jobs pane's keys act on; `None` means the newest.
     pub job_selected: Option<JobId>,
     pub status: Option<Status>,
+    pub log: Vec<LogEntry>,
     /// The terminal's size, for layout-dependent decisions (scrolling,
     /// mouse hits).
     pub area: Rect,
@@ -222,6 +242,8 @@ pub struct App {
     details_stamp: Option<Stamp>,
     /// Select this path as soon as the catalog shows it (a new clone).
     select_after: Option<PathBuf>,
+    /// Scan warnings already in the log (a scan re-sends its list).
+    logged_scan_errors: HashSet<(PathBuf, String)>,
     catalog_seen: u64,
     catalog: CatalogHandle,
     pub(crate) inspector: InspectHandle,
@@ -260,19 +282,21 @@ impl App {
             folded: HashSet::new(),
             filter: String::new(),
             sort: SortKey::Name,
-            mode: Mode::Normal,
+            mode: Mode::Tree,
+            dialog: None,
             details: None,
             growth: HashMap::new(),
             jobs: Vec::new(),
-            jobs_focus: false,
             job_selected: None,
             status: None,
+            log: Vec::new(),
             area,
             quit: false,
             selected_key: None,
             details_wanted: None,
             details_stamp: None,
             select_after: None,
+            logged_scan_errors: HashSet::new(),
             catalog_seen: 0,
             catalog,
             inspector,
@@ -298,7 +322,7 @@ impl App {
             || self.details_wanted.is_some()
             || self.jobs.iter().any(|j| !j.state.is_finished())
             || self.select_after.is_some()
-            || matches!(&self.mode, Mode::PickBacking(p) if p.probing.is_some())
+            || matches!(&self.dialog, Some(Dialog::Pick(p)) if p.probing.is_some())
     }
 
     /// Handle events from `rx` until the app is no longer busy (or
@@ -327,14 +351,7 @@ impl App {
     /// The path to show for an image: relative to the root it was found
     /// under, so the screen says what the operator typed.
     pub fn display_path(&self, p: &Path) -> String {
-        for r in &self.roots {
-            if let Ok(rel) = p.strip_prefix(r) {
-                if !rel.as_os_str().is_empty() {
-                    return rel.display().to_string();
-                }
-            }
-        }
-        p.display().to_string()
+        relative_to_roots(&self.roots, p)
     }
 
     /// `text` (an error message) with the roots' prefixes taken off the
@@ -365,6 +382,47 @@ impl App {
         out
     }
 
+    /// The keys the screen offers now (the footer, or the open dialog's
+    /// hint line), all from the key table.
+    pub fn hints(&self) -> Vec<Hint> {
+        match &self.dialog {
+            Some(d) => d.hints(&self.keymap),
+            None => self.keymap.footer(self.mode.layer()),
+        }
+    }
+
+    /// The layers keys are looked up in now.
+    pub fn layers(&self) -> &'static [Layer] {
+        match &self.dialog {
+            Some(d) => d.layers(),
+            None => match self.mode {
+                Mode::Tree => &[Layer::Tree],
+                Mode::Filter => &[Layer::Filter],
+                Mode::Jobs => &[Layer::Jobs],
+                Mode::Job(_) => &[Layer::Job],
+                Mode::Help(_) => &[Layer::Help],
+                Mode::Log(_) => &[Layer::Log],
+            },
+        }
+    }
+
+    /// Put `s` on the status line; everything but passing information is
+    /// kept in the log too.
+    pub fn say(&mut self, s: Status) {
+        if s.kind != StatusKind::Info {
+            self.log_entry(s.kind, s.text.clone());
+        }
+        self.status = Some(s);
+    }
+
+    fn log_entry(&mut self, kind: StatusKind, text: String) {
+        self.log.push(LogEntry {
+            time: clock(),
+            kind,
+            text,
+        });
+    }
+
     pub fn update(&mut self, event: Event) {
         match event {
             Event::Input(CtEvent::Key(k)) if k.kind != KeyEventKind::Release => self.on_key(k),
@@ -377,9 +435,18 @@ impl App {
             Event::Catalog(u) => {
                 self.catalog_seen = self.catalog_seen.max(u.seq);
                 self.scanning = u.scanning;
+                for e in &u.errors {
+                    if self.logged_scan_errors.insert(e.clone()) {
+                        let text = format!("{}: {}", self.display_path(&e.0), e.1);
+                        self.log_entry(StatusKind::Warning, text);
+                    }
+                }
                 self.scan_errors = u.errors;
                 self.forest = u.forest;
                 self.totals = totals(&self.forest);
+                // Growth of images that are gone would stay forever.
+                let forest = Arc::clone(&self.forest);
+                self.growth.retain(|k, _| forest.get(k).is_some());
                 let mut select = None;
                 if let Some(want) = &self.select_after {
                     if let Some(id) = self
@@ -388,13 +455,10 @@ impl App {
                         .iter()
                         .position(|n| &n.record.path == want)
                     {
-                        // Unfold the way to it, and make sure a filter
-                        // does not hide it.
+                        // Unfold the way to it (a filter that hides it is
+                        // cleared below).
                         for a in self.forest.chain(id).into_iter().skip(1) {
                             self.folded.remove(&self.forest.nodes[a].record.key);
-                        }
-                        if !self.filter.is_empty() && !self.name_matches(id) {
-                            self.filter.clear();
                         }
                         select = Some(id);
                         self.select_after = None;
@@ -404,15 +468,18 @@ impl App {
                     }
                 }
                 self.rebuild_rows();
-                if let Some(i) = select.and_then(|id| self.rows.iter().position(|r| r.id == id)) {
-                    self.select_row(i);
+                if let Some(id) = select {
+                    if !self.filter.is_empty() && !self.rows.iter().any(|r| r.id == id) {
+                        self.filter.clear();
+                        self.rebuild_rows();
+                    }
+                    if let Some(i) = self.rows.iter().position(|r| r.id == id) {
+                        self.select_row(i);
+                    }
                 }
                 // The selected image changed on disk (a guest writes, a
                 // header was rewritten): its details are stale.
-                let stamp = self.selected_stamp();
-                if stamp.is_some() && stamp != self.details_stamp && self.details_wanted.is_none() {
-                    self.request_details();
-                }
+                self.refresh_stale_details();
             }
             Event::Details(d) => {
                 if self.details_wanted.as_ref() == Some(&d.key) {
@@ -422,7 +489,13 @@ impl App {
                     self.details = Some(*d);
                 }
             }
-            Event::BackingProbe(p) => self.on_backing_probe(p),
+            Event::BackingProbe(p) => {
+                if let Some(mut d) = self.dialog.take() {
+                    let outcome = d.on_probe(p, &self.ctx());
+                    self.dialog = Some(d);
+                    self.apply(outcome);
+                }
+            }
             Event::Job(e) => self.on_job(e),
             Event::Growth {
                 key,
@@ -433,7 +506,11 @@ impl App {
                 if rate > 0.0 {
                     self.last_growth = Some(Instant::now());
                 }
-                self.growth.insert(key, Growth { rate, history });
+                if rate == 0.0 && history.iter().all(|&b| b == 0) {
+                    self.growth.remove(&key);
+                } else {
+                    self.growth.insert(key, Growth { rate, history });
+                }
                 if self.sort == SortKey::Growth {
                     self.rebuild_rows();
                 }
@@ -445,13 +522,7 @@ impl App {
                     if self.sort != SortKey::Name {
                         self.rebuild_rows();
                     }
-                    let stamp = self.selected_stamp();
-                    if stamp.is_some()
-                        && stamp != self.details_stamp
-                        && self.details_wanted.is_none()
-                    {
-                        self.request_details();
-                    }
+                    self.refresh_stale_details();
                 }
             }
             Event::Tick => {
@@ -468,6 +539,13 @@ impl App {
         }
     }
 
+    fn refresh_stale_details(&mut self) {
+        let stamp = self.selected_stamp();
+        if stamp.is_some() && stamp != self.details_stamp && self.details_wanted.is_none() {
+            self.request_details();
+        }
+    }
+
     fn on_job(&mut self, e: crate::jobs::JobEvent) {
         let Some(j) = self.jobs.iter_mut().find(|j| j.id == e.id) else {
             return;
@@ -478,7 +556,7 @@ impl App {
         }
         if e.state.is_finished() {
             // The pool's last word on progress: ticks may have missed it.
-            if e.progress.1 > 0 {
+            if e.progress.total > 0 {
                 j.progress = e.progress;
             }
             j.eta = None;
@@ -495,33 +573,35 @@ impl App {
                     Some(p) => format!("{label}: created {}", self.display_path(p)),
                     None => format!("{label}: done"),
                 };
-                self.status = Some(Status { text, error: false });
+                self.say(Status::done(text));
                 if let Some(p) = e.created {
                     self.select_after = Some(p.clone());
                     self.catalog.send(CatalogCmd::Probe(p));
                 }
             }
             JobState::Failed(msg) => {
-                self.status = Some(Status {
-                    text: format!("{label} failed: {}", self.relativize(msg)),
-                    error: true,
-                });
+                let text = format!("{label} failed: {}", self.relativize(msg));
+                self.say(Status::error(text));
             }
             JobState::Cancelled => {
-                self.status = Some(Status {
-                    text: format!("{label}: cancelled"),
-                    error: false,
-                });
+                self.say(Status::cancelled(format!(
+                    "{label}: cancelled, images left valid"
+                )));
             }
             JobState::Queued | JobState::Running => {}
         }
-        // Keep the list short: finished jobs beyond the last few go.
+        // Keep the list short: finished jobs beyond the last few go (the
+        // log keeps how each ended).
         const KEEP_FINISHED: usize = 4;
         let finished = self.jobs.iter().filter(|j| j.state.is_finished()).count();
         if finished > KEEP_FINISHED {
             let mut drop = finished - KEEP_FINISHED;
+            let open = match self.mode {
+                Mode::Job(id) => Some(id),
+                _ => None,
+            };
             self.jobs.retain(|j| {
-                if drop > 0 && j.state.is_finished() {
+                if drop > 0 && j.state.is_finished() && Some(j.id) != open {
                     drop -= 1;
                     false
                 } else {
@@ -537,344 +617,268 @@ impl App {
         }
     }
 
-    fn on_key(&mut self, k: KeyEvent) {
-        let key = Key::from_event(&k);
-        let plain_char = match k.code {
-            KeyCode::Char(c) if !key.ctrl && !key.alt => Some(c),
-            _ => None,
-        };
-        match &self.mode {
-            Mode::PickBacking(_) => {
-                if self.pick_backing_key(k.code, plain_char) {
-                    return;
-                }
-                // Otherwise only moving through the tree: the pick is modal.
-                if let Some(
-                    action @ (Action::Up
-                    | Action::Down
-                    | Action::Left
-                    | Action::Right
-                    | Action::Fold),
-                ) = self.keymap.action_for(key)
-                {
-                    self.dispatch(action);
-                }
-                return;
-            }
-            Mode::ConfirmRebase(_) => return self.confirm_rebase_key(k.code, plain_char),
-            Mode::ConfirmFlatten(_) => return self.confirm_flatten_key(k.code, plain_char),
-            Mode::Convert(_) => return self.convert_key(k.code, plain_char),
-            _ => {}
-        }
-        match &mut self.mode {
-            Mode::Help => {
-                // Any key closes help; it is a popup, not a mode to learn.
-                self.mode = Mode::Normal;
-                return;
-            }
-            Mode::Filter => match k.code {
-                KeyCode::Esc => {
-                    self.filter.clear();
-                    self.mode = Mode::Normal;
-                    self.rebuild_rows();
-                    return;
-                }
-                KeyCode::Enter => {
-                    self.mode = Mode::Normal;
-                    return;
-                }
-                KeyCode::Backspace => {
-                    self.filter.pop();
-                    self.rebuild_rows();
-                    return;
-                }
-                KeyCode::Char(c) if !key.ctrl && !key.alt => {
-                    self.filter.push(c);
-                    self.rebuild_rows();
-                    return;
-                }
-                // Arrows and the like still move through the results.
-                _ => {}
-            },
-            Mode::CloneName { source, input } => {
-                match k.code {
-                    KeyCode::Esc => self.mode = Mode::Normal,
-                    KeyCode::Enter => {
-                        let (source, name) = (source.clone(), input.trim().to_string());
-                        self.mode = Mode::Normal;
-                        if !name.is_empty() {
-                            self.clone_image(&source, Some(name));
-                        }
-                    }
-                    KeyCode::Backspace => {
-                        input.pop();
-                    }
-                    KeyCode::Char(c) if !key.ctrl && !key.alt => input.push(c),
-                    _ => {}
-                }
-                return;
-            }
-            Mode::ConfirmCommit(plan) => {
-                let confirmed = match k.code {
-                    // `n` cancels in both forms: `yes` has no n in it.
-                    KeyCode::Esc | KeyCode::Char('n' | 'N') => {
-                        self.mode = Mode::Normal;
-                        self.status = Some(Status {
-                            text: "commit cancelled: nothing was changed".into(),
-                            error: false,
-                        });
-                        return;
-                    }
-                    KeyCode::Enter if plan.needs_typed_yes() => {
-                        let yes = plan.input.trim().eq_ignore_ascii_case("yes");
-                        if !yes {
-                            plan.input.clear();
-                            plan.nudge = true;
-                        }
-                        yes
-                    }
-                    KeyCode::Backspace => {
-                        plan.input.pop();
-                        false
-                    }
-                    KeyCode::Char(c) if plan.needs_typed_yes() && !key.ctrl && !key.alt => {
-                        // A few letters are enough for `yes`; more is noise.
-                        if plan.input.chars().count() < 8 {
-                            plan.input.push(c);
-                        }
-                        false
-                    }
-                    KeyCode::Enter | KeyCode::Char('y' | 'Y') => !plan.needs_typed_yes(),
-                    _ => false,
-                };
-                if confirmed {
-                    let plan = std::mem::replace(&mut self.mode, Mode::Normal);
-                    if let Mode::ConfirmCommit(plan) = plan {
-                        self.submit_commit(*plan);
-                    }
-                }
-                return;
-            }
-            // Handled above.
-            Mode::PickBacking(_)
-            | Mode::ConfirmRebase(_)
-            | Mode::ConfirmFlatten(_)
-            | Mode::Convert(_) => return,
-            Mode::Normal => {
-                if self.jobs_focus && k.code == KeyCode::Esc {
-                    self.jobs_focus = false;
-                    return;
-                }
-                if k.code == KeyCode::Esc && !self.filter.is_empty() {
-                    self.filter.clear();
-                    self.rebuild_rows();
-                    return;
-                }
-            }
-        }
-        if let Some(action) = self.keymap.action_for(key) {
-            self.dispatch(action);
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            forest: &self.forest,
+            keymap: &self.keymap,
+            roots: &self.roots,
+            selected: self.selected_node(),
         }
     }
 
-    fn dispatch(&mut self, action: Action) {
+    fn on_key(&mut self, k: KeyEvent) {
+        let key = Key::from_event(&k);
+        let action = self.keymap.action_for(self.layers(), key);
+        if let Some(mut d) = self.dialog.take() {
+            let outcome = d.on_key(key, action, &self.ctx());
+            self.dialog = Some(d);
+            self.apply(outcome);
+            return;
+        }
+        match self.mode {
+            Mode::Tree => {
+                if let Some(a) = action {
+                    self.tree_action(a);
+                }
+            }
+            Mode::Filter => self.filter_key(key, action),
+            Mode::Jobs => self.jobs_key(action),
+            Mode::Job(id) => match action {
+                Some(Action::CancelJob) => self.cancel_job(Some(id)),
+                Some(Action::Close) => self.mode = Mode::Jobs,
+                _ => {}
+            },
+            Mode::Help(at) => {
+                let max = view::help_max_scroll(self);
+                match scrolled(at, max, action, view::popup_page(self.area)) {
+                    Some(at) => self.mode = Mode::Help(at),
+                    None if action == Some(Action::Close) => self.mode = Mode::Tree,
+                    None => {}
+                }
+            }
+            Mode::Log(at) => {
+                let max = view::log_max_scroll(self);
+                match scrolled(at, max, action, view::popup_page(self.area)) {
+                    Some(at) => self.mode = Mode::Log(at),
+                    None if action == Some(Action::Close) => self.mode = Mode::Tree,
+                    None => {}
+                }
+            }
+        }
+    }
+
+    /// Carry out what a dialog asked for.
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Stay => {}
+            Outcome::Say(s) => self.say(s),
+            Outcome::Close(s) => {
+                self.close_dialog();
+                self.say(s);
+            }
+            Outcome::Submit(spec) => {
+                self.close_dialog();
+                self.submit(spec);
+            }
+            Outcome::Open(d) => {
+                self.close_dialog();
+                self.status = None;
+                self.dialog = Some(d);
+            }
+            Outcome::Tree(a) => self.tree_action(a),
+            Outcome::Refilter => self.rebuild_rows(),
+            Outcome::Probe {
+                image_key,
+                name,
+                resolved,
+            } => self.inspector.probe_backing(image_key, name, resolved),
+        }
+    }
+
+    fn close_dialog(&mut self) {
+        // The picker set the tree's filter aside: the rows come back.
+        if matches!(self.dialog.take(), Some(Dialog::Pick(_))) {
+            self.rebuild_rows();
+        }
+    }
+
+    /// Open a dialog, or say why not.
+    fn open(&mut self, what: &str, opened: Result<Dialog, String>) {
+        match opened {
+            Ok(d) => {
+                self.status = None;
+                // The picker sets the tree's filter aside.
+                let picking = matches!(d, Dialog::Pick(_));
+                self.dialog = Some(d);
+                if picking {
+                    self.rebuild_rows();
+                }
+            }
+            Err(why) => {
+                let name = self
+                    .selected_node()
+                    .map(|id| self.display_path(&self.forest.nodes[id].record.path))
+                    .unwrap_or_default();
+                self.say(Status::error(format!("cannot {what} {name}: {why}")));
+            }
+        }
+    }
+
+    /// The one way work starts: queue the job, show it, say so.
+    fn submit(&mut self, spec: JobSpec) {
+        let cancel = self
+            .keymap
+            .keys(Layer::Tree, Action::CancelJob)
+            .first()
+            .map_or_else(String::new, |k| format!(" ({k} cancels)"));
+        let text = format!("{}: started{cancel}", spec.label);
+        let mut view = JobView::new(0, &spec);
+        view.id = self.pool.submit(spec.touches, spec.work);
+        self.jobs.push(view);
+        self.say(Status::info(text));
+    }
+
+    fn tree_action(&mut self, action: Action) {
+        let page = usize::from(view::layout(self.area).tree_body.height).max(1);
+        let selected = self.selected_node();
+        let forest = Arc::clone(&self.forest);
         match action {
-            // With the jobs pane focused, up and down pick the job `x` acts on.
-            Action::Up if self.jobs_focus => self.move_job_selection(-1),
-            Action::Down if self.jobs_focus => self.move_job_selection(1),
             Action::Up => self.move_selection(-1),
             Action::Down => self.move_selection(1),
+            Action::Top => self.select_row(0),
+            Action::Bottom => self.select_row(self.rows.len().saturating_sub(1)),
+            Action::PageUp => self.move_selection(-(page as isize)),
+            Action::PageDown => self.move_selection(page as isize),
             Action::Left => self.left(),
             Action::Right => self.right(),
             Action::Fold => self.toggle_fold(),
             Action::Filter => self.mode = Mode::Filter,
+            Action::ClearFilter if !self.filter.is_empty() => {
+                self.filter.clear();
+                self.rebuild_rows();
+            }
             Action::Sort => {
                 self.sort = self.sort.next();
-                self.status = Some(Status {
-                    text: format!("sorted by {}", self.sort.name()),
-                    error: false,
-                });
+                self.say(Status::info(format!("sorted by {}", self.sort.name())));
                 self.rebuild_rows();
             }
             Action::Clone => {
-                if let Some(key) = self.selected_key.clone() {
-                    self.clone_image(&key, None);
+                if let Some(id) = selected {
+                    match dialog::clone::job(&forest, id, None, &self.ctx()) {
+                        Ok(spec) => self.submit(spec),
+                        Err(why) => self.say(Status::error(why)),
+                    }
                 }
             }
             Action::CloneAs => {
-                if let Some(source) = self.selected_key.clone() {
-                    self.mode = Mode::CloneName {
-                        source,
-                        input: String::new(),
-                    };
+                if let Some(id) = selected {
+                    let d = dialog::clone::CloneDialog::open(&forest, id).map(Dialog::Clone);
+                    self.open("clone", d);
                 }
             }
-            Action::Commit => self.ask_commit(),
-            Action::Rebase => self.ask_rebase(),
-            Action::Flatten => self.ask_flatten(),
-            Action::Convert => self.ask_convert(),
-            Action::CancelJob => self.cancel_job(),
+            Action::Commit => {
+                if let Some(id) = selected {
+                    let d = dialog::commit::CommitDialog::open(&forest, id).map(Dialog::Commit);
+                    self.open("commit", d);
+                }
+            }
+            Action::Rebase => {
+                if let Some(id) = selected {
+                    let d = dialog::rebase::Picker::open(&forest, id).map(Dialog::Pick);
+                    self.open("rebase", d);
+                }
+            }
+            Action::Flatten => {
+                if let Some(id) = selected {
+                    let d = dialog::flatten::FlattenDialog::open(&forest, id).map(Dialog::Flatten);
+                    self.open("flatten", d);
+                }
+            }
+            Action::Convert => {
+                if let Some(id) = selected {
+                    let d = dialog::convert::ConvertDialog::open(&forest, id).map(Dialog::Convert);
+                    self.open("convert", d);
+                }
+            }
+            Action::CancelJob => self.cancel_job(None),
             Action::FocusJobs => {
                 if self.jobs.is_empty() {
-                    self.jobs_focus = false;
-                    self.status = Some(Status {
-                        text: "no jobs".into(),
-                        error: false,
-                    });
+                    self.say(Status::info("no jobs"));
                 } else {
-                    self.jobs_focus = !self.jobs_focus;
-                    if self.jobs_focus && self.job_selected.is_none() {
+                    self.mode = Mode::Jobs;
+                    if self.job_selected.is_none() {
                         // Start where the pane starts: the newest job.
                         self.job_selected = self.jobs.last().map(|j| j.id);
                     }
                 }
             }
+            Action::Log => self.mode = Mode::Log(view::log_max_scroll(self)),
             Action::Rescan => {
                 self.scanning = true;
                 self.catalog.send(CatalogCmd::Rescan);
                 self.request_details();
             }
-            Action::Help => self.mode = Mode::Help,
+            Action::Help => self.mode = Mode::Help(0),
             Action::Quit => self.quit = true,
+            _ => {}
         }
     }
 
-    /// Queue a job that creates an overlay of the image with `key` next to
-    /// it: `<stem>-<n>.qcow2` with the first free n, or `name`. The backing
-    /// name is the file name alone (same directory, so it stays valid when
-    /// the directory moves) and its format is recorded.
-    fn clone_image(&mut self, key: &Path, name: Option<String>) {
-        let Some(id) = self.forest.get(key) else {
+    fn filter_key(&mut self, key: Key, action: Option<Action>) {
+        if let Some(c) = key.typed() {
+            self.filter.push(c);
+            self.rebuild_rows();
             return;
-        };
-        let record = &self.forest.nodes[id].record;
-        let fail = |app: &mut App, text: String| {
-            app.status = Some(Status { text, error: true });
-        };
-        let Some(format) = record.summary.as_ref().map(|s| s.format) else {
-            let text = format!(
-                "cannot clone {}: its header could not be read",
-                self.display_path(&record.path)
-            );
-            return fail(self, text);
-        };
-        if !matches!(format, Format::Qcow2 | Format::Raw) {
-            let text = format!("cannot clone a {} image", format.name());
-            return fail(self, text);
         }
-        // An overlay on a disk a VM writes would read it changing.
-        if let Err(why) = crate::tui::chainops::in_use(&self.forest, &[id], true) {
-            let text = format!("cannot clone {}: {why}", self.display_path(&record.path));
-            return fail(self, text);
-        }
-        if name.as_deref().is_some_and(|n| n.contains('/')) {
-            return fail(
-                self,
-                "give a file name, not a path: the clone goes next to its backing image".into(),
-            );
-        }
-        let source = record.path.clone();
-        let Some(file_name) = source.file_name().map(|f| f.to_string_lossy().into_owned()) else {
-            return;
-        };
-        let label = format!("clone {}", self.display_path(&source));
-        let work: Work = Box::new(move |_progress, cancel| {
-            cancel.check()?;
-            let dir = source.parent().unwrap_or(Path::new(""));
-            let target = match name {
-                Some(n) => dir.join(n),
-                None => first_free_clone_name(&source)?,
-            };
-            let opts = CreateOptions {
-                format: Format::Qcow2,
-                backing: Some(file_name),
-                backing_format: Some(format),
-                ..CreateOptions::default()
-            };
-            engine::create(&target, &opts)?;
-            Ok(Some(target))
-        });
-        let job = self.pool.submit(vec![key.to_path_buf()], work);
-        self.jobs
-            .push(JobView::new(job, "clone", label, vec![key.to_path_buf()]));
-    }
-
-    /// `m`: check that the selected image can be committed, from what the
-    /// forest knows, and open the confirm dialog; or say why not.
-    fn ask_commit(&mut self) {
-        let Some(id) = self.selected_node() else {
-            return;
-        };
-        match commit_plan(&self.forest, id) {
-            Ok(mut plan) => {
-                plan.space_warning =
-                    crate::tui::chainops::space_warning(&plan.base, plan.allocated);
-                self.mode = Mode::ConfirmCommit(Box::new(plan));
+        match action {
+            Some(Action::Keep) => self.mode = Mode::Tree,
+            Some(Action::Clear) => {
+                self.filter.clear();
+                self.mode = Mode::Tree;
+                self.rebuild_rows();
             }
-            Err(why) => {
-                let name = self.display_path(&self.forest.nodes[id].record.path);
-                self.status = Some(Status {
-                    text: format!("cannot commit {name}: {why}"),
-                    error: true,
-                });
+            Some(Action::Delete) => {
+                self.filter.pop();
+                self.rebuild_rows();
             }
+            Some(a @ (Action::Up | Action::Down)) => self.tree_action(a),
+            _ => {}
         }
     }
 
-    /// Queue the confirmed commit. It touches both images, so no other job
-    /// on either runs meanwhile; the engine takes QEMU's locks itself.
-    fn submit_commit(&mut self, plan: CommitPlan) {
-        let label = format!(
-            "commit {} → {}",
-            file_name(&plan.top),
-            file_name(&plan.base)
-        );
-        let top = plan.top.clone();
-        let work: Work = Box::new(move |progress, cancel| {
-            let opts = engine::CommitOptions {
-                base: None,
-                keep_top: false,
-            };
-            engine::commit(&top, &opts, progress, cancel)?;
-            Ok(None)
-        });
-        let touches = vec![plan.top_key.clone(), plan.base_key.clone()];
-        let id = self.pool.submit(touches.clone(), work);
-        let mut view = JobView::new(id, "commit", label.clone(), touches);
-        view.refresh = vec![plan.top, plan.base];
-        self.jobs.push(view);
-        self.status = Some(Status {
-            text: format!("{label}: started (x cancels)"),
-            error: false,
-        });
+    fn jobs_key(&mut self, action: Option<Action>) {
+        match action {
+            Some(Action::Up) => self.move_job_selection(-1),
+            Some(Action::Down) => self.move_job_selection(1),
+            Some(Action::Open) => {
+                if let Some(id) = self.job_selected.or_else(|| self.jobs.last().map(|j| j.id)) {
+                    self.mode = Mode::Job(id);
+                }
+            }
+            Some(Action::CancelJob) => self.cancel_job(self.job_selected),
+            Some(Action::Back) => self.mode = Mode::Tree,
+            _ => {}
+        }
     }
 
-    /// `x`: cancel the job selected in the focused jobs pane, or else the
-    /// newest one not finished.
-    fn cancel_job(&mut self) {
-        // The selection counts only while the pane has the focus: from the
-        // tree, `x` means "stop what is running now".
-        let selected = self.job_selected.filter(|_| self.jobs_focus);
-        let target = match selected {
+    /// Cancel job `id`, or else the newest one not finished.
+    fn cancel_job(&mut self, id: Option<JobId>) {
+        let target = match id {
             Some(id) => self.jobs.iter().find(|j| j.id == id),
             None => self.jobs.iter().rev().find(|j| !j.state.is_finished()),
         };
         let Some(j) = target else {
-            self.status = Some(Status {
-                text: "no job to cancel".into(),
-                error: false,
-            });
+            self.say(Status::info("no job to cancel"));
             return;
         };
-        let (id, text) = if j.state.is_finished() {
-            (None, format!("{}: already {}", j.label, j.state.name()))
+        if j.state.is_finished() {
+            let text = format!("{}: already {}", j.label, j.state.name());
+            self.say(Status::info(text));
         } else {
-            (Some(j.id), format!("{}: cancelling…", j.label))
-        };
-        if let Some(id) = id {
+            let (id, text) = (j.id, format!("{}: cancelling…", j.label));
             self.pool.cancel(id);
+            self.say(Status::info(text));
         }
-        self.status = Some(Status { text, error: false });
     }
 
     /// Move the job selection in the order the pane shows (newest first).
@@ -917,13 +921,19 @@ impl App {
             self.details = None;
             return;
         };
-        let r = &self.forest.nodes[id].record;
+        let node = &self.forest.nodes[id];
+        let r = &node.record;
         if self.details.as_ref().is_some_and(|d| d.key != r.key) {
             self.details = None;
         }
+        self.details_stamp = self.selected_stamp();
+        // A file that is no image has no details to compute.
+        if node.flags.iter().any(|f| matches!(f, Flag::Skipped { .. })) {
+            self.details_wanted = None;
+            return;
+        }
         self.details_wanted = Some(r.key.clone());
         self.inspector.request(r.key.clone(), r.path.clone());
-        self.details_stamp = self.selected_stamp();
     }
 
     fn selected_stamp(&self) -> Option<Stamp> {
@@ -1011,31 +1021,28 @@ impl App {
         self.offset = self.offset.min(self.rows.len().saturating_sub(height));
     }
 
-    fn name_matches(&self, id: NodeId) -> bool {
-        let name = file_name(&self.forest.nodes[id].record.path);
-        name.to_lowercase().contains(&self.filter.to_lowercase())
+    /// The filter the rows follow: the picker's own while picking a
+    /// backing, else the tree's.
+    pub fn effective_filter(&self) -> &str {
+        match &self.dialog {
+            Some(Dialog::Pick(p)) => &p.filter,
+            _ => &self.filter,
+        }
     }
 
-    /// Recompute the visible rows from the forest, folds, filter and sort,
-    /// keeping the selected image selected.
+    /// Recompute the visible rows, keeping the selected image selected.
     fn rebuild_rows(&mut self) {
         let f = Arc::clone(&self.forest);
-        // With a filter: matches and their ancestors, all unfolded.
-        let shown: Option<HashSet<NodeId>> = (!self.filter.is_empty()).then(|| {
-            let mut s = HashSet::new();
-            for id in 0..f.nodes.len() {
-                if self.name_matches(id) {
-                    s.extend(f.chain(id));
-                }
-            }
-            s
-        });
-        let mut rows = Vec::new();
-        let roots = self.sorted(&f, &f.roots, shown.as_ref());
-        for &r in &roots {
-            self.push_rows(&f, r, 0, &mut Vec::new(), shown.as_ref(), &mut rows);
-        }
-        self.rows = rows;
+        self.rows = build_rows(
+            &f,
+            &RowOptions {
+                roots: &self.roots,
+                folded: &self.folded,
+                filter: self.effective_filter(),
+                sort: self.sort,
+                growth: &self.growth,
+            },
+        );
         let found = self.selected_key.as_ref().and_then(|k| {
             self.rows
                 .iter()
@@ -1055,161 +1062,32 @@ impl App {
         }
         self.scroll_to_selection();
     }
-
-    fn sorted(&self, f: &Forest, ids: &[NodeId], shown: Option<&HashSet<NodeId>>) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = ids
-            .iter()
-            .copied()
-            .filter(|id| shown.is_none_or(|s| s.contains(id)))
-            .collect();
-        let name = |id: &NodeId| file_name(&f.nodes[*id].record.path);
-        match self.sort {
-            SortKey::Name => v.sort_by_key(|id| name(id)),
-            SortKey::Size => v.sort_by(|a, b| {
-                f.nodes[*b]
-                    .record
-                    .sizes
-                    .allocated
-                    .cmp(&f.nodes[*a].record.sizes.allocated)
-                    .then_with(|| name(a).cmp(&name(b)))
-            }),
-            SortKey::Growth => {
-                let rate = |id: &NodeId| {
-                    self.growth
-                        .get(&f.nodes[*id].record.key)
-                        .map_or(0.0, |g| g.rate)
-                };
-                v.sort_by(|a, b| {
-                    rate(b)
-                        .total_cmp(&rate(a))
-                        .then_with(|| name(a).cmp(&name(b)))
-                });
-            }
-        }
-        v
-    }
-
-    /// Push `id` and (unless folded) its subtree. `last` says, for each
-    /// ancestor level, whether that ancestor was the last of its siblings.
-    fn push_rows(
-        &self,
-        f: &Forest,
-        id: NodeId,
-        depth: usize,
-        last: &mut Vec<bool>,
-        shown: Option<&HashSet<NodeId>>,
-        rows: &mut Vec<Row>,
-    ) {
-        let children = self.sorted(f, &f.nodes[id].children, shown);
-        let folded = shown.is_none() && self.folded.contains(&f.nodes[id].record.key);
-        // `last` holds one entry per level including this node's own.
-        let mut g = String::new();
-        for (lvl, &l) in last.iter().enumerate() {
-            if lvl + 1 == last.len() {
-                g.push_str(if l { "└ " } else { "├ " });
-            } else {
-                g.push_str(if l { "  " } else { "│ " });
-            }
-        }
-        rows.push(Row {
-            id,
-            depth,
-            guides: g,
-            has_children: !children.is_empty(),
-            folded: folded && !children.is_empty(),
-        });
-        if folded {
-            return;
-        }
-        let n = children.len();
-        for (i, c) in children.into_iter().enumerate() {
-            last.push(i + 1 == n);
-            self.push_rows(f, c, depth + 1, last, shown, rows);
-            last.pop();
-        }
-    }
 }
 
-impl JobView {
-    /// Average rate since the start and the time left at that rate.
-    fn update_rate(&mut self, now: Instant) {
-        let Some(start) = self.started else {
-            return;
-        };
-        let secs = now.duration_since(start).as_secs_f64();
-        let (done, total) = self.progress;
-        // Over the first few milliseconds the average is mostly noise.
-        if secs < 0.05 || done == 0 {
-            return;
-        }
-        self.rate = done as f64 / secs;
-        self.eta =
-            (total >= done).then(|| Duration::from_secs_f64((total - done) as f64 / self.rate));
-    }
-}
-
-/// What committing node `id` into its backing would do, or why it cannot.
-/// Only the forest is read: this runs on a key press.
-pub fn commit_plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
-    let node = &f.nodes[id];
-    let r = &node.record;
-    let Some(summary) = &r.summary else {
-        return Err("its header could not be read".into());
-    };
-    if summary.format == Format::Raw {
-        return Err("a raw image has no backing image to commit into".into());
-    }
-    if summary.format != Format::Qcow2 {
-        return Err(format!(
-            "{} images are not supported",
-            summary.format.name()
-        ));
-    }
-    if let Some(flag) = node.flags.iter().find(|fl| fl.is_broken()) {
-        return Err(flag.describe());
-    }
-    let Some(parent) = node.parent else {
-        return Err(match &summary.backing_filename {
-            None => "it has no backing image: nothing to commit into".into(),
-            Some(b) => format!("its backing image {b} was not found"),
-        });
-    };
-    let base = &f.nodes[parent];
-    if let Some(flag) = base.flags.iter().find(|fl| fl.is_broken()) {
-        return Err(format!("its backing image is broken: {}", flag.describe()));
-    }
-    // The top is emptied and the base written: a VM on either (or on any
-    // overlay of the top, which holds the top as its backing) stops it.
-    crate::tui::chainops::in_use(f, &[id, parent], false)?;
-    let affected = base
-        .children
-        .iter()
-        .filter(|&&c| c != id)
-        .map(|&c| f.walk(c).len())
-        .sum();
-    Ok(CommitPlan {
-        top: r.path.clone(),
-        top_key: r.key.clone(),
-        base: base.record.path.clone(),
-        base_key: base.record.key.clone(),
-        allocated: r.sizes.allocated,
-        affected,
-        space_warning: None,
-        input: String::new(),
-        nudge: false,
+/// A scroll position after a scrolling action, or `None` when `action`
+/// does not scroll.
+fn scrolled(at: usize, max: usize, action: Option<Action>, page: usize) -> Option<usize> {
+    let at = at.min(max);
+    Some(match action? {
+        Action::Up => at.saturating_sub(1),
+        Action::Down => (at + 1).min(max),
+        Action::PageUp => at.saturating_sub(page),
+        Action::PageDown => (at + page).min(max),
+        Action::Top => 0,
+        Action::Bottom => max,
+        _ => return None,
     })
 }
 
-pub fn file_name(p: &Path) -> String {
-    p.file_name().map_or_else(
-        || p.display().to_string(),
-        |f| f.to_string_lossy().into_owned(),
-    )
-}
-
 fn totals(f: &Forest) -> Totals {
+    let is_image = |id: &NodeId| {
+        !f.nodes[*id]
+            .flags
+            .iter()
+            .any(|fl| matches!(fl, Flag::Skipped { .. }))
+    };
     let mut t = Totals {
-        images: f.nodes.len(),
+        images: (0..f.nodes.len()).filter(is_image).count(),
         ..Totals::default()
     };
     for &r in &f.roots {
@@ -1221,24 +1099,35 @@ fn totals(f: &Forest) -> Totals {
     t
 }
 
-/// `<stem>-<n>.qcow2` beside `source` with the first n whose name is free.
-/// Runs in a job (it stats files); `engine::create` refuses to overwrite
-/// anyway if another process takes the name in between.
-fn first_free_clone_name(source: &Path) -> engine::Result<PathBuf> {
-    let dir = source.parent().unwrap_or(Path::new(""));
-    let stem = source
-        .file_stem()
-        .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
-    for n in 1..100_000u32 {
-        let candidate = dir.join(format!("{stem}-{n}.qcow2"));
-        match candidate.symlink_metadata() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(candidate),
-            Err(e) => return Err(engine::Error::io(candidate, e)),
-            Ok(_) => {}
-        }
+/// The local time of day, `HH:MM:SS`, for the log.
+fn clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = libc::time_t::try_from(now).unwrap_or(0);
+    // SAFETY: localtime_r writes only into `tm`, which lives here; a null
+    // return (no time zone data) falls back to UTC arithmetic below.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let local = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if local {
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    } else {
+        let s = now % 86_400;
+        format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
     }
-    Err(engine::Error::invalid(
-        source,
-        "no free clone name: 100000 clones exist already",
-    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrolling_stays_within_bounds() {
+        assert_eq!(scrolled(0, 10, Some(Action::Up), 5), Some(0));
+        assert_eq!(scrolled(9, 10, Some(Action::PageDown), 5), Some(10));
+        assert_eq!(scrolled(3, 10, Some(Action::Bottom), 5), Some(10));
+        assert_eq!(scrolled(30, 10, Some(Action::Up), 5), Some(9));
+        assert_eq!(scrolled(3, 10, Some(Action::Close), 5), None);
+        assert_eq!(clock().len(), 8);
+    }
 }

@@ -7,11 +7,56 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::keymap::Keymap;
+use super::keymap::{default_config_keys, Keymap, Overrides};
 use super::theme::{Theme, ThemeFile};
 
-/// The default config, commented; also what `assets/config.toml` holds.
+/// What `assets/config.toml` holds: [`default_config`], checked by a test.
 pub const DEFAULT_CONFIG: &str = include_str!("../../assets/config.toml");
+
+const HEADER: &str = "\
+# cowshed configuration (TOML). Generated from the key table by
+# `cowshed default-config`: every setting, commented out with its default.
+#
+# cowshed reads $XDG_CONFIG_HOME/cowshed/config.toml (or
+# ~/.config/cowshed/config.toml), or the file given with --config FILE.
+# Every setting is optional. Unknown settings and bad values stop cowshed
+# at start with a message naming the problem: nothing here is silently
+# ignored.
+
+# Directories to scan when none are given on the command line. Relative
+# paths are relative to this file.
+# roots = [\"/var/lib/libvirt/images\", \"vms\"]
+
+# Keys, one table per layer (a mode of the screen, or a part of one that
+# has keys of its own). A line names an action and one key or a list of
+# keys, which replace that action's default keys in that layer only; a
+# layer may be changed without touching the others. Key names: a single
+# character (\"c\", \"C\", \"?\"), Enter, Space, Esc, Tab, BackTab,
+# Backspace, Delete, Up, Down, Left, Right, Home, End, PageUp, PageDown,
+# F1..F12, optionally prefixed with ctrl+ or alt+. A key that would mean two
+# things in one mode is an error. Where text is typed (a filter, a name),
+# plain characters are typed: bind actions there to other keys. Lines
+# directly under [keys] (no layer) are taken as [keys.tree].
+";
+
+const THEME: &str = "
+[theme]
+# Colour names (red, light-blue, dark-gray, ...), \"#rrggbb\" or an index
+# 0-255. Colour only repeats what a glyph or word already says.
+# broken = \"red\"
+# warning = \"yellow\"
+# in_use = \"yellow\"
+# growing = \"green\"
+# accent = \"cyan\"
+# selected = \"dark-gray\"
+# dim = \"gray\"
+";
+
+/// The full default config file, generated from the key table: what
+/// `cowshed default-config` prints and `assets/config.toml` holds.
+pub fn default_config() -> String {
+    format!("{HEADER}{}{THEME}", default_config_keys())
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,7 +64,7 @@ struct ConfigFile {
     #[serde(default)]
     roots: Vec<PathBuf>,
     #[serde(default)]
-    keys: BTreeMap<String, KeySpec>,
+    keys: BTreeMap<String, KeyEntry>,
     #[serde(default)]
     theme: ThemeFile,
 }
@@ -30,6 +75,24 @@ struct ConfigFile {
 enum KeySpec {
     One(String),
     Many(Vec<String>),
+}
+
+impl KeySpec {
+    fn keys(self) -> Vec<String> {
+        match self {
+            KeySpec::One(s) => vec![s],
+            KeySpec::Many(v) => v,
+        }
+    }
+}
+
+/// Under `[keys]`: a layer's table, or (the first form of the file) an
+/// action of the tree.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeyEntry {
+    Action(KeySpec),
+    Layer(BTreeMap<String, KeySpec>),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,14 +108,22 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> Result<Config, String> {
         let file: ConfigFile =
             toml::from_str(text).map_err(|e| format!("{}: {}", origin.display(), e))?;
-        let keys = file
-            .keys
-            .into_iter()
-            .map(|(k, v)| match v {
-                KeySpec::One(s) => (k, vec![s]),
-                KeySpec::Many(v) => (k, v),
-            })
-            .collect();
+        let mut keys = Overrides::new();
+        for (name, entry) in file.keys {
+            match entry {
+                KeyEntry::Action(spec) => {
+                    keys.entry("tree".to_string())
+                        .or_default()
+                        .insert(name, spec.keys());
+                }
+                KeyEntry::Layer(actions) => {
+                    let layer = keys.entry(name).or_default();
+                    for (action, spec) in actions {
+                        layer.insert(action, spec.keys());
+                    }
+                }
+            }
+        }
         let keymap =
             Keymap::with_overrides(&keys).map_err(|e| format!("{}: {e}", origin.display()))?;
         let theme = file
@@ -109,6 +180,24 @@ mod tests {
         Config::parse(text, Path::new("/etc/cowshed/test.toml"))
     }
 
+    /// The shipped file is the generated one: a key added to the table
+    /// shows up there (regenerate with `cargo run -- default-config >
+    /// assets/config.toml`).
+    #[test]
+    fn shipped_default_config_is_generated_from_the_key_table() {
+        assert!(
+            DEFAULT_CONFIG == default_config(),
+            "assets/config.toml is stale: run `cargo run -- default-config > assets/config.toml`"
+        );
+        for a in crate::tui::keymap::ACTIONS {
+            assert!(
+                DEFAULT_CONFIG.contains(&format!("[keys.{}]", a.layer.name())),
+                "{}",
+                a.layer.name()
+            );
+        }
+    }
+
     #[test]
     fn shipped_default_config_parses_to_the_defaults() {
         let c = parse(DEFAULT_CONFIG).expect("assets/config.toml parses");
@@ -138,6 +227,7 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         assert!(text.contains("\nclone = \"c\"\n"), "{text}");
+        assert!(text.contains("\n[keys.convert]\n"), "{text}");
         let c = parse(&text).expect("uncommented assets/config.toml parses");
         assert_eq!(c.theme, Theme::default());
         assert_eq!(
@@ -151,15 +241,27 @@ mod tests {
     fn overrides_and_relative_roots() {
         let c = parse(
             "roots = [\"vms\", \"/abs\"]\n[keys]\nclone = \"n\"\nquit = [\"Q\", \"ctrl+q\"]\n\
-             [theme]\nbroken = \"#ff0000\"\n",
+             [keys.confirm]\nyes = \"o\"\n[theme]\nbroken = \"#ff0000\"\n",
         )
         .expect("valid");
+        assert_eq!(
+            c.keymap
+                .hint(
+                    crate::tui::keymap::Layer::Confirm,
+                    crate::tui::keymap::Action::Yes,
+                    None
+                )
+                .keys,
+            "o"
+        );
         assert_eq!(
             c.roots,
             vec![PathBuf::from("/etc/cowshed/vms"), PathBuf::from("/abs")]
         );
         assert_eq!(c.theme.broken, Color::Rgb(255, 0, 0));
-        assert_eq!(c.keymap.footer().last(), Some(&("Q".to_string(), "quit")));
+        let last = c.keymap.footer(crate::tui::keymap::Layer::Tree);
+        let last = last.last().expect("a footer");
+        assert_eq!((last.keys.as_str(), last.label.as_str()), ("Q", "quit"));
     }
 
     #[test]
@@ -174,6 +276,8 @@ mod tests {
         assert!(e.contains("unknown key 'Hyper'"), "{e}");
         let e = parse("[keys]\nclown = \"c\"").expect_err("unknown action");
         assert!(e.contains("clown"), "{e}");
+        let e = parse("[keys.convert]\nclown = \"c\"").expect_err("unknown action");
+        assert!(e.contains("clown") && e.contains("keys.convert"), "{e}");
         let e = parse("roots = 3").expect_err("bad type");
         assert!(e.contains("roots"), "{e}");
     }

@@ -3,10 +3,11 @@
 //! (catalog, inspector, jobs) do every file access off the UI thread.
 
 pub mod app;
-pub mod chainops;
 pub mod config;
+pub mod dialog;
 pub mod event;
 pub mod keymap;
+pub mod rows;
 pub mod theme;
 pub mod view;
 pub mod worker;

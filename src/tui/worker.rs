@@ -9,18 +9,18 @@
 //!
 //! Both only read images; engine operations that write run as jobs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, never, select, unbounded, Receiver, Sender};
+use crossbeam_channel::{after, at, never, select, unbounded, Receiver, Sender};
 
 use super::event::Event;
 use crate::catalog::scan::{read_record, scan};
 use crate::catalog::{
-    CatalogEvent, Forest, ImageRecord, ScanEvent, SizeHistory, WatchOptions, Watcher,
+    CatalogEvent, Forest, ImageRecord, ScanEvent, SizeHistory, Sizes, WatchOptions, Watcher,
 };
 use crate::engine::{self, Chain, ImageInfo};
 
@@ -88,6 +88,9 @@ impl CatalogHandle {
 struct Catalog {
     /// By key (canonical path): a 10,000-image scan upserts in O(1) each.
     records: HashMap<PathBuf, ImageRecord>,
+    /// Files found that are no images, or could not be read, by path: shown
+    /// greyed with the reason.
+    skipped: HashMap<PathBuf, (String, Sizes)>,
     /// Keys seen by the running scan: at its end, records not seen again
     /// are gone. Old records stay until then so a rescan does not blank
     /// the screen.
@@ -99,7 +102,12 @@ struct Catalog {
 
 impl Catalog {
     fn publish(&self, events: &Sender<Event>) {
-        let forest = Forest::build(self.records.values().cloned().collect());
+        let skipped = self
+            .skipped
+            .iter()
+            .map(|(p, (reason, sizes))| (p.clone(), reason.clone(), *sizes))
+            .collect();
+        let forest = Forest::build(self.records.values().cloned().collect()).with_skipped(skipped);
         let _ = events.send(Event::Catalog(CatalogUpdate {
             forest: Arc::new(forest),
             scanning: self.scanning,
@@ -109,6 +117,7 @@ impl Catalog {
     }
 
     fn upsert(&mut self, r: ImageRecord) {
+        self.skipped.remove(&r.path);
         self.records.insert(r.key.clone(), r);
     }
 }
@@ -121,6 +130,7 @@ fn catalog_worker(
 ) {
     let mut cat = Catalog {
         records: HashMap::new(),
+        skipped: HashMap::new(),
         seen: std::collections::HashSet::new(),
         errors: Vec::new(),
         seq: 0,
@@ -130,12 +140,13 @@ fn catalog_worker(
     let (watch_tx, mut watch_rx) = unbounded::<CatalogEvent>();
     // Kept alive for the worker's lifetime; dropping it stops its thread.
     let watcher = live.then(|| Watcher::start(roots.to_vec(), WatchOptions::default(), watch_tx));
-    let mut histories: HashMap<PathBuf, SizeHistory> = HashMap::new();
-    let mut growth_tick: Receiver<Instant> = never();
+    let mut growth = GrowthReports::default();
+    let mut skipped_seen: HashSet<PathBuf> = HashSet::new();
     let mut publish_due: Receiver<Instant> = never();
     let mut last_publish = Instant::now();
     loop {
         let mut publish = false;
+        let growth_tick = growth.due().map_or_else(never, at);
         select! {
             recv(cmds) -> msg => {
                 let Ok((seq, cmd)) = msg else { return };
@@ -143,6 +154,7 @@ fn catalog_worker(
                 match cmd {
                     CatalogCmd::Rescan => {
                         cat.seen.clear();
+                        skipped_seen.clear();
                         cat.errors.clear();
                         cat.scanning = true;
                         scan_rx = start_scan(roots.to_vec());
@@ -172,21 +184,34 @@ fn catalog_worker(
                     if let Some(w) = &watcher {
                         w.track(&r);
                     }
-                    histories
-                        .entry(r.key.clone())
-                        .or_default()
-                        .push(Instant::now(), r.sizes.allocated);
+                    growth.sample(&r.key, Instant::now(), r.sizes.allocated);
                     cat.seen.insert(r.key.clone());
                     cat.upsert(*r);
                     publish = true;
                 }
-                Ok(ScanEvent::Error { path, message }) => cat.errors.push((path, message)),
+                Ok(ScanEvent::Skipped { path, reason, sizes }) => {
+                    skipped_seen.insert(path.clone());
+                    cat.skipped.insert(path, (reason, sizes));
+                    publish = true;
+                }
+                Ok(ScanEvent::Error { path, message }) => {
+                    // Shown where it is found too, not only in the log.
+                    skipped_seen.insert(path.clone());
+                    let reason = format!("unreadable: {}", without_path(&message, &path));
+                    cat.skipped.insert(path.clone(), (reason, Sizes::default()));
+                    cat.errors.push((path, message));
+                    publish = true;
+                }
                 Ok(ScanEvent::Done) | Err(_) => {
                     scan_rx = never();
                     cat.scanning = false;
                     let seen = std::mem::take(&mut cat.seen);
                     cat.records.retain(|k, _| seen.contains(k));
-                    histories.retain(|k, _| seen.contains(k));
+                    let seen_skipped = std::mem::take(&mut skipped_seen);
+                    cat.skipped.retain(|p, _| seen_skipped.contains(p));
+                    for report in growth.retain(|k| seen.contains(k)) {
+                        send_growth(events, report);
+                    }
                     cat.publish(events);
                     last_publish = Instant::now();
                 }
@@ -200,29 +225,25 @@ fn catalog_worker(
                     CatalogEvent::SizesChanged { key, sizes } => {
                         if let Some(r) = cat.records.get_mut(&key) {
                             r.sizes = sizes;
-                            histories
-                                .entry(key.clone())
-                                .or_default()
-                                .push(Instant::now(), sizes.allocated);
                             let _ = events.send(Event::Sizes {
                                 key: key.clone(),
                                 sizes,
                             });
-                            send_growth(events, &histories, &key);
-                            growth_tick = after(GROWTH_EVERY);
+                            let report = growth.changed(&key, Instant::now(), sizes.allocated);
+                            send_growth(events, report);
                         }
                     }
                     CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r) => {
-                        histories
-                            .entry(r.key.clone())
-                            .or_default()
-                            .push(Instant::now(), r.sizes.allocated);
+                        growth.sample(&r.key, Instant::now(), r.sizes.allocated);
                         cat.upsert(*r);
                         publish = true;
                     }
                     CatalogEvent::Vanished { path } => {
                         cat.records.retain(|k, r| *k != path && r.path != path);
-                        histories.remove(&path);
+                        cat.skipped.remove(&path);
+                        if let Some(report) = growth.forget(&path) {
+                            send_growth(events, report);
+                        }
                         publish = true;
                     }
                     CatalogEvent::PollingOnly { reason } => {
@@ -234,15 +255,9 @@ fn catalog_worker(
                 }
             }
             recv(growth_tick) -> _ => {
-                let now = Instant::now();
-                let mut moving = false;
-                for (key, h) in &histories {
-                    if h.sparkline_at(now).iter().any(|&b| b > 0) {
-                        moving = true;
-                        send_growth(events, &histories, key);
-                    }
+                for report in growth.tick(Instant::now()) {
+                    send_growth(events, report);
                 }
-                growth_tick = if moving { after(GROWTH_EVERY) } else { never() };
             }
             recv(publish_due) -> _ => {
                 publish_due = never();
@@ -265,17 +280,129 @@ fn catalog_worker(
     }
 }
 
-fn send_growth(events: &Sender<Event>, histories: &HashMap<PathBuf, SizeHistory>, key: &Path) {
-    let Some(h) = histories.get(key) else {
-        return;
-    };
-    let now = Instant::now();
+/// `message` without the `path: ` it starts with (as often as it does):
+/// the row it is shown in is that file already.
+fn without_path<'a>(message: &'a str, path: &Path) -> &'a str {
+    let prefix = format!("{}: ", path.display());
+    let mut rest = message;
+    while let Some(r) = rest.strip_prefix(&prefix) {
+        rest = r;
+    }
+    rest
+}
+
+fn send_growth(events: &Sender<Event>, r: GrowthReport) {
     let _ = events.send(Event::Growth {
-        key: key.to_path_buf(),
-        allocated: h.latest().unwrap_or(0),
-        rate: h.rate_at(now),
-        history: h.sparkline_at(now),
+        key: r.key,
+        allocated: r.allocated,
+        rate: r.rate,
+        history: r.history,
     });
+}
+
+/// One image's growth as the UI is told it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrowthReport {
+    pub key: PathBuf,
+    pub allocated: u64,
+    /// Bytes per second over the last seconds; 0 once writes stopped.
+    pub rate: f64,
+    /// Bytes grown in each recent second, oldest first (the sparkline).
+    pub history: Vec<u64>,
+}
+
+impl GrowthReport {
+    fn moving(&self) -> bool {
+        self.rate != 0.0 || self.history.iter().any(|&b| b > 0)
+    }
+}
+
+/// Size histories of the images, and which of them the UI was last told
+/// are growing: those are told again every [`GROWTH_EVERY`] until a report
+/// says they stopped, so a rate never stays on screen after the writes
+/// end (issue 11: it did, while another image kept changing).
+#[derive(Default)]
+pub struct GrowthReports {
+    histories: HashMap<PathBuf, SizeHistory>,
+    /// Last told as growing.
+    moving: HashSet<PathBuf>,
+    /// When the next round of reports is due; `None` when nothing moves.
+    due: Option<Instant>,
+}
+
+impl GrowthReports {
+    /// A size seen without a write behind it (a scan, a header change):
+    /// history only.
+    pub fn sample(&mut self, key: &Path, at: Instant, allocated: u64) {
+        self.histories
+            .entry(key.to_path_buf())
+            .or_default()
+            .push(at, allocated);
+    }
+
+    /// An image's size changed: its report now, and a round of reports
+    /// armed if none is. An armed round is never pushed back: a writer
+    /// that never pauses would otherwise starve every other image's
+    /// reports, which then keep their last rate forever.
+    pub fn changed(&mut self, key: &Path, at: Instant, allocated: u64) -> GrowthReport {
+        self.sample(key, at, allocated);
+        let report = self.report(key, at);
+        if report.moving() {
+            self.moving.insert(key.to_path_buf());
+            self.due.get_or_insert(at + GROWTH_EVERY);
+        }
+        report
+    }
+
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// The round of reports due at `now`: every image last told as
+    /// growing; those that stopped are told so once and then left alone.
+    pub fn tick(&mut self, now: Instant) -> Vec<GrowthReport> {
+        let keys: Vec<PathBuf> = self.moving.iter().cloned().collect();
+        let reports: Vec<GrowthReport> = keys.iter().map(|k| self.report(k, now)).collect();
+        for r in &reports {
+            if !r.moving() {
+                self.moving.remove(&r.key);
+            }
+        }
+        self.due = (!self.moving.is_empty()).then(|| now + GROWTH_EVERY);
+        reports
+    }
+
+    /// The image is gone: if it was growing, a last report that it stopped.
+    pub fn forget(&mut self, key: &Path) -> Option<GrowthReport> {
+        self.histories.remove(key);
+        self.moving.remove(key).then(|| GrowthReport {
+            key: key.to_path_buf(),
+            allocated: 0,
+            rate: 0.0,
+            history: Vec::new(),
+        })
+    }
+
+    /// Keep only the images `keep` says exist; stop reports for the rest.
+    pub fn retain(&mut self, keep: impl Fn(&PathBuf) -> bool) -> Vec<GrowthReport> {
+        let gone: Vec<PathBuf> = self
+            .histories
+            .keys()
+            .filter(|k| !keep(k))
+            .cloned()
+            .collect();
+        gone.iter().filter_map(|k| self.forget(k)).collect()
+    }
+
+    fn report(&self, key: &Path, now: Instant) -> GrowthReport {
+        let h = self.histories.get(key);
+        GrowthReport {
+            key: key.to_path_buf(),
+            allocated: h.and_then(SizeHistory::latest).unwrap_or(0),
+            rate: h.map_or(0.0, |h| h.rate_at(now)),
+            history: h.map_or_else(Vec::new, |h| h.sparkline_at(now)),
+        }
+    }
 }
 
 /// Run a scan on a thread of its own and stream its events. Dropping the
@@ -449,4 +576,78 @@ pub fn inspect(key: &Path, path: &Path) -> Details {
         d.chain_error = Some(e.to_string());
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, defect 1: two images grow, then stop, while a third keeps
+    /// changing more often than once a second (a guest, a convert's
+    /// output). The two must be told they stopped. The old worker pushed
+    /// its one report timer back on every size change, so it never fired
+    /// and their last rates stayed on screen for good.
+    #[test]
+    fn images_that_stop_growing_are_told_so_while_another_keeps_writing() {
+        const MIB: u64 = 1 << 20;
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let (base, top, busy) = (
+            PathBuf::from("/vm/base.qcow2"),
+            PathBuf::from("/vm/top.qcow2"),
+            PathBuf::from("/vm/busy.qcow2"),
+        );
+        let mut g = GrowthReports::default();
+        let mut last: HashMap<PathBuf, GrowthReport> = HashMap::new();
+        // The worker's loop, on a simulated clock: a due round first, then
+        // what the watcher reports at that moment.
+        for step in 0..=600u64 {
+            let now = ms(step * 50);
+            if g.due().is_some_and(|d| d <= now) {
+                for r in g.tick(now) {
+                    last.insert(r.key.clone(), r);
+                }
+            }
+            // base and top: 300 MiB/s for two seconds.
+            if step <= 40 && step % 4 == 0 {
+                for (k, n) in [(&base, step), (&top, 2 * step)] {
+                    let r = g.changed(k, now, n * 75 * MIB);
+                    last.insert(r.key.clone(), r);
+                }
+            }
+            // busy: a write every 300 ms, all the time.
+            if step % 6 == 0 {
+                let r = g.changed(&busy, now, step * MIB);
+                last.insert(r.key.clone(), r);
+            }
+        }
+        for k in [&base, &top] {
+            let r = &last[k];
+            assert_eq!(r.rate, 0.0, "{}: still {} B/s", k.display(), r.rate);
+            assert!(r.history.iter().all(|&b| b == 0), "{r:?}");
+        }
+        assert!(last[&busy].rate > 0.0, "the busy one still grows");
+        // Nothing moves any more once the busy one stops, and its reports
+        // end with a zero too.
+        while let Some(now) = g.due() {
+            for r in g.tick(now) {
+                last.insert(r.key.clone(), r);
+            }
+            assert!(now < ms(60_000), "reports never end");
+        }
+        assert_eq!(last[&busy].rate, 0.0);
+    }
+
+    #[test]
+    fn a_growing_image_that_vanishes_is_told_to_stop() {
+        let t0 = Instant::now();
+        let mut g = GrowthReports::default();
+        let k = PathBuf::from("/vm/tmp.qcow2");
+        g.sample(&k, t0, 0);
+        assert!(g.changed(&k, t0 + Duration::from_secs(1), 1 << 20).rate > 0.0);
+        let r = g.forget(&k).expect("a last report");
+        assert_eq!(r.rate, 0.0);
+        assert!(g.tick(t0 + Duration::from_secs(2)).is_empty());
+        assert_eq!(g.due(), None);
+    }
 }

@@ -260,6 +260,9 @@ fn copy_into(
         cancel.check()?;
         let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
         if st.present && st.depth < base_depth {
+            if st.data {
+                progress.add_copied(st.length);
+            }
             if st.data
                 && !st.compressed
                 && in_kernel

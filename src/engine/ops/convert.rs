@@ -243,6 +243,9 @@ fn copy_pipelined(
                     let len = st.length as usize;
                     poison_reused(&mut buf[..len]);
                     chain.read_extent(&st, &mut buf[..len])?;
+                    if st.data {
+                        progress.add_copied(st.length);
+                    }
                     if full_tx.send((pos, buf, len)).is_err() {
                         return Ok(());
                     }

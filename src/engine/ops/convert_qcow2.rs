@@ -647,10 +647,14 @@ fn run_pipeline(
                                 }
                                 let end = at + n * cs as usize;
                                 writer.put_data_run(gc, &b.buf[at..end])?;
+                                progress.add_copied((end - at) as u64);
                                 k += n;
                                 continue;
                             }
-                            Out::Compressed(v) => writer.put_compressed(gc, v)?,
+                            Out::Compressed(v) => {
+                                writer.put_compressed(gc, v)?;
+                                progress.add_copied(v.len() as u64);
+                            }
                         }
                         k += 1;
                     }

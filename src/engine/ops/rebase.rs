@@ -203,7 +203,7 @@ fn compare_and_copy(
         let mut in_flight = 0usize;
         let write = |w: &mut Qcow2Writer, done: Result<Compared>, spare: &mut Vec<_>| {
             let c = done?;
-            copy_differences(
+            let copied = copy_differences(
                 w,
                 &c.bufs.0[..c.n as usize],
                 &c.differs,
@@ -211,6 +211,7 @@ fn compare_and_copy(
                 old_size,
                 cs,
             )?;
+            progress.add_copied(copied);
             fault::point("rebase.copied");
             spare.push(c.bufs);
             Ok::<(), Error>(())
@@ -317,8 +318,9 @@ fn copy_differences(
     pos: u64,
     old_size: u64,
     cs: u64,
-) -> Result<()> {
+) -> Result<u64> {
     let n = old.len();
+    let mut copied = 0u64;
     let cs = cs as usize;
     let mut old_eof = pos >= old_size;
     let mut i = 0usize;
@@ -335,6 +337,7 @@ fn copy_differences(
                 w.zero_unallocated(at, (to - from) as u64)?;
             } else {
                 w.write(&old[from..to], at)?;
+                copied += (to - from) as u64;
             }
         }
         i = j;
@@ -342,7 +345,7 @@ fn copy_differences(
             old_eof = true;
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// Does `[pos, pos + len)` of `chain` read as zeros, by its block status

@@ -8,7 +8,8 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 use ratatui::Frame;
 
-use super::human;
+use super::{human, percent};
+use crate::catalog::Flag;
 use crate::engine::LockState;
 use crate::tui::app::{file_name, App};
 use crate::tui::worker::Details;
@@ -31,9 +32,27 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     };
     let node = &app.forest.nodes[id];
     let r = &node.record;
-    let block = pane(format!(" {} ", app.display_path(&r.path)));
+    // The whole path, its root as given: the tree may show only the
+    // file name.
+    let block = pane(format!(" {} ", r.path.display()));
     let inner_w = usize::from(area.width).saturating_sub(1);
     let mut lines: Vec<Line> = Vec::new();
+    if let Some(reason) = node.flags.iter().find_map(|f| match f {
+        Flag::Skipped { reason } => Some(reason),
+        _ => None,
+    }) {
+        lines.push(Line::from(Span::styled(
+            format!(" · not shown as an image: {reason}"),
+            dim,
+        )));
+        lines.push(Line::from(format!(
+            " {} on disk, {} long",
+            human(r.sizes.allocated),
+            human(r.sizes.apparent)
+        )));
+        frame.render_widget(Paragraph::new(lines).block(block), area);
+        return;
+    }
 
     let d = app.details.as_ref().filter(|d| d.key == r.key);
     match d.map(|d| &d.info) {
@@ -45,7 +64,14 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
                 facts.push(q.compression_type.name().to_string());
             }
             facts.push(format!("virtual {}", human(info.virtual_size)));
-            facts.push(format!("on disk {}", human(info.actual_size)));
+            // The tree's own figure, with its words: the file's size on
+            // disk over the virtual size (metadata included), not the
+            // share of the disk the image serves (the bar below).
+            facts.push(format!(
+                "on disk {} ({} of virtual)",
+                human(r.sizes.allocated),
+                percent(r.sizes.allocated, r.sizes.virtual_size)
+            ));
             lines.push(Line::from(format!(" {}", facts.join(" · "))));
         }
         Some(Err(e)) => lines.push(Line::from(Span::styled(
@@ -194,7 +220,7 @@ fn chain_lines(app: &App, d: &Details, width: usize, lines: &mut Vec<Line<'stati
         Style::new().fg(app.theme.dim),
     ));
     lines.push(Line::from(spans));
-    let pct = |b: u64| (b as u128 * 100 / total as u128) as u64;
+    let pct = |b: u64| percent(b, total);
     let mut legend = vec![Span::raw("        ")];
     for (depth, &bytes) in d.served.iter().enumerate() {
         let i = depth.min(LAYER_GLYPHS.len() - 1);
@@ -203,7 +229,7 @@ fn chain_lines(app: &App, d: &Details, width: usize, lines: &mut Vec<Line<'stati
             Style::new().fg(LAYER_COLOURS[i]),
         ));
         legend.push(Span::raw(format!(
-            "{} {}% · ",
+            "{} {} · ",
             names.get(depth).map_or("?", String::as_str),
             pct(bytes)
         )));
@@ -212,6 +238,6 @@ fn chain_lines(app: &App, d: &Details, width: usize, lines: &mut Vec<Line<'stati
         format!("{EMPTY_GLYPH} "),
         Style::new().fg(app.theme.dim),
     ));
-    legend.push(Span::raw(format!("empty {}%", pct(d.empty))));
+    legend.push(Span::raw(format!("empty {} of the disk", pct(d.empty))));
     lines.push(Line::from(legend));
 }

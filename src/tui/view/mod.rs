@@ -1,8 +1,9 @@
 //! Drawing: a pure function of [`App`]. No I/O, no decisions that change
 //! state; everything shown was computed by `App::update` or a worker.
+//! Widths are display widths (`unicode-width`): a CJK character or an
+//! emoji takes two cells.
 
 mod details;
-mod dialogs;
 mod jobs;
 mod tree;
 
@@ -11,16 +12,22 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph};
 use ratatui::Frame;
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
-use super::app::{App, CommitPlan, Mode};
+use super::app::{App, Mode, StatusKind};
+use super::keymap::{Action, Hint, Layer};
+
+pub use tree::{columns, Columns};
 
 /// Below this the screen says so instead of drawing a mangled tree.
 pub const MIN_WIDTH: u16 = 60;
 pub const MIN_HEIGHT: u16 = 18;
-/// Rows of the details pane, its title line included.
+/// Rows of the bottom pane (details, jobs), its title line included, when
+/// the terminal is tall enough.
 const DETAILS_HEIGHT: u16 = 10;
-/// Width of the jobs pane when there are jobs.
-const JOBS_WIDTH: u16 = 48;
+/// From this width on, the jobs pane stands beside the details; below, it
+/// goes under them, so neither covers the other.
+const SIDE_BY_SIDE: u16 = 110;
 
 /// Where each part of the screen goes. Shared with `App` so mouse clicks
 /// and scrolling agree with what is drawn.
@@ -32,7 +39,8 @@ pub struct Areas {
     pub tree_head: Rect,
     /// The rows.
     pub tree_body: Rect,
-    pub details: Rect,
+    /// Details and jobs.
+    pub bottom: Rect,
     pub status: Rect,
     pub footer: Rect,
 }
@@ -44,11 +52,13 @@ pub fn layout(area: Rect) -> Areas {
             ..Areas::default()
         };
     }
-    let [header, tree_head, tree_body, details, status, footer] = Layout::vertical([
+    // The tree keeps about half of a short screen.
+    let bottom = DETAILS_HEIGHT.min(area.height.saturating_sub(4) / 2);
+    let [header, tree_head, tree_body, bottom, status, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(1),
         Constraint::Min(1),
-        Constraint::Length(DETAILS_HEIGHT),
+        Constraint::Length(bottom),
         Constraint::Length(1),
         Constraint::Length(1),
     ])
@@ -58,9 +68,29 @@ pub fn layout(area: Rect) -> Areas {
         header,
         tree_head,
         tree_body,
-        details,
+        bottom,
         status,
         footer,
+    }
+}
+
+/// The details and jobs panes within the bottom area.
+fn split_bottom(app: &App, bottom: Rect) -> (Rect, Option<Rect>) {
+    if app.jobs.is_empty() {
+        return (bottom, None);
+    }
+    if bottom.width >= SIDE_BY_SIDE {
+        let jobs_w = (bottom.width * 2 / 5).clamp(48, 80);
+        let [d, j] =
+            Layout::horizontal([Constraint::Min(1), Constraint::Length(jobs_w)]).areas(bottom);
+        (d, Some(j))
+    } else {
+        // Two lines a job and a title, at most half the pane.
+        let want = (app.jobs.len() as u16 * 2 + 1)
+            .min(bottom.height / 2)
+            .max(3);
+        let [d, j] = Layout::vertical([Constraint::Min(1), Constraint::Length(want)]).areas(bottom);
+        (d, Some(j))
     }
 }
 
@@ -73,25 +103,25 @@ pub fn draw(app: &App, frame: &mut Frame) {
     }
     draw_header(app, frame, a.header);
     tree::draw(app, frame, a.tree_head, a.tree_body);
-    if app.jobs.is_empty() {
-        details::draw(app, frame, a.details);
-    } else {
-        let [d, j] = Layout::horizontal([Constraint::Min(1), Constraint::Length(JOBS_WIDTH)])
-            .areas(a.details);
-        details::draw(app, frame, d);
+    let (d, j) = split_bottom(app, a.bottom);
+    details::draw(app, frame, d);
+    if let Some(j) = j {
         jobs::draw(app, frame, j);
     }
     draw_status(app, frame, a.status);
     draw_footer(app, frame, a.footer);
-    match &app.mode {
-        Mode::Help => draw_help(app, frame, area),
-        Mode::CloneName { source, input } => draw_clone_prompt(app, frame, area, source, input),
-        Mode::ConfirmCommit(plan) => draw_commit_confirm(app, frame, area, plan),
-        Mode::PickBacking(pick) => dialogs::draw_pick(app, frame, area, pick),
-        Mode::ConfirmRebase(plan) => dialogs::draw_rebase(app, frame, area, plan),
-        Mode::ConfirmFlatten(plan) => dialogs::draw_flatten(app, frame, area, plan),
-        Mode::Convert(plan) => dialogs::draw_convert(app, frame, area, plan),
-        Mode::Normal | Mode::Filter => {}
+    if let Some(dialog) = &app.dialog {
+        dialog.draw(app, frame, area);
+        return;
+    }
+    match app.mode {
+        Mode::Help(at) => draw_scrolled(app, frame, area, "keys", help_lines(app), at, Layer::Help),
+        Mode::Log(at) => {
+            let w = popup_inner_width(area);
+            draw_scrolled(app, frame, area, "log", log_lines(app, w), at, Layer::Log)
+        }
+        Mode::Job(id) => jobs::draw_job(app, frame, area, id),
+        Mode::Tree | Mode::Filter | Mode::Jobs => {}
     }
 }
 
@@ -126,6 +156,77 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// `part` of `whole` as the tree and the details both show it: rounded to
+/// the nearest percent, `<1%` for a part too small to round up, nothing
+/// without a whole.
+pub fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return String::new();
+    }
+    let tenths = u128::from(part) * 1000 / u128::from(whole);
+    if part > 0 && tenths < 5 {
+        "<1%".to_string()
+    } else {
+        format!("{}%", ((tenths + 5) / 10).min(999))
+    }
+}
+
+/// Pad or cut `s` to exactly `w` cells of the terminal; a cut ends in `…`.
+pub fn fit(s: &str, w: usize) -> String {
+    let width = s.width();
+    if width <= w {
+        return format!("{s}{}", " ".repeat(w - width));
+    }
+    if w == 0 {
+        return String::new();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in s.chars() {
+        let cw = c.width().unwrap_or(0);
+        if used + cw > w - 1 {
+            break;
+        }
+        out.push(c);
+        used += cw;
+    }
+    out.push('…');
+    used += 1;
+    out.push_str(&" ".repeat(w.saturating_sub(used)));
+    out
+}
+
+/// `text` broken into lines of at most `w` cells (at spaces where it can).
+pub fn wrap(text: &str, w: usize) -> Vec<String> {
+    let w = w.max(1);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    let mut used = 0;
+    for word in text.split(' ') {
+        let ww = word.width();
+        if used > 0 && used + 1 + ww > w {
+            lines.push(std::mem::take(&mut line));
+            used = 0;
+        }
+        if used > 0 {
+            line.push(' ');
+            used += 1;
+        }
+        // A word longer than a line is cut where it must be.
+        for c in word.chars() {
+            let cw = c.width().unwrap_or(0);
+            if used + cw > w {
+                lines.push(std::mem::take(&mut line));
+                used = 0;
+            }
+            line.push(c);
+            used += cw;
+        }
+    }
+    lines.push(line);
+    lines
+}
+
 fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
     let accent = Style::new().fg(app.theme.accent);
     let roots: Vec<String> = app.roots.iter().map(|r| r.display().to_string()).collect();
@@ -141,11 +242,20 @@ fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
     if app.scanning {
         right = format!("scanning… · {right}");
     }
-    let left = format!(" cowshed  {}", roots.join(", "));
-    let pad = usize::from(area.width).saturating_sub(left.chars().count() + right.chars().count());
+    let width = usize::from(area.width);
+    // The roots give way to the totals, and two spaces always part them.
+    let room = width.saturating_sub(" cowshed  ".width() + 2 + right.width());
+    let roots = roots.join(", ");
+    let roots = if roots.width() > room {
+        fit(&roots, room).trim_end().to_string()
+    } else {
+        roots
+    };
+    let left = format!(" cowshed  {roots}");
+    let pad = width.saturating_sub(left.width() + right.width()).max(2);
     let line = Line::from(vec![
         Span::styled(" cowshed", accent.add_modifier(Modifier::BOLD)),
-        Span::raw(format!("  {}", roots.join(", "))),
+        Span::raw(format!("  {roots}")),
         Span::raw(" ".repeat(pad)),
         Span::styled(right, accent),
     ]);
@@ -162,29 +272,33 @@ fn plural(n: usize) -> &'static str {
 
 fn draw_status(app: &App, frame: &mut Frame, area: Rect) {
     let dim = Style::new().fg(app.theme.dim);
-    let line = if app.mode == Mode::Filter {
+    let line = if app.mode == Mode::Filter && app.dialog.is_none() {
         Line::from(vec![
             Span::styled(" / ", Style::new().fg(app.theme.accent)),
             Span::raw(format!("{}▏", app.filter)),
-            Span::styled("  type to filter · Enter keeps · Esc clears", dim),
         ])
     } else if let Some(s) = &app.status {
-        let style = if s.error {
-            Style::new().fg(app.theme.broken)
-        } else {
-            Style::new().fg(app.theme.growing)
+        let colour = match s.kind {
+            StatusKind::Error => app.theme.broken,
+            StatusKind::Warning => app.theme.warning,
+            StatusKind::Done => app.theme.growing,
+            StatusKind::Cancelled | StatusKind::Info => app.theme.dim,
         };
-        let glyph = if s.error { "✗ " } else { "✓ " };
-        Line::from(Span::styled(format!(" {glyph}{}", s.text), style))
-    } else if !app.filter.is_empty() {
         Line::from(Span::styled(
-            format!(" filter: {} (Esc clears)", app.filter),
+            format!(" {} {}", s.kind.glyph(), s.text),
+            Style::new().fg(colour),
+        ))
+    } else if !app.filter.is_empty() {
+        let clear = app.keymap.keys_text(Layer::Tree, Action::ClearFilter);
+        Line::from(Span::styled(
+            format!(" filter: {} ({clear} clears)", app.filter),
             dim,
         ))
     } else if let Some((path, msg)) = app.scan_errors.first() {
         let more = app.scan_errors.len() - 1;
+        let log = app.keymap.keys_text(Layer::Tree, Action::Log);
         let more = if more > 0 {
-            format!(" (and {more} more)")
+            format!(" (and {more} more: {log} shows the log)")
         } else {
             String::new()
         };
@@ -198,17 +312,44 @@ fn draw_status(app: &App, frame: &mut Frame, area: Rect) {
     frame.render_widget(Paragraph::new(line), area);
 }
 
+/// The hints the footer has room for in `width` cells, in table order;
+/// the way to the help is kept whatever else gives way.
+pub fn footer_hints(app: &App, width: u16) -> Vec<Hint> {
+    let hints = app.hints();
+    let cost = |h: &Hint| h.keys.width() + 1 + h.label.width() + 2;
+    let mut room = usize::from(width).saturating_sub(1);
+    let keep = |h: &Hint| h.action == Action::Help;
+    room = room.saturating_sub(hints.iter().filter(|h| keep(h)).map(cost).sum());
+    let mut shown = vec![false; hints.len()];
+    for (i, h) in hints.iter().enumerate() {
+        if keep(h) {
+            shown[i] = true;
+        } else if cost(h) <= room {
+            room -= cost(h);
+            shown[i] = true;
+        } else {
+            room = 0;
+        }
+    }
+    hints
+        .into_iter()
+        .zip(shown)
+        .filter_map(|(h, s)| s.then_some(h))
+        .collect()
+}
+
+/// The keys of the mode (or the open dialog), from the key table.
 fn draw_footer(app: &App, frame: &mut Frame, area: Rect) {
     let key_style = Style::new()
         .fg(app.theme.accent)
         .add_modifier(Modifier::BOLD);
     let mut spans = vec![Span::raw(" ")];
-    for (i, (key, label)) in app.keymap.footer().into_iter().enumerate() {
+    for (i, h) in footer_hints(app, area.width).into_iter().enumerate() {
         if i > 0 {
             spans.push(Span::raw("  "));
         }
-        spans.push(Span::styled(key, key_style));
-        spans.push(Span::raw(format!(" {label}")));
+        spans.push(Span::styled(h.keys, key_style));
+        spans.push(Span::raw(format!(" {}", h.label)));
     }
     let mut line = Line::from(spans);
     if app.sort != super::app::SortKey::Name {
@@ -220,7 +361,7 @@ fn draw_footer(app: &App, frame: &mut Frame, area: Rect) {
     frame.render_widget(Paragraph::new(line), area);
 }
 
-fn centered(area: Rect, width: u16, height: u16) -> Rect {
+pub(crate) fn centered(area: Rect, width: u16, height: u16) -> Rect {
     let w = width.min(area.width);
     let h = height.min(area.height);
     Rect::new(
@@ -231,147 +372,143 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
     )
 }
 
-fn draw_help(app: &App, frame: &mut Frame, area: Rect) {
-    let help = app.keymap.help();
-    let key_w = help
-        .iter()
-        .map(|(k, _)| k.chars().count())
-        .max()
-        .unwrap_or(0);
+/// The help and the log: popups as tall as the screen allows.
+fn popup_rect(area: Rect) -> Rect {
+    centered(
+        area,
+        84.min(area.width.saturating_sub(2)),
+        area.height.saturating_sub(2),
+    )
+}
+
+fn popup_inner_width(area: Rect) -> usize {
+    usize::from(popup_rect(area).width.saturating_sub(2))
+}
+
+/// Lines a popup shows at once: a page for page-up and page-down.
+pub fn popup_page(area: Rect) -> usize {
+    usize::from(popup_rect(area).height.saturating_sub(2)).max(1)
+}
+
+/// The help: every layer of the key table, keys and what they do.
+fn help_lines(app: &App) -> Vec<Line<'static>> {
     let key_style = Style::new()
         .fg(app.theme.accent)
         .add_modifier(Modifier::BOLD);
-    let mut lines: Vec<Line> = help
-        .into_iter()
-        .map(|(k, d)| {
-            Line::from(vec![
-                Span::styled(format!(" {k:<key_w$}  "), key_style),
-                Span::raw(d),
-            ])
-        })
-        .collect();
+    let title = Style::new().add_modifier(Modifier::BOLD);
+    let mut lines = Vec::new();
+    for (layer, rows) in app.keymap.help() {
+        let key_w = rows.iter().map(|h| h.keys.width()).max().unwrap_or(0);
+        if !lines.is_empty() {
+            lines.push(Line::default());
+        }
+        lines.push(Line::from(Span::styled(
+            format!(" {}", layer.title()),
+            title,
+        )));
+        for h in rows {
+            lines.push(Line::from(vec![
+                Span::styled(format!(" {}  ", fit(&h.keys, key_w)), key_style),
+                Span::raw(h.label),
+            ]));
+        }
+    }
     lines.push(Line::default());
     lines.push(Line::from(Span::styled(
-        " mouse: click selects, wheel scrolls · any key closes",
+        " mouse: click selects, wheel scrolls",
         Style::new().fg(app.theme.dim),
     )));
-    let r = centered(area, 72, lines.len() as u16 + 2);
-    frame.render_widget(Clear, r);
-    frame.render_widget(
-        Paragraph::new(lines).block(Block::new().borders(Borders::ALL).title(" keys ")),
-        r,
-    );
+    lines
 }
 
-fn draw_clone_prompt(
+pub fn help_max_scroll(app: &App) -> usize {
+    help_lines(app).len().saturating_sub(popup_page(app.area))
+}
+
+/// The log, oldest first, each entry wrapped to `width`.
+fn log_lines(app: &App, width: usize) -> Vec<Line<'static>> {
+    if app.log.is_empty() {
+        return vec![Line::from(Span::styled(
+            " nothing yet: warnings, refusals and job results will be kept here",
+            Style::new().fg(app.theme.dim),
+        ))];
+    }
+    let mut lines = Vec::new();
+    for e in &app.log {
+        let colour = match e.kind {
+            StatusKind::Error => app.theme.broken,
+            StatusKind::Warning => app.theme.warning,
+            StatusKind::Done => app.theme.growing,
+            StatusKind::Cancelled | StatusKind::Info => app.theme.dim,
+        };
+        let prefix = format!(" {} {} ", e.time, e.kind.glyph());
+        let indent = prefix.width();
+        for (i, part) in wrap(&e.text, width.saturating_sub(indent + 1))
+            .into_iter()
+            .enumerate()
+        {
+            let lead = if i == 0 {
+                prefix.clone()
+            } else {
+                " ".repeat(indent)
+            };
+            lines.push(Line::from(vec![
+                Span::styled(lead, Style::new().fg(colour)),
+                Span::raw(part),
+            ]));
+        }
+    }
+    lines
+}
+
+pub fn log_max_scroll(app: &App) -> usize {
+    log_lines(app, popup_inner_width(app.area))
+        .len()
+        .saturating_sub(popup_page(app.area))
+}
+
+fn draw_scrolled(
     app: &App,
     frame: &mut Frame,
     area: Rect,
-    source: &std::path::Path,
-    input: &str,
+    title: &str,
+    lines: Vec<Line<'static>>,
+    at: usize,
+    layer: Layer,
 ) {
-    let name = app
-        .forest
-        .get(source)
-        .map(|id| app.display_path(&app.forest.nodes[id].record.path))
-        .unwrap_or_default();
-    let lines = vec![
-        Line::from(vec![Span::raw(" name: "), Span::raw(format!("{input}▏"))]),
-        Line::from(Span::styled(
-            " created next to it · Enter creates · Esc cancels",
-            Style::new().fg(app.theme.dim),
-        )),
-    ];
-    let r = centered(area, 60, 4);
+    let r = popup_rect(area);
+    let page = popup_page(area);
+    let max = lines.len().saturating_sub(page);
+    let at = at.min(max);
+    let total = lines.len();
+    let shown: Vec<Line> = lines.into_iter().skip(at).take(page).collect();
+    // Where the view is, and the keys that move it and close it.
+    let hints: Vec<String> = app
+        .keymap
+        .footer(layer)
+        .into_iter()
+        .map(|h| format!("{} {}", h.keys, h.label))
+        .collect();
+    let position = if max > 0 {
+        format!(" {}-{} of {total} · ", at + 1, (at + page).min(total))
+    } else {
+        " ".to_string()
+    };
     frame.render_widget(Clear, r);
     frame.render_widget(
-        Paragraph::new(lines).block(
+        Paragraph::new(shown).block(
             Block::new()
                 .borders(Borders::ALL)
-                .title(format!(" clone {name} as ")),
+                .title(format!(" {title} "))
+                .title_bottom(format!("{position}{} ", hints.join(" · "))),
         ),
         r,
     );
 }
 
-/// The commit confirmation: what will happen, and loudly (colour, glyph
-/// and words) how many other overlays of the base it invalidates.
-fn draw_commit_confirm(app: &App, frame: &mut Frame, area: Rect, plan: &CommitPlan) {
-    let top = app.display_path(&plan.top);
-    let base = app.display_path(&plan.base);
-    let warn = Style::new()
-        .fg(app.theme.warning)
-        .add_modifier(Modifier::BOLD);
-    let dim = Style::new().fg(app.theme.dim);
-    let mut lines = vec![
-        Line::from(format!(
-            "Commit {top} into {base}: copies its {} (allocated size) into the base, \
-             then empties {top}.",
-            human(plan.allocated)
-        )),
-        Line::default(),
-    ];
-    if let Some(w) = &plan.space_warning {
-        lines.push(Line::from(Span::styled(format!("⚠ {w}"), warn)));
-        lines.push(Line::default());
-    }
-    if plan.affected > 0 {
-        let n = plan.affected;
-        let (s, verb) = if n == 1 { ("", "sees") } else { ("s", "see") };
-        lines.push(Line::from(Span::styled(
-            format!(
-                "⚠ WARNING: {n} other overlay{s} of {base} {verb} changed data afterwards: \
-                 committing into a shared base invalidates them."
-            ),
-            warn,
-        )));
-        lines.push(Line::from(Span::styled(
-            "(counted among the scanned images; overlays elsewhere are hit too)",
-            dim,
-        )));
-        lines.push(Line::default());
-        lines.push(Line::from(vec![
-            Span::raw("type "),
-            Span::styled("yes", warn),
-            Span::raw(" and Enter to commit: "),
-            Span::styled(format!("{}▏", plan.input), warn),
-        ]));
-        if plan.nudge {
-            lines.push(Line::from(Span::styled(
-                "only the word yes commits · Esc or n cancels",
-                warn,
-            )));
-        } else {
-            lines.push(Line::from(Span::styled("Esc or n cancels", dim)));
-        }
-    } else {
-        lines.push(Line::from(Span::styled(
-            "no other overlay of the base was found: nothing else changes",
-            dim,
-        )));
-        lines.push(Line::default());
-        lines.push(Line::from(vec![
-            Span::styled("y", Style::new().fg(app.theme.accent)),
-            Span::raw(" or "),
-            Span::styled("Enter", Style::new().fg(app.theme.accent)),
-            Span::raw(" commits · "),
-            Span::styled("Esc", Style::new().fg(app.theme.accent)),
-            Span::raw(" or "),
-            Span::styled("n", Style::new().fg(app.theme.accent)),
-            Span::raw(" cancels"),
-        ]));
-    }
-    let border = if plan.affected > 0 {
-        warn
-    } else {
-        Style::new()
-    };
-    dialogs::draw_dialog(frame, area, "commit?", lines, border);
-}
-
 #[cfg(test)]
 mod tests {
-    use super::human;
+    use super::*;
 
     #[test]
     fn human_sizes() {
@@ -380,5 +517,34 @@ mod tests {
         assert_eq!(human(196 * 1024), "196 KiB");
         assert_eq!(human(2_254_857_830), "2.1 GiB");
         assert_eq!(human(20 << 30), "20 GiB");
+    }
+
+    #[test]
+    fn percents_round_and_small_parts_say_so() {
+        assert_eq!(percent(0, 100), "0%");
+        assert_eq!(percent(1, 1000), "<1%");
+        assert_eq!(percent(5, 1000), "1%");
+        assert_eq!(percent(15, 1000), "2%");
+        assert_eq!(percent(100, 100), "100%");
+        assert_eq!(percent(3, 0), "");
+    }
+
+    /// Issue 11, defect 2: cells, not characters.
+    #[test]
+    fn fit_measures_display_width() {
+        let name = "Übergröße-日本語-🐄.qcow2";
+        assert_eq!(fit(name, 40).width(), 40);
+        assert_eq!(fit(name, 12).width(), 12);
+        assert!(fit(name, 12).contains('…'));
+        // A wide character that would straddle the edge is left out.
+        assert_eq!(fit("日本語", 4), "日… ");
+        assert_eq!(fit("abc", 3), "abc");
+    }
+
+    #[test]
+    fn wrap_breaks_at_spaces_and_cuts_long_words() {
+        assert_eq!(wrap("one two three", 7), ["one two", "three"]);
+        assert_eq!(wrap("abcdefghij", 4), ["abcd", "efgh", "ij"]);
+        assert_eq!(wrap("", 4), [""]);
     }
 }

@@ -1,4 +1,7 @@
-//! The tree pane: one row per image, overlays under their base.
+//! The tree pane: one row per image, overlays under their base. Columns
+//! are laid out in display cells; on a narrow terminal the name is
+//! shortened and the growth and virtual columns give way, but the IN USE
+//! column never goes: an image a VM holds must never look free.
 
 use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
@@ -6,62 +9,93 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 use ratatui::Frame;
 
-use super::human;
-use crate::catalog::Node;
+use super::{fit, human, percent};
+use crate::catalog::{Flag, Node};
 use crate::engine::LockState;
 use crate::jobs::JobState;
-use crate::tui::app::{file_name, App, Growth, Row};
+use crate::tui::app::{App, Growth, JobView, Row};
 
 const FMT_W: usize = 6;
 const SIZE_W: usize = 8;
 const PCT_W: usize = 4;
+/// Sparkline and rate; the rate alone when narrow.
 const GROWTH_W: usize = 19;
+const RATE_W: usize = 11;
+/// IN USE at least: `write qemu…`, `job: commit`.
+const IN_USE_MIN: usize = 12;
+/// Names are shortened to this before columns give way.
+const NAME_MIN: usize = 22;
 const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 const SPARK_W: usize = 6;
 
-fn fixed_width() -> usize {
-    // cursor + (space + column) for fmt, virtual, on disk, %, growth.
-    1 + (1 + FMT_W) + (1 + SIZE_W) + (1 + SIZE_W) + (1 + PCT_W) + (2 + GROWTH_W) + 2
+/// Widths of the tree's columns for a terminal width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    pub name: usize,
+    /// The VIRTUAL column is shown.
+    pub virtual_size: bool,
+    /// Cells of the GROWTH column: sparkline and rate, the rate, or none.
+    pub growth: usize,
+    pub in_use: usize,
 }
 
-/// Width of the name column; the IN USE column takes what is left.
-fn name_width(total: u16) -> usize {
-    let total = usize::from(total);
-    let rest = total.saturating_sub(fixed_width());
-    // The name gets about two thirds of what the fixed columns leave.
-    (rest * 2 / 3).max(16)
-}
-
-/// Pad or cut `s` to exactly `w` characters.
-fn fit(s: &str, w: usize) -> String {
-    let n = s.chars().count();
-    if n <= w {
-        format!("{s}{}", " ".repeat(w - n))
-    } else if w == 0 {
-        String::new()
-    } else {
-        let mut out: String = s.chars().take(w - 1).collect();
-        out.push('…');
-        out
+/// Lay the columns out in `width` cells.
+pub fn columns(width: u16) -> Columns {
+    let width = usize::from(width);
+    // cursor, then " FMT", " ON DISK", " %".
+    let fixed = 1 + (1 + FMT_W) + (1 + SIZE_W) + (1 + PCT_W);
+    for (virtual_size, growth) in [
+        (true, GROWTH_W),
+        (true, RATE_W),
+        (false, RATE_W),
+        (false, 0),
+    ] {
+        let used = fixed
+            + if virtual_size { 1 + SIZE_W } else { 0 }
+            + if growth > 0 { 2 + growth } else { 0 }
+            + 2;
+        let rest = width.saturating_sub(used + IN_USE_MIN);
+        if rest >= NAME_MIN || growth == 0 {
+            // The name gets about two thirds of what is left over.
+            let name = (NAME_MIN + rest.saturating_sub(NAME_MIN) * 2 / 3).min(rest.max(8));
+            return Columns {
+                name,
+                virtual_size,
+                growth,
+                in_use: width.saturating_sub(used + name).max(IN_USE_MIN),
+            };
+        }
+    }
+    // The last layout above always fits; this keeps the function total.
+    Columns {
+        name: width / 3,
+        virtual_size: false,
+        growth: 0,
+        in_use: IN_USE_MIN,
     }
 }
 
 fn right(s: &str, w: usize) -> String {
-    format!("{s:>w$}")
+    let pad = w.saturating_sub(unicode_width::UnicodeWidthStr::width(s));
+    format!("{}{s}", " ".repeat(pad))
 }
 
 pub fn draw(app: &App, frame: &mut Frame, head: Rect, body: Rect) {
-    let name_w = name_width(head.width);
+    let c = columns(head.width);
     let dim = Style::new().fg(app.theme.dim);
-    let title = format!(
-        " {} {} {} {} {}  {}  IN USE",
-        fit("IMAGE", name_w),
-        fit("FMT", FMT_W),
-        right("VIRTUAL", SIZE_W),
+    let mut title = format!(" {} {}", fit("IMAGE", c.name), fit("FMT", FMT_W));
+    if c.virtual_size {
+        title.push_str(&format!(" {}", right("VIRTUAL", SIZE_W)));
+    }
+    title.push_str(&format!(
+        " {} {}",
         right("ON DISK", SIZE_W),
-        right("%", PCT_W),
-        fit("GROWTH", GROWTH_W),
-    );
+        right("%", PCT_W)
+    ));
+    if c.growth > 0 {
+        title.push_str(&format!("  {}", fit("GROWTH", c.growth)));
+    }
+    title.push_str("  IN USE");
     frame.render_widget(
         Paragraph::new(Line::from(Span::styled(
             title,
@@ -70,10 +104,11 @@ pub fn draw(app: &App, frame: &mut Frame, head: Rect, body: Rect) {
         head,
     );
     if app.rows.is_empty() {
+        let filter = app.effective_filter();
         let text = if app.scanning {
             " scanning…".to_string()
-        } else if !app.filter.is_empty() {
-            format!(" no image matches '{}'", app.filter)
+        } else if !filter.is_empty() {
+            format!(" no image matches '{filter}'")
         } else {
             " no images found under the roots".to_string()
         };
@@ -87,17 +122,18 @@ pub fn draw(app: &App, frame: &mut Frame, head: Rect, body: Rect) {
         .enumerate()
         .skip(app.offset)
         .take(height)
-        .map(|(i, row)| row_line(app, row, i == app.selected, name_w))
+        .map(|(i, row)| row_line(app, row, i == app.selected, c))
         .collect();
     frame.render_widget(Paragraph::new(lines), body);
 }
 
-fn row_line(app: &App, row: &Row, selected: bool, name_w: usize) -> Line<'static> {
+fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
     let t = &app.theme;
     let node: &Node = &app.forest.nodes[row.id];
     let r = &node.record;
+    let skipped = node.flags.iter().any(|f| matches!(f, Flag::Skipped { .. }));
     let broken = node.flags.iter().any(|f| f.is_broken());
-    let warned = !broken && !node.flags.is_empty();
+    let warned = !broken && !skipped && !node.flags.is_empty();
 
     let marker = if row.folded {
         "▸ "
@@ -110,36 +146,45 @@ fn row_line(app: &App, row: &Row, selected: bool, name_w: usize) -> Line<'static
         "✗ "
     } else if warned {
         "! "
+    } else if skipped {
+        "· "
     } else {
         ""
     };
-    let name = format!("{}{marker}{glyph}{}", row.guides, file_name(&r.path));
+    let shown = crate::tui::rows::row_name(&app.forest, &app.roots, row);
+    let name = format!("{}{marker}{glyph}{shown}", row.guides);
     let name_style = if broken {
         Style::new().fg(t.broken)
     } else if warned {
         Style::new().fg(t.warning)
+    } else if skipped {
+        Style::new().fg(t.dim)
     } else {
         Style::new()
     };
-    let fmt = r.summary.as_ref().map_or("?", |s| s.format.name());
-    let pct = if r.sizes.virtual_size > 0 {
-        format!(
-            "{}%",
-            (r.sizes.allocated as u128 * 100 / u128::from(r.sizes.virtual_size)).min(999)
-        )
-    } else {
-        String::new()
+    let fmt = match &r.summary {
+        Some(s) => s.format.name(),
+        None if skipped => "-",
+        None => "?",
     };
+    let mut cells = format!(" {}", fit(fmt, FMT_W));
+    if c.virtual_size {
+        let v = if skipped {
+            String::new()
+        } else {
+            human(r.sizes.virtual_size)
+        };
+        cells.push_str(&format!(" {}", right(&v, SIZE_W)));
+    }
+    cells.push_str(&format!(
+        " {} {}  ",
+        right(&human(r.sizes.allocated), SIZE_W),
+        right(&percent(r.sizes.allocated, r.sizes.virtual_size), PCT_W),
+    ));
     let mut spans = vec![
         Span::raw(if selected { "›" } else { " " }),
-        Span::styled(fit(&name, name_w), name_style),
-        Span::raw(format!(
-            " {} {} {} {}  ",
-            fit(fmt, FMT_W),
-            right(&human(r.sizes.virtual_size), SIZE_W),
-            right(&human(r.sizes.allocated), SIZE_W),
-            right(&pct, PCT_W),
-        )),
+        Span::styled(fit(&name, c.name), name_style),
+        Span::styled(cells, if skipped { name_style } else { Style::new() }),
     ];
 
     let growth = app.growth.get(&r.key).filter(|g| g.rate > 0.0);
@@ -152,11 +197,16 @@ fn row_line(app: &App, row: &Row, selected: bool, name_w: usize) -> Line<'static
             spans.push(Span::styled(text.join("; "), name_style));
         }
         _ => {
-            let g = growth.map(growth_cell).unwrap_or_default();
-            spans.push(Span::styled(fit(&g, GROWTH_W), Style::new().fg(t.growing)));
-            if let Some((text, style)) = in_use {
+            if c.growth > 0 {
+                let g = growth.map(|g| growth_cell(g, c.growth)).unwrap_or_default();
+                spans.push(Span::styled(fit(&g, c.growth), Style::new().fg(t.growing)));
                 spans.push(Span::raw("  "));
-                spans.push(Span::styled(text, style));
+            }
+            if let Some((text, style)) = in_use {
+                spans.push(Span::styled(
+                    fit(&text, c.in_use).trim_end().to_string(),
+                    style,
+                ));
             }
         }
     }
@@ -167,22 +217,27 @@ fn row_line(app: &App, row: &Row, selected: bool, name_w: usize) -> Line<'static
     line
 }
 
-/// `▁▂▄▆█ 12.0 MiB/s`: the last seconds' growth, scaled to the largest.
-fn growth_cell(g: &Growth) -> String {
+/// `▁▂▄▆█ 12.0 MiB/s`: the last seconds' growth, scaled to the largest;
+/// the rate alone in a narrow column.
+fn growth_cell(g: &Growth, width: usize) -> String {
+    let rate = format!("{}/s", human(g.rate as u64));
+    if width < GROWTH_W {
+        return rate;
+    }
     let tail = &g.history[g.history.len().saturating_sub(SPARK_W)..];
     let max = tail.iter().copied().max().unwrap_or(0).max(1);
     let spark: String = tail
         .iter()
         .map(|&d| SPARK[(d.saturating_mul(SPARK.len() as u64 - 1) / max) as usize])
         .collect();
-    format!("{spark} {}/s", human(g.rate as u64))
+    format!("{spark} {rate}")
 }
 
 /// The IN USE column: a running job, else QEMU's lock with its holder.
 fn in_use_badge(app: &App, node: &Node) -> Option<(String, Style)> {
     let r = &node.record;
     // A running job first: it is what changes the image right now.
-    let mine = |j: &&crate::tui::app::JobView| j.touches.contains(&r.key);
+    let mine = |j: &&JobView| j.touches.contains(&r.key);
     if let Some(j) = app
         .jobs
         .iter()
@@ -217,4 +272,31 @@ fn in_use_badge(app: &App, node: &Node) -> Option<(String, Style)> {
         many => format!("{lock} ×{}", many.len()),
     };
     Some((text, style))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, defect 3: IN USE keeps its room however narrow.
+    #[test]
+    fn narrow_terminals_shorten_names_and_keep_in_use() {
+        let wide = columns(120);
+        assert!(wide.virtual_size && wide.growth == GROWTH_W);
+        assert!(wide.name >= NAME_MIN && wide.in_use >= IN_USE_MIN);
+        for w in 60..=200u16 {
+            let c = columns(w);
+            let used = 1
+                + (1 + FMT_W)
+                + (1 + SIZE_W)
+                + (1 + PCT_W)
+                + if c.virtual_size { 1 + SIZE_W } else { 0 }
+                + if c.growth > 0 { 2 + c.growth } else { 0 }
+                + 2
+                + c.name;
+            assert!(c.in_use >= IN_USE_MIN, "{w}: {c:?}");
+            assert!(used + c.in_use <= usize::from(w), "{w}: {c:?} overflows");
+            assert!(c.name >= 16, "{w}: {c:?}");
+        }
+    }
 }

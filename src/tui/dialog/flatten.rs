@@ -1,0 +1,132 @@
+//! Flatten (`f`): copy into the image everything its backing chain
+//! provides, then drop the backing file (`rebase -b ""`), after a yes/no.
+
+use std::path::PathBuf;
+
+use ratatui::layout::Rect;
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::Frame;
+
+use super::{hint_line, in_use, qcow2_node, space_warning, JobSpec, Outcome};
+use crate::catalog::{Forest, NodeId};
+use crate::engine::ops::rebase::{rebase, RebaseOptions};
+use crate::tui::app::{App, Status};
+use crate::tui::keymap::{Action, Hint};
+use crate::tui::rows::file_name;
+use crate::tui::view::human;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlattenPlan {
+    pub image: PathBuf,
+    /// The image and every image of its chain (read, so no job may change
+    /// them meanwhile).
+    pub chain_keys: Vec<PathBuf>,
+    pub backing: String,
+    /// What the chain below allocates: about what gets copied, at most.
+    pub below: u64,
+    /// The file system may be too small for that.
+    pub space_warning: Option<String>,
+}
+
+pub struct FlattenDialog {
+    pub plan: FlattenPlan,
+}
+
+impl FlattenDialog {
+    pub fn open(f: &Forest, id: NodeId) -> Result<FlattenDialog, String> {
+        let mut plan = plan(f, id)?;
+        plan.space_warning = space_warning(&plan.image, plan.below);
+        Ok(FlattenDialog { plan })
+    }
+
+    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+        match action {
+            Some(Action::Yes) => Outcome::Submit(job(&self.plan)),
+            Some(Action::No) => {
+                Outcome::Close(Status::cancelled("flatten cancelled: nothing was changed"))
+            }
+            _ => Outcome::Stay,
+        }
+    }
+
+    pub fn draw(&self, app: &App, frame: &mut Frame, area: Rect, hints: &[Hint]) {
+        let plan = &self.plan;
+        let image = app.display_path(&plan.image);
+        let mut lines = vec![
+            Line::from(format!(
+                "Flatten {image}: copy into it everything its backing chain ({}, {} \
+                 allocated below it) provides, then drop the backing file. The guest \
+                 sees the same disk; {image} grows and stands alone.",
+                plan.backing,
+                human(plan.below)
+            )),
+            Line::default(),
+        ];
+        if let Some(w) = &plan.space_warning {
+            lines.push(Line::from(Span::styled(
+                format!("⚠ {w}"),
+                Style::new().fg(app.theme.warning),
+            )));
+            lines.push(Line::default());
+        }
+        lines.push(hint_line(app, hints));
+        super::draw_box(frame, area, "flatten?", lines, Style::new());
+    }
+}
+
+/// Flattening `image`: it must have a readable chain to copy from.
+pub fn plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
+    qcow2_node(f, image)?;
+    in_use(f, &[image], false)?;
+    let node = &f.nodes[image];
+    if let Some(flag) = node.flags.iter().find(|fl| fl.is_broken()) {
+        return Err(flag.describe());
+    }
+    let Some(backing) = node
+        .record
+        .summary
+        .as_ref()
+        .and_then(|s| s.backing_filename.clone())
+    else {
+        return Err("it has no backing file: it is standalone already".into());
+    };
+    if node.parent.is_none() {
+        return Err(format!("its backing image {backing} was not found"));
+    }
+    let chain = f.chain(image);
+    let below = chain
+        .iter()
+        .filter(|&&n| n != image)
+        .map(|&n| f.nodes[n].record.sizes.allocated)
+        .sum();
+    Ok(FlattenPlan {
+        image: node.record.path.clone(),
+        chain_keys: chain
+            .iter()
+            .map(|&n| f.nodes[n].record.key.clone())
+            .collect(),
+        backing,
+        below,
+        space_warning: None,
+    })
+}
+
+fn job(plan: &FlattenPlan) -> JobSpec {
+    let image = plan.image.clone();
+    JobSpec {
+        kind: "flatten",
+        label: format!("flatten {}", file_name(&plan.image)),
+        touches: plan.chain_keys.clone(),
+        refresh: vec![plan.image.clone()],
+        work: Box::new(move |progress, cancel| {
+            let opts = RebaseOptions {
+                backing: String::new(),
+                backing_format: None,
+                unsafe_header_only: false,
+            };
+            rebase(&image, &opts, progress, cancel)?;
+            Ok(None)
+        }),
+    }
+}

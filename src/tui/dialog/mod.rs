@@ -1,0 +1,326 @@
+//! One module per dialog (gitui's popups): each owns its state, its key
+//! handling (returning an [`Outcome`]: stay, close, submit, ...), its hints
+//! (from the key table) and its drawing. `App` holds at most one
+//! [`Dialog`], routes keys to it, and carries out what it returns; every
+//! dialog that starts work hands a [`JobSpec`] to the app's one submit
+//! path.
+//!
+//! Plans are built from the forest in memory when a key opens a dialog (no
+//! I/O on the key path beyond a `statvfs` or a `stat`), and refusals the
+//! catalog can already see (a QEMU holding the image, a broken chain) are
+//! said then, instead of after "yes". The engine checks everything again
+//! when the job runs.
+
+pub mod clone;
+pub mod commit;
+pub mod convert;
+pub mod flatten;
+pub mod rebase;
+
+use std::path::{Path, PathBuf};
+
+use ratatui::layout::Rect;
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Clear, Padding, Paragraph, Wrap};
+use ratatui::Frame;
+
+use super::app::{App, Status};
+use super::keymap::{Action, Hint, Key, Keymap, Layer};
+use super::worker::BackingProbe;
+use crate::catalog::{Flag, Forest, NodeId};
+use crate::engine::{Format, LockState};
+use crate::jobs::Work;
+
+/// What the app needs to queue a job: the one way work starts.
+pub struct JobSpec {
+    /// `clone`, `commit`, ...: the tree's badge says it.
+    pub kind: &'static str,
+    pub label: String,
+    /// Keys of the images it works on: no other job on them runs
+    /// meanwhile, and the tree marks them.
+    pub touches: Vec<PathBuf>,
+    /// Paths the catalog re-reads when it ends, whatever the outcome.
+    pub refresh: Vec<PathBuf>,
+    pub work: Work,
+}
+
+/// What a dialog's key (or answer) asks of the app.
+pub enum Outcome {
+    /// The key was used, or means nothing here: the dialog stays.
+    Stay,
+    /// The dialog stays and the status line says this (a refusal).
+    Say(Status),
+    /// The dialog closes, saying why.
+    Close(Status),
+    /// The dialog closes and the job starts.
+    Submit(JobSpec),
+    /// Another dialog takes its place (the picker opens the rebase dialog).
+    Open(Dialog),
+    /// Move in the tree (the picker picks there).
+    Tree(Action),
+    /// The picker's filter changed: the rows must be built again.
+    Refilter,
+    /// Probe a typed backing path on the inspector thread; the answer comes
+    /// back to the dialog as [`Dialog::on_probe`].
+    Probe {
+        image_key: PathBuf,
+        name: String,
+        resolved: PathBuf,
+    },
+}
+
+/// What dialogs may read of the app.
+pub struct Ctx<'a> {
+    pub forest: &'a Forest,
+    pub keymap: &'a Keymap,
+    pub roots: &'a [PathBuf],
+    /// The image selected in the tree.
+    pub selected: Option<NodeId>,
+}
+
+impl Ctx<'_> {
+    pub fn display_path(&self, p: &Path) -> String {
+        super::rows::relative_to_roots(self.roots, p)
+    }
+}
+
+pub enum Dialog {
+    /// `C`: the new overlay's name.
+    Clone(clone::CloneDialog),
+    Commit(commit::CommitDialog),
+    /// `b`: the new backing, picked in the tree or typed.
+    Pick(rebase::Picker),
+    Rebase(rebase::RebaseDialog),
+    Flatten(flatten::FlattenDialog),
+    Convert(convert::ConvertDialog),
+}
+
+impl Dialog {
+    /// The key layers this dialog reads now, first match wins.
+    pub fn layers(&self) -> &'static [Layer] {
+        match self {
+            Dialog::Clone(_) => &[Layer::Input],
+            Dialog::Commit(_) | Dialog::Flatten(_) => &[Layer::Confirm],
+            Dialog::Pick(p) => p.layers(),
+            Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
+            Dialog::Convert(_) => &[Layer::Convert],
+        }
+    }
+
+    pub fn on_key(&mut self, key: Key, action: Option<Action>, ctx: &Ctx) -> Outcome {
+        match self {
+            Dialog::Clone(d) => d.on_key(key, action, ctx),
+            Dialog::Commit(d) => d.on_key(key, action, ctx),
+            Dialog::Pick(d) => d.on_key(key, action, ctx),
+            Dialog::Rebase(d) => d.on_key(action),
+            Dialog::Flatten(d) => d.on_key(action),
+            Dialog::Convert(d) => d.on_key(key, action),
+        }
+    }
+
+    /// A typed backing path was probed (only the picker asks).
+    pub fn on_probe(&mut self, p: BackingProbe, ctx: &Ctx) -> Outcome {
+        match self {
+            Dialog::Pick(d) => d.on_probe(p, ctx),
+            _ => Outcome::Stay,
+        }
+    }
+
+    /// The keys the dialog offers now, as its hint line (and the footer)
+    /// shows them.
+    pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
+        match self {
+            Dialog::Clone(_) => vec![
+                keymap.hint(Layer::Input, Action::Submit, Some("create")),
+                keymap.hint(Layer::Input, Action::Cancel, None),
+            ],
+            Dialog::Commit(d) => d.hints(keymap),
+            Dialog::Pick(d) => d.hints(keymap),
+            Dialog::Rebase(d) => d.hints(keymap),
+            Dialog::Flatten(_) => vec![
+                keymap.hint(Layer::Confirm, Action::Yes, Some("flatten")),
+                keymap.hint(Layer::Confirm, Action::No, None),
+            ],
+            Dialog::Convert(_) => convert::hints(keymap),
+        }
+    }
+
+    pub fn draw(&self, app: &App, frame: &mut Frame, area: Rect) {
+        let hints = self.hints(&app.keymap);
+        match self {
+            Dialog::Clone(d) => d.draw(app, frame, area, &hints),
+            Dialog::Commit(d) => d.draw(app, frame, area, &hints),
+            Dialog::Pick(d) => d.draw(app, frame, area, &hints),
+            Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
+            Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
+            Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+        }
+    }
+}
+
+/// A status line message of one kind.
+pub(crate) fn error(text: impl Into<String>) -> Status {
+    Status::error(text)
+}
+
+/// The qcow2 image at `id`, or why the operation cannot start from it.
+pub(crate) fn qcow2_node(f: &Forest, id: NodeId) -> Result<(), String> {
+    let node = &f.nodes[id];
+    usable(f, id)?;
+    let Some(summary) = &node.record.summary else {
+        return Err("its header could not be read".into());
+    };
+    if summary.format != Format::Qcow2 {
+        return Err(format!(
+            "only qcow2 images have a backing file to change ({} image)",
+            summary.format.name()
+        ));
+    }
+    Ok(())
+}
+
+/// A row that is no image at all (a file the scan could not use) is
+/// refused with its reason.
+pub(crate) fn usable(f: &Forest, id: NodeId) -> Result<(), String> {
+    match f.nodes[id].flags.iter().find_map(|fl| match fl {
+        Flag::Skipped { reason } => Some(reason),
+        _ => None,
+    }) {
+        Some(reason) => Err(format!("it is no image cowshed can use ({reason})")),
+        None => Ok(()),
+    }
+}
+
+/// Why the images `ids` may not be written (`writers_only`: read) now,
+/// from QEMU's locks as the catalog last saw them, naming the holders. The
+/// job takes the locks itself and refuses again if a QEMU came meanwhile;
+/// this only lets the dialog say so before asking.
+pub fn in_use(f: &Forest, ids: &[NodeId], writers_only: bool) -> Result<(), String> {
+    for &id in ids {
+        let r = &f.nodes[id].record;
+        let held = match r.lock {
+            LockState::None => false,
+            LockState::Reader => !writers_only,
+            LockState::Writer => true,
+        };
+        if !held {
+            continue;
+        }
+        let who = if r.holders.is_empty() {
+            "another process".to_string()
+        } else {
+            r.holders
+                .iter()
+                .map(|h| format!("pid {} ({})", h.pid, h.command))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let how = if r.lock == LockState::Writer {
+            "writing"
+        } else {
+            "reading"
+        };
+        return Err(format!(
+            "{} is in use by {who}, {how}: an image a QEMU holds is never written{}",
+            super::rows::file_name(&r.path),
+            if writers_only {
+                ", nor copied while it changes"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// A warning when `needed` bytes (an upper bound) may not fit beside
+/// `path`. `statvfs` reads the file system's counters, like a `stat`,
+/// never an image; the job checks the exact need before it writes.
+pub fn space_warning(path: &Path, needed: u64) -> Option<String> {
+    let free = crate::engine::space::available(path).ok()?;
+    (needed > free).then(|| {
+        format!(
+            "may not fit: up to {} to write, {} free there (the job checks exactly before writing)",
+            super::view::human(needed),
+            super::view::human(free)
+        )
+    })
+}
+
+/// `a/./b/../c` → `a/c`, without touching the disk (a key press may not).
+pub(crate) fn lexical_normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// `y/Enter commit · n/Esc cancel`: keys in the accent colour.
+pub(crate) fn hint_line(app: &App, hints: &[Hint]) -> Line<'static> {
+    let mut spans = Vec::new();
+    for (i, h) in hints.iter().enumerate() {
+        if i > 0 {
+            spans.push(Span::raw(" · "));
+        }
+        spans.push(Span::styled(
+            h.keys.clone(),
+            Style::new().fg(app.theme.accent),
+        ));
+        spans.push(Span::raw(format!(" {}", h.label)));
+    }
+    Line::from(spans)
+}
+
+/// A centred, word-wrapped box sized to its lines.
+pub(crate) fn draw_box(
+    frame: &mut Frame,
+    area: Rect,
+    title: &str,
+    lines: Vec<Line>,
+    border: Style,
+) {
+    let width = area.width.saturating_sub(4).min(80);
+    // Borders and a column of padding on each side.
+    let inner = usize::from(width.saturating_sub(4)).max(1);
+    // Wrapped height: each line takes its width over the inner width,
+    // rounded up (word wrapping may need one more now and then).
+    let height: usize = lines
+        .iter()
+        .map(|l| l.width().div_ceil(inner).max(1))
+        .sum::<usize>()
+        + 3;
+    let r = super::view::centered(area, width, height.min(usize::from(u16::MAX)) as u16);
+    frame.render_widget(Clear, r);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::new()
+                .borders(Borders::ALL)
+                .border_style(border)
+                .padding(Padding::horizontal(1))
+                .title(format!(" {title} ")),
+        ),
+        r,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lexical_normalize_drops_dots() {
+        assert_eq!(
+            lexical_normalize(Path::new("/vm/./x/../base.qcow2")),
+            Path::new("/vm/base.qcow2")
+        );
+    }
+}
