@@ -113,6 +113,19 @@ fn writer_regressions() {
 /// make every replay above pass.)
 #[test]
 fn harness_catches_what_it_checks() {
+    // One file, later changed behind the harness's back. The execution
+    // holds the harness's lock throughout: the allocator counts for the
+    // whole process, and a 200 MiB probe must not land in a replay
+    // running beside this test.
+    let mut input = vec![0u8, 1];
+    input.extend_from_slice(&4096u32.to_le_bytes());
+    input.extend_from_slice(&1u16.to_le_bytes());
+    input.extend_from_slice(&0u32.to_le_bytes());
+    input.extend_from_slice(&3u16.to_le_bytes());
+    input.extend_from_slice(b"abc");
+    let parsed = harness::Input::parse(&input);
+    let exec = harness::Exec::new(&parsed);
+
     let huge = catch_unwind(|| {
         harness::measured("probe", 1000, || {
             let v = vec![0u8; 200 << 20];
@@ -128,15 +141,6 @@ fn harness_catches_what_it_checks() {
         std::hint::black_box(&v);
     });
 
-    // One file, then changed behind the harness's back.
-    let mut input = vec![0u8, 1];
-    input.extend_from_slice(&4096u32.to_le_bytes());
-    input.extend_from_slice(&1u16.to_le_bytes());
-    input.extend_from_slice(&0u32.to_le_bytes());
-    input.extend_from_slice(&3u16.to_le_bytes());
-    input.extend_from_slice(b"abc");
-    let parsed = harness::Input::parse(&input);
-    let exec = harness::Exec::new(&parsed);
     assert_eq!(std::fs::read(exec.path("f0")).unwrap()[..3], *b"abc");
     assert_eq!(harness::file_len(&exec.path("f0")), 4096);
     let before = exec.fingerprints();
