@@ -40,9 +40,6 @@ pub struct RebaseOptions {
 /// QEMU's IO_BUF_SIZE: the largest range compared at once.
 const CHUNK: u64 = 2 << 20;
 
-/// Bytes read and compared at once inside a chunk (cache-sized).
-const SLICE: u64 = 256 << 10;
-
 /// Rebase `file` onto `opts.backing`.
 pub fn rebase(
     file: &Path,
@@ -272,8 +269,11 @@ fn reader_gone(w: &Qcow2Writer) -> Error {
     Error::invalid(w.path(), "internal: the compare thread stopped")
 }
 
-/// Read a job's chunk from both chains, a slice at a time while it is
-/// still in the CPU's cache, and mark the clusters that differ.
+/// Read a job's chunk from both chains and mark the clusters that differ.
+/// The two chains are read at once, on two threads: the kernel's copy out of
+/// the page cache is nearly all a rebase costs when little differs (a
+/// rebase of the fixture's overlay onto a raw copy of its base spent 90% of
+/// its time in the kernel, on one core).
 fn compare(job: Job, old: Option<&Chain>, new: Option<&Chain>, cs: u64) -> Result<Compared> {
     let Job {
         pos,
@@ -284,31 +284,40 @@ fn compare(job: Job, old: Option<&Chain>, new: Option<&Chain>, cs: u64) -> Resul
         new_zero,
         mut bufs,
     } = job;
-    let slice = SLICE.max(cs);
-    let mut differs = Vec::with_capacity((n / cs + 1) as usize);
-    let mut a = 0u64;
-    while a < n {
-        let b = (a + slice).min(n);
-        let (o, nw) = (
-            &mut bufs.0[a as usize..b as usize],
-            &mut bufs.1[a as usize..b as usize],
-        );
-        let valid = |total: u64| total.saturating_sub(a).min(b - a);
-        fill(old, o, pos + a, valid(old_n), old_zero)?;
-        fill(new, nw, pos + a, valid(new_n), new_zero)?;
-        differs.extend(
-            o.chunks(cs as usize)
-                .zip(nw.chunks(cs as usize))
-                .map(|(x, y)| x != y),
-        );
-        a = b;
-    }
+    let (o, nw) = (&mut bufs.0[..n as usize], &mut bufs.1[..n as usize]);
+    let both = !old_zero && !new_zero && old_n > 0 && new_n > 0;
+    let (read_old, read_new) = if both {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| fill(new, nw, pos, new_n, new_zero));
+            let r = fill(old, o, pos, old_n, old_zero);
+            (r, h.join().unwrap_or_else(|_| Err(reader_panicked(pos))))
+        })
+    } else {
+        (
+            fill(old, o, pos, old_n, old_zero),
+            fill(new, nw, pos, new_n, new_zero),
+        )
+    };
+    read_old?;
+    read_new?;
+    let differs = o
+        .chunks(cs as usize)
+        .zip(nw.chunks(cs as usize))
+        .map(|(x, y)| x != y)
+        .collect();
     Ok(Compared {
         pos,
         n,
         bufs,
         differs,
     })
+}
+
+fn reader_panicked(pos: u64) -> Error {
+    Error::invalid(
+        "rebase",
+        format!("internal: the reader of the chunk at 0x{pos:x} panicked"),
+    )
 }
 
 fn copy_differences(
