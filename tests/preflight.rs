@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
+use common::bytes::{be64, poke};
 use common::{dir_names, release_holder, Failures, Work};
 
 /// Every file of the scratch directory and its bytes.
@@ -232,6 +233,37 @@ fn a_base_is_not_replaced_under_its_overlays() {
         "--force: new content",
         || "views differ".into(),
     );
+    // Renaming over a link or a device node would replace it, not the
+    // image behind it: refused.
+    std::os::unix::fs::symlink("spare-target.qcow2", w.path("link.qcow2")).unwrap();
+    w.qemu_img(&["create", "-q", "-f", "qcow2", "spare-target.qcow2", "1M"]);
+    let before = snapshot(&w);
+    let r = w.cowshed(&["convert", "-O", "qcow2", "src.qcow2", "link.qcow2"]);
+    f.check(
+        r.code == Some(1) && r.stderr.contains("symbolic link"),
+        "a symlink destination is refused",
+        || r.to_string(),
+    );
+    unchanged(&mut f, "a symlink destination", &before, &w);
+    f.check(
+        std::fs::symlink_metadata(w.path("link.qcow2")).is_ok_and(|m| m.file_type().is_symlink()),
+        "the link stays a link",
+        || "replaced".into(),
+    );
+    // A FIFO stands for any special file (a device node is the same case).
+    let mk = w.run("mkfifo", &["pipe.img"]);
+    assert!(mk.ok(), "{mk}");
+    let r = w.cowshed(&["convert", "-O", "raw", "src.qcow2", "pipe.img"]);
+    f.check(
+        r.code == Some(1) && r.stderr.contains("not a regular file"),
+        "a special-file destination is refused",
+        || r.to_string(),
+    );
+    f.check(
+        std::fs::symlink_metadata(w.path("pipe.img")).is_ok_and(|m| !m.is_file()),
+        "the special file stays",
+        || "replaced".into(),
+    );
     // An image nothing uses is replaced, as by qemu-img.
     w.qemu_img(&["create", "-q", "-f", "qcow2", "spare.qcow2", "1M"]);
     let r = w.cowshed(&["convert", "-O", "qcow2", "src.qcow2", "spare.qcow2"]);
@@ -245,10 +277,6 @@ struct Layout {
     l1_entry: u64,
     l2_entry: u64,
     reftable: u64,
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 fn layout(w: &Work, img: &str) -> Layout {
@@ -270,12 +298,7 @@ fn layout(w: &Work, img: &str) -> Layout {
 }
 
 fn poke64(w: &Work, img: &str, at: u64, v: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(w.path(img))
-        .unwrap();
-    f.write_all_at(&v.to_be_bytes(), at).unwrap();
+    poke(&w.path(img), at, &v.to_be_bytes());
 }
 
 #[test]

@@ -137,13 +137,30 @@ pub fn claim_destination(
     sources: &[&Chain],
     opts: &ReplaceOptions,
 ) -> Result<DestinationClaim> {
-    let file = match open_image_file(dst) {
-        Ok(f) => f,
-        Err(Error::Io { cause, .. }) if cause.kind() == std::io::ErrorKind::NotFound => {
+    match dst.symlink_metadata() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(DestinationClaim { _lock: None })
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => return Err(Error::io(dst, e)),
+        // The new file is renamed into place: that would replace the link
+        // (or the device node), not the image behind it.
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(Error::invalid(
+                dst,
+                "is a symbolic link: the output is renamed into place, which would replace the \
+                 link rather than the image it points to; give the image's own path",
+            ))
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(Error::invalid(
+                dst,
+                "is not a regular file: the output is a new file renamed into place, which \
+                 would replace it",
+            ))
+        }
+        Ok(_) => {}
+    }
+    let file = open_image_file(dst)?;
     let m = file.metadata().at(dst)?;
     for chain in sources {
         for layer in chain.layers() {
