@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use common::bytes::{file_be64, poke};
+
 use std::path::Path;
 use std::process::Command;
 
@@ -22,24 +22,6 @@ fn qemu(cwd: &Path, prog: &str, args: &[&str]) {
         "{prog} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn be64(path: &Path, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
-fn poke(path: &Path, at: u64, bytes: &[u8]) {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .write_all_at(bytes, at)
-        .unwrap();
 }
 
 /// (exit code, parsed JSON) of `check --output json`.
@@ -77,10 +59,10 @@ fn image(dir: &Path, name: &str) -> (std::path::PathBuf, u64, u64, u64, u64) {
         ],
     );
     let p = dir.join(name);
-    let l1 = be64(&p, 40);
-    let l2 = be64(&p, l1) & 0x00ff_ffff_ffff_fe00;
-    let reftable = be64(&p, 48);
-    let refblock = be64(&p, reftable) & !0x1ff;
+    let l1 = file_be64(&p, 40);
+    let l2 = file_be64(&p, l1) & 0x00ff_ffff_ffff_fe00;
+    let reftable = file_be64(&p, 48);
+    let refblock = file_be64(&p, reftable) & !0x1ff;
     (p, l1, l2, reftable, refblock)
 }
 
@@ -112,7 +94,7 @@ fn corrupted_images_get_qemu_img_verdicts() {
     // Stored refcount below the references: corruption (exit 2), and the
     // data cluster's COPIED flag no longer matches.
     let (p, _, l2, _, rb) = image(d, "low.qcow2");
-    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    let data_cluster = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     poke(&p, rb + 2 * data_cluster, &0u16.to_be_bytes());
     assert_same_verdict("refcount too low", &p, 2);
 
@@ -128,7 +110,7 @@ fn corrupted_images_get_qemu_img_verdicts() {
 
     // A misaligned data cluster and reserved bits in an L2 entry.
     let (p, _, l2, _, _) = image(d, "misaligned.qcow2");
-    let e = be64(&p, l2);
+    let e = file_be64(&p, l2);
     poke(&p, l2, &(e + 512).to_be_bytes());
     poke(
         &p,
@@ -190,7 +172,7 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
     let d = dir.path();
     let (p, _, l2, _, rb) = image(d, "leak.qcow2");
     poke(&p, rb, &2u16.to_be_bytes());
-    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    let data_cluster = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     // A second leak: a data cluster counted twice.
     poke(&p, rb + 2 * data_cluster, &2u16.to_be_bytes());
     std::fs::copy(&p, d.join("qemu.qcow2")).unwrap();
@@ -224,7 +206,7 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
     // A refcount of 0 on a used cluster needs a rebuild: -r leaks repairs
     // nothing, not even the leak, and the check fails (exit 1), as QEMU's.
     let (p, _, l2, _, rb) = image(d, "low.qcow2");
-    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    let data_cluster = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     poke(&p, rb + 2 * data_cluster, &0u16.to_be_bytes());
     poke(&p, rb, &2u16.to_be_bytes());
     std::fs::copy(&p, d.join("q-low.qcow2")).unwrap();
@@ -253,7 +235,7 @@ fn repair_leaks_like_qemu_img_and_leave_corrupt_images_alone() {
     // entry meant. `-r all` repairs both.
     let (p, _, l2, _, rb) = image(d, "low2.qcow2");
     qemu(d, "qemu-img", &["snapshot", "-c", "s", "low2.qcow2"]);
-    let data_cluster = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    let data_cluster = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     poke(&p, rb + 2 * data_cluster, &1u16.to_be_bytes());
     poke(&p, rb, &2u16.to_be_bytes());
     std::fs::copy(&p, d.join("q-low2.qcow2")).unwrap();
@@ -416,8 +398,8 @@ fn repair_all_like_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let rc = |p: &Path, cluster: u64, v: u16| {
-        let reftable = be64(p, 48);
-        let rb = be64(p, reftable) & !0x1ff;
+        let reftable = file_be64(p, 48);
+        let rb = file_be64(p, reftable) & !0x1ff;
         poke(p, rb + 2 * cluster, &v.to_be_bytes());
     };
 
@@ -429,13 +411,13 @@ fn repair_all_like_qemu_img() {
     // Refcount too low: a cluster shared with a snapshot counted once.
     let (p, _, l2, ..) = image(d, "low.qcow2");
     qemu(d, "qemu-img", &["snapshot", "-c", "s1", "low.qcow2"]);
-    let data = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    let data = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
     rc(&p, data, 1);
     assert_same_repair(d, "low.qcow2", 0);
 
     // Refcount zero on a used data cluster: rebuild.
     let (p, _, l2, ..) = image(d, "zero.qcow2");
-    rc(&p, (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 0);
+    rc(&p, (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 0);
     assert_same_repair(d, "zero.qcow2", 0);
 
     // The refblock pointer points into the L2 table: rebuild.
@@ -470,7 +452,7 @@ fn repair_all_like_qemu_img() {
     // too, with everything repaired but the corrupt bit, which the next
     // `check -r all` clears.
     let (p, _, _, reftable, _) = image(d, "rb-unaligned2.qcow2");
-    let l1 = be64(&p, 40);
+    let l1 = file_be64(&p, 40);
     poke(&p, reftable, &(l1 + 512).to_be_bytes());
     std::fs::copy(&p, d.join("q-rb-unaligned2.qcow2")).unwrap();
     let (qc, ..) = repair_all("qemu-img", d, "q-rb-unaligned2.qcow2", true);
@@ -493,7 +475,11 @@ fn repair_all_like_qemu_img() {
         true,
     );
     assert_eq!(cc, Some(0));
-    assert_eq!(be64(&p, 72) & 2, 0, "corrupt bit cleared by the second run");
+    assert_eq!(
+        file_be64(&p, 72) & 2,
+        0,
+        "corrupt bit cleared by the second run"
+    );
 
     // An L2 entry pointing past the end of the file cannot be repaired: the
     // cluster it owned is freed, its COPIED flag cleared, exit 2.
@@ -512,7 +498,7 @@ fn repair_all_like_qemu_img() {
     poke(&p, l2 + 8 * 32, &0x8000_0000_0007_0201u64.to_be_bytes());
     assert_same_repair(d, "prealloc.qcow2", 0);
     let (p, l1, ..) = image(d, "copied.qcow2");
-    let e = be64(&p, l1);
+    let e = file_be64(&p, l1);
     poke(&p, l1, &(e & !(1 << 63)).to_be_bytes());
     assert_same_repair(d, "copied.qcow2", 0);
 
@@ -531,7 +517,7 @@ fn repair_all_like_qemu_img() {
 fn repair_all_rebuilds_other_layouts_like_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let refblock = |p: &Path| be64(p, be64(p, 48)) & !0x1ff;
+    let refblock = |p: &Path| file_be64(p, file_be64(p, 48)) & !0x1ff;
 
     // 512-byte clusters, 1-bit refcounts, data over many refblocks; the
     // first refblock dropped from the table: 4095 corruptions, one rebuild
@@ -562,7 +548,7 @@ fn repair_all_rebuilds_other_layouts_like_qemu_img() {
         ],
     );
     let p = d.join("small.qcow2");
-    poke(&p, be64(&p, 48), &0u64.to_be_bytes());
+    poke(&p, file_be64(&p, 48), &0u64.to_be_bytes());
     assert_same_repair(d, "small.qcow2", 0);
 
     // 4 KiB clusters, 64-bit refcounts, a data cluster's count zeroed.
@@ -696,8 +682,8 @@ fn repair_all_rebuilds_other_layouts_like_qemu_img() {
         );
     }
     let p = d.join("wide1.qcow2");
-    assert_eq!(be64(&p, 56) >> 32, 2, "recipe: a two-cluster reftable");
-    poke(&p, be64(&p, 48) + 8 * 3, &0u64.to_be_bytes());
+    assert_eq!(file_be64(&p, 56) >> 32, 2, "recipe: a two-cluster reftable");
+    poke(&p, file_be64(&p, 48) + 8 * 3, &0u64.to_be_bytes());
     assert_same_repair(d, "wide1.qcow2", 0);
     let p = d.join("wide2.qcow2");
     poke(&p, refblock(&p) + 2 * 7, &0u16.to_be_bytes());
@@ -729,8 +715,8 @@ fn repair_all_human_text_and_locks() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (p, _, l2, reftable, _) = image(d, "h.qcow2");
-    let data = (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
-    poke(&p, be64(&p, reftable) + 2 * data, &0u16.to_be_bytes());
+    let data = (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536;
+    poke(&p, file_be64(&p, reftable) + 2 * data, &0u16.to_be_bytes());
     std::fs::copy(&p, d.join("q.qcow2")).unwrap();
     let (qc, _, qt) = repair_all("qemu-img", d, "q.qcow2", false);
     let (cc, _, ct) = repair_all(env!("CARGO_BIN_EXE_cowshed"), d, "h.qcow2", false);
@@ -738,7 +724,7 @@ fn repair_all_human_text_and_locks() {
 
     // A running QEMU holds the image: refused, nothing written.
     let (p, ..) = image(d, "busy.qcow2");
-    poke(&p, be64(&p, be64(&p, 48)), &2u16.to_be_bytes());
+    poke(&p, file_be64(&p, file_be64(&p, 48)), &2u16.to_be_bytes());
     let before = std::fs::read(&p).unwrap();
     let mut holder = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "sleep 600000", "busy.qcow2"])
@@ -782,8 +768,8 @@ fn sigkill_during_repair_leaves_a_repairable_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let rc = |p: &Path, cluster: u64, v: u16| {
-        let reftable = be64(p, 48);
-        let rb = be64(p, reftable) & !0x1ff;
+        let reftable = file_be64(p, 48);
+        let rb = file_be64(p, reftable) & !0x1ff;
         poke(p, rb + 2 * cluster, &v.to_be_bytes());
     };
     let src = d.join("src");
@@ -792,9 +778,9 @@ fn sigkill_during_repair_leaves_a_repairable_image() {
     rc(&p, 0, 2);
     let (p, _, l2, ..) = image(&src, "low.qcow2");
     qemu(&src, "qemu-img", &["snapshot", "-c", "s1", "low.qcow2"]);
-    rc(&p, (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 1);
+    rc(&p, (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 1);
     let (p, _, l2, ..) = image(&src, "zero.qcow2");
-    rc(&p, (be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 0);
+    rc(&p, (file_be64(&p, l2) & 0x00ff_ffff_ffff_fe00) / 65536, 0);
     for name in ["leak.qcow2", "low.qcow2", "zero.qcow2"] {
         let view = format!("{name}.raw");
         qemu(&src, "qemu-img", &["convert", "-O", "raw", name, &view]);

@@ -9,13 +9,15 @@
 //! file too, the test runs qemu-img on the same file and checks that it
 //! refuses it, without relying on QEMU's exact wording.
 
+mod common;
+
+use common::bytes::{be32, be64, poke};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -338,14 +340,6 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 // ---------------------------------------------------------------------------
 // Image layout, read from the bytes QEMU wrote.
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
@@ -435,14 +429,6 @@ impl Qcow2Layout {
         }
         None
     }
-}
-
-fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open for corruption");
-    f.write_all_at(bytes, offset).expect("corrupt");
 }
 
 fn copy_to(src: &Path, dir: &Path, name: &str) -> PathBuf {
@@ -576,7 +562,7 @@ fn v3_truncated_to_100_bytes() {
 fn huge_l1_size() {
     let tmp = TempDir::new().unwrap();
     let p = copy_to(&data_image(tmp.path()), tmp.path(), "l1huge.qcow2");
-    write_at(&p, 36, &0x7fff_ffffu32.to_be_bytes());
+    poke(&p, 36, &0x7fff_ffffu32.to_be_bytes());
     refused_everywhere(&p, &[&["Active L1 table too large"]]);
 }
 
@@ -584,7 +570,7 @@ fn huge_l1_size() {
 fn header_length_100() {
     let tmp = TempDir::new().unwrap();
     let p = copy_to(&data_image(tmp.path()), tmp.path(), "hl100.qcow2");
-    write_at(&p, 100, &100u32.to_be_bytes());
+    poke(&p, 100, &100u32.to_be_bytes());
     refused_everywhere(&p, &[&["qcow2 header too short"]]);
 }
 
@@ -597,7 +583,7 @@ fn header_extension_too_large() {
     let first_ext = lay.header_length as usize;
     assert_ne!(be32(&d, first_ext), 0, "qemu-img wrote a header extension");
     let p = copy_to(&good, tmp.path(), "ext.qcow2");
-    write_at(&p, lay.header_length + 4, &0x10000u32.to_be_bytes());
+    poke(&p, lay.header_length + 4, &0x10000u32.to_be_bytes());
     refused_everywhere(&p, &[&["Header extension too large"]]);
 }
 
@@ -606,7 +592,7 @@ fn unknown_incompatible_feature_bit_5() {
     let tmp = TempDir::new().unwrap();
     let p = copy_to(&data_image(tmp.path()), tmp.path(), "feat.qcow2");
     let d = fs::read(&p).unwrap();
-    write_at(&p, 72, &(be64(&d, 72) | 1 << 5).to_be_bytes());
+    poke(&p, 72, &(be64(&d, 72) | 1 << 5).to_be_bytes());
     refused_everywhere(&p, &[&["Unsupported qcow2 feature(s)"]]);
 }
 
@@ -624,7 +610,7 @@ fn l1_table_past_eof() {
     let good = data_image(tmp.path());
     let lay = Qcow2Layout::read(&good);
     let p = copy_to(&good, tmp.path(), "l1past.qcow2");
-    write_at(&p, 40, &lay.past_eof(4).to_be_bytes());
+    poke(&p, 40, &lay.past_eof(4).to_be_bytes());
     let dst = tmp.path().join("out.raw");
     let needles: &[&[&str]] = &[&["L1"], PAST_END];
     for cmd in cli_data_commands(&p, &dst) {
@@ -641,7 +627,7 @@ fn l2_table_past_eof() {
     let lay = Qcow2Layout::read(&good);
     assert!(!lay.l2_tables.is_empty(), "qemu-img allocated an L2 table");
     let p = copy_to(&good, tmp.path(), "l2past.qcow2");
-    write_at(&p, lay.l1_offset, &(COPIED | lay.past_eof(3)).to_be_bytes());
+    poke(&p, lay.l1_offset, &(COPIED | lay.past_eof(3)).to_be_bytes());
     let dst = tmp.path().join("out.raw");
     let needles: &[&[&str]] = &[&["L2"], PAST_END];
     for cmd in cli_data_commands(&p, &dst) {
@@ -668,7 +654,7 @@ fn data_cluster_past_eof() {
     let lay = Qcow2Layout::read(&good);
     let p = copy_to(&good, tmp.path(), "datapast.qcow2");
     // Guest cluster 1 (64K..128K): its data lies far past the end.
-    write_at(
+    poke(
         &p,
         lay.l2_tables[0] + 8,
         &(COPIED | lay.past_eof(100)).to_be_bytes(),
@@ -698,7 +684,7 @@ fn unaligned_snapshot_offset_without_snapshots() {
     let good = data_image(tmp.path());
     assert_eq!(Qcow2Layout::read(&good).nb_snapshots, 0);
     let p = copy_to(&good, tmp.path(), "snapoff.qcow2");
-    write_at(&p, 64, &0x1_0200u64.to_be_bytes());
+    poke(&p, 64, &0x1_0200u64.to_be_bytes());
     refused_everywhere(&p, &[&["Snapshot table"]]);
 }
 
@@ -716,7 +702,7 @@ fn corrupt_refcount_table_does_not_block_reads() {
         ("past-eof", lay.past_eof(10)),
     ] {
         let p = copy_to(&good, tmp.path(), &format!("rc-{name}.qcow2"));
-        write_at(&p, lay.reftable_offset, &entry.to_be_bytes());
+        poke(&p, lay.reftable_offset, &entry.to_be_bytes());
         let qm = parse(&qemu_ok(
             "qemu-img",
             &[os("map"), os("--output"), os("json"), os(&p)],
@@ -752,7 +738,7 @@ fn corrupt_refcount_table_does_not_block_reads() {
 fn unaligned_virtual_size_matches_qemu() {
     let tmp = TempDir::new().unwrap();
     let p = copy_to(&data_image(tmp.path()), tmp.path(), "odd.qcow2");
-    write_at(&p, 24, &1000u64.to_be_bytes());
+    poke(&p, 24, &1000u64.to_be_bytes());
     let q: serde_json::Value = serde_json::from_str(&qemu_ok(
         "qemu-img",
         &[os("info"), os("--output"), os("json"), os(&p)],
@@ -1986,7 +1972,7 @@ fn repair_of_refblock_entry_far_past_eof_is_bounded() {
         let l = Qcow2Layout::read(&img);
         assert_eq!(l.refblocks.len(), 1, "{case}: one refblock expected");
         // The second reftable entry, unused by the image.
-        write_at(&img, l.reftable_offset + 8, &offset.to_be_bytes());
+        poke(&img, l.reftable_offset + 8, &offset.to_be_bytes());
         let q = copy_to(&img, dir.path(), &format!("q-{case}.qcow2"));
         let r = repair_measured(&img);
         assert!(
@@ -2036,7 +2022,7 @@ fn rebuild_of_refcounts_with_far_refblock_is_bounded() {
     {
         let (img, pristine) = small_repair_image(dir.path(), &format!("rb-{case}.qcow2"));
         let l = Qcow2Layout::read(&img);
-        write_at(&img, l.reftable_offset, &offset.to_be_bytes());
+        poke(&img, l.reftable_offset, &offset.to_be_bytes());
         let q = copy_to(&img, dir.path(), &format!("q-rb-{case}.qcow2"));
         let r = repair_measured(&img);
         assert!(
@@ -2111,7 +2097,7 @@ fn safe_rebase_refuses_an_image_whose_live_cluster_is_counted_free() {
     let data = be64(&d0, l.l2_tables[0] as usize) & OFFSET_MASK;
     // 16-bit refcounts: the data cluster's becomes 0.
     let at = l.refblocks[0] + 2 * (data / l.cluster_size());
-    write_at(&top, at, &[0, 0]);
+    poke(&top, at, &[0, 0]);
     let raw = |p: &Path, out: &str| -> Vec<u8> {
         let o = f(out);
         qemu_ok(

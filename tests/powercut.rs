@@ -24,6 +24,8 @@
 //! `POWERCUT=full cargo test --release --test powercut -- --nocapture --test-threads=1`
 
 mod common;
+
+use common::bytes::file_be64;
 #[path = "common/powercut/mod.rs"]
 mod powercut;
 
@@ -354,21 +356,11 @@ fn convert_survives_power_cuts() {
     report(&rows);
 }
 
-fn be64(path: &Path, at: u64) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut b = [0u8; 8];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
 /// Set the 16-bit refcount of cluster `c` of a 64 KiB-cluster image whose
 /// first refcount block covers it.
 fn set_refcount(path: &Path, c: u64, rc: u16) {
     use std::os::unix::fs::FileExt;
-    let refblock = be64(path, be64(path, 48)) & !0x1ff;
+    let refblock = file_be64(path, file_be64(path, 48)) & !0x1ff;
     std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -379,8 +371,8 @@ fn set_refcount(path: &Path, c: u64, rc: u16) {
 
 /// The host cluster of the first data cluster the image maps.
 fn first_data_cluster(path: &Path) -> u64 {
-    let l2 = be64(path, be64(path, 40)) & 0x00ff_ffff_ffff_fe00;
-    (be64(path, l2) & 0x00ff_ffff_ffff_fe00) / (64 * KIB)
+    let l2 = file_be64(path, file_be64(path, 40)) & 0x00ff_ffff_ffff_fe00;
+    (file_be64(path, l2) & 0x00ff_ffff_ffff_fe00) / (64 * KIB)
 }
 
 /// `check -r MODE` on img.qcow2 spoilt by `spoil`: no state may hold more
@@ -431,7 +423,7 @@ fn check_repair_survives_power_cuts() {
         check_case("check -r leaks", "leaks", false, |p| {
             // The header's and the refcount table's clusters.
             set_refcount(p, 0, 2);
-            set_refcount(p, be64(p, 48) / (64 * KIB), 2);
+            set_refcount(p, file_be64(p, 48) / (64 * KIB), 2);
         }),
         check_case("check -r all (refcount too low)", "all", true, |p| {
             let c = first_data_cluster(p);
@@ -621,7 +613,7 @@ fn writer_case(name: &str, opts: &str, size: u64, cluster: u64, big_first: bool)
         // table covers.
         plan.insert(0, vec![WriterOp::Write(0, size * 5 / 8, 0x77)]);
     }
-    let reftable_clusters = |p: &Path| be64(p, 56) >> 32;
+    let reftable_clusters = |p: &Path| file_be64(p, 56) >> 32;
     let reftable_before = reftable_clusters(&b.join("top.qcow2"));
     let (rec, marks) = s.record(|mnt, recorder| {
         let mut w = Qcow2Writer::open(&mnt.join("top.qcow2")).unwrap();

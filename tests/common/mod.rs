@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod bytes;
 pub mod fault;
 pub mod run;
 pub mod small_fs;
