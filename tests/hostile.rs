@@ -2147,3 +2147,50 @@ fn safe_rebase_refuses_an_image_whose_live_cluster_is_counted_free() {
         "the refused image changed"
     );
 }
+
+/// A sparse file whose length claims 2^31 clusters of 512 bytes: qemu-img
+/// check refuses it ("File too large"), and so do the check and every write
+/// (the pre-flight check) instead of walking 2^31 clusters.
+#[test]
+fn a_file_too_large_to_count_is_refused_like_qemu() {
+    let dir = TempDir::new().expect("tempdir");
+    let img = dir.path().join("big.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            os("create"),
+            os("-q"),
+            os("-f"),
+            os("qcow2"),
+            os("-o"),
+            os("cluster_size=512"),
+            img.as_os_str(),
+            os("1M"),
+        ],
+    );
+    fs::File::options()
+        .write(true)
+        .open(&img)
+        .and_then(|f| f.set_len(1 << 40))
+        .expect("truncate");
+    let q = run_with_timeout(
+        os("qemu-img"),
+        &[os("check"), img.as_os_str()],
+        Duration::from_secs(120),
+    );
+    assert!(
+        q.code == Some(1) && q.stderr.contains("File too large"),
+        "recipe: qemu-img refuses: {}",
+        q.stderr
+    );
+    cli_refuses(
+        &[os("check"), img.as_os_str()],
+        &img,
+        &[&["File too large"]],
+    );
+    cli_refuses(
+        &[os("rebase"), os("-u"), os("-b"), os(""), img.as_os_str()],
+        &img,
+        &[&["File too large"]],
+    );
+}

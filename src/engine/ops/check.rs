@@ -146,7 +146,21 @@ impl<'a> Checker<'a> {
         let file_len = file.metadata().at(path)?.len();
         let cs = h.cluster_size();
         let nb_clusters = file_len.div_ceil(cs);
-        // One counter per cluster of the file: bounded by the file's size.
+        // One counter per cluster of the file, bounded by the file's size,
+        // and by QEMU's limit on what a check counts (INT_MAX clusters): a
+        // sparse file truncated to 1 TiB at 512-byte clusters is refused as
+        // qemu-img refuses it, instead of walking 2^31 clusters.
+        if nb_clusters > i32::MAX as u64 {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "Check failed: File too large ({} clusters of {cs} bytes; a check counts at \
+                     most {})",
+                    nb_clusters,
+                    i32::MAX
+                ),
+            ));
+        }
         let refs = vec![0u32; nb_clusters as usize];
         let refcount_max = if h.refcount_order >= 6 {
             u64::MAX
