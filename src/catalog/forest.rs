@@ -101,6 +101,15 @@ impl TreeSpace {
     }
 }
 
+/// An image with everything that depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Subtree {
+    /// Allocated bytes of the image and all its dependents.
+    pub allocated: u64,
+    /// Images that depend on it, directly or through others.
+    pub dependents: usize,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Forest {
     pub nodes: Vec<Node>,
@@ -365,6 +374,20 @@ impl Forest {
             out.push(id);
         }
         out
+    }
+
+    /// What deleting `id` and everything that depends on it would free,
+    /// and how many images depend on it, directly or through others (its
+    /// descendants in the forest).
+    pub fn subtree(&self, id: NodeId) -> Subtree {
+        let walked = self.walk(id);
+        Subtree {
+            allocated: walked
+                .iter()
+                .map(|&(n, _)| self.nodes[n].record.sizes.allocated)
+                .sum(),
+            dependents: walked.len() - 1,
+        }
     }
 
     pub fn space(&self, root: NodeId) -> TreeSpace {

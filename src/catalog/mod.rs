@@ -13,7 +13,7 @@ use crate::engine::{HeaderSummary, LockState};
 
 /// Holder discovery lives in the engine, beside the locks it explains.
 pub use crate::engine::holders::{self, Holder};
-pub use forest::{Flag, Forest, Node, NodeId, TreeSpace};
+pub use forest::{Flag, Forest, Node, NodeId, Subtree, TreeSpace};
 pub use scan::{scan, ScanEvent};
 pub use watch::{CatalogEvent, SizeHistory, WatchMode, WatchOptions, Watcher};
 

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{display, human_size, Output};
 use crate::catalog::scan::scan_all;
-use crate::catalog::{Forest, Node};
+use crate::catalog::{Forest, NodeId};
 
 #[derive(Debug, Args)]
 pub struct TreeArgs {
@@ -48,6 +48,10 @@ struct ImageJson<'a> {
     virtual_size: u64,
     actual_size: u64,
     apparent_size: u64,
+    /// Bytes freed by deleting this image and everything depending on it.
+    subtree_size: u64,
+    /// Images depending on it, directly or through others.
+    dependents: usize,
     parent: Option<String>,
     children: Vec<String>,
     flags: Vec<FlagJson>,
@@ -88,15 +92,19 @@ struct ErrorJson {
 }
 
 impl<'a> ImageJson<'a> {
-    fn new(forest: &'a Forest, n: &'a Node) -> Self {
+    fn new(forest: &'a Forest, id: NodeId) -> Self {
+        let n = &forest.nodes[id];
         let r = &n.record;
         let name = |id: usize| display(&forest.nodes[id].record.path);
+        let subtree = forest.subtree(id);
         ImageJson {
             filename: display(&r.path),
             format: r.summary.as_ref().map(|s| s.format.name()),
             virtual_size: r.sizes.virtual_size,
             actual_size: r.sizes.allocated,
             apparent_size: r.sizes.apparent,
+            subtree_size: subtree.allocated,
+            dependents: subtree.dependents,
             parent: n.parent.map(name),
             children: n.children.iter().map(|&c| name(c)).collect(),
             flags: n
@@ -152,7 +160,7 @@ fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Resu
                 .roots
                 .iter()
                 .flat_map(|&r| forest.walk(r))
-                .map(|(id, _)| ImageJson::new(forest, &forest.nodes[id]))
+                .map(|(id, _)| ImageJson::new(forest, id))
         }),
         trees: Seq(|| {
             forest.roots.iter().map(|&r| {

@@ -71,6 +71,46 @@ pub fn combine_path(base: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// A backing name for `target` to store in `image`: relative to the
+/// image's directory, so that a chain keeps working when the directory
+/// holding it is moved or mounted elsewhere as a whole. Both directories
+/// must exist (the target itself need not yet); they are canonicalised, so
+/// links in either path do not leave a name that climbs out through them.
+/// `None` when a directory is missing or a path is not UTF-8 (a backing
+/// name is stored as text).
+pub fn relative_backing_name(image: &Path, target: &Path) -> Option<String> {
+    let from = canonical_dir_of(image)?;
+    let to = canonical_dir_of(target)?.join(target.file_name()?);
+    relative_path(&from, &to)
+        .into_os_string()
+        .into_string()
+        .ok()
+}
+
+fn canonical_dir_of(p: &Path) -> Option<PathBuf> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::canonicalize(dir).ok()
+}
+
+/// `to` as seen from the directory `from_dir`; both absolute and free of
+/// `.` and `..`.
+fn relative_path(from_dir: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from_dir.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to[common..] {
+        out.push(c);
+    }
+    out
+}
+
 /// Why a layer's format is what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FormatSource {
@@ -391,4 +431,48 @@ impl Chain {
 fn file_id(layer: &Layer) -> Result<(u64, u64)> {
     let m = layer.image.file().metadata().at(&layer.path)?;
     Ok((m.dev(), m.ino()))
+}
+
+#[cfg(test)]
+mod relative_name_tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_only_as_far_as_needed() {
+        let r = |a: &str, b: &str| relative_path(Path::new(a), Path::new(b));
+        assert_eq!(
+            r("/srv/img", "/srv/img/base.qcow2"),
+            Path::new("base.qcow2")
+        );
+        assert_eq!(
+            r("/srv/img/vms", "/srv/img/base.qcow2"),
+            Path::new("../base.qcow2")
+        );
+        assert_eq!(
+            r("/srv/img", "/srv/img/bases/b.qcow2"),
+            Path::new("bases/b.qcow2")
+        );
+        assert_eq!(r("/a/b/c", "/x/y.qcow2"), Path::new("../../../x/y.qcow2"));
+    }
+
+    #[test]
+    fn a_relative_name_resolves_to_the_target_through_links() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("real/vms")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("real"), t.path().join("link")).unwrap();
+        let image = t.path().join("link/vms/ov.qcow2");
+        let target = t.path().join("real/base.qcow2");
+        let name = relative_backing_name(&image, &target).unwrap();
+        assert_eq!(name, "../base.qcow2");
+        std::fs::write(&target, b"x").unwrap();
+        let resolved = combine_path(&image, &name);
+        assert_eq!(
+            std::fs::canonicalize(resolved).unwrap(),
+            std::fs::canonicalize(&target).unwrap()
+        );
+        assert_eq!(
+            relative_backing_name(&t.path().join("gone/ov"), &target),
+            None
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! no UI, no global state. The CLI and the TUI are shells around it.
 
 pub mod chain;
+pub mod dependents;
 pub mod error;
 pub mod fault;
 pub mod format;

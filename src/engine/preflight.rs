@@ -8,9 +8,10 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::chain::{classify_backing, BackingName, Chain};
+use super::chain::Chain;
+use super::dependents::{find_dependents, Scope};
 use super::error::{Error, IoContext, Result};
-use super::format::{open_image_file, probe_file, Format};
+use super::format::open_image_file;
 use super::lock::{ImageLock, LockMode};
 use super::ops::check::check_open;
 use super::qcow2::header::Header;
@@ -56,57 +57,6 @@ pub fn ensure_backing_allowed(h: &Header, path: &Path, name: Option<&str>) -> Re
             ),
         )),
         _ => Ok(()),
-    }
-}
-
-/// Images in `dirs` (not below them) whose backing file is `target`, by
-/// device and inode, so any spelling of the name counts. Files that are not
-/// images, or cannot be read, are skipped: they use nothing.
-pub fn dependents(target: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let want = std::fs::metadata(target).at(target)?;
-    let want = (want.dev(), want.ino());
-    let mut found = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for dir in dirs {
-        // A bare destination name has the empty directory: its dependents
-        // are named bare too, as the user would.
-        let listed = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir.as_path()
-        };
-        let Ok(entries) = std::fs::read_dir(listed) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = dir.join(entry.file_name());
-            let Ok(m) = entry.metadata() else { continue };
-            if !m.is_file() || (m.dev(), m.ino()) == want || !seen.insert((m.dev(), m.ino())) {
-                continue;
-            }
-            if backing_of(&path)
-                .is_some_and(|b| std::fs::metadata(b).is_ok_and(|bm| (bm.dev(), bm.ino()) == want))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// The resolved backing file of the qcow2 image at `path`, if it has one
-/// that names a file.
-fn backing_of(path: &Path) -> Option<PathBuf> {
-    let file = open_image_file(path).ok()?;
-    if probe_file(&file, path).ok()? != Format::Qcow2 {
-        return None;
-    }
-    let len = file.metadata().ok()?.len();
-    let name = Header::read(&file, path, len).ok()?.backing_file?;
-    match classify_backing(path, &name) {
-        BackingName::Path(p) => Some(p),
-        _ => None,
     }
 }
 
@@ -184,21 +134,15 @@ pub fn claim_destination(
         e => e,
     })?;
     if !opts.force {
-        let mut dirs = vec![parent_dir(dst)];
-        dirs.extend(opts.search.iter().cloned());
-        let users = dependents(dst, &dirs)?;
+        let mut scope = Scope::around(dst, &[]);
+        scope.dirs.extend(opts.search.iter().cloned());
+        let users = find_dependents(dst, &scope)?;
         if !users.is_empty() {
             return Err(Error::HasDependents {
                 path: dst.to_path_buf(),
-                dependents: users,
+                dependents: users.into_iter().map(|d| d.path).collect(),
             });
         }
     }
     Ok(DestinationClaim { _lock: Some(lock) })
-}
-
-/// The directory a path's file is in, as spelled in it (empty for a bare
-/// name).
-fn parent_dir(p: &Path) -> PathBuf {
-    p.parent().map(Path::to_path_buf).unwrap_or_default()
 }
