@@ -141,18 +141,7 @@ fn qcow2_json(m: &mut Map<String, Value>, q: &Qcow2Info) {
         let snaps: Vec<Value> = q
             .snapshots
             .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "name": s.name,
-                    "vm-state-size": s.vm_state_size,
-                    "date-sec": s.date_sec,
-                    "date-nsec": s.date_nsec,
-                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                    "icount": s.icount.unwrap_or(0),
-                })
-            })
+            .map(super::snapshot::snapshot_json)
             .collect();
         m.insert("snapshots".into(), Value::Array(snaps));
     }
@@ -241,30 +230,9 @@ fn to_human(i: &ImageInfo) -> String {
             }
         }
         if !q.snapshots.is_empty() {
-            let _ = writeln!(s, "Snapshot list:");
-            let _ = writeln!(
-                s,
-                "{:<4} {:<16} {:>10} {:>20} {:>15}",
-                "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK"
-            );
-            for snap in &q.snapshots {
-                let clock = snap.vm_clock_nsec / 1_000_000_000;
-                let _ = writeln!(
-                    s,
-                    "{:<4} {:<16} {:>10} {:>20} {:>15}",
-                    snap.id,
-                    snap.name,
-                    human_size(snap.vm_state_size),
-                    snap.date_sec,
-                    format!(
-                        "{:02}:{:02}:{:02}.{:03}",
-                        clock / 3600,
-                        clock / 60 % 60,
-                        clock % 60,
-                        snap.vm_clock_nsec / 1_000_000 % 1000
-                    )
-                );
-            }
+            s.push_str(&String::from_utf8_lossy(&super::snapshot::snapshot_table(
+                &q.snapshots,
+            )));
         }
         let _ = writeln!(s, "Format specific information:");
         let _ = writeln!(s, "    compat: {}", q.compat());

@@ -15,6 +15,7 @@ mod progress;
 mod rebase;
 mod resize;
 mod shell;
+mod snapshot;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -94,6 +95,9 @@ pub enum Command {
     /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
     /// -SIZE or SIZE; shrinking needs --shrink.
     Resize(resize::ResizeArgs),
+    /// List, create, apply or delete a qcow2 image's internal snapshots
+    /// (like `qemu-img snapshot -l | -c | -a | -d`).
+    Snapshot(snapshot::SnapshotArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -144,6 +148,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Measure(a) => measure::run(a),

@@ -41,7 +41,10 @@
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
-//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran);
+//! - snapshot create, apply, delete: `snapshot.written` (the next
+//!   metadata generation written, not yet flushed), `snapshot.before_switch`,
+//!   `snapshot.switched` (the header points at it).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);

@@ -11,3 +11,4 @@ pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod resize;
+pub mod snapshot;

@@ -102,22 +102,11 @@ impl Refcounts {
                 v.insert(raw)
             }
         };
-        let idx = cluster % per_block;
-        let bits = 1u32 << self.refcount_order;
-        Ok(match bits {
-            1 | 2 | 4 => {
-                let bit = idx * u64::from(bits);
-                let byte = block[(bit / 8) as usize];
-                u64::from((byte >> (bit % 8)) & ((1u16 << bits) - 1) as u8)
-            }
-            _ => {
-                let w = (bits / 8) as usize;
-                let at = idx as usize * w;
-                block[at..at + w]
-                    .iter()
-                    .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-            }
-        })
+        Ok(decode_refcount(
+            block,
+            cluster % per_block,
+            1u64 << self.refcount_order,
+        ))
     }
 }
 
@@ -182,6 +171,21 @@ pub(crate) fn refcount_structure(clusters: u64, cs: u64, refcount_order: u32) ->
             return (blocks, table);
         }
         (blocks, table) = (b, t);
+    }
+}
+
+/// The refcount at entry `idx` of a refblock with `bits`-wide entries.
+pub(crate) fn decode_refcount(block: &[u8], idx: u64, bits: u64) -> u64 {
+    if bits < 8 {
+        let bit = idx * bits;
+        let byte = block[(bit / 8) as usize];
+        u64::from((byte >> (bit % 8)) & ((1u16 << bits) - 1) as u8)
+    } else {
+        let w = (bits / 8) as usize;
+        let at = idx as usize * w;
+        block[at..at + w]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
     }
 }
 
