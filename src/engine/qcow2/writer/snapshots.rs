@@ -48,9 +48,11 @@ struct NextGen {
     block_at: HashMap<u64, u64>,
     /// The new refcount table: (offset, clusters).
     reftable: Option<(u64, u64)>,
-    /// L2 tables written before the switch (copies in new clusters, or
-    /// tables only snapshots use, fixed in place), by offset.
-    tables: HashMap<u64, Vec<u64>>,
+    /// L2 tables written before the switch: copies in new clusters, or
+    /// tables only snapshots use, fixed in place. Both are written at once
+    /// (neither is anything the current metadata relies on), so that only
+    /// refcount blocks are held in memory.
+    tables: HashSet<u64>,
     /// Other clusters written before the switch: (offset, bytes).
     writes: Vec<(u64, Vec<u8>)>,
     /// Clusters whose refcount dropped to 0.
@@ -91,6 +93,7 @@ impl Qcow2Writer {
                 "File too large (65536 snapshots at most)",
             ));
         }
+        self.ensure_room(&[], &snaps)?;
         let mut g = NextGen::default();
         let old_l1 = self.l1.clone();
         // The snapshot keeps the L1 table where it is: one more path to
@@ -139,6 +142,7 @@ impl Qcow2Writer {
             ));
         }
         let sn_l1 = self.read_snapshot_l1(sn)?;
+        self.ensure_room(&sn_l1, &[])?;
         let mut g = NextGen::default();
         // Raises first, as QEMU does: a refcount at its maximum refuses
         // here as it does there.
@@ -179,6 +183,7 @@ impl Qcow2Writer {
         }
         let sn = snaps.remove(index);
         let sn_l1 = self.read_snapshot_l1(&sn)?;
+        self.ensure_room(&[], &snaps)?;
         let mut g = NextGen::default();
         self.add_paths(&mut g, &sn_l1, -1)?;
         self.add_range(&mut g, sn.l1_table_offset, u64::from(sn.l1_size) * 8, -1)?;
@@ -232,6 +237,27 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Refuse up front, with nothing written, when the file system cannot
+    /// take the most an operation writes to new clusters: a copy of every
+    /// L2 table the active L1 (and `other_l1`) points at, an L1 table, a
+    /// snapshot table for `snaps` and one more, and the whole refcount
+    /// structure anew.
+    fn ensure_room(&self, other_l1: &[u64], snaps: &[Snapshot]) -> Result<()> {
+        let tables = self
+            .l1
+            .iter()
+            .chain(other_l1)
+            .filter(|e| *e & L1_OFFSET_MASK != 0)
+            .count() as u64;
+        let l1 = (self.l1.len().max(other_l1.len()) as u64 * 8).div_ceil(self.cs);
+        let table: u64 = snaps.iter().map(|s| s.entry_bytes).sum::<u64>() + 64 + 2 * 65536;
+        let refcounts = self.refs.table().iter().filter(|&&e| e != 0).count() as u64
+            + u64::from(self.h.refcount_table_clusters);
+        // Headroom for refcount blocks the new clusters themselves need.
+        let clusters = tables + l1 + table.div_ceil(self.cs) + refcounts * 2 + 4;
+        crate::engine::space::ensure_fits(&self.path, clusters * self.cs)
+    }
+
     /// A snapshot's L1 table, checked as QEMU checks it before use.
     fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
@@ -260,10 +286,7 @@ impl Qcow2Writer {
     }
 
     /// An L2 table as the next generation has it.
-    fn table_next(&self, g: &NextGen, offset: u64) -> Result<Vec<u64>> {
-        if let Some(t) = g.tables.get(&offset) {
-            return Ok(t.clone());
-        }
+    fn table_next(&self, offset: u64) -> Result<Vec<u64>> {
         if offset % self.cs != 0 {
             return Err(Error::invalid(
                 &self.path,
@@ -307,7 +330,7 @@ impl Qcow2Writer {
             if t == 0 {
                 continue;
             }
-            let table = self.table_next(g, t)?;
+            let table = self.table_next(t)?;
             for &entry in table.iter().step_by(words) {
                 for c in self.referenced(entry)? {
                     self.add_next(g, c, delta)?;
@@ -355,7 +378,7 @@ impl Qcow2Writer {
                 targets.push(copy);
                 continue;
             }
-            let table = self.table_next(g, t)?;
+            let table = self.table_next(t)?;
             let mut fixed = table.clone();
             for entry in fixed.iter_mut().step_by(words) {
                 let host = *entry & L2_OFFSET_MASK;
@@ -371,11 +394,11 @@ impl Qcow2Writer {
             if fixed == table {
                 targets.push(t);
             } else if !active_now.contains(&t) {
-                g.tables.insert(t, fixed);
+                self.write_table(g, t, &fixed)?;
                 targets.push(t);
             } else {
                 let copy = self.alloc_next(g, 1)?;
-                g.tables.insert(copy, fixed);
+                self.write_table(g, copy, &fixed)?;
                 self.add_next(g, t / self.cs, -1)?;
                 copies.insert(t, copy);
                 targets.push(copy);
@@ -390,6 +413,13 @@ impl Qcow2Writer {
             });
         }
         Ok(l1)
+    }
+
+    fn write_table(&mut self, g: &mut NextGen, offset: u64, entries: &[u64]) -> Result<()> {
+        let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, offset)?;
+        g.tables.insert(offset);
+        Ok(())
     }
 
     /// New clusters for an active L1 table holding `l1` (none when empty,
@@ -583,13 +613,11 @@ impl Qcow2Writer {
                 "internal: no refcount table placed",
             ));
         };
-        let new_bytes = (g.tables.len() as u64 + g.blocks.len() as u64 + rt_clusters) * self.cs
+        // The L2 tables are written (a failure there left nothing the
+        // image uses changed); the rest must fit.
+        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
             + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
         crate::engine::space::ensure_fits(&self.path, new_bytes)?;
-        for (off, entries) in &g.tables {
-            let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.pwrite(&raw, *off)?;
-        }
         for (off, bytes) in &g.writes {
             self.pwrite(bytes, *off)?;
         }
