@@ -7,10 +7,12 @@ mod commit;
 mod convert;
 mod create;
 mod demo;
+mod doctor;
 mod info;
 mod map;
 mod measure;
 mod progress;
+mod protect;
 mod rebase;
 mod shell;
 mod tree;
@@ -53,6 +55,16 @@ pub enum Command {
     /// Scan directories and print the forest of backing chains: every base
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
+    /// List the problems of the backing chains under some directories,
+    /// each with its fix: backing format not recorded, absolute backing
+    /// names, chains deeper than --max-depth, backings outside the
+    /// directories, missing backings and cycles. --fix applies the fixes
+    /// that change only a header.
+    Doctor(doctor::DoctorArgs),
+    /// Make the bases under some directories (images that others use as
+    /// backing file) read-only on disk, so that nothing opens them for
+    /// writing by mistake; --off gives the write permission back.
+    Protect(protect::ProtectArgs),
     /// Check an image's metadata the way `qemu-img check` does: leaks and
     /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63); `-r leaks`
     /// and `-r all` repair as qemu-img does.
@@ -135,6 +147,8 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Rebase(a) => rebase::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Doctor(a) => doctor::run(a),
+        Command::Protect(a) => protect::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Completions(a) => shell::completions(a),
