@@ -235,6 +235,8 @@ pub struct App {
     /// mouse hits).
     pub area: Rect,
     pub quit: bool,
+    /// The chain doctor's settings, from the config.
+    pub doctor: crate::catalog::doctor::DoctorOptions,
 
     selected_key: Option<PathBuf>,
     details_wanted: Option<PathBuf>,
@@ -268,6 +270,7 @@ impl App {
         let inspector = InspectHandle::start(events.clone())?;
         let pool = Jobs::new(DEFAULT_WORKERS, events);
         catalog.send(CatalogCmd::Rescan);
+        let doctor = config.doctor;
         Ok(App {
             roots,
             keymap: config.keymap,
@@ -292,6 +295,7 @@ impl App {
             log: Vec::new(),
             area,
             quit: false,
+            doctor,
             selected_key: None,
             details_wanted: None,
             details_stamp: None,
@@ -798,6 +802,29 @@ impl App {
                 if let Some(id) = selected {
                     let d = dialog::convert::ConvertDialog::open(&forest, id).map(Dialog::Convert);
                     self.open("convert", d);
+                }
+            }
+            Action::Doctor => {
+                if let Some(id) = selected {
+                    match dialog::doctor::DoctorDialog::open(&forest, id, self.doctor) {
+                        Ok(Some(d)) => self.open("doctor", Ok(Dialog::Doctor(d))),
+                        Ok(None) => {
+                            let name = self.display_path(&forest.nodes[id].record.path);
+                            self.say(Status::done(format!(
+                                "{name}: no chain problems (chains up to {} backing files deep                                  are fine)",
+                                self.doctor.max_depth
+                            )));
+                        }
+                        Err(why) => self.open("doctor", Err(why)),
+                    }
+                }
+            }
+            Action::Protect => {
+                if let Some(id) = selected {
+                    match dialog::protect::job(&forest, id) {
+                        Ok(spec) => self.submit(spec),
+                        Err(why) => self.say(Status::error(why)),
+                    }
                 }
             }
             Action::CancelJob => self.cancel_job(None),

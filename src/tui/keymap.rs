@@ -22,6 +22,7 @@ pub enum Layer {
     Pick,
     Rebase,
     Convert,
+    Doctor,
     Jobs,
     Job,
     Log,
@@ -29,7 +30,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 11] = [
+    pub const ALL: [Layer; 12] = [
         Layer::Tree,
         Layer::Filter,
         Layer::Input,
@@ -37,6 +38,7 @@ impl Layer {
         Layer::Pick,
         Layer::Rebase,
         Layer::Convert,
+        Layer::Doctor,
         Layer::Jobs,
         Layer::Job,
         Layer::Log,
@@ -52,6 +54,7 @@ impl Layer {
             Layer::Pick => "pick",
             Layer::Rebase => "rebase",
             Layer::Convert => "convert",
+            Layer::Doctor => "doctor",
             Layer::Jobs => "jobs",
             Layer::Job => "job",
             Layer::Log => "log",
@@ -70,6 +73,7 @@ impl Layer {
             Layer::Pick => "picking a new backing in the tree (b)",
             Layer::Rebase => "the rebase dialog",
             Layer::Convert => "the convert dialog (v)",
+            Layer::Doctor => "the doctor (!): the image's problems and their fixes",
             Layer::Jobs => "the jobs pane (Tab)",
             Layer::Job => "one job, opened from the jobs pane",
             Layer::Log => "the log of warnings and job results",
@@ -92,6 +96,7 @@ pub const MODES: &[&[Layer]] = &[
     &[Layer::Pick],
     &[Layer::Rebase, Layer::Confirm],
     &[Layer::Convert],
+    &[Layer::Doctor],
     &[Layer::Jobs],
     &[Layer::Job],
     &[Layer::Log],
@@ -120,6 +125,8 @@ pub enum Action {
     Rebase,
     Flatten,
     Convert,
+    Doctor,
+    Protect,
     CancelJob,
     FocusJobs,
     Log,
@@ -329,6 +336,22 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["v"],
         "convert to a new image (format, compression, -B, …)",
         Some("convert"),
+    ),
+    row(
+        L::Tree,
+        A::Doctor,
+        "doctor",
+        &["!"],
+        "the doctor: the image's chain problems, Enter applies a fix",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Protect,
+        "protect",
+        &["p"],
+        "protect the base (read-only on disk), or unprotect it",
+        None,
     ),
     row(
         L::Tree,
@@ -648,6 +671,39 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["Esc"],
         "cancel",
         Some("cancel"),
+    ),
+    // The doctor.
+    row(
+        L::Doctor,
+        A::Up,
+        "up",
+        &["Up", "k"],
+        "select the previous problem",
+        Some("select"),
+    ),
+    row(
+        L::Doctor,
+        A::Down,
+        "down",
+        &["Down", "j"],
+        "select the next problem",
+        None,
+    ),
+    row(
+        L::Doctor,
+        A::Submit,
+        "apply",
+        &["Enter"],
+        "apply the selected fix (flatten and commit open their dialogs)",
+        Some("apply"),
+    ),
+    row(
+        L::Doctor,
+        A::Close,
+        "close",
+        &["Esc", "q", "!"],
+        "close the doctor",
+        Some("close"),
     ),
     // The jobs pane.
     row(

@@ -14,7 +14,9 @@
 pub mod clone;
 pub mod commit;
 pub mod convert;
+pub mod doctor;
 pub mod flatten;
+pub mod protect;
 pub mod rebase;
 
 use std::path::{Path, PathBuf};
@@ -94,6 +96,8 @@ pub enum Dialog {
     Rebase(rebase::RebaseDialog),
     Flatten(flatten::FlattenDialog),
     Convert(convert::ConvertDialog),
+    /// `!`: the image's chain problems and their fixes.
+    Doctor(doctor::DoctorDialog),
 }
 
 impl Dialog {
@@ -105,6 +109,7 @@ impl Dialog {
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
+            Dialog::Doctor(_) => &[Layer::Doctor],
         }
     }
 
@@ -116,6 +121,7 @@ impl Dialog {
             Dialog::Rebase(d) => d.on_key(action),
             Dialog::Flatten(d) => d.on_key(action),
             Dialog::Convert(d) => d.on_key(key, action),
+            Dialog::Doctor(d) => d.on_key(action, ctx),
         }
     }
 
@@ -143,6 +149,7 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Convert(_) => convert::hints(keymap),
+            Dialog::Doctor(d) => d.hints(keymap),
         }
     }
 
@@ -155,6 +162,7 @@ impl Dialog {
             Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+            Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
         }
     }
 }
