@@ -12,6 +12,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use crate::engine::buf::AlignedBuf;
 use crate::engine::chain::{BlockStatus, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::progress::{Cancel, Progress};
@@ -93,7 +94,10 @@ pub fn compare(
         Side::new(a).map_err(at(Stage::Status))?,
         Side::new(b).map_err(at(Stage::Status))?,
     ];
-    let mut bufs = [vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]];
+    let mut bufs = [
+        AlignedBuf::zeroed(CHUNK as usize),
+        AlignedBuf::zeroed(CHUNK as usize),
+    ];
     let mut pos = 0;
     while pos < common {
         cancel.check().map_err(at(Stage::Read))?;
