@@ -376,6 +376,26 @@ impl App {
         }
     }
 
+    /// What the reclaim view's delete acts on: its marked images, or else
+    /// the one selected in it (marks elsewhere in the tree are not the
+    /// view's to delete).
+    pub fn reclaim_targets(&self) -> Vec<NodeId> {
+        let rows = &self.reclaim.rows;
+        let marked: Vec<NodeId> = rows
+            .iter()
+            .filter(|c| self.marks.contains(&c.key))
+            .map(|c| c.id)
+            .collect();
+        if marked.is_empty() {
+            rows.get(self.reclaim.selected)
+                .map(|c| c.id)
+                .into_iter()
+                .collect()
+        } else {
+            marked
+        }
+    }
+
     /// Marked images still in the forest, and their allocated bytes.
     pub fn marked_totals(&self) -> (usize, u64) {
         self.marks

@@ -46,10 +46,11 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
             accent,
         ),
     ])];
-    let name_w = inner.saturating_sub(2 + 1 + SIZE_W + 2 + AGE_W + 1);
+    // Cursor, mark and a space before the name.
+    let name_w = inner.saturating_sub(3 + 1 + SIZE_W + 2 + AGE_W + 1);
     lines.push(Line::from(Span::styled(
         format!(
-            "  {} {:>SIZE_W$}  {:>AGE_W$}",
+            "   {} {:>SIZE_W$}  {:>AGE_W$}",
             fit("IMAGE", name_w),
             "ON DISK",
             "LAST WRITE"
@@ -71,7 +72,7 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
             Span::raw(if selected { "›" } else { " " }),
             Span::styled(if mark { "●" } else { " " }, accent),
             Span::raw(format!(
-                "{} {:>SIZE_W$}  {:>AGE_W$}",
+                " {} {:>SIZE_W$}  {:>AGE_W$}",
                 fit(&app.display_path(path), name_w),
                 human(c.allocated),
                 format!("{} ago", age_text(c.age)),
