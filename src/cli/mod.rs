@@ -4,6 +4,7 @@
 
 mod check;
 mod commit;
+mod compare;
 mod convert;
 mod create;
 mod demo;
@@ -60,6 +61,10 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Compare the guest data of two images (like `qemu-img compare`):
+    /// exit 0 when they read the same, 1 when they differ (naming the first
+    /// differing offset), 2-4 on errors.
+    Compare(compare::CompareArgs),
     /// Change an image's backing file (like `qemu-img rebase`): safe mode
     /// copies what differs so the guest view is kept; -u changes the header
     /// only; -b "" flattens.
@@ -132,6 +137,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
