@@ -2319,3 +2319,54 @@ fn the_reclaim_view_lists_what_nothing_uses_by_size_times_age() {
     assert!(j.in_tree());
     assert_eq!(j.marked_names(), [listed[1].clone()]);
 }
+
+#[test]
+fn a_batch_commit_into_a_shared_base_asks_for_yes_and_runs_one_job_per_overlay() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    run("qemu-io", &["-c", "write -P 5 8M 1M", "web-2-1.qcow2"], d);
+    // Afterwards base holds web-1's data and web-2 holds web-2-1's: every
+    // image of the tree reads web-1's old view with web-2-1's write on it,
+    // web-1 alone reads just its old view (this is what the warning says).
+    let web1 = scratch.path().join("web-1.raw");
+    std::fs::rename(raw_view(&d.join("web-1.qcow2"), scratch.path()), &web1).expect("rename");
+    let both = raw_view(&d.join("web-1.qcow2"), scratch.path());
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 5 8M 1M",
+            &both.display().to_string(),
+        ],
+        d,
+    );
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2-1.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('m'));
+    let b = batch_dialog(&j);
+    assert_eq!(b.accepted(), 2);
+    // web-1's base has other overlays: the word yes is asked for.
+    assert!(b.needs_typed_yes());
+    assert!(j.screen().contains("2 other overlays of it change"));
+    j.key(KeyCode::Enter);
+    assert!(j.app.jobs.is_empty() && batch_dialog(&j).nudge);
+    j.chars("yes");
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 2);
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    assert_same_content(&d.join("web-1.qcow2"), &web1);
+    assert_same_content(&d.join("web-2-1.qcow2"), &both);
+    assert_same_content(&d.join("web-2.qcow2"), &both);
+    for name in ["base.qcow2", "web-2.qcow2", "web-1.qcow2", "web-2-1.qcow2"] {
+        assert_check_clean(&d.join(name));
+    }
+}

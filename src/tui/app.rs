@@ -592,6 +592,10 @@ impl App {
                 if let Some(id) = self.forest.get(&key) {
                     Arc::make_mut(&mut self.forest).nodes[id].record.sizes = sizes;
                     self.totals = totals(&self.forest);
+                    if self.mode == Mode::Reclaim {
+                        self.reclaim
+                            .rebuild(&self.forest, std::time::SystemTime::now());
+                    }
                     if self.sort != SortKey::Name {
                         self.rebuild_rows();
                     }
