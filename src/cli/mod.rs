@@ -13,6 +13,7 @@ mod map;
 mod measure;
 mod progress;
 mod rebase;
+mod resize;
 mod shell;
 mod tree;
 
@@ -90,6 +91,9 @@ pub enum Command {
     /// FILE's directory. -F is required with a non-empty -b, as in QEMU 10.
     /// FILE is refused while a running QEMU holds it.
     Rebase(rebase::RebaseArgs),
+    /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
+    /// -SIZE or SIZE; shrinking needs --shrink.
+    Resize(resize::ResizeArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -139,6 +143,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Commit(a) => commit::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Create(a) => create::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Measure(a) => measure::run(a),
@@ -150,8 +155,8 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
 }
 
 /// The first root, when it is no directory but a word that looks like a
-/// command (`cowshed resize x.qcow2 +1G`): the user meant a subcommand,
-/// and "resize: no such file or directory" would not say so.
+/// command (`cowshed grow x.qcow2 +1G`): the user meant a subcommand,
+/// and "grow: no such file or directory" would not say so.
 fn mistyped_command(roots: &[std::path::PathBuf]) -> Option<String> {
     let first = roots.first()?.to_str()?;
     let looks_like_a_command = first.chars().next().is_some_and(|c| c.is_ascii_lowercase())
