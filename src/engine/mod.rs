@@ -1,6 +1,7 @@
 //! The shared engine: everything that touches an image's bytes. Sync Rust,
 //! no UI, no global state. The CLI and the TUI are shells around it.
 
+pub mod buf;
 pub mod chain;
 pub mod dependents;
 pub mod error;

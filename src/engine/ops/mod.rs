@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod commit;
+pub mod compare;
 pub mod convert;
 pub mod convert_qcow2;
 pub mod create;
@@ -10,3 +11,4 @@ pub mod map;
 pub mod measure;
 pub mod protect;
 pub mod rebase;
+pub mod resize;

@@ -11,6 +11,7 @@
 //! said then, instead of after "yes". The engine checks everything again
 //! when the job runs.
 
+pub mod batch;
 pub mod clone;
 pub mod commit;
 pub mod convert;
@@ -57,6 +58,14 @@ pub enum Outcome {
     Close(Status),
     /// The dialog closes and the job starts.
     Submit(JobSpec),
+    /// The dialog closes and every job starts (a batch, N clones); the
+    /// images of `unmark` lose their marks (done with), and the status
+    /// line says `say` after the jobs' own words.
+    SubmitAll {
+        jobs: Vec<JobSpec>,
+        unmark: Vec<PathBuf>,
+        say: Option<Status>,
+    },
     /// Another dialog takes its place (the picker opens the rebase dialog).
     Open(Dialog),
     /// Move in the tree (the picker picks there).
@@ -96,6 +105,8 @@ pub enum Dialog {
     Rebase(rebase::RebaseDialog),
     Flatten(flatten::FlattenDialog),
     Convert(convert::ConvertDialog),
+    /// `f`, `v`, `m`, `b` with marks: every marked image in one list.
+    Batch(batch::BatchDialog),
     /// `!`: the image's chain problems and their fixes.
     Doctor(doctor::DoctorDialog),
 }
@@ -109,6 +120,7 @@ impl Dialog {
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
+            Dialog::Batch(d) => d.layers(),
             Dialog::Doctor(_) => &[Layer::Doctor],
         }
     }
@@ -120,7 +132,8 @@ impl Dialog {
             Dialog::Pick(d) => d.on_key(key, action, ctx),
             Dialog::Rebase(d) => d.on_key(action),
             Dialog::Flatten(d) => d.on_key(action),
-            Dialog::Convert(d) => d.on_key(key, action),
+            Dialog::Convert(d) => d.on_key(key, action, ctx),
+            Dialog::Batch(d) => d.on_key(key, action, ctx),
             Dialog::Doctor(d) => d.on_key(action, ctx),
         }
     }
@@ -137,10 +150,7 @@ impl Dialog {
     /// shows them.
     pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
         match self {
-            Dialog::Clone(_) => vec![
-                keymap.hint(Layer::Input, Action::Submit, Some("create")),
-                keymap.hint(Layer::Input, Action::Cancel, None),
-            ],
+            Dialog::Clone(d) => d.hints(keymap),
             Dialog::Commit(d) => d.hints(keymap),
             Dialog::Pick(d) => d.hints(keymap),
             Dialog::Rebase(d) => d.hints(keymap),
@@ -149,6 +159,7 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Convert(_) => convert::hints(keymap),
+            Dialog::Batch(d) => d.hints(keymap),
             Dialog::Doctor(d) => d.hints(keymap),
         }
     }
@@ -162,6 +173,7 @@ impl Dialog {
             Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+            Dialog::Batch(d) => d.draw(app, frame, area, &hints),
             Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
         }
     }
