@@ -680,6 +680,12 @@ impl App {
                 self.close_dialog();
                 self.submit(spec);
             }
+            Outcome::SubmitAll(specs) => {
+                self.close_dialog();
+                for spec in specs {
+                    self.submit(spec);
+                }
+            }
             Outcome::Open(d) => {
                 self.close_dialog();
                 self.status = None;
@@ -798,6 +804,20 @@ impl App {
                 if let Some(id) = selected {
                     let d = dialog::convert::ConvertDialog::open(&forest, id).map(Dialog::Convert);
                     self.open("convert", d);
+                }
+            }
+            Action::DeleteImage => {
+                if let Some(id) = selected {
+                    let d = dialog::delete::DeleteDialog::open(&forest, &[id], &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
+            Action::ResetImage => {
+                if let Some(id) = selected {
+                    let d = dialog::reset::ResetDialog::open(&forest, id, &self.roots)
+                        .map(Dialog::Reset);
+                    self.open("reset", d);
                 }
             }
             Action::CancelJob => self.cancel_job(None),

@@ -22,6 +22,7 @@ pub enum Layer {
     Pick,
     Rebase,
     Convert,
+    Delete,
     Jobs,
     Job,
     Log,
@@ -29,7 +30,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 11] = [
+    pub const ALL: [Layer; 12] = [
         Layer::Tree,
         Layer::Filter,
         Layer::Input,
@@ -37,6 +38,7 @@ impl Layer {
         Layer::Pick,
         Layer::Rebase,
         Layer::Convert,
+        Layer::Delete,
         Layer::Jobs,
         Layer::Job,
         Layer::Log,
@@ -52,6 +54,7 @@ impl Layer {
             Layer::Pick => "pick",
             Layer::Rebase => "rebase",
             Layer::Convert => "convert",
+            Layer::Delete => "delete",
             Layer::Jobs => "jobs",
             Layer::Job => "job",
             Layer::Log => "log",
@@ -66,10 +69,11 @@ impl Layer {
             Layer::Tree => "the tree",
             Layer::Filter => "typing a filter (/)",
             Layer::Input => "typing a name or a path (C, t in the picker)",
-            Layer::Confirm => "yes/no questions (commit, flatten, rebase)",
+            Layer::Confirm => "yes/no questions (commit, flatten, rebase, delete, reset)",
             Layer::Pick => "picking a new backing in the tree (b)",
             Layer::Rebase => "the rebase dialog",
             Layer::Convert => "the convert dialog (v)",
+            Layer::Delete => "the delete dialog (d)",
             Layer::Jobs => "the jobs pane (Tab)",
             Layer::Job => "one job, opened from the jobs pane",
             Layer::Log => "the log of warnings and job results",
@@ -92,6 +96,7 @@ pub const MODES: &[&[Layer]] = &[
     &[Layer::Pick],
     &[Layer::Rebase, Layer::Confirm],
     &[Layer::Convert],
+    &[Layer::Delete, Layer::Confirm],
     &[Layer::Jobs],
     &[Layer::Job],
     &[Layer::Log],
@@ -120,6 +125,8 @@ pub enum Action {
     Rebase,
     Flatten,
     Convert,
+    DeleteImage,
+    ResetImage,
     CancelJob,
     FocusJobs,
     Log,
@@ -144,6 +151,8 @@ pub enum Action {
     PrevField,
     Change,
     ChangeBack,
+    ForGood,
+    Stream,
     Open,
     Back,
     Close,
@@ -329,6 +338,22 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["v"],
         "convert to a new image (format, compression, -B, …)",
         Some("convert"),
+    ),
+    row(
+        L::Tree,
+        A::DeleteImage,
+        "delete",
+        &["d"],
+        "delete the image: into the trash, or for good (asks, says what it frees)",
+        Some("delete"),
+    ),
+    row(
+        L::Tree,
+        A::ResetImage,
+        "reset",
+        &["R"],
+        "reset the overlay: throw away its own changes (asks)",
+        None,
     ),
     row(
         L::Tree,
@@ -648,6 +673,23 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["Esc"],
         "cancel",
         Some("cancel"),
+    ),
+    // The delete dialog (with the confirm layer).
+    row(
+        L::Delete,
+        A::ForGood,
+        "for_good",
+        &["f"],
+        "switch between the trash (restorable) and deleting for good",
+        Some("trash/for good"),
+    ),
+    row(
+        L::Delete,
+        A::Stream,
+        "stream",
+        &["s"],
+        "stream it out: rebase its dependents onto its backing, then delete it",
+        Some("stream"),
     ),
     // The jobs pane.
     row(

@@ -9,3 +9,5 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod remove;
+pub mod reset;

@@ -14,8 +14,10 @@
 pub mod clone;
 pub mod commit;
 pub mod convert;
+pub mod delete;
 pub mod flatten;
 pub mod rebase;
+pub mod reset;
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +57,8 @@ pub enum Outcome {
     Close(Status),
     /// The dialog closes and the job starts.
     Submit(JobSpec),
+    /// The dialog closes and these jobs start, in this order.
+    SubmitAll(Vec<JobSpec>),
     /// Another dialog takes its place (the picker opens the rebase dialog).
     Open(Dialog),
     /// Move in the tree (the picker picks there).
@@ -94,6 +98,9 @@ pub enum Dialog {
     Rebase(rebase::RebaseDialog),
     Flatten(flatten::FlattenDialog),
     Convert(convert::ConvertDialog),
+    /// `d`: one image or many, into the trash or for good.
+    Delete(delete::DeleteDialog),
+    Reset(reset::ResetDialog),
 }
 
 impl Dialog {
@@ -105,6 +112,8 @@ impl Dialog {
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
+            Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
+            Dialog::Reset(_) => &[Layer::Confirm],
         }
     }
 
@@ -116,6 +125,8 @@ impl Dialog {
             Dialog::Rebase(d) => d.on_key(action),
             Dialog::Flatten(d) => d.on_key(action),
             Dialog::Convert(d) => d.on_key(key, action),
+            Dialog::Delete(d) => d.on_key(action),
+            Dialog::Reset(d) => d.on_key(action),
         }
     }
 
@@ -143,6 +154,11 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Convert(_) => convert::hints(keymap),
+            Dialog::Delete(d) => d.hints(keymap),
+            Dialog::Reset(_) => vec![
+                keymap.hint(Layer::Confirm, Action::Yes, Some("reset")),
+                keymap.hint(Layer::Confirm, Action::No, None),
+            ],
         }
     }
 
@@ -155,6 +171,8 @@ impl Dialog {
             Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+            Dialog::Delete(d) => d.draw(app, frame, area, &hints),
+            Dialog::Reset(d) => d.draw(app, frame, area, &hints),
         }
     }
 }
