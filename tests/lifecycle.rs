@@ -711,3 +711,98 @@ fn help_says_what_rm_does_by_default() {
         "{r}"
     );
 }
+
+// ----------------------------------------------------------- catalog ---
+
+/// The watcher never reports an image moved into the trash as new: the
+/// move is a vanish, and a file made afterwards is reported (so the
+/// events in between have been seen) with nothing from the trash before
+/// it.
+#[test]
+fn the_watcher_and_the_scan_skip_the_trash() {
+    use cowshed::catalog::{CatalogEvent, WatchMode, WatchOptions, Watcher};
+    let w = Work::new("trash-watch");
+    let d = w.root().canonicalize().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let opts = WatchOptions {
+        mode: WatchMode::Events,
+        ..WatchOptions::default()
+    };
+    let watcher = Watcher::start(vec![d.clone()], opts, tx);
+    assert!(watcher.polling_only().is_empty(), "inotify unavailable");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let next = || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        rx.recv_timeout(left).expect("events before the deadline")
+    };
+    // Known to the watcher before it moves.
+    w.create("a.qcow2", "qcow2", "", None, 16 << 20);
+    while !matches!(next(), CatalogEvent::Appeared(r) if r.key == d.join("a.qcow2")) {}
+    let item = cowshed::engine::trash::move_in(&d.join("a.qcow2")).expect("move in");
+    w.create("after.qcow2", "qcow2", "", None, 16 << 20);
+    let mut log = Vec::new();
+    let mut gone = false;
+    loop {
+        let ev = next();
+        let done = matches!(&ev, CatalogEvent::Appeared(r) if r.key == d.join("after.qcow2"));
+        gone |= matches!(&ev, CatalogEvent::Vanished { path } if *path == d.join("a.qcow2"));
+        log.push(ev);
+        if done && gone {
+            break;
+        }
+    }
+    assert!(
+        !log.iter().any(|e| matches!(e,
+            CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r)
+                if cowshed::engine::trash::in_trash(&r.path))),
+        "{log:#?}"
+    );
+    watcher.stop();
+    let (images, _) = cowshed::catalog::scan::scan_all(std::slice::from_ref(&d));
+    let names: Vec<_> = images.iter().map(|r| r.path.clone()).collect();
+    assert_eq!(names, [d.join("after.qcow2")], "{item:?}");
+}
+
+/// `reset` and the move into the trash killed at their steps: the image is
+/// whole, old or new, and the same command goes on.
+#[test]
+fn reset_and_trash_killed_at_their_steps_leave_a_whole_image() {
+    let w = Work::new("reset-kill");
+    w.create("base.qcow2", "qcow2", "", None, 16 << 20);
+    w.io("qcow2", "base.qcow2", &["write -P 1 0 2M".into()]);
+    w.create(
+        "ov.qcow2",
+        "qcow2",
+        "",
+        Some(("base.qcow2", "qcow2")),
+        16 << 20,
+    );
+    w.io("qcow2", "ov.qcow2", &["write -P 2 1M 2M".into()]);
+    let before = w.read_file("ov.qcow2");
+
+    fault::kill_at(w.root(), &["reset", "ov.qcow2"], "reset.before_rename", 1);
+    assert!(
+        w.read_file("ov.qcow2") == before,
+        "changed before the rename"
+    );
+    fault::kill_at(w.root(), &["reset", "ov.qcow2"], "reset.renamed", 1);
+    assert!(w.same_view("ov.qcow2", "base.qcow2").is_ok());
+    assert!(w.check_clean("ov.qcow2").is_ok());
+
+    w.io("qcow2", "ov.qcow2", &["write -P 3 0 64k".into()]);
+    let before = w.read_file("ov.qcow2");
+    fault::kill_at(
+        w.root(),
+        &["rm", "--trash", "ov.qcow2"],
+        "trash.before_rename",
+        1,
+    );
+    assert!(w.read_file("ov.qcow2") == before, "moved or changed");
+    let list = ok(&w, &["trash", "list"]);
+    assert!(list.contains("incomplete"), "{list}");
+    ok(&w, &["rm", "--trash", "ov.qcow2"]);
+    assert!(!w.path("ov.qcow2").exists());
+    let out = ok(&w, &["trash", "empty"]);
+    assert!(out.contains("2 item"), "{out}");
+    assert!(!w.path(".cowshed-trash").exists());
+}

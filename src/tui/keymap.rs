@@ -344,15 +344,15 @@ pub const ACTIONS: &[ActionInfo] = &[
         A::DeleteImage,
         "delete",
         &["d"],
-        "delete the image: into the trash, or for good (asks, says what it frees)",
-        Some("delete"),
+        "delete: into the trash or for good (asks, says what it frees)",
+        None,
     ),
     row(
         L::Tree,
         A::ResetImage,
         "reset",
         &["R"],
-        "reset the overlay: throw away its own changes (asks)",
+        "reset the overlay: throw away its own changes (asks first)",
         None,
     ),
     row(

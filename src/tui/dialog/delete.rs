@@ -207,20 +207,20 @@ impl DeleteDialog {
                 .take(SHOWN)
                 .map(|p| app.display_path(p))
                 .collect();
+            let (them, are) = if k == 1 {
+                (format!("its dependent {}", names.join(", ")), "is")
+            } else {
+                (format!("its {k} dependents {}", names.join(", ")), "are")
+            };
             let onto = match &s.backing {
                 Some(b) => format!("rebased onto its backing {b}"),
                 None => "flattened (it has no backing)".to_string(),
             };
             if self.streaming {
-                lines.push(Line::from(
-                    format!(
-                        "Stream it out: its {k} dependent{} ({}) {} first, the guest \
-                     view of each unchanged; then it is deleted.",
-                        if k == 1 { "" } else { "s" },
-                        names.join(", "),
-                        if k == 1 { "is" } else { "are" },
-                    ) + &format!(" They are {onto}."),
-                ));
+                lines.push(Line::from(format!(
+                    "Stream it out: first {them} {are} {onto}, the guest view unchanged; then \
+                     it is deleted."
+                )));
             } else {
                 lines.push(Line::from(Span::styled(
                     format!(

@@ -93,10 +93,14 @@ pub fn plan(f: &Forest, id: NodeId, roots: &[PathBuf]) -> Result<ResetPlan, Stri
             .map(|&c| file_name(&f.nodes[c].record.path))
             .collect();
         return Err(format!(
-            "{} use{} it as backing file: resetting it would change what {} read",
+            "{} use{} it as backing file: resetting it would change what {}",
             names.join(", "),
             if names.len() == 1 { "s" } else { "" },
-            if names.len() == 1 { "it" } else { "they" },
+            if names.len() == 1 {
+                "it reads"
+            } else {
+                "they read"
+            },
         ));
     }
     in_use(f, &[id], false)?;
