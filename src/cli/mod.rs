@@ -4,6 +4,7 @@
 
 mod check;
 mod commit;
+mod compare;
 mod convert;
 mod create;
 mod demo;
@@ -13,6 +14,7 @@ mod measure;
 mod progress;
 mod rebase;
 mod reset;
+mod resize;
 mod rm;
 mod shell;
 mod trash;
@@ -63,6 +65,10 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Compare the guest data of two images (like `qemu-img compare`):
+    /// exit 0 when they read the same, 1 when they differ (naming the first
+    /// differing offset), 2-4 on errors.
+    Compare(compare::CompareArgs),
     /// Change an image's backing file (like `qemu-img rebase`): safe mode
     /// copies what differs so the guest view is kept; -u changes the header
     /// only; -b "" flattens.
@@ -108,6 +114,9 @@ pub enum Command {
     Reset(reset::ResetArgs),
     /// The trash of `rm --trash` and the TUI's delete: list, restore, empty.
     Trash(trash::TrashArgs),
+    /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
+    /// -SIZE or SIZE; shrinking needs --shrink.
+    Resize(resize::ResizeArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -155,7 +164,9 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Create(a) => create::run(a),
         Command::Rm(a) => rm::run(a),
         Command::Reset(a) => reset::run(a),
@@ -170,8 +181,8 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
 }
 
 /// The first root, when it is no directory but a word that looks like a
-/// command (`cowshed resize x.qcow2 +1G`): the user meant a subcommand,
-/// and "resize: no such file or directory" would not say so.
+/// command (`cowshed grow x.qcow2 +1G`): the user meant a subcommand,
+/// and "grow: no such file or directory" would not say so.
 fn mistyped_command(roots: &[std::path::PathBuf]) -> Option<String> {
     let first = roots.first()?.to_str()?;
     let looks_like_a_command = first.chars().next().is_some_and(|c| c.is_ascii_lowercase())

@@ -37,6 +37,7 @@
 //!   `writer.l2_table.before_link`, `writer.refblock.before_link`,
 //!   `writer.reftable.before_switch`/`.switched`,
 //!   `writer.l1.before_switch`/`.switched`, `writer.backing.before_switch`,
+//!   `writer.shrink.discarded`/`.l1_cut`/`.resized`,
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;

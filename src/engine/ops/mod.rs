@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod commit;
+pub mod compare;
 pub mod convert;
 pub mod convert_qcow2;
 pub mod create;
@@ -11,3 +12,4 @@ pub mod measure;
 pub mod rebase;
 pub mod remove;
 pub mod reset;
+pub mod resize;
