@@ -768,6 +768,15 @@ impl App {
                 self.toggle_marks(keys);
             }
             Some(Action::ClearMarks) => self.clear_marks(),
+            Some(Action::DeleteImage) => {
+                let targets = self.reclaim_targets();
+                if !targets.is_empty() {
+                    let forest = Arc::clone(&self.forest);
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
             Some(Action::Rescan) => self.tree_action(Action::Rescan),
             Some(Action::Close) => self.mode = Mode::Tree,
             _ => {}
@@ -940,6 +949,10 @@ impl App {
                 let d = dialog::batch::BatchDialog::flatten(&forest, &self.targets());
                 self.open("flatten", Ok(Dialog::Batch(d)));
             }
+            Action::ResetImage if self.has_marks() => {
+                let d = dialog::batch::BatchDialog::reset(&forest, &self.targets(), &self.roots);
+                self.open("reset", Ok(Dialog::Batch(d)));
+            }
             Action::Commit if self.has_marks() => {
                 let d = dialog::batch::BatchDialog::commit(&forest, &self.targets());
                 self.open("commit", Ok(Dialog::Batch(d)));
@@ -988,6 +1001,22 @@ impl App {
                 if let Some(id) = selected {
                     let d = dialog::convert::ConvertDialog::open(&forest, id).map(Dialog::Convert);
                     self.open("convert", d);
+                }
+            }
+            Action::DeleteImage => {
+                // The marked images, else the selected one.
+                let targets = self.targets();
+                if !targets.is_empty() {
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
+            Action::ResetImage => {
+                if let Some(id) = selected {
+                    let d = dialog::reset::ResetDialog::open(&forest, id, &self.roots)
+                        .map(Dialog::Reset);
+                    self.open("reset", d);
                 }
             }
             Action::CancelJob => self.cancel_job(None),

@@ -10,4 +10,6 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod remove;
+pub mod reset;
 pub mod resize;

@@ -15,8 +15,10 @@ pub mod batch;
 pub mod clone;
 pub mod commit;
 pub mod convert;
+pub mod delete;
 pub mod flatten;
 pub mod rebase;
+pub mod reset;
 
 use std::path::{Path, PathBuf};
 
@@ -105,6 +107,9 @@ pub enum Dialog {
     Convert(convert::ConvertDialog),
     /// `f`, `v`, `m`, `b` with marks: every marked image in one list.
     Batch(batch::BatchDialog),
+    /// `d`: one image or many, into the trash or for good.
+    Delete(delete::DeleteDialog),
+    Reset(reset::ResetDialog),
 }
 
 impl Dialog {
@@ -117,6 +122,8 @@ impl Dialog {
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
             Dialog::Batch(d) => d.layers(),
+            Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
+            Dialog::Reset(_) => &[Layer::Confirm],
         }
     }
 
@@ -129,6 +136,8 @@ impl Dialog {
             Dialog::Flatten(d) => d.on_key(action),
             Dialog::Convert(d) => d.on_key(key, action, ctx),
             Dialog::Batch(d) => d.on_key(key, action, ctx),
+            Dialog::Delete(d) => d.on_key(action),
+            Dialog::Reset(d) => d.on_key(action),
         }
     }
 
@@ -154,6 +163,11 @@ impl Dialog {
             ],
             Dialog::Convert(_) => convert::hints(keymap),
             Dialog::Batch(d) => d.hints(keymap),
+            Dialog::Delete(d) => d.hints(keymap),
+            Dialog::Reset(_) => vec![
+                keymap.hint(Layer::Confirm, Action::Yes, Some("reset")),
+                keymap.hint(Layer::Confirm, Action::No, None),
+            ],
         }
     }
 
@@ -167,6 +181,8 @@ impl Dialog {
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
             Dialog::Batch(d) => d.draw(app, frame, area, &hints),
+            Dialog::Delete(d) => d.draw(app, frame, area, &hints),
+            Dialog::Reset(d) => d.draw(app, frame, area, &hints),
         }
     }
 }
