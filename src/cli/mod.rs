@@ -2,6 +2,7 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod amend;
 mod check;
 mod commit;
 mod compare;
@@ -65,6 +66,9 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Change options of an existing qcow2 image (like `qemu-img amend
+    /// -o`): lazy_refcounts, size.
+    Amend(amend::AmendArgs),
     /// Compare the guest data of two images (like `qemu-img compare`):
     /// exit 0 when they read the same, 1 when they differ (naming the first
     /// differing offset), 2-4 on errors.
@@ -164,6 +168,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),

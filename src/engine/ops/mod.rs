@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod compare;
