@@ -107,9 +107,9 @@ fn parse(path: &Path, w: &Qcow2Writer, options: &[(String, String)]) -> Result<W
                     "on" | "yes" | "true" => true,
                     "off" | "no" | "false" => false,
                     _ => {
-                        return Err(bad(format!(
-                            "Parameter 'lazy_refcounts' expects 'on' or 'off'"
-                        )))
+                        return Err(bad(
+                            "Parameter 'lazy_refcounts' expects 'on' or 'off'".into()
+                        ))
                     }
                 };
                 wanted.lazy_refcounts = Some(on);
