@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cowshed::tui::app::Mode;
 use cowshed::tui::dialog::commit::CommitDialog;
+use cowshed::tui::dialog::delete::DeleteDialog;
 use cowshed::tui::dialog::rebase::RebaseDialog;
 use cowshed::tui::dialog::Dialog;
 use cowshed::tui::{view, App, Config, Event};
@@ -1521,6 +1522,26 @@ fn every_mode_reads_its_keys_from_the_table_and_config_moves_them() {
     press(&mut j, Layer::Input, "next_field");
     assert!(matches!(&j.app.dialog, Some(Dialog::Clone(d)) if !d.on_count));
     press(&mut j, Layer::Input, "cancel");
+    // Delete: its own layer with the confirm layer.
+    goto(&mut j, Layer::Tree, "web-1.qcow2");
+    press(&mut j, Layer::Tree, "delete");
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    check(&mut j, "delete");
+    press(&mut j, Layer::Delete, "for_good");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Delete(d)) if d.for_good));
+    check(&mut j, "delete for good");
+    press(&mut j, Layer::Confirm, "no");
+    assert!(j.in_tree());
+    // Reset: the confirm layer.
+    press(&mut j, Layer::Tree, "reset");
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Reset(_))),
+        "{:?}",
+        j.app.status
+    );
+    check(&mut j, "reset");
+    press(&mut j, Layer::Confirm, "no");
+    assert!(j.in_tree());
     // A job, the jobs pane and one job.
     goto(&mut j, Layer::Tree, "base.qcow2");
     press(&mut j, Layer::Tree, "clone");
@@ -2369,6 +2390,338 @@ fn a_batch_commit_into_a_shared_base_asks_for_yes_and_runs_one_job_per_overlay()
     for name in ["base.qcow2", "web-2.qcow2", "web-1.qcow2", "web-2-1.qcow2"] {
         assert_check_clean(&d.join(name));
     }
+}
+
+// ---- the lifecycle: delete, stream out, reset (issue 12) ----
+
+/// The items in the trash of `dir`.
+fn trash_items(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join(".cowshed-trash"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn delete_moves_into_the_trash_by_default_and_for_good_with_a_key() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('d'));
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Delete(_))),
+        "{:?}",
+        j.app.status
+    );
+    let screen = j.screen();
+    assert!(
+        screen.contains("Move web-2-1.qcow2 to the trash") && screen.contains("frees"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(!d.join("web-2-1.qcow2").exists());
+    let items = trash_items(d);
+    assert!(
+        items.len() == 1 && items[0].ends_with("-web-2-1.qcow2"),
+        "{items:?}"
+    );
+    // Gone from the tree, and a rescan does not find it in the trash.
+    assert!(!j.visible_names().contains(&"web-2-1.qcow2".to_string()));
+    j.key(KeyCode::Char('r'));
+    assert!(!j.visible_names().contains(&"web-2-1.qcow2".to_string()));
+
+    // For good: `f` switches, the dialog says so, no trash item is made.
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('d'));
+    j.key(KeyCode::Char('f'));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Delete web-1.qcow2 for good") && screen.contains("cannot be undone"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert!(!d.join("web-1.qcow2").exists());
+    assert_eq!(trash_items(d), items);
+    assert!(!j.visible_names().contains(&"web-1.qcow2".to_string()));
+    // The base's other overlay is untouched.
+    assert_check_clean(&d.join("web-2.qcow2"));
+}
+
+#[test]
+fn delete_refuses_before_asking_what_the_catalog_knows() {
+    let dir = fleet();
+    let d = dir.path();
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let mut j = Journey::start(d);
+    for key in ['d', 'R'] {
+        j.select("web-1.qcow2");
+        j.key(KeyCode::Char(key));
+        assert!(j.in_tree(), "{key}: a dialog opened");
+        let text = status_text(&j);
+        assert!(
+            text.contains(&format!("pid {}", vm.pid())) && text.contains("qemu-io"),
+            "{key}: {text}"
+        );
+    }
+    drop(vm);
+    j.key(KeyCode::Char('r'));
+    // Several images with a dependent left out: refused, naming it.
+    let f = &j.app.forest;
+    let id = |name: &str| {
+        f.nodes
+            .iter()
+            .position(|n| n.record.path == d.join(name))
+            .expect(name)
+    };
+    let err = DeleteDialog::open(f, &[id("base.qcow2"), id("web-1.qcow2")], &[])
+        .err()
+        .expect("refused");
+    assert!(err.contains("web-2.qcow2"), "{err}");
+    assert!(j.app.jobs.is_empty());
+}
+
+#[test]
+fn delete_of_many_goes_leaves_first_one_job_each() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    let ids: Vec<usize> = ["web-2.qcow2", "web-2-1.qcow2"]
+        .iter()
+        .map(|n| {
+            j.app
+                .forest
+                .nodes
+                .iter()
+                .position(|x| x.record.path == d.join(n))
+                .expect(n)
+        })
+        .collect();
+    let dialog = DeleteDialog::open(&j.app.forest, &ids, &[d.to_path_buf()]).expect("plan");
+    let order: Vec<String> = dialog
+        .plan
+        .items
+        .iter()
+        .map(|i| i.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(order, ["web-2-1.qcow2", "web-2.qcow2"]);
+    j.app.dialog = Some(Dialog::Delete(dialog));
+    let screen = j.screen();
+    assert!(screen.contains("Move 2 images to the trash"), "{screen}");
+    j.press(KeyCode::Char('f'));
+    j.press(KeyCode::Enter);
+    assert_eq!(j.app.jobs.len(), 2);
+    j.run_jobs();
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    assert!(!d.join("web-2.qcow2").exists() && !d.join("web-2-1.qcow2").exists());
+    assert!(trash_items(d).is_empty());
+    assert_eq!(
+        j.visible_names(),
+        ["base.qcow2", "web-1.qcow2", "disk.raw", "orphan.qcow2"]
+    );
+}
+
+#[test]
+fn delete_with_stream_rebases_the_dependents_onto_its_backing_first() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-2-1.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('d'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    let screen = j.screen();
+    assert!(
+        screen.contains("web-2-1.qcow2 uses it as") && screen.contains("s stream out"),
+        "{screen}"
+    );
+    // Deleting it alone would break web-2-1: refused, the dialog stays.
+    j.key(KeyCode::Char('y'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    assert!(
+        status_text(&j).contains("stream it out"),
+        "{}",
+        status_text(&j)
+    );
+    assert!(j.app.jobs.is_empty());
+    j.key(KeyCode::Char('s'));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Stream it out: first its dependent web-2-1.qcow2 is rebased"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(!d.join("web-2.qcow2").exists());
+    assert_eq!(trash_items(d).len(), 1);
+    let info = qemu_info(&d.join("web-2-1.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_same_content(&d.join("web-2-1.qcow2"), &before);
+    assert_check_clean(&d.join("web-2-1.qcow2"));
+    // The tree shows it on the base now.
+    let f = &j.app.forest;
+    let id = f
+        .nodes
+        .iter()
+        .position(|n| n.record.path == d.join("web-2-1.qcow2"))
+        .expect("still there");
+    let parent = f.nodes[id].parent.expect("a parent");
+    assert_eq!(f.nodes[parent].record.path, d.join("base.qcow2"));
+}
+
+#[test]
+fn reset_asks_then_gives_the_overlay_its_base_back() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.select("base.qcow2");
+    j.key(KeyCode::Char('R'));
+    assert!(j.in_tree());
+    assert!(
+        status_text(&j).contains("cannot reset base.qcow2: it has no backing file"),
+        "{}",
+        status_text(&j)
+    );
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('R'));
+    assert!(j.in_tree());
+    assert!(
+        status_text(&j).contains("web-2-1.qcow2"),
+        "{}",
+        status_text(&j)
+    );
+
+    j.select("web-1.qcow2");
+    let before = std::fs::read(d.join("web-1.qcow2")).expect("read");
+    j.key(KeyCode::Char('R'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Reset(_))));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Reset web-1.qcow2") && screen.contains("lost for good"),
+        "{screen}"
+    );
+    j.key(KeyCode::Char('n'));
+    assert!(j.in_tree());
+    assert_eq!(std::fs::read(d.join("web-1.qcow2")).expect("read"), before);
+    j.key(KeyCode::Char('R'));
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert_same_content(&d.join("web-1.qcow2"), &d.join("base.qcow2"));
+    assert_check_clean(&d.join("web-1.qcow2"));
+    let info = qemu_info(&d.join("web-1.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+}
+
+#[test]
+fn the_reclaim_view_deletes_its_marked_images_into_the_trash() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.key(KeyCode::Char('D'));
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    let picked: Vec<String> = j.app.reclaim.rows[..2]
+        .iter()
+        .map(|c| {
+            c.key
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Char('d'));
+    assert!(
+        matches!(&j.app.dialog, Some(Dialog::Delete(dd)) if dd.plan.items.len() == 2),
+        "{:?}",
+        j.app.status
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    // Both went into the trash, lost their marks, and left the list; the
+    // view is still open.
+    let items = trash_items(d);
+    for name in &picked {
+        assert!(!d.join(name).exists(), "{name} is still there");
+        assert!(
+            items.iter().any(|i| i.ends_with(&format!("-{name}"))),
+            "{items:?}"
+        );
+    }
+    assert!(j.app.marks.is_empty());
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    assert!(j
+        .app
+        .reclaim
+        .rows
+        .iter()
+        .all(|c| !picked.iter().any(|n| c.key.ends_with(n))));
+}
+
+#[test]
+fn a_batch_reset_gives_every_marked_overlay_its_base_back_and_skips_a_base() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2-1.qcow2", "base.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('R'));
+    let Some(Dialog::Batch(b)) = &j.app.dialog else {
+        panic!("no batch: {:?}", j.app.status)
+    };
+    assert_eq!(b.accepted(), 2);
+    let screen = j.screen();
+    assert!(screen.contains("no backing file"), "{screen}");
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 2);
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    // Each now reads exactly what its backing reads.
+    assert_same_content(&d.join("web-1.qcow2"), &d.join("base.qcow2"));
+    assert_same_content(&d.join("web-2-1.qcow2"), &d.join("web-2.qcow2"));
+    for name in ["web-1.qcow2", "web-2-1.qcow2"] {
+        assert_check_clean(&d.join(name));
+    }
+    // The skipped base stays marked.
+    assert_eq!(j.marked_names(), ["base.qcow2"]);
 }
 
 // ---- the doctor, protect and the stale-base guard (issue 12) ----

@@ -2,6 +2,7 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod amend;
 mod check;
 mod commit;
 mod compare;
@@ -15,8 +16,11 @@ mod measure;
 mod progress;
 mod protect;
 mod rebase;
+mod reset;
 mod resize;
+mod rm;
 mod shell;
+mod trash;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -74,6 +78,9 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Change options of an existing qcow2 image (like `qemu-img amend
+    /// -o`): lazy_refcounts, size.
+    Amend(amend::AmendArgs),
     /// Compare the guest data of two images (like `qemu-img compare`):
     /// exit 0 when they read the same, 1 when they differ (naming the first
     /// differing offset), 2-4 on errors.
@@ -103,6 +110,26 @@ pub enum Command {
     /// FILE's directory. -F is required with a non-empty -b, as in QEMU 10.
     /// FILE is refused while a running QEMU holds it.
     Rebase(rebase::RebaseArgs),
+    /// Delete images that no other image uses as its backing file. Deletes
+    /// for good by default; --trash moves them into `.cowshed-trash/` in
+    /// their directory instead (the TUI's default), where `cowshed trash`
+    /// lists, restores and empties them.
+    ///
+    /// Before anything is deleted, every FILE is checked: it is an image,
+    /// no QEMU holds it (its writer locks are taken and held until it is
+    /// gone), and no image in its directory or under the --roots uses it as
+    /// backing file (images named in the same command do not count: they
+    /// go too, leaves first). One refusal, naming the dependents or the
+    /// holder, and nothing is deleted (exit 1).
+    Rm(rm::RmArgs),
+    /// Throw away an overlay's own changes: a fresh empty overlay with the
+    /// same backing name and format, size and options replaces it
+    /// atomically. Refused while a QEMU holds it, and for an image without
+    /// backing, with dependents, internal snapshots, bitmaps or an external
+    /// data file.
+    Reset(reset::ResetArgs),
+    /// The trash of `rm --trash` and the TUI's delete: list, restore, empty.
+    Trash(trash::TrashArgs),
     /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
     /// -SIZE or SIZE; shrinking needs --shrink.
     Resize(resize::ResizeArgs),
@@ -153,10 +180,14 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Create(a) => create::run(a),
+        Command::Rm(a) => rm::run(a),
+        Command::Reset(a) => reset::run(a),
+        Command::Trash(a) => trash::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Doctor(a) => doctor::run(a),
         Command::Protect(a) => protect::run(a),

@@ -772,6 +772,15 @@ impl App {
                 self.toggle_marks(keys);
             }
             Some(Action::ClearMarks) => self.clear_marks(),
+            Some(Action::DeleteImage) => {
+                let targets = self.reclaim_targets();
+                if !targets.is_empty() {
+                    let forest = Arc::clone(&self.forest);
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
             Some(Action::Rescan) => self.tree_action(Action::Rescan),
             Some(Action::Close) => self.mode = Mode::Tree,
             _ => {}
@@ -944,6 +953,10 @@ impl App {
                 let d = dialog::batch::BatchDialog::flatten(&forest, &self.targets());
                 self.open("flatten", Ok(Dialog::Batch(d)));
             }
+            Action::ResetImage if self.has_marks() => {
+                let d = dialog::batch::BatchDialog::reset(&forest, &self.targets(), &self.roots);
+                self.open("reset", Ok(Dialog::Batch(d)));
+            }
             Action::Commit if self.has_marks() => {
                 let d = dialog::batch::BatchDialog::commit(&forest, &self.targets());
                 self.open("commit", Ok(Dialog::Batch(d)));
@@ -994,6 +1007,22 @@ impl App {
                     self.open("convert", d);
                 }
             }
+            Action::DeleteImage => {
+                // The marked images, else the selected one.
+                let targets = self.targets();
+                if !targets.is_empty() {
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
+            Action::ResetImage => {
+                if let Some(id) = selected {
+                    let d = dialog::reset::ResetDialog::open(&forest, id, &self.roots)
+                        .map(Dialog::Reset);
+                    self.open("reset", d);
+                }
+            }
             Action::Doctor => {
                 if let Some(id) = selected {
                     match dialog::doctor::DoctorDialog::open(&forest, id, self.doctor) {
@@ -1001,7 +1030,8 @@ impl App {
                         Ok(None) => {
                             let name = self.display_path(&forest.nodes[id].record.path);
                             self.say(Status::done(format!(
-                                "{name}: no chain problems (chains up to {} backing files deep                                  are fine)",
+                                "{name}: no chain problems (chains up to {} backing files \
+                                 deep are fine)",
                                 self.doctor.max_depth
                             )));
                         }

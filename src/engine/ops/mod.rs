@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod compare;
@@ -11,4 +12,6 @@ pub mod map;
 pub mod measure;
 pub mod protect;
 pub mod rebase;
+pub mod remove;
+pub mod reset;
 pub mod resize;

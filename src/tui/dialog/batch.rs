@@ -1,4 +1,4 @@
-//! Batches (`f`, `v`, `m`, `b` while images are marked): one confirm list
+//! Batches (`f`, `v`, `m`, `b`, `R` while images are marked): one confirm list
 //! of every marked image, each with what will be done to it or, when the
 //! single-image dialog would refuse it (a QEMU holds it, its chain is
 //! broken, it has nothing to commit into, ...), why it is skipped. Yes
@@ -6,7 +6,8 @@
 //! submit path; the skipped ones stay marked.
 //!
 //! The plans are the single-image dialogs' own (`flatten::plan`,
-//! `commit::plan`, `convert::plan`, `rebase::plan`), so a batch refuses
+//! `commit::plan`, `convert::plan`, `rebase::plan`, `reset::plan`), so a
+//! batch refuses
 //! exactly what one image at a time would.
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use super::commit::CommitPlan;
 use super::convert::ConvertPlan;
 use super::flatten::FlattenPlan;
 use super::rebase::RebasePlan;
+use super::reset::ResetPlan;
 use super::{hint_line, in_use, space_warning, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::Format;
@@ -34,6 +36,7 @@ pub enum Op {
     Commit,
     Convert,
     Rebase,
+    Reset,
 }
 
 impl Op {
@@ -43,6 +46,7 @@ impl Op {
             Op::Commit => "commit",
             Op::Convert => "convert",
             Op::Rebase => "rebase",
+            Op::Reset => "reset",
         }
     }
 }
@@ -54,6 +58,7 @@ pub enum Plan {
     Commit(CommitPlan),
     Convert(ConvertPlan),
     Rebase(RebasePlan),
+    Reset(ResetPlan),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +119,14 @@ impl BatchDialog {
             .sum();
         d.space_warning = d.first_path().and_then(|p| space_warning(&p, below));
         d
+    }
+
+    /// `R` on the marked images `ids`.
+    pub fn reset(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> BatchDialog {
+        let items = items(f, ids, |id| {
+            super::reset::plan(f, id, roots).map(Plan::Reset)
+        });
+        BatchDialog::new(Op::Reset, items)
     }
 
     /// `m` on the marked images `ids`.
@@ -253,6 +266,7 @@ impl BatchDialog {
                 s
             }
             Plan::Convert(p) => format!("→ {}", p.dest),
+            Plan::Reset(p) => format!("{} of its own changes lost", human(p.allocated)),
             Plan::Rebase(p) => {
                 if !self.unsafe_mode {
                     if let Some(why) = &p.safe_refused {
@@ -368,6 +382,7 @@ impl BatchDialog {
                 Plan::Flatten(p) => super::flatten::job(p),
                 Plan::Commit(p) => super::commit::job(p),
                 Plan::Convert(p) => super::convert::job(p),
+                Plan::Reset(p) => super::reset::job(p),
                 Plan::Rebase(p) => {
                     let mut p = p.clone();
                     p.unsafe_mode = self.unsafe_mode;
@@ -437,6 +452,10 @@ impl BatchDialog {
                     None => format!("Convert {n} marked image{s} into new images beside them."),
                 }
             }
+            Op::Reset => format!(
+                "Reset {n} marked overlay{s}: each goes back to its backing file; what its \
+                 guest wrote is lost."
+            ),
             Op::Rebase => format!(
                 "Rebase {n} marked image{s} onto {}: {}",
                 self.backing

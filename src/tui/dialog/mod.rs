@@ -15,10 +15,12 @@ pub mod batch;
 pub mod clone;
 pub mod commit;
 pub mod convert;
+pub mod delete;
 pub mod doctor;
 pub mod flatten;
 pub mod protect;
 pub mod rebase;
+pub mod reset;
 
 use std::path::{Path, PathBuf};
 
@@ -107,6 +109,9 @@ pub enum Dialog {
     Convert(convert::ConvertDialog),
     /// `f`, `v`, `m`, `b` with marks: every marked image in one list.
     Batch(batch::BatchDialog),
+    /// `d`: one image or many, into the trash or for good.
+    Delete(delete::DeleteDialog),
+    Reset(reset::ResetDialog),
     /// `!`: the image's chain problems and their fixes.
     Doctor(doctor::DoctorDialog),
 }
@@ -121,6 +126,8 @@ impl Dialog {
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
             Dialog::Batch(d) => d.layers(),
+            Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
+            Dialog::Reset(_) => &[Layer::Confirm],
             Dialog::Doctor(_) => &[Layer::Doctor],
         }
     }
@@ -134,6 +141,8 @@ impl Dialog {
             Dialog::Flatten(d) => d.on_key(action),
             Dialog::Convert(d) => d.on_key(key, action, ctx),
             Dialog::Batch(d) => d.on_key(key, action, ctx),
+            Dialog::Delete(d) => d.on_key(action),
+            Dialog::Reset(d) => d.on_key(action),
             Dialog::Doctor(d) => d.on_key(action, ctx),
         }
     }
@@ -160,6 +169,11 @@ impl Dialog {
             ],
             Dialog::Convert(_) => convert::hints(keymap),
             Dialog::Batch(d) => d.hints(keymap),
+            Dialog::Delete(d) => d.hints(keymap),
+            Dialog::Reset(_) => vec![
+                keymap.hint(Layer::Confirm, Action::Yes, Some("reset")),
+                keymap.hint(Layer::Confirm, Action::No, None),
+            ],
             Dialog::Doctor(d) => d.hints(keymap),
         }
     }
@@ -174,6 +188,8 @@ impl Dialog {
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
             Dialog::Batch(d) => d.draw(app, frame, area, &hints),
+            Dialog::Delete(d) => d.draw(app, frame, area, &hints),
+            Dialog::Reset(d) => d.draw(app, frame, area, &hints),
             Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
         }
     }
