@@ -2,20 +2,26 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod amend;
 mod check;
 mod commit;
 mod compare;
 mod convert;
 mod create;
 mod demo;
+mod doctor;
 mod info;
 mod map;
 mod measure;
 mod progress;
+mod protect;
 mod rebase;
+mod reset;
 mod resize;
+mod rm;
 mod shell;
 mod snapshot;
+mod trash;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -56,6 +62,16 @@ pub enum Command {
     /// Scan directories and print the forest of backing chains: every base
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
+    /// List the problems of the backing chains under some directories,
+    /// each with its fix: backing format not recorded, absolute backing
+    /// names, chains deeper than --max-depth, backings outside the
+    /// directories, missing backings and cycles. --fix applies the fixes
+    /// that change only a header.
+    Doctor(doctor::DoctorArgs),
+    /// Make the bases under some directories (images that others use as
+    /// backing file) read-only on disk, so that nothing opens them for
+    /// writing by mistake; --off gives the write permission back.
+    Protect(protect::ProtectArgs),
     /// Check an image's metadata the way `qemu-img check` does: leaks and
     /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63); `-r leaks`
     /// and `-r all` repair as qemu-img does.
@@ -63,6 +79,9 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Change options of an existing qcow2 image (like `qemu-img amend
+    /// -o`): lazy_refcounts, size.
+    Amend(amend::AmendArgs),
     /// Compare the guest data of two images (like `qemu-img compare`):
     /// exit 0 when they read the same, 1 when they differ (naming the first
     /// differing offset), 2-4 on errors.
@@ -92,6 +111,26 @@ pub enum Command {
     /// FILE's directory. -F is required with a non-empty -b, as in QEMU 10.
     /// FILE is refused while a running QEMU holds it.
     Rebase(rebase::RebaseArgs),
+    /// Delete images that no other image uses as its backing file. Deletes
+    /// for good by default; --trash moves them into `.cowshed-trash/` in
+    /// their directory instead (the TUI's default), where `cowshed trash`
+    /// lists, restores and empties them.
+    ///
+    /// Before anything is deleted, every FILE is checked: it is an image,
+    /// no QEMU holds it (its writer locks are taken and held until it is
+    /// gone), and no image in its directory or under the --roots uses it as
+    /// backing file (images named in the same command do not count: they
+    /// go too, leaves first). One refusal, naming the dependents or the
+    /// holder, and nothing is deleted (exit 1).
+    Rm(rm::RmArgs),
+    /// Throw away an overlay's own changes: a fresh empty overlay with the
+    /// same backing name and format, size and options replaces it
+    /// atomically. Refused while a QEMU holds it, and for an image without
+    /// backing, with dependents, internal snapshots, bitmaps or an external
+    /// data file.
+    Reset(reset::ResetArgs),
+    /// The trash of `rm --trash` and the TUI's delete: list, restore, empty.
+    Trash(trash::TrashArgs),
     /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
     /// -SIZE or SIZE; shrinking needs --shrink.
     Resize(resize::ResizeArgs),
@@ -145,12 +184,18 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Snapshot(a) => snapshot::run(a),
         Command::Create(a) => create::run(a),
+        Command::Rm(a) => rm::run(a),
+        Command::Reset(a) => reset::run(a),
+        Command::Trash(a) => trash::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Doctor(a) => doctor::run(a),
+        Command::Protect(a) => protect::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Completions(a) => shell::completions(a),

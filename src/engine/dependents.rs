@@ -85,9 +85,11 @@ pub fn find_dependents(target: &Path, scope: &Scope) -> Result<Vec<Dependent>> {
         }
     }
     for root in &scope.roots {
+        // Images in the trash are deleted: they depend on nothing.
         for entry in walkdir::WalkDir::new(root)
             .follow_links(true)
             .into_iter()
+            .filter_entry(|e| !super::trash::is_trash_name(e.file_name()))
             .flatten()
         {
             if let Ok(m) = entry.metadata() {

@@ -41,10 +41,16 @@
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
-//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran);
+//! - `rm`: `rm.stream.rebased` (each dependent rebased onto the streamed
+//!   image's backing), `rm.before_unlink` (each image, before it is
+//!   deleted or moved into the trash); the trash: `trash.before_rename`
+//!   (record written, image not yet moved in), `trash.restored`;
+//! - `reset.before_rename` (the fresh image is written and flushed beside
+//!   the old one), `reset.renamed`;
 //! - snapshot create, apply, delete: `snapshot.written` (the next
 //!   metadata generation written, not yet flushed), `snapshot.before_switch`,
-//!   `snapshot.switched` (the header points at it).
+//!   `snapshot.switched` (the header points at it);
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);

@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod compare;
@@ -9,6 +10,9 @@ pub mod create;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod protect;
 pub mod rebase;
+pub mod remove;
+pub mod reset;
 pub mod resize;
 pub mod snapshot;
