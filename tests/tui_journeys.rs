@@ -2928,3 +2928,81 @@ fn the_stale_base_alarm_comes_and_goes_live() {
         );
     }
 }
+
+/// `S` on an overlay: create a snapshot (named), write on, apply it (after
+/// a yes that says the current state is lost), delete it; each a job that
+/// leaves what `qemu-img snapshot` would: the list, the guest view, a
+/// clean check. The details pane lists the snapshots.
+#[test]
+fn snapshots_are_created_applied_and_deleted_from_the_details() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    assert!(j
+        .screen()
+        .contains("snapshots none (S: create, apply, delete)"));
+    let before = raw_view(&d.join("web-1.qcow2"), scratch.path());
+    j.key(KeyCode::Char('S'));
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Snapshot(_))),
+        "{:?}",
+        j.app.status
+    );
+    assert!(j.screen().contains("no snapshots yet"));
+    j.key(KeyCode::Char('c'));
+    j.chars("before-upgrade");
+    j.key(KeyCode::Enter);
+    assert!(j.app.dialog.is_none());
+    j.run_jobs();
+    let listed = |d: &Path| -> Vec<String> {
+        qemu_info(&d.join("web-1.qcow2"))["snapshots"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(listed(d), ["before-upgrade"]);
+    assert_check_clean(&d.join("web-1.qcow2"));
+    let screen = j.screen();
+    assert!(
+        screen.contains("snapshots 1 (S: create, apply, delete)"),
+        "{screen}"
+    );
+    assert!(screen.contains("before-upgrade"), "{screen}");
+    // The guest writes on.
+    run("qemu-io", &["-c", "write -P 9 0 2M", "web-1.qcow2"], d);
+    // Apply: asked first, and the question says what is lost.
+    j.key(KeyCode::Char('S'));
+    j.key(KeyCode::Char('a'));
+    let screen = j.screen();
+    assert!(screen.contains("The current state is lost"), "{screen}");
+    j.key(KeyCode::Char('n'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Snapshot(_))));
+    j.key(KeyCode::Char('a'));
+    j.key(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_same_content(&d.join("web-1.qcow2"), &before);
+    assert_check_clean(&d.join("web-1.qcow2"));
+    // Delete it.
+    j.key(KeyCode::Char('S'));
+    j.key(KeyCode::Char('d'));
+    j.key(KeyCode::Char('y'));
+    j.run_jobs();
+    assert!(listed(d).is_empty());
+    assert_check_clean(&d.join("web-1.qcow2"));
+    assert_same_content(&d.join("web-1.qcow2"), &before);
+    // A raw image has none: refused when the key is pressed.
+    j.select("disk.raw");
+    j.key(KeyCode::Char('S'));
+    assert!(j.app.dialog.is_none());
+    let status = format!("{:?}", j.app.status);
+    assert!(
+        status.contains("only qcow2 images have internal snapshots"),
+        "{status}"
+    );
+}

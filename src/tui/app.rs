@@ -1047,6 +1047,14 @@ impl App {
                     }
                 }
             }
+            Action::Snapshots => {
+                if let Some(id) = selected {
+                    let d =
+                        dialog::snapshot::SnapshotDialog::open(&forest, id, self.details.as_ref())
+                            .map(Dialog::Snapshot);
+                    self.open("list the snapshots of", d);
+                }
+            }
             Action::CancelJob => self.cancel_job(None),
             Action::FocusJobs => {
                 if self.jobs.is_empty() {

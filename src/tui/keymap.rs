@@ -26,6 +26,7 @@ pub enum Layer {
     Reclaim,
     Delete,
     Doctor,
+    Snapshot,
     Jobs,
     Job,
     Log,
@@ -33,7 +34,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 15] = [
+    pub const ALL: [Layer; 16] = [
         Layer::Tree,
         Layer::Filter,
         Layer::Input,
@@ -45,6 +46,7 @@ impl Layer {
         Layer::Reclaim,
         Layer::Delete,
         Layer::Doctor,
+        Layer::Snapshot,
         Layer::Jobs,
         Layer::Job,
         Layer::Log,
@@ -64,6 +66,7 @@ impl Layer {
             Layer::Reclaim => "reclaim",
             Layer::Delete => "delete",
             Layer::Doctor => "doctor",
+            Layer::Snapshot => "snapshot",
             Layer::Jobs => "jobs",
             Layer::Job => "job",
             Layer::Log => "log",
@@ -86,6 +89,7 @@ impl Layer {
             Layer::Reclaim => "the reclaim view (D): what nothing uses",
             Layer::Delete => "the delete dialog (d)",
             Layer::Doctor => "the doctor (!): the image's problems and their fixes",
+            Layer::Snapshot => "the internal snapshots of an image (S)",
             Layer::Jobs => "the jobs pane (Tab)",
             Layer::Job => "one job, opened from the jobs pane",
             Layer::Log => "the log of warnings and job results",
@@ -113,6 +117,7 @@ pub const MODES: &[&[Layer]] = &[
     &[Layer::Reclaim],
     &[Layer::Delete, Layer::Confirm],
     &[Layer::Doctor],
+    &[Layer::Snapshot],
     &[Layer::Jobs],
     &[Layer::Job],
     &[Layer::Log],
@@ -150,6 +155,7 @@ pub enum Action {
     ResetImage,
     Doctor,
     Protect,
+    Snapshots,
     CancelJob,
     FocusJobs,
     Log,
@@ -179,6 +185,9 @@ pub enum Action {
     Open,
     Back,
     Close,
+    NewSnapshot,
+    ApplySnapshot,
+    DeleteSnapshot,
 }
 
 /// One row of the table.
@@ -432,6 +441,14 @@ pub const ACTIONS: &[ActionInfo] = &[
         "protect",
         &["p"],
         "protect the base (read-only on disk), or unprotect it",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Snapshots,
+        "snapshots",
+        &["S"],
+        "the image's internal snapshots: create, apply, delete",
         None,
     ),
     row(
@@ -948,6 +965,55 @@ pub const ACTIONS: &[ActionInfo] = &[
         "close",
         &["Esc", "q", "!"],
         "close the doctor",
+        Some("close"),
+    ),
+    // The snapshots dialog.
+    row(
+        L::Snapshot,
+        A::Up,
+        "up",
+        &["Up", "k"],
+        "select the previous snapshot",
+        Some("select"),
+    ),
+    row(
+        L::Snapshot,
+        A::Down,
+        "down",
+        &["Down", "j"],
+        "select the next snapshot",
+        None,
+    ),
+    row(
+        L::Snapshot,
+        A::NewSnapshot,
+        "create",
+        &["c"],
+        "create a snapshot of the image as it is now (asks for a name)",
+        Some("create"),
+    ),
+    row(
+        L::Snapshot,
+        A::ApplySnapshot,
+        "apply",
+        &["a"],
+        "apply the selected snapshot: the image reads as it did then (asks)",
+        Some("apply"),
+    ),
+    row(
+        L::Snapshot,
+        A::DeleteSnapshot,
+        "delete",
+        &["d"],
+        "delete the selected snapshot (asks)",
+        Some("delete"),
+    ),
+    row(
+        L::Snapshot,
+        A::Close,
+        "close",
+        &["Esc", "q", "S"],
+        "close the snapshots dialog",
         Some("close"),
     ),
     // The jobs pane.

@@ -89,11 +89,26 @@ pub fn apply(path: &Path, name: &[u8], format: Option<Format>) -> Result<()> {
 
 /// Delete the first snapshot named `name` (by name only, as qemu-img -d).
 pub fn delete(path: &Path, name: &[u8], format: Option<Format>) -> Result<()> {
+    delete_where(path, name, format, |s| s.name_bytes() == name)
+}
+
+/// Delete the snapshot with id `id` (ids are unique where names need not
+/// be: what a list to pick from deletes).
+pub fn delete_id(path: &Path, id: &[u8], format: Option<Format>) -> Result<()> {
+    delete_where(path, id, format, |s| s.id_bytes() == id)
+}
+
+fn delete_where(
+    path: &Path,
+    name: &[u8],
+    format: Option<Format>,
+    matches: impl Fn(&Snapshot) -> bool,
+) -> Result<()> {
     let mut w = open_writer(path, name, format, Action::Delete)?;
     let snaps = w.snapshots()?;
     let index = snaps
         .iter()
-        .position(|s| s.name_bytes() == name)
+        .position(matches)
         .ok_or_else(|| refusal(path, Action::Delete, name, "snapshot not found"))?;
     w.snapshot_delete(index)
         .map_err(|e| failed(e, Action::Delete, name))?;

@@ -21,6 +21,7 @@ pub mod flatten;
 pub mod protect;
 pub mod rebase;
 pub mod reset;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
@@ -114,6 +115,8 @@ pub enum Dialog {
     Reset(reset::ResetDialog),
     /// `!`: the image's chain problems and their fixes.
     Doctor(doctor::DoctorDialog),
+    /// `S`: the image's internal snapshots.
+    Snapshot(snapshot::SnapshotDialog),
 }
 
 impl Dialog {
@@ -129,6 +132,7 @@ impl Dialog {
             Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
             Dialog::Reset(_) => &[Layer::Confirm],
             Dialog::Doctor(_) => &[Layer::Doctor],
+            Dialog::Snapshot(d) => d.layers(),
         }
     }
 
@@ -144,6 +148,7 @@ impl Dialog {
             Dialog::Delete(d) => d.on_key(action),
             Dialog::Reset(d) => d.on_key(action),
             Dialog::Doctor(d) => d.on_key(action, ctx),
+            Dialog::Snapshot(d) => d.on_key(key, action),
         }
     }
 
@@ -175,6 +180,7 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Doctor(d) => d.hints(keymap),
+            Dialog::Snapshot(d) => d.hints(keymap),
         }
     }
 
@@ -191,6 +197,7 @@ impl Dialog {
             Dialog::Delete(d) => d.draw(app, frame, area, &hints),
             Dialog::Reset(d) => d.draw(app, frame, area, &hints),
             Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
+            Dialog::Snapshot(d) => d.draw(app, frame, area, &hints),
         }
     }
 }

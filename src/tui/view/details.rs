@@ -10,8 +10,11 @@ use ratatui::Frame;
 
 use super::{human, percent};
 use crate::catalog::Flag;
+use crate::engine::qcow2::snapshot::Snapshot;
 use crate::engine::LockState;
 use crate::tui::app::{file_name, App};
+use crate::tui::dialog::snapshot::taken;
+use crate::tui::keymap::{Action, Layer};
 use crate::tui::worker::Details;
 
 /// One glyph per layer depth (top first), then the empty part: the bar
@@ -83,14 +86,6 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     if let Some(d) = d {
         chain_lines(app, d, inner_w, &mut lines);
         if let Some(Ok(info)) = Some(&d.info) {
-            let snaps = info.qcow2.as_ref().map_or(0, |q| q.snapshots.len());
-            let snap_text = match info.qcow2.as_ref().map(|q| &q.snapshots) {
-                Some(s) if !s.is_empty() => {
-                    let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
-                    format!("snapshots {} ({})", snaps, names.join(", "))
-                }
-                _ => "snapshots none".to_string(),
-            };
             let features = info.qcow2.as_ref().map_or_else(Vec::new, |q| {
                 let mut f = Vec::new();
                 if q.lazy_refcounts {
@@ -121,7 +116,7 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
             } else {
                 format!("features {}", features.join(", "))
             };
-            lines.push(Line::from(format!(" {snap_text} · {features}")));
+            lines.push(Line::from(format!(" {features}")));
         }
     }
     // From the catalog record: no need to wait for the inspector.
@@ -164,6 +159,12 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         human(space.full_copies),
         human(space.saved()),
     )));
+    // Last: the pane's other lines stay in view when it is short.
+    if let Some(Ok(info)) = d.map(|d| &d.info) {
+        if let Some(q) = &info.qcow2 {
+            snapshot_lines(app, &q.snapshots, &mut lines);
+        }
+    }
     for f in &node.flags {
         let red = f.is_broken() || f.is_alarm();
         let style = if red {
@@ -178,6 +179,39 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         );
     }
     frame.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+/// Snapshots shown in the pane; the dialog (`S`) lists them all.
+const SNAPSHOT_ROWS: usize = 3;
+
+/// The snapshots section: how many, the key that opens the dialog, the
+/// newest few (id, name, age).
+fn snapshot_lines(app: &App, snaps: &[Snapshot], lines: &mut Vec<Line<'static>>) {
+    let key = app
+        .keymap
+        .keys(Layer::Tree, Action::Snapshots)
+        .first()
+        .map_or_else(String::new, |k| format!(" ({k}: create, apply, delete)"));
+    if snaps.is_empty() {
+        lines.push(Line::from(format!(" snapshots none{key}")));
+        return;
+    }
+    lines.push(Line::from(format!(" snapshots {}{key}", snaps.len())));
+    let shown = snaps.len().saturating_sub(SNAPSHOT_ROWS);
+    if shown > 0 {
+        lines.push(Line::from(Span::styled(
+            format!("   … {shown} older"),
+            Style::new().fg(app.theme.dim),
+        )));
+    }
+    for s in &snaps[shown..] {
+        lines.push(Line::from(format!(
+            "   {:<4} {} · {}",
+            s.id,
+            s.name,
+            taken(s)
+        )));
+    }
 }
 
 fn lock_word(l: LockState) -> &'static str {
