@@ -222,7 +222,7 @@ impl SnapshotDialog {
                     .take(LIST_ROWS)
                 {
                     let text = format!(
-                        "{} {:<4} {}  · {}",
+                        "{} {:<4} {} · {}",
                         if i == self.selected { "▸" } else { " " },
                         s.id,
                         s.name,
