@@ -40,6 +40,15 @@
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
+//! - mv (src/engine/ops/move_image.rs): `mv.journal.saved` (each durable
+//!   journal write), `mv.rewrite.before_place` (a moved image's own name
+//!   spelled absolutely before DST exists), `mv.linked` (each hard link
+//!   made), `mv.copied` (each chunk copied across file systems),
+//!   `mv.verified` (each copy read back equal), `mv.placed` (DST renamed
+//!   or linked into place, before the journal says so),
+//!   `mv.rewrite.repoint` (each backing name re-pointed), `mv.removed`
+//!   (each file of SRC unlinked), `mv.rewrite.final` (each moved image's
+//!   final name), `mv.rollback` (each step of undoing a cancelled move);
 //! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
 
 /// Whether points do anything in this build.

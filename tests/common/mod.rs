@@ -10,6 +10,7 @@
 
 pub mod bytes;
 pub mod fault;
+pub mod qemu_hold;
 pub mod run;
 pub mod small_fs;
 
