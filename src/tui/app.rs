@@ -800,6 +800,12 @@ impl App {
                     self.open("convert", d);
                 }
             }
+            Action::Move => {
+                if let Some(id) = selected {
+                    let d = dialog::move_image::MoveDialog::open(&forest, id).map(Dialog::Move);
+                    self.open("move", d);
+                }
+            }
             Action::CancelJob => self.cancel_job(None),
             Action::FocusJobs => {
                 if self.jobs.is_empty() {

@@ -65,7 +65,7 @@ impl Layer {
         match self {
             Layer::Tree => "the tree",
             Layer::Filter => "typing a filter (/)",
-            Layer::Input => "typing a name or a path (C, t in the picker)",
+            Layer::Input => "typing a name or a path (C, M, t in the picker)",
             Layer::Confirm => "yes/no questions (commit, flatten, rebase)",
             Layer::Pick => "picking a new backing in the tree (b)",
             Layer::Rebase => "the rebase dialog",
@@ -120,6 +120,7 @@ pub enum Action {
     Rebase,
     Flatten,
     Convert,
+    Move,
     CancelJob,
     FocusJobs,
     Log,
@@ -329,6 +330,15 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["v"],
         "convert to a new image (format, compression, -B, …)",
         Some("convert"),
+    ),
+    row(
+        L::Tree,
+        A::Move,
+        "move",
+        &["M"],
+        "move or rename the image, re-pointing what uses it",
+        // The footer is full; `?` lists it.
+        None,
     ),
     row(
         L::Tree,

@@ -15,6 +15,7 @@ pub mod clone;
 pub mod commit;
 pub mod convert;
 pub mod flatten;
+pub mod move_image;
 pub mod rebase;
 
 use std::path::{Path, PathBuf};
@@ -94,13 +95,15 @@ pub enum Dialog {
     Rebase(rebase::RebaseDialog),
     Flatten(flatten::FlattenDialog),
     Convert(convert::ConvertDialog),
+    /// `M`: where to move the image.
+    Move(move_image::MoveDialog),
 }
 
 impl Dialog {
     /// The key layers this dialog reads now, first match wins.
     pub fn layers(&self) -> &'static [Layer] {
         match self {
-            Dialog::Clone(_) => &[Layer::Input],
+            Dialog::Clone(_) | Dialog::Move(_) => &[Layer::Input],
             Dialog::Commit(_) | Dialog::Flatten(_) => &[Layer::Confirm],
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
@@ -116,6 +119,7 @@ impl Dialog {
             Dialog::Rebase(d) => d.on_key(action),
             Dialog::Flatten(d) => d.on_key(action),
             Dialog::Convert(d) => d.on_key(key, action),
+            Dialog::Move(d) => d.on_key(key, action, ctx),
         }
     }
 
@@ -143,6 +147,7 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Convert(_) => convert::hints(keymap),
+            Dialog::Move(_) => move_image::MoveDialog::hints(keymap),
         }
     }
 
@@ -155,6 +160,7 @@ impl Dialog {
             Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+            Dialog::Move(d) => d.draw(app, frame, area, &hints),
         }
     }
 }
