@@ -1039,3 +1039,54 @@ fn a_kill_while_undoing_is_finished_by_the_same_command() {
     assert_dependent(d, &views, "sub/mid.qcow2", "mid.qcow2", "../base.qcow2");
     no_journal_left(d);
 }
+
+#[test]
+fn a_journal_that_is_not_this_moves_is_refused_and_nothing_is_deleted() {
+    let t = tempdir("hostile-journal");
+    let d = t.path();
+    chain_with_sub(d);
+    std::fs::create_dir(d.join("victim")).unwrap();
+    std::fs::write(d.join("victim/data"), b"keep me").unwrap();
+    // Killed at the repoint, the journal is real; then its temporary
+    // name is pointed at another directory, which an undo would delete.
+    fault::kill_at(d, &["mv", "mid.qcow2", "sub"], "mv.linked", 1);
+    let journal = d.join(".mid.qcow2.cowshed-mv.json");
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
+    j["temp"] = canon(&d.join("victim")).to_string_lossy().into();
+    j["step"] = "rolling-back".into();
+    std::fs::write(&journal, serde_json::to_vec(&j).unwrap()).unwrap();
+    let out = cowshed(d, &["mv", "mid.qcow2", "sub"]);
+    assert_refused(&out, &["unreadable", ".mid.qcow2.cowshed-mv.json"]);
+    assert_eq!(std::fs::read(d.join("victim/data")).unwrap(), b"keep me");
+    std::fs::write(&journal, b"{ not json").unwrap();
+    let out = cowshed(d, &["mv", "mid.qcow2", "sub"]);
+    assert_refused(&out, &["unreadable"]);
+}
+
+#[test]
+fn a_dependent_that_cannot_be_written_stops_the_move() {
+    let t = tempdir("read-only-dep");
+    let d = t.path();
+    chain(d);
+    // Immutable: not even root may open it for writing.
+    let set = |flag: &str| {
+        Command::new("chattr")
+            .args([flag, "top.qcow2"])
+            .current_dir(d)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !set("+i") {
+        return skip("chattr +i is not available here");
+    }
+    let before = snapshot(d);
+    let out = cowshed(d, &["mv", "mid.qcow2", "moved.qcow2"]);
+    let undo = set("-i");
+    assert!(undo, "chattr -i failed");
+    assert_refused(
+        &out,
+        &["top.qcow2", "cannot be re-pointed", "nothing was moved"],
+    );
+    assert_eq!(snapshot(d), before, "a refused move changed files");
+}

@@ -48,6 +48,7 @@ use self::fsutil::{
     remove_if_present, rename_noreplace,
 };
 pub use self::journal::journal_path;
+use self::journal::temp_name;
 use self::journal::{
     join_rel, Entry, EntryKind, How, Journal, Kind, Phase, Rewrite, Stage, Stamp, Step,
 };
@@ -269,14 +270,6 @@ fn list_entries(abs_src: &Path, kind: Kind) -> Result<Vec<Entry>> {
         out.push(Entry { rel, what });
     }
     Ok(out)
-}
-
-/// `.NAME.cowshed-mv-tmp` beside DST.
-fn temp_name(abs_dst: &Path) -> PathBuf {
-    let name = abs_dst
-        .file_name()
-        .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
-    parent_or_dot(abs_dst).join(format!(".{name}.cowshed-mv-tmp"))
 }
 
 /// Hard links if the file system allows one from SRC to beside DST (tried

@@ -175,6 +175,15 @@ pub struct Journal {
     pub undo_removes_dst: bool,
 }
 
+/// `.NAME.cowshed-mv-tmp` beside DST: where the copy, or the tree of
+/// links, is built before its rename to DST.
+pub fn temp_name(abs_dst: &Path) -> PathBuf {
+    let name = abs_dst
+        .file_name()
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
+    parent_or_dot(abs_dst).join(format!(".{name}.cowshed-mv-tmp"))
+}
+
 /// `.NAME.cowshed-mv.json` beside SRC: found again from SRC's name alone,
 /// also once SRC is gone.
 pub fn journal_path(src: &Path) -> PathBuf {
@@ -193,7 +202,8 @@ impl Journal {
         journal_path(&self.src)
     }
 
-    /// The journal of a move of `src`, if one is pending.
+    /// The journal of a move of `src` (absolute, through its canonical
+    /// directory), if one is pending.
     pub fn load(src: &Path) -> Result<Option<Journal>> {
         let path = journal_path(src);
         let text = match std::fs::read(&path) {
@@ -221,8 +231,15 @@ impl Journal {
                 j.version
             )));
         }
-        if !(j.src.is_absolute() && j.dst.is_absolute() && j.temp.is_absolute()) {
-            return Err(unreadable("paths are not absolute".into()));
+        // What the move deletes is named by the user's command: SRC (the
+        // journal's own name says which), DST (the re-run must name it)
+        // and the temporary name derived from DST. A journal saying
+        // otherwise is not this move's.
+        if j.src != src {
+            return Err(unreadable(format!("it is about '{}'", j.src.display())));
+        }
+        if !j.dst.is_absolute() || j.temp != temp_name(&j.dst) {
+            return Err(unreadable("its destination names do not match".into()));
         }
         let bad_rel = |p: &Path| {
             p.components()
