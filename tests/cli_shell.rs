@@ -12,10 +12,10 @@ use common::Work;
 #[test]
 fn an_unknown_command_is_named_with_the_list_of_commands() {
     let w = Work::new("unknown-command");
-    let r = w.cowshed(&["resize", "x.qcow2", "+1G"]);
+    let r = w.cowshed(&["grow", "x.qcow2", "+1G"]);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(
-        r.stderr.contains("unknown command 'resize'")
+        r.stderr.contains("unknown command 'grow'")
             && r.stderr.contains("info")
             && r.stderr.contains("convert"),
         "{r}"

@@ -14,9 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fault::{self, Trace};
-use common::qemu_hold::{hold_writer, hold_writer_alone};
 use common::run::{check_code, ok, run};
-use common::COWSHED;
+use common::{release_holder, Work, COWSHED};
 
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -287,41 +286,38 @@ fn moving_a_base_keeps_a_recorded_raw_format_and_moves_the_base_itself() {
 
 #[test]
 fn an_image_held_by_qemu_is_not_moved() {
-    let t = tempdir("held-src");
-    let d = t.path();
+    let w = Work::new("mv-held-src");
+    let d = w.root();
     chain(d);
     let before = snapshot(d);
-    let holder = hold_writer_alone(d, "mid.qcow2");
+    let holder = w.hold_writer_alone("mid.qcow2");
+    let pid = format!("pid {}", holder.id());
     let out = cowshed(d, &["mv", "mid.qcow2", "moved.qcow2"]);
-    assert_refused(
-        &out,
-        &["mid.qcow2", &format!("pid {}", holder.pid()), "qemu-io"],
-    );
-    drop(holder);
+    release_holder(holder);
+    assert_refused(&out, &["mid.qcow2", &pid, "qemu-io"]);
     assert_eq!(snapshot(d), before, "a refused move changed files");
 }
 
 #[test]
 fn a_dependent_held_by_qemu_stops_the_move() {
-    let t = tempdir("held-dep");
-    let d = t.path();
+    let w = Work::new("mv-held-dep");
+    let d = w.root();
     chain(d);
     let before = snapshot(d);
     // Only the dependent is held: the refusal is about it, not about the
     // backing file a VM would also hold.
-    let holder = hold_writer_alone(d, "top.qcow2");
+    let holder = w.hold_writer_alone("top.qcow2");
+    let pid = format!("pid {}", holder.id());
     let out = cowshed(d, &["mv", "mid.qcow2", "moved.qcow2"]);
-    assert_refused(
-        &out,
-        &["top.qcow2", &format!("pid {}", holder.pid()), "not moved"],
-    );
-    drop(holder);
+    release_holder(holder);
+    assert_refused(&out, &["top.qcow2", &pid, "not moved"]);
     assert_eq!(snapshot(d), before, "a refused move changed files");
     // A VM running the overlay holds the whole chain: refused too.
-    let vm = hold_writer(d, "top.qcow2");
+    let vm = w.hold_writer("top.qcow2", "qcow2");
+    let pid = format!("pid {}", vm.id());
     let out = cowshed(d, &["mv", "mid.qcow2", "moved.qcow2"]);
-    assert_refused(&out, &[&format!("pid {}", vm.pid())]);
-    drop(vm);
+    release_holder(vm);
+    assert_refused(&out, &[&pid]);
     assert_eq!(snapshot(d), before, "a refused move changed files");
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use cowshed::tui::app::Mode;
 use cowshed::tui::dialog::commit::CommitDialog;
+use cowshed::tui::dialog::delete::DeleteDialog;
 use cowshed::tui::dialog::rebase::RebaseDialog;
 use cowshed::tui::dialog::Dialog;
 use cowshed::tui::{view, App, Config, Event};
@@ -273,14 +274,14 @@ fn filter_fold_and_sort() {
     j.key(KeyCode::Esc);
     assert_eq!(j.visible_names().len(), 6);
 
-    // Fold the base with Enter (cursor on it), unfold with Space.
+    // Fold the base with Enter (cursor on it), and unfold it (Space marks).
     assert_eq!(j.selected_name(), "base.qcow2");
     j.key(KeyCode::Enter);
     assert_eq!(
         j.visible_names(),
         ["base.qcow2", "disk.raw", "orphan.qcow2"]
     );
-    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Enter);
     assert_eq!(j.visible_names().len(), 6);
     // h on an unfolded base folds it, l unfolds it again.
     j.key(KeyCode::Char('h'));
@@ -1350,7 +1351,12 @@ fn every_mode_reads_its_keys_from_the_table_and_config_moves_them() {
     let mut text = String::new();
     for layer in Layer::ALL {
         text.push_str(&format!("[keys.{}]\n", layer.name()));
-        let start = if layer == Layer::Confirm { 30 } else { 0 };
+        let start = match layer {
+            Layer::Confirm => 30,
+            // Read with the rebase layer and the confirm layer.
+            Layer::Batch => 20,
+            _ => 0,
+        };
         for (i, a) in ACTIONS.iter().filter(|a| a.layer == layer).enumerate() {
             text.push_str(&format!("{} = \"{}\"\n", a.name, pool[start + i]));
         }
@@ -1485,6 +1491,56 @@ fn every_mode_reads_its_keys_from_the_table_and_config_moves_them() {
     assert!(matches!(&j.app.dialog, Some(Dialog::Convert(d))
         if d.plan.field == cowshed::tui::dialog::convert::Field::Format));
     press(&mut j, Layer::Convert, "cancel");
+    assert!(j.in_tree());
+    // A batch: marks, then the confirm list's layer with the confirm's.
+    goto(&mut j, Layer::Tree, "web-2-1.qcow2");
+    press(&mut j, Layer::Tree, "mark");
+    assert_eq!(j.app.marks.len(), 1);
+    press(&mut j, Layer::Tree, "flatten");
+    assert!(matches!(j.app.dialog, Some(Dialog::Batch(_))));
+    check(&mut j, "batch");
+    press(&mut j, Layer::Batch, "down");
+    press(&mut j, Layer::Confirm, "no");
+    assert!(j.in_tree());
+    press(&mut j, Layer::Tree, "mark_tree");
+    press(&mut j, Layer::Tree, "clear_marks");
+    assert!(j.app.marks.is_empty());
+    // The reclaim view.
+    press(&mut j, Layer::Tree, "reclaim");
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    check(&mut j, "reclaim");
+    press(&mut j, Layer::Reclaim, "mark");
+    assert_eq!(j.app.marks.len(), 1);
+    press(&mut j, Layer::Reclaim, "clear_marks");
+    press(&mut j, Layer::Reclaim, "close");
+    assert!(j.in_tree());
+    // N clones: the count field.
+    goto(&mut j, Layer::Tree, "web-2.qcow2");
+    press(&mut j, Layer::Tree, "clone_many");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Clone(d)) if d.on_count));
+    check(&mut j, "clone many");
+    press(&mut j, Layer::Input, "next_field");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Clone(d)) if !d.on_count));
+    press(&mut j, Layer::Input, "cancel");
+    // Delete: its own layer with the confirm layer.
+    goto(&mut j, Layer::Tree, "web-1.qcow2");
+    press(&mut j, Layer::Tree, "delete");
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    check(&mut j, "delete");
+    press(&mut j, Layer::Delete, "for_good");
+    assert!(matches!(&j.app.dialog, Some(Dialog::Delete(d)) if d.for_good));
+    check(&mut j, "delete for good");
+    press(&mut j, Layer::Confirm, "no");
+    assert!(j.in_tree());
+    // Reset: the confirm layer.
+    press(&mut j, Layer::Tree, "reset");
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Reset(_))),
+        "{:?}",
+        j.app.status
+    );
+    check(&mut j, "reset");
+    press(&mut j, Layer::Confirm, "no");
     assert!(j.in_tree());
     // A job, the jobs pane and one job.
     goto(&mut j, Layer::Tree, "base.qcow2");
@@ -1830,6 +1886,842 @@ fn a_small_terminal_keeps_in_use_the_header_details_and_all_of_help() {
         j.screen()
     );
     drop(vm);
+}
+
+// ---- marks, batches, N clones, the reclaim view (issue 12) ----
+
+impl Journey {
+    fn marked_names(&self) -> Vec<String> {
+        self.app
+            .marks
+            .iter()
+            .map(|k| k.file_name().expect("name").to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn row_of(&mut self, name: &str) -> String {
+        let screen = self.screen();
+        screen
+            .lines()
+            .find(|l| l.contains(&format!(" {name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{screen}"))
+            .trim_start_matches('"')
+            .to_string()
+    }
+}
+
+fn batch_dialog(j: &Journey) -> &cowshed::tui::dialog::batch::BatchDialog {
+    match &j.app.dialog {
+        Some(Dialog::Batch(b)) => b,
+        _ => panic!("no batch dialog: {:?}", j.app.status),
+    }
+}
+
+#[test]
+fn marks_survive_filters_and_rescans_and_a_batch_flattens_every_marked_image() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut before = Vec::new();
+    for name in ["web-1.qcow2", "web-2-1.qcow2"] {
+        let copy = scratch.path().join(format!("before-{name}.raw"));
+        std::fs::rename(raw_view(&d.join(name), scratch.path()), &copy).expect("rename");
+        before.push(copy);
+    }
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    // Space marks and moves down; on web-2 it marks, again unmarks.
+    j.key(KeyCode::Char(' '));
+    assert_eq!(j.selected_name(), "web-2.qcow2");
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Up);
+    j.key(KeyCode::Char(' '));
+    assert_eq!(j.marked_names(), ["web-1.qcow2"]);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char(' '));
+    assert_eq!(j.marked_names(), ["web-1.qcow2", "web-2-1.qcow2"]);
+    // In the cursor's cell, on the rows; the header counts them.
+    assert!(j.row_of("web-1.qcow2").starts_with("●"));
+    assert!(j.row_of("web-2-1.qcow2").starts_with("●"));
+    assert!(!j.row_of("web-2.qcow2").starts_with("●"));
+    let screen = j.screen();
+    let header = screen.lines().next().expect("header");
+    let (n, bytes) = j.app.marked_totals();
+    assert_eq!(n, 2);
+    assert!(
+        header.contains(&format!("● 2 marked · {}", view::human(bytes))),
+        "{header}"
+    );
+    // A filter hides one: it stays marked. So does a rescan.
+    j.key(KeyCode::Char('/'));
+    j.chars("web-1");
+    j.key(KeyCode::Enter);
+    assert_eq!(j.app.marked_totals().0, 2);
+    j.key(KeyCode::Esc);
+    j.key(KeyCode::Char('r'));
+    assert_eq!(j.marked_names(), ["web-1.qcow2", "web-2-1.qcow2"]);
+    // `*` marks a whole tree, and again unmarks it.
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('*'));
+    assert_eq!(
+        j.marked_names(),
+        ["web-1.qcow2", "web-2-1.qcow2", "web-2.qcow2"]
+    );
+    j.key(KeyCode::Char('*'));
+    assert_eq!(j.marked_names(), ["web-1.qcow2"]);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char(' '));
+
+    // `f` with marks: one list, whatever is selected.
+    j.select("disk.raw");
+    j.key(KeyCode::Char('f'));
+    let b = batch_dialog(&j);
+    assert_eq!(b.items.len(), 2);
+    assert_eq!(b.accepted(), 2);
+    let screen = j.screen();
+    assert!(screen.contains("flatten 2 marked images?"), "{screen}");
+    assert!(screen.contains("✓ web-1.qcow2"), "{screen}");
+    assert!(screen.contains("✓ web-2-1.qcow2"), "{screen}");
+    j.press(KeyCode::Char('y'));
+    assert!(j.in_tree());
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 2);
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    for (name, copy) in ["web-1.qcow2", "web-2-1.qcow2"].iter().zip(&before) {
+        let info = qemu_info(&d.join(name));
+        assert!(info.get("backing-filename").is_none(), "{name}: {info}");
+        assert_same_content(&d.join(name), copy);
+        assert_check_clean(&d.join(name));
+    }
+    // Done with: their marks went.
+    assert!(j.app.marks.is_empty());
+}
+
+#[test]
+fn a_batch_lists_an_image_a_qemu_holds_as_skipped_and_runs_the_rest() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-2-1.qcow2"), scratch.path());
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let held = std::fs::read(d.join("web-1.qcow2")).expect("read");
+    let mut j = Journey::start(d);
+    // The catalog has seen the lock before anything is asked.
+    let web1 = j
+        .app
+        .forest
+        .get(&d.join("web-1.qcow2").canonicalize().expect("canonical"))
+        .expect("web-1 scanned");
+    assert_eq!(
+        j.app.forest.nodes[web1].record.lock,
+        cowshed::engine::LockState::Writer
+    );
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char(' '));
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Char('f'));
+    assert_eq!(batch_dialog(&j).accepted(), 1);
+    let screen = j.screen();
+    assert!(screen.contains("1 skipped, with the reason"), "{screen}");
+    let skipped = screen
+        .lines()
+        .position(|l| l.contains("– web-1.qcow2"))
+        .unwrap_or_else(|| panic!("web-1 not listed as skipped:\n{screen}"));
+    // The reason names the holder (it may wrap onto the next line).
+    let reason: String = screen.lines().skip(skipped).take(3).collect();
+    assert!(
+        reason.contains(&format!("pid {}", vm.pid())) && reason.contains("qemu-io"),
+        "{screen}"
+    );
+    assert!(screen.contains("y/Enter flatten 1"), "{screen}");
+    j.press(KeyCode::Enter);
+    assert!(
+        status_text(&j).contains("1 image skipped"),
+        "{}",
+        status_text(&j)
+    );
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 1, "one job, for the image nobody holds");
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Done);
+    let info = qemu_info(&d.join("web-2-1.qcow2"));
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    assert_same_content(&d.join("web-2-1.qcow2"), &before);
+    // The held image: untouched, and still marked.
+    assert_eq!(std::fs::read(d.join("web-1.qcow2")).expect("read"), held);
+    assert_eq!(j.marked_names(), ["web-1.qcow2"]);
+    drop(vm);
+}
+
+#[test]
+fn a_batch_with_nothing_to_do_says_so_and_cancelling_changes_nothing() {
+    let dir = fleet();
+    let d = dir.path();
+    let files = ["base.qcow2", "disk.raw", "orphan.qcow2"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|n| std::fs::read(d.join(n)).expect("read"))
+        .collect();
+    let mut j = Journey::start(d);
+    for name in files {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    // Nothing to commit into, a raw image, a missing backing.
+    j.key(KeyCode::Char('m'));
+    let b = batch_dialog(&j);
+    assert_eq!((b.items.len(), b.accepted()), (3, 0));
+    j.key(KeyCode::Char('y'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Batch(_))));
+    assert!(status_text(&j).contains("nothing to commit"));
+    j.key(KeyCode::Esc);
+    assert!(j.in_tree());
+    assert!(j.app.jobs.is_empty());
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|n| std::fs::read(d.join(n)).expect("read"))
+        .collect();
+    assert!(before == after, "an image changed");
+    assert_eq!(j.app.marks.len(), 3);
+    j.key(KeyCode::Char('u'));
+    assert!(j.app.marks.is_empty());
+}
+
+#[test]
+fn a_batch_convert_asks_once_and_never_replaces_a_file() {
+    let dir = fleet();
+    let d = dir.path();
+    // web-2's new name is taken by an image of its own.
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "web-2-copy.qcow2", "1M"],
+        d,
+    );
+    let taken = std::fs::read(d.join("web-2-copy.qcow2")).expect("read");
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('v'));
+    assert!(matches!(&j.app.dialog, Some(Dialog::Convert(c)) if c.batch.len() == 2));
+    // The suffix: -conv becomes -copy.
+    for _ in 0..4 {
+        j.key(KeyCode::Backspace);
+    }
+    j.chars("copy");
+    j.key(KeyCode::Enter);
+    let b = batch_dialog(&j);
+    assert_eq!(b.accepted(), 1);
+    let screen = j.screen();
+    assert!(screen.contains("→ web-1-copy.qcow2"), "{screen}");
+    assert!(screen.contains("web-2-copy.qcow2 exists"), "{screen}");
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 1);
+    assert_eq!(j.app.jobs[0].state, cowshed::jobs::JobState::Done);
+    assert_same_content(&d.join("web-1-copy.qcow2"), &d.join("web-1.qcow2"));
+    assert_check_clean(&d.join("web-1-copy.qcow2"));
+    assert_eq!(
+        std::fs::read(d.join("web-2-copy.qcow2")).expect("read"),
+        taken
+    );
+}
+
+#[test]
+fn a_batch_rebase_moves_every_marked_overlay_onto_the_picked_base() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base2.qcow2", "64M"],
+        d,
+    );
+    run("qemu-io", &["-c", "write -P 7 0 3M", "base2.qcow2"], d);
+    let mut before = Vec::new();
+    for name in ["web-1.qcow2", "web-2.qcow2"] {
+        let copy = scratch.path().join(format!("before-{name}.raw"));
+        std::fs::rename(raw_view(&d.join(name), scratch.path()), &copy).expect("rename");
+        before.push(copy);
+    }
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('b'));
+    assert!(matches!(&j.app.dialog, Some(Dialog::Pick(p)) if p.batch.len() == 2));
+    // A typed path is refused in a batch: the tree picks.
+    j.key(KeyCode::Char('t'));
+    assert!(matches!(&j.app.dialog, Some(Dialog::Pick(p)) if p.typed.is_none()));
+    j.select("base2.qcow2");
+    j.key(KeyCode::Enter);
+    let b = batch_dialog(&j);
+    assert_eq!(b.accepted(), 2);
+    assert!(!b.unsafe_mode);
+    assert!(j.screen().contains("→ base2.qcow2 (safe)"));
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    for (name, copy) in ["web-1.qcow2", "web-2.qcow2"].iter().zip(&before) {
+        let info = qemu_info(&d.join(name));
+        assert_eq!(info["backing-filename"], "base2.qcow2", "{name}");
+        assert_eq!(info["backing-filename-format"], "qcow2", "{name}");
+        assert_same_content(&d.join(name), copy);
+        assert_check_clean(&d.join(name));
+    }
+}
+
+#[test]
+fn n_clones_at_once_are_numbered_past_names_that_exist() {
+    let dir = fleet();
+    let d = dir.path();
+    // base-02 exists (an unrelated image): it is passed over, untouched.
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base-02.qcow2", "1M"],
+        d,
+    );
+    let kept = std::fs::read(d.join("base-02.qcow2")).expect("read");
+    let mut j = Journey::start(d);
+    j.select("base.qcow2");
+    // `N`, a number, Enter: the prefix is proposed.
+    j.key(KeyCode::Char('N'));
+    j.chars("3");
+    assert!(j
+        .screen()
+        .contains("3 clones, base-01.qcow2 … base-03.qcow2"));
+    j.press(KeyCode::Enter);
+    assert!(j.in_tree());
+    let text = status_text(&j);
+    assert!(
+        text.contains("base-01.qcow2 … base-04.qcow2") && text.contains("base-02.qcow2 exists"),
+        "{text}"
+    );
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 3);
+    for name in ["base-01.qcow2", "base-03.qcow2", "base-04.qcow2"] {
+        let info = qemu_info(&d.join(name));
+        assert_eq!(info["backing-filename"], "base.qcow2", "{name}");
+        assert_eq!(info["backing-filename-format"], "qcow2", "{name}");
+        assert_same_content(&d.join(name), &d.join("base.qcow2"));
+    }
+    assert_eq!(std::fs::read(d.join("base-02.qcow2")).expect("read"), kept);
+    // The count field of `C`, with a prefix of one's own.
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('C'));
+    j.chars("db-");
+    j.key(KeyCode::Tab);
+    j.chars("x2");
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    for name in ["db-01.qcow2", "db-02.qcow2"] {
+        let info = qemu_info(&d.join(name));
+        assert_eq!(info["backing-filename"], "web-2.qcow2", "{name}");
+    }
+    assert!(!d.join("db-03.qcow2").exists());
+    // A count out of range is refused with the reason.
+    j.key(KeyCode::Char('N'));
+    j.chars("1000");
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.dialog, Some(Dialog::Clone(_))));
+    assert!(
+        status_text(&j).contains("from 1 to 999"),
+        "{}",
+        status_text(&j)
+    );
+    j.key(KeyCode::Esc);
+}
+
+/// Sets the last write of `name` to `days` ago.
+fn written_days_ago(dir: &Path, name: &str, days: u64) {
+    let when = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(name))
+        .and_then(|f| f.set_modified(when))
+        .expect("set mtime");
+}
+
+#[test]
+fn the_reclaim_view_lists_what_nothing_uses_by_size_times_age() {
+    let dir = fleet();
+    let d = dir.path();
+    for (name, days) in [
+        ("web-1.qcow2", 1),
+        ("web-2-1.qcow2", 300),
+        ("orphan.qcow2", 10),
+        ("disk.raw", 2),
+    ] {
+        written_days_ago(d, name, days);
+    }
+    let mut j = Journey::start(d);
+    // The order the pure function gives, from the sizes the scan saw.
+    let expected: Vec<String> =
+        cowshed::tui::reclaim::candidates(&j.app.forest, std::time::SystemTime::now())
+            .iter()
+            .map(|c| {
+                c.key
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+    j.key(KeyCode::Char('D'));
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    let listed: Vec<String> = j
+        .app
+        .reclaim
+        .rows
+        .iter()
+        .map(|c| {
+            c.key
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    // Bases with overlays are not listed; the oldest overlay leads (its
+    // 196 KiB for 300 days outweigh web-1's 1.3 MiB for one).
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["disk.raw", "orphan.qcow2", "web-1.qcow2", "web-2-1.qcow2"]
+    );
+    assert_eq!(listed[0], "web-2-1.qcow2");
+    let screen = j.screen();
+    assert!(screen.contains("300 d ago"), "{screen}");
+    let total: u64 = j.app.reclaim.rows.iter().map(|c| c.allocated).sum();
+    assert!(
+        screen.contains(&format!("4 images · {} in all", view::human(total))),
+        "{screen}"
+    );
+    // Space marks and moves on; `*` marks the whole list, again unmarks.
+    j.key(KeyCode::Char(' '));
+    assert_eq!(j.app.reclaim.selected, 1);
+    assert_eq!(j.marked_names(), ["web-2-1.qcow2"]);
+    assert!(j.screen().contains("● 1 marked"));
+    j.key(KeyCode::Char('*'));
+    assert_eq!(j.app.marks.len(), 4);
+    j.key(KeyCode::Char('*'));
+    assert!(j.app.marks.is_empty());
+    // Without marks the view's delete would take the selected row.
+    assert_eq!(j.app.reclaim_targets(), [j.app.reclaim.rows[1].id]);
+    j.key(KeyCode::Char(' '));
+    assert_eq!(j.app.reclaim_targets(), [j.app.reclaim.rows[1].id]);
+    // A QEMU takes an image: it leaves the list, the selection stays.
+    let vm = Holder::start(d, "disk.raw", true);
+    let selected = j.app.reclaim.selected_key().cloned();
+    j.app.update(Event::Input(CtEvent::Key(KeyEvent::new(
+        KeyCode::Char('r'),
+        KeyModifiers::NONE,
+    ))));
+    j.settle();
+    assert_eq!(j.app.reclaim.rows.len(), 3);
+    assert!(!j
+        .app
+        .reclaim
+        .rows
+        .iter()
+        .any(|c| c.key.ends_with("disk.raw")));
+    assert_eq!(j.app.reclaim.selected_key().cloned(), selected);
+    drop(vm);
+    // The marks stay when the view closes.
+    j.key(KeyCode::Esc);
+    assert!(j.in_tree());
+    assert_eq!(j.marked_names(), [listed[1].clone()]);
+}
+
+#[test]
+fn a_batch_commit_into_a_shared_base_asks_for_yes_and_runs_one_job_per_overlay() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    run("qemu-io", &["-c", "write -P 5 8M 1M", "web-2-1.qcow2"], d);
+    // Afterwards base holds web-1's data and web-2 holds web-2-1's: every
+    // image of the tree reads web-1's old view with web-2-1's write on it,
+    // web-1 alone reads just its old view (this is what the warning says).
+    let web1 = scratch.path().join("web-1.raw");
+    std::fs::rename(raw_view(&d.join("web-1.qcow2"), scratch.path()), &web1).expect("rename");
+    let both = raw_view(&d.join("web-1.qcow2"), scratch.path());
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 5 8M 1M",
+            &both.display().to_string(),
+        ],
+        d,
+    );
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2-1.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('m'));
+    let b = batch_dialog(&j);
+    assert_eq!(b.accepted(), 2);
+    // web-1's base has other overlays: the word yes is asked for.
+    assert!(b.needs_typed_yes());
+    assert!(j.screen().contains("2 other overlays of it change"));
+    j.key(KeyCode::Enter);
+    assert!(j.app.jobs.is_empty() && batch_dialog(&j).nudge);
+    j.chars("yes");
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 2);
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    assert_same_content(&d.join("web-1.qcow2"), &web1);
+    assert_same_content(&d.join("web-2-1.qcow2"), &both);
+    assert_same_content(&d.join("web-2.qcow2"), &both);
+    for name in ["base.qcow2", "web-2.qcow2", "web-1.qcow2", "web-2-1.qcow2"] {
+        assert_check_clean(&d.join(name));
+    }
+}
+
+// ---- the lifecycle: delete, stream out, reset (issue 12) ----
+
+/// The items in the trash of `dir`.
+fn trash_items(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join(".cowshed-trash"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn delete_moves_into_the_trash_by_default_and_for_good_with_a_key() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.select("web-2-1.qcow2");
+    j.key(KeyCode::Char('d'));
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Delete(_))),
+        "{:?}",
+        j.app.status
+    );
+    let screen = j.screen();
+    assert!(
+        screen.contains("Move web-2-1.qcow2 to the trash") && screen.contains("frees"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(!d.join("web-2-1.qcow2").exists());
+    let items = trash_items(d);
+    assert!(
+        items.len() == 1 && items[0].ends_with("-web-2-1.qcow2"),
+        "{items:?}"
+    );
+    // Gone from the tree, and a rescan does not find it in the trash.
+    assert!(!j.visible_names().contains(&"web-2-1.qcow2".to_string()));
+    j.key(KeyCode::Char('r'));
+    assert!(!j.visible_names().contains(&"web-2-1.qcow2".to_string()));
+
+    // For good: `f` switches, the dialog says so, no trash item is made.
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('d'));
+    j.key(KeyCode::Char('f'));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Delete web-1.qcow2 for good") && screen.contains("cannot be undone"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert!(!d.join("web-1.qcow2").exists());
+    assert_eq!(trash_items(d), items);
+    assert!(!j.visible_names().contains(&"web-1.qcow2".to_string()));
+    // The base's other overlay is untouched.
+    assert_check_clean(&d.join("web-2.qcow2"));
+}
+
+#[test]
+fn delete_refuses_before_asking_what_the_catalog_knows() {
+    let dir = fleet();
+    let d = dir.path();
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let mut j = Journey::start(d);
+    for key in ['d', 'R'] {
+        j.select("web-1.qcow2");
+        j.key(KeyCode::Char(key));
+        assert!(j.in_tree(), "{key}: a dialog opened");
+        let text = status_text(&j);
+        assert!(
+            text.contains(&format!("pid {}", vm.pid())) && text.contains("qemu-io"),
+            "{key}: {text}"
+        );
+    }
+    drop(vm);
+    j.key(KeyCode::Char('r'));
+    // Several images with a dependent left out: refused, naming it.
+    let f = &j.app.forest;
+    let id = |name: &str| {
+        f.nodes
+            .iter()
+            .position(|n| n.record.path == d.join(name))
+            .expect(name)
+    };
+    let err = DeleteDialog::open(f, &[id("base.qcow2"), id("web-1.qcow2")], &[])
+        .err()
+        .expect("refused");
+    assert!(err.contains("web-2.qcow2"), "{err}");
+    assert!(j.app.jobs.is_empty());
+}
+
+#[test]
+fn delete_of_many_goes_leaves_first_one_job_each() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    let ids: Vec<usize> = ["web-2.qcow2", "web-2-1.qcow2"]
+        .iter()
+        .map(|n| {
+            j.app
+                .forest
+                .nodes
+                .iter()
+                .position(|x| x.record.path == d.join(n))
+                .expect(n)
+        })
+        .collect();
+    let dialog = DeleteDialog::open(&j.app.forest, &ids, &[d.to_path_buf()]).expect("plan");
+    let order: Vec<String> = dialog
+        .plan
+        .items
+        .iter()
+        .map(|i| i.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(order, ["web-2-1.qcow2", "web-2.qcow2"]);
+    j.app.dialog = Some(Dialog::Delete(dialog));
+    let screen = j.screen();
+    assert!(screen.contains("Move 2 images to the trash"), "{screen}");
+    j.press(KeyCode::Char('f'));
+    j.press(KeyCode::Enter);
+    assert_eq!(j.app.jobs.len(), 2);
+    j.run_jobs();
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    assert!(!d.join("web-2.qcow2").exists() && !d.join("web-2-1.qcow2").exists());
+    assert!(trash_items(d).is_empty());
+    assert_eq!(
+        j.visible_names(),
+        ["base.qcow2", "web-1.qcow2", "disk.raw", "orphan.qcow2"]
+    );
+}
+
+#[test]
+fn delete_with_stream_rebases_the_dependents_onto_its_backing_first() {
+    let dir = fleet();
+    let d = dir.path();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-2-1.qcow2"), scratch.path());
+    let mut j = Journey::start(d);
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('d'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    let screen = j.screen();
+    assert!(
+        screen.contains("web-2-1.qcow2 uses it as") && screen.contains("s stream out"),
+        "{screen}"
+    );
+    // Deleting it alone would break web-2-1: refused, the dialog stays.
+    j.key(KeyCode::Char('y'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Delete(_))));
+    assert!(
+        status_text(&j).contains("stream it out"),
+        "{}",
+        status_text(&j)
+    );
+    assert!(j.app.jobs.is_empty());
+    j.key(KeyCode::Char('s'));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Stream it out: first its dependent web-2-1.qcow2 is rebased"),
+        "{screen}"
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(!d.join("web-2.qcow2").exists());
+    assert_eq!(trash_items(d).len(), 1);
+    let info = qemu_info(&d.join("web-2-1.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_same_content(&d.join("web-2-1.qcow2"), &before);
+    assert_check_clean(&d.join("web-2-1.qcow2"));
+    // The tree shows it on the base now.
+    let f = &j.app.forest;
+    let id = f
+        .nodes
+        .iter()
+        .position(|n| n.record.path == d.join("web-2-1.qcow2"))
+        .expect("still there");
+    let parent = f.nodes[id].parent.expect("a parent");
+    assert_eq!(f.nodes[parent].record.path, d.join("base.qcow2"));
+}
+
+#[test]
+fn reset_asks_then_gives_the_overlay_its_base_back() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.select("base.qcow2");
+    j.key(KeyCode::Char('R'));
+    assert!(j.in_tree());
+    assert!(
+        status_text(&j).contains("cannot reset base.qcow2: it has no backing file"),
+        "{}",
+        status_text(&j)
+    );
+    j.select("web-2.qcow2");
+    j.key(KeyCode::Char('R'));
+    assert!(j.in_tree());
+    assert!(
+        status_text(&j).contains("web-2-1.qcow2"),
+        "{}",
+        status_text(&j)
+    );
+
+    j.select("web-1.qcow2");
+    let before = std::fs::read(d.join("web-1.qcow2")).expect("read");
+    j.key(KeyCode::Char('R'));
+    assert!(matches!(j.app.dialog, Some(Dialog::Reset(_))));
+    let screen = j.screen();
+    assert!(
+        screen.contains("Reset web-1.qcow2") && screen.contains("lost for good"),
+        "{screen}"
+    );
+    j.key(KeyCode::Char('n'));
+    assert!(j.in_tree());
+    assert_eq!(std::fs::read(d.join("web-1.qcow2")).expect("read"), before);
+    j.key(KeyCode::Char('R'));
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert_same_content(&d.join("web-1.qcow2"), &d.join("base.qcow2"));
+    assert_check_clean(&d.join("web-1.qcow2"));
+    let info = qemu_info(&d.join("web-1.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+}
+
+#[test]
+fn the_reclaim_view_deletes_its_marked_images_into_the_trash() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    j.key(KeyCode::Char('D'));
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    let picked: Vec<String> = j.app.reclaim.rows[..2]
+        .iter()
+        .map(|c| {
+            c.key
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Char(' '));
+    j.key(KeyCode::Char('d'));
+    assert!(
+        matches!(&j.app.dialog, Some(Dialog::Delete(dd)) if dd.plan.items.len() == 2),
+        "{:?}",
+        j.app.status
+    );
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    // Both went into the trash, lost their marks, and left the list; the
+    // view is still open.
+    let items = trash_items(d);
+    for name in &picked {
+        assert!(!d.join(name).exists(), "{name} is still there");
+        assert!(
+            items.iter().any(|i| i.ends_with(&format!("-{name}"))),
+            "{items:?}"
+        );
+    }
+    assert!(j.app.marks.is_empty());
+    assert_eq!(j.app.mode, Mode::Reclaim);
+    assert!(j
+        .app
+        .reclaim
+        .rows
+        .iter()
+        .all(|c| !picked.iter().any(|n| c.key.ends_with(n))));
+}
+
+#[test]
+fn a_batch_reset_gives_every_marked_overlay_its_base_back_and_skips_a_base() {
+    let dir = fleet();
+    let d = dir.path();
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "web-2-1.qcow2", "base.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char(' '));
+    }
+    j.key(KeyCode::Char('R'));
+    let Some(Dialog::Batch(b)) = &j.app.dialog else {
+        panic!("no batch: {:?}", j.app.status)
+    };
+    assert_eq!(b.accepted(), 2);
+    let screen = j.screen();
+    assert!(screen.contains("no backing file"), "{screen}");
+    j.press(KeyCode::Char('y'));
+    j.run_jobs();
+    assert_eq!(j.app.jobs.len(), 2);
+    for job in &j.app.jobs {
+        assert_eq!(job.state, cowshed::jobs::JobState::Done, "{}", job.label);
+    }
+    // Each now reads exactly what its backing reads.
+    assert_same_content(&d.join("web-1.qcow2"), &d.join("base.qcow2"));
+    assert_same_content(&d.join("web-2-1.qcow2"), &d.join("web-2.qcow2"));
+    for name in ["web-1.qcow2", "web-2-1.qcow2"] {
+        assert_check_clean(&d.join(name));
+    }
+    // The skipped base stays marked.
+    assert_eq!(j.marked_names(), ["base.qcow2"]);
 }
 
 #[test]

@@ -141,6 +141,25 @@ impl Stage {
         self.settle()
     }
 
+    /// Make `name` look last written `days` ago: the reclaim view's ages
+    /// then read the same on every run (a file made seconds ago would not).
+    pub fn written_days_ago(&mut self, name: &str, days: u64) -> Result<(), String> {
+        let path = self
+            .app
+            .forest
+            .nodes
+            .iter()
+            .find(|n| cowshed::tui::app::file_name(&n.record.path) == name)
+            .map(|n| n.record.path.clone())
+            .ok_or_else(|| format!("no image {name}"))?;
+        let when = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(when))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn draw(&mut self) -> Result<Buffer, String> {
         self.term
             .draw(|f| view::draw(&self.app, f))
@@ -186,6 +205,31 @@ pub fn all(stage: &mut Stage) -> Result<Vec<(&'static str, Buffer)>, String> {
         stage.key(code)?;
     }
     shots.push(("convert", stage.draw()?));
+    stage.key(KeyCode::Esc)?;
+    // A batch: three marked images, one of which cannot be flattened.
+    for name in ["web-1.qcow2", "db-1-1-1.qcow2", "orphan.qcow2"] {
+        stage.select(name)?;
+        stage.key(KeyCode::Char(' '))?;
+    }
+    stage.key(KeyCode::Char('f'))?;
+    shots.push(("batch", stage.draw()?));
+    stage.key(KeyCode::Esc)?;
+    stage.key(KeyCode::Char('u'))?;
+    // The reclaim view, with ages set and two images marked in it.
+    for (name, days) in [
+        ("web-1.qcow2", 2),
+        ("web-2-1.qcow2", 1),
+        ("db-1-1-1.qcow2", 45),
+        ("win11.raw", 120),
+        ("orphan.qcow2", 400),
+    ] {
+        stage.written_days_ago(name, days)?;
+    }
+    stage.key(KeyCode::Char('r'))?;
+    stage.key(KeyCode::Char('D'))?;
+    stage.key(KeyCode::Char(' '))?;
+    stage.key(KeyCode::Char(' '))?;
+    shots.push(("reclaim", stage.draw()?));
     stage.key(KeyCode::Esc)?;
     Ok(shots)
 }

@@ -35,10 +35,6 @@ pub enum ScanEvent {
     Done,
 }
 
-/// Unrecognised files count as raw images only with these extensions: a
-/// raw image has no magic, and most files are not images.
-const RAW_EXTENSIONS: &[&str] = &["raw", "img"];
-
 /// Scan `roots` recursively with `threads` probing threads, sending events
 /// to `tx` and ending with [`ScanEvent::Done`]. Blocks until done; run it on
 /// a thread of its own to stream.
@@ -69,7 +65,12 @@ pub fn scan(roots: &[PathBuf], threads: usize, tx: &Sender<ScanEvent>) {
         drop(work_rx);
         let mut seen = HashSet::new();
         for root in roots {
-            for entry in walkdir::WalkDir::new(root).follow_links(true) {
+            // The trash holds deleted images: they are gone from the tree.
+            let walk = walkdir::WalkDir::new(root)
+                .follow_links(true)
+                .into_iter()
+                .filter_entry(|e| !crate::engine::trash::is_trash_name(e.file_name()));
+            for entry in walk {
                 let entry = match entry {
                     Ok(e) => e,
                     Err(e) => {
@@ -161,7 +162,7 @@ pub fn classify(path: &Path) -> Result<Found, String> {
         },
     };
     if let Some(s) = &summary {
-        if s.format == Format::Raw && !has_raw_extension(path) {
+        if s.format == Format::Raw && !crate::engine::format::named_like_an_image(path) {
             return other(
                 "not a disk image cowshed recognises (no image header; raw images are \
                  named .raw or .img)"
@@ -198,10 +199,4 @@ pub fn classify(path: &Path) -> Result<Found, String> {
 fn is_hidden(path: &Path) -> bool {
     path.file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-}
-
-fn has_raw_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| RAW_EXTENSIONS.iter().any(|r| e.eq_ignore_ascii_case(r)))
 }

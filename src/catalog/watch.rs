@@ -382,6 +382,10 @@ impl State {
     /// Something happened at `path` (a file or a directory).
     fn touch(&mut self, path: &Path) {
         self.touches.fetch_add(1, Ordering::Relaxed);
+        // An image moved into the trash is gone, not new.
+        if crate::engine::trash::in_trash(path) {
+            return;
+        }
         match fs::metadata(path) {
             Err(_) => self.gone(path),
             // Walking a directory opens it, which inotify reports as an
@@ -455,7 +459,11 @@ impl State {
 
     /// Walk a directory for files; `report` false learns silently.
     fn walk(&mut self, dir: &Path, report: bool) {
-        for entry in walkdir::WalkDir::new(dir).follow_links(true) {
+        let walk = walkdir::WalkDir::new(dir)
+            .follow_links(true)
+            .into_iter()
+            .filter_entry(|e| !crate::engine::trash::is_trash_name(e.file_name()));
+        for entry in walk {
             let Ok(entry) = entry else { continue };
             let Ok(m) = entry.metadata() else { continue };
             if m.is_dir() {

@@ -4,6 +4,7 @@
 
 mod check;
 mod commit;
+mod compare;
 mod convert;
 mod create;
 mod demo;
@@ -13,7 +14,11 @@ mod measure;
 mod mv;
 mod progress;
 mod rebase;
+mod reset;
+mod resize;
+mod rm;
 mod shell;
+mod trash;
 mod tree;
 
 pub use demo::build_fleet_in as build_demo_fleet;
@@ -61,6 +66,10 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Compare the guest data of two images (like `qemu-img compare`):
+    /// exit 0 when they read the same, 1 when they differ (naming the first
+    /// differing offset), 2-4 on errors.
+    Compare(compare::CompareArgs),
     /// Change an image's backing file (like `qemu-img rebase`): safe mode
     /// copies what differs so the guest view is kept; -u changes the header
     /// only; -b "" flattens.
@@ -86,6 +95,29 @@ pub enum Command {
     /// FILE's directory. -F is required with a non-empty -b, as in QEMU 10.
     /// FILE is refused while a running QEMU holds it.
     Rebase(rebase::RebaseArgs),
+    /// Delete images that no other image uses as its backing file. Deletes
+    /// for good by default; --trash moves them into `.cowshed-trash/` in
+    /// their directory instead (the TUI's default), where `cowshed trash`
+    /// lists, restores and empties them.
+    ///
+    /// Before anything is deleted, every FILE is checked: it is an image,
+    /// no QEMU holds it (its writer locks are taken and held until it is
+    /// gone), and no image in its directory or under the --roots uses it as
+    /// backing file (images named in the same command do not count: they
+    /// go too, leaves first). One refusal, naming the dependents or the
+    /// holder, and nothing is deleted (exit 1).
+    Rm(rm::RmArgs),
+    /// Throw away an overlay's own changes: a fresh empty overlay with the
+    /// same backing name and format, size and options replaces it
+    /// atomically. Refused while a QEMU holds it, and for an image without
+    /// backing, with dependents, internal snapshots, bitmaps or an external
+    /// data file.
+    Reset(reset::ResetArgs),
+    /// The trash of `rm --trash` and the TUI's delete: list, restore, empty.
+    Trash(trash::TrashArgs),
+    /// Change an image's virtual size (like `qemu-img resize`): +SIZE,
+    /// -SIZE or SIZE; shrinking needs --shrink.
+    Resize(resize::ResizeArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -164,8 +196,13 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
+        Command::Resize(a) => resize::run(a),
         Command::Create(a) => create::run(a),
+        Command::Rm(a) => rm::run(a),
+        Command::Reset(a) => reset::run(a),
+        Command::Trash(a) => trash::run(a),
         Command::Tree(a) => tree::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Mv(a) => mv::run(a),
@@ -177,8 +214,8 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
 }
 
 /// The first root, when it is no directory but a word that looks like a
-/// command (`cowshed resize x.qcow2 +1G`): the user meant a subcommand,
-/// and "resize: no such file or directory" would not say so.
+/// command (`cowshed grow x.qcow2 +1G`): the user meant a subcommand,
+/// and "grow: no such file or directory" would not say so.
 fn mistyped_command(roots: &[std::path::PathBuf]) -> Option<String> {
     let first = roots.first()?.to_str()?;
     let looks_like_a_command = first.chars().next().is_some_and(|c| c.is_ascii_lowercase())

@@ -104,9 +104,11 @@ pub fn find_dependents_of_any(targets: &[&Path], scope: &Scope) -> Result<Vec<(u
         }
     }
     for root in &scope.roots {
+        // Images in the trash are deleted: they depend on nothing.
         for entry in walkdir::WalkDir::new(root)
             .follow_links(true)
             .into_iter()
+            .filter_entry(|e| !super::trash::is_trash_name(e.file_name()))
             .flatten()
         {
             if let Ok(m) = entry.metadata() {

@@ -37,6 +37,7 @@
 //!   `writer.l2_table.before_link`, `writer.refblock.before_link`,
 //!   `writer.reftable.before_switch`/`.switched`,
 //!   `writer.l1.before_switch`/`.switched`, `writer.backing.before_switch`,
+//!   `writer.shrink.discarded`/`.l1_cut`/`.resized`,
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
@@ -49,6 +50,12 @@
 //!   `mv.rewrite.repoint` (each backing name re-pointed), `mv.removed`
 //!   (each file of SRC unlinked), `mv.rewrite.final` (each moved image's
 //!   final name), `mv.rollback` (each step of undoing a cancelled move);
+//! - `rm`: `rm.stream.rebased` (each dependent rebased onto the streamed
+//!   image's backing), `rm.before_unlink` (each image, before it is
+//!   deleted or moved into the trash); the trash: `trash.before_rename`
+//!   (record written, image not yet moved in), `trash.restored`;
+//! - `reset.before_rename` (the fresh image is written and flushed beside
+//!   the old one), `reset.renamed`;
 //! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
 
 /// Whether points do anything in this build.

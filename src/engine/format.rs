@@ -123,6 +123,17 @@ pub fn detect(head: &[u8]) -> Format {
     Format::Raw
 }
 
+/// Unrecognised files count as raw images only with these extensions: a
+/// raw image has no magic, and most files are not images.
+pub const RAW_EXTENSIONS: &[&str] = &["raw", "img"];
+
+/// Is a file that probes as raw named like a raw disk image?
+pub fn named_like_an_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| RAW_EXTENSIONS.iter().any(|r| e.eq_ignore_ascii_case(r)))
+}
+
 /// Read at most [`PROBE_BYTES`] from `file` and classify them.
 pub fn probe_file(file: &File, path: &Path) -> Result<Format> {
     let mut head = [0u8; PROBE_BYTES];

@@ -1,6 +1,7 @@
 //! The shared engine: everything that touches an image's bytes. Sync Rust,
 //! no UI, no global state. The CLI and the TUI are shells around it.
 
+pub mod buf;
 pub mod chain;
 pub mod dependents;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod qcow2;
 pub mod raw;
 pub mod space;
+pub mod trash;
 
 pub use chain::{BlockStatus, Chain};
 pub use error::{Error, Result};
@@ -29,4 +31,6 @@ pub use ops::map::map;
 pub use ops::measure::{measure, Measure, MeasureOptions, MeasureSource};
 pub use ops::move_image::{move_image, MoveOptions, MoveReport};
 pub use ops::rebase::{rebase, rebase_space_needed, RebaseOptions};
+pub use ops::remove::{remove, Removal, RemoveOptions};
+pub use ops::reset::{reset, ResetOptions};
 pub use progress::{Cancel, Progress};

@@ -4,7 +4,7 @@
 //! as events. Keys are routed through the key table's layers: to the open
 //! dialog (`dialog/`), else to the mode's own handling.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use super::config::Config;
 use super::dialog::{self, Ctx, Dialog, JobSpec, Outcome};
 use super::event::Event;
 use super::keymap::{Action, Hint, Key, Keymap, Layer};
+use super::reclaim::ReclaimView;
 use super::rows::{build_rows, relative_to_roots, RowOptions};
 use super::theme::Theme;
 use super::view;
@@ -53,6 +54,8 @@ pub enum Mode {
     Help(usize),
     /// The log, scrolled this many lines from its start.
     Log(usize),
+    /// The reclaim view (`D`), its state in [`App::reclaim`].
+    Reclaim,
 }
 
 impl Mode {
@@ -64,6 +67,7 @@ impl Mode {
             Mode::Job(_) => Layer::Job,
             Mode::Help(_) => Layer::Help,
             Mode::Log(_) => Layer::Log,
+            Mode::Reclaim => Layer::Reclaim,
         }
     }
 }
@@ -235,6 +239,13 @@ pub struct App {
     /// mouse hits).
     pub area: Rect,
     pub quit: bool,
+    /// Marked images, by key: `f`, `v`, `m`, `b` (and whatever acts on
+    /// [`App::targets`]) act on all of them. Kept across rescans and
+    /// filters; images that vanish lose theirs.
+    pub marks: BTreeSet<PathBuf>,
+    /// The reclaim view's list and selection, built when it opens and on
+    /// every new forest while it is open.
+    pub reclaim: ReclaimView,
 
     selected_key: Option<PathBuf>,
     details_wanted: Option<PathBuf>,
@@ -292,6 +303,8 @@ impl App {
             log: Vec::new(),
             area,
             quit: false,
+            marks: BTreeSet::new(),
+            reclaim: ReclaimView::default(),
             selected_key: None,
             details_wanted: None,
             details_stamp: None,
@@ -348,6 +361,55 @@ impl App {
         self.rows.get(self.selected).map(|r| r.id)
     }
 
+    /// The images an action applies to: every marked image still in the
+    /// forest (in path order), or else the selected one.
+    pub fn targets(&self) -> Vec<NodeId> {
+        let marked: Vec<NodeId> = self
+            .marks
+            .iter()
+            .filter_map(|k| self.forest.get(k))
+            .collect();
+        if marked.is_empty() {
+            self.selected_node().into_iter().collect()
+        } else {
+            marked
+        }
+    }
+
+    /// What the reclaim view's delete acts on: its marked images, or else
+    /// the one selected in it (marks elsewhere in the tree are not the
+    /// view's to delete).
+    pub fn reclaim_targets(&self) -> Vec<NodeId> {
+        let rows = &self.reclaim.rows;
+        let marked: Vec<NodeId> = rows
+            .iter()
+            .filter(|c| self.marks.contains(&c.key))
+            .map(|c| c.id)
+            .collect();
+        if marked.is_empty() {
+            rows.get(self.reclaim.selected)
+                .map(|c| c.id)
+                .into_iter()
+                .collect()
+        } else {
+            marked
+        }
+    }
+
+    /// Marked images still in the forest, and their allocated bytes.
+    pub fn marked_totals(&self) -> (usize, u64) {
+        self.marks
+            .iter()
+            .filter_map(|k| self.forest.get(k))
+            .fold((0, 0), |(n, b), id| {
+                (n + 1, b + self.forest.nodes[id].record.sizes.allocated)
+            })
+    }
+
+    fn has_marks(&self) -> bool {
+        self.marks.iter().any(|k| self.forest.get(k).is_some())
+    }
+
     /// The path to show for an image: relative to the root it was found
     /// under, so the screen says what the operator typed.
     pub fn display_path(&self, p: &Path) -> String {
@@ -402,6 +464,7 @@ impl App {
                 Mode::Job(_) => &[Layer::Job],
                 Mode::Help(_) => &[Layer::Help],
                 Mode::Log(_) => &[Layer::Log],
+                Mode::Reclaim => &[Layer::Reclaim],
             },
         }
     }
@@ -444,6 +507,16 @@ impl App {
                 self.scan_errors = u.errors;
                 self.forest = u.forest;
                 self.totals = totals(&self.forest);
+                // A finished scan or a probe says what is gone: its mark
+                // goes too (a streaming scan has not seen everything yet).
+                if !self.scanning {
+                    let forest = Arc::clone(&self.forest);
+                    self.marks.retain(|k| forest.get(k).is_some());
+                }
+                if self.mode == Mode::Reclaim {
+                    self.reclaim
+                        .rebuild(&self.forest, std::time::SystemTime::now());
+                }
                 // Growth of images that are gone would stay forever.
                 let forest = Arc::clone(&self.forest);
                 self.growth.retain(|k, _| forest.get(k).is_some());
@@ -519,6 +592,10 @@ impl App {
                 if let Some(id) = self.forest.get(&key) {
                     Arc::make_mut(&mut self.forest).nodes[id].record.sizes = sizes;
                     self.totals = totals(&self.forest);
+                    if self.mode == Mode::Reclaim {
+                        self.reclaim
+                            .rebuild(&self.forest, std::time::SystemTime::now());
+                    }
                     if self.sort != SortKey::Name {
                         self.rebuild_rows();
                     }
@@ -664,6 +741,67 @@ impl App {
                     None => {}
                 }
             }
+            Mode::Reclaim => self.reclaim_key(action),
+        }
+    }
+
+    /// Keys of the reclaim view: move, mark (the same marks as the tree's),
+    /// close.
+    fn reclaim_key(&mut self, action: Option<Action>) {
+        let last = self.reclaim.rows.len().saturating_sub(1);
+        let page = view::popup_page(self.area).saturating_sub(3).max(1);
+        if let Some(at) = scrolled(self.reclaim.selected, last, action, page) {
+            self.reclaim.selected = at;
+            return;
+        }
+        match action {
+            Some(Action::Mark) => {
+                if let Some(k) = self.reclaim.selected_key().cloned() {
+                    if !self.marks.remove(&k) {
+                        self.marks.insert(k);
+                    }
+                    self.reclaim.selected = (self.reclaim.selected + 1).min(last);
+                }
+            }
+            Some(Action::MarkTree) => {
+                let keys: Vec<PathBuf> = self.reclaim.rows.iter().map(|c| c.key.clone()).collect();
+                self.toggle_marks(keys);
+            }
+            Some(Action::ClearMarks) => self.clear_marks(),
+            Some(Action::DeleteImage) => {
+                let targets = self.reclaim_targets();
+                if !targets.is_empty() {
+                    let forest = Arc::clone(&self.forest);
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
+            Some(Action::Rescan) => self.tree_action(Action::Rescan),
+            Some(Action::Close) => self.mode = Mode::Tree,
+            _ => {}
+        }
+    }
+
+    /// Mark all of `keys`, or unmark them when all are marked already.
+    fn toggle_marks(&mut self, keys: Vec<PathBuf>) {
+        if keys.iter().all(|k| self.marks.contains(k)) {
+            for k in &keys {
+                self.marks.remove(k);
+            }
+        } else {
+            self.marks.extend(keys);
+        }
+    }
+
+    fn clear_marks(&mut self) {
+        let n = self.marks.len();
+        self.marks.clear();
+        if n > 0 {
+            self.say(Status::info(format!(
+                "{n} mark{} cleared",
+                if n == 1 { "" } else { "s" }
+            )));
         }
     }
 
@@ -679,6 +817,18 @@ impl App {
             Outcome::Submit(spec) => {
                 self.close_dialog();
                 self.submit(spec);
+            }
+            Outcome::SubmitAll { jobs, unmark, say } => {
+                self.close_dialog();
+                for spec in jobs {
+                    self.submit(spec);
+                }
+                for k in &unmark {
+                    self.marks.remove(k);
+                }
+                if let Some(s) = say {
+                    self.say(s);
+                }
             }
             Outcome::Open(d) => {
                 self.close_dialog();
@@ -762,6 +912,59 @@ impl App {
                 self.say(Status::info(format!("sorted by {}", self.sort.name())));
                 self.rebuild_rows();
             }
+            Action::Mark => {
+                if let Some(id) = selected {
+                    let key = forest.nodes[id].record.key.clone();
+                    if !self.marks.remove(&key) {
+                        self.marks.insert(key);
+                    }
+                    self.move_selection(1);
+                }
+            }
+            Action::MarkTree => {
+                if let Some(id) = selected {
+                    let keys = forest
+                        .walk(id)
+                        .into_iter()
+                        .map(|(n, _)| forest.nodes[n].record.key.clone())
+                        .collect();
+                    self.toggle_marks(keys);
+                }
+            }
+            Action::ClearMarks => self.clear_marks(),
+            Action::Reclaim => {
+                self.reclaim = ReclaimView::default();
+                self.reclaim
+                    .rebuild(&self.forest, std::time::SystemTime::now());
+                self.mode = Mode::Reclaim;
+            }
+            Action::CloneMany => {
+                if let Some(id) = selected {
+                    let d = dialog::clone::CloneDialog::open_many(&forest, id).map(Dialog::Clone);
+                    self.open("clone", d);
+                }
+            }
+            // With marks, the batch: one confirm list for all of them.
+            Action::Flatten if self.has_marks() => {
+                let d = dialog::batch::BatchDialog::flatten(&forest, &self.targets());
+                self.open("flatten", Ok(Dialog::Batch(d)));
+            }
+            Action::ResetImage if self.has_marks() => {
+                let d = dialog::batch::BatchDialog::reset(&forest, &self.targets(), &self.roots);
+                self.open("reset", Ok(Dialog::Batch(d)));
+            }
+            Action::Commit if self.has_marks() => {
+                let d = dialog::batch::BatchDialog::commit(&forest, &self.targets());
+                self.open("commit", Ok(Dialog::Batch(d)));
+            }
+            Action::Convert if self.has_marks() => {
+                let d = dialog::convert::ConvertDialog::open_batch(&forest, &self.targets());
+                self.open("convert", d.map(Dialog::Convert));
+            }
+            Action::Rebase if self.has_marks() => {
+                let d = dialog::rebase::Picker::open_batch(&forest, &self.targets());
+                self.open("rebase", d.map(Dialog::Pick));
+            }
             Action::Clone => {
                 if let Some(id) = selected {
                     match dialog::clone::job(&forest, id, None, &self.ctx()) {
@@ -804,6 +1007,22 @@ impl App {
                 if let Some(id) = selected {
                     let d = dialog::move_image::MoveDialog::open(&forest, id).map(Dialog::Move);
                     self.open("move", d);
+                }
+            }
+            Action::DeleteImage => {
+                // The marked images, else the selected one.
+                let targets = self.targets();
+                if !targets.is_empty() {
+                    let d = dialog::delete::DeleteDialog::open(&forest, &targets, &self.roots)
+                        .map(Dialog::Delete);
+                    self.open("delete", d);
+                }
+            }
+            Action::ResetImage => {
+                if let Some(id) = selected {
+                    let d = dialog::reset::ResetDialog::open(&forest, id, &self.roots)
+                        .map(Dialog::Reset);
+                    self.open("reset", d);
                 }
             }
             Action::CancelJob => self.cancel_job(None),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dialog;
 pub mod event;
 pub mod keymap;
+pub mod reclaim;
 pub mod rows;
 pub mod theme;
 pub mod view;

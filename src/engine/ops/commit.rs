@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::engine::buf::AlignedBuf;
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
@@ -250,7 +251,7 @@ fn copy_into(
                 .map_or(0, |m| m.len())
         })
         .collect();
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = AlignedBuf::zeroed(CHUNK as usize);
     let mut pos = 0u64;
     let mut written = 0u64;
     // Cleared when the kernel cannot copy between these files (another
@@ -397,7 +398,7 @@ fn copy_buffered(
     to: u64,
     len: usize,
 ) -> Result<()> {
-    let mut buf = vec![0u8; len.min(CHUNK as usize)];
+    let mut buf = AlignedBuf::zeroed(len.min(CHUNK as usize));
     let mut done = 0usize;
     while done < len {
         let n = buf.len().min(len - done);

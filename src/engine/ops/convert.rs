@@ -14,6 +14,7 @@ use std::sync::mpsc;
 
 use tempfile::NamedTempFile;
 
+use crate::engine::buf::AlignedBuf;
 use crate::engine::chain::Chain;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
@@ -213,11 +214,11 @@ fn copy_pipelined(
     let size = chain.virtual_size();
     // -S counts whole sectors, as in qemu-img.
     let grain = (min_sparse / 512 * 512) as usize;
-    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, Vec<u8>, usize)>(BUFFERS);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let (full_tx, full_rx) = mpsc::sync_channel::<(u64, AlignedBuf, usize)>(BUFFERS);
+    let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..BUFFERS {
         // The channel lives as long as free_rx, which is in scope.
-        let _ = free_tx.send(vec![0u8; CHUNK]);
+        let _ = free_tx.send(AlignedBuf::zeroed(CHUNK));
     }
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<()> {

@@ -27,6 +27,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::convert::{claim_destination, is_zero, poison_reused, ConvertOptions, TempOutput};
 use super::create::qcow2_header;
+use crate::engine::buf::AlignedBuf;
 use crate::engine::chain::{classify_backing, BackingName, BlockStatus, Chain};
 use crate::engine::error::{Error, Result};
 use crate::engine::fault;
@@ -77,7 +78,7 @@ struct Batch {
     /// Guest bytes covered (progress).
     len: u64,
     out: Vec<Out>,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 /// The source and what the target needs to know about it.
@@ -603,7 +604,7 @@ fn run_pipeline(
             first: 0,
             len: 0,
             out: Vec::new(),
-            buf: vec![0u8; batch_len as usize],
+            buf: AlignedBuf::zeroed(batch_len as usize),
         });
     }
     let (work_tx, work_rx) = bounded::<Batch>(buffers);

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod commit;
+pub mod compare;
 pub mod convert;
 pub mod convert_qcow2;
 pub mod create;
@@ -10,3 +11,6 @@ pub mod map;
 pub mod measure;
 pub mod move_image;
 pub mod rebase;
+pub mod remove;
+pub mod reset;
+pub mod resize;

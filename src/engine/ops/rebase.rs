@@ -17,6 +17,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::engine::buf::AlignedBuf;
 use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
@@ -158,14 +159,14 @@ struct Job {
     new_n: u64,
     old_zero: bool,
     new_zero: bool,
-    bufs: (Vec<u8>, Vec<u8>),
+    bufs: (AlignedBuf, AlignedBuf),
 }
 
 /// A compared chunk: the old chain's bytes and which clusters differ.
 struct Compared {
     pos: u64,
     n: u64,
-    bufs: (Vec<u8>, Vec<u8>),
+    bufs: (AlignedBuf, AlignedBuf),
     differs: Vec<bool>,
 }
 
@@ -194,8 +195,13 @@ fn compare_and_copy(
                 }
             }
         });
-        let mut spare: Vec<(Vec<u8>, Vec<u8>)> = (0..3)
-            .map(|_| (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]))
+        let mut spare: Vec<(AlignedBuf, AlignedBuf)> = (0..3)
+            .map(|_| {
+                (
+                    AlignedBuf::zeroed(CHUNK as usize),
+                    AlignedBuf::zeroed(CHUNK as usize),
+                )
+            })
             .collect();
         let mut in_flight = 0usize;
         let write = |w: &mut Qcow2Writer, done: Result<Compared>, spare: &mut Vec<_>| {

@@ -1207,6 +1207,58 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Shrink the virtual disk to `new_size` (a multiple of 512) in QEMU's
+    /// order: the clusters past the new end are dropped first (a crash then
+    /// leaves the old size with a zeroed tail, never stale data that a later
+    /// grow would show again), then the L1 entries past it and their
+    /// tables, then the header's size; last, the file's free tail is cut.
+    pub fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let old = self.virtual_size();
+        if new_size >= old {
+            return Ok(());
+        }
+        self.before_first_write()?;
+        let first = new_size.next_multiple_of(self.cs);
+        if first < old {
+            self.discard(first, old - first)?;
+        }
+        self.flush_metadata()?;
+        fault::point("writer.shrink.discarded");
+        let keep = new_size.div_ceil(self.cs * self.l2_entries()) as usize;
+        let tables: Vec<u64> = self.l1[keep..]
+            .iter()
+            .map(|e| e & L1_OFFSET_MASK)
+            .filter(|&off| off != 0)
+            .collect();
+        if !tables.is_empty() {
+            let zeros = vec![0u8; (self.l1.len() - keep) * 8];
+            self.pwrite(&zeros, self.h.l1_table_offset + keep as u64 * 8)?;
+            self.file.sync_data().at(&self.path)?;
+            fault::point("writer.shrink.l1_cut");
+            self.l1[keep..].fill(0);
+            for off in tables {
+                self.l2_cache.remove(&off);
+                self.dirty_l2.remove(&off);
+                self.release(off, self.cs)?;
+            }
+            self.file.sync_data().at(&self.path)?;
+        }
+        self.pwrite(&new_size.to_be_bytes(), 24)?;
+        self.file.sync_data().at(&self.path)?;
+        fault::point("writer.shrink.resized");
+        self.h.size = new_size;
+        let len = self.file.metadata().at(&self.path)?.len();
+        let mut end = len.div_ceil(self.cs);
+        while end > 0 && self.refcount(end - 1)? == 0 {
+            end -= 1;
+        }
+        if end * self.cs < len {
+            self.file.set_len(end * self.cs).at(&self.path)?;
+            self.file.sync_all().at(&self.path)?;
+        }
+        Ok(())
+    }
+
     /// A larger L1 table in new clusters: written and flushed, then the
     /// header's size and offset fields (adjacent: one write) switched to
     /// it, then the old table released, as QEMU does.

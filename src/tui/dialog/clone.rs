@@ -1,5 +1,7 @@
 //! Clone: a new qcow2 overlay on the selected image, beside it. `c` makes
-//! `<stem>-<n>.qcow2` at once; `C` opens this dialog to ask for the name.
+//! `<stem>-<n>.qcow2` at once; `C` opens this dialog to ask for the name,
+//! and its count field (`N` opens the dialog there) makes N clones at once,
+//! `<prefix>01` … `<prefix>NN`, numbered on past names that exist.
 
 use std::path::{Path, PathBuf};
 
@@ -12,13 +14,21 @@ use super::{error, hint_line, in_use, usable, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::{self, CreateOptions, Format};
 use crate::tui::app::{App, Status};
-use crate::tui::keymap::{Action, Hint, Key};
+use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
+
+/// More clones than this at once is a typing slip, not a fleet.
+pub const MAX_CLONES: usize = 999;
 
 pub struct CloneDialog {
     pub source: NodeId,
     pub source_path: PathBuf,
+    /// The name, or with a count above one the prefix of the names.
     pub input: String,
+    /// How many clones; empty means one.
+    pub count: String,
+    /// The count field has the keys.
+    pub on_count: bool,
 }
 
 impl CloneDialog {
@@ -29,27 +39,84 @@ impl CloneDialog {
             source: id,
             source_path: f.nodes[id].record.path.clone(),
             input: String::new(),
+            count: String::new(),
+            on_count: false,
         })
+    }
+
+    /// `N` on `id`: the dialog with the count field focused and the prefix
+    /// `<stem>-` proposed, so `N 1 0 Enter` makes ten clones.
+    pub fn open_many(f: &Forest, id: NodeId) -> Result<CloneDialog, String> {
+        let mut d = CloneDialog::open(f, id)?;
+        d.input = format!("{}-", stem(&d.source_path));
+        d.on_count = true;
+        Ok(d)
+    }
+
+    /// The count typed, 1 when empty.
+    pub fn how_many(&self) -> Result<usize, String> {
+        if self.count.is_empty() {
+            return Ok(1);
+        }
+        match self.count.parse::<usize>() {
+            Ok(n @ 1..=MAX_CLONES) => Ok(n),
+            _ => Err(format!(
+                "the count is a number from 1 to {MAX_CLONES}, not {}",
+                self.count
+            )),
+        }
+    }
+
+    pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
+        vec![
+            keymap.hint(
+                Layer::Input,
+                Action::NextField,
+                Some(if self.on_count { "name" } else { "count" }),
+            ),
+            keymap.hint(Layer::Input, Action::Submit, Some("create")),
+            keymap.hint(Layer::Input, Action::Cancel, None),
+        ]
     }
 
     pub fn on_key(&mut self, key: Key, action: Option<Action>, ctx: &Ctx) -> Outcome {
         if let Some(c) = key.typed() {
-            self.input.push(c);
+            if !self.on_count {
+                self.input.push(c);
+            } else if c.is_ascii_digit() && self.count.len() < 4 {
+                self.count.push(c);
+            }
             return Outcome::Stay;
         }
+        let field = if self.on_count {
+            &mut self.count
+        } else {
+            &mut self.input
+        };
         match action {
             Some(Action::Cancel) => {
                 Outcome::Close(Status::cancelled("clone cancelled: nothing was made"))
             }
+            Some(Action::NextField) => {
+                self.on_count = !self.on_count;
+                Outcome::Stay
+            }
             Some(Action::Delete) => {
-                self.input.pop();
+                field.pop();
                 Outcome::Stay
             }
             Some(Action::ClearInput) => {
-                self.input.clear();
+                field.clear();
                 Outcome::Stay
             }
             Some(Action::Submit) => {
+                let n = match self.how_many() {
+                    Ok(n) => n,
+                    Err(why) => return Outcome::Say(error(why)),
+                };
+                if n > 1 {
+                    return many(ctx, self.source, self.input.trim(), n);
+                }
                 let name = self.input.trim();
                 if name.is_empty() {
                     // Issue 11: an empty name used to close the dialog
@@ -69,15 +136,37 @@ impl CloneDialog {
 
     pub fn draw(&self, app: &App, frame: &mut Frame, area: Rect, hints: &[Hint]) {
         let name = app.display_path(&self.source_path);
+        let dim = Style::new().fg(app.theme.dim);
+        let cursor = |on: bool| if on { "▏" } else { "" };
+        let n = self.how_many().unwrap_or(0);
+        let (label, note) = if n > 1 {
+            let last = numbered(self.input.trim(), n, n);
+            (
+                "prefix: ",
+                format!(
+                    "{n} clones, {} … {last} (numbered on past names that exist), \
+                     next to it, backing recorded with its format",
+                    numbered(self.input.trim(), 1, n)
+                ),
+            )
+        } else {
+            (
+                "name:   ",
+                "created next to it, backing recorded with its format".to_string(),
+            )
+        };
+        let count = if self.count.is_empty() && !self.on_count {
+            Span::styled("1", dim)
+        } else {
+            Span::raw(format!("{}{}", self.count, cursor(self.on_count)))
+        };
         let lines = vec![
             Line::from(vec![
-                Span::raw("name: "),
-                Span::raw(format!("{}▏", self.input)),
+                Span::raw(label),
+                Span::raw(format!("{}{}", self.input, cursor(!self.on_count))),
             ]),
-            Line::from(Span::styled(
-                "created next to it, backing recorded with its format",
-                Style::new().fg(app.theme.dim),
-            )),
+            Line::from(vec![Span::raw("count:  "), count]),
+            Line::from(Span::styled(note, dim)),
             hint_line(app, hints),
         ];
         super::draw_box(
@@ -143,6 +232,87 @@ pub fn job(f: &Forest, id: NodeId, name: Option<String>, ctx: &Ctx) -> Result<Jo
         refresh: Vec::new(),
         work,
     })
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+/// The `i`th of `n` names with `prefix`: `web-07.qcow2`, zero-padded to
+/// the width of `n` (two digits at least, so they sort).
+pub fn numbered(prefix: &str, i: usize, n: usize) -> String {
+    let width = n.to_string().len().max(2);
+    format!("{prefix}{i:0width$}.qcow2")
+}
+
+/// The names of `n` new clones beside `dir`: the first `n` numbers whose
+/// name is free (one stat each, on the key that asks; `engine::create`
+/// refuses to overwrite anyway if a name is taken meanwhile), and the
+/// names passed over because they exist.
+pub fn free_names(dir: &Path, prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
+    let (mut free, mut taken) = (Vec::new(), Vec::new());
+    let mut i = 1;
+    while free.len() < n && i <= n + MAX_CLONES {
+        let name = numbered(prefix, i, n);
+        if dir.join(&name).symlink_metadata().is_ok() {
+            taken.push(name);
+        } else {
+            free.push(name);
+        }
+        i += 1;
+    }
+    (free, taken)
+}
+
+/// `n` clones of `id` named with `prefix` (`<stem>-` when empty), one job
+/// each, or why not.
+fn many(ctx: &Ctx, id: NodeId, prefix: &str, n: usize) -> Outcome {
+    let f = ctx.forest;
+    let path = &f.nodes[id].record.path;
+    let prefix = if prefix.is_empty() {
+        format!("{}-", stem(path))
+    } else {
+        prefix.to_string()
+    };
+    if prefix.contains('/') {
+        return Outcome::Say(error(
+            "give a name prefix, not a path: the clones go next to their backing image",
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let (names, taken) = free_names(dir, &prefix, n);
+    if names.len() < n {
+        return Outcome::Say(error(format!(
+            "not {n} free names with prefix {prefix}: choose another prefix"
+        )));
+    }
+    let mut jobs = Vec::with_capacity(n);
+    for name in &names {
+        match job(f, id, Some(name.clone()), ctx) {
+            Ok(spec) => jobs.push(spec),
+            Err(why) => return Outcome::Say(error(why)),
+        }
+    }
+    let mut text = format!(
+        "{n} clones of {} started: {} … {}",
+        file_name(path),
+        names[0],
+        names[n - 1]
+    );
+    if !taken.is_empty() {
+        text.push_str(&format!(
+            " ({} exist{} and {} kept)",
+            taken.join(", "),
+            if taken.len() == 1 { "s" } else { "" },
+            if taken.len() == 1 { "is" } else { "are" }
+        ));
+    }
+    Outcome::SubmitAll {
+        jobs,
+        unmark: Vec::new(),
+        say: Some(Status::info(text)),
+    }
 }
 
 /// `<stem>-<n>.qcow2` beside `source` with the first n whose name is free.

@@ -246,7 +246,7 @@ pub fn plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
 
 /// The confirmed commit. It touches both images, so no other job on either
 /// runs meanwhile; the engine takes QEMU's locks itself.
-fn job(plan: &CommitPlan) -> JobSpec {
+pub(crate) fn job(plan: &CommitPlan) -> JobSpec {
     let top = plan.top.clone();
     JobSpec {
         kind: "commit",

@@ -8,7 +8,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, space_warning, usable, JobSpec, Outcome};
+use super::{error, hint_line, in_use, space_warning, usable, Ctx, Dialog, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::convert::{convert, ConvertOptions};
 use crate::engine::qcow2::header::CompressionType;
@@ -147,7 +147,13 @@ impl ConvertPlan {
 
 pub struct ConvertDialog {
     pub plan: ConvertPlan,
+    /// The marked images when `v` converts a batch (empty for one image):
+    /// the destination field is then the suffix of every new name.
+    pub batch: Vec<PathBuf>,
 }
+
+/// What a batch's new names get after their image's stem.
+const BATCH_SUFFIX: &str = "-conv";
 
 /// Every hinted action with all its keys (`↓/Tab field`).
 pub fn hints(keymap: &Keymap) -> Vec<Hint> {
@@ -162,10 +168,47 @@ impl ConvertDialog {
     pub fn open(f: &Forest, id: NodeId) -> Result<ConvertDialog, String> {
         let mut plan = plan(f, id)?;
         plan.space_warning = space_warning(&plan.source, plan.allocated);
-        Ok(ConvertDialog { plan })
+        Ok(ConvertDialog {
+            plan,
+            batch: Vec::new(),
+        })
     }
 
-    pub fn on_key(&mut self, key: Key, action: Option<Action>) -> Outcome {
+    /// `v` with images marked: the same choices, asked once for all of
+    /// them; what each image gets (or why it is skipped) is listed next,
+    /// in the batch's confirm list.
+    pub fn open_batch(f: &Forest, ids: &[NodeId]) -> Result<ConvertDialog, String> {
+        let &first = ids.first().ok_or("no image is marked")?;
+        let r = &f.nodes[first].record;
+        // -B applies when one of them has a backing to keep.
+        let backing = ids.iter().find_map(|&id| {
+            let n = &f.nodes[id];
+            let name = n.record.summary.as_ref()?.backing_filename.clone()?;
+            let fmt = f.nodes[n.parent?].record.summary.as_ref()?.format;
+            Some((name, fmt))
+        });
+        Ok(ConvertDialog {
+            plan: ConvertPlan {
+                source: r.path.clone(),
+                source_key: r.key.clone(),
+                backing,
+                dest: BATCH_SUFFIX.to_string(),
+                format: Format::Qcow2,
+                compression: None,
+                cluster_size: 64 << 10,
+                keep_backing: false,
+                field: Field::Destination,
+                allocated: 0,
+                space_warning: None,
+            },
+            batch: ids
+                .iter()
+                .map(|&id| f.nodes[id].record.key.clone())
+                .collect(),
+        })
+    }
+
+    pub fn on_key(&mut self, key: Key, action: Option<Action>, ctx: &Ctx) -> Outcome {
         let plan = &mut self.plan;
         // The destination is a text field: characters are typed there.
         if plan.field == Field::Destination {
@@ -198,6 +241,23 @@ impl ConvertDialog {
                 plan.dest.pop();
                 Outcome::Stay
             }
+            Some(Action::Submit) if !self.batch.is_empty() => {
+                let suffix = plan.dest.trim();
+                if suffix.is_empty() || suffix.contains('/') {
+                    return Outcome::Say(error(
+                        "give a suffix for the new names (web-1.qcow2 → web-1<suffix>.qcow2): \
+                         the copies go next to their images",
+                    ));
+                }
+                let ids: Vec<NodeId> = self
+                    .batch
+                    .iter()
+                    .filter_map(|k| ctx.forest.get(k))
+                    .collect();
+                Outcome::Open(Dialog::Batch(super::batch::BatchDialog::convert(
+                    ctx.forest, &ids, plan,
+                )))
+            }
             Some(Action::Submit) => {
                 let dest = plan.dest.trim();
                 if dest.is_empty() || dest.contains('/') {
@@ -227,10 +287,19 @@ impl ConvertDialog {
         let focus = Style::new()
             .fg(app.theme.accent)
             .add_modifier(Modifier::BOLD);
-        let mut lines = vec![
-            Line::from(format!("Convert {source} into a new image beside it.")),
-            Line::default(),
-        ];
+        let batch = !self.batch.is_empty();
+        let first = if batch {
+            format!(
+                "Convert {} marked images, each into a new image beside it named \
+                 <its name>{}.{}",
+                self.batch.len(),
+                plan.dest.trim(),
+                plan.format.name()
+            )
+        } else {
+            format!("Convert {source} into a new image beside it.")
+        };
+        let mut lines = vec![Line::from(first), Line::default()];
         for field in Field::ALL {
             let value = match field {
                 Field::Destination => format!("{}▏", plan.dest),
@@ -250,6 +319,10 @@ impl ConvertDialog {
                 Field::Compression => plan.compression_name().to_string(),
                 Field::ClusterSize => human(plan.cluster_size),
                 Field::KeepBacking => match &plan.backing {
+                    Some(_) if batch && plan.keep_backing => {
+                        "on: each keeps its backing, only its own data".to_string()
+                    }
+                    Some(_) if batch => "off: each chain, flattened".to_string(),
                     Some((name, _)) if plan.keep_backing => {
                         format!("on: backed by {name}, only {source}'s own data")
                     }
@@ -269,7 +342,11 @@ impl ConvertDialog {
             lines.push(Line::from(Span::styled(
                 format!(
                     "{pointer}{:<18} {}",
-                    field.label(),
+                    if batch && field == Field::Destination {
+                        "name suffix"
+                    } else {
+                        field.label()
+                    },
                     if plan.applies(field) {
                         value
                     } else {
@@ -339,7 +416,7 @@ pub fn plan(f: &Forest, source: NodeId) -> Result<ConvertPlan, String> {
     })
 }
 
-fn job(plan: &ConvertPlan) -> JobSpec {
+pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
     let dir = plan.source.parent().unwrap_or(Path::new("")).to_path_buf();
     let dest = dir.join(plan.dest.trim());
     let (backing, backing_format) = match (&plan.backing, plan.keep_backing) {

@@ -112,7 +112,7 @@ pub fn plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
     })
 }
 
-fn job(plan: &FlattenPlan) -> JobSpec {
+pub(crate) fn job(plan: &FlattenPlan) -> JobSpec {
     let image = plan.image.clone();
     JobSpec {
         kind: "flatten",

@@ -11,12 +11,15 @@
 //! said then, instead of after "yes". The engine checks everything again
 //! when the job runs.
 
+pub mod batch;
 pub mod clone;
 pub mod commit;
 pub mod convert;
+pub mod delete;
 pub mod flatten;
 pub mod move_image;
 pub mod rebase;
+pub mod reset;
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +59,14 @@ pub enum Outcome {
     Close(Status),
     /// The dialog closes and the job starts.
     Submit(JobSpec),
+    /// The dialog closes and every job starts (a batch, N clones); the
+    /// images of `unmark` lose their marks (done with), and the status
+    /// line says `say` after the jobs' own words.
+    SubmitAll {
+        jobs: Vec<JobSpec>,
+        unmark: Vec<PathBuf>,
+        say: Option<Status>,
+    },
     /// Another dialog takes its place (the picker opens the rebase dialog).
     Open(Dialog),
     /// Move in the tree (the picker picks there).
@@ -95,6 +106,11 @@ pub enum Dialog {
     Rebase(rebase::RebaseDialog),
     Flatten(flatten::FlattenDialog),
     Convert(convert::ConvertDialog),
+    /// `f`, `v`, `m`, `b` with marks: every marked image in one list.
+    Batch(batch::BatchDialog),
+    /// `d`: one image or many, into the trash or for good.
+    Delete(delete::DeleteDialog),
+    Reset(reset::ResetDialog),
     /// `M`: where to move the image.
     Move(move_image::MoveDialog),
 }
@@ -108,6 +124,9 @@ impl Dialog {
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
             Dialog::Convert(_) => &[Layer::Convert],
+            Dialog::Batch(d) => d.layers(),
+            Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
+            Dialog::Reset(_) => &[Layer::Confirm],
         }
     }
 
@@ -118,7 +137,10 @@ impl Dialog {
             Dialog::Pick(d) => d.on_key(key, action, ctx),
             Dialog::Rebase(d) => d.on_key(action),
             Dialog::Flatten(d) => d.on_key(action),
-            Dialog::Convert(d) => d.on_key(key, action),
+            Dialog::Convert(d) => d.on_key(key, action, ctx),
+            Dialog::Batch(d) => d.on_key(key, action, ctx),
+            Dialog::Delete(d) => d.on_key(action),
+            Dialog::Reset(d) => d.on_key(action),
             Dialog::Move(d) => d.on_key(key, action, ctx),
         }
     }
@@ -135,10 +157,7 @@ impl Dialog {
     /// shows them.
     pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
         match self {
-            Dialog::Clone(_) => vec![
-                keymap.hint(Layer::Input, Action::Submit, Some("create")),
-                keymap.hint(Layer::Input, Action::Cancel, None),
-            ],
+            Dialog::Clone(d) => d.hints(keymap),
             Dialog::Commit(d) => d.hints(keymap),
             Dialog::Pick(d) => d.hints(keymap),
             Dialog::Rebase(d) => d.hints(keymap),
@@ -147,6 +166,12 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
             Dialog::Convert(_) => convert::hints(keymap),
+            Dialog::Batch(d) => d.hints(keymap),
+            Dialog::Delete(d) => d.hints(keymap),
+            Dialog::Reset(_) => vec![
+                keymap.hint(Layer::Confirm, Action::Yes, Some("reset")),
+                keymap.hint(Layer::Confirm, Action::No, None),
+            ],
             Dialog::Move(_) => move_image::MoveDialog::hints(keymap),
         }
     }
@@ -160,6 +185,9 @@ impl Dialog {
             Dialog::Rebase(d) => d.draw(app, frame, area, &hints),
             Dialog::Flatten(d) => d.draw(app, frame, area, &hints),
             Dialog::Convert(d) => d.draw(app, frame, area, &hints),
+            Dialog::Batch(d) => d.draw(app, frame, area, &hints),
+            Dialog::Delete(d) => d.draw(app, frame, area, &hints),
+            Dialog::Reset(d) => d.draw(app, frame, area, &hints),
             Dialog::Move(d) => d.draw(app, frame, area, &hints),
         }
     }

@@ -36,6 +36,9 @@ pub struct Picker {
     /// A typed name being probed on the inspector thread: the dialog opens
     /// when the answer says it is an image cowshed can use.
     pub probing: Option<String>,
+    /// The marked images when `b` rebases a batch (empty for one image):
+    /// the choice then opens the batch's confirm list.
+    pub batch: Vec<PathBuf>,
 }
 
 impl Picker {
@@ -50,6 +53,26 @@ impl Picker {
             filtering: false,
             typed: None,
             probing: None,
+            batch: Vec::new(),
+        })
+    }
+
+    /// `b` with images marked: one new backing, picked in the tree, for
+    /// all of them. Refusals are listed per image after the choice.
+    pub fn open_batch(f: &Forest, ids: &[NodeId]) -> Result<Picker, String> {
+        let &first = ids.first().ok_or("no image is marked")?;
+        let r = &f.nodes[first].record;
+        Ok(Picker {
+            image: r.path.clone(),
+            image_key: r.key.clone(),
+            filter: String::new(),
+            filtering: false,
+            typed: None,
+            probing: None,
+            batch: ids
+                .iter()
+                .map(|&id| f.nodes[id].record.key.clone())
+                .collect(),
         })
     }
 
@@ -143,6 +166,12 @@ impl Picker {
                 self.filtering = true;
                 Outcome::Stay
             }
+            // A typed name is stored as typed: relative to each image's
+            // directory it would name a different file for each.
+            Some(Action::TypePath) if !self.batch.is_empty() => Outcome::Say(error(
+                "a batch's new backing is picked in the tree: each image then records \
+                 the name that reaches it from its own directory",
+            )),
             Some(Action::TypePath) => {
                 self.typed = Some(String::new());
                 Outcome::Stay
@@ -154,6 +183,14 @@ impl Picker {
             }
             Some(Action::Cancel) => {
                 Outcome::Close(Status::cancelled("rebase cancelled: nothing was changed"))
+            }
+            Some(Action::Choose) if !self.batch.is_empty() => {
+                match ctx.selected {
+                    Some(backing) => Outcome::Open(Dialog::Batch(
+                        super::batch::BatchDialog::rebase(ctx.forest, &self.batch, backing),
+                    )),
+                    None => Outcome::Stay,
+                }
             }
             Some(Action::Choose) => {
                 let (Some(image), Some(backing)) = (ctx.forest.get(&self.image_key), ctx.selected)
@@ -236,7 +273,11 @@ impl Picker {
     /// A bar at the bottom of the tree says what is asked, so the tree
     /// stays visible to pick from; typing a path gets a prompt.
     pub fn draw(&self, app: &App, frame: &mut Frame, area: Rect, hints: &[Hint]) {
-        let image = app.display_path(&self.image);
+        let image = if self.batch.is_empty() {
+            app.display_path(&self.image)
+        } else {
+            format!("{} marked images", self.batch.len())
+        };
         let dim = Style::new().fg(app.theme.dim);
         let first = match (&self.typed, &self.probing) {
             (Some(_), Some(probing)) => Line::from(format!("new backing of {image}: {probing}")),
@@ -458,7 +499,7 @@ fn safe_rebase_refused(f: &Forest, image: NodeId) -> Option<String> {
     ))
 }
 
-fn job(plan: &RebasePlan) -> JobSpec {
+pub(crate) fn job(plan: &RebasePlan) -> JobSpec {
     let image = plan.image.clone();
     let opts = RebaseOptions {
         backing: plan.backing_name.clone(),

@@ -5,6 +5,7 @@
 
 mod details;
 mod jobs;
+mod reclaim;
 mod tree;
 
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -121,6 +122,7 @@ pub fn draw(app: &App, frame: &mut Frame) {
             draw_scrolled(app, frame, area, "log", log_lines(app, w), at, Layer::Log)
         }
         Mode::Job(id) => jobs::draw_job(app, frame, area, id),
+        Mode::Reclaim => reclaim::draw(app, frame, area),
         Mode::Tree | Mode::Filter | Mode::Jobs => {}
     }
 }
@@ -241,6 +243,10 @@ fn draw_header(app: &App, frame: &mut Frame, area: Rect) {
     );
     if app.scanning {
         right = format!("scanning… · {right}");
+    }
+    let (marked, marked_bytes) = app.marked_totals();
+    if marked > 0 {
+        right = format!("● {marked} marked · {} · {right}", human(marked_bytes));
     }
     let width = usize::from(area.width);
     // The roots give way to the totals, and two spaces always part them.

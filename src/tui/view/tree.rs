@@ -181,8 +181,16 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
         right(&human(r.sizes.allocated), SIZE_W),
         right(&percent(r.sizes.allocated, r.sizes.virtual_size), PCT_W),
     ));
+    // The cursor's cell shows a mark instead: a column of its own would
+    // cost the name a cell on every terminal, and the selected row keeps
+    // its highlight.
+    let cursor = if app.marks.contains(&r.key) {
+        Span::styled("●", Style::new().fg(t.accent))
+    } else {
+        Span::raw(if selected { "›" } else { " " })
+    };
     let mut spans = vec![
-        Span::raw(if selected { "›" } else { " " }),
+        cursor,
         Span::styled(fit(&name, c.name), name_style),
         Span::styled(cells, if skipped { name_style } else { Style::new() }),
     ];
