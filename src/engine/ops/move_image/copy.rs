@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::engine::buf::AlignedBuf;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
 use crate::engine::format::read_up_to;
@@ -53,6 +54,8 @@ pub fn copy_verified(src: &Path, dst: &Path, progress: &Progress, cancel: &Cance
     let len = meta.len();
     to.set_len(len).at(dst)?;
     let mut in_kernel = true;
+    // Made when the kernel cannot copy between the two files itself.
+    let mut buf = None;
     let mut pos = 0;
     while pos < len {
         let (data, n) = host_allocation(&from, src, pos, len - pos)?;
@@ -61,7 +64,7 @@ pub fn copy_verified(src: &Path, dst: &Path, progress: &Progress, cancel: &Cance
             while at < pos + n {
                 cancel.check()?;
                 let step = (pos + n - at).min(CHUNK);
-                copy_range((&from, src), (&to, dst), at, step, &mut in_kernel)?;
+                copy_range((&from, src), (&to, dst), at, step, &mut in_kernel, &mut buf)?;
                 progress.advance(step);
                 progress.add_copied(step);
                 fault::point("mv.copied");
@@ -83,6 +86,7 @@ fn copy_range(
     at: u64,
     len: u64,
     in_kernel: &mut bool,
+    buf: &mut Option<AlignedBuf>,
 ) -> Result<()> {
     let mut done = 0u64;
     while done < len {
@@ -117,8 +121,9 @@ fn copy_range(
             }
             continue;
         }
-        let mut buf = vec![0u8; (len - done).min(CHUNK) as usize];
-        let n = read_up_to(from, &mut buf, at + done).at(src)?;
+        let buf = buf.get_or_insert_with(|| AlignedBuf::zeroed(CHUNK as usize));
+        let buf = &mut buf[..(len - done).min(CHUNK) as usize];
+        let n = read_up_to(from, buf, at + done).at(src)?;
         if n < buf.len() {
             return Err(Error::invalid(
                 src,
@@ -129,7 +134,7 @@ fn copy_range(
             ));
         }
         use std::os::unix::fs::FileExt;
-        to.write_all_at(&buf, at + done).at(dst)?;
+        to.write_all_at(buf, at + done).at(dst)?;
         done += buf.len() as u64;
     }
     Ok(())
@@ -160,17 +165,36 @@ fn verify_equal(
             "the copy's length differs from the source's",
         ));
     }
-    let mut bufs = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut bufs = (
+        AlignedBuf::zeroed(CHUNK as usize),
+        AlignedBuf::zeroed(CHUNK as usize),
+    );
+    // Each file's current run (data or hole, and where it ends): asked
+    // again only once passed, since SEEK_DATA/SEEK_HOLE walk the file
+    // (on tmpfs, page by page: asking per chunk cost more than copying).
+    let mut runs = [(false, 0u64); 2];
     let mut pos = 0;
     while pos < len {
         cancel.check()?;
-        let (da, na) = host_allocation(a, pa, pos, len - pos)?;
-        let (db, nb) = host_allocation(b, pb, pos, len - pos)?;
-        let n = na.min(nb).min(CHUNK);
+        for (run, (f, p)) in runs.iter_mut().zip([(a, pa), (b, pb)]) {
+            if run.1 <= pos {
+                let (data, n) = host_allocation(f, p, pos, len - pos)?;
+                *run = (data, pos + n);
+            }
+        }
+        let [(da, ea), (db, eb)] = runs;
+        let n = (ea.min(eb) - pos).min(CHUNK);
         if da || db {
             let (x, y) = (&mut bufs.0[..n as usize], &mut bufs.1[..n as usize]);
-            if read_up_to(a, x, pos).at(pa)? != x.len() || read_up_to(b, y, pos).at(pb)? != y.len()
-            {
+            // Both files at once, one on each core: the kernel's copies
+            // out of the page cache (or the disk's reads) are the cost.
+            let (rx, ry) = std::thread::scope(|s| {
+                let other = s.spawn(|| read_up_to(b, y, pos));
+                let mine = read_up_to(a, x, pos);
+                (mine, other.join())
+            });
+            let ry = ry.map_err(|_| Error::invalid(pb, "internal: the reader thread panicked"))?;
+            if rx.at(pa)? != x.len() || ry.at(pb)? != y.len() {
                 return Err(Error::invalid(
                     pb,
                     "a file ended early while it was compared",
