@@ -1086,3 +1086,40 @@ fn a_dependent_that_cannot_be_written_stops_the_move() {
     );
     assert_eq!(snapshot(d), before, "a refused move changed files");
 }
+
+#[test]
+fn sigkill_at_every_step_of_a_directory_move_across_file_systems() {
+    let expect = |d: &Path, far: &Path| {
+        let to = far.join("fleet");
+        let at = |rel: &str| to.join(rel).to_string_lossy().into_owned();
+        let shared = canon(d).join("shared.qcow2");
+        vec![
+            ("out.qcow2".into(), at("base.qcow2")),
+            ("elsewhere/far.qcow2".into(), at("sub/in.qcow2")),
+            (at("abs.qcow2"), at("base.qcow2")),
+            (at("on-shared.qcow2"), shared.to_string_lossy().into_owned()),
+            (at("sub/in.qcow2"), "../base.qcow2".into()),
+        ]
+    };
+    run_kill_cases(
+        "kill-dir-cross-fs",
+        &KillCase {
+            setup: &tree,
+            args: ["mv", "--root", ".", "vms", "{far}/fleet"]
+                .map(String::from)
+                .to_vec(),
+            dependents: &["out.qcow2", "elsewhere/far.qcow2"],
+            expect: &expect,
+            gone: &["vms"],
+        },
+        true,
+        &[
+            "mv.journal.saved",
+            "mv.copied",
+            "mv.verified",
+            "mv.placed",
+            "mv.rewrite.repoint",
+            "mv.removed",
+        ],
+    );
+}
