@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MAKE_FIXTURES = REPO / ".." / "shared" / "bench" / "make-fixtures.sh"
 FLEET_N = 1000
-ALL_SECTIONS = ("convert", "info", "map", "commit", "write", "convert-qcow2", "rebase")
+ALL_SECTIONS = ("convert", "info", "map", "commit", "write", "convert-qcow2", "rebase",
+                "compare")
 
 
 class BenchError(Exception):
@@ -78,12 +79,16 @@ def run(cmd: list[str], *, cwd: Path | None = None, capture: bool = True,
                          f"{e.returncode}:\n{clip(tail(e.stderr), 2000)}") from None
 
 
-def timed(cmd: list[str], *, cwd: Path | None = None, stdout=subprocess.DEVNULL) -> float:
-    """Wall-clock seconds of one successful run of cmd."""
+def timed(cmd: list[str], *, cwd: Path | None = None, stdout=subprocess.DEVNULL,
+          ok_codes: tuple[int, ...] = (0,)) -> float:
+    """Wall-clock seconds of one successful run of cmd (an exit code in
+    ok_codes: `compare` exits 1 for images that differ)."""
     t0 = time.perf_counter()
     try:
-        subprocess.run([str(c) for c in cmd], cwd=cwd, check=True, stdout=stdout,
-                       stderr=subprocess.PIPE, timeout=900)
+        r = subprocess.run([str(c) for c in cmd], cwd=cwd, stdout=stdout,
+                           stderr=subprocess.PIPE, timeout=900)
+        if r.returncode not in ok_codes:
+            raise subprocess.CalledProcessError(r.returncode, cmd, stderr=r.stderr)
     except subprocess.CalledProcessError as e:
         raise BenchError(f"`{clip(fmt_cmd(cmd))}` (cwd={cwd or os.getcwd()}) exited with "
                          f"{e.returncode}:\n{clip(tail(e.stderr), 2000)}") from None
@@ -755,6 +760,42 @@ def bench_rebase(rep: Report, cow: Path, fx: Path, scratch: Path, runs: int) -> 
 # main
 # ---------------------------------------------------------------------------
 
+def bench_compare(rep: Report, cow: Path, fx: Path, top: str, runs: int) -> None:
+    """`compare` of two images with the same guest data (everything read) and
+    of the chain top with its base (they differ early)."""
+    rows = []
+    for label, a, b in (("base.qcow2 vs base.raw (identical)", "base.qcow2", "base.raw"),
+                        (f"{top} vs base.qcow2 (differ)", top, "base.qcow2")):
+        key = f"compare {label}"
+        c_cmd = [cow, "compare", a, b]
+        q_cmd = ["qemu-img", "compare", a, b]
+        try:
+            log(f"compare: warm-up and verdicts, {label}")
+            c_out = subprocess.run(c_cmd, cwd=fx, capture_output=True, text=True)
+            q_out = subprocess.run(q_cmd, cwd=fx, capture_output=True, text=True)
+            same = (c_out.returncode, c_out.stdout) == (q_out.returncode, q_out.stdout)
+            if not same:
+                rep.failures.append(f"{key}: cowshed said {c_out.returncode} {c_out.stdout!r}, "
+                                    f"qemu-img {q_out.returncode} {q_out.stdout!r}")
+            c, q = Series("cowshed"), Series("qemu-img")
+            for i in range(runs):
+                first, second = ((c, c_cmd), (q, q_cmd)) if i % 2 == 0 else ((q, q_cmd), (c, c_cmd))
+                for series, cmd in (first, second):
+                    series.times.append(timed(cmd, cwd=fx, ok_codes=(0, 1)))
+            rep.raw[key] = {"cowshed": [round(x, 5) for x in c.times],
+                            "qemu-img": [round(x, 5) for x in q.times]}
+            rows.append(f"| {label} | {s(c.med)} | {s(q.med)} | "
+                        f"{ratio_cell(pair_ratios(q, c))} | {'yes' if same else '**NO**'} |")
+        except BenchError as e:
+            rep.failures.append(f"{key}: {e}")
+            rows.append(f"| {label} | FAILED | | | |")
+    rep.sections.append("\n".join([
+        "## 8. `compare`", "",
+        f"{runs} alternated rounds after one warm-up each; process wall time incl. start-up.", "",
+        "| images | cowshed s | qemu-img s | qemu-img / cowshed | same verdict and exit code |",
+        "|---|---:|---:|---:|:---:|", *rows]))
+
+
 def busy_processes(window: float = 1.0, min_pct: float = 20.0) -> str:
     """Other processes using a lot of CPU right now (noise indicator)."""
     def sample() -> dict[int, tuple[int, str]]:
@@ -873,6 +914,8 @@ def main() -> int:
             section(rep, "convert-qcow2", bench_convert_qcow2, rep, cow, fx, scratch, top, a.runs)
         if "rebase" in sections:
             section(rep, "rebase", bench_rebase, rep, cow, fx, scratch, a.runs)
+        if "compare" in sections:
+            section(rep, "compare", bench_compare, rep, cow, fx, top, a.runs)
     except BenchError as e:
         rep.failures.append(str(e))
     except KeyboardInterrupt:

@@ -31,6 +31,21 @@ pub enum Flag {
     /// Not an image at all: a file the scan found and could not use (no
     /// image header, unreadable), shown so that nothing vanishes silently.
     Skipped { reason: String },
+    /// An image others use as backing file is held by a process with
+    /// QEMU's writer lock: whatever it writes changes what `overlays`
+    /// images (its dependents, directly or through others) read, under
+    /// their own clusters: their data is corrupt from then on. `writers`
+    /// are the holders with a descriptor open for writing (empty when
+    /// /proc does not show who).
+    OpenForWriting {
+        writers: Vec<super::Holder>,
+        overlays: usize,
+    },
+    /// The image was modified (mtime) after these direct dependents were
+    /// created (birth time): they were made on a different disk than the
+    /// one they now read through. Only where the file system records
+    /// birth times; never guessed.
+    ModifiedAfterDependents { dependents: Vec<PathBuf> },
 }
 
 impl Flag {
@@ -47,6 +62,58 @@ impl Flag {
             Flag::UnfollowedBacking { name } => format!("backing not followed: {name}"),
             Flag::Unreadable { message } => format!("unreadable: {message}"),
             Flag::Skipped { reason } => reason.clone(),
+            Flag::OpenForWriting { writers, overlays } => {
+                let who = if writers.is_empty() {
+                    "another process".to_string()
+                } else {
+                    writers
+                        .iter()
+                        .map(|h| format!("pid {} ({})", h.pid, h.command))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                format!(
+                    "open for writing by {who}: its {overlays} overlay{} will read corrupt data",
+                    if *overlays == 1 { "" } else { "s" }
+                )
+            }
+            Flag::ModifiedAfterDependents { dependents } => {
+                const SHOWN: usize = 3;
+                let mut names: Vec<String> = dependents
+                    .iter()
+                    .take(SHOWN)
+                    .map(|p| {
+                        p.file_name()
+                            .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+                    })
+                    .collect();
+                if dependents.len() > SHOWN {
+                    names.push(format!("{} more", dependents.len() - SHOWN));
+                }
+                let (verb, pronoun) = if dependents.len() == 1 {
+                    ("was", "it")
+                } else {
+                    ("were", "they")
+                };
+                format!(
+                    "modified after {} {verb} created on it: {pronoun} may read changed data",
+                    names.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The stale-base alarm: overlays are being corrupted now.
+    pub fn is_alarm(&self) -> bool {
+        matches!(self, Flag::OpenForWriting { .. })
+    }
+
+    /// Images a flag is about besides the one it is on, as their paths
+    /// (the dependents a base was modified after).
+    pub fn images(&self) -> &[PathBuf] {
+        match self {
+            Flag::ModifiedAfterDependents { dependents } => dependents,
+            _ => &[],
         }
     }
 
@@ -61,6 +128,8 @@ impl Flag {
             Flag::UnfollowedBacking { .. } => "unfollowed-backing",
             Flag::Unreadable { .. } => "unreadable",
             Flag::Skipped { .. } => "skipped",
+            Flag::OpenForWriting { .. } => "open-for-writing",
+            Flag::ModifiedAfterDependents { .. } => "modified-after-dependents",
         }
     }
 
@@ -174,6 +243,8 @@ impl Forest {
                     error: None,
                     sizes,
                     mtime: None,
+                    created: None,
+                    mode: 0,
                     lock: crate::engine::LockState::None,
                     holders: Vec::new(),
                 },
@@ -228,6 +299,72 @@ impl Forest {
             n.children = std::mem::take(c);
         }
         self.roots = roots;
+        for id in 0..self.nodes.len() {
+            let flags = self.base_guard(id);
+            self.nodes[id].flags.extend(flags);
+        }
+    }
+
+    /// The stale-base guard for one image: a writer on an image others
+    /// read through, and dependents created before its last modification.
+    fn base_guard(&self, id: NodeId) -> Vec<Flag> {
+        let node = &self.nodes[id];
+        let mut flags = Vec::new();
+        if node.children.is_empty() {
+            return flags;
+        }
+        let r = &node.record;
+        if r.lock == crate::engine::LockState::Writer {
+            flags.push(Flag::OpenForWriting {
+                writers: r.holders.iter().filter(|h| h.writable).cloned().collect(),
+                overlays: self.subtree(id).dependents,
+            });
+        }
+        let stale = self.dependents_older_than(id, r.mtime);
+        if !stale.is_empty() {
+            flags.push(Flag::ModifiedAfterDependents { dependents: stale });
+        }
+        flags
+    }
+
+    /// The direct dependents of `id` created before `mtime` (the base's
+    /// last modification), by path; none where either time is unknown.
+    pub fn dependents_older_than(
+        &self,
+        id: NodeId,
+        mtime: Option<std::time::SystemTime>,
+    ) -> Vec<PathBuf> {
+        let Some(modified) = mtime else {
+            return Vec::new();
+        };
+        self.nodes[id]
+            .children
+            .iter()
+            .map(|&c| &self.nodes[c].record)
+            .filter(|c| c.created.is_some_and(|born| modified > born))
+            .map(|c| c.path.clone())
+            .collect()
+    }
+
+    /// A base made read-only on disk (`cowshed protect`): others depend on
+    /// it and it has no write bit.
+    pub fn is_protected(&self, id: NodeId) -> bool {
+        let n = &self.nodes[id];
+        !n.children.is_empty() && n.record.mode & 0o222 == 0
+    }
+
+    /// The alarms of the stale-base guard, as the banner says them: "base
+    /// X is open for writing by pid N (cmd): its N overlays will read
+    /// corrupt data".
+    pub fn alarms(&self) -> impl Iterator<Item = (NodeId, String)> + '_ {
+        self.nodes.iter().enumerate().flat_map(|(id, n)| {
+            n.flags.iter().filter(|f| f.is_alarm()).map(move |f| {
+                (
+                    id,
+                    format!("base {} is {}", n.record.path.display(), f.describe()),
+                )
+            })
+        })
     }
 
     fn link_one(&mut self, id: NodeId) {
@@ -421,6 +558,8 @@ fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
             apparent: meta.len(),
         },
         mtime: meta.modified().ok(),
+        created: meta.created().ok(),
+        mode: meta.mode() & 0o7777,
         lock: crate::engine::LockState::None,
         holders: Vec::new(),
     })

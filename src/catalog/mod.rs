@@ -2,6 +2,7 @@
 //! catalog reads headers (through the engine's probe) and file metadata; it
 //! never writes an image.
 
+pub mod doctor;
 pub mod forest;
 pub mod scan;
 pub mod watch;
@@ -41,6 +42,12 @@ pub struct ImageRecord {
     pub error: Option<String>,
     pub sizes: Sizes,
     pub mtime: Option<SystemTime>,
+    /// Birth time (statx), where the file system records it: an overlay
+    /// born before its base was last modified may read changed data.
+    pub created: Option<SystemTime>,
+    /// Permission bits (st_mode & 0o7777): a base without write bits is
+    /// protected.
+    pub mode: u32,
     pub lock: LockState,
     pub holders: Vec<Holder>,
 }

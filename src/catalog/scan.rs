@@ -191,6 +191,8 @@ pub fn classify(path: &Path) -> Result<Found, String> {
         summary,
         error,
         mtime: meta.modified().ok(),
+        created: meta.created().ok(),
+        mode: meta.mode() & 0o7777,
         lock,
         holders,
     })))

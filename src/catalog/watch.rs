@@ -48,6 +48,14 @@ use crate::engine::{inspect_file, HeaderSummary, LockState};
 pub enum CatalogEvent {
     /// Only sizes moved (a guest writing): no header change.
     SizesChanged { key: PathBuf, sizes: Sizes },
+    /// The image's content was written (its mtime moved) without a header
+    /// change: for the stale-base guard, which compares a base's mtime
+    /// with its overlays' birth times. Sent beside `SizesChanged` when the
+    /// sizes moved too.
+    Modified {
+        key: PathBuf,
+        mtime: Option<SystemTime>,
+    },
     /// A new image (created, moved in, or seen for the first time). May name
     /// a key the consumer already has: then it replaces that record.
     Appeared(Box<ImageRecord>),
@@ -66,6 +74,11 @@ pub enum CatalogEvent {
 /// Lock bytes of one image are looked at no more often than this on
 /// events that change no stat.
 const LOCK_RECHECK: Duration = Duration::from_secs(1);
+
+/// After an event that came too soon after a look to be followed, the
+/// poll keeps looking at the image's lock bytes this long: a few polls,
+/// then the image costs nothing again.
+const LOCK_WARM: Duration = Duration::from_secs(10);
 
 /// How the watcher learns about changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -289,6 +302,8 @@ struct Stat {
     len: u64,
     blocks: u64,
     mtime: Option<SystemTime>,
+    /// Permission bits: a chmod (`cowshed protect`) changes the record.
+    mode: u32,
 }
 
 impl Stat {
@@ -298,6 +313,7 @@ impl Stat {
             len: m.len(),
             blocks: m.blocks(),
             mtime: m.modified().ok(),
+            mode: m.mode() & 0o7777,
         }
     }
 }
@@ -310,6 +326,15 @@ struct Known {
     changed: Option<Instant>,
     /// When the lock bytes were last looked at.
     lock_checked: Instant,
+    /// An event came within a second of a look made for an event: it may
+    /// be that look's echo or a QEMU opening the image right after it, so
+    /// the poll looks at the lock bytes until then (the stale-base alarm
+    /// must not miss a writer).
+    warm_until: Option<Instant>,
+    /// The last look was the poll's: an event within a second of it is
+    /// taken as its echo and warms nothing, or the poll would feed on its
+    /// own opens forever.
+    looked_by_poll: bool,
     summary: Option<HeaderSummary>,
     error: Option<String>,
     lock: LockState,
@@ -317,12 +342,18 @@ struct Known {
 }
 
 impl Known {
+    fn is_warm(&self) -> bool {
+        self.warm_until.is_some_and(|t| Instant::now() < t)
+    }
+
     fn of(r: &ImageRecord, stat: Stat, changed: Option<Instant>) -> Known {
         Known {
             key: r.key.clone(),
             stat,
             changed,
             lock_checked: Instant::now(),
+            warm_until: None,
+            looked_by_poll: false,
             summary: r.summary.clone(),
             error: r.error.clone(),
             lock: r.lock,
@@ -374,6 +405,7 @@ impl State {
             len: r.sizes.apparent,
             blocks: r.sizes.allocated / 512,
             mtime: r.mtime,
+            mode: r.mode,
         };
         self.not_images.remove(&path);
         self.known.insert(path, Known::of(&r, stat, None));
@@ -421,9 +453,13 @@ impl State {
             return;
         };
         if !always && k.lock_checked.elapsed() < LOCK_RECHECK {
+            if !k.looked_by_poll {
+                k.warm_until = Some(Instant::now() + LOCK_WARM);
+            }
             return;
         }
         k.lock_checked = Instant::now();
+        k.looked_by_poll = always;
         let (old_lock, stat) = (k.lock, k.stat);
         let lock = File::open(path)
             .ok()
@@ -502,6 +538,11 @@ impl State {
         if old.stat == stat {
             return;
         }
+        if old.stat.mode != stat.mode {
+            // A chmod: rare, and the record carries the mode.
+            self.reprobe(path, stat);
+            return;
+        }
         let sizes = Sizes {
             virtual_size: old.sizes.virtual_size,
             allocated: stat.blocks * 512,
@@ -515,6 +556,7 @@ impl State {
             return;
         }
         let changed = sizes != old.sizes;
+        let modified = old.stat.mtime != stat.mtime;
         if let Some(k) = self.known.get_mut(path) {
             if k.stat != stat {
                 k.changed = Some(Instant::now());
@@ -524,10 +566,20 @@ impl State {
             if header_may_have_changed {
                 // The cheap probe read the lock bytes just now.
                 k.lock_checked = Instant::now();
+                k.looked_by_poll = false;
             }
+            let key = k.key.clone();
             if changed {
-                let key = k.key.clone();
-                self.emit(CatalogEvent::SizesChanged { key, sizes });
+                self.emit(CatalogEvent::SizesChanged {
+                    key: key.clone(),
+                    sizes,
+                });
+            }
+            if modified {
+                self.emit(CatalogEvent::Modified {
+                    key,
+                    mtime: stat.mtime,
+                });
             }
         }
     }
@@ -601,6 +653,7 @@ impl State {
             .iter()
             .filter(|(p, k)| {
                 all || k.lock != LockState::None
+                    || k.is_warm()
                     || k.changed.is_some_and(|t| t.elapsed() < HOT)
                     || under_walk_root(p, &self.walk_roots)
             })
@@ -610,10 +663,9 @@ impl State {
             match fs::metadata(&p) {
                 Ok(m) if m.is_file() => {
                     let stat = Stat::of(&m);
-                    let unchanged_in_use = self
-                        .known
-                        .get(&p)
-                        .is_some_and(|k| k.stat == stat && k.lock != LockState::None);
+                    let unchanged_in_use = self.known.get(&p).is_some_and(|k| {
+                        k.stat == stat && (k.lock != LockState::None || k.is_warm())
+                    });
                     if unchanged_in_use {
                         // A QEMU that exits without writing changes no
                         // stat, its close event may have come within the

@@ -110,30 +110,7 @@ pub(crate) fn apply_option(o: &mut CreateOptions, kv: &str) -> color_eyre::Resul
     Ok(())
 }
 
-/// qemu-img's size syntax: a number with an optional binary suffix.
+/// qemu-img's size syntax (see [`crate::engine::size::parse_size`]).
 pub(crate) fn parse_size(s: &str) -> color_eyre::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => bail!("Invalid size '{s}': unknown suffix"),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let value: f64 = num.parse().map_err(|_| {
-        eyre!("Invalid size '{s}': expected a number with an optional suffix k, M, G, T, P, E")
-    })?;
-    if !(0.0..=(i64::MAX as f64)).contains(&(value * mult as f64)) {
-        bail!("Invalid size '{s}': out of range");
-    }
-    Ok((value * mult as f64) as u64)
+    crate::engine::size::parse_size(s).map_err(|e| eyre!(e))
 }

@@ -2,17 +2,20 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod amend;
 mod check;
 mod commit;
 mod compare;
 mod convert;
 mod create;
 mod demo;
+mod doctor;
 mod info;
 mod map;
 mod measure;
 mod mv;
 mod progress;
+mod protect;
 mod rebase;
 mod reset;
 mod resize;
@@ -59,6 +62,16 @@ pub enum Command {
     /// Scan directories and print the forest of backing chains: every base
     /// with the overlays that grow on it, broken and cyclic chains flagged.
     Tree(tree::TreeArgs),
+    /// List the problems of the backing chains under some directories,
+    /// each with its fix: backing format not recorded, absolute backing
+    /// names, chains deeper than --max-depth, backings outside the
+    /// directories, missing backings and cycles. --fix applies the fixes
+    /// that change only a header.
+    Doctor(doctor::DoctorArgs),
+    /// Make the bases under some directories (images that others use as
+    /// backing file) read-only on disk, so that nothing opens them for
+    /// writing by mistake; --off gives the write permission back.
+    Protect(protect::ProtectArgs),
     /// Check an image's metadata the way `qemu-img check` does: leaks and
     /// corruptions, same JSON and exit codes (0, 1, 2, 3, 63); `-r leaks`
     /// and `-r all` repair as qemu-img does.
@@ -66,6 +79,9 @@ pub enum Command {
     /// Copy an overlay's data into its backing file (like `qemu-img
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
+    /// Change options of an existing qcow2 image (like `qemu-img amend
+    /// -o`): lazy_refcounts, size.
+    Amend(amend::AmendArgs),
     /// Compare the guest data of two images (like `qemu-img compare`):
     /// exit 0 when they read the same, 1 when they differ (naming the first
     /// differing offset), 2-4 on errors.
@@ -196,6 +212,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),
@@ -204,6 +221,8 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Reset(a) => reset::run(a),
         Command::Trash(a) => trash::run(a),
         Command::Tree(a) => tree::run(a),
+        Command::Doctor(a) => doctor::run(a),
+        Command::Protect(a) => protect::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Mv(a) => mv::run(a),
         Command::Demo(a) => demo::run(a),

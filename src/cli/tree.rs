@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{display, human_size, Output};
 use crate::catalog::scan::scan_all;
-use crate::catalog::{Forest, NodeId};
+use crate::catalog::{Flag, Forest, NodeId};
 
 #[derive(Debug, Args)]
 pub struct TreeArgs {
@@ -57,6 +57,8 @@ struct ImageJson<'a> {
     flags: Vec<FlagJson>,
     lock_state: &'static str,
     holders: Vec<HolderJson<'a>>,
+    /// A base made read-only on disk (`cowshed protect`).
+    protected: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     backing_filename: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,12 +69,20 @@ struct ImageJson<'a> {
 struct FlagJson {
     kind: &'static str,
     text: String,
+    /// The other images the flag names (the dependents a base was
+    /// modified after).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    images: Vec<String>,
+    /// The processes holding the base for writing (open-for-writing).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    writers: Vec<u32>,
 }
 
 #[derive(Serialize)]
 struct HolderJson<'a> {
     pid: u32,
     command: &'a str,
+    writable: bool,
 }
 
 #[derive(Serialize)]
@@ -113,6 +123,13 @@ impl<'a> ImageJson<'a> {
                 .map(|f| FlagJson {
                     kind: f.kind(),
                     text: f.describe(),
+                    images: f.images().iter().map(|p| display(p)).collect(),
+                    writers: match f {
+                        Flag::OpenForWriting { writers, .. } => {
+                            writers.iter().map(|h| h.pid).collect()
+                        }
+                        _ => Vec::new(),
+                    },
                 })
                 .collect(),
             lock_state: r.lock.name(),
@@ -122,8 +139,10 @@ impl<'a> ImageJson<'a> {
                 .map(|h| HolderJson {
                     pid: h.pid,
                     command: &h.command,
+                    writable: h.writable,
                 })
                 .collect(),
+            protected: forest.is_protected(id),
             backing_filename: r
                 .summary
                 .as_ref()
@@ -205,6 +224,10 @@ fn to_human(forest: &Forest) -> String {
         bases,
         human_size(saved)
     );
+    // The stale-base alarm comes first: overlays are being corrupted now.
+    for (_, alarm) in forest.alarms() {
+        let _ = writeln!(out, "✗ ALARM: {alarm}");
+    }
     for &root in &forest.roots {
         // Prefix per depth: whether the ancestor at that depth has more
         // siblings below it.
@@ -227,8 +250,13 @@ fn to_human(forest: &Forest) -> String {
             let pct = (r.sizes.allocated * 100)
                 .checked_div(r.sizes.virtual_size)
                 .unwrap_or(0);
-            let mark = if n.flags.iter().any(|f| f.is_broken()) {
+            let mark = if n.flags.iter().any(|f| f.is_broken() || f.is_alarm()) {
                 "✗ "
+            } else {
+                ""
+            };
+            let protected = if forest.is_protected(id) {
+                "  protected (read-only)"
             } else {
                 ""
             };
@@ -254,7 +282,7 @@ fn to_human(forest: &Forest) -> String {
             };
             let _ = writeln!(
                 out,
-                "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}",
+                "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}{protected}",
                 display(&r.path),
                 r.summary.as_ref().map_or("?", |s| s.format.name()),
                 human_size(r.sizes.virtual_size),

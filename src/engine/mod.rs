@@ -15,6 +15,7 @@ pub mod preflight;
 pub mod progress;
 pub mod qcow2;
 pub mod raw;
+pub mod size;
 pub mod space;
 pub mod trash;
 

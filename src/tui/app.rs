@@ -239,6 +239,8 @@ pub struct App {
     /// mouse hits).
     pub area: Rect,
     pub quit: bool,
+    /// The chain doctor's settings, from the config.
+    pub doctor: crate::catalog::doctor::DoctorOptions,
     /// Marked images, by key: `f`, `v`, `m`, `b` (and whatever acts on
     /// [`App::targets`]) act on all of them. Kept across rescans and
     /// filters; images that vanish lose theirs.
@@ -279,6 +281,7 @@ impl App {
         let inspector = InspectHandle::start(events.clone())?;
         let pool = Jobs::new(DEFAULT_WORKERS, events);
         catalog.send(CatalogCmd::Rescan);
+        let doctor = config.doctor;
         Ok(App {
             roots,
             keymap: config.keymap,
@@ -303,6 +306,7 @@ impl App {
             log: Vec::new(),
             area,
             quit: false,
+            doctor,
             marks: BTreeSet::new(),
             reclaim: ReclaimView::default(),
             selected_key: None,
@@ -1023,6 +1027,30 @@ impl App {
                     let d = dialog::reset::ResetDialog::open(&forest, id, &self.roots)
                         .map(Dialog::Reset);
                     self.open("reset", d);
+                }
+            }
+            Action::Doctor => {
+                if let Some(id) = selected {
+                    match dialog::doctor::DoctorDialog::open(&forest, id, self.doctor) {
+                        Ok(Some(d)) => self.open("doctor", Ok(Dialog::Doctor(d))),
+                        Ok(None) => {
+                            let name = self.display_path(&forest.nodes[id].record.path);
+                            self.say(Status::done(format!(
+                                "{name}: no chain problems (chains up to {} backing files \
+                                 deep are fine)",
+                                self.doctor.max_depth
+                            )));
+                        }
+                        Err(why) => self.open("doctor", Err(why)),
+                    }
+                }
+            }
+            Action::Protect => {
+                if let Some(id) = selected {
+                    match dialog::protect::job(&forest, id) {
+                        Ok(spec) => self.submit(spec),
+                        Err(why) => self.say(Status::error(why)),
+                    }
                 }
             }
             Action::CancelJob => self.cancel_job(None),

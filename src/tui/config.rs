@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::keymap::{default_config_keys, Keymap, Overrides};
 use super::theme::{Theme, ThemeFile};
+use crate::catalog::doctor::DoctorOptions;
 
 /// What `assets/config.toml` holds: [`default_config`], checked by a test.
 pub const DEFAULT_CONFIG: &str = include_str!("../../assets/config.toml");
@@ -55,7 +56,24 @@ const THEME: &str = "
 /// The full default config file, generated from the key table: what
 /// `cowshed default-config` prints and `assets/config.toml` holds.
 pub fn default_config() -> String {
-    format!("{HEADER}{}{THEME}", default_config_keys())
+    format!(
+        "{HEADER}{}{THEME}{}",
+        default_config_keys(),
+        doctor_section()
+    )
+}
+
+fn doctor_section() -> String {
+    format!(
+        "
+[doctor]
+# Chains in which an image reads through more than this many backing
+# files are reported by `cowshed doctor` (which --max-depth overrides) and
+# the doctor of the terminal UI (!). At least 1.
+# max_depth = {}
+",
+        crate::catalog::doctor::DEFAULT_MAX_DEPTH
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +85,14 @@ struct ConfigFile {
     keys: BTreeMap<String, KeyEntry>,
     #[serde(default)]
     theme: ThemeFile,
+    #[serde(default)]
+    doctor: DoctorFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DoctorFile {
+    max_depth: Option<usize>,
 }
 
 /// `quit = "q"` or `quit = ["q", "ctrl+c"]`.
@@ -101,6 +127,8 @@ pub struct Config {
     pub roots: Vec<PathBuf>,
     pub keymap: Keymap,
     pub theme: Theme,
+    /// The chain doctor's settings (`[doctor]`).
+    pub doctor: DoctorOptions,
 }
 
 impl Config {
@@ -138,10 +166,22 @@ impl Config {
             .into_iter()
             .map(|r| if r.is_absolute() { r } else { base.join(r) })
             .collect();
+        let mut doctor = DoctorOptions::default();
+        match file.doctor.max_depth {
+            Some(0) => {
+                return Err(format!(
+                    "{}: [doctor] max_depth must be at least 1",
+                    origin.display()
+                ))
+            }
+            Some(n) => doctor.max_depth = n,
+            None => {}
+        }
         Ok(Config {
             roots,
             keymap,
             theme,
+            doctor,
         })
     }
 
@@ -278,6 +318,17 @@ mod tests {
         assert!(e.contains("clown"), "{e}");
         let e = parse("[keys.convert]\nclown = \"c\"").expect_err("unknown action");
         assert!(e.contains("clown") && e.contains("keys.convert"), "{e}");
+        let e = parse("[doctor]\nmax_depth = 0").expect_err("no chain at all");
+        assert!(e.contains("max_depth"), "{e}");
+        let e = parse("[doctor]\ndepth = 3").expect_err("unknown doctor key");
+        assert!(e.contains("depth"), "{e}");
+        assert_eq!(
+            parse("[doctor]\nmax_depth = 3")
+                .expect("valid")
+                .doctor
+                .max_depth,
+            3
+        );
         let e = parse("roots = 3").expect_err("bad type");
         assert!(e.contains("roots"), "{e}");
     }

@@ -25,6 +25,7 @@ pub enum Layer {
     Batch,
     Reclaim,
     Delete,
+    Doctor,
     Jobs,
     Job,
     Log,
@@ -32,7 +33,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 14] = [
+    pub const ALL: [Layer; 15] = [
         Layer::Tree,
         Layer::Filter,
         Layer::Input,
@@ -43,6 +44,7 @@ impl Layer {
         Layer::Batch,
         Layer::Reclaim,
         Layer::Delete,
+        Layer::Doctor,
         Layer::Jobs,
         Layer::Job,
         Layer::Log,
@@ -61,6 +63,7 @@ impl Layer {
             Layer::Batch => "batch",
             Layer::Reclaim => "reclaim",
             Layer::Delete => "delete",
+            Layer::Doctor => "doctor",
             Layer::Jobs => "jobs",
             Layer::Job => "job",
             Layer::Log => "log",
@@ -82,6 +85,7 @@ impl Layer {
             Layer::Batch => "a batch's confirm list (f, v, m, b with marks)",
             Layer::Reclaim => "the reclaim view (D): what nothing uses",
             Layer::Delete => "the delete dialog (d)",
+            Layer::Doctor => "the doctor (!): the image's problems and their fixes",
             Layer::Jobs => "the jobs pane (Tab)",
             Layer::Job => "one job, opened from the jobs pane",
             Layer::Log => "the log of warnings and job results",
@@ -108,6 +112,7 @@ pub const MODES: &[&[Layer]] = &[
     &[Layer::Batch, Layer::Rebase, Layer::Confirm],
     &[Layer::Reclaim],
     &[Layer::Delete, Layer::Confirm],
+    &[Layer::Doctor],
     &[Layer::Jobs],
     &[Layer::Job],
     &[Layer::Log],
@@ -143,6 +148,8 @@ pub enum Action {
     Reclaim,
     DeleteImage,
     ResetImage,
+    Doctor,
+    Protect,
     Move,
     CancelJob,
     FocusJobs,
@@ -410,6 +417,22 @@ pub const ACTIONS: &[ActionInfo] = &[
         "reset",
         &["R"],
         "reset the overlay: throw away its own changes (asks first)",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Doctor,
+        "doctor",
+        &["!"],
+        "the doctor: the image's chain problems, Enter applies a fix",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Protect,
+        "protect",
+        &["p"],
+        "protect the base (read-only on disk), or unprotect it",
         None,
     ),
     row(
@@ -903,6 +926,39 @@ pub const ACTIONS: &[ActionInfo] = &[
         &["s"],
         "stream it out: rebase its dependents onto its backing, then delete it",
         Some("stream"),
+    ),
+    // The doctor.
+    row(
+        L::Doctor,
+        A::Up,
+        "up",
+        &["Up", "k"],
+        "select the previous problem",
+        Some("select"),
+    ),
+    row(
+        L::Doctor,
+        A::Down,
+        "down",
+        &["Down", "j"],
+        "select the next problem",
+        None,
+    ),
+    row(
+        L::Doctor,
+        A::Submit,
+        "apply",
+        &["Enter"],
+        "apply the selected fix (flatten and commit open their dialogs)",
+        Some("apply"),
+    ),
+    row(
+        L::Doctor,
+        A::Close,
+        "close",
+        &["Esc", "q", "!"],
+        "close the doctor",
+        Some("close"),
     ),
     // The jobs pane.
     row(

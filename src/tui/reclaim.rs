@@ -127,6 +127,8 @@ mod tests {
                         apparent: mib << 20,
                     },
                     mtime: Some(now - Duration::from_secs(days * DAY)),
+                    created: None,
+                    mode: 0o644,
                     lock: LockState::None,
                     holders: Vec::new(),
                 },
@@ -171,6 +173,7 @@ mod tests {
         f.nodes[4].record.holders = vec![Holder {
             pid: 42,
             command: "qemu".into(),
+            writable: true,
         }];
         f.nodes[5].flags.push(Flag::Skipped {
             reason: "no image header".into(),

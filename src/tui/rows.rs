@@ -262,6 +262,8 @@ mod tests {
                         apparent: mib << 20,
                     },
                     mtime: None,
+                    created: None,
+                    mode: 0o644,
                     lock: LockState::None,
                     holders: Vec::new(),
                 },

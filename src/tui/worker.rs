@@ -98,18 +98,21 @@ struct Catalog {
     errors: Vec<(PathBuf, String)>,
     seq: u64,
     scanning: bool,
+    /// The forest last sent: what the UI shows now.
+    shown: Arc<Forest>,
 }
 
 impl Catalog {
-    fn publish(&self, events: &Sender<Event>) {
+    fn publish(&mut self, events: &Sender<Event>) {
         let skipped = self
             .skipped
             .iter()
             .map(|(p, (reason, sizes))| (p.clone(), reason.clone(), *sizes))
             .collect();
         let forest = Forest::build(self.records.values().cloned().collect()).with_skipped(skipped);
+        self.shown = Arc::new(forest);
         let _ = events.send(Event::Catalog(CatalogUpdate {
-            forest: Arc::new(forest),
+            forest: Arc::clone(&self.shown),
             scanning: self.scanning,
             seq: self.seq,
             errors: self.errors.clone(),
@@ -135,6 +138,7 @@ fn catalog_worker(
         errors: Vec::new(),
         seq: 0,
         scanning: false,
+        shown: Arc::new(Forest::default()),
     };
     let mut scan_rx: Receiver<ScanEvent> = never();
     let (watch_tx, mut watch_rx) = unbounded::<CatalogEvent>();
@@ -233,6 +237,15 @@ fn catalog_worker(
                             send_growth(events, report);
                         }
                     }
+                    CatalogEvent::Modified { key, mtime } => {
+                        if let Some(r) = cat.records.get_mut(&key) {
+                            r.mtime = mtime;
+                            // A guest's every write moves the mtime: the
+                            // forest is built again only when the base's
+                            // stale-base warning changes with it.
+                            publish |= stale_warning_changes(&cat.shown, &key, mtime);
+                        }
+                    }
                     CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r) => {
                         growth.sample(&r.key, Instant::now(), r.sizes.allocated);
                         cat.upsert(*r);
@@ -278,6 +291,25 @@ fn catalog_worker(
             }
         }
     }
+}
+
+/// Whether a base at `key`, modified at `mtime`, warns of other
+/// dependents than the shown forest says.
+fn stale_warning_changes(shown: &Forest, key: &Path, mtime: Option<std::time::SystemTime>) -> bool {
+    let Some(id) = shown.get(key) else {
+        return false;
+    };
+    let shown_stale = shown.nodes[id]
+        .flags
+        .iter()
+        .find_map(|f| match f {
+            crate::catalog::Flag::ModifiedAfterDependents { dependents } => {
+                Some(dependents.as_slice())
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
+    shown.dependents_older_than(id, mtime) != shown_stale
 }
 
 /// `message` without the `path: ` it starts with (as often as it does):

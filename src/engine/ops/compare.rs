@@ -20,6 +20,8 @@ use crate::engine::progress::{Cancel, Progress};
 /// QEMU's IO_BUF_SIZE: the most read from each side at once.
 const CHUNK: u64 = 2 << 20;
 const SECTOR: usize = 512;
+/// What is read of each side before comparing: two pieces fit a core's L2.
+const PIECE: u64 = 256 << 10;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CompareOptions {
@@ -119,25 +121,31 @@ pub fn compare(
                 len = len.min(CHUNK);
                 let [ba, bb] = &mut bufs;
                 let (ba, bb) = (&mut ba[..len as usize], &mut bb[..len as usize]);
-                // Both sides at once: the kernel's copy out of the page
-                // cache is most of the cost, and it runs on one core per
-                // reader (as in rebase).
-                let (ra, rb) = std::thread::scope(|s| {
-                    let h = s.spawn(|| read(b, &sb, pos, bb));
-                    let ra = read(a, &sa, pos, ba);
-                    (ra, h.join().unwrap_or_else(|_| Err(reader_panicked(pos))))
-                });
-                ra?;
-                rb?;
-                if let Some(sector) = first_different_sector(ba, bb) {
-                    return done(Verdict::ContentMismatch(pos + (sector * SECTOR) as u64));
+                // Piece by piece, so both pieces are still in this core's
+                // cache when they are compared (two reader threads cost
+                // more CPU than they saved, and lost on a busy machine).
+                let mut at = 0;
+                while at < len {
+                    let n = PIECE.min(len - at);
+                    let (pa, pb) = (
+                        &mut ba[at as usize..][..n as usize],
+                        &mut bb[at as usize..][..n as usize],
+                    );
+                    read(a, &part(&sa, at, n), pa)?;
+                    read(b, &part(&sb, at, n), pb)?;
+                    if let Some(sector) = first_different_sector(pa, pb) {
+                        return done(Verdict::ContentMismatch(
+                            pos + at + (sector * SECTOR) as u64,
+                        ));
+                    }
+                    at += n;
                 }
             }
         } else {
             len = len.min(CHUNK);
             let (chain, st) = if sa.present { (a, &sa) } else { (b, &sb) };
             let buf = &mut bufs[0][..len as usize];
-            read(chain, st, pos, buf)?;
+            read(chain, &part(st, 0, len), buf)?;
             if let Some(i) = first_nonzero(buf) {
                 return done(Verdict::ContentMismatch(pos + (i / SECTOR * SECTOR) as u64));
             }
@@ -160,7 +168,7 @@ pub fn compare(
             if st.present && !st.zero {
                 len = len.min(CHUNK);
                 let buf = &mut bufs[0][..len as usize];
-                read(longer, &st, pos, buf)?;
+                read(longer, &part(&st, 0, len), buf)?;
                 if let Some(i) = first_nonzero(buf) {
                     return done(Verdict::ContentMismatch(pos + (i / SECTOR * SECTOR) as u64));
                 }
@@ -172,22 +180,19 @@ pub fn compare(
     done(Verdict::Identical)
 }
 
-/// Read `buf.len()` guest bytes at `pos`, which `st` (starting at `pos`)
-/// covers.
-fn read(chain: &Chain, st: &BlockStatus, pos: u64, buf: &mut [u8]) -> Outcome<()> {
-    debug_assert_eq!(st.start, pos);
-    let part = BlockStatus {
-        length: buf.len() as u64,
-        ..*st
-    };
-    chain.read_extent(&part, buf).map_err(at(Stage::Read))
+/// Read the guest bytes `st` covers into `buf` (its length).
+fn read(chain: &Chain, st: &BlockStatus, buf: &mut [u8]) -> Outcome<()> {
+    chain.read_extent(st, buf).map_err(at(Stage::Read))
 }
 
-fn reader_panicked(pos: u64) -> CompareError {
-    at(Stage::Read)(Error::invalid(
-        "compare",
-        format!("internal: the reader of the chunk at 0x{pos:x} panicked"),
-    ))
+/// `len` bytes of `st`, `skip` bytes in.
+fn part(st: &BlockStatus, skip: u64, len: u64) -> BlockStatus {
+    BlockStatus {
+        start: st.start + skip,
+        length: len,
+        offset: st.offset.map(|o| o + skip),
+        ..*st
+    }
 }
 
 /// The bits of QEMU's block status word that strict mode compares:

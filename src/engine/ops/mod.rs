@@ -1,5 +1,6 @@
 //! One function per qemu-img operation.
 
+pub mod amend;
 pub mod check;
 pub mod commit;
 pub mod compare;
@@ -10,6 +11,7 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod move_image;
+pub mod protect;
 pub mod rebase;
 pub mod remove;
 pub mod reset;

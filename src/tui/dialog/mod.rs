@@ -16,8 +16,10 @@ pub mod clone;
 pub mod commit;
 pub mod convert;
 pub mod delete;
+pub mod doctor;
 pub mod flatten;
 pub mod move_image;
+pub mod protect;
 pub mod rebase;
 pub mod reset;
 
@@ -111,6 +113,8 @@ pub enum Dialog {
     /// `d`: one image or many, into the trash or for good.
     Delete(delete::DeleteDialog),
     Reset(reset::ResetDialog),
+    /// `!`: the image's chain problems and their fixes.
+    Doctor(doctor::DoctorDialog),
     /// `M`: where to move the image.
     Move(move_image::MoveDialog),
 }
@@ -127,6 +131,7 @@ impl Dialog {
             Dialog::Batch(d) => d.layers(),
             Dialog::Delete(_) => &[Layer::Delete, Layer::Confirm],
             Dialog::Reset(_) => &[Layer::Confirm],
+            Dialog::Doctor(_) => &[Layer::Doctor],
         }
     }
 
@@ -141,6 +146,7 @@ impl Dialog {
             Dialog::Batch(d) => d.on_key(key, action, ctx),
             Dialog::Delete(d) => d.on_key(action),
             Dialog::Reset(d) => d.on_key(action),
+            Dialog::Doctor(d) => d.on_key(action, ctx),
             Dialog::Move(d) => d.on_key(key, action, ctx),
         }
     }
@@ -172,6 +178,7 @@ impl Dialog {
                 keymap.hint(Layer::Confirm, Action::Yes, Some("reset")),
                 keymap.hint(Layer::Confirm, Action::No, None),
             ],
+            Dialog::Doctor(d) => d.hints(keymap),
             Dialog::Move(_) => move_image::MoveDialog::hints(keymap),
         }
     }
@@ -188,6 +195,7 @@ impl Dialog {
             Dialog::Batch(d) => d.draw(app, frame, area, &hints),
             Dialog::Delete(d) => d.draw(app, frame, area, &hints),
             Dialog::Reset(d) => d.draw(app, frame, area, &hints),
+            Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
             Dialog::Move(d) => d.draw(app, frame, area, &hints),
         }
     }

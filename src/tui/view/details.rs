@@ -142,6 +142,16 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         Style::new().fg(app.theme.in_use)
     };
     lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
+    if app.forest.is_protected(id) {
+        lines.push(Line::from(format!(
+            " ⊘ protected: no write bit on disk, so nothing opens it for writing by mistake ({} \
+             toggles)",
+            app.keymap.keys_text(
+                crate::tui::keymap::Layer::Tree,
+                crate::tui::keymap::Action::Protect
+            )
+        )));
+    }
     let root = app.forest.root_of(id);
     let space = app.forest.space(root);
     let count = app.forest.walk(root).len();
@@ -155,12 +165,13 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         human(space.saved()),
     )));
     for f in &node.flags {
-        let style = if f.is_broken() {
+        let red = f.is_broken() || f.is_alarm();
+        let style = if red {
             Style::new().fg(app.theme.broken)
         } else {
             Style::new().fg(app.theme.warning)
         };
-        let glyph = if f.is_broken() { "✗" } else { "!" };
+        let glyph = if red { "✗" } else { "!" };
         lines.insert(
             1,
             Line::from(Span::styled(format!(" {glyph} {}", f.describe()), style)),

@@ -102,7 +102,12 @@ pub fn draw(app: &App, frame: &mut Frame) {
         draw_too_small(frame, area);
         return;
     }
-    draw_header(app, frame, a.header);
+    let alarms = alarms(app);
+    if alarms.is_empty() {
+        draw_header(app, frame, a.header);
+    } else {
+        draw_alarm(app, frame, a.header, &alarms);
+    }
     tree::draw(app, frame, a.tree_head, a.tree_body);
     let (d, j) = split_bottom(app, a.bottom);
     details::draw(app, frame, d);
@@ -125,6 +130,54 @@ pub fn draw(app: &App, frame: &mut Frame) {
         Mode::Reclaim => reclaim::draw(app, frame, area),
         Mode::Tree | Mode::Filter | Mode::Jobs => {}
     }
+}
+
+/// Whether image `id` raises the stale-base alarm on screen: a base held
+/// for writing while others read through it, unless the writer is one of
+/// this UI's own jobs (a commit, whose dialog said what it does to the
+/// other overlays before it started).
+pub(crate) fn alarmed(app: &App, id: crate::catalog::NodeId) -> bool {
+    let node = &app.forest.nodes[id];
+    node.flags.iter().any(|f| f.is_alarm())
+        && !app
+            .jobs
+            .iter()
+            .any(|j| !j.state.is_finished() && j.touches.contains(&node.record.key))
+}
+
+/// The banner's alarms: "base X is open for writing by pid N (cmd): its N
+/// overlays will read corrupt data".
+pub fn alarms(app: &App) -> Vec<String> {
+    (0..app.forest.nodes.len())
+        .filter(|&id| alarmed(app, id))
+        .flat_map(|id| {
+            let n = &app.forest.nodes[id];
+            n.flags.iter().filter(|f| f.is_alarm()).map(|f| {
+                format!(
+                    "base {} is {}",
+                    app.display_path(&n.record.path),
+                    f.describe()
+                )
+            })
+        })
+        .collect()
+}
+
+/// The header's place, taken by the alarm: nothing else on screen
+/// matters as much.
+fn draw_alarm(app: &App, frame: &mut Frame, area: Rect, alarms: &[String]) {
+    let more = match alarms.len() {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more)", n - 1),
+    };
+    let text = fit(
+        &format!(" ✗ ALARM: {}{more}", alarms[0]),
+        usize::from(area.width),
+    );
+    let style = Style::new()
+        .fg(app.theme.broken)
+        .add_modifier(Modifier::BOLD | Modifier::REVERSED);
+    frame.render_widget(Paragraph::new(Line::from(Span::styled(text, style))), area);
 }
 
 fn draw_too_small(frame: &mut Frame, area: Rect) {

@@ -132,7 +132,7 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
     let node: &Node = &app.forest.nodes[row.id];
     let r = &node.record;
     let skipped = node.flags.iter().any(|f| matches!(f, Flag::Skipped { .. }));
-    let broken = node.flags.iter().any(|f| f.is_broken());
+    let broken = node.flags.iter().any(|f| f.is_broken()) || super::alarmed(app, row.id);
     let warned = !broken && !skipped && !node.flags.is_empty();
 
     let marker = if row.folded {
@@ -151,8 +151,14 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
     } else {
         ""
     };
+    // Protected: read-only on disk (`p`, `cowshed protect`).
+    let protected = if app.forest.is_protected(row.id) {
+        "⊘ "
+    } else {
+        ""
+    };
     let shown = crate::tui::rows::row_name(&app.forest, &app.roots, row);
-    let name = format!("{}{marker}{glyph}{shown}", row.guides);
+    let name = format!("{}{marker}{glyph}{protected}{shown}", row.guides);
     let name_style = if broken {
         Style::new().fg(t.broken)
     } else if warned {

@@ -1,0 +1,44 @@
+//! Protect (`p`): make the selected base read-only on disk, or give it its
+//! write permission back, as `cowshed protect [--off]` does. No question
+//! asked: it is undone with the same key. The chmod runs as a job, off the
+//! UI thread; the key path only reads the catalog's record.
+
+use super::{usable, JobSpec};
+use crate::catalog::{Forest, NodeId};
+use crate::engine::ops::protect::{protect, unprotect};
+use crate::tui::rows::file_name;
+
+/// The job that toggles the protection of image `id`, or why not.
+pub fn job(f: &Forest, id: NodeId) -> Result<JobSpec, String> {
+    usable(f, id)?;
+    let node = &f.nodes[id];
+    let r = &node.record;
+    let name = file_name(&r.path);
+    // A read-only image is unprotected even when nothing depends on it
+    // any more (its overlays were deleted since).
+    let off = r.mode & 0o222 == 0;
+    if !off && node.children.is_empty() {
+        return Err(format!(
+            "{name} is no base: nothing uses it as backing file, so there is nothing to protect"
+        ));
+    }
+    let path = r.path.clone();
+    Ok(JobSpec {
+        kind: "protect",
+        label: if off {
+            format!("unprotect {name} (writable again)")
+        } else {
+            format!("protect {name} (read-only on disk)")
+        },
+        touches: vec![r.key.clone()],
+        refresh: vec![path.clone()],
+        work: Box::new(move |_, _| {
+            if off {
+                unprotect(&path)?;
+            } else {
+                protect(&path)?;
+            }
+            Ok(None)
+        }),
+    })
+}
