@@ -391,29 +391,6 @@ fn rm_stream_keeps_relative_names_relative_and_absolute_ones_absolute() {
     assert_intact(&w, &["vms/top2.qcow2"]);
 }
 
-/// qemu-io holding `img` read-write without opening its backing file
-/// (so only `img` is held), until [`release_holder`].
-fn hold_alone(w: &Work, img: &str) -> std::process::Child {
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{img}"}}}}"#
-    );
-    let child = std::process::Command::new("qemu-io")
-        .arg(&spec)
-        .current_dir(w.root())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while cowshed::engine::lock_state(&w.path(img)).ok() != Some(cowshed::engine::LockState::Writer)
-    {
-        assert!(std::time::Instant::now() < deadline, "qemu-io took no lock");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
-}
-
 #[test]
 fn rm_stream_checks_every_dependent_before_the_first_rebase() {
     let w = Work::new("stream-held");
@@ -430,7 +407,7 @@ fn rm_stream_checks_every_dependent_before_the_first_rebase() {
     );
     release_holder(vm);
     // b alone held: a comes first and is free, but is not rebased either.
-    let vm = hold_alone(&w, "b.qcow2");
+    let vm = w.hold_writer_alone("b.qcow2");
     let pid = vm.id().to_string();
     refused(
         &w,

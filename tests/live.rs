@@ -198,15 +198,23 @@ fn images_appear_move_and_vanish() {
         &d,
     );
     let new = d.join("sub/new.qcow2");
-    let appeared = wait_for(
-        &rx,
-        DEADLINE,
-        &mut log,
-        |e| matches!(e, CatalogEvent::Appeared(r) if r.key == new),
+    // qemu-img creates a qcow2 image of size 0 and then grows it: the
+    // watcher may report it in between, and must then report the header
+    // change. The last record of it is the finished image.
+    let done = wait_for(&rx, DEADLINE, &mut log, |e| match e {
+        CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r) => {
+            r.key == new && r.sizes.virtual_size == 16 * MIB
+        }
+        _ => false,
+    });
+    assert!(done.is_some(), "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|e| matches!(e, CatalogEvent::Appeared(r) if r.key == new)),
+        "{log:#?}"
     );
-    assert!(appeared.is_some(), "{log:#?}");
-    let record = log.iter().find_map(|e| match e {
-        CatalogEvent::Appeared(r) if r.key == new => Some(r),
+    let record = log.iter().rev().find_map(|e| match e {
+        CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r) if r.key == new => Some(r),
         _ => None,
     });
     let record = record.expect("the record");

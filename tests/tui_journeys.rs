@@ -3006,3 +3006,84 @@ fn snapshots_are_created_applied_and_deleted_from_the_details() {
         "{status}"
     );
 }
+
+#[test]
+fn move_asks_where_then_repoints_the_overlays_and_follows_the_image() {
+    let dir = fleet();
+    let d = dir.path();
+    std::fs::create_dir(d.join("bases")).unwrap();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let before = raw_view(&d.join("web-2-1.qcow2"), scratch.path());
+    // A VM on an overlay holds the base too: neither may move, and the
+    // refusal names it before any dialog.
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    let deadline = std::time::Instant::now() + SETTLE;
+    while cowshed::engine::lock_state(&d.join("base.qcow2")).ok()
+        != Some(cowshed::engine::LockState::Reader)
+    {
+        assert!(std::time::Instant::now() < deadline, "the base is not held");
+        std::thread::yield_now();
+    }
+    let mut j = Journey::start(d);
+    for name in ["web-1.qcow2", "base.qcow2"] {
+        j.select(name);
+        j.key(KeyCode::Char('M'));
+        assert!(j.in_tree(), "{name}: a dialog opened");
+        let text = status_text(&j);
+        assert!(
+            text.contains(&format!("pid {}", vm.pid())),
+            "{name}: {text}"
+        );
+    }
+    drop(vm);
+    j.key(KeyCode::Char('r'));
+    j.select("base.qcow2");
+    j.key(KeyCode::Char('M'));
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Move(_))),
+        "{:?}",
+        j.app.status
+    );
+    insta::assert_snapshot!("move_dialog", j.screen());
+    let clear = |j: &mut Journey| {
+        j.send(CtEvent::Key(KeyEvent::new(
+            KeyCode::Char('u'),
+            KeyModifiers::CONTROL,
+        )))
+    };
+    // An existing file is refused in the dialog, which stays open.
+    clear(&mut j);
+    j.chars("disk.raw");
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.dialog, Some(Dialog::Move(_))));
+    assert!(
+        status_text(&j).contains("disk.raw exists"),
+        "{}",
+        status_text(&j)
+    );
+    // An existing directory takes it in.
+    clear(&mut j);
+    j.chars("bases");
+    j.press(KeyCode::Enter);
+    j.run_jobs();
+    assert_eq!(
+        j.app.jobs[0].state,
+        cowshed::jobs::JobState::Done,
+        "{:?}",
+        j.app.status
+    );
+    assert!(!d.join("base.qcow2").exists());
+    for overlay in ["web-1.qcow2", "web-2.qcow2"] {
+        let info = qemu_info(&d.join(overlay));
+        assert_eq!(info["backing-filename"], "bases/base.qcow2", "{info}");
+        assert_check_clean(&d.join(overlay));
+    }
+    assert_same_content(&d.join("web-2-1.qcow2"), &before);
+    // The moved image is selected, with its overlays under it.
+    let id = j.app.selected_node().expect("a selection");
+    assert_eq!(
+        j.app.forest.nodes[id].record.path,
+        d.join("bases/base.qcow2")
+    );
+    assert_eq!(j.app.forest.nodes[id].children.len(), 2);
+}

@@ -13,6 +13,7 @@ mod doctor;
 mod info;
 mod map;
 mod measure;
+mod mv;
 mod progress;
 mod protect;
 mod rebase;
@@ -143,6 +144,37 @@ pub enum Command {
     /// (like `qemu-img convert`): raw or qcow2, optionally compressed or
     /// over a new backing file.
     Convert(convert::ConvertArgs),
+    /// Rename or move an image, or a directory of images, and re-point
+    /// every image that uses it as backing file.
+    ///
+    /// DST may be a new name or an existing directory (SRC goes into it);
+    /// an existing file is never replaced. Every image in SRC's directory
+    /// and under the --root directories whose backing file is SRC gets its
+    /// backing name rewritten (header only, format kept): a relative name
+    /// stays relative, an absolute one becomes DST's absolute path. The
+    /// moved image's own relative backing name is rewritten too so that it
+    /// still leads to its backing file from the new place. Moving a
+    /// directory moves everything in it and re-points the images outside
+    /// that use images inside (and images inside whose relative names lead
+    /// outside); names inside that lead inside stay as they are.
+    ///
+    /// On one file system the files are hard-linked to DST, the dependents
+    /// re-pointed, then SRC unlinked: every name is valid at every moment.
+    /// Across file systems SRC is copied beside DST, made durable, read
+    /// back and compared, and renamed to DST before anything is re-pointed;
+    /// SRC is removed last.
+    ///
+    /// Refused, with every file left byte-identical, while a QEMU holds SRC
+    /// or a dependent, when DST exists, when a dependent cannot take its
+    /// new name, or when a copy would not fit.
+    ///
+    /// Interrupted: the move keeps a journal (.SRCNAME.cowshed-mv.json
+    /// beside SRC). Ctrl-C before any dependent was re-pointed undoes it
+    /// (the old layout, exit 130); after that the move finishes. Killed
+    /// (a crash, a power cut), every image still opens and reads the same,
+    /// and running the same command again completes the move, even when
+    /// SRC is already gone.
+    Mv(mv::MvArgs),
     /// Compute the size a new image would take, empty (--size) or holding
     /// a copy of a source chain (like `qemu-img measure`).
     Measure(measure::MeasureArgs),
@@ -197,6 +229,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Doctor(a) => doctor::run(a),
         Command::Protect(a) => protect::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Mv(a) => mv::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Completions(a) => shell::completions(a),
         Command::Manpage => shell::manpage(),

@@ -97,7 +97,7 @@ fn canonical_dir_of(p: &Path) -> Option<PathBuf> {
 
 /// `to` as seen from the directory `from_dir`; both absolute and free of
 /// `.` and `..`.
-fn relative_path(from_dir: &Path, to: &Path) -> PathBuf {
+pub fn relative_path(from_dir: &Path, to: &Path) -> PathBuf {
     let from: Vec<_> = from_dir.components().collect();
     let to: Vec<_> = to.components().collect();
     let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();

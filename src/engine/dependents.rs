@@ -49,21 +49,40 @@ pub struct Dependent {
 /// Files that are not qcow2 images, or cannot be read, are skipped: they
 /// use nothing.
 pub fn find_dependents(target: &Path, scope: &Scope) -> Result<Vec<Dependent>> {
-    let want = std::fs::metadata(target).at(target)?;
-    let want = (want.dev(), want.ino());
+    Ok(find_dependents_of_any(&[target], scope)?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect())
+}
+
+/// [`find_dependents`] for several targets in one pass over the scope (a
+/// directory being moved): each dependent with the index of the target it
+/// uses. The targets themselves are never counted as dependents.
+pub fn find_dependents_of_any(targets: &[&Path], scope: &Scope) -> Result<Vec<(usize, Dependent)>> {
+    let mut wanted = std::collections::HashMap::new();
+    for (i, t) in targets.iter().enumerate() {
+        let m = std::fs::metadata(t).at(t)?;
+        wanted.insert((m.dev(), m.ino()), i);
+    }
     let mut found = Vec::new();
-    let mut seen = HashSet::from([want]);
+    let mut seen: HashSet<(u64, u64)> = wanted.keys().copied().collect();
     let mut consider = |path: PathBuf, m: &std::fs::Metadata| {
         if !m.is_file() || !seen.insert((m.dev(), m.ino())) {
             return;
         }
         if let Some((backing_name, backing_format, resolved)) = backing_of(&path) {
-            if std::fs::metadata(resolved).is_ok_and(|bm| (bm.dev(), bm.ino()) == want) {
-                found.push(Dependent {
-                    path,
-                    backing_name,
-                    backing_format,
-                });
+            let target = std::fs::metadata(resolved)
+                .ok()
+                .and_then(|bm| wanted.get(&(bm.dev(), bm.ino())).copied());
+            if let Some(i) = target {
+                found.push((
+                    i,
+                    Dependent {
+                        path,
+                        backing_name,
+                        backing_format,
+                    },
+                ));
             }
         }
     };
@@ -97,7 +116,7 @@ pub fn find_dependents(target: &Path, scope: &Scope) -> Result<Vec<Dependent>> {
             }
         }
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found.sort_by(|a, b| a.1.path.cmp(&b.1.path));
     Ok(found)
 }
 

@@ -41,6 +41,15 @@
 //!   `writer.empty.before_rename`;
 //! - `check -r`: `check.rebuild.before_switch`, `check.repair.rebuilt`,
 //!   `check.repair.refcounts_fixed`, `check.repair.copied_flags_fixed`;
+//! - mv (src/engine/ops/move_image.rs): `mv.journal.saved` (each durable
+//!   journal write), `mv.rewrite.before_place` (a moved image's own name
+//!   spelled absolutely before DST exists), `mv.linked` (each hard link
+//!   made), `mv.copied` (each chunk copied across file systems),
+//!   `mv.verified` (each copy read back equal), `mv.placed` (DST renamed
+//!   or linked into place, before the journal says so),
+//!   `mv.rewrite.repoint` (each backing name re-pointed), `mv.removed`
+//!   (each file of SRC unlinked), `mv.rewrite.final` (each moved image's
+//!   final name), `mv.rollback` (each step of undoing a cancelled move);
 //! - `rm`: `rm.stream.rebased` (each dependent rebased onto the streamed
 //!   image's backing), `rm.before_unlink` (each image, before it is
 //!   deleted or moved into the trash); the trash: `trash.before_rename`

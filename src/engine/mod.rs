@@ -30,6 +30,7 @@ pub use ops::create::{create, CreateOptions};
 pub use ops::info::{info, info_chain, inspect, inspect_file, HeaderSummary, ImageInfo};
 pub use ops::map::map;
 pub use ops::measure::{measure, Measure, MeasureOptions, MeasureSource};
+pub use ops::move_image::{move_image, MoveOptions, MoveReport};
 pub use ops::rebase::{rebase, rebase_space_needed, RebaseOptions};
 pub use ops::remove::{remove, Removal, RemoveOptions};
 pub use ops::reset::{reset, ResetOptions};

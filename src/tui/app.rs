@@ -1007,6 +1007,12 @@ impl App {
                     self.open("convert", d);
                 }
             }
+            Action::Move => {
+                if let Some(id) = selected {
+                    let d = dialog::move_image::MoveDialog::open(&forest, id).map(Dialog::Move);
+                    self.open("move", d);
+                }
+            }
             Action::DeleteImage => {
                 // The marked images, else the selected one.
                 let targets = self.targets();

@@ -80,7 +80,7 @@ impl Layer {
         match self {
             Layer::Tree => "the tree",
             Layer::Filter => "typing a filter (/)",
-            Layer::Input => "typing a name or a path (C, t in the picker)",
+            Layer::Input => "typing a name or a path (C, M, t in the picker)",
             Layer::Confirm => "yes/no questions (commit, flatten, rebase, delete, reset)",
             Layer::Pick => "picking a new backing in the tree (b)",
             Layer::Rebase => "the rebase dialog",
@@ -156,6 +156,7 @@ pub enum Action {
     Doctor,
     Protect,
     Snapshots,
+    Move,
     CancelJob,
     FocusJobs,
     Log,
@@ -449,6 +450,15 @@ pub const ACTIONS: &[ActionInfo] = &[
         "snapshots",
         &["S"],
         "the image's internal snapshots: create, apply, delete",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Move,
+        "move",
+        &["M"],
+        "move or rename the image, re-pointing what uses it",
+        // The footer is full; `?` lists it.
         None,
     ),
     row(

@@ -512,9 +512,23 @@ impl Work {
     /// on stdin) and wait until its lock is visible. Stop it with
     /// [`release_holder`].
     pub fn hold_writer(&self, img: &str, fmt: &str) -> std::process::Child {
+        self.hold(&["-f", fmt, img], img)
+    }
+
+    /// [`Work::hold_writer`] for a qcow2 image whose backing file is not
+    /// opened at all (`backing: null`): only `img` is held, not the chain
+    /// under it as a VM would hold it.
+    pub fn hold_writer_alone(&self, img: &str) -> std::process::Child {
+        let spec = format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{img}"}}}}"#
+        );
+        self.hold(&[&spec], img)
+    }
+
+    fn hold(&self, args: &[&str], img: &str) -> std::process::Child {
         use std::process::Stdio;
         let mut child = Command::new("qemu-io")
-            .args(["-f", fmt, img])
+            .args(args)
             .current_dir(self.root())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

@@ -10,6 +10,7 @@ pub mod create;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod move_image;
 pub mod protect;
 pub mod rebase;
 pub mod remove;

@@ -18,6 +18,7 @@ pub mod convert;
 pub mod delete;
 pub mod doctor;
 pub mod flatten;
+pub mod move_image;
 pub mod protect;
 pub mod rebase;
 pub mod reset;
@@ -117,13 +118,15 @@ pub enum Dialog {
     Doctor(doctor::DoctorDialog),
     /// `S`: the image's internal snapshots.
     Snapshot(snapshot::SnapshotDialog),
+    /// `M`: where to move the image.
+    Move(move_image::MoveDialog),
 }
 
 impl Dialog {
     /// The key layers this dialog reads now, first match wins.
     pub fn layers(&self) -> &'static [Layer] {
         match self {
-            Dialog::Clone(_) => &[Layer::Input],
+            Dialog::Clone(_) | Dialog::Move(_) => &[Layer::Input],
             Dialog::Commit(_) | Dialog::Flatten(_) => &[Layer::Confirm],
             Dialog::Pick(p) => p.layers(),
             Dialog::Rebase(_) => &[Layer::Rebase, Layer::Confirm],
@@ -149,6 +152,7 @@ impl Dialog {
             Dialog::Reset(d) => d.on_key(action),
             Dialog::Doctor(d) => d.on_key(action, ctx),
             Dialog::Snapshot(d) => d.on_key(key, action),
+            Dialog::Move(d) => d.on_key(key, action, ctx),
         }
     }
 
@@ -181,6 +185,7 @@ impl Dialog {
             ],
             Dialog::Doctor(d) => d.hints(keymap),
             Dialog::Snapshot(d) => d.hints(keymap),
+            Dialog::Move(_) => move_image::MoveDialog::hints(keymap),
         }
     }
 
@@ -198,6 +203,7 @@ impl Dialog {
             Dialog::Reset(d) => d.draw(app, frame, area, &hints),
             Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
             Dialog::Snapshot(d) => d.draw(app, frame, area, &hints),
+            Dialog::Move(d) => d.draw(app, frame, area, &hints),
         }
     }
 }
