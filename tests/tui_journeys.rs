@@ -1147,16 +1147,26 @@ impl Holder {
         } else {
             cowshed::engine::LockState::Writer
         };
-        let deadline = std::time::Instant::now() + SETTLE;
-        while cowshed::engine::lock_state(&dir.join(name)).ok() != Some(want) {
-            assert!(std::time::Instant::now() < deadline, "qemu-io took no lock");
-            std::thread::yield_now();
-        }
+        wait_lock(&dir.join(name), want);
         Holder(child)
     }
 
     fn pid(&self) -> u32 {
         self.0.id()
+    }
+}
+
+/// Wait until `path` shows `want` as QEMU's lock state (asked without
+/// taking a lock).
+fn wait_lock(path: &Path, want: cowshed::engine::LockState) {
+    let deadline = std::time::Instant::now() + SETTLE;
+    while cowshed::engine::lock_state(path).ok() != Some(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never showed a {want:?} lock",
+            path.display()
+        );
+        std::thread::yield_now();
     }
 }
 
@@ -1179,6 +1189,9 @@ fn actions_on_an_image_a_qemu_holds_are_refused_before_any_dialog() {
     let dir = fleet();
     let d = dir.path();
     let vm = Holder::start(d, "web-1.qcow2", false);
+    // QEMU locks the top and its backing file one after the other: the
+    // catalog is to see both.
+    wait_lock(&d.join("base.qcow2"), cowshed::engine::LockState::Reader);
     let before: Vec<Vec<u8>> = ["web-1.qcow2", "base.qcow2"]
         .iter()
         .map(|n| std::fs::read(d.join(n)).expect("read"))
