@@ -3,6 +3,7 @@
 //! command go up to `main`, where color-eyre prints them.
 
 mod amend;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -138,6 +139,9 @@ pub enum Command {
     /// List, create, apply or delete a qcow2 image's internal snapshots
     /// (like `qemu-img snapshot -l | -c | -a | -d`).
     Snapshot(snapshot::SnapshotArgs),
+    /// Add, remove, clear, enable or disable a qcow2 image's persistent
+    /// dirty bitmap (like `qemu-img bitmap`).
+    Bitmap(bitmap::BitmapArgs),
     /// Create a new image (like `qemu-img create`); never overwrites a file.
     Create(create::CreateArgs),
     /// Flatten an image and its whole backing chain into a new image
@@ -221,6 +225,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Rebase(a) => rebase::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
         Command::Create(a) => create::run(a),
         Command::Rm(a) => rm::run(a),
         Command::Reset(a) => reset::run(a),

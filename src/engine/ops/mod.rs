@@ -1,6 +1,7 @@
 //! One function per qemu-img operation.
 
 pub mod amend;
+pub mod bitmap;
 pub mod check;
 pub mod commit;
 pub mod compare;

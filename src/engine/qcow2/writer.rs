@@ -25,6 +25,7 @@
 //! valid raw image of the disk.
 
 pub mod backing;
+pub mod bitmaps;
 pub mod snapshots;
 use super::be64_table;
 use std::collections::HashMap;

@@ -143,7 +143,7 @@ pub fn check_fits(h: &Header, path: &Path, name: Option<&str>, format: Option<&s
 /// write over the old one: the bytes up to the end of whichever of the two
 /// is longer (the rest of the cluster is zeros in the new header), then
 /// flush.
-fn write_header(file: &File, path: &Path, h: &mut Header) -> Result<()> {
+pub(super) fn write_header(file: &File, path: &Path, h: &mut Header) -> Result<()> {
     let cluster = h.to_cluster(path)?;
     let mut old = vec![0u8; cluster.len()];
     let n = read_up_to(file, &mut old, 0).at(path)?;
