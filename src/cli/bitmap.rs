@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 use color_eyre::eyre::bail;
 
 use super::create::parse_size;
@@ -27,20 +27,20 @@ use crate::engine::Format;
 )]
 pub struct BitmapArgs {
     /// Create BITMAP, recording future writes.
-    #[arg(long)]
-    add: bool,
+    #[arg(long, action = ArgAction::Count)]
+    add: u8,
     /// Remove BITMAP and free its clusters.
-    #[arg(long)]
-    remove: bool,
+    #[arg(long, action = ArgAction::Count)]
+    remove: u8,
     /// Make BITMAP record no writes so far.
-    #[arg(long)]
-    clear: bool,
+    #[arg(long, action = ArgAction::Count)]
+    clear: u8,
     /// Start recording future writes in BITMAP.
-    #[arg(long)]
-    enable: bool,
+    #[arg(long, action = ArgAction::Count)]
+    enable: u8,
     /// Stop recording future writes in BITMAP.
-    #[arg(long)]
-    disable: bool,
+    #[arg(long, action = ArgAction::Count)]
+    disable: u8,
     /// Not supported yet (qemu-img merges another bitmap into BITMAP).
     #[arg(long, value_name = "SOURCE")]
     merge: Option<OsString>,
@@ -74,9 +74,9 @@ pub fn run(a: BitmapArgs) -> color_eyre::Result<i32> {
     Ok(0)
 }
 
-/// The actions asked for, in the order their flags appear in `argv` (as
-/// qemu-img applies them); flags not found there come last, in a fixed
-/// order.
+/// The actions asked for, each as often as given, in the order their
+/// flags appear in `argv` (as qemu-img applies them); flags not found there
+/// come last, in a fixed order.
 fn ordered_actions(a: &BitmapArgs, argv: impl Iterator<Item = Vec<u8>>) -> Vec<Action> {
     let asked = [
         (a.add, Action::Add, &b"--add"[..]),
@@ -86,14 +86,17 @@ fn ordered_actions(a: &BitmapArgs, argv: impl Iterator<Item = Vec<u8>>) -> Vec<A
         (a.remove, Action::Remove, b"--remove"),
     ];
     let argv: Vec<Vec<u8>> = argv.take_while(|s| s != b"--").collect();
-    let mut out: Vec<(usize, Action)> = asked
-        .iter()
-        .filter(|(on, _, _)| *on)
-        .map(|&(_, action, flag)| {
-            let at = argv.iter().position(|s| s == flag).unwrap_or(usize::MAX);
-            (at, action)
-        })
-        .collect();
+    let mut out: Vec<(usize, Action)> = Vec::new();
+    for (times, action, flag) in asked {
+        let mut at = argv
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_slice() == flag)
+            .map(|(i, _)| i);
+        for _ in 0..times {
+            out.push((at.next().unwrap_or(usize::MAX), action));
+        }
+    }
     out.sort_by_key(|&(at, _)| at);
     out.into_iter().map(|(_, action)| action).collect()
 }

@@ -59,6 +59,11 @@
 //! - snapshot create, apply, delete: `snapshot.written` (the next
 //!   metadata generation written, not yet flushed), `snapshot.before_switch`,
 //!   `snapshot.switched` (the header points at it);
+//! - bitmap add, remove, clear, enable, disable (each action of one call):
+//!   `bitmap.written` (the new directory and table written, not yet
+//!   flushed), `bitmap.before_switch`, `bitmap.switched` (the header's
+//!   bitmaps extension points at the new directory; the old clusters not
+//!   yet freed);
 //! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
 
 /// Whether points do anything in this build.

@@ -221,7 +221,8 @@ fn not_found(name: &[u8]) -> String {
 
 fn inconsistent(bm: &BitmapEntry) -> String {
     format!(
-        "Bitmap '{}' is inconsistent and cannot be used",
+        "Bitmap '{}' is inconsistent and cannot be used\nTry --remove to delete this bitmap \
+         from disk",
         String::from_utf8_lossy(&bm.name)
     )
 }

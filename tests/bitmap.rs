@@ -1,0 +1,453 @@
+//! `cowshed bitmap` against `qemu-img bitmap`. Each variant (cluster
+//! sizes, refcount widths, extended L2, an overlay, a disk large enough
+//! for several bitmap data clusters) runs one sequence of adds, removes,
+//! clears, enables and disables twice: on `img`, where cowshed and
+//! qemu-img take turns (each changes bitmaps the other made, with guest
+//! writes in between that QEMU records), and on `ref`, where qemu-img does
+//! everything. After every step: `qemu-img check` finds `img` clean (no
+//! leaks either), `qemu-img info` lists the same bitmaps for both (and
+//! `cowshed info` agrees), the same bitmaps hold data, and both read the
+//! same. Then refusals where qemu-img refuses (same exit code, same
+//! message, the file byte-identical), the order of several actions, and
+//! kills at every fault point leaving the bitmaps as before or as after.
+
+mod common;
+
+use common::fault;
+use common::{Work, MIB};
+use serde_json::Value;
+
+use cowshed::engine::qcow2::bitmap::{read_directory, TABLE_OFFSET_MASK};
+use cowshed::engine::qcow2::Header;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Cowshed,
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// `bitmap ARGS NAME` by a tool (on `ref` always by qemu-img).
+    Op(Tool, &'static [&'static str], &'static str),
+    /// qemu-io writes, recorded in the enabled bitmaps of both images.
+    Write(&'static [&'static str]),
+}
+
+use Step::{Op, Write};
+use Tool::{Cowshed as C, Qemu as Q};
+
+const STEPS: &[Step] = &[
+    Op(C, &["--add"], "b1"),
+    Op(Q, &["--add", "-g", "512"], "b2"),
+    Op(C, &["--add", "-g", "1M", "--disable"], "b3"),
+    Write(&["write -P 1 0 1M", "write -P 2 5M 64k"]),
+    Op(C, &["--disable"], "b1"),
+    Op(Q, &["--enable"], "b3"),
+    Write(&["write -P 3 2M 512k"]),
+    Op(C, &["--clear"], "b2"),
+    Op(C, &["--enable"], "b1"),
+    Op(Q, &["--add"], "b4"),
+    Write(&["write -P 4 7M 1M"]),
+    Op(C, &["--remove"], "b3"),
+    Op(Q, &["--clear"], "b1"),
+    Op(C, &["--remove"], "b4"),
+    Op(Q, &["--remove"], "b1"),
+    Op(C, &["--remove"], "b2"),
+    Op(C, &["--add", "--disable"], "last"),
+];
+
+struct Variant {
+    name: &'static str,
+    opts: &'static str,
+    size: u64,
+    overlay: bool,
+}
+
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "64k",
+        opts: "",
+        size: 8 * MIB,
+        overlay: false,
+    },
+    Variant {
+        name: "512b-clusters",
+        opts: "cluster_size=512",
+        size: 8 * MIB,
+        overlay: false,
+    },
+    Variant {
+        // One 4 KiB bitmap cluster covers 16 MiB at granularity 512:
+        // several table entries and data clusters.
+        name: "4k-clusters-large",
+        opts: "cluster_size=4096,refcount_bits=1",
+        size: 64 * MIB,
+        overlay: false,
+    },
+    Variant {
+        name: "2m-extended-l2",
+        opts: "cluster_size=2M,extended_l2=on",
+        size: 8 * MIB,
+        overlay: false,
+    },
+    Variant {
+        name: "overlay",
+        opts: "refcount_bits=64",
+        size: 8 * MIB,
+        overlay: true,
+    },
+];
+
+fn bitmap(w: &Work, tool: Tool, args: &[&str], name: &str, img: &str) {
+    let mut all = vec!["bitmap"];
+    all.extend_from_slice(args);
+    all.extend([img, name]);
+    match tool {
+        Tool::Cowshed => {
+            let r = w.cowshed(&all);
+            assert!(r.ok(), "{r}");
+        }
+        Tool::Qemu => {
+            w.qemu_img(&all);
+        }
+    }
+}
+
+/// The bitmaps `qemu-img info --output json` lists.
+fn listed(w: &Work, img: &str) -> Value {
+    w.info_json(img)["format-specific"]["data"]
+        .get("bitmaps")
+        .cloned()
+        .unwrap_or(Value::Array(Vec::new()))
+}
+
+/// Per bitmap (by name): whether its table points at any data cluster
+/// (QEMU stores a bitmap with no bit set as a table of zeros).
+fn holding_data(w: &Work, img: &str) -> Vec<(String, bool)> {
+    let path = w.path(img);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let h = Header::read(&file, &path, len).unwrap();
+    let Some(ext) = &h.extensions.bitmaps else {
+        return Vec::new();
+    };
+    let bytes = std::fs::read(&path).unwrap();
+    read_directory(&file, &path, ext)
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let at = b.table_offset as usize;
+            let table = &bytes[at..at + b.table_size as usize * 8];
+            let any = table
+                .chunks_exact(8)
+                .any(|e| u64::from_be_bytes(e.try_into().unwrap()) & TABLE_OFFSET_MASK != 0);
+            (String::from_utf8_lossy(&b.name).into_owned(), any)
+        })
+        .collect()
+}
+
+#[test]
+fn both_tools_take_turns_and_agree_with_qemu() {
+    for v in VARIANTS {
+        let w = Work::new(&format!("bitmap-{}", v.name));
+        if v.overlay {
+            w.create("base", "qcow2", "", None, v.size);
+            w.io("qcow2", "base", &["write -P 9 0 3M".to_string()]);
+            w.create("img", "qcow2", v.opts, Some(("base", "qcow2")), v.size);
+        } else {
+            w.create("img", "qcow2", v.opts, None, v.size);
+        }
+        w.copy("img", "ref");
+        for (i, step) in STEPS.iter().enumerate() {
+            let what = format!("[{}] step {i} {step:?}", v.name);
+            match *step {
+                Op(tool, args, name) => {
+                    bitmap(&w, tool, args, name, "img");
+                    bitmap(&w, Tool::Qemu, args, name, "ref");
+                }
+                Write(cmds) => {
+                    let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+                    w.io("qcow2", "img", &cmds);
+                    w.io("qcow2", "ref", &cmds);
+                }
+            }
+            if let Err(e) = w.check_clean("img") {
+                panic!("{what}: {e}");
+            }
+            assert_eq!(listed(&w, "img"), listed(&w, "ref"), "{what}");
+            assert_eq!(holding_data(&w, "img"), holding_data(&w, "ref"), "{what}");
+            let ours = w.cowshed(&["info", "--output", "json", "img"]);
+            assert!(ours.ok(), "{what}: {ours}");
+            let ours = w.json(&ours);
+            assert_eq!(
+                ours["format-specific"]["data"]
+                    .get("bitmaps")
+                    .cloned()
+                    .unwrap_or(Value::Array(Vec::new())),
+                listed(&w, "ref"),
+                "{what}: cowshed info"
+            );
+            w.same_view("img", "ref")
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        // After the last remove the extension and its autoclear bit go,
+        // as qemu-img leaves them; "last" was added again since.
+        assert_eq!(listed(&w, "img").as_array().map(Vec::len), Some(1));
+    }
+}
+
+/// The autoclear features word (header bytes 88..96).
+fn autoclear(w: &Work, img: &str) -> u64 {
+    let b = w.read_file(img);
+    u64::from_be_bytes(b[88..96].try_into().unwrap())
+}
+
+#[test]
+fn removing_the_last_bitmap_drops_the_extension_as_qemu_does() {
+    let w = Work::new("bitmap-last");
+    w.create("img", "qcow2", "", None, 4 * MIB);
+    w.copy("img", "ref");
+    for img in ["img", "ref"] {
+        w.qemu_img(&["bitmap", "--add", img, "x"]);
+    }
+    assert_eq!(autoclear(&w, "img"), 1);
+    bitmap(&w, Tool::Cowshed, &["--remove"], "x", "img");
+    bitmap(&w, Tool::Qemu, &["--remove"], "x", "ref");
+    assert_eq!(autoclear(&w, "img"), autoclear(&w, "ref"));
+    assert_eq!(listed(&w, "img"), listed(&w, "ref"));
+    w.check_clean("img").unwrap();
+    // The header bytes past the fixed fields: no extension left behind.
+    let (a, b) = (w.read_file("img"), w.read_file("ref"));
+    assert!(a[..4096] == b[..4096], "headers differ");
+}
+
+/// Several actions run in the order given; the first that fails stops
+/// the rest with what came before kept, as in qemu-img.
+#[test]
+fn several_actions_run_in_order() {
+    let w = Work::new("bitmap-order");
+    w.create("img", "qcow2", "", None, 4 * MIB);
+    for args in [
+        &["--add", "--disable"][..],
+        &["--disable", "--add"],
+        &["--add", "--clear", "--remove"],
+        &["--add", "--add"],
+    ] {
+        w.copy("img", "a");
+        w.copy("img", "b");
+        let mut ours = vec!["bitmap"];
+        ours.extend_from_slice(args);
+        ours.extend(["a", "n"]);
+        let mut theirs = vec!["bitmap"];
+        theirs.extend_from_slice(args);
+        theirs.extend(["b", "n"]);
+        let r = w.cowshed(&ours);
+        let q = w.qemu_img_may_fail(&theirs);
+        assert_eq!(r.code, q.code, "{args:?}: {r} / {q}");
+        assert_eq!(listed(&w, "a"), listed(&w, "b"), "{args:?}");
+        w.check_clean("a").unwrap();
+    }
+}
+
+/// `qemu-img`'s message without its program name.
+fn qemu_message(r: &common::Run) -> String {
+    r.stderr
+        .trim_end()
+        .strip_prefix("qemu-img: ")
+        .unwrap_or(&r.stderr)
+        .to_string()
+}
+
+#[test]
+fn refusals_leave_the_file_byte_identical() {
+    let w = Work::new("bitmap-refusals");
+    w.create("img", "qcow2", "", None, 4 * MIB);
+    w.qemu_img(&["bitmap", "--add", "img", "have"]);
+    w.qemu_img(&["bitmap", "--add", "img", "broken"]);
+    mark_in_use(&w, "img", "broken");
+    let long = "x".repeat(1024);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--add", "have"],
+        vec!["--add", ""],
+        vec!["--add", "-g", "1000", "n"],
+        vec!["--add", "-g", "256", "n"],
+        vec!["--add", "-g", "4G", "n"],
+        vec!["--add", &long],
+        vec!["--remove", "missing"],
+        vec!["--clear", "missing"],
+        vec!["--enable", "missing"],
+        vec!["--disable", "missing"],
+        vec!["--clear", "broken"],
+        vec!["--enable", "broken"],
+        vec!["--disable", "broken"],
+        vec!["have"],
+        vec!["--remove", "-g", "64k", "have"],
+    ];
+    let before = w.read_file("img");
+    for case in &cases {
+        let (flags, name) = case.split_at(case.len() - 1);
+        let mut args = vec!["bitmap"];
+        args.extend_from_slice(flags);
+        args.extend(["img", name[0]]);
+        let r = w.cowshed(&args);
+        w.copy("img", "q");
+        let mut qargs = args.clone();
+        let n = qargs.len();
+        qargs[n - 2] = "q";
+        let q = w.qemu_img_may_fail(&qargs);
+        assert_eq!(q.code, Some(1), "oracle {case:?}: {q}");
+        assert_eq!(r.code, Some(1), "{case:?}: {r}");
+        // The first line means the same (the hint on a second line is
+        // about QMP in qemu-img).
+        let qline = qemu_message(&q);
+        let qline = node_named(qline.lines().next().unwrap_or(""), "img");
+        assert!(
+            r.stderr.contains(&qline),
+            "{case:?}: {r}\nqemu-img: {qline}"
+        );
+        assert!(w.read_file("img") == before, "{case:?} wrote");
+    }
+    // An inconsistent bitmap can be removed, by both.
+    w.copy("img", "q");
+    bitmap(&w, Tool::Cowshed, &["--remove"], "broken", "img");
+    bitmap(&w, Tool::Qemu, &["--remove"], "broken", "q");
+    assert_eq!(listed(&w, "img"), listed(&w, "q"));
+    w.check_clean("img").unwrap();
+
+    // A QEMU holding the image: refused, naming the lock.
+    // (QEMU marks the bitmaps in use when it opens the image: the file
+    // is compared from then on.)
+    let holder = w.hold_writer("img", "qcow2");
+    let before = w.read_file("img");
+    let r = w.cowshed(&["bitmap", "--add", "img", "n"]);
+    let after = w.read_file("img");
+    common::release_holder(holder);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("Failed to get \"write\" lock"), "{r}");
+    assert!(after == before, "a refused add wrote");
+
+    // Images that cannot store bitmaps, with qemu-img's reason.
+    w.create("disk.raw", "raw", "", None, MIB);
+    w.create("v2.qcow2", "qcow2", "compat=0.10", None, MIB);
+    for (img, fmt) in [
+        ("disk.raw", None),
+        ("disk.raw", Some("raw")),
+        ("v2.qcow2", None),
+    ] {
+        let before = w.read_file(img);
+        let mut args = vec!["bitmap", "--add"];
+        if let Some(f) = fmt {
+            args.extend(["-f", f]);
+        }
+        args.extend([img, "n"]);
+        let r = w.cowshed(&args);
+        let q = w.qemu_img_may_fail(&args);
+        assert_eq!((r.code, q.code), (Some(1), Some(1)), "{r} / {q}");
+        let reason = qemu_message(&q);
+        let reason = reason.rsplit(": ").next().unwrap_or("");
+        assert!(r.stderr.contains(reason), "{r}\nqemu-img: {q}");
+        assert!(w.read_file(img) == before, "{img} written");
+    }
+}
+
+/// `line` with QEMU's node name ('#block123') replaced by the file name
+/// cowshed says in its place.
+fn node_named(line: &str, file: &str) -> String {
+    match line.find("'#block") {
+        Some(start) => {
+            let end = line[start + 1..]
+                .find('\'')
+                .map_or(line.len(), |e| start + 2 + e);
+            format!("{}'{file}'{}", &line[..start], &line[end..])
+        }
+        None => line.to_string(),
+    }
+}
+
+/// Set the in-use flag of bitmap `name`, as a QEMU that died with the
+/// bitmap loaded leaves it.
+fn mark_in_use(w: &Work, img: &str, name: &str) {
+    let path = w.path(img);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let h = Header::read(&file, &path, len).unwrap();
+    let ext = h.extensions.bitmaps.clone().unwrap();
+    let dir = read_directory(&file, &path, &ext).unwrap();
+    let mut bytes = w.read_file(img);
+    let mut pos = ext.directory_offset as usize;
+    for b in dir {
+        if b.name == name.as_bytes() {
+            bytes[pos + 15] |= 1;
+        }
+        pos += (24 + b.extra.len() + b.name.len()).next_multiple_of(8);
+    }
+    w.write_file(img, &bytes);
+}
+
+/// Killed at each fault point: `qemu-img check` finds no corruption (at
+/// most leaked clusters, which `check -r leaks` takes back), and the
+/// bitmaps are as before the command or as after it.
+#[test]
+fn kills_leave_the_bitmaps_as_before_or_after() {
+    let w = Work::new("bitmap-kill");
+    w.create("orig", "qcow2", "cluster_size=4096", None, 64 * MIB);
+    w.qemu_img(&["bitmap", "--add", "-g", "512", "orig", "a"]);
+    w.qemu_img(&["bitmap", "--add", "orig", "b"]);
+    w.io(
+        "qcow2",
+        "orig",
+        &[
+            "write -P 1 0 1M".to_string(),
+            "write -P 2 40M 64k".to_string(),
+        ],
+    );
+    let ops: [&[&str]; 6] = [
+        &["--add", "-g", "4k", "orig", "c"],
+        &["--remove", "orig", "a"],
+        &["--clear", "orig", "a"],
+        &["--disable", "orig", "b"],
+        &["--add", "--disable", "orig", "d"],
+        &["--remove", "orig", "b"],
+    ];
+    for op in ops {
+        w.copy("orig", "img");
+        let mut args = vec!["bitmap"];
+        args.extend(op.iter().map(|a| if *a == "orig" { "img" } else { a }));
+        let trace = fault::trace(w.root(), &args);
+        let after = (listed(&w, "img"), holding_data(&w, "img"));
+        w.copy("orig", "img");
+        let before = (listed(&w, "img"), holding_data(&w, "img"));
+        let chosen = fault::choose(&trace, 3);
+        assert!(
+            chosen.iter().any(|(p, _)| p == "bitmap.before_switch"),
+            "{chosen:?}"
+        );
+        for (point, hit) in &chosen {
+            w.copy("orig", "img");
+            let killed = fault::kill_at(w.root(), &args, point, *hit);
+            let what = format!("{args:?} killed at {point} #{hit}");
+            let code = w.check_code("img");
+            assert!(code == 0 || code == 3, "{what}: check exit {code}");
+            let now = (listed(&w, "img"), holding_data(&w, "img"));
+            // The last switch passed decides: as many switches as actions
+            // done.
+            let switches = killed.hits("bitmap.switched");
+            let expected = if switches as usize == trace.hits("bitmap.switched") as usize {
+                &after
+            } else if switches == 0 {
+                &before
+            } else {
+                // In between two actions: not compared here.
+                &now
+            };
+            assert!(now == *expected, "{what}: {now:?}");
+            w.qemu_img(&["check", "-q", "-r", "leaks", "img"]);
+            if let Err(e) = w.check_clean("img") {
+                panic!("{what}: after check -r leaks: {e}");
+            }
+            w.same_view("img", "orig")
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+}
