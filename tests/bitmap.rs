@@ -451,3 +451,26 @@ fn kills_leave_the_bitmaps_as_before_or_after() {
         }
     }
 }
+
+/// Bitmaps a program without bitmap support wrote past (the autoclear bit
+/// off, the extension left): QEMU drops them as inconsistent and stores a
+/// new directory without them, their clusters leaked; so does cowshed.
+#[test]
+fn bitmaps_behind_a_cleared_autoclear_bit_are_dropped_as_qemu_drops_them() {
+    let w = Work::new("bitmap-stale");
+    w.create("img", "qcow2", "", None, 4 * MIB);
+    w.qemu_img(&["bitmap", "--add", "img", "old"]);
+    let mut bytes = w.read_file("img");
+    bytes[95] &= !1;
+    w.write_file("img", &bytes);
+    w.copy("img", "ref");
+    bitmap(&w, Tool::Cowshed, &["--add"], "new", "img");
+    bitmap(&w, Tool::Qemu, &["--add"], "new", "ref");
+    assert_eq!(listed(&w, "img"), listed(&w, "ref"));
+    assert_eq!(autoclear(&w, "img"), autoclear(&w, "ref"));
+    // The old directory and table leaked in both, nothing worse.
+    assert_eq!((w.check_code("img"), w.check_code("ref")), (3, 3));
+    let r = w.cowshed(&["bitmap", "--remove", "img", "old"]);
+    let q = w.qemu_img_may_fail(&["bitmap", "--remove", "ref", "old"]);
+    assert_eq!((r.code, q.code), (Some(1), Some(1)), "{r} / {q}");
+}

@@ -2,11 +2,11 @@
 //! info reads one image and never opens its backing file, like qemu-img.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::engine::chain::{classify_backing, open_image, BackingName, Chain, FormatSource};
-use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::error::{IoContext, Result};
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{lock_bytes, LockState};
@@ -167,45 +167,24 @@ pub(crate) fn read_bitmap_directory(
     size: u64,
     count: u32,
 ) -> Result<Vec<BitmapInfo>> {
-    const ENTRY_FIXED: usize = 24;
-    let file_len = file.metadata().at(path)?.len();
-    if offset.checked_add(size).is_none_or(|end| end > file_len) {
-        return Err(Error::invalid(
-            path,
-            "bitmap directory lies past the end of the file",
-        ));
-    }
-    // size ≤ 64 MiB by header validation, and inside the file.
-    let mut dir = vec![0u8; size as usize];
-    file.read_exact_at(&mut dir, offset).at(path)?;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    for _ in 0..count {
-        let Some(e) = dir.get(pos..pos + ENTRY_FIXED) else {
-            return Err(Error::invalid(path, "bitmap directory truncated"));
-        };
-        let flags = u32::from_be_bytes([e[12], e[13], e[14], e[15]]);
-        let granularity_bits = u32::from(e[17]);
-        let name_len = u16::from_be_bytes([e[18], e[19]]) as usize;
-        let extra_len = u32::from_be_bytes([e[20], e[21], e[22], e[23]]) as usize;
-        let name_start = pos + ENTRY_FIXED + extra_len;
-        let Some(name) = dir.get(name_start..name_start + name_len) else {
-            return Err(Error::invalid(path, "bitmap directory truncated"));
-        };
-        if granularity_bits > 63 {
-            return Err(Error::invalid(path, "bitmap granularity out of range"));
-        }
-        out.push(BitmapInfo {
-            name: String::from_utf8_lossy(name).into_owned(),
-            table_offset: u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]),
-            table_entries: u32::from_be_bytes([e[8], e[9], e[10], e[11]]),
-            granularity: 1u64 << granularity_bits,
-            in_use: flags & 1 != 0,
-            auto: flags & 2 != 0,
-        });
-        pos = (name_start + name_len).next_multiple_of(8);
-    }
-    Ok(out)
+    let ext = crate::engine::qcow2::header::BitmapsExt {
+        nb_bitmaps: count,
+        directory_size: size,
+        directory_offset: offset,
+    };
+    Ok(
+        crate::engine::qcow2::bitmap::read_directory(file, path, &ext)?
+            .into_iter()
+            .map(|b| BitmapInfo {
+                name: String::from_utf8_lossy(&b.name).into_owned(),
+                table_offset: b.table_offset,
+                table_entries: b.table_size,
+                granularity: 1u64 << b.granularity_bits,
+                in_use: b.in_use(),
+                auto: b.flags & crate::engine::qcow2::bitmap::flags::AUTO != 0,
+            })
+            .collect(),
+    )
 }
 
 /// What a scan needs to know about a file, from its first cluster only: no
