@@ -297,21 +297,7 @@ pub fn space_warning(path: &Path, needed: u64) -> Option<String> {
     })
 }
 
-/// `a/./b/../c` → `a/c`, without touching the disk (a key press may not).
-pub(crate) fn lexical_normalize(p: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
+pub(crate) use crate::engine::chain::lexical_normalize;
 
 /// `y/Enter commit · n/Esc cancel`: keys in the accent colour.
 pub(crate) fn hint_line(app: &App, hints: &[Hint]) -> Line<'static> {
@@ -359,17 +345,4 @@ pub(crate) fn draw_box(
         ),
         r,
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lexical_normalize_drops_dots() {
-        assert_eq!(
-            lexical_normalize(Path::new("/vm/./x/../base.qcow2")),
-            Path::new("/vm/base.qcow2")
-        );
-    }
 }
