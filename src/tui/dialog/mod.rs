@@ -346,3 +346,21 @@ pub(crate) fn draw_box(
         r,
     );
 }
+
+/// The line that asks for the word `yes` (a commit into a shared base):
+/// only keys that are not letters confirm there, since letters type.
+pub(crate) fn typed_yes_line(app: &App, input: &str, warn: Style) -> Line<'static> {
+    let enter: Vec<String> = app
+        .keymap
+        .keys(Layer::Confirm, Action::Yes)
+        .iter()
+        .filter(|k| k.typed().is_none())
+        .map(|k| k.to_string())
+        .collect();
+    Line::from(vec![
+        Span::raw("type "),
+        Span::styled("yes", warn),
+        Span::raw(format!(" and {} to commit: ", enter.join("/"))),
+        Span::styled(format!("{input}▏"), warn),
+    ])
+}
