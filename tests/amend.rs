@@ -17,6 +17,8 @@ const OPTIONS: &[&str] = &[
     "lazy_refcounts=maybe",
     "compat=1.1",
     "compat=v3",
+    "compat=0.10",
+    "compat=1.1,lazy_refcounts=on",
     "compat=2.0",
     "refcount_bits=16",
     "refcount_bits=3",
@@ -45,8 +47,22 @@ fn amend_agrees_with_qemu_img() {
     ]);
     w.io("qcow2", "img", &["write -P 2 1M 1M".to_string()]);
     w.create("v2", "qcow2", "compat=0.10", None, 32 * MIB);
+    w.io(
+        "qcow2",
+        "v2",
+        &["write -P 3 0 2M".to_string(), "write -z 4M 1M".to_string()],
+    );
+    w.create("v2snap", "qcow2", "compat=0.10", None, 32 * MIB);
+    w.qemu_img(&["snapshot", "-c", "s1", "v2snap"]);
+    w.create(
+        "v2-4k",
+        "qcow2",
+        "compat=0.10,cluster_size=4096",
+        None,
+        32 * MIB,
+    );
     let mut f = Failures::new("amend");
-    for image in ["img", "v2"] {
+    for image in ["img", "v2", "v2snap", "v2-4k"] {
         for opts in OPTIONS {
             let (ours, theirs) = (format!("{image}.ours"), format!("{image}.theirs"));
             std::fs::copy(w.path(image), w.path(&ours)).unwrap();

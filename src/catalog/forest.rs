@@ -564,3 +564,51 @@ fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
         holders: Vec::new(),
     })
 }
+
+/// Forests built in memory for unit tests elsewhere (rows, reclaim): no
+/// disk, links made as `Forest::build` would.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::PathBuf;
+    use std::time::SystemTime;
+
+    use super::{Forest, Node};
+    use crate::catalog::{ImageRecord, Sizes};
+    use crate::engine::LockState;
+
+    /// `(path, parent index, allocated MiB, last written)` per image.
+    pub(crate) fn forest(spec: &[(&str, Option<usize>, u64, Option<SystemTime>)]) -> Forest {
+        let mut f = Forest::default();
+        for &(path, parent, mib, mtime) in spec {
+            f.nodes.push(Node {
+                record: ImageRecord {
+                    path: PathBuf::from(path),
+                    key: PathBuf::from(path),
+                    dev_ino: (0, 0),
+                    summary: None,
+                    error: None,
+                    sizes: Sizes {
+                        virtual_size: 1 << 30,
+                        allocated: mib << 20,
+                        apparent: mib << 20,
+                    },
+                    mtime,
+                    created: None,
+                    mode: 0o644,
+                    lock: LockState::None,
+                    holders: Vec::new(),
+                },
+                parent,
+                children: Vec::new(),
+                flags: Vec::new(),
+            });
+        }
+        for id in 0..f.nodes.len() {
+            match f.nodes[id].parent {
+                Some(p) => f.nodes[p].children.push(id),
+                None => f.roots.push(id),
+            }
+        }
+        f
+    }
+}

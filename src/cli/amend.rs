@@ -12,11 +12,12 @@ use crate::engine::Format;
 #[derive(Debug, Args)]
 #[command(
     after_help = "OPTIONS is a comma-separated list of key=value (-o may be given \
-    several times). cowshed amends lazy_refcounts=on|off and size=SIZE (growing or, as \
-    qemu-img does, shrinking; beyond qemu-img, a file other images use as backing is not \
-    shrunk without --force). compat and refcount_bits are accepted when equal to the \
-    image's; changing them, data_file, data_file_raw and encrypt.* are refused (qemu-img \
-    amend can). As in QEMU 10, backing_file and backing_fmt cannot change: use `cowshed \
+    several times). cowshed amends lazy_refcounts=on|off, compat=1.1 on a compat=0.10 \
+    image without internal snapshots, and size=SIZE (growing or, as qemu-img does, \
+    shrinking; beyond qemu-img, a file other images use as backing is not shrunk without \
+    --force). refcount_bits is accepted when equal to the image's; a downgrade to \
+    compat=0.10, another refcount_bits, data_file, data_file_raw and encrypt.* are refused \
+    (qemu-img amend can). As in QEMU 10, backing_file and backing_fmt cannot change: use `cowshed \
     rebase`. Options only `create` takes are refused with qemu-img's message. Every \
     option is checked before anything is written; the image is refused while a QEMU \
     holds it.\n\nExit codes: 0 amended, 1 refused or failed."

@@ -82,7 +82,7 @@ pub enum Command {
     /// commit`), then empty the overlay unless -d or -b.
     Commit(commit::CommitArgs),
     /// Change options of an existing qcow2 image (like `qemu-img amend
-    /// -o`): lazy_refcounts, size.
+    /// -o`): lazy_refcounts, compat=1.1, size.
     Amend(amend::AmendArgs),
     /// Compare the guest data of two images (like `qemu-img compare`):
     /// exit 0 when they read the same, 1 when they differ (naming the first

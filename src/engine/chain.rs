@@ -87,6 +87,24 @@ pub fn relative_backing_name(image: &Path, target: &Path) -> Option<String> {
         .ok()
 }
 
+/// `a/./b/../c` → `a/c` without asking the file system: for paths built
+/// from canonical directories (no component is a link), and for key
+/// presses, which may not touch the disk.
+pub fn lexical_normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 fn canonical_dir_of(p: &Path) -> Option<PathBuf> {
     let dir = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -453,6 +471,14 @@ mod relative_name_tests {
             Path::new("bases/b.qcow2")
         );
         assert_eq!(r("/a/b/c", "/x/y.qcow2"), Path::new("../../../x/y.qcow2"));
+    }
+
+    #[test]
+    fn lexical_normalize_drops_dots() {
+        assert_eq!(
+            lexical_normalize(Path::new("/vm/./x/../base.qcow2")),
+            Path::new("/vm/base.qcow2")
+        );
     }
 
     #[test]

@@ -106,44 +106,18 @@ impl ReclaimView {
 mod tests {
     use super::*;
     use crate::catalog::Holder;
-    use crate::catalog::{ImageRecord, Node, Sizes};
 
     const DAY: u64 = 86_400;
 
     /// A forest from `(path, parent, allocated MiB, days since written)`.
     fn forest(now: SystemTime, spec: &[(&str, Option<usize>, u64, u64)]) -> Forest {
-        let mut f = Forest::default();
-        for &(path, parent, mib, days) in spec {
-            f.nodes.push(Node {
-                record: ImageRecord {
-                    path: PathBuf::from(path),
-                    key: PathBuf::from(path),
-                    dev_ino: (0, 0),
-                    summary: None,
-                    error: None,
-                    sizes: Sizes {
-                        virtual_size: 1 << 30,
-                        allocated: mib << 20,
-                        apparent: mib << 20,
-                    },
-                    mtime: Some(now - Duration::from_secs(days * DAY)),
-                    created: None,
-                    mode: 0o644,
-                    lock: LockState::None,
-                    holders: Vec::new(),
-                },
-                parent,
-                children: Vec::new(),
-                flags: Vec::new(),
-            });
-        }
-        for id in 0..f.nodes.len() {
-            match f.nodes[id].parent {
-                Some(p) => f.nodes[p].children.push(id),
-                None => f.roots.push(id),
-            }
-        }
-        f
+        let spec: Vec<_> = spec
+            .iter()
+            .map(|&(p, parent, mib, days)| {
+                (p, parent, mib, Some(now - Duration::from_secs(days * DAY)))
+            })
+            .collect();
+        crate::catalog::forest::test_support::forest(&spec)
     }
 
     fn names(c: &[Candidate]) -> Vec<&str> {

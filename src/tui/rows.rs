@@ -242,43 +242,14 @@ impl Builder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{ImageRecord, Node, Sizes};
-    use crate::engine::LockState;
 
     /// A forest from `(path, parent index, allocated MiB)`, no disk.
     fn forest(spec: &[(&str, Option<usize>, u64)]) -> Forest {
-        let mut f = Forest::default();
-        for &(path, parent, mib) in spec {
-            f.nodes.push(Node {
-                record: ImageRecord {
-                    path: PathBuf::from(path),
-                    key: PathBuf::from(path),
-                    dev_ino: (0, 0),
-                    summary: None,
-                    error: None,
-                    sizes: Sizes {
-                        virtual_size: 1 << 30,
-                        allocated: mib << 20,
-                        apparent: mib << 20,
-                    },
-                    mtime: None,
-                    created: None,
-                    mode: 0o644,
-                    lock: LockState::None,
-                    holders: Vec::new(),
-                },
-                parent,
-                children: Vec::new(),
-                flags: Vec::new(),
-            });
-        }
-        for id in 0..f.nodes.len() {
-            match f.nodes[id].parent {
-                Some(p) => f.nodes[p].children.push(id),
-                None => f.roots.push(id),
-            }
-        }
-        f
+        let spec: Vec<_> = spec
+            .iter()
+            .map(|&(p, parent, mib)| (p, parent, mib, None))
+            .collect();
+        crate::catalog::forest::test_support::forest(&spec)
     }
 
     fn names(f: &Forest, rows: &[Row]) -> Vec<String> {

@@ -4,20 +4,20 @@
 //! file, lazy refcounts on a compat=0.10 image, ...), so a refused amend
 //! leaves the file byte-identical.
 //!
-//! What cowshed changes: `lazy_refcounts` and `size` (through `resize`,
-//! which keeps its guard against shrinking a base under its overlays).
-//! `compat` and `refcount_bits` equal to the image's are accepted; changing
-//! them (a rewrite of the header or of every refcount) is refused with a
-//! pointer to qemu-img, as are the external data file and encryption
-//! options.
+//! What cowshed changes: `lazy_refcounts`, `compat=1.1` on a compat=0.10
+//! image without snapshots (a header rewrite, as QEMU's upgrade), and
+//! `size` (through `resize`, which keeps its guard against shrinking a base
+//! under its overlays). A downgrade (zero clusters to expand) and another
+//! `refcount_bits` (every refcount rewritten) are refused with a pointer to
+//! qemu-img, as are the external data file and encryption options.
 
 use std::path::{Path, PathBuf};
 
 use crate::engine::error::{Error, Result};
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::ops::resize::{resize, NewSize, ResizeOptions};
-use crate::engine::qcow2::header::compat;
-use crate::engine::qcow2::Qcow2Writer;
+use crate::engine::qcow2::header::{compat, Header};
+use crate::engine::qcow2::writer::backing::HeaderEditor;
 use crate::engine::size::parse_size;
 
 #[derive(Debug, Clone, Default)]
@@ -46,6 +46,8 @@ const CREATION_ONLY: &[&str] = &[
 /// What was asked, parsed and checked against the image.
 #[derive(Debug, Default)]
 struct Wanted {
+    /// compat=1.1 on a compat=0.10 image.
+    upgrade: bool,
     lazy_refcounts: Option<bool>,
     size: Option<u64>,
 }
@@ -69,19 +71,27 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
         ));
     }
     // QEMU's writer lock first, then the metadata check, then reading.
-    let mut w = Qcow2Writer::open(path)?;
-    let wanted = parse(path, &w, &opts.options)?;
-    if let Some(on) = wanted.lazy_refcounts {
-        let bits = w.header().compatible_features;
-        let bits = if on {
-            bits | compat::LAZY_REFCOUNTS
-        } else {
-            bits & !compat::LAZY_REFCOUNTS
-        };
-        w.set_compatible_features(bits)?;
-    }
-    w.flush()?;
-    drop(w);
+    let mut editor = HeaderEditor::open(path)?;
+    let wanted = parse(path, editor.header(), &opts.options)?;
+    // Every header change in one write: the upgrade, then the bits.
+    editor.rewrite(|h| {
+        if wanted.upgrade {
+            // As QEMU's qcow2_upgrade: v3 fields at their defaults.
+            h.version = 3;
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.refcount_order = 4;
+        }
+        if let Some(on) = wanted.lazy_refcounts {
+            if on {
+                h.compatible_features |= compat::LAZY_REFCOUNTS;
+            } else {
+                h.compatible_features &= !compat::LAZY_REFCOUNTS;
+            }
+        }
+    })?;
+    drop(editor);
     if let Some(size) = wanted.size {
         let ropts = ResizeOptions {
             format: Some(Format::Qcow2),
@@ -95,9 +105,8 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     Ok(())
 }
 
-fn parse(path: &Path, w: &Qcow2Writer, options: &[(String, String)]) -> Result<Wanted> {
+fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted> {
     let bad = |msg: String| Error::invalid(path, msg);
-    let h = w.header();
     let mut wanted = Wanted::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
     for (key, value) in options {
@@ -124,10 +133,20 @@ fn parse(path: &Path, w: &Qcow2Writer, options: &[(String, String)]) -> Result<W
                     "1.1" | "v3" => 3,
                     _ => return Err(bad(format!("Unknown compatibility level {value}"))),
                 };
-                if version != h.version {
+                if version > h.version {
+                    if h.nb_snapshots > 0 {
+                        // QEMU rewrites the snapshot table with v3's extra
+                        // data; cowshed does not yet.
+                        return Err(bad(format!(
+                            "upgrading an image with internal snapshots (compat={value}) is \
+                             not supported by cowshed yet; qemu-img amend can"
+                        )));
+                    }
+                    wanted.upgrade = true;
+                } else if version < h.version {
                     return Err(bad(format!(
-                        "changing the compatibility level (compat={value}) is not supported by \
-                         cowshed yet; qemu-img amend can"
+                        "downgrading (compat={value}) is not supported by cowshed yet; \
+                         qemu-img amend can"
                     )));
                 }
             }
@@ -171,7 +190,7 @@ fn parse(path: &Path, w: &Qcow2Writer, options: &[(String, String)]) -> Result<W
         }
     }
     if let Some(on) = wanted.lazy_refcounts {
-        if on && h.version < 3 {
+        if on && h.version < 3 && !wanted.upgrade {
             return Err(bad(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use \
                  compat=1.1 or greater)"

@@ -44,15 +44,17 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use self::fsutil::{
-    absolute_through_dir, exists, file_id, fsync_dir, lexical_normalize, parent_or_dot,
-    remove_if_present, rename_noreplace,
+    absolute_through_dir, exists, file_id, fsync_dir, parent_or_dot, remove_if_present,
+    rename_noreplace,
 };
 pub use self::journal::journal_path;
 use self::journal::temp_name;
 use self::journal::{
     join_rel, Entry, EntryKind, How, Journal, Kind, Phase, Rewrite, Stage, Stamp, Step,
 };
-use crate::engine::chain::{classify_backing, combine_path, relative_path, BackingName};
+use crate::engine::chain::{
+    classify_backing, combine_path, lexical_normalize, relative_path, BackingName,
+};
 use crate::engine::dependents::{find_dependents_of_any, Scope};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;

@@ -66,6 +66,13 @@ pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
             let mut w = Qcow2Writer::open(path)?;
             let old = w.virtual_size();
             let new = checked(path, size.resolve(path, old)?, old, opts)?;
+            if new != old && w.header().version < 3 && w.header().nb_snapshots > 0 {
+                // A v2 snapshot table entry has no room for its disk size.
+                return Err(Error::invalid(
+                    path,
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
             if w.header().extensions.bitmaps.is_some() {
                 return Err(Error::invalid(
                     path,

@@ -1209,20 +1209,6 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// Store new compatible feature bits (lazy refcounts): one 8-byte
-    /// header write, flushed. Nothing else depends on them; a dirty image
-    /// was refused when the writer opened.
-    pub fn set_compatible_features(&mut self, bits: u64) -> Result<()> {
-        if bits == self.h.compatible_features {
-            return Ok(());
-        }
-        self.before_first_write()?;
-        self.pwrite(&bits.to_be_bytes(), 80)?;
-        self.file.sync_data().at(&self.path)?;
-        self.h.compatible_features = bits;
-        Ok(())
-    }
-
     /// Shrink the virtual disk to `new_size` (a multiple of 512) in QEMU's
     /// order: the clusters past the new end are dropped first (a crash then
     /// leaves the old size with a zeroed tail, never stale data that a later

@@ -508,19 +508,7 @@ impl BatchDialog {
                 "⚠ WARNING: committing into a shared base invalidates its other overlays",
                 warn,
             )));
-            let enter: Vec<String> = app
-                .keymap
-                .keys(Layer::Confirm, Action::Yes)
-                .iter()
-                .filter(|k| k.typed().is_none())
-                .map(|k| k.to_string())
-                .collect();
-            tail.push(Line::from(vec![
-                Span::raw("type "),
-                Span::styled("yes", warn),
-                Span::raw(format!(" and {} to commit: ", enter.join("/"))),
-                Span::styled(format!("{}▏", self.input), warn),
-            ]));
+            tail.push(super::typed_yes_line(app, &self.input, warn));
             if self.nudge {
                 tail.push(Line::from(Span::styled("only the word yes commits", warn)));
             }

@@ -153,20 +153,7 @@ impl CommitDialog {
                 dim,
             )));
             lines.push(Line::default());
-            // Only the keys that are not letters confirm here: letters type.
-            let enter: Vec<String> = app
-                .keymap
-                .keys(Layer::Confirm, Action::Yes)
-                .iter()
-                .filter(|k| k.typed().is_none())
-                .map(|k| k.to_string())
-                .collect();
-            lines.push(Line::from(vec![
-                Span::raw("type "),
-                Span::styled("yes", warn),
-                Span::raw(format!(" and {} to commit: ", enter.join("/"))),
-                Span::styled(format!("{}▏", self.input), warn),
-            ]));
+            lines.push(super::typed_yes_line(app, &self.input, warn));
             let no = app.keymap.keys_text(Layer::Confirm, Action::No);
             if self.nudge {
                 lines.push(Line::from(Span::styled(

@@ -297,21 +297,7 @@ pub fn space_warning(path: &Path, needed: u64) -> Option<String> {
     })
 }
 
-/// `a/./b/../c` → `a/c`, without touching the disk (a key press may not).
-pub(crate) fn lexical_normalize(p: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
+pub(crate) use crate::engine::chain::lexical_normalize;
 
 /// `y/Enter commit · n/Esc cancel`: keys in the accent colour.
 pub(crate) fn hint_line(app: &App, hints: &[Hint]) -> Line<'static> {
@@ -361,15 +347,20 @@ pub(crate) fn draw_box(
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lexical_normalize_drops_dots() {
-        assert_eq!(
-            lexical_normalize(Path::new("/vm/./x/../base.qcow2")),
-            Path::new("/vm/base.qcow2")
-        );
-    }
+/// The line that asks for the word `yes` (a commit into a shared base):
+/// only keys that are not letters confirm there, since letters type.
+pub(crate) fn typed_yes_line(app: &App, input: &str, warn: Style) -> Line<'static> {
+    let enter: Vec<String> = app
+        .keymap
+        .keys(Layer::Confirm, Action::Yes)
+        .iter()
+        .filter(|k| k.typed().is_none())
+        .map(|k| k.to_string())
+        .collect();
+    Line::from(vec![
+        Span::raw("type "),
+        Span::styled("yes", warn),
+        Span::raw(format!(" and {} to commit: ", enter.join("/"))),
+        Span::styled(format!("{input}▏"), warn),
+    ])
 }

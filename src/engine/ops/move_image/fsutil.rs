@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::engine::error::{Error, IoContext, Result};
 
@@ -31,22 +31,6 @@ pub fn absolute_through_dir(p: &Path) -> Result<PathBuf> {
     let dir = parent_or_dot(p);
     let dir = std::fs::canonicalize(&dir).at(&dir)?;
     Ok(dir.join(name))
-}
-
-/// `a/./b/../c` → `a/c` without asking the file system: for paths built
-/// from canonical directories, where no component is a link.
-pub fn lexical_normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
 }
 
 /// Rename `from` to `to`, failing rather than replacing `to` if it exists
@@ -131,13 +115,5 @@ mod tests {
         rename_noreplace(&a, &b).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"a");
         assert!(!exists(&a).unwrap());
-    }
-
-    #[test]
-    fn lexical_normalize_drops_dots() {
-        assert_eq!(
-            lexical_normalize(Path::new("/vm/./x/../base.qcow2")),
-            Path::new("/vm/base.qcow2")
-        );
     }
 }

@@ -96,6 +96,19 @@ impl Qcow2Writer {
 
     /// Flush the data, then point the header at a new backing file (`None`:
     /// no backing; the format extension goes with it) in one write.
+    /// Rewrite the header with `change` applied (amend's feature bits and
+    /// compat level), in the one write `set_backing` uses.
+    pub fn rewrite(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = self.h.clone();
+        change(&mut h);
+        if h == self.h {
+            return Ok(());
+        }
+        write_header(&self.file, &self.path, &mut h)?;
+        self.h = h;
+        Ok(())
+    }
+
     pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
         let mut h = with_backing(&self.h, name, format);
         if h.version >= 3 {
@@ -181,6 +194,19 @@ impl HeaderEditor {
 
     pub fn header(&self) -> &Header {
         &self.h
+    }
+
+    /// Rewrite the header with `change` applied (amend's feature bits and
+    /// compat level), in the one write `set_backing` uses.
+    pub fn rewrite(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
+        let mut h = self.h.clone();
+        change(&mut h);
+        if h == self.h {
+            return Ok(());
+        }
+        write_header(&self.file, &self.path, &mut h)?;
+        self.h = h;
+        Ok(())
     }
 
     pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
