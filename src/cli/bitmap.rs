@@ -19,10 +19,9 @@ use crate::engine::Format;
     after_help = "At least one of --add, --remove, --clear, --enable, --disable; several \
     are carried out one after the other, in the order given (e.g. --add --disable makes a \
     bitmap that does not record yet); the first that fails stops the rest. Takes QEMU's write \
-    lock: refused while a QEMU holds the image. Each step writes the new bitmap directory beside \
-    the old and switches the header to it in one write: a crash leaves the bitmaps as before \
-    or after the step (at worst with leaked clusters, which `check -r leaks` takes back). \
-    --merge is not supported yet.\n\n\
+    lock: refused while a QEMU holds the image. Each step builds the new metadata beside the old \
+    and switches the header to it in one write: a crash leaves the image as before or after \
+    the step, with nothing leaked. --merge is not supported yet.\n\n\
     Exit codes: 0 done, 1 refused or failed."
 )]
 pub struct BitmapArgs {

@@ -1,21 +1,25 @@
 //! Persistent dirty bitmaps: add, remove, clear, enable and disable, as
-//! `qemu-img bitmap` leaves them. Each operation writes what it changes
-//! (a new bitmap table, a new directory) to newly allocated clusters,
-//! flushes, switches the header's bitmaps extension in one write, and only
-//! then frees what the old directory alone used. A crash before the switch
-//! leaves the old bitmaps (the new clusters leaked, which `check -r leaks`
-//! takes back), after it the new ones (the old clusters leaked the same
-//! way until they are freed); nothing is ever referenced twice or freed
-//! while referenced.
+//! `qemu-img bitmap` leaves them. Each operation is one switch to a next
+//! metadata generation built beside the current one, as the snapshot
+//! operations do ([`super::snapshots`]): the new bitmap table and
+//! directory go to clusters free now, counted (with the old directory and
+//! what a removed or cleared bitmap held dropped) in copies of the
+//! refcount blocks that change, written to new clusters with a new
+//! refcount table; after a flush, one header write switches the refcount
+//! table and the bitmaps extension together. A crash before the switch
+//! leaves the image as it was, after it as it is meant to be: nothing
+//! leaked either way.
 
 use super::super::bitmap::{
     encode_directory, flags, read_directory, table_entries, BitmapEntry, TABLE_OFFSET_MASK,
 };
 use super::super::header::{autoclear, BitmapsExt, MAX_L1_BYTES};
 use super::backing::write_header;
+use super::snapshots::NextGen;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
+use crate::engine::qcow2::refcount::Refcounts;
 
 impl Qcow2Writer {
     /// The bitmaps QEMU loads: none without the extension, or when the
@@ -35,9 +39,12 @@ impl Qcow2Writer {
     /// Add an empty bitmap (all its table entries zero) at the end of the
     /// directory, recording writes if `enabled`.
     pub fn bitmap_add(&mut self, name: &[u8], granularity_bits: u32, enabled: bool) -> Result<()> {
+        // The generation is counted from the refcounts on disk.
+        self.flush_metadata()?;
         let mut list = self.bitmaps()?;
         let entries = table_entries(self.virtual_size(), granularity_bits, self.cs);
-        let table = self.zero_table(entries)?;
+        let mut g = NextGen::default();
+        let table = self.zero_table(&mut g, entries)?;
         list.push(BitmapEntry::new(
             name,
             granularity_bits as u8,
@@ -45,35 +52,42 @@ impl Qcow2Writer {
             table,
             entries as u32,
         ));
-        self.switch_bitmaps(&list, Vec::new())
+        self.switch_bitmaps(g, &list, Vec::new())
     }
 
     /// Drop bitmap `index` (of [`Self::bitmaps`]) with its table and data.
     pub fn bitmap_remove(&mut self, index: usize) -> Result<()> {
+        // The generation is counted from the refcounts on disk.
+        self.flush_metadata()?;
         let mut list = self.bitmaps()?;
         if index >= list.len() {
             return Err(Error::invalid(&self.path, "internal: no such bitmap"));
         }
         let old = list.remove(index);
         let freed = self.bitmap_clusters(&old)?;
-        self.switch_bitmaps(&list, freed)
+        self.switch_bitmaps(NextGen::default(), &list, freed)
     }
 
     /// Make bitmap `index` all zeros: a new zero table, the old table and
     /// its data freed after the switch.
     pub fn bitmap_clear(&mut self, index: usize) -> Result<()> {
+        // The generation is counted from the refcounts on disk.
+        self.flush_metadata()?;
         let mut list = self.bitmaps()?;
         let Some(bm) = list.get(index).cloned() else {
             return Err(Error::invalid(&self.path, "internal: no such bitmap"));
         };
         let freed = self.bitmap_clusters(&bm)?;
-        let table = self.zero_table(u64::from(bm.table_size))?;
+        let mut g = NextGen::default();
+        let table = self.zero_table(&mut g, u64::from(bm.table_size))?;
         list[index].table_offset = table;
-        self.switch_bitmaps(&list, freed)
+        self.switch_bitmaps(g, &list, freed)
     }
 
     /// Start (`true`) or stop recording writes in bitmap `index`.
     pub fn bitmap_set_enabled(&mut self, index: usize, enabled: bool) -> Result<()> {
+        // The generation is counted from the refcounts on disk.
+        self.flush_metadata()?;
         let mut list = self.bitmaps()?;
         let Some(bm) = list.get_mut(index) else {
             return Err(Error::invalid(&self.path, "internal: no such bitmap"));
@@ -83,12 +97,12 @@ impl Qcow2Writer {
         } else {
             bm.flags & !flags::AUTO
         };
-        self.switch_bitmaps(&list, Vec::new())
+        self.switch_bitmaps(NextGen::default(), &list, Vec::new())
     }
 
     /// A bitmap table of `entries` zeros in new clusters (offset 0 when
     /// empty).
-    fn zero_table(&mut self, entries: u64) -> Result<u64> {
+    fn zero_table(&mut self, g: &mut NextGen, entries: u64) -> Result<u64> {
         if entries == 0 {
             return Ok(0);
         }
@@ -96,9 +110,8 @@ impl Qcow2Writer {
         if bytes > MAX_L1_BYTES {
             return Err(Error::invalid(&self.path, "bitmap table too large"));
         }
-        crate::engine::space::ensure_fits(&self.path, bytes.next_multiple_of(self.cs) * 2)?;
-        let off = self.alloc_clusters(bytes.div_ceil(self.cs))?;
-        self.pwrite(&vec![0u8; bytes as usize], off)?;
+        let off = self.alloc_next(g, bytes.div_ceil(self.cs))?;
+        g.writes.push((off, vec![0u8; bytes as usize]));
         Ok(off)
     }
 
@@ -130,9 +143,15 @@ impl Qcow2Writer {
         Ok(out)
     }
 
-    /// Write `list` as the new directory, switch the header to it in one
-    /// write, then free the old directory and `freed`.
-    fn switch_bitmaps(&mut self, list: &[BitmapEntry], mut freed: Vec<(u64, u64)>) -> Result<()> {
+    /// Write `list` as the new directory in generation `g`, the old
+    /// directory and `freed` dropped from it, switch the header to it in
+    /// one write, and carry on from it.
+    fn switch_bitmaps(
+        &mut self,
+        mut g: NextGen,
+        list: &[BitmapEntry],
+        freed: Vec<(u64, u64)>,
+    ) -> Result<()> {
         let old_dir = self
             .h
             .extensions
@@ -148,7 +167,7 @@ impl Qcow2Writer {
             h.autoclear_features &= !autoclear::BITMAPS;
         } else {
             let dir = encode_directory(list);
-            // Refused before anything is allocated: the header with the
+            // Refused before anything is written: the header with the
             // extension must fit its cluster.
             let mut probe = h.clone();
             probe.extensions.bitmaps = Some(BitmapsExt {
@@ -157,33 +176,59 @@ impl Qcow2Writer {
                 directory_offset: 0,
             });
             probe.to_cluster(&self.path)?;
-            crate::engine::space::ensure_fits(
-                &self.path,
-                (dir.len() as u64).next_multiple_of(self.cs) * 2,
-            )?;
-            let off = self.alloc_clusters((dir.len() as u64).div_ceil(self.cs))?;
-            self.pwrite(&dir, off)?;
+            let off = self.alloc_next(&mut g, (dir.len() as u64).div_ceil(self.cs))?;
             h.extensions.bitmaps = Some(BitmapsExt {
                 nb_bitmaps: list.len() as u32,
                 directory_size: dir.len() as u64,
                 directory_offset: off,
             });
+            g.writes.push((off, dir));
             h.autoclear_features |= autoclear::BITMAPS;
         }
-        fault::point("bitmap.written");
-        self.file.sync_data().at(&self.path)?;
-        fault::point("bitmap.before_switch");
-        write_header(&self.file, &self.path, &mut h)?;
-        fault::point("bitmap.switched");
-        self.h = h;
+        let mut freed = freed;
         if let Some(old) = old_dir {
             freed.push((old.directory_offset, old.directory_size));
         }
         for (off, len) in freed {
-            if len > 0 {
-                self.release(off, len)?;
+            self.add_range(&mut g, off, len, -1)?;
+        }
+        let table = self.place_refcount_structure(&mut g)?;
+        let Some((rt_offset, rt_clusters)) = g.reftable else {
+            return Err(Error::invalid(
+                &self.path,
+                "internal: no refcount table placed",
+            ));
+        };
+        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
+            + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
+        crate::engine::space::ensure_fits(&self.path, new_bytes)?;
+        for (off, bytes) in &g.writes {
+            self.pwrite(bytes, *off)?;
+        }
+        for (i, at) in &g.block_at {
+            if let Some(block) = g.blocks.get(i) {
+                self.pwrite(block, *at)?;
             }
         }
-        self.file.sync_data().at(&self.path)
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, rt_offset)?;
+        fault::point("bitmap.written");
+        self.file.sync_data().at(&self.path)?;
+        fault::point("bitmap.before_switch");
+        h.refcount_table_offset = rt_offset;
+        h.refcount_table_clusters = rt_clusters as u32;
+        write_header(&self.file, &self.path, &mut h)?;
+        fault::point("bitmap.switched");
+        self.h = h;
+        self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
+        self.l2_cache.clear();
+        // Unreferenced now: the space goes back to the file system.
+        for c in std::mem::take(&mut g.freed) {
+            if self.refcount(c)? == 0 {
+                let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
+                self.free_hint = self.free_hint.min(c);
+            }
+        }
+        Ok(())
     }
 }

@@ -41,22 +41,22 @@ use crate::engine::fault;
 
 /// The image after the operation, as far as it differs from the image now.
 #[derive(Default)]
-struct NextGen {
+pub(super) struct NextGen {
     /// Copies of the refcount blocks that change, by refcount table index.
-    blocks: BTreeMap<u64, Vec<u8>>,
+    pub(super) blocks: BTreeMap<u64, Vec<u8>>,
     /// Where each copied block is written.
-    block_at: HashMap<u64, u64>,
+    pub(super) block_at: HashMap<u64, u64>,
     /// The new refcount table: (offset, clusters).
-    reftable: Option<(u64, u64)>,
+    pub(super) reftable: Option<(u64, u64)>,
     /// L2 tables written before the switch: copies in new clusters, or
     /// tables only snapshots use, fixed in place. Both are written at once
     /// (neither is anything the current metadata relies on), so that only
     /// refcount blocks are held in memory.
     tables: HashSet<u64>,
     /// Other clusters written before the switch: (offset, bytes).
-    writes: Vec<(u64, Vec<u8>)>,
+    pub(super) writes: Vec<(u64, Vec<u8>)>,
     /// Clusters whose refcount dropped to 0.
-    freed: Vec<u64>,
+    pub(super) freed: Vec<u64>,
 }
 
 /// The header fields the switch writes (bytes 24..72 but the refcount
@@ -342,7 +342,13 @@ impl Qcow2Writer {
     }
 
     /// `delta` on every cluster of `[offset, offset + len)`.
-    fn add_range(&mut self, g: &mut NextGen, offset: u64, len: u64, delta: i64) -> Result<()> {
+    pub(super) fn add_range(
+        &mut self,
+        g: &mut NextGen,
+        offset: u64,
+        len: u64,
+        delta: i64,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -525,7 +531,7 @@ impl Qcow2Writer {
 
     /// `n` contiguous clusters free now (the current metadata never sees
     /// them used) with refcount 1 in the next generation.
-    fn alloc_next(&mut self, g: &mut NextGen, n: u64) -> Result<u64> {
+    pub(super) fn alloc_next(&mut self, g: &mut NextGen, n: u64) -> Result<u64> {
         let first = self.find_free(n)?;
         // Past everything handed out: the current refcounts of these
         // clusters stay 0, so only the hint keeps them from coming again.
@@ -539,7 +545,7 @@ impl Qcow2Writer {
     /// New homes for the copied refcount blocks and a new refcount table
     /// pointing at them, counted in themselves (each placement can copy
     /// another block: repeated until nothing moves).
-    fn place_refcount_structure(&mut self, g: &mut NextGen) -> Result<Vec<u64>> {
+    pub(super) fn place_refcount_structure(&mut self, g: &mut NextGen) -> Result<Vec<u64>> {
         let cs = self.cs;
         let per_block = self.refs.per_block();
         let old_clusters = u64::from(self.h.refcount_table_clusters);
