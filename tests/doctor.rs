@@ -483,13 +483,7 @@ fn a_protected_base_cannot_be_opened_for_writing_but_its_overlays_still_write() 
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-io");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while cowshed::engine::lock_state(&w.path("vm.qcow2")).ok()
-        != Some(cowshed::engine::LockState::Writer)
-    {
-        assert!(std::time::Instant::now() < deadline, "qemu-io took no lock");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    assert!(w.writer_lock_seen("vm.qcow2"), "qemu-io took no lock");
     let r = w.cowshed(&["protect", "."]);
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(mode(&w, "base.qcow2") & 0o222, 0, "{r}");
@@ -570,25 +564,11 @@ fn a_base_open_for_writing_is_an_alarm_and_a_reader_is_not() {
     assert!(!r.stdout.contains("ALARM"), "{r}");
     release_holder(vm);
     // The base itself opened for writing, as a VM booted on it would.
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "qcow2", "base.qcow2", "-c", "sleep 600000"])
-        .current_dir(w.root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-io");
+    let writer = w.hold_writer("base.qcow2", "qcow2");
     let pid = writer.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while cowshed::engine::lock_state(&w.path("base.qcow2")).ok()
-        != Some(cowshed::engine::LockState::Writer)
-    {
-        assert!(std::time::Instant::now() < deadline, "qemu-io took no lock");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     let human = w.cowshed(&["tree", "."]);
     let json = w.cowshed(&["tree", "--output", "json", "."]);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    release_holder(writer);
     assert!(
         human.stdout.contains(&format!(
             "ALARM: base ./base.qcow2 is open for writing by pid {pid} (qemu-io): its 3 \

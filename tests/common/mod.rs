@@ -535,19 +535,27 @@ impl Work {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("[{}] cannot spawn qemu-io: {e}", self.case));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::time::Instant::now() < deadline {
-            // Asked without taking a lock (a probe that locks, like
-            // `qemu-img info`, could make qemu-io fail to start).
-            let state = cowshed::engine::lock_state(&self.path(img));
-            if matches!(state, Ok(cowshed::engine::LockState::Writer)) {
-                return child;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if self.writer_lock_seen(img) {
+            return child;
         }
         let _ = child.kill();
         let _ = child.wait();
         panic!("[{}] qemu-io never locked {img}", self.case);
+    }
+
+    /// Wait (a 60 s hang guard) until `img` shows QEMU's writer lock,
+    /// asked without taking a lock (a probe that locks, like `qemu-img
+    /// info`, could make the starting QEMU fail). False if it never does.
+    pub fn writer_lock_seen(&self, img: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let state = cowshed::engine::lock_state(&self.path(img));
+            if matches!(state, Ok(cowshed::engine::LockState::Writer)) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
     }
 }
 
