@@ -6,5 +6,6 @@
 pub mod catalog;
 pub mod cli;
 pub mod engine;
+pub mod inventory;
 pub mod jobs;
 pub mod tui;

@@ -4,6 +4,8 @@
 //! as events. Keys are routed through the key table's layers: to the open
 //! dialog (`dialog/`), else to the mode's own handling.
 
+use crate::engine::preflight::VmUsers;
+use crate::inventory::Inventory;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,6 +250,12 @@ pub struct App {
     /// The reclaim view's list and selection, built when it opens and on
     /// every new forest while it is open.
     pub reclaim: ReclaimView,
+    /// The defined libvirt domains, as last read off the UI thread.
+    pub inventory: Arc<Inventory>,
+    /// The same, as the engine's pre-flight step takes it.
+    pub vms: VmUsers,
+    /// `--readonly` / `readonly = true`: action keys are disabled.
+    pub readonly: bool,
 
     selected_key: Option<PathBuf>,
     details_wanted: Option<PathBuf>,
@@ -309,6 +317,9 @@ impl App {
             doctor,
             marks: BTreeSet::new(),
             reclaim: ReclaimView::default(),
+            inventory: Arc::new(Inventory::default()),
+            vms: VmUsers::default(),
+            readonly: config.readonly,
             selected_key: None,
             details_wanted: None,
             details_stamp: None,
@@ -704,6 +715,7 @@ impl App {
             keymap: &self.keymap,
             roots: &self.roots,
             selected: self.selected_node(),
+            vms: &self.vms,
         }
     }
 

@@ -99,6 +99,9 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
             shrink: true,
             force: opts.force,
             roots: opts.roots.clone(),
+            // amend is not among the operations checked for defined
+            // machines (#14 names rm, reset, mv, commit, rebase, resize).
+            vms: Default::default(),
         };
         resize(path, NewSize::Exactly(size), &ropts)?;
     }
