@@ -304,3 +304,134 @@ fn readonly_refuses_every_write() {
     assert!(r.stderr.contains("read-only"), "{r}");
     assert_eq!(w.read_file("imgs/ov.qcow2"), before);
 }
+
+/// The terminal UI, driven in memory: App, its worker threads (the
+/// inventory's included) and a TestBackend.
+struct Ui {
+    app: cowshed::tui::App,
+    rx: crossbeam_channel::Receiver<cowshed::tui::Event>,
+    term: ratatui::Terminal<ratatui::backend::TestBackend>,
+}
+
+impl Ui {
+    fn start(root: &Path, config: cowshed::tui::Config) -> Ui {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let app = cowshed::tui::App::new(
+            vec![root.to_path_buf()],
+            config,
+            true,
+            tx,
+            ratatui::layout::Rect::new(0, 0, 140, 30),
+        )
+        .expect("start the app");
+        let mut ui = Ui {
+            app,
+            rx,
+            term: ratatui::Terminal::new(ratatui::backend::TestBackend::new(140, 30))
+                .expect("terminal"),
+        };
+        ui.until("the first scan", |a| !a.scanning && !a.rows.is_empty());
+        ui
+    }
+
+    /// Feed events until `cond` holds (a generous limit: libvirt answers
+    /// in seconds, the inventory is read again every 10 s).
+    fn until(&mut self, what: &str, cond: impl Fn(&cowshed::tui::App) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !cond(&self.app) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(ev) => self.app.update(ev),
+                Err(_) => panic!("waited in vain for {what}"),
+            }
+        }
+    }
+
+    fn key(&mut self, c: char) {
+        use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
+        self.app
+            .update(cowshed::tui::Event::Input(Event::Key(KeyEvent::new(
+                KeyCode::Char(c),
+                KeyModifiers::NONE,
+            ))));
+    }
+
+    fn select(&mut self, name: &str) {
+        let at = self
+            .app
+            .rows
+            .iter()
+            .position(|r| self.app.forest.nodes[r.id].record.path.ends_with(name))
+            .unwrap_or_else(|| panic!("{name} is not in the tree"));
+        while self.app.selected != at {
+            self.key(if self.app.selected < at { 'j' } else { 'k' });
+        }
+    }
+
+    fn screen(&mut self) -> String {
+        self.term
+            .draw(|f| cowshed::tui::view::draw(&self.app, f))
+            .expect("draw");
+        format!("{}", self.term.backend())
+    }
+}
+
+#[test]
+fn the_terminal_ui_shows_the_domain_and_its_disks() {
+    let case = "tui";
+    need_daemon!(case);
+    let w = Work::new(case);
+    fleet(&w);
+    let dom = Domain::define(&w, case, &w.path("imgs/ov.qcow2"));
+    let config = cowshed::tui::Config {
+        libvirt: vec![SYSTEM.to_string()],
+        ..Default::default()
+    };
+    let mut ui = Ui::start(&w.path("imgs"), config);
+    let name = dom.name.clone();
+    ui.until("the domain", |a| {
+        a.inventory.domains.iter().any(|d| d.name == name)
+    });
+    ui.select("ov.qcow2");
+    let screen = ui.screen();
+    assert!(screen.contains(" VM "), "{screen}");
+    // The column is narrow: the name's start and the state show in it.
+    assert!(screen.contains("cowshed-test-tui"), "{screen}");
+    // The details pane lists the domain and its disk.
+    assert!(
+        screen.contains(&format!("vm {} (shut off, {SYSTEM})", dom.name)),
+        "{screen}"
+    );
+    assert!(screen.contains("disk vda: ▸ov.qcow2"), "{screen}");
+    // Reset asks, warning about the domain.
+    ui.key('R');
+    let screen = ui.screen();
+    assert!(screen.contains("Used by libvirt domain"), "{screen}");
+}
+
+#[test]
+fn read_only_terminal_ui_disables_action_keys() {
+    let w = Work::new("tui_readonly");
+    fleet(&w);
+    let config = cowshed::tui::Config {
+        readonly: true,
+        ..Default::default()
+    };
+    let mut ui = Ui::start(&w.path("imgs"), config);
+    ui.select("ov.qcow2");
+    for key in ['c', 'R', 'd', 'm'] {
+        ui.key(key);
+        assert!(ui.app.dialog.is_none(), "{key} opened a dialog");
+        let status = ui.app.status.as_ref().map(|s| s.text.clone());
+        assert!(
+            status.as_deref().is_some_and(|s| s.contains("read-only")),
+            "{key}: {status:?}"
+        );
+    }
+    let names: Vec<_> = std::fs::read_dir(w.path("imgs"))
+        .expect("list")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}

@@ -285,11 +285,18 @@ impl App {
         events: Sender<Event>,
         area: Rect,
     ) -> std::io::Result<App> {
+        let events_for_inventory = events.clone();
         let mut catalog = CatalogHandle::start(roots.clone(), live, events.clone())?;
         let inspector = InspectHandle::start(events.clone())?;
         let pool = Jobs::new(DEFAULT_WORKERS, events);
         catalog.send(CatalogCmd::Rescan);
         let doctor = config.doctor;
+        if live {
+            super::worker::spawn_inventory(
+                crate::inventory::Connections::from_named(&config.libvirt),
+                events_for_inventory,
+            )?;
+        }
         Ok(App {
             roots,
             keymap: config.keymap,
@@ -510,6 +517,26 @@ impl App {
                 self.scroll_to_selection();
             }
             Event::Input(_) => {}
+            Event::Inventory(inv) => {
+                for (uri, why) in &inv.unreadable {
+                    if !self
+                        .inventory
+                        .unreadable
+                        .iter()
+                        .any(|(u, w)| u == uri && w == why)
+                    {
+                        self.say(Status::error(format!(
+                            "libvirt connection {uri} could not be read: {why}"
+                        )));
+                    }
+                }
+                self.vms = inv.vm_users(false);
+                self.inventory = inv;
+                if self.mode == Mode::Reclaim {
+                    self.reclaim
+                        .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
+                }
+            }
             Event::Catalog(u) => {
                 self.catalog_seen = self.catalog_seen.max(u.seq);
                 self.scanning = u.scanning;
@@ -530,7 +557,7 @@ impl App {
                 }
                 if self.mode == Mode::Reclaim {
                     self.reclaim
-                        .rebuild(&self.forest, std::time::SystemTime::now());
+                        .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                 }
                 // Growth of images that are gone would stay forever.
                 let forest = Arc::clone(&self.forest);
@@ -609,7 +636,7 @@ impl App {
                     self.totals = totals(&self.forest);
                     if self.mode == Mode::Reclaim {
                         self.reclaim
-                            .rebuild(&self.forest, std::time::SystemTime::now());
+                            .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                     }
                     if self.sort != SortKey::Name {
                         self.rebuild_rows();
@@ -784,6 +811,7 @@ impl App {
                 self.toggle_marks(keys);
             }
             Some(Action::ClearMarks) => self.clear_marks(),
+            Some(Action::DeleteImage) if self.readonly => self.tree_action(Action::DeleteImage),
             Some(Action::DeleteImage) => {
                 let targets = self.reclaim_targets();
                 if !targets.is_empty() {
@@ -908,6 +936,13 @@ impl App {
         let page = usize::from(view::layout(self.area).tree_body.height).max(1);
         let selected = self.selected_node();
         let forest = Arc::clone(&self.forest);
+        if self.readonly && action.writes() {
+            self.say(Status::error(
+                "read-only: that action would change files, and cowshed runs with --readonly \
+                 (or readonly = true in the config)",
+            ));
+            return;
+        }
         match action {
             Action::Up => self.move_selection(-1),
             Action::Down => self.move_selection(1),
@@ -951,7 +986,7 @@ impl App {
             Action::Reclaim => {
                 self.reclaim = ReclaimView::default();
                 self.reclaim
-                    .rebuild(&self.forest, std::time::SystemTime::now());
+                    .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                 self.mode = Mode::Reclaim;
             }
             Action::CloneMany => {
