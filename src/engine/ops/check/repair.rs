@@ -53,15 +53,12 @@ use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::qcow2::header::{autoclear, incompat, Header};
-use crate::engine::qcow2::l2::{L1_OFFSET_MASK, OFLAG_ZERO};
-use crate::engine::qcow2::refcount::REFTABLE_OFFSET_MASK;
+use crate::engine::qcow2::l2::{l1_table_offset, reftable_block_offset, L2Entry};
 use crate::engine::qcow2::Qcow2Image;
 
 /// Header field offsets the repair writes.
 const HEADER_REFTABLE_FIELDS: u64 = 48;
 const HEADER_INCOMPATIBLE: u64 = 72;
-/// All zero bits of an extended L2 bitmap.
-const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 
 /// QEMU's metadata kinds, for the overlap check (and its names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,13 +354,13 @@ impl Checker<'_> {
             ));
         }
         for e in self.read_table(h.l1_table_offset, l1_size)? {
-            let off = e & L1_OFFSET_MASK;
+            let off = l1_table_offset(e);
             if off != 0 {
                 m.push((Kind::ActiveL2, off, self.cs));
             }
         }
         for &e in self.stored.table() {
-            let off = e & REFTABLE_OFFSET_MASK;
+            let off = reftable_block_offset(e);
             if off != 0 {
                 m.push((Kind::RefcountBlock, off, self.cs));
             }
@@ -436,16 +433,21 @@ impl Checker<'_> {
         bitmap: u64,
         active: bool,
     ) -> Result<bool> {
-        let words: u64 = if self.geo.extended { 2 } else { 1 };
-        let at = l2_offset + index * 8 * words;
-        let mut bytes = Vec::with_capacity(16);
-        if self.geo.extended {
-            let b = (bitmap | bitmap << 32) & BITMAP_ALL_ZEROES;
-            bytes.extend_from_slice(&0u64.to_be_bytes());
-            bytes.extend_from_slice(&b.to_be_bytes());
+        let words = self.geo.entry_words();
+        let at = l2_offset + index * 8 * words as u64;
+        // Subclusters that were allocated or zero read as zeros now.
+        let zero = self.geo.zero_entry(0);
+        let zero = if self.geo.extended {
+            L2Entry::new(0, (bitmap | bitmap << 32) & zero.bitmap)
         } else {
-            bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
-        }
+            zero
+        };
+        let mut table = [0u64; 2];
+        self.geo.set_entry_at(&mut table, 0, zero);
+        let bytes: Vec<u8> = table[..words]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
         let ignore = if active {
             Ignore::ActiveL2
         } else {
