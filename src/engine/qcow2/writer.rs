@@ -286,8 +286,7 @@ impl Qcow2Writer {
         }
         if self.h.version >= 3 && self.h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
             self.h.autoclear_features &= autoclear::DATA_FILE_RAW;
-            self.pwrite(&self.h.autoclear_features.to_be_bytes(), 88)?;
-            self.file.sync_data().at(&self.path)?;
+            self.h.patch_autoclear(&self.file, &self.path)?;
         }
         self.autoclear_cleared = true;
         Ok(())
@@ -415,18 +414,16 @@ impl Qcow2Writer {
         self.pwrite(&raw, table_off)?;
         self.file.sync_data().at(&self.path)?;
         fault::point("writer.reftable.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_off.to_be_bytes());
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.pwrite(&fields, 48)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.refcount_table_offset = table_off;
+        next.refcount_table_clusters = table_clusters as u32;
+        next.patch_refcount_table(&self.file, &self.path)?;
         fault::point("writer.reftable.switched");
         let old = (
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * cs,
         );
-        self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = table_clusters as u32;
+        self.h = next;
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.release(old.0, old.1)
     }
@@ -1144,9 +1141,10 @@ impl Qcow2Writer {
                 d.file.set_len(new_size).at(&d.path)?;
             }
         }
-        self.pwrite(&new_size.to_be_bytes(), 24)?;
-        self.file.sync_data().at(&self.path)?;
-        self.h.size = new_size;
+        let mut next = self.h.clone();
+        next.size = new_size;
+        next.patch_size(&self.file, &self.path)?;
+        self.h = next;
         Ok(())
     }
 
@@ -1186,10 +1184,11 @@ impl Qcow2Writer {
             }
             self.file.sync_data().at(&self.path)?;
         }
-        self.pwrite(&new_size.to_be_bytes(), 24)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.size = new_size;
+        next.patch_size(&self.file, &self.path)?;
         fault::point("writer.shrink.resized");
-        self.h.size = new_size;
+        self.h = next;
         let len = self.file.metadata().at(&self.path)?.len();
         let mut end = len.div_ceil(self.cs);
         while end > 0 && self.refcount(end - 1)? == 0 {
@@ -1224,15 +1223,13 @@ impl Qcow2Writer {
         self.pwrite(&table, new_off)?;
         self.file.sync_data().at(&self.path)?;
         fault::point("writer.l1.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
-        fields[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.pwrite(&fields, 36)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.l1_size = entries as u32;
+        next.l1_table_offset = new_off;
+        next.patch_l1_table(&self.file, &self.path)?;
         fault::point("writer.l1.switched");
         let (old_off, old_len) = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
-        self.h.l1_size = entries as u32;
-        self.h.l1_table_offset = new_off;
+        self.h = next;
         self.l1.resize(entries as usize, 0);
         if old_len > 0 {
             self.release(old_off, old_len)?;

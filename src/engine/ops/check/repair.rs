@@ -56,9 +56,6 @@ use crate::engine::qcow2::header::{autoclear, incompat, Header};
 use crate::engine::qcow2::l2::{l1_table_offset, reftable_block_offset, L2Entry};
 use crate::engine::qcow2::Qcow2Image;
 
-/// Header field offsets the repair writes.
-const HEADER_REFTABLE_FIELDS: u64 = 48;
-const HEADER_INCOMPATIBLE: u64 = 72;
 
 /// QEMU's metadata kinds, for the overlap check (and its names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,16 +264,14 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
 /// and qcow2_mark_consistent after a complete repair.
 fn mark_clean_and_consistent(file: &std::fs::File, path: &Path) -> Result<()> {
     let len = file.metadata().at(path)?.len();
-    let h = Header::read(file, path, len)?;
+    let mut h = Header::read(file, path, len)?;
     let bits = incompat::DIRTY | incompat::CORRUPT;
     if h.version < 3 || h.incompatible_features & bits == 0 {
         return Ok(());
     }
     file.sync_data().at(path)?;
-    let v = h.incompatible_features & !bits;
-    file.write_all_at(&v.to_be_bytes(), HEADER_INCOMPATIBLE)
-        .at(path)?;
-    file.sync_data().at(path)
+    h.incompatible_features &= !bits;
+    h.patch_incompatible(file, path)
 }
 
 /// `e` with `what` in front of its message (and the path said once).
@@ -294,10 +289,9 @@ fn mark_corrupt(file: &std::fs::File, path: &Path, h: &Header) -> Result<()> {
     if h.version < 3 || h.incompatible_features & incompat::CORRUPT != 0 {
         return Ok(());
     }
-    let v = h.incompatible_features | incompat::CORRUPT;
-    file.write_all_at(&v.to_be_bytes(), HEADER_INCOMPATIBLE)
-        .at(path)?;
-    file.sync_data().at(path)
+    let mut h = h.clone();
+    h.incompatible_features |= incompat::CORRUPT;
+    h.patch_incompatible(file, path)
 }
 
 /// QEMU's ranges_overlap.
@@ -504,13 +498,10 @@ impl Checker<'_> {
         // Everything the new header fields point at is on disk first.
         self.file.sync_data().at(self.path)?;
         fault::point("check.rebuild.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&offset.to_be_bytes());
-        fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        self.file
-            .write_all_at(&fields, HEADER_REFTABLE_FIELDS)
-            .at(self.path)?;
-        self.file.sync_data().at(self.path)
+        let mut next = self.h.clone();
+        next.refcount_table_offset = offset;
+        next.refcount_table_clusters = clusters as u32;
+        next.patch_refcount_table(self.file, self.path)
     }
 
     /// QEMU's rebuild_refcounts_write_refblocks over clusters

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 
 use super::super::be64_table;
-use super::super::header::{autoclear, CryptMethod, MAX_L1_BYTES};
+use super::super::header::{autoclear, MAX_L1_BYTES};
 use super::super::l2::{l1_entry, l1_table_offset, L2Entry};
 use super::super::refcount::{decode_refcount, encode_refcount, Refcounts};
 use super::super::snapshot::{encode_table, read_snapshots, Snapshot};
@@ -231,8 +231,7 @@ impl Qcow2Writer {
         let keep = autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
         if self.h.version >= 3 && self.h.autoclear_features & !keep != 0 {
             self.h.autoclear_features &= keep;
-            self.pwrite(&self.h.autoclear_features.to_be_bytes(), 88)?;
-            self.file.sync_data().at(&self.path)?;
+            self.h.patch_autoclear(&self.file, &self.path)?;
         }
         Ok(())
     }
@@ -630,31 +629,18 @@ impl Qcow2Writer {
         fault::point("snapshot.written");
         self.file.sync_data().at(&self.path)?;
         fault::point("snapshot.before_switch");
-        let mut fields = [0u8; 48];
-        fields[0..8].copy_from_slice(&sw.size.to_be_bytes());
-        // Rewritten as it is (the writer refuses encrypted images: 0).
-        let crypt: u32 = match self.h.crypt_method {
-            CryptMethod::None => 0,
-            CryptMethod::Aes => 1,
-            CryptMethod::Luks => 2,
-        };
-        fields[8..12].copy_from_slice(&crypt.to_be_bytes());
-        fields[12..16].copy_from_slice(&sw.l1_size.to_be_bytes());
-        fields[16..24].copy_from_slice(&sw.l1_offset.to_be_bytes());
-        fields[24..32].copy_from_slice(&rt_offset.to_be_bytes());
-        fields[32..36].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
-        fields[36..40].copy_from_slice(&sw.nb_snapshots.to_be_bytes());
-        fields[40..48].copy_from_slice(&sw.snapshots_offset.to_be_bytes());
-        self.pwrite(&fields, 24)?;
-        self.file.sync_data().at(&self.path)?;
+        // The encryption field between them is rewritten as it is.
+        let mut next = self.h.clone();
+        next.size = sw.size;
+        next.l1_size = sw.l1_size;
+        next.l1_table_offset = sw.l1_offset;
+        next.refcount_table_offset = rt_offset;
+        next.refcount_table_clusters = rt_clusters as u32;
+        next.nb_snapshots = sw.nb_snapshots;
+        next.snapshots_offset = sw.snapshots_offset;
+        next.patch_tables(&self.file, &self.path)?;
         fault::point("snapshot.switched");
-        self.h.size = sw.size;
-        self.h.l1_size = sw.l1_size;
-        self.h.l1_table_offset = sw.l1_offset;
-        self.h.refcount_table_offset = rt_offset;
-        self.h.refcount_table_clusters = rt_clusters as u32;
-        self.h.nb_snapshots = sw.nb_snapshots;
-        self.h.snapshots_offset = sw.snapshots_offset;
+        self.h = next;
         self.l1 = l1;
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.l2_cache.clear();
