@@ -8,4 +8,5 @@ pub mod cli;
 pub mod engine;
 pub mod inventory;
 pub mod jobs;
+pub mod remote;
 pub mod tui;

@@ -39,7 +39,7 @@ pub fn candidates(f: &Forest, vms: &VmUsers, now: SystemTime) -> Vec<Candidate> 
         .filter(|(_, n)| {
             n.children.is_empty()
                 && n.record.lock == LockState::None
-                && !vms.by_file.contains_key(&n.record.dev_ino)
+                && !(n.record.host.is_none() && vms.by_file.contains_key(&n.record.dev_ino))
                 && !n
                     .flags
                     .iter()

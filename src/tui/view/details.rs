@@ -138,7 +138,11 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     };
     lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
     // The domains using it, each with its disks (this file marked).
-    for d in app.inventory.users_of(r.dev_ino) {
+    for d in app
+        .inventory
+        .users_of(r.dev_ino)
+        .filter(|_| r.host.is_none())
+    {
         lines.push(Line::from(Span::styled(
             format!(" vm {} ({}, {})", d.name, d.state, d.connection),
             Style::new().fg(app.theme.in_use),

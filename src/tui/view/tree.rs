@@ -32,12 +32,11 @@ const VM_W: usize = 18;
 
 /// Cells the VM column takes: none while no domain uses a scanned image.
 fn vm_width(app: &App) -> usize {
-    let used = !app.vms.by_file.is_empty()
-        && app
-            .forest
-            .nodes
-            .iter()
-            .any(|n| app.vms.by_file.contains_key(&n.record.dev_ino));
+    let used =
+        !app.vms.by_file.is_empty()
+            && app.forest.nodes.iter().any(|n| {
+                n.record.host.is_none() && app.vms.by_file.contains_key(&n.record.dev_ino)
+            });
     if used {
         2 + VM_W
     } else {
@@ -47,7 +46,12 @@ fn vm_width(app: &App) -> usize {
 
 /// The VM column: the domain using the image and its state, `+N` for more.
 fn vm_cell(app: &App, node: &Node) -> String {
-    let mut users = app.inventory.users_of(node.record.dev_ino);
+    // A remote image's device and inode are another host's.
+    let local = node.record.host.is_none();
+    let mut users = app
+        .inventory
+        .users_of(node.record.dev_ino)
+        .filter(|_| local);
     let Some(first) = users.next() else {
         return String::new();
     };
