@@ -32,7 +32,7 @@ pub fn run(a: CommitArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = CommitOptions {
         base: a.base.clone(),
         keep_top: a.keep_top,
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

@@ -226,12 +226,12 @@ pub enum Output {
 }
 
 pub fn run(cli: Cli) -> color_eyre::Result<i32> {
-    let session = session::Session::new(
-        cli.config.as_deref(),
-        cli.readonly,
-        &cli.connect,
-        cli.force_vms,
-    )?;
+    let session = session::Session {
+        config: cli.config.clone(),
+        readonly: cli.readonly,
+        connect: cli.connect.clone(),
+        force_vms: cli.force_vms,
+    };
     let Some(command) = cli.command else {
         if let Some(word) = mistyped_command(&cli.roots) {
             eprintln!(

@@ -31,7 +31,7 @@ pub struct MvArgs {
 pub fn run(a: MvArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = MoveOptions {
         roots: a.roots.clone(),
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

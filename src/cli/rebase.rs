@@ -37,7 +37,7 @@ pub fn run(a: RebaseArgs, session: &Session) -> color_eyre::Result<i32> {
         backing: a.backing.clone(),
         backing_format: a.backing_format,
         unsafe_header_only: a.unsafe_mode,
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

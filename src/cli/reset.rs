@@ -20,7 +20,7 @@ pub struct ResetArgs {
 pub fn run(a: ResetArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = ResetOptions {
         roots: a.roots,
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     engine::reset(&a.file, &opts)?;
     println!(

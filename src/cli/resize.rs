@@ -58,7 +58,7 @@ pub fn run(a: ResizeArgs, session: &Session) -> color_eyre::Result<i32> {
         shrink: a.shrink,
         force: a.force,
         roots: a.roots,
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     resize(&a.file, size, &opts)?;
     if !a.quiet {

@@ -41,7 +41,7 @@ pub fn run(a: RmArgs, session: &Session) -> color_eyre::Result<i32> {
         roots: a.roots.clone(),
         stream: a.stream,
         trash: a.trash,
-        vms: session.vm_users(),
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         "rm cancelled: every image is still readable; dependents already streamed read as \

@@ -51,7 +51,7 @@ pub fn run(a: TreeArgs, session: &Session) -> color_eyre::Result<i32> {
             }
         }
     }
-    let vms = Inventory::read(&session.connections);
+    let vms = Inventory::read(&session.connections()?);
     match a.output {
         Output::Json => write_json(&forest, &vms, &errors)?,
         Output::Human => {
