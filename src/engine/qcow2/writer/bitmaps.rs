@@ -117,7 +117,7 @@ impl Qcow2Writer {
 
     /// The (offset, length) ranges bitmap `bm` holds: its table and the
     /// data clusters the table points at.
-    fn bitmap_clusters(&self, bm: &BitmapEntry) -> Result<Vec<(u64, u64)>> {
+    pub(super) fn bitmap_clusters(&self, bm: &BitmapEntry) -> Result<Vec<(u64, u64)>> {
         let bytes = u64::from(bm.table_size) * 8;
         if bytes == 0 || bm.table_offset == 0 {
             return Ok(Vec::new());

@@ -259,7 +259,7 @@ impl Qcow2Writer {
     }
 
     /// A snapshot's L1 table, checked as QEMU checks it before use.
-    fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
         let len = self.file.metadata().at(&self.path)?.len();
         if bytes > MAX_L1_BYTES {
@@ -286,7 +286,7 @@ impl Qcow2Writer {
     }
 
     /// An L2 table as the next generation has it.
-    fn table_next(&self, offset: u64) -> Result<Vec<u64>> {
+    pub(super) fn table_next(&self, offset: u64) -> Result<Vec<u64>> {
         if offset % self.cs != 0 {
             return Err(Error::invalid(
                 &self.path,
@@ -443,7 +443,7 @@ impl Qcow2Writer {
 
     /// The snapshot table holding `snaps`, in new clusters (none when
     /// empty: QEMU then records offset 0); the old table's clusters go.
-    fn replace_snapshot_table(
+    pub(super) fn replace_snapshot_table(
         &mut self,
         g: &mut NextGen,
         snaps: &[Snapshot],
@@ -481,7 +481,7 @@ impl Qcow2Writer {
         }
     }
 
-    fn next_ref(&mut self, g: &NextGen, cluster: u64) -> Result<u64> {
+    pub(super) fn next_ref(&mut self, g: &NextGen, cluster: u64) -> Result<u64> {
         let per_block = self.refs.per_block();
         match g.blocks.get(&(cluster / per_block)) {
             Some(block) => Ok(decode_refcount(
@@ -503,7 +503,7 @@ impl Qcow2Writer {
 
     /// Change a refcount of the next generation, refusing to overflow (as
     /// QEMU refuses: "Invalid argument") or to drop below zero.
-    fn add_next(&mut self, g: &mut NextGen, cluster: u64, delta: i64) -> Result<()> {
+    pub(super) fn add_next(&mut self, g: &mut NextGen, cluster: u64, delta: i64) -> Result<()> {
         let now = self.next_ref(g, cluster)?;
         let max = self.refcount_max();
         let next = i128::from(now) + i128::from(delta);
