@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::super::header::{autoclear, CompressionType};
+use super::super::header::{autoclear, CompressionType, Header};
 use super::super::l2::{
     L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
@@ -261,7 +261,7 @@ impl Qcow2Writer {
             self.add_range(&mut g, off, len, -1)?;
         }
 
-        let mut h = self.h.clone();
+        let mut h: Header = self.h.clone();
         h.version = 2;
         h.incompatible_features = 0;
         h.compatible_features = 0;
@@ -309,51 +309,17 @@ impl Qcow2Writer {
         )
     }
 
-    /// Write generation `g` (its refcount structure placed now), flush,
-    /// switch to header `h` in one write, and carry on from it; the
-    /// clusters only the old generation used get their space back last.
-    fn switch_generation(
-        &mut self,
-        mut g: NextGen,
-        mut h: super::super::header::Header,
-    ) -> Result<()> {
-        let table = self.place_refcount_structure(&mut g)?;
-        let Some((rt_offset, rt_clusters)) = g.reftable else {
-            return Err(Error::invalid(
-                &self.path,
-                "internal: no refcount table placed",
-            ));
-        };
-        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
-            + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
-        crate::engine::space::ensure_fits(&self.path, new_bytes)?;
-        for (off, bytes) in &g.writes {
-            self.pwrite(bytes, *off)?;
-        }
-        for (i, at) in &g.block_at {
-            if let Some(block) = g.blocks.get(i) {
-                self.pwrite(block, *at)?;
-            }
-        }
-        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.pwrite(&raw, rt_offset)?;
-        fault::point("amend.downgrade.written");
-        self.file.sync_data().at(&self.path)?;
+    /// Write generation `g`, flush, switch to header `h` in one write, and
+    /// carry on from it.
+    fn switch_generation(&mut self, mut g: NextGen, mut h: Header) -> Result<()> {
+        let (rt_offset, rt_clusters) = self.write_generation(&mut g, "amend.downgrade.written")?;
         fault::point("amend.downgrade.before_switch");
         h.refcount_table_offset = rt_offset;
         h.refcount_table_clusters = rt_clusters as u32;
         write_header(&self.file, &self.path, &mut h)?;
         fault::point("amend.downgrade.switched");
         self.h = h;
-        self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
-        self.l2_cache.clear();
-        for c in std::mem::take(&mut g.freed) {
-            if self.refcount(c)? == 0 {
-                let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
-                self.free_hint = self.free_hint.min(c);
-            }
-        }
-        Ok(())
+        self.carry_on_from(g)
     }
 
     // ------------------------------------------------ refcount width --

@@ -612,30 +612,7 @@ impl Qcow2Writer {
     /// Write the next generation, make it durable, switch the header to it
     /// in one write, and carry on from it.
     fn commit_generation(&mut self, mut g: NextGen, sw: Switch, l1: Vec<u64>) -> Result<()> {
-        let table = self.place_refcount_structure(&mut g)?;
-        let Some((rt_offset, rt_clusters)) = g.reftable else {
-            return Err(Error::invalid(
-                &self.path,
-                "internal: no refcount table placed",
-            ));
-        };
-        // The L2 tables are written (a failure there left nothing the
-        // image uses changed); the rest must fit.
-        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
-            + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
-        crate::engine::space::ensure_fits(&self.path, new_bytes)?;
-        for (off, bytes) in &g.writes {
-            self.pwrite(bytes, *off)?;
-        }
-        for (i, at) in &g.block_at {
-            if let Some(block) = g.blocks.get(i) {
-                self.pwrite(block, *at)?;
-            }
-        }
-        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.pwrite(&raw, rt_offset)?;
-        fault::point("snapshot.written");
-        self.file.sync_data().at(&self.path)?;
+        let (rt_offset, rt_clusters) = self.write_generation(&mut g, "snapshot.written")?;
         fault::point("snapshot.before_switch");
         let mut fields = [0u8; 48];
         fields[0..8].copy_from_slice(&sw.size.to_be_bytes());
@@ -663,11 +640,52 @@ impl Qcow2Writer {
         self.h.nb_snapshots = sw.nb_snapshots;
         self.h.snapshots_offset = sw.snapshots_offset;
         self.l1 = l1;
+        self.carry_on_from(g)
+    }
+
+    /// Place generation `g`'s refcount structure, write all of it (passing
+    /// `written` once it is, before the flush) and make it durable; the
+    /// header does not point at it yet. Returns the new refcount table
+    /// (offset, clusters).
+    pub(super) fn write_generation(
+        &mut self,
+        g: &mut NextGen,
+        written: &'static str,
+    ) -> Result<(u64, u64)> {
+        let table = self.place_refcount_structure(g)?;
+        let Some((rt_offset, rt_clusters)) = g.reftable else {
+            return Err(Error::invalid(
+                &self.path,
+                "internal: no refcount table placed",
+            ));
+        };
+        // The L2 tables are written (a failure there left nothing the
+        // image uses changed); the rest must fit.
+        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
+            + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
+        crate::engine::space::ensure_fits(&self.path, new_bytes)?;
+        for (off, bytes) in &g.writes {
+            self.pwrite(bytes, *off)?;
+        }
+        for (i, at) in &g.block_at {
+            if let Some(block) = g.blocks.get(i) {
+                self.pwrite(block, *at)?;
+            }
+        }
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, rt_offset)?;
+        fault::point(written);
+        self.file.sync_data().at(&self.path)?;
+        Ok((rt_offset, rt_clusters))
+    }
+
+    /// After the header switched to generation `g` (and `self.h` says so):
+    /// its refcounts are the image's, and the clusters only the old
+    /// generation used give their space back to the file system.
+    pub(super) fn carry_on_from(&mut self, mut g: NextGen) -> Result<()> {
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.l2_cache.clear();
-        // Unreferenced now: the space goes back to the file system.
-        let freed: Vec<u64> = std::mem::take(&mut g.freed);
-        for c in freed {
+        for c in std::mem::take(&mut g.freed) {
             if self.refcount(c)? == 0 {
                 let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
                 self.free_hint = self.free_hint.min(c);
