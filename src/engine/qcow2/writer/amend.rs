@@ -347,7 +347,7 @@ impl Qcow2Writer {
         let rt = self.h.refcount_table_offset / cs;
         old_structure.extend(rt..rt + u64::from(self.h.refcount_table_clusters));
         for &e in self.refs.table() {
-            let off = e & super::super::refcount::REFTABLE_OFFSET_MASK;
+            let off = e & super::super::l2::REFTABLE_OFFSET_MASK;
             if off != 0 {
                 old_structure.insert(off / cs);
             }
