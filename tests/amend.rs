@@ -497,3 +497,32 @@ fn downgrade_and_refcount_width_survive_power_cuts() {
         );
     }
 }
+
+/// Metadata a downgrade or width change would walk, spoilt (a snapshot's
+/// L1 table past the end of the file, or not aligned): refused before
+/// anything is written, with an error naming the file, never a panic.
+#[test]
+fn spoilt_metadata_is_refused_naming_the_file() {
+    let w = Work::new("amend-hostile");
+    w.create("good", "qcow2", "", None, 16 * MIB);
+    w.io(
+        "qcow2",
+        "good",
+        &["write -z 0 64k".to_string(), "write 1M 64k".to_string()],
+    );
+    w.qemu_img(&["snapshot", "-c", "s1", "good"]);
+    let good = w.read_file("good");
+    let table = u64::from_be_bytes(good[64..72].try_into().unwrap()) as usize;
+    for (name, l1_offset) in [("far", 1u64 << 32), ("unaligned", 0x10200)] {
+        let mut bytes = good.clone();
+        bytes[table..table + 8].copy_from_slice(&l1_offset.to_be_bytes());
+        w.write_file(name, &bytes);
+        for opts in ["compat=0.10", "refcount_bits=4"] {
+            let r = w.cowshed(&["amend", "-o", opts, name]);
+            assert_eq!(r.code, Some(1), "{opts} {name}: {r}");
+            assert!(r.stderr.contains(&format!("{name}:")), "{r}");
+            assert!(!r.stderr.contains("panicked"), "{r}");
+            assert_eq!(w.read_file(name), bytes, "{opts} {name} changed the file");
+        }
+    }
+}

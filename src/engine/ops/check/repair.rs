@@ -56,7 +56,6 @@ use crate::engine::qcow2::header::{autoclear, incompat, Header};
 use crate::engine::qcow2::l2::{l1_table_offset, reftable_block_offset, L2Entry};
 use crate::engine::qcow2::Qcow2Image;
 
-
 /// QEMU's metadata kinds, for the overlap check (and its names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
