@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::error::{Error, Result};
+use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::ops::resize::{resize, NewSize, ResizeOptions};
 use crate::engine::qcow2::header::{compat, Header};
@@ -77,6 +77,7 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
             ),
         ));
     }
+    repair_if_dirty(path, opts)?;
     // QEMU's writer lock first, then the metadata check, then reading.
     let mut editor = HeaderEditor::open(path)?;
     let wanted = parse(path, editor.header(), &opts.options)?;
@@ -89,6 +90,31 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     drop(editor);
     if let Some(size) = wanted.size {
         resize_to(path, opts, size)?;
+    }
+    Ok(())
+}
+
+/// An image left dirty (lazy refcounts, then a crash) has its refcounts
+/// repaired first, as QEMU's open for writing repairs it before `qemu-img
+/// amend` goes on; an image marked corrupt is left to the writer's refusal.
+/// The options are checked first: a refused amend leaves even a dirty
+/// image as it was.
+fn repair_if_dirty(path: &Path, opts: &AmendOptions) -> Result<()> {
+    let file = open_image_file(path)?;
+    let len = file.metadata().at(path)?.len();
+    let h = Header::read(&file, path, len)?;
+    drop(file);
+    if !h.is_dirty() || h.is_corrupt() {
+        return Ok(());
+    }
+    parse(path, &h, &opts.options)?;
+    let report = crate::engine::ops::check::check_repair_all(path, Some(Format::Qcow2))?;
+    if report.exit_code() != 0 {
+        return Err(Error::invalid(
+            path,
+            "the image was left dirty and its repair did not leave it clean; see `cowshed \
+             check`",
+        ));
     }
     Ok(())
 }
