@@ -64,7 +64,8 @@
 //!   flushed), `bitmap.before_switch`, `bitmap.switched` (the header's
 //!   bitmaps extension points at the new directory; the old clusters not
 //!   yet freed);
-//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran);
+//!   `agent.cancel_passed_on` (a remote agent set a job's cancel flag).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);

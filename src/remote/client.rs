@@ -425,3 +425,108 @@ pub fn remote_errors(host: &str, errors: Vec<WireError>) -> Vec<(PathBuf, String
 pub fn remote_path(host: &str, path: &Path) -> PathBuf {
     PathBuf::from(format!("{host}:{}", path.display()))
 }
+
+/// A job id no other client run will pick: this process, the time, a
+/// counter.
+pub fn new_job_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Longest wait between two attempts to reach a host again.
+pub const BACKOFF_LIMIT: Duration = Duration::from_secs(30);
+
+/// Work for the local job pool that has `host`'s agent run `op`: the job
+/// is sent once; its progress feeds the local [`Progress`], a local
+/// cancel is passed on, and a lost connection is reopened (with back-off)
+/// to ask for the job's outcome, never to send it again.
+///
+/// [`Progress`]: crate::engine::Progress
+pub fn remote_work(host: String, ssh: SshOptions, op: super::protocol::JobOp) -> crate::jobs::Work {
+    use super::protocol::WireJobState;
+    use crate::engine::Error;
+    Box::new(move |progress, cancel| {
+        let id = new_job_id();
+        let name = remote_path(&host, Path::new(op.kind()));
+        let fail = |m: String| Error::invalid(&name, m);
+        let mut submitted = false;
+        let mut cancel_sent = false;
+        let mut backoff = Duration::from_secs(1);
+        let mut done_so_far = 0u64;
+        let mut total_set = 0u64;
+        loop {
+            let mut conn = match Connection::open(&host, &ssh) {
+                Ok(c) => c,
+                // Never sent: nothing runs there, say why.
+                Err(e) if !submitted => return Err(fail(e.to_string())),
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_LIMIT);
+                    continue;
+                }
+            };
+            backoff = Duration::from_secs(1);
+            let first = if submitted {
+                Request::Outcome { id: id.clone() }
+            } else {
+                Request::Job {
+                    id: id.clone(),
+                    op: op.clone(),
+                }
+            };
+            if conn.send(&first).is_err() {
+                continue;
+            }
+            submitted = true;
+            loop {
+                if cancel.is_cancelled() && !cancel_sent {
+                    if conn.send(&Request::Cancel { id: id.clone() }).is_err() {
+                        break;
+                    }
+                    cancel_sent = true;
+                }
+                let reply = match conn.recv_timeout(Duration::from_millis(200)) {
+                    Ok(r) => r,
+                    Err(_) => break,
+                };
+                let Some(Reply::JobState {
+                    id: got,
+                    state,
+                    message,
+                    progress: p,
+                    ..
+                }) = reply
+                else {
+                    continue;
+                };
+                if got != id {
+                    continue;
+                }
+                if p.total != total_set {
+                    progress.set_total(p.total);
+                    total_set = p.total;
+                }
+                if p.done > done_so_far {
+                    progress.advance(p.done - done_so_far);
+                    done_so_far = p.done;
+                }
+                let why = || message.clone().unwrap_or_default();
+                match state {
+                    WireJobState::Queued | WireJobState::Running => {}
+                    // What it made comes with the host's next snapshot.
+                    WireJobState::Done => return Ok(None),
+                    WireJobState::Cancelled => return Err(Error::Cancelled),
+                    WireJobState::Failed => return Err(fail(why())),
+                    WireJobState::Lost => return Err(fail(format!("lost: {}", why()))),
+                }
+            }
+        }
+    })
+}
