@@ -530,3 +530,122 @@ pub fn remote_work(host: String, ssh: SshOptions, op: super::protocol::JobOp) ->
         }
     })
 }
+
+/// What a followed host says, for the local catalog.
+#[derive(Debug)]
+pub enum HostEvent {
+    /// The host's whole forest (keys already the host's).
+    Snapshot {
+        host: String,
+        nodes: Grafts,
+        errors: Vec<(PathBuf, String)>,
+    },
+    Sizes {
+        host: String,
+        key: PathBuf,
+        sizes: crate::catalog::Sizes,
+    },
+    Modified {
+        host: String,
+        key: PathBuf,
+        mtime: Option<std::time::SystemTime>,
+    },
+    /// The host cannot be reached now; another try comes after `retry`.
+    Down {
+        host: String,
+        reason: String,
+        retry: Duration,
+    },
+}
+
+/// Keep `host`'s roots in view: connect, watch (live), pass on what the
+/// agent says; when the connection is lost, say so and connect again
+/// with back-off (1 s doubling to [`BACKOFF_LIMIT`]). Returns when `tx`
+/// has no receiver or `stop` is dropped.
+pub fn follow(
+    host: &str,
+    roots: &[PathBuf],
+    live: bool,
+    ssh: &SshOptions,
+    tx: &crossbeam_channel::Sender<HostEvent>,
+    stop: &Receiver<()>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let reason = match Connection::open(host, ssh) {
+            Err(e) => e.to_string(),
+            Ok(mut conn) => {
+                backoff = Duration::from_secs(1);
+                match serve_followed(&mut conn, roots, live, tx, stop) {
+                    Ok(()) => return,
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        let reason = reason
+            .strip_prefix(&format!("{host}: "))
+            .unwrap_or(&reason)
+            .to_string();
+        if tx
+            .send(HostEvent::Down {
+                host: host.to_string(),
+                reason,
+                retry: backoff,
+            })
+            .is_err()
+        {
+            return;
+        }
+        match stop.recv_timeout(backoff) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_LIMIT);
+    }
+}
+
+/// One connection's life; `Ok` when told to stop.
+fn serve_followed(
+    conn: &mut Connection,
+    roots: &[PathBuf],
+    live: bool,
+    tx: &crossbeam_channel::Sender<HostEvent>,
+    stop: &Receiver<()>,
+) -> Result<(), RemoteError> {
+    conn.send(&Request::Watch {
+        roots: roots.to_vec(),
+        live,
+    })?;
+    let host = conn.host.clone();
+    let key = |k: &Path| remote_path(&host, k);
+    loop {
+        if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+            return Ok(());
+        }
+        let ev = match conn.recv_timeout(Duration::from_millis(500))? {
+            None => continue,
+            Some(Reply::Snapshot { nodes, errors }) => HostEvent::Snapshot {
+                host: host.clone(),
+                nodes: grafts(&host, nodes).map_err(|message| RemoteError::Agent {
+                    host: host.clone(),
+                    message,
+                })?,
+                errors: remote_errors(&host, errors),
+            },
+            Some(Reply::Sizes { key: k, sizes }) => HostEvent::Sizes {
+                host: host.clone(),
+                key: key(&k),
+                sizes: sizes.into(),
+            },
+            Some(Reply::Modified { key: k, mtime }) => HostEvent::Modified {
+                host: host.clone(),
+                key: key(&k),
+                mtime: super::protocol::WireTime::to_system(mtime),
+            },
+            Some(_) => continue,
+        };
+        if tx.send(ev).is_err() {
+            return Ok(());
+        }
+    }
+}
