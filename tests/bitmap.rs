@@ -17,7 +17,8 @@ use common::fault;
 use common::{Work, MIB};
 use serde_json::Value;
 
-use cowshed::engine::qcow2::bitmap::{read_directory, TABLE_OFFSET_MASK};
+use cowshed::engine::qcow2::bitmap::read_directory;
+use cowshed::engine::qcow2::l2::bitmap_table_data_offset;
 use cowshed::engine::qcow2::Header;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +146,7 @@ fn holding_data_at(path: &std::path::Path) -> Vec<(String, bool)> {
             let table = &bytes[at..at + b.table_size as usize * 8];
             let any = table
                 .chunks_exact(8)
-                .any(|e| u64::from_be_bytes(e.try_into().unwrap()) & TABLE_OFFSET_MASK != 0);
+                .any(|e| bitmap_table_data_offset(u64::from_be_bytes(e.try_into().unwrap())) != 0);
             (String::from_utf8_lossy(&b.name).into_owned(), any)
         })
         .collect()

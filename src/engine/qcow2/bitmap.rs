@@ -26,9 +26,6 @@ const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 /// The only bitmap type: dirty tracking.
 const TYPE_DIRTY_TRACKING: u8 = 1;
 const ENTRY_FIXED: usize = 24;
-/// Bitmap table entries: the data cluster's offset; 0 with bit 0 clear
-/// means all zeros, with bit 0 set all ones.
-pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapEntry {
