@@ -71,7 +71,8 @@
 //!   clusters not yet freed); `amend.refcount.written` (the refcount blocks
 //!   and table at the new width written), `amend.refcount.before_switch`,
 //!   `amend.refcount.switched`;
-//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran);
+//!   `agent.cancel_passed_on` (a remote agent set a job's cancel flag).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);
