@@ -287,6 +287,8 @@ fn readonly_refuses_every_write() {
         ],
         &["check", "--readonly", "-r", "all", "imgs/ov.qcow2"],
         &["snapshot", "--readonly", "-c", "s1", "imgs/ov.qcow2"],
+        // Global flags also go before the subcommand.
+        &["--readonly", "reset", "imgs/ov.qcow2"],
     ] {
         let r = w.cowshed(args);
         assert_eq!(r.code, Some(1), "{r}");
@@ -296,6 +298,7 @@ fn readonly_refuses_every_write() {
     assert!(!w.path("imgs/new.qcow2").exists());
     // Reading is fine.
     assert!(w.cowshed(&["info", "--readonly", "imgs/ov.qcow2"]).ok());
+    assert!(w.cowshed(&["--readonly", "info", "imgs/ov.qcow2"]).ok());
     assert!(w.cowshed(&["check", "--readonly", "imgs/ov.qcow2"]).ok());
     // The config's setting does the same.
     w.write_file("cowshed.toml", b"readonly = true\n");

@@ -42,7 +42,7 @@ use crate::engine::Format;
     long_about = "cowshed reads qcow2 and raw images and their backing chains natively, \
                   with flags and JSON output that mirror qemu-img. Without a \
                   subcommand it opens the terminal UI on the given directories.",
-    args_conflicts_with_subcommands = true
+    subcommand_precedence_over_arg = true
 )]
 pub struct Cli {
     #[command(subcommand)]
