@@ -351,10 +351,14 @@ impl Ui {
     }
 
     fn key(&mut self, c: char) {
-        use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
+        self.code(ratatui::crossterm::event::KeyCode::Char(c));
+    }
+
+    fn code(&mut self, code: ratatui::crossterm::event::KeyCode) {
+        use ratatui::crossterm::event::{Event, KeyEvent, KeyModifiers};
         self.app
             .update(cowshed::tui::Event::Input(Event::Key(KeyEvent::new(
-                KeyCode::Char(c),
+                code,
                 KeyModifiers::NONE,
             ))));
     }
@@ -410,6 +414,15 @@ fn the_terminal_ui_shows_the_domain_and_its_disks() {
     ui.key('R');
     let screen = ui.screen();
     assert!(screen.contains("Used by libvirt domain"), "{screen}");
+    // So do flatten, delete and move: every dialog whose yes goes ahead in
+    // spite of the domain names it first.
+    for (key, title) in [('f', "flatten?"), ('d', "delete?"), ('M', "move ov.qcow2")] {
+        ui.code(ratatui::crossterm::event::KeyCode::Esc);
+        ui.key(key);
+        let screen = ui.screen();
+        assert!(screen.contains(title), "{key}: {screen}");
+        assert!(screen.contains("Used by libvirt domain"), "{key}: {screen}");
+    }
 }
 
 #[test]

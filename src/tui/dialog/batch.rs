@@ -503,6 +503,10 @@ impl BatchDialog {
         head.push(Line::default());
 
         let mut tail: Vec<Line> = vec![Line::default()];
+        let paths: Vec<&std::path::Path> = self.items.iter().map(|i| i.path.as_path()).collect();
+        if let Some(w) = super::vm_warning(app, &paths) {
+            tail.extend([w, Line::default()]);
+        }
         if self.needs_typed_yes() {
             tail.push(Line::from(Span::styled(
                 "⚠ WARNING: committing into a shared base invalidates its other overlays",

@@ -148,6 +148,9 @@ impl CommitDialog {
             lines.push(Line::from(Span::styled(format!("⚠ {w}"), warn)));
             lines.push(Line::default());
         }
+        if let Some(w) = super::vm_warning(app, &plan.paths()) {
+            lines.extend([w, Line::default()]);
+        }
         if plan.affected > 0 {
             let n = plan.affected;
             let (s, verb) = if n == 1 { ("", "sees") } else { ("s", "see") };

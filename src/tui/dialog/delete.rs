@@ -247,6 +247,10 @@ impl DeleteDialog {
             }
             lines.push(Line::default());
         }
+        let paths: Vec<&std::path::Path> = plan.items.iter().map(|i| i.path.as_path()).collect();
+        if let Some(w) = super::vm_warning(app, &paths) {
+            lines.extend([w, Line::default()]);
+        }
         lines.push(hint_line(app, hints));
         let border = if self.for_good { warn } else { Style::new() };
         super::draw_box(frame, area, "delete?", lines, border);

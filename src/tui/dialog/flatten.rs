@@ -74,6 +74,9 @@ impl FlattenDialog {
             )));
             lines.push(Line::default());
         }
+        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+            lines.extend([w, Line::default()]);
+        }
         lines.push(hint_line(app, hints));
         super::draw_box(frame, area, "flatten?", lines, Style::new());
     }

@@ -146,7 +146,7 @@ impl MoveDialog {
                     .join(", ")
             ),
         };
-        let lines = vec![
+        let mut lines = vec![
             Line::from(vec![
                 Span::raw("to: "),
                 Span::raw(format!("{}▏", self.input)),
@@ -156,8 +156,11 @@ impl MoveDialog {
                 "a new name, or a path from its directory; an existing directory takes it in",
                 dim,
             )),
-            hint_line(app, hints),
         ];
+        if let Some(w) = super::vm_warning(app, &[&self.source_path]) {
+            lines.push(w);
+        }
+        lines.push(hint_line(app, hints));
         super::draw_box(frame, area, &format!("move {name}"), lines, Style::new());
     }
 }

@@ -434,6 +434,9 @@ impl RebaseDialog {
                 dim,
             )));
         }
+        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+            lines.extend([w, Line::default()]);
+        }
         lines.push(hint_line(app, hints));
         let border = if plan.unsafe_mode { warn } else { Style::new() };
         super::draw_box(frame, area, "rebase?", lines, border);
