@@ -201,6 +201,174 @@ fn both_tools_take_turns_and_agree_with_qemu() {
     }
 }
 
+/// The dirty ranges of bitmap `name` of `img` as QEMU reads them: a copy
+/// exported by qemu-nbd (which serves one client and exits; the copy is
+/// touched by nothing else afterwards) and mapped by qemu-img, where a
+/// dirty extent shows as "data": false.
+fn dirty_by_qemu(w: &Work, img: &str, name: &str) -> Vec<(u64, u64)> {
+    let copy = format!("{img}.{name}.view");
+    w.copy(img, &copy);
+    let sock = w.path(&format!("{copy}.sock")).display().to_string();
+    let r = w.run(
+        "qemu-nbd",
+        &[
+            "--fork", "-r", "-f", "qcow2", "-B", name, "--socket", &sock, &copy,
+        ],
+    );
+    assert!(r.ok(), "{r}");
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+    );
+    let r = w.qemu_img(&["map", "--output=json", "--image-opts", &opts]);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in w.json(&r).as_array().unwrap() {
+        if e["data"] != Value::Bool(false) {
+            continue;
+        }
+        let start = e["start"].as_u64().unwrap();
+        let end = start + e["length"].as_u64().unwrap();
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// `--merge` into each bitmap from each other (granularities 512, the
+/// default and 1 MiB, one disabled), several at once, and from another
+/// image: cowshed on one copy, qemu-img on another; the same exit code,
+/// `qemu-img check` clean, the same bitmaps listed, and every bitmap's
+/// dirty ranges as QEMU reads them the same.
+#[test]
+fn merge_agrees_with_qemu_img() {
+    for (opts, size) in [("cluster_size=4096", 40 * MIB), ("", 8 * MIB)] {
+        let w = Work::new("bitmap-merge");
+        w.create("img", "qcow2", opts, None, size);
+        w.qemu_img(&["bitmap", "--add", "img", "d"]);
+        w.qemu_img(&["bitmap", "--add", "-g", "512", "img", "fine"]);
+        w.qemu_img(&["bitmap", "--add", "-g", "1M", "--disable", "img", "coarse"]);
+        let writes = |cmds: &[&str]| {
+            let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+            w.io("qcow2", "img", &cmds);
+        };
+        writes(&["write 1000 10", "write 3M 600k", "write 6M 100k"]);
+        w.qemu_img(&["bitmap", "--clear", "img", "d"]);
+        w.qemu_img(&["bitmap", "--enable", "img", "coarse"]);
+        writes(&["write 7M 513", "write 5M 4k"]);
+        w.create("other", "qcow2", "", None, size);
+        w.qemu_img(&["bitmap", "--add", "-g", "2M", "other", "o"]);
+        w.io("qcow2", "other", &["write 1M 1".to_string()]);
+        let cases: [&[&str]; 6] = [
+            &["--merge", "fine"],
+            &["--merge", "coarse"],
+            &["--merge", "d"],
+            &["--merge", "fine", "--merge", "coarse"],
+            &["--merge", "o", "-b", "other"],
+            &["--merge", "o", "-b", "other", "-F", "qcow2", "--disable"],
+        ];
+        for case in cases {
+            for dst in ["d", "fine", "coarse"] {
+                let what = format!("[{opts}] {case:?} into {dst}");
+                w.copy("img", "x");
+                w.copy("img", "y");
+                let args = |img: &'static str| {
+                    let mut a = vec!["bitmap"];
+                    a.extend_from_slice(case);
+                    a.extend([img, dst]);
+                    a
+                };
+                let r = w.cowshed(&args("x"));
+                let q = w.qemu_img(&args("y"));
+                assert_eq!(r.code, q.code, "{what}: {r}");
+                if let Err(e) = w.check_clean("x") {
+                    panic!("{what}: {e}");
+                }
+                assert_eq!(listed(&w, "x"), listed(&w, "y"), "{what}");
+                assert_eq!(holding_data(&w, "x"), holding_data(&w, "y"), "{what}");
+                let merged = dirty_by_qemu(&w, "y", dst);
+                assert!(!merged.is_empty(), "{what}: nothing dirty");
+                assert_eq!(dirty_by_qemu(&w, "x", dst), merged, "{what}");
+                w.same_view("x", "y")
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+        }
+    }
+}
+
+/// `--merge`'s refusals, as qemu-img's: the file byte-identical.
+#[test]
+fn merge_refusals_match_qemu_img() {
+    let w = Work::new("bitmap-merge-refusals");
+    w.create("img", "qcow2", "", None, 4 * MIB);
+    w.qemu_img(&["bitmap", "--add", "img", "have"]);
+    w.qemu_img(&["bitmap", "--add", "img", "broken"]);
+    mark_in_use(&w, "img", "broken");
+    w.create("bigger", "qcow2", "", None, 8 * MIB);
+    w.qemu_img(&["bitmap", "--add", "bigger", "have"]);
+    w.create("disk.raw", "raw", "", None, 4 * MIB);
+    let cases: [&[&str]; 11] = [
+        &["--merge", "missing"],
+        &["--merge", ""],
+        &["--merge", "broken"],
+        &["--merge", "have", "-b", "bigger"],
+        &["--merge", "have", "-b", "disk.raw"],
+        &["--merge", "have", "-b", "bigger", "-F", "raw"],
+        &["-F", "qcow2", "--merge", "have"],
+        &["-b", "bigger", "--add"],
+        &["--merge", "have", "--merge", "missing"],
+        &["--disable", "--merge", "broken"],
+        &["--merge", "have", "-b", "nofile"],
+    ];
+    let before = w.read_file("img");
+    for (case, dst) in cases
+        .iter()
+        .flat_map(|c| [(c, "have"), (c, "broken"), (c, "missing")])
+    {
+        w.copy("img", "a");
+        w.copy("img", "b");
+        let args = |img: &'static str| {
+            let mut a = vec!["bitmap"];
+            a.extend_from_slice(case);
+            a.extend([img, dst]);
+            a
+        };
+        let r = w.cowshed(&args("a"));
+        let q = w.qemu_img_may_fail(&args("b"));
+        let what = format!("{case:?} into {dst}");
+        assert_eq!(r.code, q.code, "{what}: {r}\nqemu-img: {q}");
+        if q.code == Some(0) {
+            // `--merge have` into "have": done by both, the same.
+            assert_eq!(listed(&w, "a"), listed(&w, "b"), "{what}");
+            continue;
+        }
+        let qline = qemu_message(&q);
+        let qline = node_named(qline.lines().next().unwrap_or(""), "a");
+        // "Could not open 'nofile': ..." is said in cowshed's words.
+        let expected = if qline.starts_with("Could not open") {
+            "nofile".to_string()
+        } else {
+            qline
+        };
+        assert!(r.stderr.contains(&expected), "{what}: {r}\nqemu-img: {q}");
+        assert_eq!(listed(&w, "a"), listed(&w, "b"), "{what}");
+        // What a refused first action leaves: the file as it was (a
+        // merge done before a refused one stays, as in qemu-img).
+        if case.iter().filter(|a| a.starts_with("--")).count() == 1 {
+            assert!(w.read_file("a") == before, "{what} wrote");
+        }
+    }
+    // The image itself named as the source file: its own write lock
+    // refuses the read-only open, as in qemu-img.
+    let r = w.cowshed(&["bitmap", "--merge", "have", "-b", "img", "img", "have"]);
+    assert!(w.read_file("img") == before, "the refused merge wrote");
+    let q = w.qemu_img_may_fail(&["bitmap", "--merge", "have", "-b", "b", "b", "have"]);
+    assert_eq!((r.code, q.code), (Some(1), Some(1)), "{r} / {q}");
+    let lock = "Failed to get shared \"write\" lock";
+    assert!(q.stderr.contains(lock), "{q}");
+    assert!(r.stderr.contains(lock), "{r}");
+}
+
 /// The autoclear features word (header bytes 88..96).
 fn autoclear(w: &Work, img: &str) -> u64 {
     let b = w.read_file(img);
@@ -409,7 +577,10 @@ fn kills_leave_the_bitmaps_as_before_or_after() {
             "write -P 2 40M 64k".to_string(),
         ],
     );
-    let ops: [&[&str]; 6] = [
+    // Empty, so that merging into it changes what it holds.
+    w.qemu_img(&["bitmap", "--add", "orig", "m"]);
+    let ops: [&[&str]; 7] = [
+        &["--merge", "a", "orig", "m"],
         &["--add", "-g", "4k", "orig", "c"],
         &["--remove", "orig", "a"],
         &["--clear", "orig", "a"],
@@ -524,6 +695,8 @@ fn powercut_case(name: &str, args: &[&str], bitmap: &str) -> powercut::Tally {
             "img",
         ],
     );
+    // Empty, so that merging into it changes what it holds.
+    must(b, "qemu-img", &["bitmap", "--add", "img", "m"]);
     raw_view(b, "img", &s.refs.join("now.raw"));
     let list = |d: &std::path::Path| {
         let (code, out) = tool(d, "qemu-img", &["info", "--output", "json", "img"]);
@@ -578,6 +751,7 @@ fn bitmap_changes_survive_power_cuts() {
         powercut_case("bitmap --clear", &["--clear"], "a"),
         powercut_case("bitmap --disable", &["--disable"], "b"),
         powercut_case("bitmap --remove", &["--remove"], "a"),
+        powercut_case("bitmap --merge", &["--merge", "a"], "m"),
     ];
     println!("\n{}", powercut::table(&rows));
     for r in &rows {

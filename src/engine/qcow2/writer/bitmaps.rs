@@ -1,5 +1,6 @@
-//! Persistent dirty bitmaps: add, remove, clear, enable and disable, as
-//! `qemu-img bitmap` leaves them. Each operation is one switch to a next
+//! Persistent dirty bitmaps: add, remove, clear, enable, disable and
+//! store new contents (merge; the writes of a commit or rebase), as
+//! QEMU leaves them. Each operation is one switch to a next
 //! metadata generation built beside the current one, as the snapshot
 //! operations do ([`super::snapshots`]): the new bitmap table and
 //! directory go to clusters free now, counted (with the old directory and
@@ -11,7 +12,8 @@
 //! leaked either way.
 
 use super::super::bitmap::{
-    encode_directory, flags, read_directory, table_entries, BitmapEntry, TABLE_OFFSET_MASK,
+    bit_count, encode_directory, flags, read_bits, read_directory, table_entries, BitmapEntry,
+    TABLE_OFFSET_MASK,
 };
 use super::super::header::{autoclear, BitmapsExt, MAX_L1_BYTES};
 use super::backing::write_header;
@@ -98,6 +100,76 @@ impl Qcow2Writer {
             bm.flags & !flags::AUTO
         };
         self.switch_bitmaps(NextGen::default(), &list, Vec::new())
+    }
+
+    /// Bitmap `index`'s bits (see [`read_bits`]).
+    pub fn bitmap_bits(&self, index: usize) -> Result<Vec<u8>> {
+        let list = self.bitmaps()?;
+        let Some(bm) = list.get(index) else {
+            return Err(Error::invalid(&self.path, "internal: no such bitmap"));
+        };
+        read_bits(&self.file, &self.path, bm, self.virtual_size(), self.cs)
+    }
+
+    /// In one switch: store new bits for the bitmaps of `stores` (index,
+    /// bits as [`read_bits`] gives them, over the disk's size now) and set
+    /// (`true`) or clear the in-use flag of the bitmaps of `in_use`. Each
+    /// stored bitmap gets a new table; as QEMU stores them, a table
+    /// cluster's worth of zero bits is a zero entry, not a data cluster.
+    pub fn bitmaps_store(
+        &mut self,
+        stores: &[(usize, Vec<u8>)],
+        in_use: &[(usize, bool)],
+    ) -> Result<()> {
+        // The generation is counted from the refcounts on disk.
+        self.flush_metadata()?;
+        let mut list = self.bitmaps()?;
+        let path = self.path.clone();
+        let missing = || Error::invalid(&path, "internal: no such bitmap");
+        let mut g = NextGen::default();
+        let mut freed = Vec::new();
+        for (index, bits) in stores {
+            let bm = list.get(*index).cloned().ok_or_else(missing)?;
+            let granularity = u32::from(bm.granularity_bits);
+            let entries = table_entries(self.virtual_size(), granularity, self.cs);
+            let expected = bit_count(self.virtual_size(), granularity).div_ceil(8);
+            if bits.len() as u64 != expected || entries * 8 > MAX_L1_BYTES {
+                return Err(Error::invalid(&self.path, "internal: bitmap size mismatch"));
+            }
+            freed.extend(self.bitmap_clusters(&bm)?);
+            let mut table = Vec::with_capacity(entries as usize);
+            for chunk in bits.chunks(self.cs as usize) {
+                if chunk.iter().all(|&b| b == 0) {
+                    table.push(0u64);
+                    continue;
+                }
+                let off = self.alloc_next(&mut g, 1)?;
+                let mut data = chunk.to_vec();
+                data.resize(self.cs as usize, 0);
+                g.writes.push((off, data));
+                table.push(off);
+            }
+            table.resize(entries as usize, 0);
+            let table_offset = if entries == 0 {
+                0
+            } else {
+                let off = self.alloc_next(&mut g, (entries * 8).div_ceil(self.cs))?;
+                g.writes
+                    .push((off, table.iter().flat_map(|e| e.to_be_bytes()).collect()));
+                off
+            };
+            list[*index].table_offset = table_offset;
+            list[*index].table_size = entries as u32;
+        }
+        for &(index, set) in in_use {
+            let bm = list.get_mut(index).ok_or_else(missing)?;
+            bm.flags = if set {
+                bm.flags | flags::IN_USE
+            } else {
+                bm.flags & !flags::IN_USE
+            };
+        }
+        self.switch_bitmaps(g, &list, freed)
     }
 
     /// A bitmap table of `entries` zeros in new clusters (offset 0 when
