@@ -494,6 +494,15 @@ fn refusals_leave_the_file_byte_identical() {
     // (QEMU marks the bitmaps in use when it opens the image: the file
     // is compared from then on.)
     let holder = w.hold_writer("img", "qcow2");
+    // The lock is taken before the flags are written: wait for them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !all_in_use(&w, "img") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU never marked the bitmaps in use"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let before = w.read_file("img");
     let r = w.cowshed(&["bitmap", "--add", "img", "n"]);
     let after = w.read_file("img");
@@ -538,6 +547,20 @@ fn node_named(line: &str, file: &str) -> String {
         }
         None => line.to_string(),
     }
+}
+
+/// Whether every bitmap of `img` is marked in use.
+fn all_in_use(w: &Work, img: &str) -> bool {
+    let path = w.path(img);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let Ok(h) = Header::read(&file, &path, len) else {
+        return false;
+    };
+    let Some(ext) = &h.extensions.bitmaps else {
+        return false;
+    };
+    read_directory(&file, &path, ext).is_ok_and(|d| d.iter().all(|b| b.in_use()))
 }
 
 /// Set the in-use flag of bitmap `name`, as a QEMU that died with the
@@ -763,5 +786,172 @@ fn bitmap_changes_survive_power_cuts() {
             r.states,
             r.examples(3)
         );
+    }
+}
+
+/// A chain base <- mid <- top in `dir`, with bitmaps in every image:
+/// enabled and disabled, granularities 512 to 1 MiB, one in use (as a
+/// QEMU that died leaves it), written to after they were made.
+fn chain_with_bitmaps(w: &Work, dir: &str, top_size: u64) {
+    w.mkdir(dir);
+    let p = |name: &str| format!("{dir}/{name}");
+    w.create(&p("base"), "qcow2", "", None, 8 * MIB);
+    w.io("qcow2", &p("base"), &["write -P 1 0 2M".to_string()]);
+    w.create(
+        &p("mid"),
+        "qcow2",
+        "cluster_size=4096",
+        Some(("base", "qcow2")),
+        8 * MIB,
+    );
+    w.create(&p("top"), "qcow2", "", Some(("mid", "qcow2")), top_size);
+    for img in ["base", "mid", "top"] {
+        let img = p(img);
+        w.qemu_img(&["bitmap", "--add", &img, "en"]);
+        w.qemu_img(&["bitmap", "--add", "-g", "512", &img, "fine"]);
+        w.qemu_img(&["bitmap", "--add", "-g", "1M", &img, "coarse"]);
+        w.qemu_img(&["bitmap", "--add", "--disable", &img, "off"]);
+        w.qemu_img(&["bitmap", "--add", &img, "broken"]);
+    }
+    w.io(
+        "qcow2",
+        &p("mid"),
+        &["write -P 3 3M 8k".to_string(), "write -z 5M 4k".to_string()],
+    );
+    w.io(
+        "qcow2",
+        &p("top"),
+        &[
+            "write -P 2 1M 128k".to_string(),
+            "write -z 6M 4k".to_string(),
+            "write -P 4 7M 1".to_string(),
+        ],
+    );
+    // Bits set before the operation stay; the ones it adds show.
+    for img in ["base", "mid", "top"] {
+        w.qemu_img(&["bitmap", "--clear", &p(img), "fine"]);
+        mark_in_use(w, &p(img), "broken");
+    }
+}
+
+/// `c/IMG` (cowshed's result) and `q/IMG` (qemu-img's): the same bitmaps
+/// listed, the same holding data, each consistent one the same as QEMU
+/// reads it; `qemu-img check` clean and the same guest view.
+fn same_bitmaps(w: &Work, img: &str, what: &str) {
+    let (c, q) = (format!("c/{img}"), format!("q/{img}"));
+    if let Err(e) = w.check_clean(&c) {
+        panic!("{what}: {c}: {e}");
+    }
+    assert_eq!(listed(w, &c), listed(w, &q), "{what}: {img}");
+    assert_eq!(holding_data(w, &c), holding_data(w, &q), "{what}: {img}");
+    for bm in listed(w, &q).as_array().unwrap() {
+        let in_use = bm["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "in-use");
+        if in_use {
+            continue;
+        }
+        let name = bm["name"].as_str().unwrap();
+        assert_eq!(
+            dirty_by_qemu(w, &c, name),
+            dirty_by_qemu(w, &q, name),
+            "{what}: {img} bitmap {name}"
+        );
+    }
+    w.same_view(&c, &q)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// Commit as qemu-img commits with bitmaps: the ranges committed are
+/// marked in the base's enabled bitmaps (disabled and in-use ones
+/// untouched), the emptied top keeps its bitmaps as they were, -d and -b
+/// leave the top alone, a base that grows has its bitmaps grown; but a
+/// base that must grow with an in-use bitmap is refused, by both.
+#[test]
+fn commit_keeps_bitmaps_as_qemu_img_does() {
+    // (flags, the top's size, the base's in-use bitmap removed first)
+    let cases: [(&[&str], u64, bool); 5] = [
+        (&[], 8 * MIB, false),
+        (&["-d"], 8 * MIB, false),
+        (&["-b", "base"], 8 * MIB, false),
+        (&[], 12 * MIB, true),
+        (&[], 12 * MIB, false),
+    ];
+    for (flags, top_size, consistent) in cases {
+        let what = format!("commit {flags:?}, top of {top_size}, consistent {consistent}");
+        let w = Work::new("bitmap-commit");
+        chain_with_bitmaps(&w, "c", top_size);
+        if consistent {
+            w.qemu_img(&["bitmap", "--remove", "c/mid", "broken"]);
+        }
+        // Growing a base with an in-use bitmap fails in QEMU's job.
+        let refused = top_size > 8 * MIB && !consistent;
+        w.mkdir("q");
+        for img in ["base", "mid", "top"] {
+            w.copy(&format!("c/{img}"), &format!("q/{img}"));
+        }
+        for dir in ["c", "q"] {
+            // qemu-img finds -b's base by its full path.
+            let args: Vec<String> = ["commit"]
+                .iter()
+                .chain(flags)
+                .map(|a| match *a {
+                    "base" => w.path(&format!("{dir}/base")).display().to_string(),
+                    a => a.to_string(),
+                })
+                .chain([format!("{dir}/top")])
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = if dir == "c" {
+                w.cowshed(&args)
+            } else {
+                w.qemu_img_may_fail(&args)
+            };
+            assert_eq!(r.code, Some(if refused { 1 } else { 0 }), "{what}: {r}");
+        }
+        for img in ["base", "mid", "top"] {
+            same_bitmaps(&w, img, &what);
+        }
+    }
+}
+
+/// Rebase as qemu-img rebases with bitmaps: a safe rebase marks what it
+/// copies into the image in its enabled bitmaps; -u changes no bitmap.
+#[test]
+fn rebase_keeps_bitmaps_as_qemu_img_does() {
+    for flags in [&[][..], &["-u"]] {
+        let what = format!("rebase {flags:?}");
+        let w = Work::new("bitmap-rebase");
+        chain_with_bitmaps(&w, "c", 8 * MIB);
+        w.create("c/new", "qcow2", "", None, 8 * MIB);
+        w.io(
+            "qcow2",
+            "c/new",
+            &[
+                "write -P 1 0 1M".to_string(),
+                "write -P 5 4M 64k".to_string(),
+            ],
+        );
+        w.mkdir("q");
+        for img in ["base", "mid", "top", "new"] {
+            w.copy(&format!("c/{img}"), &format!("q/{img}"));
+        }
+        for dir in ["c", "q"] {
+            let top = format!("{dir}/top");
+            let mut args = vec!["rebase"];
+            args.extend_from_slice(flags);
+            args.extend(["-b", "new", "-F", "qcow2", &top]);
+            if dir == "c" {
+                let r = w.cowshed(&args);
+                assert!(r.ok(), "{what}: {r}");
+            } else {
+                w.qemu_img(&args);
+            }
+        }
+        for img in ["top", "mid", "base"] {
+            same_bitmaps(&w, img, &what);
+        }
     }
 }
