@@ -7,4 +7,5 @@ pub mod catalog;
 pub mod cli;
 pub mod engine;
 pub mod jobs;
+pub mod remote;
 pub mod tui;

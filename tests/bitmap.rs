@@ -17,7 +17,8 @@ use common::fault;
 use common::{Work, MIB};
 use serde_json::Value;
 
-use cowshed::engine::qcow2::bitmap::{read_directory, TABLE_OFFSET_MASK};
+use cowshed::engine::qcow2::bitmap::read_directory;
+use cowshed::engine::qcow2::l2::bitmap_table_data_offset;
 use cowshed::engine::qcow2::Header;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +146,7 @@ fn holding_data_at(path: &std::path::Path) -> Vec<(String, bool)> {
             let table = &bytes[at..at + b.table_size as usize * 8];
             let any = table
                 .chunks_exact(8)
-                .any(|e| u64::from_be_bytes(e.try_into().unwrap()) & TABLE_OFFSET_MASK != 0);
+                .any(|e| bitmap_table_data_offset(u64::from_be_bytes(e.try_into().unwrap())) != 0);
             (String::from_utf8_lossy(&b.name).into_owned(), any)
         })
         .collect()
@@ -204,15 +205,29 @@ fn both_tools_take_turns_and_agree_with_qemu() {
 /// The dirty ranges of bitmap `name` of `img` as QEMU reads them: a copy
 /// exported by qemu-nbd (which serves one client and exits; the copy is
 /// touched by nothing else afterwards) and mapped by qemu-img, where a
-/// dirty extent shows as "data": false.
+/// dirty extent shows as "data": false. The copy is opened without its
+/// backing chain, so that no other image stays locked by the exiting
+/// server.
 fn dirty_by_qemu(w: &Work, img: &str, name: &str) -> Vec<(u64, u64)> {
-    let copy = format!("{img}.{name}.view");
+    // A new name each time: a served copy may still be open while its
+    // qemu-nbd exits.
+    static VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let copy = format!("{img}.{name}.{n}.view");
     w.copy(img, &copy);
     let sock = w.path(&format!("{copy}.sock")).display().to_string();
     let r = w.run(
         "qemu-nbd",
         &[
-            "--fork", "-r", "-f", "qcow2", "-B", name, "--socket", &sock, &copy,
+            "--fork",
+            "-r",
+            "-B",
+            name,
+            "--socket",
+            &sock,
+            &format!(
+                r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{copy}"}}}}"#
+            ),
         ],
     );
     assert!(r.ok(), "{r}");
@@ -509,7 +524,13 @@ fn refusals_leave_the_file_byte_identical() {
     common::release_holder(holder);
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("Failed to get \"write\" lock"), "{r}");
-    assert!(after == before, "a refused add wrote");
+    assert!(
+        after == before,
+        "a refused add wrote (first difference at {:?}, {} -> {} bytes)",
+        common::first_difference(&before, &after),
+        before.len(),
+        after.len()
+    );
 
     // Images that cannot store bitmaps, with qemu-img's reason.
     w.create("disk.raw", "raw", "", None, MIB);

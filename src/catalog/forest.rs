@@ -12,7 +12,8 @@ use crate::engine::Format;
 
 pub type NodeId = usize;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Flag {
     /// The backing file does not exist: the chain is broken.
     MissingBacking { wanted: String },
@@ -46,6 +47,9 @@ pub enum Flag {
     /// one they now read through. Only where the file system records
     /// birth times; never guessed.
     ModifiedAfterDependents { dependents: Vec<PathBuf> },
+    /// On another host that cannot be reached now: what is shown is what
+    /// was last heard, and `reason` says why it is not current.
+    Stale { reason: String },
 }
 
 impl Flag {
@@ -77,6 +81,7 @@ impl Flag {
                     if *overlays == 1 { "" } else { "s" }
                 )
             }
+            Flag::Stale { reason } => format!("stale: {reason}"),
             Flag::ModifiedAfterDependents { dependents } => {
                 const SHOWN: usize = 3;
                 let mut names: Vec<String> = dependents
@@ -130,6 +135,7 @@ impl Flag {
             Flag::Skipped { .. } => "skipped",
             Flag::OpenForWriting { .. } => "open-for-writing",
             Flag::ModifiedAfterDependents { .. } => "modified-after-dependents",
+            Flag::Stale { .. } => "stale",
         }
     }
 
@@ -238,6 +244,7 @@ impl Forest {
                 record: ImageRecord {
                     key: path.clone(),
                     path,
+                    host: None,
                     dev_ino: (0, 0),
                     summary: None,
                     error: None,
@@ -258,6 +265,54 @@ impl Forest {
         self.roots
             .sort_by(|a, b| nodes[*a].record.path.cmp(&nodes[*b].record.path));
         self
+    }
+
+    /// Add a forest built on another host (its backing names resolved
+    /// there): `nodes` link to their parents by index among themselves,
+    /// and their keys are already that host's (see [`ImageRecord::host`]).
+    /// Trees of other hosts come after this machine's, by host, then path.
+    pub fn graft(&mut self, nodes: Vec<(ImageRecord, Option<usize>, Vec<Flag>)>) {
+        let base = self.nodes.len();
+        let count = nodes.len();
+        for (record, parent, flags) in nodes {
+            let id = self.nodes.len();
+            self.by_key.insert(record.key.clone(), id);
+            self.nodes.push(Node {
+                record,
+                // A parent index out of range (a confused agent) makes a
+                // root rather than a panic.
+                parent: parent
+                    .filter(|&p| p < count && p != id - base)
+                    .map(|p| base + p),
+                children: Vec::new(),
+                flags,
+            });
+        }
+        // A cycle among the grafted parents (the agent cuts them; a
+        // confused one might not) would make walks endless: cut it here.
+        self.cut_cycles();
+        for id in base..self.nodes.len() {
+            match self.nodes[id].parent {
+                Some(p) => self.nodes[p].children.push(id),
+                None => self.roots.push(id),
+            }
+        }
+        let nodes = &self.nodes;
+        let order = |a: &NodeId, b: &NodeId| {
+            let (a, b) = (&nodes[*a].record, &nodes[*b].record);
+            (&a.host, &a.path).cmp(&(&b.host, &b.path))
+        };
+        let mut sorted: Vec<(NodeId, Vec<NodeId>)> = (base..nodes.len())
+            .map(|id| {
+                let mut c = nodes[id].children.clone();
+                c.sort_by(order);
+                (id, c)
+            })
+            .collect();
+        self.roots.sort_by(order);
+        for (id, c) in sorted.drain(..) {
+            self.nodes[id].children = c;
+        }
     }
 
     pub fn get(&self, key: &Path) -> Option<NodeId> {
@@ -549,6 +604,7 @@ fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
     Some(ImageRecord {
         path: path.to_path_buf(),
         key,
+        host: None,
         dev_ino: (meta.dev(), meta.ino()),
         summary: Some(crate::engine::HeaderSummary::plain(Format::Raw, meta.len())),
         error: None,
@@ -584,6 +640,7 @@ pub(crate) mod test_support {
                 record: ImageRecord {
                     path: PathBuf::from(path),
                     key: PathBuf::from(path),
+                    host: None,
                     dev_ino: (0, 0),
                     summary: None,
                     error: None,
@@ -610,5 +667,48 @@ pub(crate) mod test_support {
             }
         }
         f
+    }
+}
+
+#[cfg(test)]
+mod graft_tests {
+    use super::test_support::forest;
+    use super::*;
+
+    fn remote(f: &Forest, path: &str) -> ImageRecord {
+        let mut r = f.nodes[0].record.clone();
+        r.path = PathBuf::from(path);
+        r.key = PathBuf::from(format!("h:{path}"));
+        r.host = Some("h".into());
+        r
+    }
+
+    #[test]
+    fn grafted_trees_follow_local_ones_and_bad_links_cannot_loop() {
+        let mut f = forest(&[("/l/base", None, 1, None), ("/l/o", Some(0), 1, None)]);
+        let nodes = vec![
+            (remote(&f, "/r/o"), Some(1), Vec::new()),
+            (remote(&f, "/r/base"), None, Vec::new()),
+            // A confused agent: out of range, and a two-node cycle.
+            (remote(&f, "/r/x"), Some(99), Vec::new()),
+            (remote(&f, "/r/c1"), Some(4), Vec::new()),
+            (remote(&f, "/r/c2"), Some(3), Vec::new()),
+        ];
+        f.graft(nodes);
+        let names: Vec<String> = f
+            .roots
+            .iter()
+            .map(|&r| f.nodes[r].record.location())
+            .collect();
+        assert_eq!(
+            names,
+            ["/l/base", "h:/r/base", "h:/r/c1", "h:/r/c2", "h:/r/x"]
+        );
+        let base = f.get(Path::new("h:/r/base")).expect("grafted base");
+        assert_eq!(f.subtree(base).dependents, 1);
+        // c1 and c2: after the two local nodes, fourth and fifth grafted.
+        for id in [5, 6] {
+            assert!(f.nodes[id].flags.contains(&Flag::Cycle));
+        }
     }
 }

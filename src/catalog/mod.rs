@@ -33,8 +33,12 @@ pub struct Sizes {
 pub struct ImageRecord {
     /// As reached from the root that was scanned.
     pub path: PathBuf,
-    /// Canonical path: the identity of the file (links shown once).
+    /// Canonical path: the identity of the file (links shown once). On
+    /// another host, `HOST:` and the canonical path there.
     pub key: PathBuf,
+    /// The host the file is on, as the root named it (`host1`,
+    /// `user@host1`); `None`: this machine. `path` is a path there.
+    pub host: Option<String>,
     pub dev_ino: (u64, u64),
     /// Header facts; `None` when the header could not be read (`error` says
     /// why).
@@ -50,4 +54,15 @@ pub struct ImageRecord {
     pub mode: u32,
     pub lock: LockState,
     pub holders: Vec<Holder>,
+}
+
+impl ImageRecord {
+    /// Where the file is, as a user names it: `host1:/srv/a.qcow2` on
+    /// another host, the path here.
+    pub fn location(&self) -> String {
+        match &self.host {
+            Some(h) => format!("{h}:{}", self.path.display()),
+            None => self.path.display().to_string(),
+        }
+    }
 }

@@ -182,6 +182,7 @@ pub fn classify(path: &Path) -> Result<Found, String> {
     Ok(Found::Image(Box::new(ImageRecord {
         path: path.to_path_buf(),
         key: path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
+        host: None,
         dev_ino,
         sizes: Sizes {
             virtual_size: summary.as_ref().map_or(0, |s| s.virtual_size),

@@ -2,6 +2,7 @@
 //! qemu-img. Commands return the process exit code; errors that end a
 //! command go up to `main`, where color-eyre prints them.
 
+mod agent;
 mod amend;
 mod bitmap;
 mod check;
@@ -193,6 +194,11 @@ pub enum Command {
     /// Print the default config file: every setting, commented out with
     /// its default (what assets/config.toml holds).
     DefaultConfig,
+    /// Serve this host's images to a cowshed elsewhere, which starts it
+    /// over ssh for a root named HOST:/PATH (see the README: Remote
+    /// roots). Speaks a JSON-lines protocol on stdin and stdout.
+    #[command(hide = true)]
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -239,6 +245,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Completions(a) => shell::completions(a),
         Command::Manpage => shell::manpage(),
         Command::DefaultConfig => shell::default_config(),
+        Command::Agent(a) => agent::run(a),
     }
 }
 

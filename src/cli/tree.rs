@@ -16,14 +16,39 @@ use crate::catalog::{Flag, Forest, NodeId};
 pub struct TreeArgs {
     #[arg(long, value_enum, default_value_t)]
     output: Output,
-    /// Directories (or image files) to scan, recursively.
+    /// Directories (or image files) to scan, recursively; `HOST:/PATH`
+    /// scans on another host over ssh (see the README: Remote roots).
     #[arg(default_value = ".")]
     roots: Vec<PathBuf>,
 }
 
 pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
-    let (records, errors) = scan_all(&a.roots);
-    let forest = Forest::build(records);
+    let (local, remote) = crate::remote::split_roots(&a.roots);
+    let (records, mut errors) = if local.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        scan_all(&local)
+    };
+    let mut forest = Forest::build(records);
+    let ssh = crate::remote::client::SshOptions::from_env();
+    for (host, roots) in remote {
+        match crate::remote::client::fetch_forest(&host, &roots, &ssh) {
+            Ok((nodes, host_errors)) => {
+                forest.graft(nodes);
+                errors.extend(host_errors);
+            }
+            // A host that cannot be reached is an error like an
+            // unreadable directory: the rest is still shown.
+            Err(e) => {
+                let message = e.to_string();
+                let message = message
+                    .strip_prefix(&format!("{host}: "))
+                    .unwrap_or(&message)
+                    .to_string();
+                errors.push((PathBuf::from(format!("{host}:")), message));
+            }
+        }
+    }
     match a.output {
         Output::Json => write_json(&forest, &errors)?,
         Output::Human => {
@@ -43,7 +68,11 @@ pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
 #[derive(Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct ImageJson<'a> {
+    /// `HOST:/path` for an image on another host.
     filename: String,
+    /// The host it is on, as its root named it; absent: this machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
     format: Option<&'static str>,
     virtual_size: u64,
     actual_size: u64,
@@ -105,10 +134,11 @@ impl<'a> ImageJson<'a> {
     fn new(forest: &'a Forest, id: NodeId) -> Self {
         let n = &forest.nodes[id];
         let r = &n.record;
-        let name = |id: usize| display(&forest.nodes[id].record.path);
+        let name = |id: usize| forest.nodes[id].record.location();
         let subtree = forest.subtree(id);
         ImageJson {
-            filename: display(&r.path),
+            filename: r.location(),
+            host: r.host.as_deref(),
             format: r.summary.as_ref().map(|s| s.format.name()),
             virtual_size: r.sizes.virtual_size,
             actual_size: r.sizes.allocated,
@@ -185,7 +215,7 @@ fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Resu
             forest.roots.iter().map(|&r| {
                 let s = forest.space(r);
                 TreeJson {
-                    root: display(&forest.nodes[r].record.path),
+                    root: forest.nodes[r].record.location(),
                     images: forest.walk(r).len(),
                     used: s.used,
                     full_copies: s.full_copies,
@@ -283,7 +313,7 @@ fn to_human(forest: &Forest) -> String {
             let _ = writeln!(
                 out,
                 "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}{protected}",
-                display(&r.path),
+                r.location(),
                 r.summary.as_ref().map_or("?", |s| s.format.name()),
                 human_size(r.sizes.virtual_size),
                 human_size(r.sizes.allocated),

@@ -12,6 +12,7 @@ pub mod bytes;
 pub mod fault;
 pub mod run;
 pub mod small_fs;
+pub mod sshd;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

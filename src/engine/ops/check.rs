@@ -21,16 +21,11 @@ use crate::engine::layer::Image;
 use crate::engine::ops::info::read_bitmap_directory;
 use crate::engine::qcow2::header::{Header, MAX_L1_BYTES};
 use crate::engine::qcow2::l2::{
-    Geometry, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    bitmap_table_data_offset, is_copied, l1_table_offset, reftable_block_offset, ClusterKind,
+    Geometry, L1_RESERVED_MASK, L2_STD_RESERVED_MASK, OFLAG_COPIED, REFTABLE_RESERVED_MASK,
 };
-use crate::engine::qcow2::refcount::{Refcounts, REFTABLE_OFFSET_MASK};
+use crate::engine::qcow2::refcount::Refcounts;
 use crate::engine::qcow2::Qcow2Image;
-
-const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
-const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
-const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
-const BITMAP_TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// qemu-img check's result, field for field.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,15 +82,6 @@ pub fn check_repair_leaks(path: &Path, format: Option<Format>) -> Result<CheckRe
 /// What a check may repair (QEMU's BdrvCheckMode bits).
 pub(crate) const FIX_LEAKS: u8 = 1;
 pub(crate) const FIX_ERRORS: u8 = 2;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ClusterType {
-    Unallocated,
-    ZeroPlain,
-    ZeroAlloc,
-    Normal,
-    Compressed,
-}
 
 /// Check the image at `path`. Raw images have nothing to check
 /// ([`Error::CheckUnsupported`], qemu-img's exit 63).
@@ -247,26 +233,6 @@ impl<'a> Checker<'a> {
         Ok(be64_table(&raw))
     }
 
-    fn cluster_type(&self, entry: u64) -> ClusterType {
-        if entry & OFLAG_COMPRESSED != 0 {
-            ClusterType::Compressed
-        } else if entry & OFLAG_ZERO != 0 && !self.geo.extended {
-            if entry & L2_OFFSET_MASK != 0 {
-                ClusterType::ZeroAlloc
-            } else {
-                ClusterType::ZeroPlain
-            }
-        } else if entry & L2_OFFSET_MASK == 0 {
-            if self.geo.external_data && entry & OFLAG_COPIED != 0 {
-                ClusterType::Normal
-            } else {
-                ClusterType::Unallocated
-            }
-        } else {
-            ClusterType::Normal
-        }
-    }
-
     fn calculate_refcounts(&mut self) -> Result<()> {
         let h = self.h;
         self.inc(0, self.cs);
@@ -318,7 +284,7 @@ impl<'a> Checker<'a> {
                     continue;
                 }
                 for e in self.read_table(bm.table_offset, entries)? {
-                    let off = e & BITMAP_TABLE_OFFSET_MASK;
+                    let off = bitmap_table_data_offset(e);
                     if off != 0 {
                         self.inc(off, self.cs);
                     }
@@ -343,7 +309,7 @@ impl<'a> Checker<'a> {
                     "ERROR found L1 entry with reserved bits set: {entry:x}"
                 ));
             }
-            let l2_offset = entry & L1_OFFSET_MASK;
+            let l2_offset = l1_table_offset(entry);
             self.inc(l2_offset, self.cs);
             if l2_offset % self.cs != 0 {
                 self.corruption(format!(
@@ -361,20 +327,21 @@ impl<'a> Checker<'a> {
         let table = self.read_table(l2_offset, entries * words)?;
         let mut next_contiguous = 0u64;
         for i in 0..entries as usize {
-            let entry = table[i * words as usize];
-            let bitmap = if words == 2 { table[i * 2 + 1] } else { 0 };
-            let ty = self.cluster_type(entry);
-            if ty != ClusterType::Compressed && entry & L2_STD_RESERVED_MASK != 0 {
+            let e = self.geo.entry_at(&table, i);
+            let (entry, bitmap) = (e.word, e.bitmap);
+            let ty = self.geo.cluster_kind(e);
+            if ty != ClusterKind::Compressed && entry & L2_STD_RESERVED_MASK != 0 {
                 self.corruption(format!(
                     "ERROR found l2 entry with reserved bits set: {entry:x}"
                 ));
             }
             match ty {
-                ClusterType::Compressed => {
-                    if entry & OFLAG_COPIED != 0 {
+                ClusterKind::Compressed => {
+                    let desc = e.compressed_descriptor().unwrap_or_default();
+                    if e.is_copied() {
                         self.corruption(format!(
                             "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
-                            self.geo.compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED)).0
+                            self.geo.compressed_span(desc).0
                         ));
                     }
                     if self.geo.external_data {
@@ -389,9 +356,7 @@ impl<'a> Checker<'a> {
                         ));
                         continue;
                     }
-                    let (coffset, csize) = self
-                        .geo
-                        .compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED));
+                    let (coffset, csize) = self.geo.compressed_span(desc);
                     self.inc(coffset, csize);
                     if active {
                         self.report.allocated_clusters += 1;
@@ -399,18 +364,18 @@ impl<'a> Checker<'a> {
                         self.report.fragmented_clusters += 1;
                     }
                 }
-                ClusterType::ZeroAlloc | ClusterType::Normal => {
-                    let offset = entry & L2_OFFSET_MASK;
-                    if (bitmap >> 32) & bitmap != 0 {
+                ClusterKind::ZeroAlloc | ClusterKind::Normal => {
+                    let offset = e.host();
+                    if e.zero_bits() & bitmap != 0 {
                         self.corruption(format!(
                             "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         ));
                     }
                     if offset % self.cs != 0 {
                         let contains_data = if self.geo.extended {
-                            bitmap & BITMAP_ALL_ALLOC != 0
+                            e.alloc_bits() != 0
                         } else {
-                            entry & OFLAG_ZERO == 0
+                            !e.has_zero_flag()
                         };
                         if contains_data {
                             self.corruption(format!("ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."));
@@ -436,9 +401,9 @@ impl<'a> Checker<'a> {
                         self.inc(offset, self.cs);
                     }
                 }
-                ClusterType::ZeroPlain => {}
-                ClusterType::Unallocated => {
-                    if bitmap & BITMAP_ALL_ALLOC != 0 {
+                ClusterKind::ZeroPlain => {}
+                ClusterKind::Unallocated => {
+                    if e.alloc_bits() != 0 {
                         self.corruption(
                             "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .into(),
@@ -453,7 +418,7 @@ impl<'a> Checker<'a> {
     fn check_refblocks(&mut self) -> Result<()> {
         let table = self.stored.table().to_vec();
         for (i, &entry) in table.iter().enumerate() {
-            let offset = entry & REFTABLE_OFFSET_MASK;
+            let offset = reftable_block_offset(entry);
             let cluster = offset / self.cs;
             if entry & REFTABLE_RESERVED_MASK != 0 {
                 self.corruption(format!(
@@ -580,14 +545,14 @@ impl<'a> Checker<'a> {
         let words = self.geo.entry_words() as u64;
         let entries = self.cs / (8 * words);
         for (i, &l1_entry) in l1.iter().enumerate() {
-            let l2_offset = l1_entry & L1_OFFSET_MASK;
+            let l2_offset = l1_table_offset(l1_entry);
             if l2_offset == 0 {
                 continue;
             }
             let Ok(refcount) = self.stored.get(self.file, self.path, l2_offset / self.cs) else {
                 continue;
             };
-            if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
+            if (refcount == 1) != is_copied(l1_entry) {
                 self.report.copied_flag_corruptions += 1;
                 self.corruption(format!(
                     "{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
@@ -607,31 +572,30 @@ impl<'a> Checker<'a> {
             let mut table = self.read_table(l2_offset, entries * words)?;
             let mut dirty = 0u64;
             for j in 0..entries as usize {
-                let entry = table[j * words as usize];
+                let e = self.geo.entry_at(&table, j);
+                let entry = e.word;
                 if !matches!(
-                    self.cluster_type(entry),
-                    ClusterType::Normal | ClusterType::ZeroAlloc
+                    self.geo.cluster_kind(e),
+                    ClusterKind::Normal | ClusterKind::ZeroAlloc
                 ) {
                     continue;
                 }
                 let refcount = if self.geo.external_data {
                     1
                 } else {
-                    match self
-                        .stored
-                        .get(self.file, self.path, (entry & L2_OFFSET_MASK) / self.cs)
-                    {
+                    match self.stored.get(self.file, self.path, e.host() / self.cs) {
                         Ok(r) => r,
                         Err(_) => continue,
                     }
                 };
-                if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
+                if (refcount == 1) != e.is_copied() {
                     self.report.copied_flag_corruptions += 1;
                     self.corruption(format!(
                         "{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
                     ));
                     if repair {
-                        table[j * words as usize] = entry ^ OFLAG_COPIED;
+                        self.geo
+                            .set_entry_at(&mut table, j, e.with_copied(!e.is_copied()));
                         dirty += 1;
                     }
                 }

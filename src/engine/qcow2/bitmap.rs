@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::BitmapsExt;
+use super::l2::bitmap_table_data_offset;
 use crate::engine::error::{Error, IoContext, Result};
 
 pub mod flags {
@@ -26,9 +27,6 @@ const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 /// The only bitmap type: dirty tracking.
 const TYPE_DIRTY_TRACKING: u8 = 1;
 const ENTRY_FIXED: usize = 24;
-/// Bitmap table entries: the data cluster's offset; 0 with bit 0 clear
-/// means all zeros, with bit 0 set all ones.
-pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapEntry {
@@ -133,7 +131,7 @@ pub fn read_bits(
         .zip(raw.chunks_exact(8))
     {
         let e = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-        let off = e & TABLE_OFFSET_MASK;
+        let off = bitmap_table_data_offset(e);
         if e & TABLE_RESERVED_MASK != 0
             || (off != 0 && (e & TABLE_ALL_ONES != 0 || off % cluster_size != 0))
         {

@@ -2,6 +2,7 @@
 //! value and validated there, with QEMU's limits and QEMU's wording.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::engine::error::{Error, IoContext, Result};
@@ -23,6 +24,32 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_BACKING_NAME: u32 = 1023;
 pub const MAX_BACKING_FORMAT: usize = 15;
+
+/// Byte offsets of the fixed header fields (QCOW2.md §1), named once: the
+/// parser, the serializer and the in-place `Header::patch_*` writes use
+/// these.
+pub mod field {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 4;
+    pub const BACKING_FILE_OFFSET: usize = 8;
+    pub const BACKING_FILE_SIZE: usize = 16;
+    pub const CLUSTER_BITS: usize = 20;
+    pub const SIZE: usize = 24;
+    pub const CRYPT_METHOD: usize = 32;
+    pub const L1_SIZE: usize = 36;
+    pub const L1_TABLE_OFFSET: usize = 40;
+    pub const REFCOUNT_TABLE_OFFSET: usize = 48;
+    pub const REFCOUNT_TABLE_CLUSTERS: usize = 56;
+    pub const NB_SNAPSHOTS: usize = 60;
+    pub const SNAPSHOTS_OFFSET: usize = 64;
+    /// v3 from here on.
+    pub const INCOMPATIBLE_FEATURES: usize = 72;
+    pub const COMPATIBLE_FEATURES: usize = 80;
+    pub const AUTOCLEAR_FEATURES: usize = 88;
+    pub const REFCOUNT_ORDER: usize = 96;
+    pub const HEADER_LENGTH: usize = 100;
+    pub const COMPRESSION_TYPE: usize = 104;
+}
 
 pub mod incompat {
     pub const DIRTY: u64 = 1 << 0;
@@ -248,38 +275,62 @@ impl Header {
     /// Read and validate the header and its extensions from `file`.
     /// `file_len` is the file's size; the header must lie inside it.
     pub fn read(file: &File, path: &Path, file_len: u64) -> Result<Header> {
-        let bad = |msg: String| Error::invalid(path, msg);
         let mut c0 = Cluster0::new(file, path, file_len.min(1 << MAX_CLUSTER_BITS) as usize)?;
         if !c0.ensure(V2_HEADER_LEN as usize)? {
-            return Err(bad("Could not read qcow2 header: file too short".into()));
+            return Err(Error::invalid(
+                path,
+                "Could not read qcow2 header: file too short",
+            ));
         }
-        let b = &c0.buf;
-        if be32(b, 0) != MAGIC {
+        let (mut h, crypt) = Header::read_v2_fields(&c0.buf, path)?;
+        if h.version == 3 {
+            h.read_v3_fields(&mut c0, path)?;
+        }
+        let cs = h.cluster_size();
+        if h.backing_file_offset > cs {
+            return Err(Error::invalid(path, "Invalid backing file offset"));
+        }
+        let ext_end = if h.backing_file_offset != 0 {
+            h.backing_file_offset
+        } else {
+            cs
+        };
+        h.extensions = read_extensions(&mut c0, &h, ext_end as usize, path)?;
+        h.check_features(path, crypt)?;
+        h.check_tables(path)?;
+        h.read_backing_name(&mut c0, path)?;
+        Ok(h)
+    }
+
+    /// The fields every version has (the first 72 bytes), with the v3
+    /// ones at their v2 defaults; also the raw encryption method, judged
+    /// once the extensions are known.
+    fn read_v2_fields(b: &[u8], path: &Path) -> Result<(Header, u32)> {
+        let bad = |msg: String| Error::invalid(path, msg);
+        if be32(b, field::MAGIC) != MAGIC {
             return Err(bad("Image is not in qcow2 format".into()));
         }
-        let version = be32(b, 4);
+        let version = be32(b, field::VERSION);
         if !(2..=3).contains(&version) {
             return Err(bad(format!("Unsupported qcow2 version {version}")));
         }
-        let cluster_bits = be32(b, 20);
+        let cluster_bits = be32(b, field::CLUSTER_BITS);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(bad(format!("Unsupported cluster size: 2^{cluster_bits}")));
         }
-        let cs = 1u64 << cluster_bits;
-
-        let mut h = Header {
+        let h = Header {
             version,
-            backing_file_offset: be64(b, 8),
-            backing_file_size: be32(b, 16),
+            backing_file_offset: be64(b, field::BACKING_FILE_OFFSET),
+            backing_file_size: be32(b, field::BACKING_FILE_SIZE),
             cluster_bits,
-            size: be64(b, 24),
+            size: be64(b, field::SIZE),
             crypt_method: CryptMethod::None,
-            l1_size: be32(b, 36),
-            l1_table_offset: be64(b, 40),
-            refcount_table_offset: be64(b, 48),
-            refcount_table_clusters: be32(b, 56),
-            nb_snapshots: be32(b, 60),
-            snapshots_offset: be64(b, 64),
+            l1_size: be32(b, field::L1_SIZE),
+            l1_table_offset: be64(b, field::L1_TABLE_OFFSET),
+            refcount_table_offset: be64(b, field::REFCOUNT_TABLE_OFFSET),
+            refcount_table_clusters: be32(b, field::REFCOUNT_TABLE_CLUSTERS),
+            nb_snapshots: be32(b, field::NB_SNAPSHOTS),
+            snapshots_offset: be64(b, field::SNAPSHOTS_OFFSET),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -290,160 +341,176 @@ impl Header {
             extensions: Extensions::default(),
             backing_file: None,
         };
-        let crypt = be32(b, 32);
+        Ok((h, be32(b, field::CRYPT_METHOD)))
+    }
 
-        if version == 3 {
-            if !c0.ensure(V3_MIN_HEADER_LEN as usize)? {
-                return Err(bad("Could not read qcow2 header: file too short".into()));
-            }
-            let b = &c0.buf;
-            h.incompatible_features = be64(b, 72);
-            h.compatible_features = be64(b, 80);
-            h.autoclear_features = be64(b, 88);
-            h.refcount_order = be32(b, 96);
-            h.header_length = be32(b, 100);
-            if h.header_length < V3_MIN_HEADER_LEN {
-                return Err(bad("qcow2 header too short".into()));
-            }
-            if u64::from(h.header_length) > cs {
-                return Err(bad("qcow2 header exceeds cluster size".into()));
-            }
-            if !c0.ensure(h.header_length as usize)? {
-                return Err(bad("Could not read qcow2 header: file too short".into()));
-            }
-            let b = &c0.buf;
-            let compression = if h.header_length > V3_MIN_HEADER_LEN {
-                b[104]
-            } else {
-                0
-            };
-            if h.header_length > V3_HEADER_LEN {
-                h.unknown_fields = b[V3_HEADER_LEN as usize..h.header_length as usize].to_vec();
-            }
-            let bit_set = h.incompatible_features & incompat::COMPRESSION != 0;
-            h.compression_type = match (compression, bit_set) {
-                (0, false) => CompressionType::Deflate,
-                (0, true) => {
-                    return Err(bad(
-                        "Compression type incompatible feature bit must not be set".into(),
-                    ))
-                }
-                (1, true) => CompressionType::Zstd,
-                (1, false) => {
-                    return Err(bad(
-                        "Compression type incompatible feature bit must be set".into()
-                    ))
-                }
-                (t, _) => return Err(bad(format!("Unknown compression type {t}"))),
-            };
+    /// The v3 fields: feature bits, refcount width, header length (and
+    /// the fields past those we know), compression type.
+    fn read_v3_fields(&mut self, c0: &mut Cluster0, path: &Path) -> Result<()> {
+        let bad = |msg: String| Error::invalid(path, msg);
+        let too_short = || bad("Could not read qcow2 header: file too short".into());
+        if !c0.ensure(V3_MIN_HEADER_LEN as usize)? {
+            return Err(too_short());
         }
-
-        if h.backing_file_offset > cs {
-            return Err(bad("Invalid backing file offset".into()));
+        let b = &c0.buf;
+        self.incompatible_features = be64(b, field::INCOMPATIBLE_FEATURES);
+        self.compatible_features = be64(b, field::COMPATIBLE_FEATURES);
+        self.autoclear_features = be64(b, field::AUTOCLEAR_FEATURES);
+        self.refcount_order = be32(b, field::REFCOUNT_ORDER);
+        self.header_length = be32(b, field::HEADER_LENGTH);
+        if self.header_length < V3_MIN_HEADER_LEN {
+            return Err(bad("qcow2 header too short".into()));
         }
-        let ext_end = if h.backing_file_offset != 0 {
-            h.backing_file_offset
+        if u64::from(self.header_length) > self.cluster_size() {
+            return Err(bad("qcow2 header exceeds cluster size".into()));
+        }
+        if !c0.ensure(self.header_length as usize)? {
+            return Err(too_short());
+        }
+        let b = &c0.buf;
+        let compression = if self.header_length > V3_MIN_HEADER_LEN {
+            b[field::COMPRESSION_TYPE]
         } else {
-            cs
+            0
         };
-        h.extensions = read_extensions(&mut c0, &h, ext_end as usize, path)?;
+        if self.header_length > V3_HEADER_LEN {
+            self.unknown_fields = b[V3_HEADER_LEN as usize..self.header_length as usize].to_vec();
+        }
+        let bit_set = self.incompatible_features & incompat::COMPRESSION != 0;
+        self.compression_type = match (compression, bit_set) {
+            (0, false) => CompressionType::Deflate,
+            (0, true) => {
+                return Err(bad(
+                    "Compression type incompatible feature bit must not be set".into(),
+                ))
+            }
+            (1, true) => CompressionType::Zstd,
+            (1, false) => {
+                return Err(bad(
+                    "Compression type incompatible feature bit must be set".into()
+                ))
+            }
+            (t, _) => return Err(bad(format!("Unknown compression type {t}"))),
+        };
+        Ok(())
+    }
 
-        // Feature bits after the extensions: the feature table names them.
-        let unknown = h.incompatible_features & !incompat::KNOWN;
+    /// Feature bits, refcount width and encryption, judged after the
+    /// extensions: the feature table names unknown bits.
+    fn check_features(&mut self, path: &Path, crypt: u32) -> Result<()> {
+        let bad = |msg: &str| Error::invalid(path, msg);
+        let unknown = self.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
             return Err(Error::UnsupportedFeature {
                 path: path.to_path_buf(),
-                features: describe_unknown_incompat(unknown, &h.extensions.feature_names),
+                features: describe_unknown_incompat(unknown, &self.extensions.feature_names),
             });
         }
-
-        if h.refcount_order > 6 {
+        if self.refcount_order > 6 {
             return Err(bad(
-                "Reference count entry width too large; may not exceed 64 bits".into(),
+                "Reference count entry width too large; may not exceed 64 bits",
             ));
         }
-        h.crypt_method = match crypt {
+        self.crypt_method = match crypt {
             0 => CryptMethod::None,
             1 => CryptMethod::Aes,
             2 => CryptMethod::Luks,
-            m => return Err(bad(format!("Unsupported encryption method: {m}"))),
+            m => {
+                return Err(Error::invalid(
+                    path,
+                    format!("Unsupported encryption method: {m}"),
+                ))
+            }
         };
-        if h.crypt_method == CryptMethod::Luks && h.extensions.crypto.is_none() {
+        if self.crypt_method == CryptMethod::Luks && self.extensions.crypto.is_none() {
             return Err(bad(
-                "LUKS encryption requires a full disk encryption header extension".into(),
+                "LUKS encryption requires a full disk encryption header extension",
             ));
         }
-        if h.has_extended_l2() && cluster_bits < 14 {
+        if self.has_extended_l2() && self.cluster_bits < 14 {
             return Err(bad(
-                "The cluster size is too small for extended L2 entries (at least 16 KiB)".into(),
+                "The cluster size is too small for extended L2 entries (at least 16 KiB)",
             ));
         }
-        if h.has_data_file() && h.extensions.data_file.is_none() {
+        if self.has_data_file() && self.extensions.data_file.is_none() {
             return Err(bad(
-                "The image has an external data file but names none (data file extension missing)"
-                    .into(),
+                "The image has an external data file but names none (data file extension missing)",
             ));
         }
+        Ok(())
+    }
 
+    /// The refcount, snapshot and L1 tables' places and sizes, as QEMU
+    /// validates them at open.
+    fn check_tables(&self, path: &Path) -> Result<()> {
+        let bad = |msg: &str| Error::invalid(path, msg);
+        let cs = self.cluster_size();
         validate_table(
             path,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
+            self.refcount_table_offset,
+            u64::from(self.refcount_table_clusters) * cs,
             1,
             MAX_REFTABLE_BYTES,
             cs,
             "Reference count table",
         )?;
-        if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(bad("Too many snapshots".into()));
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(bad("Too many snapshots"));
         }
         // Checked even without snapshots, as QEMU does.
         validate_table(
             path,
-            h.snapshots_offset,
-            u64::from(h.nb_snapshots),
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots),
             40,
             u64::from(MAX_SNAPSHOTS) * 1024,
             cs,
             "Snapshot table",
         )?;
-        if u64::from(h.l1_size) > MAX_L1_BYTES / 8 {
-            return Err(bad("Active L1 table too large".into()));
+        if u64::from(self.l1_size) > MAX_L1_BYTES / 8 {
+            return Err(bad("Active L1 table too large"));
         }
-        let needed_l1 = h.size.div_ceil(h.l1_entry_span());
+        let needed_l1 = self.size.div_ceil(self.l1_entry_span());
         if needed_l1 > i32::MAX as u64 {
-            return Err(bad("Image is too big".into()));
+            return Err(bad("Image is too big"));
         }
-        if u64::from(h.l1_size) < needed_l1 {
-            return Err(bad("L1 table is too small".into()));
+        if u64::from(self.l1_size) < needed_l1 {
+            return Err(bad("L1 table is too small"));
         }
-        if h.l1_size > 0 {
+        if self.l1_size > 0 {
             validate_table(
                 path,
-                h.l1_table_offset,
-                u64::from(h.l1_size),
+                self.l1_table_offset,
+                u64::from(self.l1_size),
                 8,
                 MAX_L1_BYTES,
                 cs,
                 "Active L1 table",
             )?;
         }
+        Ok(())
+    }
 
-        if h.backing_file_offset != 0 {
-            let len = h.backing_file_size;
-            if len > MAX_BACKING_NAME || u64::from(len) >= cs - h.backing_file_offset {
-                return Err(bad("Backing file name too long".into()));
-            }
-            let start = h.backing_file_offset as usize;
-            let end = start + len as usize;
-            if !c0.ensure(end)? {
-                return Err(bad(
-                    "Could not read backing file name: file too short".into()
-                ));
-            }
-            h.backing_file = Some(String::from_utf8_lossy(&c0.buf[start..end]).into_owned());
+    fn read_backing_name(&mut self, c0: &mut Cluster0, path: &Path) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
         }
-        Ok(h)
+        let len = self.backing_file_size;
+        if len > MAX_BACKING_NAME
+            || u64::from(len) >= self.cluster_size() - self.backing_file_offset
+        {
+            return Err(Error::invalid(path, "Backing file name too long"));
+        }
+        let start = self.backing_file_offset as usize;
+        let end = start + len as usize;
+        if !c0.ensure(end)? {
+            return Err(Error::invalid(
+                path,
+                "Could not read backing file name: file too short",
+            ));
+        }
+        self.backing_file = Some(String::from_utf8_lossy(&c0.buf[start..end]).into_owned());
+        Ok(())
     }
 }
 
@@ -676,42 +743,98 @@ impl Header {
         }
         b.resize(cs, 0);
 
-        let put32 =
-            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 =
-            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-        put32(&mut b, 0, MAGIC);
-        put32(&mut b, 4, self.version);
-        put64(&mut b, 8, self.backing_file_offset);
-        put32(&mut b, 16, self.backing_file_size);
-        put32(&mut b, 20, self.cluster_bits);
-        put64(&mut b, 24, self.size);
+        b[..fixed as usize].copy_from_slice(&self.fixed_fields()[..fixed as usize]);
+        Ok(b)
+    }
+
+    /// The fixed fields as stored (v3 layout; a v2 header is its first
+    /// 72 bytes).
+    fn fixed_fields(&self) -> [u8; V3_HEADER_LEN as usize] {
+        let mut b = [0u8; V3_HEADER_LEN as usize];
+        let mut put32 = |at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        put32(field::MAGIC, MAGIC);
+        put32(field::VERSION, self.version);
+        put32(field::BACKING_FILE_SIZE, self.backing_file_size);
+        put32(field::CLUSTER_BITS, self.cluster_bits);
         put32(
-            &mut b,
-            32,
+            field::CRYPT_METHOD,
             match self.crypt_method {
                 CryptMethod::None => 0,
                 CryptMethod::Aes => 1,
                 CryptMethod::Luks => 2,
             },
         );
-        put32(&mut b, 36, self.l1_size);
-        put64(&mut b, 40, self.l1_table_offset);
-        put64(&mut b, 48, self.refcount_table_offset);
-        put32(&mut b, 56, self.refcount_table_clusters);
-        put32(&mut b, 60, self.nb_snapshots);
-        put64(&mut b, 64, self.snapshots_offset);
+        put32(field::L1_SIZE, self.l1_size);
+        put32(field::REFCOUNT_TABLE_CLUSTERS, self.refcount_table_clusters);
+        put32(field::NB_SNAPSHOTS, self.nb_snapshots);
         if self.version >= 3 {
-            put64(&mut b, 72, self.incompatible_features);
-            put64(&mut b, 80, self.compatible_features);
-            put64(&mut b, 88, self.autoclear_features);
-            put32(&mut b, 96, self.refcount_order);
-            put32(&mut b, 100, self.header_length);
-            b[104] = match self.compression_type {
+            put32(field::REFCOUNT_ORDER, self.refcount_order);
+            put32(field::HEADER_LENGTH, self.header_length);
+        }
+        let mut put64 = |at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        put64(field::BACKING_FILE_OFFSET, self.backing_file_offset);
+        put64(field::SIZE, self.size);
+        put64(field::L1_TABLE_OFFSET, self.l1_table_offset);
+        put64(field::REFCOUNT_TABLE_OFFSET, self.refcount_table_offset);
+        put64(field::SNAPSHOTS_OFFSET, self.snapshots_offset);
+        if self.version >= 3 {
+            put64(field::INCOMPATIBLE_FEATURES, self.incompatible_features);
+            put64(field::COMPATIBLE_FEATURES, self.compatible_features);
+            put64(field::AUTOCLEAR_FEATURES, self.autoclear_features);
+            b[field::COMPRESSION_TYPE] = match self.compression_type {
                 CompressionType::Deflate => 0,
                 CompressionType::Zstd => 1,
             };
         }
-        Ok(b)
+        b
+    }
+
+    // In-place header updates. Each writes this header's value of adjacent
+    // fields in one write and fsyncs it, so the fields switch together and
+    // are durable before anything that depends on them; callers set the
+    // new values on a copy and keep it once the patch returned.
+
+    fn patch(&self, file: &File, path: &Path, fields: std::ops::Range<usize>) -> Result<()> {
+        let b = self.fixed_fields();
+        file.write_all_at(&b[fields.clone()], fields.start as u64)
+            .at(path)?;
+        file.sync_data().at(path)
+    }
+
+    /// The virtual disk size.
+    pub fn patch_size(&self, file: &File, path: &Path) -> Result<()> {
+        self.patch(file, path, field::SIZE..field::SIZE + 8)
+    }
+
+    /// The active L1 table's size and offset.
+    pub fn patch_l1_table(&self, file: &File, path: &Path) -> Result<()> {
+        self.patch(file, path, field::L1_SIZE..field::L1_TABLE_OFFSET + 8)
+    }
+
+    /// The refcount table's offset and size.
+    pub fn patch_refcount_table(&self, file: &File, path: &Path) -> Result<()> {
+        let end = field::REFCOUNT_TABLE_CLUSTERS + 4;
+        self.patch(file, path, field::REFCOUNT_TABLE_OFFSET..end)
+    }
+
+    /// Size, L1 table, refcount table and snapshot table at once: a
+    /// switch to a new metadata generation (snapshot create, apply,
+    /// delete).
+    pub fn patch_tables(&self, file: &File, path: &Path) -> Result<()> {
+        self.patch(file, path, field::SIZE..field::SNAPSHOTS_OFFSET + 8)
+    }
+
+    /// The incompatible feature bits (v3): dirty, corrupt.
+    pub fn patch_incompatible(&self, file: &File, path: &Path) -> Result<()> {
+        debug_assert!(self.version >= 3);
+        let at = field::INCOMPATIBLE_FEATURES;
+        self.patch(file, path, at..at + 8)
+    }
+
+    /// The autoclear feature bits (v3).
+    pub fn patch_autoclear(&self, file: &File, path: &Path) -> Result<()> {
+        debug_assert!(self.version >= 3);
+        let at = field::AUTOCLEAR_FEATURES;
+        self.patch(file, path, at..at + 8)
     }
 }

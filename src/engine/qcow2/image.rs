@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::compress;
 use super::header::{CryptMethod, Header};
-use super::l2::{Geometry, Unit, L1_OFFSET_MASK};
+use super::l2::{l1_table_offset, Geometry, L2Entry, Unit};
 use super::refcount::detect_metadata_preallocation;
 use super::snapshot::{read_snapshots, Snapshot};
 use crate::engine::error::{Error, IoContext, Result};
@@ -173,7 +173,7 @@ impl Qcow2Image {
         let Some(&entry) = self.l1.get(l1_index) else {
             return Ok(None);
         };
-        let offset = entry & L1_OFFSET_MASK;
+        let offset = l1_table_offset(entry);
         if offset == 0 {
             return Ok(None);
         }
@@ -220,18 +220,10 @@ impl Qcow2Image {
         let Some(table) = self.l2_table(l1_index)? else {
             return Ok((LayerStatus::Unallocated { offset: None }, limit));
         };
-        let words = self.geo.entry_words();
         let unit_at = |g: u64| -> Unit {
-            let cluster = g / cs;
-            let idx = (cluster % l2_entries) as usize * words;
-            let entry = table.get(idx).copied().unwrap_or(0);
-            let bitmap = if words == 2 {
-                table.get(idx + 1).copied().unwrap_or(0)
-            } else {
-                0
-            };
+            let entry = self.geo.entry_at(&table, (g / cs % l2_entries) as usize);
             let sc = (g % cs) / unit;
-            self.geo.classify(entry, bitmap, sc % upc)
+            self.geo.classify(entry, sc % upc)
         };
 
         let first = unit_at(offset);
@@ -375,9 +367,9 @@ impl Qcow2Image {
         debug_assert!(in_cluster + buf.len() <= cs as usize);
         let l1_index = (offset / self.header.l1_entry_span()) as usize;
         let table = self.l2_table(l1_index)?;
-        let idx = ((offset / cs) % self.header.l2_entries()) as usize * self.geo.entry_words();
-        let entry = table.and_then(|t| t.get(idx).copied()).unwrap_or(0);
-        let Unit::Compressed(desc) = self.geo.classify(entry, 0, 0) else {
+        let idx = ((offset / cs) % self.header.l2_entries()) as usize;
+        let entry = table.map_or(L2Entry::UNALLOCATED, |t| self.geo.entry_at(&t, idx));
+        let Unit::Compressed(desc) = self.geo.classify(entry, 0) else {
             return Err(self.corrupt(format!(
                 "cluster at guest offset 0x{offset:x} is no longer compressed"
             )));

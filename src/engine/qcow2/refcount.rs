@@ -7,11 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::Header;
+use super::l2::reftable_block_offset;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::read_up_to;
-
-/// Reftable entry bits 9..63 hold the refblock offset.
-pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 pub struct Refcounts {
     table: Vec<u64>,
@@ -76,7 +74,7 @@ impl Refcounts {
         let Some(&entry) = self.table.get((cluster / per_block) as usize) else {
             return Ok(0);
         };
-        let block_off = entry & REFTABLE_OFFSET_MASK;
+        let block_off = reftable_block_offset(entry);
         if block_off == 0 {
             return Ok(0);
         }
@@ -120,7 +118,7 @@ impl Refcounts {
         let e = *self
             .table
             .get((cluster / self.entries_per_block()) as usize)?;
-        let off = e & REFTABLE_OFFSET_MASK;
+        let off = reftable_block_offset(e);
         (off != 0).then_some(off)
     }
 

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::header::{Header, MAX_REFTABLE_BYTES};
-use super::l2::{Geometry, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use super::l2::{l1_entry, Geometry, L2Entry};
 use super::refcount::{encode_refcount, refcount_structure};
 use crate::engine::error::{Error, IoContext, Result};
 
@@ -153,7 +153,7 @@ impl<'f> StreamWriter<'f> {
             let g = gc + k as u64;
             self.l2_for(g)?;
             let host = self.alloc_run(1)? * self.cs;
-            self.set_entry(g, OFLAG_COPIED | host);
+            self.set_entry(g, self.geo.data_entry(host));
             match run {
                 Some((h, s)) if h + (k * cs - s) as u64 == host => {}
                 Some((h, s)) => {
@@ -176,7 +176,7 @@ impl<'f> StreamWriter<'f> {
         let at = self.alloc_bytes(data.len() as u64)?;
         self.write(at, data)?;
         let desc = self.geo.compressed_descriptor(at, data.len() as u64);
-        self.set_entry(gc, OFLAG_COMPRESSED | desc);
+        self.set_entry(gc, L2Entry::compressed(desc));
         Ok(())
     }
 
@@ -189,7 +189,7 @@ impl<'f> StreamWriter<'f> {
             ));
         }
         self.l2_for(gc)?;
-        self.set_entry(gc, OFLAG_ZERO);
+        self.set_entry(gc, self.geo.zero_entry(0));
         Ok(())
     }
 
@@ -222,9 +222,10 @@ impl<'f> StreamWriter<'f> {
         Ok(len)
     }
 
-    fn set_entry(&mut self, gc: u64, entry: u64) {
+    fn set_entry(&mut self, gc: u64, entry: L2Entry) {
         if let Some((_, _, t)) = &mut self.l2 {
-            t[(gc % self.l2_entries) as usize] = entry;
+            self.geo
+                .set_entry_at(t, (gc % self.l2_entries) as usize, entry);
         }
     }
 
@@ -243,7 +244,7 @@ impl<'f> StreamWriter<'f> {
             ));
         }
         let host = self.alloc_run(1)? * self.cs;
-        self.l1[idx as usize] = OFLAG_COPIED | host;
+        self.l1[idx as usize] = l1_entry(host);
         self.l2 = Some((idx, host, vec![0; self.l2_entries as usize]));
         Ok(())
     }

@@ -35,9 +35,7 @@ use std::path::{Path, PathBuf};
 
 use super::compress;
 use super::header::{autoclear, Header};
-use super::l2::{
-    Geometry, Unit, L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-};
+use super::l2::{is_copied, l1_entry, l1_table_offset, Geometry, L2Entry, Unit};
 use super::refcount::{encode_refcount, Refcounts};
 use crate::engine::chain::{classify_backing, BackingName};
 use crate::engine::error::{Error, IoContext, Result};
@@ -114,16 +112,12 @@ pub type FillRuns<'a> = dyn FnMut(&[(u64, u64, u64)]) -> Result<()> + 'a;
 /// One cluster of a write: where its bytes go, and what it replaces.
 struct Placed {
     guest: u64,
-    /// Its L2 entry and bitmap before the write.
-    old: (u64, u64),
+    /// Its L2 entry before the write.
+    old: L2Entry,
     host: u64,
     /// A new cluster, mapped after its data is written.
     fresh: bool,
 }
-
-/// Extended L2 bitmaps: every subcluster allocated, or every one zero.
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
-const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 /// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
 const L2_CACHE_TABLES: usize = 1024;
@@ -306,8 +300,7 @@ impl Qcow2Writer {
         }
         if self.h.version >= 3 && self.h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
             self.h.autoclear_features &= autoclear::DATA_FILE_RAW;
-            self.pwrite(&self.h.autoclear_features.to_be_bytes(), 88)?;
-            self.file.sync_data().at(&self.path)?;
+            self.h.patch_autoclear(&self.file, &self.path)?;
         }
         self.autoclear_cleared = true;
         Ok(())
@@ -435,18 +428,16 @@ impl Qcow2Writer {
         self.pwrite(&raw, table_off)?;
         self.file.sync_data().at(&self.path)?;
         fault::point("writer.reftable.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&table_off.to_be_bytes());
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.pwrite(&fields, 48)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.refcount_table_offset = table_off;
+        next.refcount_table_clusters = table_clusters as u32;
+        next.patch_refcount_table(&self.file, &self.path)?;
         fault::point("writer.reftable.switched");
         let old = (
             self.h.refcount_table_offset,
             u64::from(self.h.refcount_table_clusters) * cs,
         );
-        self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = table_clusters as u32;
+        self.h = next;
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.release(old.0, old.1)
     }
@@ -543,45 +534,9 @@ impl Qcow2Writer {
         self.cs / (8 * self.geo.entry_words() as u64)
     }
 
-    /// Index of `g`'s entry in its L2 table, in 64-bit words.
-    fn l2_word(&self, g: u64) -> usize {
-        (g / self.cs % self.l2_entries()) as usize * self.geo.entry_words()
-    }
-
-    /// The L2 value of a cluster that reads entirely as data at `host`.
-    fn data_entry(&self, host: u64) -> (u64, u64) {
-        (
-            host | OFLAG_COPIED,
-            if self.geo.extended { ALL_ALLOCATED } else { 0 },
-        )
-    }
-
-    /// The L2 value of a zero cluster, keeping `host` (0: none).
-    fn zero_entry(&self, host: u64) -> (u64, u64) {
-        let entry = if host != 0 { host | OFLAG_COPIED } else { 0 };
-        if self.geo.extended {
-            (entry, ALL_ZERO)
-        } else {
-            (entry | OFLAG_ZERO, 0)
-        }
-    }
-
-    /// Whether the cluster of `(entry, bitmap)` is this image's alone and
-    /// reads entirely as its own data: a write can go there in place.
-    fn owned_data(&self, (entry, bitmap): (u64, u64)) -> Option<u64> {
-        let host = entry & L2_OFFSET_MASK;
-        let whole = !self.geo.extended || bitmap == ALL_ALLOCATED;
-        match self.geo.classify(entry, bitmap, 0) {
-            Unit::Normal(_) if entry & OFLAG_COPIED != 0 && whole => Some(host),
-            _ => None,
-        }
-    }
-
-    /// The host cluster an entry owns in this image's file, if any
-    /// (compressed clusters aside), whatever its subclusters say.
-    fn owned_host(&self, entry: u64) -> Option<u64> {
-        let host = entry & L2_OFFSET_MASK;
-        (entry & OFLAG_COMPRESSED == 0 && host != 0 && entry & OFLAG_COPIED != 0).then_some(host)
+    /// Index of `g`'s entry in its L2 table.
+    fn l2_index(&self, g: u64) -> usize {
+        (g / self.cs % self.l2_entries()) as usize
     }
 
     /// The L2 table for guest offset `g`, writable in place (COPIED):
@@ -589,8 +544,8 @@ impl Qcow2Writer {
     fn l2_for_write(&mut self, g: u64) -> Result<u64> {
         let idx = (g / (self.cs * self.l2_entries())) as usize;
         let entry = self.l1[idx];
-        let off = entry & L1_OFFSET_MASK;
-        if off != 0 && entry & OFLAG_COPIED != 0 {
+        let off = l1_table_offset(entry);
+        if off != 0 && is_copied(entry) {
             return Ok(off);
         }
         let new = self.alloc_cluster()?;
@@ -604,7 +559,7 @@ impl Qcow2Writer {
         self.file.sync_data().at(&self.path)?;
         fault::point("writer.l2_table.before_link");
         self.cache_table(new, &table)?;
-        let new_entry = new | OFLAG_COPIED;
+        let new_entry = l1_entry(new);
         self.pwrite(
             &new_entry.to_be_bytes(),
             self.h.l1_table_offset + idx as u64 * 8,
@@ -663,49 +618,40 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    fn l2_entry(&mut self, g: u64) -> Result<u64> {
-        Ok(self.l2_pair(g)?.0)
-    }
-
-    /// `g`'s L2 entry and (extended L2) its subcluster bitmap.
-    fn l2_pair(&mut self, g: u64) -> Result<(u64, u64)> {
+    /// `g`'s L2 entry (with its subcluster bitmap under extended L2).
+    fn l2_entry(&mut self, g: u64) -> Result<L2Entry> {
         let idx = (g / (self.cs * self.l2_entries())) as usize;
-        let off = self.l1[idx] & L1_OFFSET_MASK;
+        let off = l1_table_offset(self.l1[idx]);
         if off == 0 {
-            return Ok((0, 0));
+            return Ok(L2Entry::UNALLOCATED);
         }
         if !self.l2_cache.contains_key(&off) {
             let mut raw = vec![0u8; self.cs as usize];
             self.pread(&mut raw, off)?;
             self.cache_table(off, &raw)?;
         }
-        let i = self.l2_word(g);
-        let extended = self.geo.extended;
+        let i = self.l2_index(g);
         Ok(self
             .l2_cache
             .get(&off)
-            .map_or((0, 0), |t| (t[i], if extended { t[i + 1] } else { 0 })))
+            .map_or(L2Entry::UNALLOCATED, |t| self.geo.entry_at(t, i)))
     }
 
     /// Set entries of one L2 table (cached: [`Self::l2_entry`] read it) in
     /// memory; [`Self::flush_metadata`] writes them out.
-    fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, (u64, u64))]) -> Result<()> {
-        let words: Vec<usize> = entries.iter().map(|&(g, _)| self.l2_word(g)).collect();
-        let extended = self.geo.extended;
+    fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, L2Entry)]) -> Result<()> {
+        let (geo, span) = (self.geo, self.cs * self.l2_entries());
         let Some(table) = self.l2_cache.get_mut(&l2) else {
             return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
         };
-        for (&(_, (entry, bitmap)), i) in entries.iter().zip(words) {
-            table[i] = entry;
-            if extended {
-                table[i + 1] = bitmap;
-            }
+        for &(g, entry) in entries {
+            geo.set_entry_at(table, (g % span / geo.cluster_size()) as usize, entry);
         }
         self.dirty_l2.insert(l2);
         Ok(())
     }
 
-    fn set_l2_entry(&mut self, l2: u64, g: u64, value: (u64, u64)) -> Result<()> {
+    fn set_l2_entry(&mut self, l2: u64, g: u64, value: L2Entry) -> Result<()> {
         self.set_l2_entries(l2, &[(g, value)])
     }
 
@@ -713,16 +659,11 @@ impl Qcow2Writer {
 
     /// The guest content of the whole cluster at `g`, as it reads now
     /// (unit by unit: subclusters with extended L2).
-    fn cluster_content(
-        &mut self,
-        g: u64,
-        (entry, bitmap): (u64, u64),
-        buf: &mut [u8],
-    ) -> Result<()> {
+    fn cluster_content(&mut self, g: u64, entry: L2Entry, buf: &mut [u8]) -> Result<()> {
         let unit = self.geo.unit_size() as usize;
         for (sc, part) in buf.chunks_mut(unit).enumerate() {
             let at = g + (sc * unit) as u64;
-            match self.geo.classify(entry, bitmap, sc as u64) {
+            match self.geo.classify(entry, sc as u64) {
                 Unit::Normal(host) => self.data_pread(part, host)?,
                 Unit::ZeroPlain | Unit::ZeroAlloc(_) => part.fill(0),
                 Unit::Compressed(desc) => {
@@ -767,18 +708,13 @@ impl Qcow2Writer {
 
     /// Release what an L2 entry owned in this image (after it was
     /// replaced), once the table that replaced it is durable.
-    fn release_entry(&mut self, entry: u64) {
+    fn release_entry(&mut self, entry: L2Entry) {
         if self.data.is_some() {
             // Data clusters in an external file are not refcounted.
             return;
         }
-        if entry & OFLAG_COMPRESSED != 0 {
-            let (host, span) = self
-                .geo
-                .compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED));
-            self.pending_release.push((host, span));
-        } else if entry & L2_OFFSET_MASK != 0 {
-            self.pending_release.push((entry & L2_OFFSET_MASK, self.cs));
+        if let Some(range) = self.geo.occupied(entry) {
+            self.pending_release.push(range);
         }
     }
 
@@ -793,11 +729,11 @@ impl Qcow2Writer {
         let span = cs * self.l2_entries();
         let mut g = offset - offset % cs;
         while g < offset + len {
-            if self.l1[(g / span) as usize] & OFLAG_COPIED == 0 {
+            if !is_copied(self.l1[(g / span) as usize]) {
                 return Ok(false);
             }
-            let pair = self.l2_pair(g)?;
-            if self.owned_data(pair).is_none() {
+            let entry = self.l2_entry(g)?;
+            if self.geo.owned_data(entry).is_none() {
                 return Ok(false);
             }
             g += cs;
@@ -850,8 +786,8 @@ impl Qcow2Writer {
             if !partial || self.edges.iter().any(|e| e.0 == g) {
                 continue;
             }
-            let old = self.l2_pair(g)?;
-            if self.owned_data(old).is_some() {
+            let old = self.l2_entry(g)?;
+            if self.geo.owned_data(old).is_some() {
                 continue;
             }
             let mut buf = vec![0u8; cs as usize];
@@ -928,8 +864,8 @@ impl Qcow2Writer {
         let mut placed = Vec::new();
         let mut g = first;
         while g < end {
-            let old = self.l2_pair(g)?;
-            let (host, fresh) = match self.owned_data(old) {
+            let old = self.l2_entry(g)?;
+            let (host, fresh) = match self.geo.owned_data(old) {
                 Some(host) => (host, false),
                 None => (0, true),
             };
@@ -957,17 +893,17 @@ impl Qcow2Writer {
     /// Map the new clusters of `placed` (their data is written) and
     /// release what they replace once that is durable.
     fn map_fresh(&mut self, l2: u64, placed: &[Placed]) -> Result<()> {
-        let entries: Vec<(u64, (u64, u64))> = placed
+        let entries: Vec<(u64, L2Entry)> = placed
             .iter()
             .filter(|p| p.fresh)
-            .map(|p| (p.guest, self.data_entry(p.host)))
+            .map(|p| (p.guest, self.geo.data_entry(p.host)))
             .collect();
         if entries.is_empty() {
             return Ok(());
         }
         self.set_l2_entries(l2, &entries)?;
         for p in placed.iter().filter(|p| p.fresh) {
-            self.release_entry(p.old.0);
+            self.release_entry(p.old);
         }
         self.bound_deferred()
     }
@@ -1082,10 +1018,10 @@ impl Qcow2Writer {
                     g += n;
                     continue;
                 }
-                match self.owned_host(entry) {
-                    Some(host) => self.set_l2_entry(l2, cluster, self.zero_entry(host))?,
+                match entry.owned_host() {
+                    Some(host) => self.set_l2_entry(l2, cluster, self.geo.zero_entry(host))?,
                     None => {
-                        self.set_l2_entry(l2, cluster, self.zero_entry(0))?;
+                        self.set_l2_entry(l2, cluster, self.geo.zero_entry(0))?;
                         self.release_entry(entry);
                     }
                 }
@@ -1100,8 +1036,10 @@ impl Qcow2Writer {
     /// the data file become zeros too.
     fn set_raw_data_zero(&mut self, l2: u64, cluster: u64) -> Result<()> {
         self.zero_raw_data(cluster, self.cs)?;
-        let (entry, bitmap) = self.zero_entry(0);
-        self.set_l2_entry(l2, cluster, (entry | cluster | OFLAG_COPIED, bitmap))
+        // Mapped even at guest (and host) offset 0: COPIED says so.
+        let zero = self.geo.zero_entry(0);
+        let mapped = L2Entry::new(zero.word | cluster, zero.bitmap).with_copied(true);
+        self.set_l2_entry(l2, cluster, mapped)
     }
 
     /// Drop this image's own data for the whole clusters of
@@ -1128,7 +1066,7 @@ impl Qcow2Writer {
         let mut g = first;
         while g < end {
             let table_end = ((g / span + 1) * span).min(end);
-            if self.l1[(g / span) as usize] & L1_OFFSET_MASK == 0 {
+            if l1_table_offset(self.l1[(g / span) as usize]) == 0 {
                 // Nothing allocated under this L1 entry.
                 g = table_end;
                 continue;
@@ -1141,13 +1079,13 @@ impl Qcow2Writer {
                 return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
             };
             let mut released = Vec::new();
-            let words = self.geo.entry_words();
             while g < table_end {
-                let i = self.l2_word(g);
-                if table[i] != 0 {
-                    released.push(table[i]);
+                let i = self.l2_index(g);
+                let old = self.geo.entry_at(&table, i);
+                if old.word != 0 {
+                    released.push(old);
                 }
-                table[i..i + words].fill(0);
+                self.geo.set_entry_at(&mut table, i, L2Entry::UNALLOCATED);
                 g += self.cs;
             }
             self.l2_cache.insert(l2, table);
@@ -1224,9 +1162,10 @@ impl Qcow2Writer {
                 d.file.set_len(new_size).at(&d.path)?;
             }
         }
-        self.pwrite(&new_size.to_be_bytes(), 24)?;
-        self.file.sync_data().at(&self.path)?;
-        self.h.size = new_size;
+        let mut next = self.h.clone();
+        next.size = new_size;
+        next.patch_size(&self.file, &self.path)?;
+        self.h = next;
         Ok(())
     }
 
@@ -1250,7 +1189,7 @@ impl Qcow2Writer {
         let keep = new_size.div_ceil(self.cs * self.l2_entries()) as usize;
         let tables: Vec<u64> = self.l1[keep..]
             .iter()
-            .map(|e| e & L1_OFFSET_MASK)
+            .map(|&e| l1_table_offset(e))
             .filter(|&off| off != 0)
             .collect();
         if !tables.is_empty() {
@@ -1266,10 +1205,11 @@ impl Qcow2Writer {
             }
             self.file.sync_data().at(&self.path)?;
         }
-        self.pwrite(&new_size.to_be_bytes(), 24)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.size = new_size;
+        next.patch_size(&self.file, &self.path)?;
         fault::point("writer.shrink.resized");
-        self.h.size = new_size;
+        self.h = next;
         let len = self.file.metadata().at(&self.path)?.len();
         let mut end = len.div_ceil(self.cs);
         while end > 0 && self.refcount(end - 1)? == 0 {
@@ -1304,15 +1244,13 @@ impl Qcow2Writer {
         self.pwrite(&table, new_off)?;
         self.file.sync_data().at(&self.path)?;
         fault::point("writer.l1.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
-        fields[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.pwrite(&fields, 36)?;
-        self.file.sync_data().at(&self.path)?;
+        let mut next = self.h.clone();
+        next.l1_size = entries as u32;
+        next.l1_table_offset = new_off;
+        next.patch_l1_table(&self.file, &self.path)?;
         fault::point("writer.l1.switched");
         let (old_off, old_len) = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
-        self.h.l1_size = entries as u32;
-        self.h.l1_table_offset = new_off;
+        self.h = next;
         self.l1.resize(entries as usize, 0);
         if old_len > 0 {
             self.release(old_off, old_len)?;

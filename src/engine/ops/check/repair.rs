@@ -53,15 +53,8 @@ use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::qcow2::header::{autoclear, incompat, Header};
-use crate::engine::qcow2::l2::{L1_OFFSET_MASK, OFLAG_ZERO};
-use crate::engine::qcow2::refcount::REFTABLE_OFFSET_MASK;
+use crate::engine::qcow2::l2::{l1_table_offset, reftable_block_offset, L2Entry};
 use crate::engine::qcow2::Qcow2Image;
-
-/// Header field offsets the repair writes.
-const HEADER_REFTABLE_FIELDS: u64 = 48;
-const HEADER_INCOMPATIBLE: u64 = 72;
-/// All zero bits of an extended L2 bitmap.
-const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 
 /// QEMU's metadata kinds, for the overlap check (and its names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,16 +263,14 @@ pub(super) fn repair(path: &Path, format: Option<Format>, fix: u8) -> Result<Che
 /// and qcow2_mark_consistent after a complete repair.
 fn mark_clean_and_consistent(file: &std::fs::File, path: &Path) -> Result<()> {
     let len = file.metadata().at(path)?.len();
-    let h = Header::read(file, path, len)?;
+    let mut h = Header::read(file, path, len)?;
     let bits = incompat::DIRTY | incompat::CORRUPT;
     if h.version < 3 || h.incompatible_features & bits == 0 {
         return Ok(());
     }
     file.sync_data().at(path)?;
-    let v = h.incompatible_features & !bits;
-    file.write_all_at(&v.to_be_bytes(), HEADER_INCOMPATIBLE)
-        .at(path)?;
-    file.sync_data().at(path)
+    h.incompatible_features &= !bits;
+    h.patch_incompatible(file, path)
 }
 
 /// `e` with `what` in front of its message (and the path said once).
@@ -297,10 +288,9 @@ fn mark_corrupt(file: &std::fs::File, path: &Path, h: &Header) -> Result<()> {
     if h.version < 3 || h.incompatible_features & incompat::CORRUPT != 0 {
         return Ok(());
     }
-    let v = h.incompatible_features | incompat::CORRUPT;
-    file.write_all_at(&v.to_be_bytes(), HEADER_INCOMPATIBLE)
-        .at(path)?;
-    file.sync_data().at(path)
+    let mut h = h.clone();
+    h.incompatible_features |= incompat::CORRUPT;
+    h.patch_incompatible(file, path)
 }
 
 /// QEMU's ranges_overlap.
@@ -357,13 +347,13 @@ impl Checker<'_> {
             ));
         }
         for e in self.read_table(h.l1_table_offset, l1_size)? {
-            let off = e & L1_OFFSET_MASK;
+            let off = l1_table_offset(e);
             if off != 0 {
                 m.push((Kind::ActiveL2, off, self.cs));
             }
         }
         for &e in self.stored.table() {
-            let off = e & REFTABLE_OFFSET_MASK;
+            let off = reftable_block_offset(e);
             if off != 0 {
                 m.push((Kind::RefcountBlock, off, self.cs));
             }
@@ -436,16 +426,21 @@ impl Checker<'_> {
         bitmap: u64,
         active: bool,
     ) -> Result<bool> {
-        let words: u64 = if self.geo.extended { 2 } else { 1 };
-        let at = l2_offset + index * 8 * words;
-        let mut bytes = Vec::with_capacity(16);
-        if self.geo.extended {
-            let b = (bitmap | bitmap << 32) & BITMAP_ALL_ZEROES;
-            bytes.extend_from_slice(&0u64.to_be_bytes());
-            bytes.extend_from_slice(&b.to_be_bytes());
+        let words = self.geo.entry_words();
+        let at = l2_offset + index * 8 * words as u64;
+        // Subclusters that were allocated or zero read as zeros now.
+        let zero = self.geo.zero_entry(0);
+        let zero = if self.geo.extended {
+            L2Entry::new(0, (bitmap | bitmap << 32) & zero.bitmap)
         } else {
-            bytes.extend_from_slice(&OFLAG_ZERO.to_be_bytes());
-        }
+            zero
+        };
+        let mut table = [0u64; 2];
+        self.geo.set_entry_at(&mut table, 0, zero);
+        let bytes: Vec<u8> = table[..words]
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect();
         let ignore = if active {
             Ignore::ActiveL2
         } else {
@@ -502,13 +497,10 @@ impl Checker<'_> {
         // Everything the new header fields point at is on disk first.
         self.file.sync_data().at(self.path)?;
         fault::point("check.rebuild.before_switch");
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&offset.to_be_bytes());
-        fields[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        self.file
-            .write_all_at(&fields, HEADER_REFTABLE_FIELDS)
-            .at(self.path)?;
-        self.file.sync_data().at(self.path)
+        let mut next = self.h.clone();
+        next.refcount_table_offset = offset;
+        next.refcount_table_clusters = clusters as u32;
+        next.patch_refcount_table(self.file, self.path)
     }
 
     /// QEMU's rebuild_refcounts_write_refblocks over clusters

@@ -58,10 +58,10 @@ impl Qcow2Writer {
     }
 
     fn is_allocated(&mut self, g: u64) -> Result<bool> {
-        let (entry, bitmap) = self.l2_pair(g)?;
+        let entry = self.l2_entry(g)?;
         let sc = g % self.cs / self.geo.unit_size();
         Ok(!matches!(
-            self.geo.classify(entry, bitmap, sc),
+            self.geo.classify(entry, sc),
             Unit::Unallocated | Unit::UnallocatedAlloc(_)
         ))
     }
@@ -83,13 +83,13 @@ impl Qcow2Writer {
         while g < offset + len {
             let l2 = self.l2_for_write(g)?;
             let entry = self.l2_entry(g)?;
-            if !matches!(self.geo.classify(entry, 0, 0), Unit::Unallocated) {
+            if !matches!(self.geo.classify(entry, 0), Unit::Unallocated) {
                 return Err(Error::invalid(
                     &self.path,
                     format!("internal: cluster at 0x{g:x} is allocated"),
                 ));
             }
-            self.set_l2_entry(l2, g, self.zero_entry(0))?;
+            self.set_l2_entry(l2, g, self.geo.zero_entry(0))?;
             g += self.cs;
         }
         Ok(())

@@ -12,10 +12,10 @@
 //! leaked either way.
 
 use super::super::bitmap::{
-    bit_count, encode_directory, flags, mark, read_bits, read_directory, table_entries,
-    BitmapEntry, TABLE_OFFSET_MASK,
+    bit_count, encode_directory, flags, mark, read_bits, read_directory, table_entries, BitmapEntry,
 };
 use super::super::header::{autoclear, BitmapsExt, MAX_L1_BYTES};
+use super::super::l2::bitmap_table_data_offset;
 use super::backing::write_header;
 use super::snapshots::NextGen;
 use super::Qcow2Writer;
@@ -207,7 +207,7 @@ impl Qcow2Writer {
         self.pread(&mut raw, bm.table_offset)?;
         let mut out: Vec<(u64, u64)> = super::super::be64_table(&raw)
             .into_iter()
-            .map(|e| e & TABLE_OFFSET_MASK)
+            .map(bitmap_table_data_offset)
             .filter(|&off| off != 0)
             .map(|off| (off, self.cs))
             .collect();

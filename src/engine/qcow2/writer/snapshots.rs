@@ -31,8 +31,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 
 use super::super::be64_table;
-use super::super::header::{autoclear, CryptMethod, MAX_L1_BYTES};
-use super::super::l2::{L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::super::header::{autoclear, MAX_L1_BYTES};
+use super::super::l2::{l1_entry, l1_table_offset, L2Entry};
 use super::super::refcount::{decode_refcount, encode_refcount, Refcounts};
 use super::super::snapshot::{encode_table, read_snapshots, Snapshot};
 use super::Qcow2Writer;
@@ -231,8 +231,7 @@ impl Qcow2Writer {
         let keep = autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
         if self.h.version >= 3 && self.h.autoclear_features & !keep != 0 {
             self.h.autoclear_features &= keep;
-            self.pwrite(&self.h.autoclear_features.to_be_bytes(), 88)?;
-            self.file.sync_data().at(&self.path)?;
+            self.h.patch_autoclear(&self.file, &self.path)?;
         }
         Ok(())
     }
@@ -247,7 +246,7 @@ impl Qcow2Writer {
             .l1
             .iter()
             .chain(other_l1)
-            .filter(|e| *e & L1_OFFSET_MASK != 0)
+            .filter(|&&e| l1_table_offset(e) != 0)
             .count() as u64;
         let l1 = (self.l1.len().max(other_l1.len()) as u64 * 8).div_ceil(self.cs);
         let table: u64 = snaps.iter().map(|s| s.entry_bytes).sum::<u64>() + 64 + 2 * 65536;
@@ -298,15 +297,13 @@ impl Qcow2Writer {
 
     /// The host clusters an L2 entry holds a reference to (word 0; the
     /// subcluster bitmap of extended L2 does not matter here).
-    fn referenced(&self, entry: u64) -> Result<std::ops::Range<u64>> {
+    fn referenced(&self, entry: L2Entry) -> Result<std::ops::Range<u64>> {
         let cs = self.cs;
-        if entry & OFLAG_COMPRESSED != 0 {
-            let (host, span) = self
-                .geo
-                .compressed_span(entry & !(OFLAG_COPIED | OFLAG_COMPRESSED));
+        if let Some(desc) = entry.compressed_descriptor() {
+            let (host, span) = self.geo.compressed_span(desc);
             return Ok(host / cs..(host + span - 1) / cs + 1);
         }
-        let host = entry & L2_OFFSET_MASK;
+        let host = entry.host();
         if host == 0 {
             return Ok(0..0);
         }
@@ -324,15 +321,14 @@ impl Qcow2Writer {
     /// `qcow2_update_snapshot_refcount` counts them (and `qemu-img check`
     /// recounts them): entries first, then the table.
     fn add_paths(&mut self, g: &mut NextGen, l1: &[u64], delta: i64) -> Result<()> {
-        let words = self.geo.entry_words();
         for &e in l1 {
-            let t = e & L1_OFFSET_MASK;
+            let t = l1_table_offset(e);
             if t == 0 {
                 continue;
             }
             let table = self.table_next(t)?;
-            for &entry in table.iter().step_by(words) {
-                for c in self.referenced(entry)? {
+            for i in 0..table.len() / self.geo.entry_words() {
+                for c in self.referenced(self.geo.entry_at(&table, i))? {
                     self.add_next(g, c, delta)?;
                 }
             }
@@ -368,11 +364,10 @@ impl Qcow2Writer {
         entries: &[u64],
         active_now: &HashSet<u64>,
     ) -> Result<Vec<u64>> {
-        let words = self.geo.entry_words();
         let mut copies: HashMap<u64, u64> = HashMap::new();
         let mut targets = Vec::with_capacity(entries.len());
         for &e in entries {
-            let t = e & L1_OFFSET_MASK;
+            let t = l1_table_offset(e);
             if t == 0 {
                 targets.push(0);
                 continue;
@@ -386,16 +381,13 @@ impl Qcow2Writer {
             }
             let table = self.table_next(t)?;
             let mut fixed = table.clone();
-            for entry in fixed.iter_mut().step_by(words) {
-                let host = *entry & L2_OFFSET_MASK;
-                let sole = *entry & OFLAG_COMPRESSED == 0
-                    && host != 0
-                    && self.next_ref(g, host / self.cs)? == 1;
-                *entry = if sole {
-                    *entry | OFLAG_COPIED
-                } else {
-                    *entry & !OFLAG_COPIED
-                };
+            for i in 0..fixed.len() / self.geo.entry_words() {
+                let entry = self.geo.entry_at(&fixed, i);
+                let host = entry.host();
+                let sole =
+                    !entry.is_compressed() && host != 0 && self.next_ref(g, host / self.cs)? == 1;
+                self.geo
+                    .set_entry_at(&mut fixed, i, entry.with_copied(sole));
             }
             if fixed == table {
                 targets.push(t);
@@ -414,7 +406,7 @@ impl Qcow2Writer {
         for t in targets {
             l1.push(match t {
                 0 => 0,
-                t if self.next_ref(g, t / self.cs)? == 1 => t | OFLAG_COPIED,
+                t if self.next_ref(g, t / self.cs)? == 1 => l1_entry(t),
                 t => t,
             });
         }
@@ -637,31 +629,18 @@ impl Qcow2Writer {
         fault::point("snapshot.written");
         self.file.sync_data().at(&self.path)?;
         fault::point("snapshot.before_switch");
-        let mut fields = [0u8; 48];
-        fields[0..8].copy_from_slice(&sw.size.to_be_bytes());
-        // Rewritten as it is (the writer refuses encrypted images: 0).
-        let crypt: u32 = match self.h.crypt_method {
-            CryptMethod::None => 0,
-            CryptMethod::Aes => 1,
-            CryptMethod::Luks => 2,
-        };
-        fields[8..12].copy_from_slice(&crypt.to_be_bytes());
-        fields[12..16].copy_from_slice(&sw.l1_size.to_be_bytes());
-        fields[16..24].copy_from_slice(&sw.l1_offset.to_be_bytes());
-        fields[24..32].copy_from_slice(&rt_offset.to_be_bytes());
-        fields[32..36].copy_from_slice(&(rt_clusters as u32).to_be_bytes());
-        fields[36..40].copy_from_slice(&sw.nb_snapshots.to_be_bytes());
-        fields[40..48].copy_from_slice(&sw.snapshots_offset.to_be_bytes());
-        self.pwrite(&fields, 24)?;
-        self.file.sync_data().at(&self.path)?;
+        // The encryption field between them is rewritten as it is.
+        let mut next = self.h.clone();
+        next.size = sw.size;
+        next.l1_size = sw.l1_size;
+        next.l1_table_offset = sw.l1_offset;
+        next.refcount_table_offset = rt_offset;
+        next.refcount_table_clusters = rt_clusters as u32;
+        next.nb_snapshots = sw.nb_snapshots;
+        next.snapshots_offset = sw.snapshots_offset;
+        next.patch_tables(&self.file, &self.path)?;
         fault::point("snapshot.switched");
-        self.h.size = sw.size;
-        self.h.l1_size = sw.l1_size;
-        self.h.l1_table_offset = sw.l1_offset;
-        self.h.refcount_table_offset = rt_offset;
-        self.h.refcount_table_clusters = rt_clusters as u32;
-        self.h.nb_snapshots = sw.nb_snapshots;
-        self.h.snapshots_offset = sw.snapshots_offset;
+        self.h = next;
         self.l1 = l1;
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.l2_cache.clear();
@@ -680,7 +659,7 @@ impl Qcow2Writer {
 /// The L2 tables an L1 table points at.
 fn tables_of(l1: &[u64]) -> HashSet<u64> {
     l1.iter()
-        .map(|e| e & L1_OFFSET_MASK)
+        .map(|&e| l1_table_offset(e))
         .filter(|&t| t != 0)
         .collect()
 }

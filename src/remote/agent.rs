@@ -1,0 +1,684 @@
+//! `cowshed agent --stdio`: the other end of a remote root. Reads
+//! [`Request`]s on stdin, answers with [`Reply`]s on stdout, one JSON line
+//! each; serves the catalog (scan, forest, watch) and runs jobs with the
+//! same code as local roots.
+//!
+//! Jobs outlive the connection: when stdin ends (the ssh connection was
+//! lost), the agent stops watching, lets its running jobs finish (never
+//! cancels them: an operator asked for them) and exits after the last.
+//! Each job's state is recorded in the state directory
+//! (`$COWSHED_STATE_DIR`, else `$XDG_STATE_HOME/cowshed`, else
+//! `~/.local/state/cowshed`, under `agent-jobs/`), so the agent of the
+//! next connection answers `outcome` for it, or says it was lost when the
+//! agent that ran it died first.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{after, never, select, tick, unbounded, Receiver};
+use serde::{Deserialize, Serialize};
+
+use super::protocol::{
+    decode, encode, JobOp, Reply, Request, WireError, WireImage, WireJobState, WireNode,
+    WireProgress, WireTime, PROTOCOL_VERSION,
+};
+use crate::catalog::scan::scan_all;
+use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
+use crate::engine::{self, Format};
+use crate::jobs::{JobEvent, JobId, JobState, Jobs};
+
+/// A burst of structural changes (a directory of clones appearing) goes
+/// out as one snapshot.
+const PUBLISH_AFTER: Duration = Duration::from_millis(100);
+/// Progress of running jobs is sent this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// A job run by an earlier connection's agent is looked at this often.
+const FOREIGN_EVERY: Duration = Duration::from_millis(500);
+
+/// Serve one session on stdin/stdout; returns the exit code.
+pub fn run_stdio() -> i32 {
+    // The client going away must not kill the agent while jobs run:
+    // writes to a closed stdout fail instead, and are dropped.
+    // SAFETY: setting a signal disposition; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let requests = spawn_reader();
+    let mut agent = Agent::new();
+    agent.serve(&requests)
+}
+
+fn spawn_reader() -> Receiver<String> {
+    let (tx, rx) = unbounded();
+    // Not an engine operation: the one thread that reads stdin.
+    let _ = std::thread::Builder::new()
+        .name("cowshed-agent-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    rx
+}
+
+/// The journal of one job on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    kind: String,
+    state: WireJobState,
+    message: Option<String>,
+    created: Option<PathBuf>,
+    progress: WireProgress,
+    /// The agent running it.
+    pid: u32,
+}
+
+fn state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("COWSHED_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("cowshed");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/state/cowshed")
+}
+
+fn journal_dir() -> PathBuf {
+    state_dir().join("agent-jobs")
+}
+
+/// A job id names a file: only plain characters.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.')
+}
+
+fn journal_path(id: &str) -> PathBuf {
+    journal_dir().join(format!("{id}.json"))
+}
+
+fn save(record: &Record) -> std::io::Result<()> {
+    let dir = journal_dir();
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+    tmp.write_all(&encode(record))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(journal_path(&record.id)).map_err(|e| e.error)?;
+    Ok(())
+}
+
+fn load(id: &str) -> Option<Record> {
+    let text = std::fs::read_to_string(journal_path(id)).ok()?;
+    decode(&text).ok()
+}
+
+fn alive(pid: u32) -> bool {
+    // Signal 0: is there such a process (ours to signal or not).
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 sends nothing.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+struct Live {
+    id: String,
+    kind: &'static str,
+}
+
+struct Agent {
+    out: Arc<Mutex<Option<std::io::Stdout>>>,
+    host: String,
+    roots: Vec<PathBuf>,
+    records: HashMap<PathBuf, ImageRecord>,
+    errors: Vec<WireError>,
+    watcher: Option<Watcher>,
+    watch_rx: Receiver<CatalogEvent>,
+    jobs: Jobs,
+    job_rx: Receiver<JobEvent>,
+    live: HashMap<JobId, Live>,
+    by_name: HashMap<String, JobId>,
+    /// Jobs of earlier agents whose outcome a client waits for.
+    foreign: Vec<String>,
+}
+
+impl Agent {
+    fn new() -> Agent {
+        let (job_tx, job_rx) = unbounded::<JobEvent>();
+        Agent {
+            out: Arc::new(Mutex::new(Some(std::io::stdout()))),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            roots: Vec::new(),
+            records: HashMap::new(),
+            errors: Vec::new(),
+            watcher: None,
+            watch_rx: never(),
+            jobs: Jobs::new(crate::jobs::DEFAULT_WORKERS, job_tx),
+            job_rx,
+            live: HashMap::new(),
+            by_name: HashMap::new(),
+            foreign: Vec::new(),
+        }
+    }
+
+    fn connected(&self) -> bool {
+        self.out.lock().map(|o| o.is_some()).unwrap_or(false)
+    }
+
+    /// Send one message; a failed write means the client is gone.
+    fn send(&self, reply: &Reply) {
+        let line = encode(reply);
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = out.as_mut() {
+            let mut lock = o.lock();
+            if lock.write_all(&line).and_then(|()| lock.flush()).is_err() {
+                drop(lock);
+                *out = None;
+            }
+        }
+    }
+
+    fn serve(&mut self, requests: &Receiver<String>) -> i32 {
+        // The handshake: nothing else is served before it.
+        let Ok(first) = requests.recv() else {
+            return 0;
+        };
+        match decode::<Request>(&first) {
+            Ok(Request::Hello { protocol }) if protocol == PROTOCOL_VERSION => {
+                self.send(&Reply::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    host: self.host.clone(),
+                });
+            }
+            Ok(Request::Hello { protocol }) => {
+                self.send(&Reply::Refused {
+                    message: format!(
+                        "this cowshed agent ({}) speaks protocol {PROTOCOL_VERSION}, the client \
+                         protocol {protocol}",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                });
+                return 2;
+            }
+            _ => {
+                self.send(&Reply::Refused {
+                    message: "expected a hello first".into(),
+                });
+                return 2;
+            }
+        }
+        let mut requests = requests.clone();
+        let mut publish_due = never();
+        let progress_tick = tick(PROGRESS_EVERY);
+        let foreign_tick = tick(FOREIGN_EVERY);
+        loop {
+            select! {
+                recv(requests) -> msg => match msg {
+                    Ok(line) => self.handle(&line),
+                    Err(_) => {
+                        requests = never();
+                        self.watcher = None;
+                        self.watch_rx = never();
+                        *self.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                },
+                recv(self.watch_rx) -> ev => match ev {
+                    Ok(ev) => {
+                        if self.apply(ev) {
+                            publish_due = after(PUBLISH_AFTER);
+                        }
+                    }
+                    Err(_) => self.watch_rx = never(),
+                },
+                recv(publish_due) -> _ => {
+                    publish_due = never();
+                    self.send(&self.snapshot());
+                }
+                recv(self.job_rx) -> ev => {
+                    if let Ok(ev) = ev {
+                        self.job_event(ev);
+                    }
+                }
+                recv(progress_tick) -> _ => {
+                    for (&jid, live) in &self.live {
+                        if let Some(p) = self.jobs.progress(jid) {
+                            self.send(&Reply::JobState {
+                                id: live.id.clone(),
+                                state: WireJobState::Running,
+                                message: None,
+                                progress: WireProgress { done: p.done, total: p.total, copied: p.copied },
+                                created: None,
+                            });
+                        }
+                    }
+                }
+                recv(foreign_tick) -> _ => self.look_at_foreign(),
+            }
+            // Lost or closed: what runs is finished first.
+            if !self.connected() && self.live.is_empty() {
+                return 0;
+            }
+        }
+    }
+
+    fn handle(&mut self, line: &str) {
+        let request = match decode::<Request>(line) {
+            Ok(r) => r,
+            Err(message) => return self.send(&Reply::Error { message }),
+        };
+        match request {
+            Request::Hello { .. } => self.send(&Reply::Error {
+                message: "hello twice".into(),
+            }),
+            Request::Watch { roots, live } => self.watch(roots, live),
+            Request::Job { id, op } => self.submit(id, op),
+            Request::Cancel { id } => match self.by_name.get(&id) {
+                Some(&jid) => self.jobs.cancel(jid),
+                None => self.send(&Reply::Error {
+                    message: format!("no running job {id} on {}", self.host),
+                }),
+            },
+            Request::Outcome { id } => self.outcome(&id),
+        }
+    }
+
+    fn watch(&mut self, roots: Vec<PathBuf>, live: bool) {
+        self.watcher = None;
+        let (records, errors) = scan_all(&roots);
+        self.errors = errors
+            .into_iter()
+            .map(|(path, message)| WireError { path, message })
+            .collect();
+        if live {
+            let (tx, rx) = unbounded();
+            let w = Watcher::start(roots.clone(), WatchOptions::default(), tx);
+            for r in &records {
+                w.track(r);
+            }
+            if let Some(reason) = w.polling_only().first() {
+                self.send(&Reply::PollingOnly {
+                    reason: format!("{} cannot be watched", reason.display()),
+                });
+            }
+            self.watcher = Some(w);
+            self.watch_rx = rx;
+        }
+        self.records = records.into_iter().map(|r| (r.key.clone(), r)).collect();
+        self.roots = roots;
+        self.send(&self.snapshot());
+    }
+
+    fn snapshot(&self) -> Reply {
+        let forest = Forest::build(self.records.values().cloned().collect());
+        Reply::Snapshot {
+            nodes: forest
+                .nodes
+                .iter()
+                .map(|n| WireNode {
+                    image: WireImage::from(&n.record),
+                    parent: n.parent,
+                    flags: n.flags.clone(),
+                })
+                .collect(),
+            errors: self.errors.clone(),
+        }
+    }
+
+    /// Apply a watcher event; true when the forest must be sent again.
+    fn apply(&mut self, ev: CatalogEvent) -> bool {
+        match ev {
+            CatalogEvent::SizesChanged { key, sizes } => {
+                if let Some(r) = self.records.get_mut(&key) {
+                    r.sizes = sizes;
+                    self.send(&Reply::Sizes {
+                        key,
+                        sizes: sizes.into(),
+                    });
+                }
+                false
+            }
+            CatalogEvent::Modified { key, mtime } => {
+                if let Some(r) = self.records.get_mut(&key) {
+                    r.mtime = mtime;
+                    self.send(&Reply::Modified {
+                        key,
+                        mtime: WireTime::from_system(mtime),
+                    });
+                }
+                false
+            }
+            CatalogEvent::Appeared(r) | CatalogEvent::HeaderChanged(r) => {
+                self.records.insert(r.key.clone(), *r);
+                true
+            }
+            CatalogEvent::Vanished { path } => {
+                self.records.retain(|k, r| *k != path && r.path != path);
+                true
+            }
+            CatalogEvent::PollingOnly { reason } => {
+                self.send(&Reply::PollingOnly { reason });
+                false
+            }
+        }
+    }
+
+    fn submit(&mut self, id: String, op: JobOp) {
+        let refuse = |agent: &Agent, message: String| {
+            agent.send(&Reply::JobState {
+                id: id.clone(),
+                state: WireJobState::Failed,
+                message: Some(message),
+                progress: WireProgress::default(),
+                created: None,
+            });
+        };
+        if !valid_id(&id) {
+            return refuse(self, format!("bad job id {id:?}"));
+        }
+        // An id already used is a client bug or a replay: never run twice.
+        if self.by_name.contains_key(&id) || load(&id).is_some() {
+            return refuse(
+                self,
+                format!("job {id} was already submitted on {}", self.host),
+            );
+        }
+        let kind = op.kind();
+        let record = Record {
+            id: id.clone(),
+            kind: kind.to_string(),
+            state: WireJobState::Queued,
+            message: None,
+            created: None,
+            progress: WireProgress::default(),
+            pid: std::process::id(),
+        };
+        // Without a record a lost connection could not be answered: refuse.
+        if let Err(e) = save(&record) {
+            return refuse(
+                self,
+                format!("cannot record the job in {}: {e}", journal_dir().display()),
+            );
+        }
+        let touches = touches(&op);
+        let work = work(op, self.roots.clone());
+        let jid = self.jobs.submit(touches, work);
+        self.by_name.insert(id.clone(), jid);
+        self.live.insert(jid, Live { id, kind });
+    }
+
+    fn job_event(&mut self, ev: JobEvent) {
+        let Some(live) = self.live.get(&ev.id) else {
+            return;
+        };
+        let (state, message) = match &ev.state {
+            JobState::Queued => (WireJobState::Queued, None),
+            JobState::Running => (WireJobState::Running, None),
+            JobState::Done => (WireJobState::Done, None),
+            JobState::Failed(m) => (WireJobState::Failed, Some(m.clone())),
+            JobState::Cancelled => (WireJobState::Cancelled, None),
+        };
+        let progress = WireProgress {
+            done: ev.progress.done,
+            total: ev.progress.total,
+            copied: ev.progress.copied,
+        };
+        let record = Record {
+            id: live.id.clone(),
+            kind: live.kind.to_string(),
+            state,
+            message: message.clone(),
+            created: ev.created.clone(),
+            progress,
+            pid: std::process::id(),
+        };
+        // The outcome is recorded before it is said: a client that heard
+        // it can always hear it again.
+        let _ = save(&record);
+        self.send(&Reply::JobState {
+            id: live.id.clone(),
+            state,
+            message,
+            progress,
+            created: ev.created,
+        });
+        if state.is_finished() {
+            if let Some(live) = self.live.remove(&ev.id) {
+                self.by_name.remove(&live.id);
+            }
+        }
+    }
+
+    fn outcome(&mut self, id: &str) {
+        if let Some(&jid) = self.by_name.get(id) {
+            let p = self.jobs.progress(jid).unwrap_or_default();
+            return self.send(&Reply::JobState {
+                id: id.to_string(),
+                state: WireJobState::Running,
+                message: None,
+                progress: WireProgress {
+                    done: p.done,
+                    total: p.total,
+                    copied: p.copied,
+                },
+                created: None,
+            });
+        }
+        let lost = |message: String| Reply::JobState {
+            id: id.to_string(),
+            state: WireJobState::Lost,
+            message: Some(message),
+            progress: WireProgress::default(),
+            created: None,
+        };
+        if !valid_id(id) {
+            return self.send(&lost(format!("bad job id {id:?}")));
+        }
+        match load(id) {
+            None => self.send(&lost(format!("no record of job {id} on {}", self.host))),
+            Some(r) => {
+                let reply = self.answer(r);
+                if !matches!(&reply, Reply::JobState { state, .. } if state.is_finished())
+                    && !self.foreign.iter().any(|f| f == id)
+                {
+                    self.foreign.push(id.to_string());
+                }
+                self.send(&reply);
+            }
+        }
+    }
+
+    /// What a journal record says now: its outcome, still running in the
+    /// agent of an earlier connection, or lost with that agent.
+    fn answer(&self, r: Record) -> Reply {
+        let (state, message) = if r.state.is_finished() || alive(r.pid) {
+            (r.state, r.message)
+        } else {
+            (
+                WireJobState::Lost,
+                Some(format!(
+                    "the agent running this {} on {} ended before it did; the images are as an \
+                     interrupted {} leaves them (not run again)",
+                    r.kind, self.host, r.kind
+                )),
+            )
+        };
+        Reply::JobState {
+            id: r.id,
+            state,
+            message,
+            progress: r.progress,
+            created: r.created,
+        }
+    }
+
+    fn look_at_foreign(&mut self) {
+        if self.foreign.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.foreign);
+        for id in ids {
+            let Some(r) = load(&id) else { continue };
+            let reply = self.answer(r);
+            let finished = matches!(&reply, Reply::JobState { state, .. } if state.is_finished());
+            if finished {
+                self.send(&reply);
+            } else {
+                self.foreign.push(id);
+            }
+        }
+    }
+}
+
+/// The images a job works on, as the pool's keys: two jobs on one image
+/// never run together.
+fn touches(op: &JobOp) -> Vec<PathBuf> {
+    let key = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    match op {
+        JobOp::Clone { base, .. } => vec![key(base)],
+        JobOp::Commit { image, .. } | JobOp::Rebase { image, .. } => vec![key(image)],
+        JobOp::Convert { src, dst, .. } => vec![key(src), key(dst)],
+        JobOp::Delete { paths, .. } => paths.iter().map(|p| key(p)).collect(),
+        JobOp::Move { src, dst, .. } => vec![key(src), key(dst)],
+    }
+}
+
+fn parse_format(name: &str, path: &Path) -> engine::Result<Format> {
+    match Format::from_name(name) {
+        Some(f @ (Format::Qcow2 | Format::Raw)) => Ok(f),
+        _ => Err(engine::Error::invalid(
+            path,
+            format!("format '{name}' is not one cowshed writes (qcow2, raw)"),
+        )),
+    }
+}
+
+/// The engine call for an operation: what `cowshed` runs for the same
+/// command here.
+fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
+    match op {
+        JobOp::Clone { base, new } => Box::new(move |_, _| {
+            let format = engine::probe(&base)?;
+            // The name as the TUI's clone stores it: relative beside its
+            // base, absolute elsewhere.
+            let backing = if new.parent() == base.parent() {
+                base.file_name().map_or_else(
+                    || base.display().to_string(),
+                    |n| n.to_string_lossy().into(),
+                )
+            } else {
+                std::path::absolute(&base)
+                    .unwrap_or_else(|_| base.clone())
+                    .display()
+                    .to_string()
+            };
+            let opts = engine::CreateOptions {
+                format: Format::Qcow2,
+                backing: Some(backing),
+                backing_format: Some(format),
+                ..engine::CreateOptions::default()
+            };
+            engine::create(&new, &opts)?;
+            Ok(Some(new))
+        }),
+        JobOp::Commit { image, keep_top } => Box::new(move |p, c| {
+            let opts = engine::CommitOptions {
+                base: None,
+                keep_top,
+            };
+            engine::commit(&image, &opts, p, c)?;
+            Ok(None)
+        }),
+        JobOp::Rebase {
+            image,
+            backing,
+            backing_format,
+            unsafe_header_only,
+        } => Box::new(move |p, c| {
+            let backing_format = backing_format
+                .map(|f| parse_format(&f, &image))
+                .transpose()?;
+            let opts = engine::RebaseOptions {
+                backing,
+                backing_format,
+                unsafe_header_only,
+            };
+            engine::rebase(&image, &opts, p, c)?;
+            Ok(None)
+        }),
+        JobOp::Convert {
+            src,
+            dst,
+            format,
+            compress,
+        } => Box::new(move |p, c| {
+            let opts = engine::ConvertOptions {
+                target: engine::CreateOptions {
+                    format: parse_format(&format, &dst)?,
+                    ..engine::CreateOptions::default()
+                },
+                compress,
+                // Never replaces a file on another host unseen.
+                replace: None,
+                ..engine::ConvertOptions::default()
+            };
+            engine::convert(&src, &dst, &opts, p, c)?;
+            Ok(Some(dst))
+        }),
+        JobOp::Delete { paths, trash } => Box::new(move |p, c| {
+            let opts = engine::RemoveOptions {
+                roots,
+                stream: false,
+                trash,
+            };
+            engine::remove(&paths, &opts, p, c)?;
+            Ok(None)
+        }),
+        JobOp::Move {
+            src,
+            dst,
+            roots: move_roots,
+        } => Box::new(move |p, c| {
+            let opts = engine::MoveOptions {
+                roots: if move_roots.is_empty() {
+                    roots
+                } else {
+                    move_roots
+                },
+            };
+            let report = engine::move_image(&src, &dst, &opts, p, c)?;
+            Ok(Some(report.dst))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_name_plain_files_only() {
+        for good in ["a", "c-1.x_2", "host1-1700000000-42"] {
+            assert!(valid_id(good), "{good}");
+        }
+        for bad in ["", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}

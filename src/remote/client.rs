@@ -1,0 +1,427 @@
+//! The local end: ssh to a host, start `cowshed agent --stdio` there,
+//! shake hands, then send [`Request`]s and read [`Reply`]s.
+//!
+//! ssh is the user's own (`ssh` on the PATH, their keys, agent and
+//! `~/.ssh/config`), run with `BatchMode=yes` so that it never asks for a
+//! password inside the TUI, and with a control master
+//! (`ControlMaster=auto`, a socket per host under a private directory,
+//! `ControlPersist`) so that every connection to one host shares one TCP
+//! connection. Environment variables adjust it: `COWSHED_SSH_CONFIG` (an
+//! ssh config file, `ssh -F`), `COWSHED_REMOTE_COMMAND` (how to start
+//! cowshed on the other host; default `cowshed`, which must be on the
+//! remote PATH of a non-interactive login) and `COWSHED_SSH_CONTROL_DIR`
+//! (where the control sockets go; default `$XDG_RUNTIME_DIR/cowshed-ssh`,
+//! else `/tmp/cowshed-ssh-UID`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
+
+use super::protocol::{decode, encode, Reply, Request, WireError, PROTOCOL_VERSION};
+use crate::catalog::{Flag, ImageRecord};
+
+/// How long the ssh connection and the agent's hello may take. Generous:
+/// a slow link or a loaded host is not an error; a dead one is.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// ssh itself failed (unknown host, refused, no key accepted).
+    #[error("{host}: ssh failed: {message}")]
+    Ssh { host: String, message: String },
+    /// ssh worked but no agent answered: cowshed is not installed there,
+    /// or too old to have the agent.
+    #[error("{host}: no cowshed agent answered ({message}); install cowshed there: {install}")]
+    NoAgent {
+        host: String,
+        message: String,
+        install: String,
+    },
+    #[error("{host}: {message}; install the same cowshed there: {install}")]
+    Version {
+        host: String,
+        message: String,
+        install: String,
+    },
+    #[error("{host}: connection lost: {reason}")]
+    Lost { host: String, reason: String },
+    #[error("{host}: the agent said: {message}")]
+    Agent { host: String, message: String },
+}
+
+/// How ssh is run.
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    pub program: PathBuf,
+    /// `ssh -F`.
+    pub config: Option<PathBuf>,
+    /// The command that starts cowshed on the other host (a shell word
+    /// list, as ssh passes it to the remote shell).
+    pub remote_command: String,
+    /// Where the control sockets live (one per host).
+    pub control_dir: PathBuf,
+}
+
+impl SshOptions {
+    pub fn from_env() -> SshOptions {
+        let control_dir = std::env::var_os("COWSHED_SSH_CONTROL_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("cowshed-ssh"))
+            })
+            .unwrap_or_else(|| {
+                // SAFETY: getuid has no failure mode.
+                let uid = unsafe { libc::getuid() };
+                PathBuf::from(format!("/tmp/cowshed-ssh-{uid}"))
+            });
+        SshOptions {
+            program: PathBuf::from("ssh"),
+            config: std::env::var_os("COWSHED_SSH_CONFIG").map(PathBuf::from),
+            remote_command: std::env::var("COWSHED_REMOTE_COMMAND")
+                .unwrap_or_else(|_| "cowshed".into()),
+            control_dir,
+        }
+    }
+
+    /// The command that installs this very cowshed on `host`.
+    pub fn install_hint(&self, host: &str) -> String {
+        let exe =
+            std::env::current_exe().map_or_else(|_| "cowshed".into(), |p| p.display().to_string());
+        format!(
+            "scp {exe} {host}:/usr/local/bin/cowshed (or set COWSHED_REMOTE_COMMAND to the \
+             cowshed there)"
+        )
+    }
+
+    fn command(&self, host: &str) -> std::io::Result<Command> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.control_dir)?;
+        // Control sockets let anyone who can reach them use the connection.
+        std::fs::set_permissions(&self.control_dir, std::fs::Permissions::from_mode(0o700))?;
+        let mut c = Command::new(&self.program);
+        if let Some(cfg) = &self.config {
+            c.arg("-F").arg(cfg);
+        }
+        c.args(["-o", "BatchMode=yes", "-o", "ControlMaster=auto"])
+            .arg("-o")
+            .arg(format!(
+                "ControlPath={}",
+                self.control_dir.join("%C").display()
+            ))
+            .args([
+                "-o",
+                "ControlPersist=60",
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=3",
+                "-T",
+                "--",
+                host,
+            ])
+            .arg(format!("{} agent --stdio", self.remote_command))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(c)
+    }
+}
+
+/// What the reader thread passes on.
+enum Incoming {
+    Reply(Box<Reply>),
+    /// stdout ended; why, as well as ssh's stderr says it.
+    Closed,
+}
+
+/// One session with one host's agent.
+pub struct Connection {
+    pub host: String,
+    /// The agent's cowshed version and host name (its hello).
+    pub agent_version: String,
+    pub agent_host: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    incoming: Receiver<Incoming>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    closed: Option<String>,
+}
+
+impl Connection {
+    /// Connect to `host` and shake hands.
+    pub fn open(host: &str, ssh: &SshOptions) -> Result<Connection, RemoteError> {
+        let ssh_err = |message: String| RemoteError::Ssh {
+            host: host.to_string(),
+            message,
+        };
+        let mut child = ssh
+            .command(host)
+            .and_then(|mut c| c.spawn())
+            .map_err(|e| ssh_err(format!("cannot run {}: {e}", ssh.program.display())))?;
+        let stdout = child.stdout.take();
+        let stderr_pipe = child.stderr.take();
+        let (tx, incoming) = unbounded();
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = stdout {
+            let bytes = Arc::clone(&bytes_in);
+            let _ = std::thread::Builder::new()
+                .name(format!("cowshed-ssh-{host}"))
+                .spawn(move || {
+                    let mut reader = BufReader::with_capacity(1 << 16, out);
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                let msg = match decode::<Reply>(&line) {
+                                    Ok(r) => r,
+                                    Err(message) => Reply::Error { message },
+                                };
+                                if tx.send(Incoming::Reply(Box::new(msg))).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = tx.send(Incoming::Closed);
+                });
+        }
+        if let Some(mut err) = stderr_pipe {
+            let tail = Arc::clone(&stderr);
+            let _ = std::thread::Builder::new()
+                .name(format!("cowshed-ssh-err-{host}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = err.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                        t.extend_from_slice(&buf[..n]);
+                        // Only the end says what went wrong.
+                        let excess = t.len().saturating_sub(8192);
+                        t.drain(..excess);
+                    }
+                });
+        }
+        let stdin = child.stdin.take();
+        let mut conn = Connection {
+            host: host.to_string(),
+            agent_version: String::new(),
+            agent_host: String::new(),
+            child,
+            stdin,
+            incoming,
+            stderr,
+            bytes_in,
+            bytes_out: 0,
+            closed: None,
+        };
+        conn.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+        })?;
+        match conn.recv_timeout(HANDSHAKE_LIMIT) {
+            Ok(Some(Reply::Hello {
+                protocol,
+                version,
+                host: agent_host,
+            })) if protocol == PROTOCOL_VERSION => {
+                conn.agent_version = version;
+                conn.agent_host = agent_host;
+                Ok(conn)
+            }
+            Ok(Some(Reply::Hello {
+                protocol, version, ..
+            })) => Err(RemoteError::Version {
+                host: host.to_string(),
+                message: format!(
+                    "its cowshed {version} speaks agent protocol {protocol}, this one \
+                     {PROTOCOL_VERSION}"
+                ),
+                install: ssh.install_hint(host),
+            }),
+            Ok(Some(Reply::Refused { message })) => Err(RemoteError::Version {
+                host: host.to_string(),
+                message,
+                install: ssh.install_hint(host),
+            }),
+            Ok(Some(other)) => Err(RemoteError::NoAgent {
+                host: host.to_string(),
+                message: format!("it answered {other:?} to hello"),
+                install: ssh.install_hint(host),
+            }),
+            Ok(None) => Err(ssh_err(format!(
+                "no answer within {} s",
+                HANDSHAKE_LIMIT.as_secs()
+            ))),
+            Err(RemoteError::Lost { reason, .. }) => {
+                // ssh exits 255 for its own errors; anything else is the
+                // remote command's end.
+                let code = conn.child.wait().ok().and_then(|s| s.code());
+                if code == Some(255) {
+                    Err(ssh_err(reason))
+                } else {
+                    Err(RemoteError::NoAgent {
+                        host: host.to_string(),
+                        message: format!("`{} agent --stdio`: {reason}", ssh.remote_command),
+                        install: ssh.install_hint(host),
+                    })
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn send(&mut self, req: &Request) -> Result<(), RemoteError> {
+        let line = encode(req);
+        let written = match self.stdin.as_mut() {
+            Some(s) => s.write_all(&line).and_then(|()| s.flush()),
+            None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+        };
+        match written {
+            Ok(()) => {
+                self.bytes_out += line.len() as u64;
+                Ok(())
+            }
+            Err(e) => Err(self.lost(format!("cannot send: {e}"))),
+        }
+    }
+
+    /// The next message, `None` after `limit` without one; an error when
+    /// the connection is gone (its reason from ssh's last words).
+    pub fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Reply>, RemoteError> {
+        if let Some(reason) = &self.closed {
+            return Err(RemoteError::Lost {
+                host: self.host.clone(),
+                reason: reason.clone(),
+            });
+        }
+        match self.incoming.recv_timeout(limit) {
+            Ok(Incoming::Reply(r)) => Ok(Some(*r)),
+            Ok(Incoming::Closed) | Err(RecvTimeoutError::Disconnected) => {
+                Err(self.lost(String::new()))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+        }
+    }
+
+    /// Bytes of protocol read from the agent so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_out
+    }
+
+    /// The process id of the local ssh (tests cut the connection there).
+    pub fn ssh_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn lost(&mut self, context: String) -> RemoteError {
+        // ssh's stderr comes in on its own thread: give it a moment to
+        // say its last words before they are read.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let said = {
+            let t = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+            String::from_utf8_lossy(&t).trim().to_string()
+        };
+        let mut reason = said
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| "the connection closed".into());
+        if !context.is_empty() {
+            reason = format!("{context} ({reason})");
+        }
+        self.closed = Some(reason.clone());
+        self.stdin = None;
+        RemoteError::Lost {
+            host: self.host.clone(),
+            reason,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Closing stdin ends the agent's session (its running jobs go on
+        // to their end); the ssh client is ended and reaped here.
+        self.stdin = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One host's forest as its agent built it, ready for [`Forest::graft`].
+pub type Grafts = Vec<(ImageRecord, Option<usize>, Vec<Flag>)>;
+
+/// Turn a snapshot's nodes into records of `host`.
+pub fn grafts(host: &str, nodes: Vec<super::protocol::WireNode>) -> Result<Grafts, String> {
+    nodes
+        .into_iter()
+        .map(|n| Ok((n.image.into_record(host)?, n.parent, n.flags)))
+        .collect()
+}
+
+/// Scan `roots` on `host` once: its forest and the errors met there
+/// (paths as `host:/path`).
+pub fn fetch_forest(
+    host: &str,
+    roots: &[PathBuf],
+    ssh: &SshOptions,
+) -> Result<(Grafts, Vec<(PathBuf, String)>), RemoteError> {
+    let mut conn = Connection::open(host, ssh)?;
+    conn.send(&Request::Watch {
+        roots: roots.to_vec(),
+        live: false,
+    })?;
+    loop {
+        match conn.recv_timeout(Duration::from_secs(3600))? {
+            Some(Reply::Snapshot { nodes, errors }) => {
+                let g = grafts(host, nodes).map_err(|message| RemoteError::Agent {
+                    host: host.to_string(),
+                    message,
+                })?;
+                return Ok((g, remote_errors(host, errors)));
+            }
+            Some(Reply::Error { message }) => {
+                return Err(RemoteError::Agent {
+                    host: host.to_string(),
+                    message,
+                })
+            }
+            _ => {}
+        }
+    }
+}
+
+pub fn remote_errors(host: &str, errors: Vec<WireError>) -> Vec<(PathBuf, String)> {
+    errors
+        .into_iter()
+        .map(|e| (remote_path(host, &e.path), e.message))
+        .collect()
+}
+
+/// `host:/path`, the way a user names a remote file.
+pub fn remote_path(host: &str, path: &Path) -> PathBuf {
+    PathBuf::from(format!("{host}:{}", path.display()))
+}

@@ -1,0 +1,648 @@
+//! Remote roots over a real ssh: an sshd started by the test on
+//! localhost, its ports named `host1`, `host2` in an ssh config of its
+//! own, and the cowshed under test started there as the agent. The
+//! forest seen through the agent is compared with the local one, jobs run
+//! by the agent with what qemu-img makes of the same operation, and a
+//! connection is killed while a job is held at a fault point.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fault::HANG_GUARD;
+use common::sshd::Sshd;
+use common::{Work, COWSHED, MIB};
+use cowshed::remote::client::{Connection, RemoteError, SshOptions};
+use cowshed::remote::protocol::{JobOp, Reply, Request, WireJobState};
+use serde_json::Value;
+
+/// sshd, or why these tests cannot run here (then they say so and pass:
+/// .ci/run installs openssh-server, so this is for other machines).
+fn sshd(hosts: &[&str]) -> Option<Sshd> {
+    match Sshd::start(hosts) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            None
+        }
+    }
+}
+
+/// A small fleet: a base with data, two overlays (one with a child), a
+/// raw disk, an overlay whose backing is missing.
+fn fleet(w: &Work) -> PathBuf {
+    w.mkdir("img");
+    w.create("img/base.qcow2", "qcow2", "", None, 64 * MIB);
+    w.io(
+        "qcow2",
+        "img/base.qcow2",
+        &["write -P 0x11 0 4M".into(), "write -P 0x12 20M 1M".into()],
+    );
+    w.create(
+        "img/web-1.qcow2",
+        "qcow2",
+        "",
+        Some(("base.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    w.io(
+        "qcow2",
+        "img/web-1.qcow2",
+        &[
+            "write -P 0x21 1M 2M".into(),
+            "write -P 0x22 30M 3M".into(),
+            "write -z 40M 1M".into(),
+        ],
+    );
+    w.create(
+        "img/web-2.qcow2",
+        "qcow2",
+        "",
+        Some(("base.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    w.create(
+        "img/web-1-1.qcow2",
+        "qcow2",
+        "",
+        Some(("web-1.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    w.create("img/disk.raw", "raw", "", None, 8 * MIB);
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        "img/orphan.qcow2",
+        "64M",
+    ]);
+    w.path("img")
+}
+
+fn cowshed_env(sshd: &Sshd, remote: &str, args: &[&str]) -> common::Run {
+    let out = Command::new(COWSHED)
+        .args(args)
+        .envs(sshd.env(remote))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cowshed");
+    common::Run {
+        cmdline: format!("cowshed {}", args.join(" ")),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `tree --output json` with `host:` taken off every name of that host,
+/// and the host field dropped: what the same tree reads like locally.
+fn as_local(doc: &Value, host: &str) -> (Vec<Value>, Vec<Value>) {
+    let prefix = format!("{host}:");
+    let strip = |v: &Value| -> Value {
+        match v {
+            Value::String(s) => Value::String(s.strip_prefix(&prefix).unwrap_or(s).to_string()),
+            other => other.clone(),
+        }
+    };
+    let images = doc["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .filter(|i| i["host"].as_str() == Some(host))
+        .map(|i| {
+            let mut i = i.clone();
+            let o = i.as_object_mut().expect("object");
+            o.remove("host");
+            for k in ["filename", "parent"] {
+                let v = strip(&o[k]);
+                o.insert(k.into(), v);
+            }
+            let children: Vec<Value> = o["children"]
+                .as_array()
+                .expect("children")
+                .iter()
+                .map(strip)
+                .collect();
+            o.insert("children".into(), Value::Array(children));
+            i
+        })
+        .collect();
+    let trees = doc["trees"]
+        .as_array()
+        .expect("trees")
+        .iter()
+        .filter(|t| t["root"].as_str().is_some_and(|r| r.starts_with(&prefix)))
+        .map(|t| {
+            let mut t = t.clone();
+            let root = strip(&t["root"]);
+            t["root"] = root;
+            t
+        })
+        .collect();
+    (images, trees)
+}
+
+#[test]
+fn tree_over_ssh_is_the_local_tree_per_host() {
+    let w = Work::new("remote-tree");
+    let Some(sshd) = sshd(&["host1", "host2"]) else {
+        return;
+    };
+    let img = fleet(&w);
+    let dir = img.display().to_string();
+    let local = w.cowshed(&["tree", "--output", "json", &dir]);
+    assert!(local.ok(), "{local}");
+    let local = w.json(&local);
+    let remote = sshd.remote_command(&[]);
+    let (h1, h2) = (format!("host1:{dir}"), format!("host2:{dir}"));
+    let all = cowshed_env(
+        &sshd,
+        &remote,
+        &["tree", "--output", "json", &h1, &h2, &dir],
+    );
+    assert!(all.ok(), "{all}");
+    let all = w.json(&all);
+    let local_images = local["images"].as_array().expect("images").clone();
+    assert_eq!(local_images.len(), 6, "{local:#}");
+    for host in ["host1", "host2"] {
+        let (images, trees) = as_local(&all, host);
+        assert_eq!(
+            images, local_images,
+            "{host}: images differ from the local tree"
+        );
+        assert_eq!(
+            &trees,
+            local["trees"].as_array().expect("trees"),
+            "{host}: trees"
+        );
+    }
+    // This machine's trees first, then each host's.
+    let roots: Vec<&str> = all["trees"]
+        .as_array()
+        .expect("trees")
+        .iter()
+        .filter_map(|t| t["root"].as_str())
+        .collect();
+    let hosts: Vec<&str> = roots
+        .iter()
+        .map(|r| r.split_once(":/").map_or("", |(h, _)| h))
+        .collect();
+    let mut sorted = hosts.clone();
+    sorted.sort();
+    assert_eq!(hosts, sorted, "{roots:?}");
+    // The human tree names remote images as host:path.
+    let human = cowshed_env(&sshd, &remote, &["tree", &h1]);
+    assert!(human.ok(), "{human}");
+    assert!(
+        human.stdout.contains(&format!("{h1}/web-1.qcow2")),
+        "{human}"
+    );
+}
+
+#[test]
+fn a_missing_or_other_agent_is_named_with_the_install_command() {
+    let w = Work::new("remote-missing");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    let dir = format!("host1:{}", w.root().display());
+    let missing = cowshed_env(&sshd, "/nonexistent/cowshed", &["tree", &dir]);
+    assert_eq!(missing.code, Some(1), "{missing}");
+    assert!(
+        missing.stderr.contains("no cowshed agent answered")
+            && missing.stderr.contains("/nonexistent/cowshed")
+            && missing.stderr.contains(&format!("scp {COWSHED} host1:")),
+        "{missing}"
+    );
+    // An agent of another protocol version (a stand-in that answers the
+    // hello as a future cowshed would).
+    let future = "sh -c 'read hello; echo \"{\\\"type\\\":\\\"hello\\\",\\\"protocol\\\":99,\
+                  \\\"version\\\":\\\"9.9.9\\\",\\\"host\\\":\\\"h\\\"}\"' #";
+    let other = cowshed_env(&sshd, future, &["tree", &dir]);
+    assert_eq!(other.code, Some(1), "{other}");
+    assert!(
+        other
+            .stderr
+            .contains("cowshed 9.9.9 speaks agent protocol 99, this one 1")
+            && other.stderr.contains("install the same cowshed there: scp"),
+        "{other}"
+    );
+    // ssh's own failures say so.
+    let unknown = cowshed_env(&sshd, "cowshed", &["tree", "no-such-host.invalid:/x"]);
+    assert_eq!(unknown.code, Some(1), "{unknown}");
+    assert!(unknown.stderr.contains("ssh failed"), "{unknown}");
+}
+
+#[test]
+fn the_agent_refuses_another_protocol_version() {
+    let mut child = Command::new(COWSHED)
+        .args(["agent", "--stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"{\"type\":\"hello\",\"protocol\":2}\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("agent output");
+    assert_eq!(out.status.code(), Some(2));
+    let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["type"], "refused");
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("speaks protocol 1, the client protocol 2")),
+        "{line}"
+    );
+}
+
+fn options(sshd: &Sshd, remote: String) -> SshOptions {
+    SshOptions {
+        program: "ssh".into(),
+        config: Some(sshd.ssh_config()),
+        remote_command: remote,
+        control_dir: sshd.control_dir(),
+    }
+}
+
+/// Read messages until `id` ends; its state and message.
+fn finish(conn: &mut Connection, id: &str) -> (WireJobState, Option<String>, Option<PathBuf>) {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        assert!(Instant::now() < deadline, "job {id} did not end");
+        if let Some(Reply::JobState {
+            id: got,
+            state,
+            message,
+            created,
+            ..
+        }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if got == id && state.is_finished() {
+                return (state, message, created);
+            }
+        }
+    }
+}
+
+fn run_job(conn: &mut Connection, id: &str, op: JobOp) -> Option<PathBuf> {
+    conn.send(&Request::Job { id: id.into(), op })
+        .expect("send job");
+    let (state, message, created) = finish(conn, id);
+    assert_eq!(state, WireJobState::Done, "job {id}: {message:?}");
+    created
+}
+
+#[test]
+fn jobs_run_by_the_agent_match_qemu_img() {
+    let w = Work::new("remote-jobs");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    fleet(&w);
+    // The oracle's copies, beside.
+    w.mkdir("q");
+    for f in ["base.qcow2", "web-1.qcow2"] {
+        w.copy(&format!("img/{f}"), &format!("q/{f}"));
+    }
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+    assert_eq!(conn.agent_version, env!("CARGO_PKG_VERSION"));
+
+    // commit: the base holds the overlay's data, as after qemu-img commit.
+    run_job(
+        &mut conn,
+        "commit-1",
+        JobOp::Commit {
+            image: w.path("img/web-1.qcow2"),
+            keep_top: false,
+        },
+    );
+    w.qemu_img(&["commit", "-q", "q/web-1.qcow2"]);
+    w.same_view("img/base.qcow2", "q/base.qcow2")
+        .expect("base after commit");
+    w.same_view("img/web-1.qcow2", "q/web-1.qcow2")
+        .expect("overlay after commit");
+    assert_eq!(w.check_code("img/base.qcow2"), 0);
+    assert_eq!(w.check_code("img/web-1.qcow2"), 0);
+    // Emptied as qemu-img empties it: nothing of its own left.
+    let own = |f: &str| {
+        w.info_json(f)["actual-size"].as_u64().expect("size")
+            < w.info_json("img/base.qcow2")["actual-size"]
+                .as_u64()
+                .expect("size")
+    };
+    assert!(own("img/web-1.qcow2") && own("q/web-1.qcow2"));
+
+    // clone: a new overlay over the base, reading as the base.
+    let created = run_job(
+        &mut conn,
+        "clone-1",
+        JobOp::Clone {
+            base: w.path("img/base.qcow2"),
+            new: w.path("img/web-3.qcow2"),
+        },
+    );
+    assert_eq!(created, Some(w.path("img/web-3.qcow2")));
+    let info = w.info_json("img/web-3.qcow2");
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    w.same_view("img/web-3.qcow2", "img/base.qcow2")
+        .expect("clone reads as its base");
+
+    // convert: the same guest view as qemu-img convert's, compressed.
+    run_job(
+        &mut conn,
+        "convert-1",
+        JobOp::Convert {
+            src: w.path("img/web-1-1.qcow2"),
+            dst: w.path("img/flat.qcow2"),
+            format: "qcow2".into(),
+            compress: true,
+        },
+    );
+    w.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "img/web-1-1.qcow2",
+        "q/flat.qcow2",
+    ]);
+    w.same_view("img/flat.qcow2", "q/flat.qcow2")
+        .expect("convert");
+    assert_eq!(w.check_code("img/flat.qcow2"), 0);
+    assert_eq!(
+        w.info_json("img/flat.qcow2")["backing-filename"],
+        Value::Null
+    );
+
+    // rebase (flatten): standalone, same view as before.
+    w.copy("img/web-2.qcow2", "q/web-2-before.qcow2");
+    run_job(
+        &mut conn,
+        "rebase-1",
+        JobOp::Rebase {
+            image: w.path("img/web-2.qcow2"),
+            backing: String::new(),
+            backing_format: None,
+            unsafe_header_only: false,
+        },
+    );
+    assert_eq!(
+        w.info_json("img/web-2.qcow2")["backing-filename"],
+        Value::Null
+    );
+    w.same_view("img/web-2.qcow2", "img/base.qcow2")
+        .expect("flattened web-2 reads as its old base");
+
+    // move and delete: the clone moved (dependents none), then trashed.
+    let moved = run_job(
+        &mut conn,
+        "move-1",
+        JobOp::Move {
+            src: w.path("img/web-3.qcow2"),
+            dst: w.path("img/web-3b.qcow2"),
+            roots: vec![w.path("img")],
+        },
+    );
+    assert_eq!(moved, Some(w.path("img/web-3b.qcow2")));
+    assert!(!w.path("img/web-3.qcow2").exists());
+    run_job(
+        &mut conn,
+        "delete-1",
+        JobOp::Delete {
+            paths: vec![w.path("img/web-3b.qcow2")],
+            trash: true,
+        },
+    );
+    assert!(!w.path("img/web-3b.qcow2").exists());
+
+    // A refusal comes back as the engine says it, nothing changed: the
+    // base has dependents.
+    conn.send(&Request::Job {
+        id: "delete-2".into(),
+        op: JobOp::Delete {
+            paths: vec![w.path("img/base.qcow2")],
+            trash: false,
+        },
+    })
+    .expect("send");
+    let (state, message, _) = finish(&mut conn, "delete-2");
+    assert_eq!(state, WireJobState::Failed);
+    assert!(
+        message.is_some_and(|m| m.contains("web-1")),
+        "refusal names a dependent"
+    );
+    assert!(w.path("img/base.qcow2").exists());
+
+    // An id is never run twice.
+    conn.send(&Request::Job {
+        id: "commit-1".into(),
+        op: JobOp::Commit {
+            image: w.path("img/web-1.qcow2"),
+            keep_top: false,
+        },
+    })
+    .expect("send");
+    let (state, message, _) = finish(&mut conn, "commit-1");
+    assert_eq!(state, WireJobState::Failed);
+    assert!(message.is_some_and(|m| m.contains("already submitted")));
+}
+
+/// Wait until `file` holds `line` (a fault trace reaching a point).
+fn wait_for_line(file: &Path, line: &str) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == line)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {line}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_connection_mid_job_reports_the_outcome_on_reconnect() {
+    let w = Work::new("remote-kill");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    fleet(&w);
+    w.mkdir("q");
+    for f in ["base.qcow2", "web-1.qcow2"] {
+        w.copy(&format!("img/{f}"), &format!("q/{f}"));
+    }
+    let trace = w.path("fault.trace");
+    let release = w.path("fault.release");
+    let (trace_s, release_s) = (trace.display().to_string(), release.display().to_string());
+    let remote = sshd.remote_command(&[
+        ("COWSHED_FAULT", "commit.copied:2:pause"),
+        ("COWSHED_FAULT_RELEASE", &release_s),
+        ("COWSHED_FAULT_TRACE", &trace_s),
+    ]);
+    let opts = options(&sshd, remote);
+    let mut conn = Connection::open("host1", &opts).expect("connect");
+    conn.send(&Request::Job {
+        id: "kill-commit".into(),
+        op: JobOp::Commit {
+            image: w.path("img/web-1.qcow2"),
+            keep_top: false,
+        },
+    })
+    .expect("send");
+    // The commit is held after its second extent: cut the connection
+    // there, at its control master (the one TCP connection).
+    wait_for_line(&trace, "commit.copied 2");
+    let master = sshd.master_pid("host1").expect("a control master");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the connection");
+    let lost = loop {
+        match conn.recv_timeout(HANG_GUARD) {
+            Err(e) => break e,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the connection did not end"),
+        }
+    };
+    assert!(matches!(lost, RemoteError::Lost { .. }), "{lost}");
+    drop(conn);
+
+    // Reconnect: the job is still running in the first agent.
+    let mut again = Connection::open("host1", &opts).expect("reconnect");
+    again
+        .send(&Request::Outcome {
+            id: "kill-commit".into(),
+        })
+        .expect("send");
+    let first = loop {
+        if let Some(r @ Reply::JobState { .. }) =
+            again.recv_timeout(HANG_GUARD).expect("connection")
+        {
+            break r;
+        }
+    };
+    assert!(
+        matches!(
+            &first,
+            Reply::JobState {
+                state: WireJobState::Running,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    // Let it go on: its outcome comes over the new connection.
+    std::fs::write(&release, b"").expect("release");
+    let (state, message, _) = finish(&mut again, "kill-commit");
+    assert_eq!(state, WireJobState::Done, "{message:?}");
+    // Run once, not retried: the commit's last step passed once.
+    let t = common::fault::Trace::read(&trace);
+    assert_eq!(t.hits("commit.emptied"), 1, "{t:?}");
+    w.qemu_img(&["commit", "-q", "q/web-1.qcow2"]);
+    w.same_view("img/base.qcow2", "q/base.qcow2")
+        .expect("base as after qemu-img commit");
+    w.same_view("img/web-1.qcow2", "q/web-1.qcow2")
+        .expect("overlay as after qemu-img commit");
+    assert_eq!(w.check_code("img/base.qcow2"), 0);
+    assert_eq!(w.check_code("img/web-1.qcow2"), 0);
+
+    // A job whose agent died before it ended is reported lost, and not
+    // run again.
+    let state_dir = sshd.dir().join("state/agent-jobs");
+    std::fs::write(
+        state_dir.join("ghost.json"),
+        "{\"id\":\"ghost\",\"kind\":\"commit\",\"state\":\"running\",\"message\":null,\
+         \"created\":null,\"progress\":{\"done\":0,\"total\":0,\"copied\":0},\"pid\":999999999}",
+    )
+    .expect("ghost record");
+    again
+        .send(&Request::Outcome { id: "ghost".into() })
+        .expect("send");
+    let (state, message, _) = finish(&mut again, "ghost");
+    assert_eq!(state, WireJobState::Lost);
+    assert!(message.is_some_and(|m| m.contains("not run again")));
+}
+
+#[test]
+fn live_sizes_and_new_images_come_over_the_connection() {
+    let w = Work::new("remote-live");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    let img = fleet(&w);
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+    conn.send(&Request::Watch {
+        roots: vec![img.clone()],
+        live: true,
+    })
+    .expect("send");
+    let first = loop {
+        if let Some(Reply::Snapshot { nodes, .. }) =
+            conn.recv_timeout(HANG_GUARD).expect("connection")
+        {
+            break nodes;
+        }
+    };
+    assert_eq!(first.len(), 6);
+    let key = std::fs::canonicalize(w.path("img/web-2.qcow2")).expect("key");
+    w.io("qcow2", "img/web-2.qcow2", &["write -P 0x33 8M 4M".into()]);
+    let want = std::fs::metadata(w.path("img/web-2.qcow2"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .expect("stat");
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        assert!(Instant::now() < deadline, "no size update for web-2");
+        if let Some(Reply::Sizes { key: k, sizes }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if k == key && sizes.allocated == want {
+                break;
+            }
+        }
+    }
+    w.create(
+        "img/web-4.qcow2",
+        "qcow2",
+        "",
+        Some(("base.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        assert!(Instant::now() < deadline, "no snapshot with web-4");
+        if let Some(Reply::Snapshot { nodes, .. }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if let Some(n) = nodes.iter().find(|n| n.image.path.ends_with("web-4.qcow2")) {
+                let parent = n.parent.map(|p| nodes[p].image.path.clone());
+                assert_eq!(parent, Some(w.path("img/base.qcow2")));
+                break;
+            }
+        }
+    }
+}
