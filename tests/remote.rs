@@ -646,3 +646,82 @@ fn live_sizes_and_new_images_come_over_the_connection() {
         }
     }
 }
+
+/// The local job pool runs a remote job as a proxy: progress comes over
+/// the connection, a cancel goes back, the outcome is the agent's.
+#[test]
+fn remote_jobs_in_the_local_pool_report_progress_and_cancel() {
+    use cowshed::jobs::{JobEvent, JobState, Jobs};
+    let w = Work::new("remote-pool");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    fleet(&w);
+    w.mkdir("q");
+    for f in ["base.qcow2", "web-1.qcow2"] {
+        w.copy(&format!("img/{f}"), &format!("q/{f}"));
+    }
+    let trace = w.path("fault.trace");
+    let release = w.path("fault.release");
+    let (trace_s, release_s) = (trace.display().to_string(), release.display().to_string());
+    let held = options(
+        &sshd,
+        sshd.remote_command(&[
+            ("COWSHED_FAULT", "commit.copied:1:pause"),
+            ("COWSHED_FAULT_RELEASE", &release_s),
+            ("COWSHED_FAULT_TRACE", &trace_s),
+        ]),
+    );
+    let (tx, rx) = crossbeam_channel::unbounded::<JobEvent>();
+    let mut pool = Jobs::new(1, tx);
+    let commit = JobOp::Commit {
+        image: w.path("img/web-1.qcow2"),
+        keep_top: false,
+    };
+    let id = pool.submit(
+        vec![],
+        cowshed::remote::client::remote_work("host1".into(), held, commit.clone()),
+    );
+    wait_for_line(&trace, "commit.copied 1");
+    // Held after its first extent: the progress is known here.
+    let deadline = Instant::now() + HANG_GUARD;
+    while pool.progress(id).is_none_or(|p| p.total == 0) {
+        assert!(Instant::now() < deadline, "no progress came over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pool.cancel(id);
+    // Released once the agent has the cancel: the commit stops at its
+    // next check.
+    wait_for_line(&trace, "agent.cancel_passed_on 1");
+    std::fs::write(&release, b"").expect("release");
+    let end = loop {
+        let e = rx.recv_timeout(HANG_GUARD).expect("job event");
+        if e.id == id && e.state.is_finished() {
+            break e;
+        }
+    };
+    assert_eq!(end.state, JobState::Cancelled);
+    // A cancelled commit leaves the overlay as it was (the base may hold
+    // copied data the overlay still covers).
+    w.same_view("img/web-1.qcow2", "q/web-1.qcow2")
+        .expect("overlay unchanged by a cancelled commit");
+    assert_eq!(w.check_code("img/base.qcow2"), 0);
+    assert_eq!(w.check_code("img/web-1.qcow2"), 0);
+
+    // Run again, to its end, without a fault plan.
+    let plain = options(&sshd, sshd.remote_command(&[]));
+    let id = pool.submit(
+        vec![],
+        cowshed::remote::client::remote_work("host1".into(), plain, commit),
+    );
+    let end = loop {
+        let e = rx.recv_timeout(HANG_GUARD).expect("job event");
+        if e.id == id && e.state.is_finished() {
+            break e;
+        }
+    };
+    assert_eq!(end.state, JobState::Done);
+    assert_eq!(end.progress.total, 64 * MIB);
+    w.same_view("img/base.qcow2", "q/web-1.qcow2")
+        .expect("the base reads as the overlay did");
+}

@@ -346,3 +346,55 @@ fn an_image_that_cannot_be_read_is_shown_with_the_reason() {
     );
     tmux.send("q");
 }
+
+/// A root on another host (an sshd of the test's own on localhost): its
+/// tree under the host's name, a clone run there by the agent and seen
+/// through its live updates, and the rows greyed with the reason once the
+/// host is gone.
+#[test]
+fn a_remote_root_in_a_real_terminal() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+    tmux.send("c");
+    tmux.wait_for("the clone made there", |s| s.contains("base-1.qcow2"));
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(d.join("base-1.qcow2"))
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    // Writing actions other than clone and commit are refused for
+    // another host's images, never run on a local file of that name.
+    tmux.send("v");
+    tmux.wait_for("the refusal", |s| {
+        s.contains("only clone and commit run on other hosts")
+    });
+    drop(sshd);
+    tmux.wait_for("the stale rows", |s| s.contains("stale: host1 unreachable"));
+}

@@ -64,7 +64,15 @@
 //!   flushed), `bitmap.before_switch`, `bitmap.switched` (the header's
 //!   bitmaps extension points at the new directory; the old clusters not
 //!   yet freed);
-//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran).
+//! - amend: `amend.downgrade.written` (the copied L2 and L1 tables, the
+//!   snapshot table and the refcount structure of a compat=0.10 image
+//!   written, not yet flushed), `amend.downgrade.before_switch`,
+//!   `amend.downgrade.switched` (the v2 header points at them; the old
+//!   clusters not yet freed); `amend.refcount.written` (the refcount blocks
+//!   and table at the new width written), `amend.refcount.before_switch`,
+//!   `amend.refcount.switched`;
+//! - `create.before_link`; `cli.interrupted` (the Ctrl-C handler ran);
+//!   `agent.cancel_passed_on` (a remote agent set a job's cancel flag).
 
 /// Whether points do anything in this build.
 pub const ENABLED: bool = cfg!(debug_assertions);

@@ -290,7 +290,10 @@ impl Agent {
             Request::Watch { roots, live } => self.watch(roots, live),
             Request::Job { id, op } => self.submit(id, op),
             Request::Cancel { id } => match self.by_name.get(&id) {
-                Some(&jid) => self.jobs.cancel(jid),
+                Some(&jid) => {
+                    self.jobs.cancel(jid);
+                    crate::engine::fault::point("agent.cancel_passed_on");
+                }
                 None => self.send(&Reply::Error {
                     message: format!("no running job {id} on {}", self.host),
                 }),

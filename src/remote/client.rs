@@ -425,3 +425,227 @@ pub fn remote_errors(host: &str, errors: Vec<WireError>) -> Vec<(PathBuf, String
 pub fn remote_path(host: &str, path: &Path) -> PathBuf {
     PathBuf::from(format!("{host}:{}", path.display()))
 }
+
+/// A job id no other client run will pick: this process, the time, a
+/// counter.
+pub fn new_job_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Longest wait between two attempts to reach a host again.
+pub const BACKOFF_LIMIT: Duration = Duration::from_secs(30);
+
+/// Work for the local job pool that has `host`'s agent run `op`: the job
+/// is sent once; its progress feeds the local [`Progress`], a local
+/// cancel is passed on, and a lost connection is reopened (with back-off)
+/// to ask for the job's outcome, never to send it again.
+///
+/// [`Progress`]: crate::engine::Progress
+pub fn remote_work(host: String, ssh: SshOptions, op: super::protocol::JobOp) -> crate::jobs::Work {
+    use super::protocol::WireJobState;
+    use crate::engine::Error;
+    Box::new(move |progress, cancel| {
+        let id = new_job_id();
+        let name = remote_path(&host, Path::new(op.kind()));
+        let fail = |m: String| Error::invalid(&name, m);
+        let mut submitted = false;
+        let mut cancel_sent = false;
+        let mut backoff = Duration::from_secs(1);
+        let mut done_so_far = 0u64;
+        let mut total_set = 0u64;
+        loop {
+            let mut conn = match Connection::open(&host, &ssh) {
+                Ok(c) => c,
+                // Never sent: nothing runs there, say why.
+                Err(e) if !submitted => return Err(fail(e.to_string())),
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_LIMIT);
+                    continue;
+                }
+            };
+            backoff = Duration::from_secs(1);
+            let first = if submitted {
+                Request::Outcome { id: id.clone() }
+            } else {
+                Request::Job {
+                    id: id.clone(),
+                    op: op.clone(),
+                }
+            };
+            if conn.send(&first).is_err() {
+                continue;
+            }
+            submitted = true;
+            loop {
+                if cancel.is_cancelled() && !cancel_sent {
+                    if conn.send(&Request::Cancel { id: id.clone() }).is_err() {
+                        break;
+                    }
+                    cancel_sent = true;
+                }
+                let reply = match conn.recv_timeout(Duration::from_millis(200)) {
+                    Ok(r) => r,
+                    Err(_) => break,
+                };
+                let Some(Reply::JobState {
+                    id: got,
+                    state,
+                    message,
+                    progress: p,
+                    ..
+                }) = reply
+                else {
+                    continue;
+                };
+                if got != id {
+                    continue;
+                }
+                if p.total != total_set {
+                    progress.set_total(p.total);
+                    total_set = p.total;
+                }
+                if p.done > done_so_far {
+                    progress.advance(p.done - done_so_far);
+                    done_so_far = p.done;
+                }
+                let why = || message.clone().unwrap_or_default();
+                match state {
+                    WireJobState::Queued | WireJobState::Running => {}
+                    // What it made comes with the host's next snapshot.
+                    WireJobState::Done => return Ok(None),
+                    WireJobState::Cancelled => return Err(Error::Cancelled),
+                    WireJobState::Failed => return Err(fail(why())),
+                    WireJobState::Lost => return Err(fail(format!("lost: {}", why()))),
+                }
+            }
+        }
+    })
+}
+
+/// What a followed host says, for the local catalog.
+#[derive(Debug)]
+pub enum HostEvent {
+    /// The host's whole forest (keys already the host's).
+    Snapshot {
+        host: String,
+        nodes: Grafts,
+        errors: Vec<(PathBuf, String)>,
+    },
+    Sizes {
+        host: String,
+        key: PathBuf,
+        sizes: crate::catalog::Sizes,
+    },
+    Modified {
+        host: String,
+        key: PathBuf,
+        mtime: Option<std::time::SystemTime>,
+    },
+    /// The host cannot be reached now; another try comes after `retry`.
+    Down {
+        host: String,
+        reason: String,
+        retry: Duration,
+    },
+}
+
+/// Keep `host`'s roots in view: connect, watch (live), pass on what the
+/// agent says; when the connection is lost, say so and connect again
+/// with back-off (1 s doubling to [`BACKOFF_LIMIT`]). Returns when `tx`
+/// has no receiver or `stop` is dropped.
+pub fn follow(
+    host: &str,
+    roots: &[PathBuf],
+    live: bool,
+    ssh: &SshOptions,
+    tx: &crossbeam_channel::Sender<HostEvent>,
+    stop: &Receiver<()>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let reason = match Connection::open(host, ssh) {
+            Err(e) => e.to_string(),
+            Ok(mut conn) => {
+                backoff = Duration::from_secs(1);
+                match serve_followed(&mut conn, roots, live, tx, stop) {
+                    Ok(()) => return,
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        let reason = reason
+            .strip_prefix(&format!("{host}: "))
+            .unwrap_or(&reason)
+            .to_string();
+        if tx
+            .send(HostEvent::Down {
+                host: host.to_string(),
+                reason,
+                retry: backoff,
+            })
+            .is_err()
+        {
+            return;
+        }
+        match stop.recv_timeout(backoff) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_LIMIT);
+    }
+}
+
+/// One connection's life; `Ok` when told to stop.
+fn serve_followed(
+    conn: &mut Connection,
+    roots: &[PathBuf],
+    live: bool,
+    tx: &crossbeam_channel::Sender<HostEvent>,
+    stop: &Receiver<()>,
+) -> Result<(), RemoteError> {
+    conn.send(&Request::Watch {
+        roots: roots.to_vec(),
+        live,
+    })?;
+    let host = conn.host.clone();
+    let key = |k: &Path| remote_path(&host, k);
+    loop {
+        if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+            return Ok(());
+        }
+        let ev = match conn.recv_timeout(Duration::from_millis(500))? {
+            None => continue,
+            Some(Reply::Snapshot { nodes, errors }) => HostEvent::Snapshot {
+                host: host.clone(),
+                nodes: grafts(&host, nodes).map_err(|message| RemoteError::Agent {
+                    host: host.clone(),
+                    message,
+                })?,
+                errors: remote_errors(&host, errors),
+            },
+            Some(Reply::Sizes { key: k, sizes }) => HostEvent::Sizes {
+                host: host.clone(),
+                key: key(&k),
+                sizes: sizes.into(),
+            },
+            Some(Reply::Modified { key: k, mtime }) => HostEvent::Modified {
+                host: host.clone(),
+                key: key(&k),
+                mtime: super::protocol::WireTime::to_system(mtime),
+            },
+            Some(_) => continue,
+        };
+        if tx.send(ev).is_err() {
+            return Ok(());
+        }
+    }
+}

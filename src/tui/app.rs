@@ -896,6 +896,14 @@ impl App {
         let page = usize::from(view::layout(self.area).tree_body.height).max(1);
         let selected = self.selected_node();
         let forest = Arc::clone(&self.forest);
+        let on_other_hosts: Vec<NodeId> = self
+            .targets()
+            .into_iter()
+            .filter(|&id| forest.nodes[id].record.host.is_some())
+            .collect();
+        if !on_other_hosts.is_empty() && acts_on_images(action) {
+            return self.remote_action(action, &forest, &on_other_hosts);
+        }
         match action {
             Action::Up => self.move_selection(-1),
             Action::Down => self.move_selection(1),
@@ -1177,6 +1185,74 @@ impl App {
         }
     }
 
+    /// An action on images of another host: clone and commit run there,
+    /// by its agent (the job list shows their progress and cancels them);
+    /// the others are refused here, never run on a local file of the same
+    /// name.
+    fn remote_action(&mut self, action: Action, forest: &Forest, ids: &[NodeId]) {
+        use crate::remote::protocol::JobOp;
+        let r = &forest.nodes[ids[0]].record;
+        let (Some(host), true) = (r.host.clone(), ids.len() == 1) else {
+            return self.say(Status::error(
+                "images on other hosts are acted on one at a time (clone, commit)",
+            ));
+        };
+        let shown = r.location();
+        let (kind, op) = match action {
+            Action::Clone => {
+                let dir = r.path.parent().unwrap_or(Path::new("/"));
+                let stem = r
+                    .path
+                    .file_stem()
+                    .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+                // The first name the host's forest does not have; the
+                // agent never overwrites, so a file it does not show is
+                // refused there, not replaced.
+                let taken = |p: &Path| {
+                    forest.nodes.iter().any(|n| {
+                        n.record.host.as_deref() == Some(host.as_str()) && n.record.path == p
+                    })
+                };
+                let Some(new) = (1..100_000u32)
+                    .map(|n| dir.join(format!("{stem}-{n}.qcow2")))
+                    .find(|p| !taken(p))
+                else {
+                    return self.say(Status::error(format!("cannot clone {shown}: no free name")));
+                };
+                (
+                    "clone",
+                    JobOp::Clone {
+                        base: r.path.clone(),
+                        new,
+                    },
+                )
+            }
+            Action::Commit => (
+                "commit",
+                JobOp::Commit {
+                    image: r.path.clone(),
+                    keep_top: false,
+                },
+            ),
+            _ => {
+                return self.say(Status::error(format!(
+                "{shown} is on {host}: only clone and commit run on other hosts from here so far"
+            )))
+            }
+        };
+        self.submit(JobSpec {
+            kind,
+            label: format!("{kind} {shown}"),
+            touches: vec![r.key.clone()],
+            refresh: Vec::new(),
+            work: crate::remote::client::remote_work(
+                host,
+                crate::remote::client::SshOptions::from_env(),
+                op,
+            ),
+        });
+    }
+
     fn request_details(&mut self) {
         let Some(id) = self.selected_node() else {
             self.details = None;
@@ -1184,6 +1260,13 @@ impl App {
         };
         let node = &self.forest.nodes[id];
         let r = &node.record;
+        // Another host's file is not read here: a local file of the same
+        // name is another file.
+        if r.host.is_some() {
+            self.details = None;
+            self.details_wanted = None;
+            return;
+        }
         if self.details.as_ref().is_some_and(|d| d.key != r.key) {
             self.details = None;
         }
@@ -1376,6 +1459,27 @@ fn clock() -> String {
         let s = now % 86_400;
         format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
     }
+}
+
+/// Actions that read or change the images they act on (beyond the
+/// catalog's facts).
+fn acts_on_images(action: Action) -> bool {
+    matches!(
+        action,
+        Action::Clone
+            | Action::CloneAs
+            | Action::CloneMany
+            | Action::Commit
+            | Action::Rebase
+            | Action::Flatten
+            | Action::Convert
+            | Action::Move
+            | Action::DeleteImage
+            | Action::ResetImage
+            | Action::Doctor
+            | Action::Protect
+            | Action::Snapshots
+    )
 }
 
 #[cfg(test)]

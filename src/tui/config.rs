@@ -164,7 +164,18 @@ impl Config {
         let roots = file
             .roots
             .into_iter()
-            .map(|r| if r.is_absolute() { r } else { base.join(r) })
+            .map(|r| {
+                // `host1:/srv/images` names another host: kept as written.
+                let remote = matches!(
+                    crate::remote::Root::parse(&r),
+                    crate::remote::Root::Remote { .. }
+                );
+                if r.is_absolute() || remote {
+                    r
+                } else {
+                    base.join(r)
+                }
+            })
             .collect();
         let mut doctor = DoctorOptions::default();
         match file.doctor.max_depth {
@@ -280,7 +291,7 @@ mod tests {
     #[test]
     fn overrides_and_relative_roots() {
         let c = parse(
-            "roots = [\"vms\", \"/abs\"]\n[keys]\nclone = \"n\"\nquit = [\"Q\", \"ctrl+q\"]\n\
+            "roots = [\"vms\", \"/abs\", \"host1:/srv/images\"]\n[keys]\nclone = \"n\"\nquit = [\"Q\", \"ctrl+q\"]\n\
              [keys.confirm]\nyes = \"o\"\n[theme]\nbroken = \"#ff0000\"\n",
         )
         .expect("valid");
@@ -296,7 +307,11 @@ mod tests {
         );
         assert_eq!(
             c.roots,
-            vec![PathBuf::from("/etc/cowshed/vms"), PathBuf::from("/abs")]
+            vec![
+                PathBuf::from("/etc/cowshed/vms"),
+                PathBuf::from("/abs"),
+                PathBuf::from("host1:/srv/images")
+            ]
         );
         assert_eq!(c.theme.broken, Color::Rgb(255, 0, 0));
         let last = c.keymap.footer(crate::tui::keymap::Layer::Tree);

@@ -54,7 +54,8 @@ pub fn run_with(
         vec![PathBuf::from(".")]
     };
     for r in &roots {
-        if !r.exists() {
+        // Roots on other hosts are looked at there, by their agents.
+        if matches!(crate::remote::Root::parse(r), crate::remote::Root::Local(_)) && !r.exists() {
             return Err(eyre!("{}: no such file or directory", r.display()));
         }
     }

@@ -100,6 +100,16 @@ struct Catalog {
     scanning: bool,
     /// The forest last sent: what the UI shows now.
     shown: Arc<Forest>,
+    /// Roots on other hosts, in the order named: what each agent last
+    /// sent, and why it is not current when it is not.
+    hosts: Vec<HostView>,
+}
+
+struct HostView {
+    host: String,
+    nodes: crate::remote::client::Grafts,
+    errors: Vec<(PathBuf, String)>,
+    stale: Option<String>,
 }
 
 impl Catalog {
@@ -109,13 +119,27 @@ impl Catalog {
             .iter()
             .map(|(p, (reason, sizes))| (p.clone(), reason.clone(), *sizes))
             .collect();
-        let forest = Forest::build(self.records.values().cloned().collect()).with_skipped(skipped);
+        let mut forest =
+            Forest::build(self.records.values().cloned().collect()).with_skipped(skipped);
+        let mut errors = self.errors.clone();
+        for h in &self.hosts {
+            let mut nodes = h.nodes.clone();
+            if let Some(reason) = &h.stale {
+                for (_, _, flags) in &mut nodes {
+                    flags.push(crate::catalog::Flag::Stale {
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            forest.graft(nodes);
+            errors.extend(h.errors.iter().cloned());
+        }
         self.shown = Arc::new(forest);
         let _ = events.send(Event::Catalog(CatalogUpdate {
             forest: Arc::clone(&self.shown),
             scanning: self.scanning,
             seq: self.seq,
-            errors: self.errors.clone(),
+            errors,
         }));
     }
 
@@ -131,6 +155,28 @@ fn catalog_worker(
     cmds: &Receiver<(u64, CatalogCmd)>,
     events: &Sender<Event>,
 ) {
+    let (local, remote) = crate::remote::split_roots(roots);
+    let roots = &local[..];
+    let (host_tx, host_rx) = unbounded::<crate::remote::client::HostEvent>();
+    // Dropped with the worker: the host threads see it and end.
+    let (_stop_hosts, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let ssh = crate::remote::client::SshOptions::from_env();
+    for (host, host_roots) in &remote {
+        let (host, host_roots, tx, stop, ssh) = (
+            host.clone(),
+            host_roots.clone(),
+            host_tx.clone(),
+            stop_rx.clone(),
+            ssh.clone(),
+        );
+        let _ = thread::Builder::new()
+            .name(format!("cowshed-host-{host}"))
+            .spawn(move || {
+                crate::remote::client::follow(&host, &host_roots, live, &ssh, &tx, &stop);
+            });
+    }
+    drop(host_tx);
+    let mut host_rx = if remote.is_empty() { never() } else { host_rx };
     let mut cat = Catalog {
         records: HashMap::new(),
         skipped: HashMap::new(),
@@ -139,6 +185,15 @@ fn catalog_worker(
         seq: 0,
         scanning: false,
         shown: Arc::new(Forest::default()),
+        hosts: remote
+            .iter()
+            .map(|(host, _)| HostView {
+                host: host.clone(),
+                nodes: Vec::new(),
+                errors: Vec::new(),
+                stale: Some("connecting".into()),
+            })
+            .collect(),
     };
     let mut scan_rx: Receiver<ScanEvent> = never();
     let (watch_tx, mut watch_rx) = unbounded::<CatalogEvent>();
@@ -264,6 +319,57 @@ fn catalog_worker(
                         cat.errors
                             .push((root, format!("live updates by polling only: {reason}")));
                         publish = true;
+                    }
+                }
+            }
+            recv(host_rx) -> msg => {
+                use crate::remote::client::HostEvent;
+                let Ok(ev) = msg else {
+                    host_rx = never();
+                    continue;
+                };
+                let view = |cat: &mut Catalog, host: &str| {
+                    cat.hosts.iter_mut().position(|h| h.host == host)
+                };
+                match ev {
+                    HostEvent::Snapshot { host, nodes, errors } => {
+                        if let Some(i) = view(&mut cat, &host) {
+                            for (r, _, _) in &nodes {
+                                growth.sample(&r.key, Instant::now(), r.sizes.allocated);
+                            }
+                            let h = &mut cat.hosts[i];
+                            h.nodes = nodes;
+                            h.errors = errors;
+                            h.stale = None;
+                            publish = true;
+                        }
+                    }
+                    HostEvent::Sizes { host, key, sizes } => {
+                        if let Some(i) = view(&mut cat, &host) {
+                            let h = &mut cat.hosts[i];
+                            if let Some(n) = h.nodes.iter_mut().find(|n| n.0.key == key) {
+                                n.0.sizes = sizes;
+                                let _ = events.send(Event::Sizes { key: key.clone(), sizes });
+                                let report = growth.changed(&key, Instant::now(), sizes.allocated);
+                                send_growth(events, report);
+                            }
+                        }
+                    }
+                    HostEvent::Modified { host, key, mtime } => {
+                        if let Some(i) = view(&mut cat, &host) {
+                            if let Some(n) = cat.hosts[i].nodes.iter_mut().find(|n| n.0.key == key) {
+                                n.0.mtime = mtime;
+                            }
+                        }
+                    }
+                    HostEvent::Down { host, reason, retry } => {
+                        if let Some(i) = view(&mut cat, &host) {
+                            cat.hosts[i].stale = Some(format!(
+                                "{host} unreachable ({reason}); trying again in {} s",
+                                retry.as_secs()
+                            ));
+                            publish = true;
+                        }
                     }
                 }
             }

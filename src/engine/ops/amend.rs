@@ -5,19 +5,22 @@
 //! leaves the file byte-identical.
 //!
 //! What cowshed changes: `lazy_refcounts`, `compat=1.1` on a compat=0.10
-//! image without snapshots (a header rewrite, as QEMU's upgrade), and
-//! `size` (through `resize`, which keeps its guard against shrinking a base
-//! under its overlays). A downgrade (zero clusters to expand) and another
-//! `refcount_bits` (every refcount rewritten) are refused with a pointer to
-//! qemu-img, as are the external data file and encryption options.
+//! image without snapshots (a header rewrite, as QEMU's upgrade), `size`
+//! (through `resize`, which keeps its guard against shrinking a base under
+//! its overlays), `refcount_bits` (every refcount stored again at the new
+//! width) and `compat=0.10` (zero clusters expanded, as QEMU expands them),
+//! the last two as one switch to metadata built aside
+//! (`writer/amend.rs`). The external data file and encryption options are
+//! refused with a pointer to qemu-img.
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::error::{Error, Result};
+use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::ops::resize::{resize, NewSize, ResizeOptions};
 use crate::engine::qcow2::header::{compat, Header};
 use crate::engine::qcow2::writer::backing::HeaderEditor;
+use crate::engine::qcow2::writer::Qcow2Writer;
 use crate::engine::size::parse_size;
 
 #[derive(Debug, Clone, Default)]
@@ -48,6 +51,10 @@ const CREATION_ONLY: &[&str] = &[
 struct Wanted {
     /// compat=1.1 on a compat=0.10 image.
     upgrade: bool,
+    /// compat=0.10 on a compat=1.1 image.
+    downgrade: bool,
+    /// Another refcount width, in bits.
+    refcount_bits: Option<u32>,
     lazy_refcounts: Option<bool>,
     size: Option<u64>,
 }
@@ -70,39 +77,108 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
             ),
         ));
     }
+    repair_if_dirty(path, opts)?;
     // QEMU's writer lock first, then the metadata check, then reading.
     let mut editor = HeaderEditor::open(path)?;
     let wanted = parse(path, editor.header(), &opts.options)?;
+    if wanted.downgrade || wanted.refcount_bits.is_some() {
+        drop(editor);
+        return amend_metadata(path, opts);
+    }
     // Every header change in one write: the upgrade, then the bits.
-    editor.rewrite(|h| {
-        if wanted.upgrade {
-            // As QEMU's qcow2_upgrade: v3 fields at their defaults.
-            h.version = 3;
-            h.incompatible_features = 0;
-            h.compatible_features = 0;
-            h.autoclear_features = 0;
-            h.refcount_order = 4;
-        }
-        if let Some(on) = wanted.lazy_refcounts {
-            if on {
-                h.compatible_features |= compat::LAZY_REFCOUNTS;
-            } else {
-                h.compatible_features &= !compat::LAZY_REFCOUNTS;
-            }
-        }
-    })?;
+    editor.rewrite(|h| header_changes(h, &wanted))?;
     drop(editor);
     if let Some(size) = wanted.size {
-        let ropts = ResizeOptions {
-            format: Some(Format::Qcow2),
-            // qemu-img amend shrinks without being asked twice.
-            shrink: true,
-            force: opts.force,
-            roots: opts.roots.clone(),
-        };
-        resize(path, NewSize::Exactly(size), &ropts)?;
+        resize_to(path, opts, size)?;
     }
     Ok(())
+}
+
+/// An image left dirty (lazy refcounts, then a crash) has its refcounts
+/// repaired first, as QEMU's open for writing repairs it before `qemu-img
+/// amend` goes on; an image marked corrupt is left to the writer's refusal.
+/// The options are checked first: a refused amend leaves even a dirty
+/// image as it was.
+fn repair_if_dirty(path: &Path, opts: &AmendOptions) -> Result<()> {
+    let file = open_image_file(path)?;
+    let len = file.metadata().at(path)?.len();
+    let h = Header::read(&file, path, len)?;
+    drop(file);
+    if !h.is_dirty() || h.is_corrupt() {
+        return Ok(());
+    }
+    parse(path, &h, &opts.options)?;
+    let report = crate::engine::ops::check::check_repair_all(path, Some(Format::Qcow2))?;
+    if report.exit_code() != 0 {
+        return Err(Error::invalid(
+            path,
+            "the image was left dirty and its repair did not leave it clean; see `cowshed \
+             check`",
+        ));
+    }
+    Ok(())
+}
+
+/// The amend that rewrites metadata (another refcount width, a
+/// downgrade), in QEMU's order: upgrade and header bits, refcount width,
+/// size, downgrade last. Whatever QEMU would refuse is refused before
+/// anything is written.
+fn amend_metadata(path: &Path, opts: &AmendOptions) -> Result<()> {
+    let mut w = Qcow2Writer::open(path)?;
+    // Parsed again against the header as held now.
+    let wanted = parse(path, w.header(), &opts.options)?;
+    if wanted.downgrade {
+        let order_then = wanted
+            .refcount_bits
+            .map_or(w.header().refcount_order, u32::trailing_zeros);
+        let size_then = wanted.size.unwrap_or(w.virtual_size());
+        if let Some(why) = w.downgrade_refusal(order_then, size_then)? {
+            return Err(Error::invalid(path, why));
+        }
+    }
+    w.rewrite(|h| header_changes(h, &wanted))?;
+    if let Some(bits) = wanted.refcount_bits {
+        w.change_refcount_width(bits)?;
+    }
+    if let Some(size) = wanted.size {
+        drop(w);
+        resize_to(path, opts, size)?;
+        w = Qcow2Writer::open(path)?;
+    }
+    if wanted.downgrade {
+        w.downgrade()?;
+    }
+    w.flush()
+}
+
+/// The header fields `wanted` changes.
+fn header_changes(h: &mut Header, wanted: &Wanted) {
+    if wanted.upgrade {
+        // As QEMU's qcow2_upgrade: v3 fields at their defaults.
+        h.version = 3;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.refcount_order = 4;
+    }
+    if let Some(on) = wanted.lazy_refcounts {
+        if on {
+            h.compatible_features |= compat::LAZY_REFCOUNTS;
+        } else {
+            h.compatible_features &= !compat::LAZY_REFCOUNTS;
+        }
+    }
+}
+
+fn resize_to(path: &Path, opts: &AmendOptions, size: u64) -> Result<()> {
+    let ropts = ResizeOptions {
+        format: Some(Format::Qcow2),
+        // qemu-img amend shrinks without being asked twice.
+        shrink: true,
+        force: opts.force,
+        roots: opts.roots.clone(),
+    };
+    resize(path, NewSize::Exactly(size), &ropts).map(|_| ())
 }
 
 fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted> {
@@ -144,10 +220,7 @@ fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted
                     }
                     wanted.upgrade = true;
                 } else if version < h.version {
-                    return Err(bad(format!(
-                        "downgrading (compat={value}) is not supported by cowshed yet; \
-                         qemu-img amend can"
-                    )));
+                    wanted.downgrade = true;
                 }
             }
             "refcount_bits" => {
@@ -157,12 +230,7 @@ fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted
                         "Refcount width must be a power of two and may not exceed 64 bits".into(),
                     ));
                 }
-                if bits != 1 << h.refcount_order {
-                    return Err(bad(format!(
-                        "changing the refcount width (refcount_bits={value}) is not supported by \
-                         cowshed yet; qemu-img amend can"
-                    )));
-                }
+                wanted.refcount_bits = Some(bits as u32);
             }
             "backing_file" => backing_file = Some(value.clone()),
             "backing_fmt" => backing_fmt = Some(value.clone()),
@@ -189,8 +257,27 @@ fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted
             _ => return Err(bad(format!("Invalid parameter '{key}'"))),
         }
     }
+    let version = if wanted.upgrade {
+        3
+    } else if wanted.downgrade {
+        2
+    } else {
+        h.version
+    };
+    // As QEMU, a width or lazy_refcounts the image has already is no change
+    // to refuse.
+    if wanted.refcount_bits == Some(1 << h.refcount_order) && !wanted.upgrade {
+        wanted.refcount_bits = None;
+    }
+    if wanted.refcount_bits.is_some_and(|b| b != 16) && version < 3 {
+        return Err(bad(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use \
+             compat=1.1 or greater)"
+                .into(),
+        ));
+    }
     if let Some(on) = wanted.lazy_refcounts {
-        if on && h.version < 3 && !wanted.upgrade {
+        if on && version < 3 && !(h.version >= 3 && h.lazy_refcounts()) {
             return Err(bad(
                 "Lazy refcounts only supported with compatibility level 1.1 and above (use \
                  compat=1.1 or greater)"

@@ -24,6 +24,7 @@
 //! their guest offsets (QEMU's mapping), uncounted; a raw one is kept a
 //! valid raw image of the disk.
 
+pub mod amend;
 pub mod backing;
 pub mod bitmaps;
 pub mod snapshots;

@@ -38,7 +38,7 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     let r = &node.record;
     // The whole path, its root as given: the tree may show only the
     // file name.
-    let block = pane(format!(" {} ", r.path.display()));
+    let block = pane(format!(" {} ", r.location()));
     let inner_w = usize::from(area.width).saturating_sub(1);
     let mut lines: Vec<Line> = Vec::new();
     if let Some(reason) = node.flags.iter().find_map(|f| match f {
@@ -81,6 +81,18 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         Some(Err(e)) => lines.push(Line::from(Span::styled(
             format!(" ✗ {}", app.relativize(e)),
             Style::new().fg(app.theme.broken),
+        ))),
+        // Another host's chain is not read from here (only the catalog's
+        // facts come over the connection).
+        None if r.host.is_some() => lines.push(Line::from(Span::styled(
+            format!(
+                " on {}: {} · virtual {} · on disk {}",
+                r.host.as_deref().unwrap_or_default(),
+                r.summary.as_ref().map_or("?", |s| s.format.name()),
+                human(r.sizes.virtual_size),
+                human(r.sizes.allocated)
+            ),
+            dim,
         ))),
         None => lines.push(Line::from(Span::styled(" reading…", dim))),
     }

@@ -131,7 +131,12 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
     let t = &app.theme;
     let node: &Node = &app.forest.nodes[row.id];
     let r = &node.record;
-    let skipped = node.flags.iter().any(|f| matches!(f, Flag::Skipped { .. }));
+    // Files that are no images, and images of a host out of reach, are
+    // greyed: what is shown is not (or no longer) something to act on.
+    let skipped = node
+        .flags
+        .iter()
+        .any(|f| matches!(f, Flag::Skipped { .. } | Flag::Stale { .. }));
     let broken = node.flags.iter().any(|f| f.is_broken()) || super::alarmed(app, row.id);
     let warned = !broken && !skipped && !node.flags.is_empty();
 
@@ -158,7 +163,12 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
         ""
     };
     let shown = crate::tui::rows::row_name(&app.forest, &app.roots, row);
-    let name = format!("{}{marker}{glyph}{protected}{shown}", row.guides);
+    // Each tree of another host starts with the host's name.
+    let host = match (&r.host, node.parent) {
+        (Some(h), None) => format!("{h}: "),
+        _ => String::new(),
+    };
+    let name = format!("{}{marker}{glyph}{protected}{host}{shown}", row.guides);
     let name_style = if broken {
         Style::new().fg(t.broken)
     } else if warned {

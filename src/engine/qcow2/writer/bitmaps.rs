@@ -19,9 +19,8 @@ use super::super::l2::bitmap_table_data_offset;
 use super::backing::write_header;
 use super::snapshots::NextGen;
 use super::Qcow2Writer;
-use crate::engine::error::{Error, IoContext, Result};
+use crate::engine::error::{Error, Result};
 use crate::engine::fault;
-use crate::engine::qcow2::refcount::Refcounts;
 
 impl Qcow2Writer {
     /// The bitmaps QEMU loads: none without the extension, or when the
@@ -189,7 +188,7 @@ impl Qcow2Writer {
 
     /// The (offset, length) ranges bitmap `bm` holds: its table and the
     /// data clusters the table points at.
-    fn bitmap_clusters(&self, bm: &BitmapEntry) -> Result<Vec<(u64, u64)>> {
+    pub(super) fn bitmap_clusters(&self, bm: &BitmapEntry) -> Result<Vec<(u64, u64)>> {
         let bytes = u64::from(bm.table_size) * 8;
         if bytes == 0 || bm.table_offset == 0 {
             return Ok(Vec::new());
@@ -264,44 +263,14 @@ impl Qcow2Writer {
         for (off, len) in freed {
             self.add_range(&mut g, off, len, -1)?;
         }
-        let table = self.place_refcount_structure(&mut g)?;
-        let Some((rt_offset, rt_clusters)) = g.reftable else {
-            return Err(Error::invalid(
-                &self.path,
-                "internal: no refcount table placed",
-            ));
-        };
-        let new_bytes = (g.blocks.len() as u64 + rt_clusters) * self.cs
-            + g.writes.iter().map(|w| w.1.len() as u64).sum::<u64>();
-        crate::engine::space::ensure_fits(&self.path, new_bytes)?;
-        for (off, bytes) in &g.writes {
-            self.pwrite(bytes, *off)?;
-        }
-        for (i, at) in &g.block_at {
-            if let Some(block) = g.blocks.get(i) {
-                self.pwrite(block, *at)?;
-            }
-        }
-        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.pwrite(&raw, rt_offset)?;
-        fault::point("bitmap.written");
-        self.file.sync_data().at(&self.path)?;
+        let (rt_offset, rt_clusters) = self.write_generation(&mut g, "bitmap.written")?;
         fault::point("bitmap.before_switch");
         h.refcount_table_offset = rt_offset;
         h.refcount_table_clusters = rt_clusters as u32;
         write_header(&self.file, &self.path, &mut h)?;
         fault::point("bitmap.switched");
         self.h = h;
-        self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
-        self.l2_cache.clear();
-        // Unreferenced now: the space goes back to the file system.
-        for c in std::mem::take(&mut g.freed) {
-            if self.refcount(c)? == 0 {
-                let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
-                self.free_hint = self.free_hint.min(c);
-            }
-        }
-        Ok(())
+        self.carry_on_from(g)
     }
 }
 

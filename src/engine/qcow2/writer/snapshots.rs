@@ -258,7 +258,7 @@ impl Qcow2Writer {
     }
 
     /// A snapshot's L1 table, checked as QEMU checks it before use.
-    fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(super) fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
         let len = self.file.metadata().at(&self.path)?.len();
         if bytes > MAX_L1_BYTES {
@@ -285,7 +285,7 @@ impl Qcow2Writer {
     }
 
     /// An L2 table as the next generation has it.
-    fn table_next(&self, offset: u64) -> Result<Vec<u64>> {
+    pub(super) fn table_next(&self, offset: u64) -> Result<Vec<u64>> {
         if offset % self.cs != 0 {
             return Err(Error::invalid(
                 &self.path,
@@ -435,7 +435,7 @@ impl Qcow2Writer {
 
     /// The snapshot table holding `snaps`, in new clusters (none when
     /// empty: QEMU then records offset 0); the old table's clusters go.
-    fn replace_snapshot_table(
+    pub(super) fn replace_snapshot_table(
         &mut self,
         g: &mut NextGen,
         snaps: &[Snapshot],
@@ -473,7 +473,7 @@ impl Qcow2Writer {
         }
     }
 
-    fn next_ref(&mut self, g: &NextGen, cluster: u64) -> Result<u64> {
+    pub(super) fn next_ref(&mut self, g: &NextGen, cluster: u64) -> Result<u64> {
         let per_block = self.refs.per_block();
         match g.blocks.get(&(cluster / per_block)) {
             Some(block) => Ok(decode_refcount(
@@ -495,7 +495,7 @@ impl Qcow2Writer {
 
     /// Change a refcount of the next generation, refusing to overflow (as
     /// QEMU refuses: "Invalid argument") or to drop below zero.
-    fn add_next(&mut self, g: &mut NextGen, cluster: u64, delta: i64) -> Result<()> {
+    pub(super) fn add_next(&mut self, g: &mut NextGen, cluster: u64, delta: i64) -> Result<()> {
         let now = self.next_ref(g, cluster)?;
         let max = self.refcount_max();
         let next = i128::from(now) + i128::from(delta);
@@ -604,7 +604,34 @@ impl Qcow2Writer {
     /// Write the next generation, make it durable, switch the header to it
     /// in one write, and carry on from it.
     fn commit_generation(&mut self, mut g: NextGen, sw: Switch, l1: Vec<u64>) -> Result<()> {
-        let table = self.place_refcount_structure(&mut g)?;
+        let (rt_offset, rt_clusters) = self.write_generation(&mut g, "snapshot.written")?;
+        fault::point("snapshot.before_switch");
+        // The encryption field between them is rewritten as it is.
+        let mut next = self.h.clone();
+        next.size = sw.size;
+        next.l1_size = sw.l1_size;
+        next.l1_table_offset = sw.l1_offset;
+        next.refcount_table_offset = rt_offset;
+        next.refcount_table_clusters = rt_clusters as u32;
+        next.nb_snapshots = sw.nb_snapshots;
+        next.snapshots_offset = sw.snapshots_offset;
+        next.patch_tables(&self.file, &self.path)?;
+        fault::point("snapshot.switched");
+        self.h = next;
+        self.l1 = l1;
+        self.carry_on_from(g)
+    }
+
+    /// Place generation `g`'s refcount structure, write all of it (passing
+    /// `written` once it is, before the flush) and make it durable; the
+    /// header does not point at it yet. Returns the new refcount table
+    /// (offset, clusters).
+    pub(super) fn write_generation(
+        &mut self,
+        g: &mut NextGen,
+        written: &'static str,
+    ) -> Result<(u64, u64)> {
+        let table = self.place_refcount_structure(g)?;
         let Some((rt_offset, rt_clusters)) = g.reftable else {
             return Err(Error::invalid(
                 &self.path,
@@ -626,27 +653,18 @@ impl Qcow2Writer {
         }
         let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.pwrite(&raw, rt_offset)?;
-        fault::point("snapshot.written");
+        fault::point(written);
         self.file.sync_data().at(&self.path)?;
-        fault::point("snapshot.before_switch");
-        // The encryption field between them is rewritten as it is.
-        let mut next = self.h.clone();
-        next.size = sw.size;
-        next.l1_size = sw.l1_size;
-        next.l1_table_offset = sw.l1_offset;
-        next.refcount_table_offset = rt_offset;
-        next.refcount_table_clusters = rt_clusters as u32;
-        next.nb_snapshots = sw.nb_snapshots;
-        next.snapshots_offset = sw.snapshots_offset;
-        next.patch_tables(&self.file, &self.path)?;
-        fault::point("snapshot.switched");
-        self.h = next;
-        self.l1 = l1;
+        Ok((rt_offset, rt_clusters))
+    }
+
+    /// After the header switched to generation `g` (and `self.h` says so):
+    /// its refcounts are the image's, and the clusters only the old
+    /// generation used give their space back to the file system.
+    pub(super) fn carry_on_from(&mut self, mut g: NextGen) -> Result<()> {
         self.refs = Refcounts::load(&self.file, &self.path, &self.h)?;
         self.l2_cache.clear();
-        // Unreferenced now: the space goes back to the file system.
-        let freed: Vec<u64> = std::mem::take(&mut g.freed);
-        for c in freed {
+        for c in std::mem::take(&mut g.freed) {
             if self.refcount(c)? == 0 {
                 let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
                 self.free_hint = self.free_hint.min(c);
