@@ -178,6 +178,7 @@ fn space_needed(w: &Work, args: &[&str], img: &str) -> u64 {
         backing: after("-b").unwrap_or("").to_string(),
         backing_format: after("-F").and_then(Format::from_name),
         unsafe_header_only: args.contains(&"-u"),
+        ..Default::default()
     };
     rebase_space_needed(&w.path(img), &opts).unwrap()
 }
@@ -592,6 +593,7 @@ fn cancelled_rebase_keeps_the_old_backing_and_the_view() {
             backing: backing.into(),
             backing_format: Some(Format::Qcow2),
             unsafe_header_only: false,
+            ..Default::default()
         };
         // Held after the differences of its second chunk are written,
         // while the cancel is requested.

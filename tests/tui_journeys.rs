@@ -2276,7 +2276,7 @@ fn the_reclaim_view_lists_what_nothing_uses_by_size_times_age() {
     let mut j = Journey::start(d);
     // The order the pure function gives, from the sizes the scan saw.
     let expected: Vec<String> =
-        cowshed::tui::reclaim::candidates(&j.app.forest, std::time::SystemTime::now())
+        cowshed::tui::reclaim::candidates(&j.app.forest, &j.app.vms, std::time::SystemTime::now())
             .iter()
             .map(|c| {
                 c.key

@@ -16,6 +16,7 @@ use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::Qcow2Writer;
 
@@ -26,6 +27,8 @@ pub struct CommitOptions {
     pub base: Option<PathBuf>,
     /// Leave the top image as it is (qemu-img commit -d).
     pub keep_top: bool,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// Largest extent copied at once.
@@ -141,6 +144,11 @@ pub fn commit(
     };
     let keep_top = opts.keep_top || opts.base.is_some();
     let base_path = layers[base_depth].path.clone();
+    // The base takes the data and every layer above it is emptied or
+    // skipped: a machine booting any of them would see a changed disk.
+    for layer in &layers[..=base_depth] {
+        ensure_no_vm_users(&layer.path, &opts.vms)?;
+    }
 
     // A running QEMU on the base stops us here, before any write.
     let mut target = match &layers[base_depth].image {

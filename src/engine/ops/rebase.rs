@@ -22,6 +22,7 @@ use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
 use crate::engine::format::{probe, Format};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
 use crate::engine::qcow2::Qcow2Writer;
@@ -36,6 +37,8 @@ pub struct RebaseOptions {
     pub backing_format: Option<Format>,
     /// Change the header only (qemu-img rebase -u).
     pub unsafe_header_only: bool,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// QEMU's IO_BUF_SIZE: the largest range compared at once.
@@ -62,6 +65,7 @@ pub fn rebase(
         (None, _) => None,
     };
     let format_name = format.map(Format::name);
+    ensure_no_vm_users(file, &opts.vms)?;
     if opts.unsafe_header_only {
         let mut editor = HeaderEditor::open(file).map_err(|e| not_qcow2(file, e))?;
         // The new backing need not exist; if it does, it must not lead back

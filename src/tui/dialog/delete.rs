@@ -86,7 +86,7 @@ impl DeleteDialog {
         })
     }
 
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &super::Ctx) -> Outcome {
         match action {
             Some(Action::ForGood) => {
                 self.for_good = !self.for_good;
@@ -112,7 +112,7 @@ impl DeleteDialog {
                     ));
                 }
                 Outcome::SubmitAll {
-                    jobs: self.jobs(),
+                    jobs: self.jobs(ctx),
                     // Done with: what goes loses its mark.
                     unmark: self.plan.items.iter().map(|i| i.key.clone()).collect(),
                     say: None,
@@ -253,7 +253,7 @@ impl DeleteDialog {
     }
 
     /// One job per image, leaves first.
-    fn jobs(&self) -> Vec<JobSpec> {
+    fn jobs(&self, ctx: &super::Ctx) -> Vec<JobSpec> {
         let roots = self.plan.roots.clone();
         let trash = !self.for_good;
         let stream = self.streaming;
@@ -266,6 +266,7 @@ impl DeleteDialog {
                     roots: roots.clone(),
                     stream,
                     trash,
+                    vms: ctx.vm_guard(&[&path]),
                 };
                 let mut touches = vec![item.key.clone()];
                 touches.extend(item.listed_dependents.iter().cloned());

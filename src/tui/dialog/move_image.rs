@@ -116,6 +116,7 @@ impl MoveDialog {
         );
         let opts = MoveOptions {
             roots: ctx.roots.to_vec(),
+            vms: ctx.vm_guard(&[&src]),
         };
         let work = Box::new(move |p: &engine::Progress, c: &engine::Cancel| {
             engine::move_image(&src, &dst, &opts, p, c)?;

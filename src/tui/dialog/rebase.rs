@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::engine::preflight::VmUsers;
+
 use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -345,7 +347,7 @@ pub struct RebaseDialog {
 }
 
 impl RebaseDialog {
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &Ctx) -> Outcome {
         let plan = &mut self.plan;
         match action {
             Some(Action::No) => {
@@ -370,7 +372,7 @@ impl RebaseDialog {
                 };
                 Outcome::Stay
             }
-            Some(Action::Yes) => Outcome::Submit(job(plan)),
+            Some(Action::Yes) => Outcome::Submit(job(plan, ctx.vm_guard(&[&plan.image]))),
             _ => Outcome::Stay,
         }
     }
@@ -499,12 +501,13 @@ fn safe_rebase_refused(f: &Forest, image: NodeId) -> Option<String> {
     ))
 }
 
-pub(crate) fn job(plan: &RebasePlan) -> JobSpec {
+pub(crate) fn job(plan: &RebasePlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
     let opts = RebaseOptions {
         backing: plan.backing_name.clone(),
         backing_format: Some(plan.format),
         unsafe_header_only: plan.unsafe_mode,
+        vms,
     };
     // The old chain is read too, but it is the image's own backing:
     // another job on it would already touch this image's parent.

@@ -150,6 +150,37 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         Style::new().fg(app.theme.in_use)
     };
     lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
+    // The domains using it, each with its disks (this file marked).
+    for d in app
+        .inventory
+        .users_of(r.dev_ino)
+        .filter(|_| r.host.is_none())
+    {
+        lines.push(Line::from(Span::styled(
+            format!(" vm {} ({}, {})", d.name, d.state, d.connection),
+            Style::new().fg(app.theme.in_use),
+        )));
+        for disk in &d.disks {
+            let files: Vec<String> = disk
+                .chain
+                .iter()
+                .map(|f| {
+                    let mark = if f.id == Some(r.dev_ino) { "▸" } else { "" };
+                    format!("{mark}{}", app.display_path(&f.path))
+                })
+                .collect();
+            lines.push(Line::from(format!(
+                "    {} {}: {}",
+                disk.device,
+                disk.target,
+                if files.is_empty() {
+                    "empty".to_string()
+                } else {
+                    files.join(" → ")
+                }
+            )));
+        }
+    }
     if app.forest.is_protected(id) {
         lines.push(Line::from(format!(
             " ⊘ protected: no write bit on disk, so nothing opens it for writing by mistake ({} \
