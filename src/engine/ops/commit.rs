@@ -110,7 +110,9 @@ pub fn commit(
     // The top's lock first: its metadata is read only once no QEMU can
     // change it. Held as a writer throughout (its writer is what empties
     // it at the end; two of our own opens would conflict like any two).
-    let top_writer = Qcow2Writer::open(top)?;
+    let mut top_writer = Qcow2Writer::open(top)?;
+    // Emptied as QEMU empties it: its bitmaps kept, recording nothing.
+    top_writer.keep_bitmaps(false);
     let chain = Chain::open(top, Some(Format::Qcow2))?;
     let layers = chain.layers();
     if layers.len() < 2 {
@@ -150,7 +152,13 @@ pub fn commit(
 
     // A running QEMU on the base stops us here, before any write.
     let mut target = match &layers[base_depth].image {
-        Image::Qcow2(_) => Target::Qcow2(Box::new(Qcow2Writer::open(&base_path)?)),
+        Image::Qcow2(_) => {
+            let mut w = Qcow2Writer::open(&base_path)?;
+            // The base's enabled bitmaps record what is committed into it,
+            // whole base clusters, as QEMU's do.
+            w.keep_bitmaps(true);
+            Target::Qcow2(Box::new(w))
+        }
         Image::Raw(_) => {
             let file = OpenOptions::new()
                 .read(true)

@@ -87,15 +87,6 @@ pub fn rebase(
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.as_ref().map_or(0, Chain::virtual_size);
     let needed = needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?;
-    if needed > 0 && w.header().extensions.bitmaps.is_some() {
-        // The writer does not update bitmaps; QEMU would then drop them.
-        return Err(Error::invalid(
-            file,
-            "the image has persistent bitmaps, which cowshed cannot keep up to date: a safe \
-             rebase that copies data into it would invalidate them (use qemu-img rebase, or -u \
-             if the new backing reads the same as the old)",
-        ));
-    }
     space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
@@ -125,7 +116,10 @@ fn open_safe(
 ) -> Result<(Qcow2Writer, Option<Chain>)> {
     // The lock first, then the metadata (the writer reads it after locking)
     // and the old chain.
-    let w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    let mut w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    // What a safe rebase copies in is recorded in the image's enabled
+    // bitmaps, as QEMU's writes are.
+    w.keep_bitmaps(false);
     let new = match (name, format) {
         (Some(n), Some(f)) => {
             let chain = open_new(file, n, f)?;

@@ -64,6 +64,13 @@ pub struct Qcow2Writer {
     /// Shared: a caller may read it from another thread while this writes.
     backing: Option<std::sync::Arc<Chain>>,
     autoclear_cleared: bool,
+    /// Keep persistent bitmaps up to date through writes, as QEMU does
+    /// ([`Qcow2Writer::keep_bitmaps`]), instead of invalidating them.
+    keep_bitmaps: bool,
+    /// What a write marks in the bitmaps is rounded out to this.
+    bitmap_align: u64,
+    /// The bitmaps marked in use and the writes they are to record.
+    bitmap_session: Option<bitmaps::Session>,
     /// L2 tables read or written, by offset: the writer is the image's only
     /// writer (it holds QEMU's locks), so they stay true. Dirty ones hold
     /// entries not yet written: they go out only after the data and
@@ -226,6 +233,9 @@ impl Qcow2Writer {
             free_hint: 0,
             backing,
             autoclear_cleared: false,
+            keep_bitmaps: false,
+            bitmap_align: 1,
+            bitmap_session: None,
             l2_cache: TableCache::new(L2_CACHE_BYTES, h.cluster_size()),
             pending_release: Vec::new(),
             edges: Vec::new(),
@@ -278,6 +288,10 @@ impl Qcow2Writer {
     /// write, as QEMU clears the ones it does not know.
     fn before_first_write(&mut self) -> Result<()> {
         if self.autoclear_cleared {
+            return Ok(());
+        }
+        if self.start_bitmap_session()? {
+            self.autoclear_cleared = true;
             return Ok(());
         }
         if self.h.version >= 3 && self.h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
@@ -747,6 +761,7 @@ impl Qcow2Writer {
         self.check_range(offset, data.len() as u64)?;
         self.read_edges(offset, offset + data.len() as u64)?;
         self.before_first_write()?;
+        self.record_write(offset, data.len() as u64);
         let span = self.cs * self.l2_entries();
         let mut done = 0usize;
         let r = (|| {
@@ -917,6 +932,7 @@ impl Qcow2Writer {
         }
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        self.record_write(offset, len);
         let span = cs * self.l2_entries();
         let end = offset + len;
         let mut g = offset;
@@ -994,6 +1010,7 @@ impl Qcow2Writer {
 
     fn write_zeroes_edges_read(&mut self, offset: u64, len: u64) -> Result<()> {
         self.before_first_write()?;
+        self.record_write(offset, len);
         let end = offset + len;
         let mut g = offset;
         while g < end {
@@ -1040,6 +1057,7 @@ impl Qcow2Writer {
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        self.record_write(offset, len);
         if self.data.as_ref().is_some_and(|d| d.raw) {
             // No backing is allowed beside a raw data file: reading from
             // "the backing" means reading zeros, kept mapped.
@@ -1093,6 +1111,8 @@ impl Qcow2Writer {
     /// cluster.
     pub fn make_empty(mut self) -> Result<()> {
         self.before_first_write()?;
+        // QEMU's make_empty is no guest write: bitmaps record nothing.
+        self.stop_recording();
         // External data: the data file is not part of a fresh layout.
         if self.h.nb_snapshots > 0 || self.h.extensions.bitmaps.is_some() || self.data.is_some() {
             let size = self.virtual_size();
@@ -1136,6 +1156,7 @@ impl Qcow2Writer {
         }
         let needed = new_size.div_ceil(self.cs * self.l2_entries());
         self.before_first_write()?;
+        self.bitmaps_before_resize()?;
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
@@ -1244,6 +1265,7 @@ impl Qcow2Writer {
     /// Flush everything written so far to stable storage.
     pub fn flush(&mut self) -> Result<()> {
         self.flush_metadata()?;
+        self.finish_bitmap_session()?;
         self.file.sync_all().at(&self.path)
     }
 }
@@ -1254,5 +1276,7 @@ impl Drop for Qcow2Writer {
     /// what was written stays readable and nothing leaks.
     fn drop(&mut self) {
         let _ = self.flush_metadata();
+        // As QEMU stores its bitmaps when it closes after a failed job.
+        let _ = self.finish_bitmap_session();
     }
 }
