@@ -3179,3 +3179,128 @@ fn the_details_list_persistent_bitmaps() {
         assert!(row.contains(&item), "no {item:?} in {row}");
     }
 }
+
+/// The bitmaps qemu-img sees on `path`: (name, enabled).
+fn qemu_bitmaps(path: &Path) -> Vec<(String, bool)> {
+    qemu_info(path)["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"].as_array().cloned().unwrap_or_default();
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        flags.iter().any(|f| f == "auto"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `B` on an overlay: add a bitmap (named), refuse a name taken, disable
+/// it, merge another into it, clear it (after a yes that says the recorded
+/// changes are lost), remove both; each a job whose result qemu-img reads.
+/// A QEMU holding the image is refused before the dialog opens, and
+/// read-only mode lists the bitmaps but refuses the keys that write.
+#[test]
+fn bitmaps_are_added_disabled_merged_cleared_and_removed_from_the_dialog() {
+    let dir = fleet();
+    let d = dir.path();
+    let image = d.join("web-1.qcow2");
+    let mut j = Journey::start(d);
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('B'));
+    assert!(
+        matches!(j.app.dialog, Some(Dialog::Bitmaps(_))),
+        "{:?}",
+        j.app.status
+    );
+    let screen = j.screen();
+    assert!(screen.contains("no bitmaps yet"), "{screen}");
+    assert!(screen.contains("a add"), "{screen}");
+    j.key(KeyCode::Char('a'));
+    j.chars("backup-1");
+    j.key(KeyCode::Enter);
+    assert!(j.app.dialog.is_none());
+    j.run_jobs();
+    assert_eq!(qemu_bitmaps(&image), [("backup-1".to_string(), true)]);
+    assert_check_clean(&image);
+    // The list is read again: the new bitmap shows, and its name is taken.
+    j.key(KeyCode::Char('B'));
+    let screen = j.screen();
+    assert!(screen.contains("backup-1 · 64 KiB · enabled"), "{screen}");
+    j.key(KeyCode::Char('a'));
+    j.chars("backup-1");
+    j.key(KeyCode::Enter);
+    assert!(matches!(j.app.dialog, Some(Dialog::Bitmaps(_))));
+    let text = status_text(&j);
+    assert!(text.contains("named 'backup-1' already"), "{text}");
+    assert!(j.app.jobs.iter().all(|job| job.state.is_finished()));
+    j.key(KeyCode::Esc);
+    // Disable it.
+    j.key(KeyCode::Char('e'));
+    j.run_jobs();
+    assert_eq!(qemu_bitmaps(&image), [("backup-1".to_string(), false)]);
+    // A second one, merged into the first.
+    j.key(KeyCode::Char('B'));
+    assert!(j.screen().contains("backup-1 · 64 KiB · disabled"));
+    j.key(KeyCode::Char('a'));
+    j.chars("since-tuesday");
+    j.key(KeyCode::Enter);
+    j.run_jobs();
+    j.key(KeyCode::Char('B'));
+    j.key(KeyCode::Char('m'));
+    let screen = j.screen();
+    assert!(screen.contains("Merge into 'backup-1'"), "{screen}");
+    assert!(screen.contains("▸ since-tuesday"), "{screen}");
+    j.key(KeyCode::Enter);
+    j.run_jobs();
+    let text = status_text(&j);
+    assert!(
+        text.contains("merge 'since-tuesday' into 'backup-1'") && text.contains("done"),
+        "{text}"
+    );
+    assert_check_clean(&image);
+    // Clear: asked first, and the question says what is lost.
+    j.key(KeyCode::Char('B'));
+    j.key(KeyCode::Char('c'));
+    let screen = j.screen();
+    assert!(screen.contains("The recorded changes are lost"), "{screen}");
+    j.key(KeyCode::Char('y'));
+    j.run_jobs();
+    assert!(status_text(&j).contains("done"), "{}", status_text(&j));
+    // Remove both.
+    for _ in 0..2 {
+        j.key(KeyCode::Char('B'));
+        j.key(KeyCode::Char('d'));
+        assert!(j.screen().contains("Remove bitmap"));
+        j.key(KeyCode::Char('y'));
+        j.run_jobs();
+    }
+    assert!(qemu_bitmaps(&image).is_empty());
+    assert_check_clean(&image);
+    // A QEMU holding it: refused before any dialog, naming it.
+    let vm = Holder::start(d, "web-1.qcow2", false);
+    j.key(KeyCode::Char('r'));
+    j.select("web-1.qcow2");
+    j.key(KeyCode::Char('B'));
+    assert!(j.in_tree(), "a dialog opened");
+    let text = status_text(&j);
+    assert!(text.contains(&format!("pid {}", vm.pid())), "{text}");
+    drop(vm);
+    // Read-only: the list opens, the keys that write are refused.
+    run("qemu-img", &["bitmap", "--add", "web-1.qcow2", "kept"], d);
+    let config = Config::parse("readonly = true\n", &d.join("c.toml")).expect("config");
+    let mut ro = Journey::with_config(d, config);
+    ro.select("web-1.qcow2");
+    ro.key(KeyCode::Char('B'));
+    assert!(matches!(ro.app.dialog, Some(Dialog::Bitmaps(_))));
+    assert!(ro.screen().contains("kept · 64 KiB · enabled"));
+    for key in ['a', 'd', 'c', 'e'] {
+        ro.key(KeyCode::Char(key));
+        assert!(status_text(&ro).contains("read-only"), "{key}");
+        assert!(ro.app.jobs.is_empty(), "{key}: a job was queued");
+    }
+    assert_eq!(qemu_bitmaps(&image), [("kept".to_string(), true)]);
+}

@@ -749,6 +749,9 @@ impl App {
     fn on_key(&mut self, k: KeyEvent) {
         let key = Key::from_event(&k);
         let action = self.keymap.action_for(self.layers(), key);
+        if self.dialog.is_some() && self.readonly && action.is_some_and(Action::writes) {
+            return self.refuse_read_only();
+        }
         if let Some(mut d) = self.dialog.take() {
             let outcome = d.on_key(key, action, &self.ctx());
             self.dialog = Some(d);
@@ -932,16 +935,19 @@ impl App {
         self.say(Status::info(text));
     }
 
+    fn refuse_read_only(&mut self) {
+        self.say(Status::error(
+            "read-only: that action would change files, and cowshed runs with --readonly \
+             (or readonly = true in the config)",
+        ));
+    }
+
     fn tree_action(&mut self, action: Action) {
         let page = usize::from(view::layout(self.area).tree_body.height).max(1);
         let selected = self.selected_node();
         let forest = Arc::clone(&self.forest);
         if self.readonly && action.writes() {
-            self.say(Status::error(
-                "read-only: that action would change files, and cowshed runs with --readonly \
-                 (or readonly = true in the config)",
-            ));
-            return;
+            return self.refuse_read_only();
         }
         let on_other_hosts: Vec<NodeId> = self
             .targets()
@@ -1114,6 +1120,13 @@ impl App {
                         dialog::snapshot::SnapshotDialog::open(&forest, id, self.details.as_ref())
                             .map(Dialog::Snapshot);
                     self.open("list the snapshots of", d);
+                }
+            }
+            Action::Bitmaps => {
+                if let Some(id) = selected {
+                    let d = dialog::bitmaps::BitmapDialog::open(&forest, id, self.details.as_ref())
+                        .map(Dialog::Bitmaps);
+                    self.open("list the bitmaps of", d);
                 }
             }
             Action::CancelJob => self.cancel_job(None),
@@ -1526,6 +1539,7 @@ fn acts_on_images(action: Action) -> bool {
             | Action::Doctor
             | Action::Protect
             | Action::Snapshots
+            | Action::Bitmaps
     )
 }
 

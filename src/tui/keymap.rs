@@ -27,6 +27,7 @@ pub enum Layer {
     Delete,
     Doctor,
     Snapshot,
+    Bitmap,
     Jobs,
     Job,
     Log,
@@ -34,7 +35,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 16] = [
+    pub const ALL: [Layer; 17] = [
         Layer::Tree,
         Layer::Filter,
         Layer::Input,
@@ -47,6 +48,7 @@ impl Layer {
         Layer::Delete,
         Layer::Doctor,
         Layer::Snapshot,
+        Layer::Bitmap,
         Layer::Jobs,
         Layer::Job,
         Layer::Log,
@@ -67,6 +69,7 @@ impl Layer {
             Layer::Delete => "delete",
             Layer::Doctor => "doctor",
             Layer::Snapshot => "snapshot",
+            Layer::Bitmap => "bitmap",
             Layer::Jobs => "jobs",
             Layer::Job => "job",
             Layer::Log => "log",
@@ -90,6 +93,7 @@ impl Layer {
             Layer::Delete => "the delete dialog (d)",
             Layer::Doctor => "the doctor (!): the image's problems and their fixes",
             Layer::Snapshot => "the internal snapshots of an image (S)",
+            Layer::Bitmap => "the persistent bitmaps of an image (B)",
             Layer::Jobs => "the jobs pane (Tab)",
             Layer::Job => "one job, opened from the jobs pane",
             Layer::Log => "the log of warnings and job results",
@@ -118,6 +122,7 @@ pub const MODES: &[&[Layer]] = &[
     &[Layer::Delete, Layer::Confirm],
     &[Layer::Doctor],
     &[Layer::Snapshot],
+    &[Layer::Bitmap],
     &[Layer::Jobs],
     &[Layer::Job],
     &[Layer::Log],
@@ -156,6 +161,7 @@ pub enum Action {
     Doctor,
     Protect,
     Snapshots,
+    Bitmaps,
     Move,
     CancelJob,
     FocusJobs,
@@ -189,6 +195,11 @@ pub enum Action {
     NewSnapshot,
     ApplySnapshot,
     DeleteSnapshot,
+    AddBitmap,
+    RemoveBitmap,
+    ClearBitmap,
+    ToggleBitmap,
+    MergeBitmap,
 }
 
 impl Action {
@@ -209,6 +220,11 @@ impl Action {
                 | Action::Protect
                 | Action::Snapshots
                 | Action::Doctor
+                | Action::AddBitmap
+                | Action::RemoveBitmap
+                | Action::ClearBitmap
+                | Action::ToggleBitmap
+                | Action::MergeBitmap
         )
     }
 }
@@ -472,6 +488,14 @@ pub const ACTIONS: &[ActionInfo] = &[
         "snapshots",
         &["S"],
         "the image's internal snapshots: create, apply, delete",
+        None,
+    ),
+    row(
+        L::Tree,
+        A::Bitmaps,
+        "bitmaps",
+        &["B"],
+        "the image's persistent bitmaps: add, remove, clear, enable/disable, merge",
         None,
     ),
     row(
@@ -1046,6 +1070,79 @@ pub const ACTIONS: &[ActionInfo] = &[
         "close",
         &["Esc", "q", "S"],
         "close the snapshots dialog",
+        Some("close"),
+    ),
+    // The bitmaps dialog.
+    row(
+        L::Bitmap,
+        A::Up,
+        "up",
+        &["Up", "k"],
+        "select the previous bitmap",
+        Some("select"),
+    ),
+    row(
+        L::Bitmap,
+        A::Down,
+        "down",
+        &["Down", "j"],
+        "select the next bitmap",
+        None,
+    ),
+    row(
+        L::Bitmap,
+        A::AddBitmap,
+        "add",
+        &["a"],
+        "add a bitmap that records writes from now on (asks for a name)",
+        Some("add"),
+    ),
+    row(
+        L::Bitmap,
+        A::RemoveBitmap,
+        "remove",
+        &["d"],
+        "remove the selected bitmap (asks)",
+        Some("remove"),
+    ),
+    row(
+        L::Bitmap,
+        A::ClearBitmap,
+        "clear",
+        &["c"],
+        "clear the selected bitmap: the recorded changes are lost (asks)",
+        Some("clear"),
+    ),
+    row(
+        L::Bitmap,
+        A::ToggleBitmap,
+        "enable_disable",
+        &["e"],
+        "enable the selected bitmap, or disable it (it stops recording)",
+        Some("enable/disable"),
+    ),
+    row(
+        L::Bitmap,
+        A::MergeBitmap,
+        "merge",
+        &["m"],
+        "merge another bitmap of the image into the selected one (pick it)",
+        Some("merge"),
+    ),
+    row(
+        L::Bitmap,
+        A::Choose,
+        "choose",
+        &["Enter"],
+        "merge the picked bitmap (when picking what to merge)",
+        None,
+    ),
+    row(
+        L::Bitmap,
+        A::Close,
+        "close",
+        &["Esc", "q", "B"],
+        "close the bitmaps dialog (or go back from picking)",
         Some("close"),
     ),
     // The jobs pane.

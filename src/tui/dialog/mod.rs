@@ -12,6 +12,7 @@
 //! when the job runs.
 
 pub mod batch;
+pub mod bitmaps;
 pub mod clone;
 pub mod commit;
 pub mod convert;
@@ -132,6 +133,8 @@ pub enum Dialog {
     Doctor(doctor::DoctorDialog),
     /// `S`: the image's internal snapshots.
     Snapshot(snapshot::SnapshotDialog),
+    /// `B`: the image's persistent bitmaps.
+    Bitmaps(bitmaps::BitmapDialog),
     /// `M`: where to move the image.
     Move(move_image::MoveDialog),
 }
@@ -150,6 +153,7 @@ impl Dialog {
             Dialog::Reset(_) => &[Layer::Confirm],
             Dialog::Doctor(_) => &[Layer::Doctor],
             Dialog::Snapshot(d) => d.layers(),
+            Dialog::Bitmaps(d) => d.layers(),
         }
     }
 
@@ -166,6 +170,7 @@ impl Dialog {
             Dialog::Reset(d) => d.on_key(action, ctx),
             Dialog::Doctor(d) => d.on_key(action, ctx),
             Dialog::Snapshot(d) => d.on_key(key, action),
+            Dialog::Bitmaps(d) => d.on_key(key, action),
             Dialog::Move(d) => d.on_key(key, action, ctx),
         }
     }
@@ -199,6 +204,7 @@ impl Dialog {
             ],
             Dialog::Doctor(d) => d.hints(keymap),
             Dialog::Snapshot(d) => d.hints(keymap),
+            Dialog::Bitmaps(d) => d.hints(keymap),
             Dialog::Move(_) => move_image::MoveDialog::hints(keymap),
         }
     }
@@ -217,6 +223,7 @@ impl Dialog {
             Dialog::Reset(d) => d.draw(app, frame, area, &hints),
             Dialog::Doctor(d) => d.draw(app, frame, area, &hints),
             Dialog::Snapshot(d) => d.draw(app, frame, area, &hints),
+            Dialog::Bitmaps(d) => d.draw(app, frame, area, &hints),
             Dialog::Move(d) => d.draw(app, frame, area, &hints),
         }
     }
