@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod engine;
+pub mod inventory;
 pub mod jobs;
 pub mod remote;
 pub mod tui;

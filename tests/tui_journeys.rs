@@ -2276,7 +2276,7 @@ fn the_reclaim_view_lists_what_nothing_uses_by_size_times_age() {
     let mut j = Journey::start(d);
     // The order the pure function gives, from the sizes the scan saw.
     let expected: Vec<String> =
-        cowshed::tui::reclaim::candidates(&j.app.forest, std::time::SystemTime::now())
+        cowshed::tui::reclaim::candidates(&j.app.forest, &j.app.vms, std::time::SystemTime::now())
             .iter()
             .map(|c| {
                 c.key
@@ -3099,4 +3099,83 @@ fn move_asks_where_then_repoints_the_overlays_and_follows_the_image() {
         d.join("bases/base.qcow2")
     );
     assert_eq!(j.app.forest.nodes[id].children.len(), 2);
+}
+
+/// The details pane lists an image's persistent bitmaps as `qemu-img info`
+/// has them (in its order): name, granularity, enabled or disabled, and
+/// the in-use flag of one a QEMU did not store back.
+#[test]
+fn the_details_list_persistent_bitmaps() {
+    let dir = fleet();
+    let d = dir.path();
+    let img = "web-1.qcow2";
+    run("qemu-img", &["bitmap", "--add", img, "backup-1"], d);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", "--disable", img, "fine"],
+        d,
+    );
+    run("qemu-img", &["bitmap", "--add", img, "crashed"], d);
+    // Set crashed's in-use flag, as a QEMU that died with it loaded
+    // leaves it.
+    let path = d.join(img);
+    let file = std::fs::File::open(&path).unwrap();
+    let h =
+        cowshed::engine::qcow2::Header::read(&file, &path, file.metadata().unwrap().len()).unwrap();
+    let ext = h.extensions.bitmaps.clone().unwrap();
+    let dir_entries = cowshed::engine::qcow2::bitmap::read_directory(&file, &path, &ext).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut pos = ext.directory_offset as usize;
+    for b in &dir_entries {
+        if b.name == b"crashed" {
+            bytes[pos + 15] |= 1;
+        }
+        pos += (24 + b.extra.len() + b.name.len()).next_multiple_of(8);
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let listed: Vec<(String, u64, Vec<String>)> = qemu_info(&path)["format-specific"]["data"]
+        ["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut j = Journey::start(d);
+    j.select(img);
+    let screen = j.screen();
+    let row = screen
+        .lines()
+        .find(|l| l.contains(" bitmaps 3: "))
+        .unwrap_or_else(|| panic!("no bitmaps row:\n{screen}"))
+        .to_string();
+    for (name, granularity, flags) in &listed {
+        let recording = if flags.iter().any(|f| f == "auto") {
+            "enabled"
+        } else {
+            "disabled"
+        };
+        let size = if *granularity == 512 {
+            "512 B".to_string()
+        } else {
+            format!("{} KiB", granularity / 1024)
+        };
+        let in_use = if flags.iter().any(|f| f == "in-use") {
+            ", in use (inconsistent)"
+        } else {
+            ""
+        };
+        let item = format!("{name} {size} {recording}{in_use}");
+        assert!(row.contains(&item), "no {item:?} in {row}");
+    }
 }

@@ -433,6 +433,53 @@ fn refcount_table_grows_with_the_file() {
     }
 }
 
+/// More L2 tables dirty at once than the writer's table cache holds (32
+/// MiB: 16 tables of 2 MiB clusters): the cache must write them out, after
+/// the fsync they depend on, before it evicts any, and the image must read
+/// as qemu-io's copy does and check clean.
+#[test]
+fn more_dirty_l2_tables_than_the_cache_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = 2u64 << 20;
+    let tables = 20u64;
+    let size = format!("{}", tables * l2_span(cluster));
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "img.qcow2",
+            &size,
+        ],
+    );
+    std::fs::copy(d.join("img.qcow2"), d.join("qemu.qcow2")).unwrap();
+    let mut w = Qcow2Writer::open(&d.join("img.qcow2")).unwrap();
+    let mut qio: Vec<String> = Vec::new();
+    // One small write under each L1 entry, then each table once more (by
+    // now evicted or flushed), with no flush in between.
+    for round in 0..2u64 {
+        for t in 0..tables {
+            let off = t * l2_span(cluster) + round * cluster + 4096 * t;
+            let pattern = (0x40 + round * tables + t) as u8;
+            w.write(&[pattern; 4096], off).unwrap();
+            qio.extend(["-c".into(), format!("write -P {pattern} {off} 4096")]);
+        }
+    }
+    w.flush().unwrap();
+    drop(w);
+    qio.push("qemu.qcow2".into());
+    let qio: Vec<&str> = qio.iter().map(|s| s.as_str()).collect();
+    ok(d, "qemu-io", &qio);
+    ok(d, "qemu-img", &["check", "img.qcow2"]);
+    ok(d, "qemu-img", &["compare", "img.qcow2", "qemu.qcow2"]);
+}
+
 /// Images whose data lives in an external data file (plain and raw): the
 /// same writes, zero writes and discards by the engine and by qemu-io, each
 /// on its own copy (built the same way, with absolute data file names:

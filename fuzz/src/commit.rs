@@ -43,6 +43,7 @@ pub fn run(data: &[u8]) {
     let opts = CommitOptions {
         base: explicit_base.clone(),
         keep_top: keep_top || explicit_base.is_some(),
+        ..Default::default()
     };
     let r = measured("commit", exec.files_bytes, || {
         commit(&f0, &opts, &Progress::new(), &Cancel::new())

@@ -24,6 +24,7 @@ pub fn run(data: &[u8]) {
         backing: if onto_f2 { "f2".into() } else { String::new() },
         backing_format: onto_f2.then(|| probe(&exec.path("f2")).unwrap_or(Format::Raw)),
         unsafe_header_only,
+        ..Default::default()
     };
     // The image's own external data file changes with it.
     let data_file = info(&f0, None)

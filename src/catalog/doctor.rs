@@ -256,6 +256,9 @@ impl HeaderFix {
             backing: self.backing.clone(),
             backing_format: Some(self.format),
             unsafe_header_only: true,
+            // A header fix keeps the guest view and every path: no
+            // machine's disk changes.
+            vms: Default::default(),
         }
     }
 

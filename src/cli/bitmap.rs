@@ -11,7 +11,7 @@ use color_eyre::eyre::bail;
 
 use super::create::parse_size;
 use super::parse_format;
-use crate::engine::ops::bitmap::{self, Action};
+use crate::engine::ops::bitmap::{self, Action, MergeSource};
 use crate::engine::Format;
 
 #[derive(Debug, Args)]
@@ -21,7 +21,9 @@ use crate::engine::Format;
     bitmap that does not record yet); the first that fails stops the rest. Takes QEMU's write \
     lock: refused while a QEMU holds the image. Each step builds the new metadata beside the old \
     and switches the header to it in one write: a crash leaves the image as before or after \
-    the step, with nothing leaked. --merge is not supported yet.\n\n\
+    the step, with nothing leaked. --merge SOURCE ORs bitmap SOURCE (of -b SOURCE_FILE, opened \
+    read-only without its backing chain, else of FILE) into BITMAP; bitmaps of another \
+    granularity mark every granule of BITMAP their dirty ranges touch, as QEMU merges them.\n\n\
     Exit codes: 0 done, 1 refused or failed."
 )]
 pub struct BitmapArgs {
@@ -40,9 +42,15 @@ pub struct BitmapArgs {
     /// Stop recording future writes in BITMAP.
     #[arg(long, action = ArgAction::Count)]
     disable: u8,
-    /// Not supported yet (qemu-img merges another bitmap into BITMAP).
-    #[arg(long, value_name = "SOURCE")]
-    merge: Option<OsString>,
+    /// Merge bitmap SOURCE into BITMAP (may be given several times).
+    #[arg(long, value_name = "SOURCE", action = ArgAction::Append)]
+    merge: Vec<OsString>,
+    /// The image --merge takes its SOURCE bitmaps from (default: FILE).
+    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    source_file: Option<PathBuf>,
+    /// Format of SOURCE_FILE (qcow2 or raw); probed if absent.
+    #[arg(short = 'F', value_name = "SOURCE_FMT", value_parser = parse_format)]
+    source_format: Option<Format>,
     /// Granularity of a bitmap made by --add (a power of 2, at least 512;
     /// default: the cluster size within 4 KiB..64 KiB).
     #[arg(short = 'g', long = "granularity", value_name = "SIZE")]
@@ -55,9 +63,6 @@ pub struct BitmapArgs {
 }
 
 pub fn run(a: BitmapArgs) -> color_eyre::Result<i32> {
-    if a.merge.is_some() {
-        bail!("--merge is not supported yet");
-    }
     let actions = ordered_actions(&a, std::env::args_os().map(|s| s.as_bytes().to_vec()));
     if actions.is_empty() {
         bail!("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
@@ -65,11 +70,28 @@ pub fn run(a: BitmapArgs) -> color_eyre::Result<i32> {
     if a.granularity.is_some() && !actions.contains(&Action::Add) {
         bail!("granularity only supported with --add");
     }
+    if a.source_format.is_some() && a.source_file.is_none() {
+        bail!("-F only supported with -b");
+    }
+    if a.source_file.is_some() && a.merge.is_empty() {
+        bail!("Merge bitmap source file only supported with --merge");
+    }
     let (Some(file), Some(name)) = (&a.file, &a.bitmap) else {
         bail!("Expecting filename and bitmap name");
     };
     let granularity = a.granularity.as_deref().map(parse_size).transpose()?;
-    bitmap::run(file, a.format, name.as_bytes(), &actions, granularity)?;
+    let source = a.source_file.clone().map(|path| MergeSource {
+        path,
+        format: a.source_format,
+    });
+    bitmap::run(
+        file,
+        a.format,
+        name.as_bytes(),
+        &actions,
+        granularity,
+        source.as_ref(),
+    )?;
     Ok(0)
 }
 
@@ -93,9 +115,19 @@ fn ordered_actions(a: &BitmapArgs, argv: impl Iterator<Item = Vec<u8>>) -> Vec<A
             .filter(|(_, s)| s.as_slice() == flag)
             .map(|(i, _)| i);
         for _ in 0..times {
-            out.push((at.next().unwrap_or(usize::MAX), action));
+            out.push((at.next().unwrap_or(usize::MAX), action.clone()));
         }
     }
-    out.sort_by_key(|&(at, _)| at);
+    // Each --merge is followed by its SOURCE (or written --merge=SOURCE).
+    let mut merge_at = argv
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.as_slice() == b"--merge" || s.starts_with(b"--merge="))
+        .map(|(i, _)| i);
+    for source in &a.merge {
+        let at = merge_at.next().unwrap_or(usize::MAX);
+        out.push((at, Action::Merge(source.as_bytes().to_vec())));
+    }
+    out.sort_by_key(|(at, _)| *at);
     out.into_iter().map(|(_, action)| action).collect()
 }

@@ -37,6 +37,12 @@ pub struct CheckArgs {
     file: PathBuf,
 }
 
+impl CheckArgs {
+    pub(super) fn repairs(&self) -> bool {
+        self.repair.is_some()
+    }
+}
+
 pub fn run(a: CheckArgs) -> color_eyre::Result<i32> {
     let _ = a.force_share;
     let result = match a.repair.as_deref() {

@@ -1,6 +1,7 @@
 //! `cowshed commit`: write an overlay's data into its base, like
 //! `qemu-img commit`.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -27,10 +28,11 @@ pub struct CommitArgs {
     file: PathBuf,
 }
 
-pub fn run(a: CommitArgs) -> color_eyre::Result<i32> {
+pub fn run(a: CommitArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = CommitOptions {
         base: a.base.clone(),
         keep_top: a.keep_top,
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

@@ -201,7 +201,7 @@ fn describe(kind: &Kind) -> String {
 /// The TUI on the fleet. Kept apart so the demo's own work (fleet, guest)
 /// does not depend on how the TUI is started.
 fn open_tui(dir: &Path) -> color_eyre::Result<i32> {
-    crate::tui::run(vec![dir.to_path_buf()], None)
+    crate::tui::run(vec![dir.to_path_buf()], None, crate::tui::Flags::default())
 }
 
 /// The directory to build in: `dir` if new, empty or a previous demo

@@ -68,6 +68,12 @@ struct ImageReport {
     header: Option<Outcome>,
 }
 
+impl DoctorArgs {
+    pub(super) fn fixes(&self) -> bool {
+        self.fix
+    }
+}
+
 pub fn run(a: DoctorArgs) -> color_eyre::Result<i32> {
     let mut opts = match crate::tui::config::Config::load(a.config.as_deref()) {
         Ok(c) => c.doctor,

@@ -22,6 +22,7 @@ mod rebase;
 mod reset;
 mod resize;
 mod rm;
+mod session;
 mod shell;
 mod snapshot;
 mod trash;
@@ -41,7 +42,7 @@ use crate::engine::Format;
     long_about = "cowshed reads qcow2 and raw images and their backing chains natively, \
                   with flags and JSON output that mirror qemu-img. Without a \
                   subcommand it opens the terminal UI on the given directories.",
-    args_conflicts_with_subcommands = true
+    subcommand_precedence_over_arg = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -50,8 +51,24 @@ pub struct Cli {
     /// roots, else the current directory).
     pub roots: Vec<std::path::PathBuf>,
     /// Config file (default: $XDG_CONFIG_HOME/cowshed/config.toml).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<std::path::PathBuf>,
+    /// Change nothing: every command that would write is refused, and in
+    /// the terminal UI every action key is disabled (the config's
+    /// `readonly = true` does the same).
+    #[arg(long, global = true)]
+    pub readonly: bool,
+    /// Read the domains defined on this libvirt connection (several may be
+    /// given; default: the config's `libvirt`, else qemu:///system and
+    /// qemu:///session where their daemons run). An image a defined domain
+    /// uses, even shut off, is not removed, reset, moved, committed,
+    /// rebased or resized.
+    #[arg(long = "connect", value_name = "URI", global = true)]
+    pub connect: Vec<String>,
+    /// Go ahead although a libvirt domain uses the image, or although a
+    /// connection named with --connect could not be read.
+    #[arg(long = "force-vms", global = true)]
+    pub force_vms: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +226,12 @@ pub enum Output {
 }
 
 pub fn run(cli: Cli) -> color_eyre::Result<i32> {
+    let session = session::Session {
+        config: cli.config.clone(),
+        readonly: cli.readonly,
+        connect: cli.connect.clone(),
+        force_vms: cli.force_vms,
+    };
     let Some(command) = cli.command else {
         if let Some(word) = mistyped_command(&cli.roots) {
             eprintln!(
@@ -218,34 +241,70 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
             );
             return Ok(2);
         }
-        return crate::tui::run(cli.roots, cli.config);
+        return crate::tui::run(
+            cli.roots,
+            cli.config,
+            crate::tui::Flags {
+                readonly: cli.readonly,
+                connect: cli.connect,
+            },
+        );
     };
+    if let Some(what) = command.writes() {
+        session.ensure_writable(what)?;
+    }
     match command {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
-        Command::Commit(a) => commit::run(a),
+        Command::Commit(a) => commit::run(a, &session),
         Command::Amend(a) => amend::run(a),
         Command::Compare(a) => compare::run(a),
-        Command::Rebase(a) => rebase::run(a),
-        Command::Resize(a) => resize::run(a),
+        Command::Rebase(a) => rebase::run(a, &session),
+        Command::Resize(a) => resize::run(a, &session),
         Command::Snapshot(a) => snapshot::run(a),
         Command::Bitmap(a) => bitmap::run(a),
         Command::Create(a) => create::run(a),
-        Command::Rm(a) => rm::run(a),
-        Command::Reset(a) => reset::run(a),
+        Command::Rm(a) => rm::run(a, &session),
+        Command::Reset(a) => reset::run(a, &session),
         Command::Trash(a) => trash::run(a),
-        Command::Tree(a) => tree::run(a),
+        Command::Tree(a) => tree::run(a, &session),
         Command::Doctor(a) => doctor::run(a),
         Command::Protect(a) => protect::run(a),
         Command::Measure(a) => measure::run(a),
-        Command::Mv(a) => mv::run(a),
+        Command::Mv(a) => mv::run(a, &session),
         Command::Demo(a) => demo::run(a),
         Command::Completions(a) => shell::completions(a),
         Command::Manpage => shell::manpage(),
         Command::DefaultConfig => shell::default_config(),
         Command::Agent(a) => agent::run(a),
+    }
+}
+
+impl Command {
+    /// What the command is called in a refusal, when it would change files.
+    fn writes(&self) -> Option<&'static str> {
+        let name = match self {
+            Command::Commit(_) => "commit",
+            Command::Amend(_) => "amend",
+            Command::Rebase(_) => "rebase",
+            Command::Rm(_) => "rm",
+            Command::Reset(_) => "reset",
+            Command::Resize(_) => "resize",
+            Command::Bitmap(_) => "bitmap",
+            Command::Create(_) => "create",
+            Command::Convert(_) => "convert",
+            Command::Mv(_) => "mv",
+            Command::Protect(_) => "protect",
+            Command::Demo(_) => "demo",
+            Command::Check(a) if a.repairs() => "check -r",
+            Command::Snapshot(a) if a.writes() => "snapshot",
+            Command::Trash(a) if a.writes() => "trash",
+            Command::Doctor(a) if a.fixes() => "doctor --fix",
+            _ => return None,
+        };
+        Some(name)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `cowshed mv`: rename or move an image (or a directory of images) and
 //! re-point every image that uses it as backing file.
 
+use super::session::Session;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -27,9 +28,10 @@ pub struct MvArgs {
     dst: PathBuf,
 }
 
-pub fn run(a: MvArgs) -> color_eyre::Result<i32> {
+pub fn run(a: MvArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = MoveOptions {
         roots: a.roots.clone(),
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

@@ -1,6 +1,7 @@
 //! `cowshed rebase`: point a qcow2 image at another backing file, like
 //! `qemu-img rebase`.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -31,11 +32,12 @@ pub struct RebaseArgs {
     file: PathBuf,
 }
 
-pub fn run(a: RebaseArgs) -> color_eyre::Result<i32> {
+pub fn run(a: RebaseArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = RebaseOptions {
         backing: a.backing.clone(),
         backing_format: a.backing_format,
         unsafe_header_only: a.unsafe_mode,
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         format!(

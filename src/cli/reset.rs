@@ -1,5 +1,6 @@
 //! `cowshed reset`: throw away an overlay's own changes.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -16,8 +17,12 @@ pub struct ResetArgs {
     file: PathBuf,
 }
 
-pub fn run(a: ResetArgs) -> color_eyre::Result<i32> {
-    engine::reset(&a.file, &ResetOptions { roots: a.roots })?;
+pub fn run(a: ResetArgs, session: &Session) -> color_eyre::Result<i32> {
+    let opts = ResetOptions {
+        roots: a.roots,
+        vms: session.vm_users()?,
+    };
+    engine::reset(&a.file, &opts)?;
     println!(
         "reset {}: its own changes are gone, it reads as its backing file",
         a.file.display()

@@ -1,6 +1,7 @@
 //! `cowshed resize`: change an image's virtual size, like `qemu-img
 //! resize`.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -44,7 +45,7 @@ pub struct ResizeArgs {
     size: String,
 }
 
-pub fn run(a: ResizeArgs) -> color_eyre::Result<i32> {
+pub fn run(a: ResizeArgs, session: &Session) -> color_eyre::Result<i32> {
     let size = match a.size.strip_prefix('+') {
         Some(rest) => NewSize::Plus(parse_size(rest)?),
         None => match a.size.strip_prefix('-') {
@@ -57,6 +58,7 @@ pub fn run(a: ResizeArgs) -> color_eyre::Result<i32> {
         shrink: a.shrink,
         force: a.force,
         roots: a.roots,
+        vms: session.vm_users()?,
     };
     resize(&a.file, size, &opts)?;
     if !a.quiet {

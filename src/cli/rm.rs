@@ -2,6 +2,7 @@
 //! trash with `--trash`); `--stream` first rebases the dependents onto the
 //! image's own backing.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -35,11 +36,12 @@ pub struct RmArgs {
     files: Vec<PathBuf>,
 }
 
-pub fn run(a: RmArgs) -> color_eyre::Result<i32> {
+pub fn run(a: RmArgs, session: &Session) -> color_eyre::Result<i32> {
     let opts = RemoveOptions {
         roots: a.roots.clone(),
         stream: a.stream,
         trash: a.trash,
+        vms: session.vm_users()?,
     };
     let cancelled = || {
         "rm cancelled: every image is still readable; dependents already streamed read as \

@@ -57,6 +57,12 @@ pub struct SnapshotArgs {
     file: PathBuf,
 }
 
+impl SnapshotArgs {
+    pub(super) fn writes(&self) -> bool {
+        self.create.is_some() || self.apply.is_some() || self.delete.is_some()
+    }
+}
+
 pub fn run(a: SnapshotArgs) -> color_eyre::Result<i32> {
     let _ = (a.force_share, a.quiet);
     if let Some(name) = &a.create {

@@ -45,6 +45,12 @@ fn or_here(dirs: Vec<PathBuf>) -> Vec<PathBuf> {
     }
 }
 
+impl TrashArgs {
+    pub(super) fn writes(&self) -> bool {
+        !matches!(self.command, TrashCommand::List { .. })
+    }
+}
+
 pub fn run(a: TrashArgs) -> color_eyre::Result<i32> {
     match a.command {
         TrashCommand::List { dirs } => {

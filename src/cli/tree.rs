@@ -1,6 +1,7 @@
 //! `cowshed tree`: the forest of backing chains under some directories, the
 //! CLI face of the catalog.
 
+use super::session::Session;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use super::{display, human_size, Output};
 use crate::catalog::scan::scan_all;
 use crate::catalog::{Flag, Forest, NodeId};
+use crate::inventory::Inventory;
 
 #[derive(Debug, Args)]
 pub struct TreeArgs {
@@ -22,7 +24,7 @@ pub struct TreeArgs {
     roots: Vec<PathBuf>,
 }
 
-pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
+pub fn run(a: TreeArgs, session: &Session) -> color_eyre::Result<i32> {
     let (local, remote) = crate::remote::split_roots(&a.roots);
     let (records, mut errors) = if local.is_empty() {
         (Vec::new(), Vec::new())
@@ -49,18 +51,26 @@ pub fn run(a: TreeArgs) -> color_eyre::Result<i32> {
             }
         }
     }
+    let vms = Inventory::read(&session.connections()?);
     match a.output {
-        Output::Json => write_json(&forest, &errors)?,
+        Output::Json => write_json(&forest, &vms, &errors)?,
         Output::Human => {
-            print!("{}", to_human(&forest));
+            print!("{}", to_human(&forest, &vms));
             for (path, msg) in &errors {
                 eprintln!("cowshed: {}: {msg}", path.display());
             }
         }
     }
+    for (uri, why) in &vms.unreadable {
+        eprintln!("cowshed: libvirt connection {uri} could not be read: {why}");
+    }
     // What could be scanned is shown, but a script must see that some of
     // it could not: an error never ends with exit 0.
-    Ok(if errors.is_empty() { 0 } else { 1 })
+    Ok(if errors.is_empty() && vms.unreadable.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 /// One image in `tree --output json`. Serialized one at a time while the
@@ -88,6 +98,8 @@ struct ImageJson<'a> {
     holders: Vec<HolderJson<'a>>,
     /// A base made read-only on disk (`cowshed protect`).
     protected: bool,
+    /// The defined libvirt domains that use it, running or not.
+    used_by_vms: Vec<VmJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     backing_filename: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +117,14 @@ struct FlagJson {
     /// The processes holding the base for writing (open-for-writing).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     writers: Vec<u32>,
+}
+
+#[derive(Serialize)]
+struct VmJson<'a> {
+    name: &'a str,
+    uuid: &'a str,
+    state: &'a str,
+    connection: &'a str,
 }
 
 #[derive(Serialize)]
@@ -131,7 +151,7 @@ struct ErrorJson {
 }
 
 impl<'a> ImageJson<'a> {
-    fn new(forest: &'a Forest, id: NodeId) -> Self {
+    fn new(forest: &'a Forest, vms: &'a Inventory, id: NodeId) -> Self {
         let n = &forest.nodes[id];
         let r = &n.record;
         let name = |id: usize| forest.nodes[id].record.location();
@@ -173,6 +193,16 @@ impl<'a> ImageJson<'a> {
                 })
                 .collect(),
             protected: forest.is_protected(id),
+            used_by_vms: vms
+                .users_of(r.dev_ino)
+                .filter(|_| r.host.is_none())
+                .map(|d| VmJson {
+                    name: &d.name,
+                    uuid: &d.uuid,
+                    state: &d.state,
+                    connection: &d.connection,
+                })
+                .collect(),
             backing_filename: r
                 .summary
                 .as_ref()
@@ -196,7 +226,11 @@ where
     }
 }
 
-fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Result<()> {
+fn write_json(
+    forest: &Forest,
+    vms: &Inventory,
+    errors: &[(PathBuf, String)],
+) -> color_eyre::Result<()> {
     #[derive(Serialize)]
     struct Doc<A, B, C> {
         images: A,
@@ -209,7 +243,7 @@ fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Resu
                 .roots
                 .iter()
                 .flat_map(|&r| forest.walk(r))
-                .map(|(id, _)| ImageJson::new(forest, id))
+                .map(|(id, _)| ImageJson::new(forest, vms, id))
         }),
         trees: Seq(|| {
             forest.roots.iter().map(|&r| {
@@ -238,7 +272,7 @@ fn write_json(forest: &Forest, errors: &[(PathBuf, String)]) -> color_eyre::Resu
     Ok(())
 }
 
-fn to_human(forest: &Forest) -> String {
+fn to_human(forest: &Forest, vms: &Inventory) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let saved: u64 = forest.roots.iter().map(|&r| forest.space(r).saved()).sum();
@@ -310,9 +344,20 @@ fn to_human(forest: &Forest) -> String {
                     )
                 }
             };
+            // A remote image's device and inode are another host's.
+            let domains: Vec<String> = vms
+                .users_of(r.dev_ino)
+                .filter(|_| r.host.is_none())
+                .map(|d| format!("{} ({})", d.name, d.state))
+                .collect();
+            let vm = if domains.is_empty() {
+                String::new()
+            } else {
+                format!("  vm: {}", domains.join(", "))
+            };
             let _ = writeln!(
                 out,
-                "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}{protected}",
+                "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}{vm}{protected}",
                 r.location(),
                 r.summary.as_ref().map_or("?", |s| s.format.name()),
                 human_size(r.sizes.virtual_size),

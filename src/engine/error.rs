@@ -74,6 +74,24 @@ pub enum Error {
         dependents: Vec<PathBuf>,
     },
 
+    /// A defined virtual machine uses the file: changing it would change
+    /// (or, moved, take away) a disk of that machine.
+    #[error(
+        "{}: is used by libvirt domain {users}: a defined domain, even shut off, would boot from \
+         the changed image (--force-vms goes ahead anyway)",
+        path.display()
+    )]
+    UsedByVm { path: PathBuf, users: String },
+
+    /// A libvirt connection the user named could not be read, so whether a
+    /// defined virtual machine uses the file is unknown.
+    #[error(
+        "{}: refusing to write: the check for libvirt domains using it could not be made \
+         ({detail}); --force-vms goes ahead without it",
+        path.display()
+    )]
+    VmCheckFailed { path: PathBuf, detail: String },
+
     /// qemu-img's exit 63: the format has no consistency check.
     #[error("{}: This image format ({format}) does not support checks", path.display())]
     CheckUnsupported { path: PathBuf, format: &'static str },

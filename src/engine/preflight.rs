@@ -3,7 +3,10 @@
 //! neither held by a QEMU nor the backing file of another image. A refusal
 //! here leaves every file byte-identical. The free-space guard is
 //! [`crate::engine::space`]; QEMU's locks are [`crate::engine::lock`].
+//! Defined virtual machines are known to the shells, not to the engine:
+//! they hand them in as [`VmUsers`], checked by [`ensure_no_vm_users`].
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -145,4 +148,73 @@ pub fn claim_destination(
         }
     }
     Ok(DestinationClaim { _lock: Some(lock) })
+}
+
+/// A defined virtual machine (a libvirt domain) that uses an image: as one
+/// of its disks or in the backing chain libvirt records for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmUser {
+    pub name: String,
+    pub uuid: String,
+    /// As libvirt words it: running, paused, shut off, ...
+    pub state: String,
+    /// The libvirt connection URI it was found on.
+    pub connection: String,
+}
+
+/// What the shell found out about defined virtual machines before an
+/// operation: which files (device, inode: every spelling of a path and
+/// every bind mount matches) each uses, and which connections the user
+/// named could not be read, so that the check is not silently skipped.
+#[derive(Debug, Clone, Default)]
+pub struct VmUsers {
+    pub by_file: HashMap<(u64, u64), Vec<VmUser>>,
+    /// Connections that were asked and could not answer: (URI, why).
+    pub unreadable: Vec<(String, String)>,
+    /// Go ahead anyway (`--force-vms`, or "yes" in the TUI).
+    pub force: bool,
+}
+
+impl VmUsers {
+    /// The machines using the file at `path`; none when it cannot be
+    /// stat'ed (the operation reports that itself).
+    pub fn of(&self, path: &Path) -> &[VmUser] {
+        std::fs::metadata(path)
+            .ok()
+            .and_then(|m| self.by_file.get(&(m.dev(), m.ino())))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Refuse to change the file at `path` while a defined virtual machine uses
+/// it, running or shut off (its next boot would read a changed disk, or
+/// miss a moved one), and when a connection the user named could not be
+/// read (the check could not be made). The one place of that refusal.
+pub fn ensure_no_vm_users(path: &Path, vms: &VmUsers) -> Result<()> {
+    if vms.force {
+        return Ok(());
+    }
+    let users = vms.of(path);
+    if !users.is_empty() {
+        return Err(Error::UsedByVm {
+            path: path.to_path_buf(),
+            users: users
+                .iter()
+                .map(|u| format!("'{}' ({}, {})", u.name, u.state, u.connection))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    if !vms.unreadable.is_empty() {
+        return Err(Error::VmCheckFailed {
+            path: path.to_path_buf(),
+            detail: vms
+                .unreadable
+                .iter()
+                .map(|(uri, why)| format!("{uri}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    Ok(())
 }

@@ -604,6 +604,7 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
             let opts = engine::CommitOptions {
                 base: None,
                 keep_top,
+                vms: host_vms(),
             };
             engine::commit(&image, &opts, p, c)?;
             Ok(None)
@@ -621,6 +622,7 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
                 backing,
                 backing_format,
                 unsafe_header_only,
+                vms: host_vms(),
             };
             engine::rebase(&image, &opts, p, c)?;
             Ok(None)
@@ -649,6 +651,7 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
                 roots,
                 stream: false,
                 trash,
+                vms: host_vms(),
             };
             engine::remove(&paths, &opts, p, c)?;
             Ok(None)
@@ -664,11 +667,19 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
                 } else {
                     move_roots
                 },
+                vms: host_vms(),
             };
             let report = engine::move_image(&src, &dst, &opts, p, c)?;
             Ok(Some(report.dst))
         }),
     }
+}
+
+/// The libvirt domains defined on this host (its default connections), for
+/// the engine's check before a job changes an image here.
+fn host_vms() -> crate::engine::preflight::VmUsers {
+    crate::inventory::Inventory::read(&crate::inventory::Connections::from_named(&[]))
+        .vm_users(false)
 }
 
 #[cfg(test)]

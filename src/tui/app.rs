@@ -4,6 +4,8 @@
 //! as events. Keys are routed through the key table's layers: to the open
 //! dialog (`dialog/`), else to the mode's own handling.
 
+use crate::engine::preflight::VmUsers;
+use crate::inventory::Inventory;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -248,6 +250,12 @@ pub struct App {
     /// The reclaim view's list and selection, built when it opens and on
     /// every new forest while it is open.
     pub reclaim: ReclaimView,
+    /// The defined libvirt domains, as last read off the UI thread.
+    pub inventory: Arc<Inventory>,
+    /// The same, as the engine's pre-flight step takes it.
+    pub vms: VmUsers,
+    /// `--readonly` / `readonly = true`: action keys are disabled.
+    pub readonly: bool,
 
     selected_key: Option<PathBuf>,
     details_wanted: Option<PathBuf>,
@@ -277,11 +285,18 @@ impl App {
         events: Sender<Event>,
         area: Rect,
     ) -> std::io::Result<App> {
+        let events_for_inventory = events.clone();
         let mut catalog = CatalogHandle::start(roots.clone(), live, events.clone())?;
         let inspector = InspectHandle::start(events.clone())?;
         let pool = Jobs::new(DEFAULT_WORKERS, events);
         catalog.send(CatalogCmd::Rescan);
         let doctor = config.doctor;
+        if live {
+            super::worker::spawn_inventory(
+                crate::inventory::Connections::from_named(&config.libvirt),
+                events_for_inventory,
+            )?;
+        }
         Ok(App {
             roots,
             keymap: config.keymap,
@@ -309,6 +324,9 @@ impl App {
             doctor,
             marks: BTreeSet::new(),
             reclaim: ReclaimView::default(),
+            inventory: Arc::new(Inventory::default()),
+            vms: VmUsers::default(),
+            readonly: config.readonly,
             selected_key: None,
             details_wanted: None,
             details_stamp: None,
@@ -499,6 +517,26 @@ impl App {
                 self.scroll_to_selection();
             }
             Event::Input(_) => {}
+            Event::Inventory(inv) => {
+                for (uri, why) in &inv.unreadable {
+                    if !self
+                        .inventory
+                        .unreadable
+                        .iter()
+                        .any(|(u, w)| u == uri && w == why)
+                    {
+                        self.say(Status::error(format!(
+                            "libvirt connection {uri} could not be read: {why}"
+                        )));
+                    }
+                }
+                self.vms = inv.vm_users(false);
+                self.inventory = inv;
+                if self.mode == Mode::Reclaim {
+                    self.reclaim
+                        .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
+                }
+            }
             Event::Catalog(u) => {
                 self.catalog_seen = self.catalog_seen.max(u.seq);
                 self.scanning = u.scanning;
@@ -519,7 +557,7 @@ impl App {
                 }
                 if self.mode == Mode::Reclaim {
                     self.reclaim
-                        .rebuild(&self.forest, std::time::SystemTime::now());
+                        .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                 }
                 // Growth of images that are gone would stay forever.
                 let forest = Arc::clone(&self.forest);
@@ -598,7 +636,7 @@ impl App {
                     self.totals = totals(&self.forest);
                     if self.mode == Mode::Reclaim {
                         self.reclaim
-                            .rebuild(&self.forest, std::time::SystemTime::now());
+                            .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                     }
                     if self.sort != SortKey::Name {
                         self.rebuild_rows();
@@ -704,6 +742,7 @@ impl App {
             keymap: &self.keymap,
             roots: &self.roots,
             selected: self.selected_node(),
+            vms: &self.vms,
         }
     }
 
@@ -772,6 +811,7 @@ impl App {
                 self.toggle_marks(keys);
             }
             Some(Action::ClearMarks) => self.clear_marks(),
+            Some(Action::DeleteImage) if self.readonly => self.tree_action(Action::DeleteImage),
             Some(Action::DeleteImage) => {
                 let targets = self.reclaim_targets();
                 if !targets.is_empty() {
@@ -896,6 +936,13 @@ impl App {
         let page = usize::from(view::layout(self.area).tree_body.height).max(1);
         let selected = self.selected_node();
         let forest = Arc::clone(&self.forest);
+        if self.readonly && action.writes() {
+            self.say(Status::error(
+                "read-only: that action would change files, and cowshed runs with --readonly \
+                 (or readonly = true in the config)",
+            ));
+            return;
+        }
         let on_other_hosts: Vec<NodeId> = self
             .targets()
             .into_iter()
@@ -950,7 +997,7 @@ impl App {
             Action::Reclaim => {
                 self.reclaim = ReclaimView::default();
                 self.reclaim
-                    .rebuild(&self.forest, std::time::SystemTime::now());
+                    .rebuild(&self.forest, &self.vms, std::time::SystemTime::now());
                 self.mode = Mode::Reclaim;
             }
             Action::CloneMany => {

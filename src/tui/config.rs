@@ -28,6 +28,17 @@ const HEADER: &str = "\
 # paths are relative to this file.
 # roots = [\"/var/lib/libvirt/images\", \"vms\"]
 
+# libvirt connections whose defined domains (running or shut off) guard
+# the images they use: shown in the tree, refused as targets of rm, reset,
+# mv, commit, rebase and resize. Unset: qemu:///system and qemu:///session,
+# each where its daemon runs. A connection named here that cannot be read
+# is reported, and writes are refused until --force-vms says otherwise.
+# libvirt = [\"qemu:///system\", \"qemu+ssh://host/system\"]
+
+# Change nothing: commands that would write are refused, and the terminal
+# UI's action keys are disabled (as --readonly does).
+# readonly = false
+
 # Keys, one table per layer (a mode of the screen, or a part of one that
 # has keys of its own). A line names an action and one key or a list of
 # keys, which replace that action's default keys in that layer only; a
@@ -87,6 +98,10 @@ struct ConfigFile {
     theme: ThemeFile,
     #[serde(default)]
     doctor: DoctorFile,
+    #[serde(default)]
+    libvirt: Vec<String>,
+    #[serde(default)]
+    readonly: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +144,10 @@ pub struct Config {
     pub theme: Theme,
     /// The chain doctor's settings (`[doctor]`).
     pub doctor: DoctorOptions,
+    /// libvirt connections to read (empty: the default set).
+    pub libvirt: Vec<String>,
+    /// Nothing is written (`readonly = true`).
+    pub readonly: bool,
 }
 
 impl Config {
@@ -193,6 +212,8 @@ impl Config {
             keymap,
             theme,
             doctor,
+            libvirt: file.libvirt,
+            readonly: file.readonly,
         })
     }
 

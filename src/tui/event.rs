@@ -38,6 +38,8 @@ pub enum Event {
         key: PathBuf,
         sizes: Sizes,
     },
+    /// The defined libvirt domains, read again (see `worker::spawn_inventory`).
+    Inventory(std::sync::Arc<crate::inventory::Inventory>),
     /// Time passes while something moves (a job runs, an image grows).
     Tick,
 }

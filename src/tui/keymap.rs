@@ -191,6 +191,28 @@ pub enum Action {
     DeleteSnapshot,
 }
 
+impl Action {
+    /// Keys that start something that changes files: disabled read-only.
+    pub fn writes(self) -> bool {
+        matches!(
+            self,
+            Action::Clone
+                | Action::CloneAs
+                | Action::CloneMany
+                | Action::Commit
+                | Action::Rebase
+                | Action::Flatten
+                | Action::Convert
+                | Action::Move
+                | Action::DeleteImage
+                | Action::ResetImage
+                | Action::Protect
+                | Action::Snapshots
+                | Action::Doctor
+        )
+    }
+}
+
 /// One row of the table.
 pub struct ActionInfo {
     pub layer: Layer,

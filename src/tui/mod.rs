@@ -31,10 +31,20 @@ pub use app::App;
 pub use config::Config;
 pub use event::Event;
 
+/// Command-line flags that override the config file's settings.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--readonly`: nothing is written, action keys are disabled.
+    pub readonly: bool,
+    /// `--connect URI`: the libvirt connections to read instead of the
+    /// config's.
+    pub connect: Vec<String>,
+}
+
 /// Open the TUI on `roots` (the config's roots, else the current directory,
 /// when empty). Returns the process exit code.
-pub fn run(roots: Vec<PathBuf>, config: Option<PathBuf>) -> color_eyre::Result<i32> {
-    run_with(roots, config, |_| {})
+pub fn run(roots: Vec<PathBuf>, config: Option<PathBuf>, flags: Flags) -> color_eyre::Result<i32> {
+    run_with(roots, config, flags, |_| {})
 }
 
 /// [`run`], with `sources` given a sender into the UI's event channel
@@ -43,9 +53,14 @@ pub fn run(roots: Vec<PathBuf>, config: Option<PathBuf>) -> color_eyre::Result<i
 pub fn run_with(
     roots: Vec<PathBuf>,
     config: Option<PathBuf>,
+    flags: Flags,
     sources: impl FnOnce(Sender<Event>),
 ) -> color_eyre::Result<i32> {
-    let config = Config::load(config.as_deref()).map_err(|e| eyre!(e))?;
+    let mut config = Config::load(config.as_deref()).map_err(|e| eyre!(e))?;
+    config.readonly |= flags.readonly;
+    if !flags.connect.is_empty() {
+        config.libvirt = flags.connect;
+    }
     let roots = if !roots.is_empty() {
         roots
     } else if !config.roots.is_empty() {

@@ -2,6 +2,7 @@
 //! breaking anything, the likeliest leaks first. A pure function of the
 //! forest and the time, tested on forests built in memory.
 
+use crate::engine::preflight::VmUsers;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -25,12 +26,12 @@ impl Candidate {
     }
 }
 
-/// Images nothing depends on (no overlay among the scanned images) and no
-/// process holds, found under the roots (a base outside them is not the
+/// Images nothing depends on (no overlay among the scanned images, no
+/// defined libvirt domain, running or not) and no process holds, found under the roots (a base outside them is not the
 /// operator's to reclaim here), sorted by size × age, then size, then
 /// path. Files that are no image are left out: they are not cowshed's to
 /// delete.
-pub fn candidates(f: &Forest, now: SystemTime) -> Vec<Candidate> {
+pub fn candidates(f: &Forest, vms: &VmUsers, now: SystemTime) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = f
         .nodes
         .iter()
@@ -38,6 +39,7 @@ pub fn candidates(f: &Forest, now: SystemTime) -> Vec<Candidate> {
         .filter(|(_, n)| {
             n.children.is_empty()
                 && n.record.lock == LockState::None
+                && !(n.record.host.is_none() && vms.by_file.contains_key(&n.record.dev_ino))
                 && !n
                     .flags
                     .iter()
@@ -84,9 +86,9 @@ pub struct ReclaimView {
 impl ReclaimView {
     /// Build the list again (a new forest), keeping the selected image
     /// selected while it is listed.
-    pub fn rebuild(&mut self, f: &Forest, now: SystemTime) {
+    pub fn rebuild(&mut self, f: &Forest, vms: &VmUsers, now: SystemTime) {
         let key = self.rows.get(self.selected).map(|c| c.key.clone());
-        self.rows = candidates(f, now);
+        self.rows = candidates(f, vms, now);
         self.selected = key
             .and_then(|k| self.rows.iter().position(|c| c.key == k))
             .unwrap_or(self.selected)
@@ -153,7 +155,7 @@ mod tests {
             reason: "no image header".into(),
         });
         f.nodes[6].flags.push(Flag::OutsideRoots);
-        let c = candidates(&f, now);
+        let c = candidates(&f, &VmUsers::default(), now);
         assert_eq!(
             names(&c),
             [
@@ -170,16 +172,31 @@ mod tests {
 
         // A reader holds an image too; the view keeps its selection.
         let mut view = ReclaimView::default();
-        view.rebuild(&f, now);
+        view.rebuild(&f, &VmUsers::default(), now);
         view.selected = 2;
         assert_eq!(view.total(), (5 + 10 + 100 + 100 + 400) << 20);
         f.nodes[1].record.lock = LockState::Reader;
-        view.rebuild(&f, now);
+        view.rebuild(&f, &VmUsers::default(), now);
         assert_eq!(
             view.selected_key().map(|k| k.to_str().expect("utf-8")),
             Some("/vm/tie-a.qcow2")
         );
         assert_eq!(view.rows.len(), 4);
+        // So does a defined libvirt domain, even shut off.
+        f.nodes[2].record.dev_ino = (1, 42);
+        let mut vms = VmUsers::default();
+        vms.by_file.insert(
+            f.nodes[2].record.dev_ino,
+            vec![crate::engine::preflight::VmUser {
+                name: "web".into(),
+                uuid: "u".into(),
+                state: "shut off".into(),
+                connection: "qemu:///system".into(),
+            }],
+        );
+        view.rebuild(&f, &vms, now);
+        assert_eq!(view.rows.len(), 3);
+        assert!(view.rows.iter().all(|c| c.id != 2));
     }
 
     #[test]

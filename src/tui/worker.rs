@@ -716,6 +716,41 @@ pub fn inspect(key: &Path, path: &Path) -> Details {
     d
 }
 
+/// How often the libvirt domains are read again: a domain defined, started
+/// or undefined shows within this time. Modest: each read runs virsh once
+/// per connection and twice per domain.
+pub const INVENTORY_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Read the defined domains of `conns` on a thread of its own, now and
+/// every [`INVENTORY_POLL`], and send each reading that differs from the
+/// last. The thread ends with the UI (its channel closed).
+pub fn spawn_inventory(
+    conns: crate::inventory::Connections,
+    tx: crossbeam_channel::Sender<super::Event>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("cowshed-inventory".into())
+        .spawn(move || {
+            let mut last: Option<crate::inventory::Inventory> = None;
+            loop {
+                let now = crate::inventory::Inventory::read(&conns);
+                if last.as_ref() != Some(&now) {
+                    if tx
+                        .send(super::Event::Inventory(std::sync::Arc::new(now.clone())))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                // A closed channel is only seen on a send: a UI that quit
+                // leaves this thread asleep until the process ends with it.
+                std::thread::sleep(INVENTORY_POLL);
+            }
+        })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

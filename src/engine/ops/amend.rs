@@ -177,6 +177,9 @@ fn resize_to(path: &Path, opts: &AmendOptions, size: u64) -> Result<()> {
         shrink: true,
         force: opts.force,
         roots: opts.roots.clone(),
+        // amend is not among the operations checked for defined
+        // machines (#14 names rm, reset, mv, commit, rebase, resize).
+        vms: Default::default(),
     };
     resize(path, NewSize::Exactly(size), &ropts).map(|_| ())
 }

@@ -1,55 +1,116 @@
 //! `bitmap`: a qcow2 image's persistent dirty bitmaps added, removed,
-//! cleared, enabled and disabled as `qemu-img bitmap` does: the same
+//! cleared, enabled, disabled and merged as `qemu-img bitmap` does: the same
 //! checks in the same order and the same messages ("Operation add on
 //! bitmap NAME failed: ..."). The writing side and its crash safety are
 //! the writer's ([`crate::engine::qcow2::writer::bitmaps`]).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::qcow2::bitmap::{
-    table_entries, BitmapEntry, MAX_BITMAPS, MAX_GRANULARITY_BITS, MAX_NAME, MIN_GRANULARITY_BITS,
+    merge_into, read_bits, read_directory, table_entries, BitmapEntry, MAX_BITMAPS,
+    MAX_GRANULARITY_BITS, MAX_NAME, MIN_GRANULARITY_BITS,
 };
-use crate::engine::qcow2::Qcow2Writer;
+use crate::engine::qcow2::header::autoclear;
+use crate::engine::qcow2::{Header, Qcow2Writer};
 
 /// QEMU's cap on a bitmap table (BME_MAX_TABLE_SIZE).
 const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 /// QEMU's cap on the directory (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
 const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Add,
     Remove,
     Clear,
     Enable,
     Disable,
+    /// Merge the named bitmap (of the source image, or of this one) into
+    /// this one.
+    Merge(Vec<u8>),
 }
 
 impl Action {
-    fn verb(self) -> &'static str {
+    fn verb(&self) -> &'static str {
         match self {
             Action::Add => "add",
             Action::Remove => "remove",
             Action::Clear => "clear",
             Action::Enable => "enable",
             Action::Disable => "disable",
+            Action::Merge(_) => "merge",
         }
+    }
+}
+
+/// Where `--merge` takes its bitmaps from when not from the image itself
+/// (qemu-img's -b, -F).
+#[derive(Debug, Clone)]
+pub struct MergeSource {
+    pub path: std::path::PathBuf,
+    pub format: Option<Format>,
+}
+
+/// A source image opened read-only (as qemu-img opens it, without its
+/// backing chain): its bitmaps and what reading their bits needs.
+struct SourceImage {
+    file: File,
+    path: std::path::PathBuf,
+    bitmaps: Vec<BitmapEntry>,
+    disk_size: u64,
+    cluster_size: u64,
+    _lock: ImageLock,
+}
+
+impl SourceImage {
+    fn open(src: &MergeSource) -> Result<Self> {
+        let path = src.path.clone();
+        let file = File::open(&path).at(&path)?;
+        let lock = ImageLock::acquire(&file, &path, LockMode::READER)?;
+        let format = match src.format {
+            Some(f) => f,
+            None => probe_file(&file, &path)?,
+        };
+        let len = file.metadata().at(&path)?.len();
+        let (bitmaps, disk_size, cluster_size) = if format == Format::Qcow2 {
+            let h = Header::read(&file, &path, len)?;
+            let list = match &h.extensions.bitmaps {
+                Some(ext) if h.autoclear_features & autoclear::BITMAPS != 0 => {
+                    read_directory(&file, &path, ext)?
+                }
+                _ => Vec::new(),
+            };
+            (list, h.size & !511, h.cluster_size())
+        } else {
+            // No other format holds bitmaps.
+            (Vec::new(), len, 512)
+        };
+        Ok(SourceImage {
+            file,
+            path,
+            bitmaps,
+            disk_size,
+            cluster_size,
+            _lock: lock,
+        })
     }
 }
 
 /// Carry out `actions` on bitmap `name` in order, as qemu-img does: each is
 /// durable when the next starts, and the first that fails stops the rest
-/// (what was done before it stays). `granularity` (bytes) is for `Add`.
+/// (what was done before it stays). `granularity` (bytes) is for `Add`;
+/// `source` is where `Merge` finds its bitmaps (default: this image).
 pub fn run(
     path: &Path,
     format: Option<Format>,
     name: &[u8],
     actions: &[Action],
     granularity: Option<u64>,
+    source: Option<&MergeSource>,
 ) -> Result<()> {
     let file = OpenOptions::new()
         .read(true)
@@ -63,7 +124,8 @@ pub fn run(
     if format != Format::Qcow2 {
         // A raw image holds no bitmaps; QEMU still opens it for writing.
         let _lock = ImageLock::acquire(&file, path, LockMode::WRITER)?;
-        let Some(&first) = actions.first() else {
+        let _source = source.map(SourceImage::open).transpose()?;
+        let Some(first) = actions.first() else {
             return Ok(());
         };
         let why = match first {
@@ -81,8 +143,9 @@ pub fn run(
     }
     drop(file);
     let mut w = Qcow2Writer::open(path)?;
-    for &action in actions {
-        apply(&mut w, action, name, granularity).map_err(|e| match e {
+    let source = source.map(SourceImage::open).transpose()?;
+    for action in actions {
+        apply(&mut w, action, name, granularity, source.as_ref()).map_err(|e| match e {
             Refusal::Said(why) => failed(path, action, name, &why),
             Refusal::Error(e) => e,
         })?;
@@ -103,13 +166,14 @@ impl From<Error> for Refusal {
 
 fn apply(
     w: &mut Qcow2Writer,
-    action: Action,
+    action: &Action,
     name: &[u8],
     granularity: Option<u64>,
+    source: Option<&SourceImage>,
 ) -> std::result::Result<(), Refusal> {
     let list = w.bitmaps()?;
     let found = list.iter().position(|b| b.name == name);
-    if action == Action::Add {
+    if *action == Action::Add {
         let bits = add_checks_before_format(name, granularity).map_err(Refusal::Said)?;
         if found.is_some() {
             return Err(Refusal::Said(format!(
@@ -131,7 +195,9 @@ fn apply(
     let Some(index) = found else {
         return Err(Refusal::Said(not_found(name)));
     };
-    if action != Action::Remove && list[index].in_use() {
+    // A merge looks its source up before it checks its destination.
+    let checked_later = matches!(action, Action::Remove | Action::Merge(_));
+    if !checked_later && list[index].in_use() {
         return Err(Refusal::Said(inconsistent(&list[index])));
     }
     match action {
@@ -139,8 +205,68 @@ fn apply(
         Action::Clear => w.bitmap_clear(index)?,
         Action::Enable => w.bitmap_set_enabled(index, true)?,
         Action::Disable => w.bitmap_set_enabled(index, false)?,
+        Action::Merge(from) => merge(w, index, from, source)?,
         Action::Add => {}
     }
+    Ok(())
+}
+
+/// Bitmap `from` (of `source`, else of this image) merged into bitmap
+/// `index`, with QEMU's checks in its order: the source exists, the
+/// destination and then the source are consistent, and they cover disks
+/// of the same size.
+fn merge(
+    w: &mut Qcow2Writer,
+    index: usize,
+    from: &[u8],
+    source: Option<&SourceImage>,
+) -> std::result::Result<(), Refusal> {
+    let dst = w.bitmaps()?[index].clone();
+    let dst_bits = u32::from(dst.granularity_bits);
+    let disk_size = w.virtual_size();
+    // The source: its entry, and where it is in this image's list when
+    // it is one of this image's bitmaps.
+    let (src, here) = match source {
+        Some(s) => match s.bitmaps.iter().find(|b| b.name == from) {
+            Some(bm) => (bm.clone(), None),
+            None => return Err(Refusal::Said(not_found(from))),
+        },
+        None => {
+            let list = w.bitmaps()?;
+            match list.iter().position(|b| b.name == from) {
+                Some(at) => (list[at].clone(), Some(at)),
+                None => return Err(Refusal::Said(not_found(from))),
+            }
+        }
+    };
+    if dst.in_use() {
+        return Err(Refusal::Said(inconsistent(&dst)));
+    }
+    if src.in_use() {
+        return Err(Refusal::Said(inconsistent(&src)));
+    }
+    let src_size = source.map_or(disk_size, |s| s.disk_size);
+    if src_size != disk_size {
+        return Err(Refusal::Said(format!(
+            "Bitmaps are of different sizes (destination size is {disk_size}, source size is \
+             {src_size}) and can't be merged"
+        )));
+    }
+
+    let src_map = match (source, here) {
+        (Some(s), _) => read_bits(&s.file, &s.path, &src, s.disk_size, s.cluster_size)?,
+        (None, Some(at)) => w.bitmap_bits(at)?,
+        (None, None) => return Err(Refusal::Said(not_found(from))),
+    };
+    let mut map = w.bitmap_bits(index)?;
+    merge_into(
+        &mut map,
+        dst_bits,
+        &src_map,
+        u32::from(src.granularity_bits),
+        disk_size,
+    );
+    w.bitmaps_store(&[(index, map)], &[])?;
     Ok(())
 }
 
@@ -227,7 +353,7 @@ fn inconsistent(bm: &BitmapEntry) -> String {
     )
 }
 
-fn failed(path: &Path, action: Action, name: &[u8], why: &str) -> Error {
+fn failed(path: &Path, action: &Action, name: &[u8], why: &str) -> Error {
     Error::invalid(
         path,
         format!(

@@ -16,6 +16,7 @@ use crate::engine::fault;
 use crate::engine::format::Format;
 use crate::engine::layer::Image;
 use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::Qcow2Writer;
 
@@ -26,6 +27,8 @@ pub struct CommitOptions {
     pub base: Option<PathBuf>,
     /// Leave the top image as it is (qemu-img commit -d).
     pub keep_top: bool,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// Largest extent copied at once.
@@ -107,7 +110,9 @@ pub fn commit(
     // The top's lock first: its metadata is read only once no QEMU can
     // change it. Held as a writer throughout (its writer is what empties
     // it at the end; two of our own opens would conflict like any two).
-    let top_writer = Qcow2Writer::open(top)?;
+    let mut top_writer = Qcow2Writer::open(top)?;
+    // Emptied as QEMU empties it: its bitmaps kept, recording nothing.
+    top_writer.keep_bitmaps(false);
     let chain = Chain::open(top, Some(Format::Qcow2))?;
     let layers = chain.layers();
     if layers.len() < 2 {
@@ -139,10 +144,21 @@ pub fn commit(
     };
     let keep_top = opts.keep_top || opts.base.is_some();
     let base_path = layers[base_depth].path.clone();
+    // The base takes the data and every layer above it is emptied or
+    // skipped: a machine booting any of them would see a changed disk.
+    for layer in &layers[..=base_depth] {
+        ensure_no_vm_users(&layer.path, &opts.vms)?;
+    }
 
     // A running QEMU on the base stops us here, before any write.
     let mut target = match &layers[base_depth].image {
-        Image::Qcow2(_) => Target::Qcow2(Box::new(Qcow2Writer::open(&base_path)?)),
+        Image::Qcow2(_) => {
+            let mut w = Qcow2Writer::open(&base_path)?;
+            // The base's enabled bitmaps record what is committed into it,
+            // whole base clusters, as QEMU's do.
+            w.keep_bitmaps(true);
+            Target::Qcow2(Box::new(w))
+        }
         Image::Raw(_) => {
             let file = OpenOptions::new()
                 .read(true)

@@ -60,6 +60,7 @@ use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::preflight::{ensure_no_vm_users, VmUsers};
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::header::Header;
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
@@ -70,6 +71,8 @@ pub struct MoveOptions {
     /// Directories searched recursively for dependents, besides SRC's own
     /// directory.
     pub roots: Vec<PathBuf>,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// What a move did.
@@ -142,6 +145,7 @@ pub fn move_image(
         // Finish the undo, then move afresh.
         run.rollback()?;
     }
+    ensure_no_vm_users_under(src, &opts.vms)?;
     let (j, notes) = plan(src, &abs_src, dst, opts)?;
     let mut run = Run::new(j, opts, false);
     run.notes = notes;
@@ -153,6 +157,21 @@ pub fn move_image(
     cancel.check()?;
     run.j.save(Step::Started)?;
     run.execute(progress, cancel)
+}
+
+/// A moved file vanishes from where a defined machine's disk points: every
+/// file moved (all of a directory's) is checked. A resumed move is not: it
+/// was checked when it began, and stopping half way helps no one.
+fn ensure_no_vm_users_under(src: &Path, vms: &VmUsers) -> Result<()> {
+    if vms.by_file.is_empty() && vms.unreadable.is_empty() {
+        return Ok(());
+    }
+    for entry in walkdir::WalkDir::new(src).into_iter().flatten() {
+        if entry.file_type().is_file() {
+            ensure_no_vm_users(entry.path(), vms)?;
+        }
+    }
+    Ok(())
 }
 
 /// Does `dst` (as given now) name the destination of the journal's move?

@@ -22,6 +22,7 @@ use crate::engine::chain::{classify_backing, BackingName, Chain};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
 use crate::engine::format::{probe, Format};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::writer::backing::{check_fits, HeaderEditor};
 use crate::engine::qcow2::Qcow2Writer;
@@ -36,6 +37,8 @@ pub struct RebaseOptions {
     pub backing_format: Option<Format>,
     /// Change the header only (qemu-img rebase -u).
     pub unsafe_header_only: bool,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// QEMU's IO_BUF_SIZE: the largest range compared at once.
@@ -62,6 +65,7 @@ pub fn rebase(
         (None, _) => None,
     };
     let format_name = format.map(Format::name);
+    ensure_no_vm_users(file, &opts.vms)?;
     if opts.unsafe_header_only {
         let mut editor = HeaderEditor::open(file).map_err(|e| not_qcow2(file, e))?;
         // The new backing need not exist; if it does, it must not lead back
@@ -83,15 +87,6 @@ pub fn rebase(
     let old_size = w.backing_chain().map_or(0, Chain::virtual_size);
     let new_size = new.as_ref().map_or(0, Chain::virtual_size);
     let needed = needed_bytes(&mut w, new.as_ref(), size, cs, cancel)?;
-    if needed > 0 && w.header().extensions.bitmaps.is_some() {
-        // The writer does not update bitmaps; QEMU would then drop them.
-        return Err(Error::invalid(
-            file,
-            "the image has persistent bitmaps, which cowshed cannot keep up to date: a safe \
-             rebase that copies data into it would invalidate them (use qemu-img rebase, or -u \
-             if the new backing reads the same as the old)",
-        ));
-    }
     space::ensure_fits(file, needed)?;
 
     progress.set_total(size);
@@ -121,7 +116,10 @@ fn open_safe(
 ) -> Result<(Qcow2Writer, Option<Chain>)> {
     // The lock first, then the metadata (the writer reads it after locking)
     // and the old chain.
-    let w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    let mut w = Qcow2Writer::open(file).map_err(|e| not_qcow2(file, e))?;
+    // What a safe rebase copies in is recorded in the image's enabled
+    // bitmaps, as QEMU's writes are.
+    w.keep_bitmaps(false);
     let new = match (name, format) {
         (Some(n), Some(f)) => {
             let chain = open_new(file, n, f)?;

@@ -29,6 +29,7 @@ use crate::engine::fault;
 use crate::engine::format::{named_like_an_image, open_image_file, probe, probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::ops::rebase::{rebase, rebase_space_needed, RebaseOptions};
+use crate::engine::preflight::{ensure_no_vm_users, VmUsers};
 use crate::engine::progress::{Cancel, Progress};
 use crate::engine::qcow2::header::Header;
 use crate::engine::{space, trash};
@@ -42,6 +43,8 @@ pub struct RemoveOptions {
     pub stream: bool,
     /// Move into the trash instead of deleting for good.
     pub trash: bool,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// What became of one file.
@@ -86,7 +89,7 @@ pub fn remove(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<Removal> {
-    let targets = claim(files, &opts.roots)?;
+    let targets = claim(files, &opts.roots, &opts.vms)?;
     let ids: HashSet<(u64, u64)> = targets.iter().map(|t| t.id).collect();
     // Dependents named in the same command go too.
     let outside = |t: &Target| -> Result<Vec<Dependent>> {
@@ -193,7 +196,7 @@ fn has_dependents(path: &Path, deps: &[Dependent]) -> Error {
 
 /// Check each file and take QEMU's writer locks on it (held by the
 /// returned targets); find its dependents.
-fn claim(files: &[PathBuf], roots: &[PathBuf]) -> Result<Vec<Target>> {
+fn claim(files: &[PathBuf], roots: &[PathBuf], vms: &VmUsers) -> Result<Vec<Target>> {
     if files.is_empty() {
         return Err(Error::invalid("rm", "no file given"));
     }
@@ -233,6 +236,7 @@ fn claim(files: &[PathBuf], roots: &[PathBuf]) -> Result<Vec<Target>> {
             },
             e => e,
         })?;
+        ensure_no_vm_users(path, vms)?;
         let dependents = find_dependents(path, &Scope::around(path, roots))?;
         targets.push(Target {
             path: path.clone(),
@@ -354,6 +358,8 @@ fn plan_stream(path: &Path, deps: Vec<Dependent>) -> Result<StreamPlan> {
                     backing,
                     backing_format: Some(*format),
                     unsafe_header_only: false,
+                    // Streaming keeps each dependent's guest view.
+                    vms: Default::default(),
                 }
             }
         };

@@ -24,6 +24,7 @@ use crate::engine::fault;
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::ops::create::{fresh_layout, qcow2_header, CreateOptions};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::qcow2::header::{CryptMethod, Header};
 use crate::engine::space;
 
@@ -32,6 +33,8 @@ pub struct ResetOptions {
     /// Directories searched (recursively) for dependents besides the
     /// image's own directory.
     pub roots: Vec<PathBuf>,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// Replace the overlay at `path` with a fresh empty one.
@@ -65,6 +68,7 @@ pub fn reset(path: &Path, opts: &ResetOptions) -> Result<()> {
     let meta = file.metadata().at(path)?;
     let old = Header::read(&file, path, meta.len())?;
     refuse_what_would_be_lost(path, &old)?;
+    ensure_no_vm_users(path, &opts.vms)?;
     let users = find_dependents(path, &Scope::around(path, &opts.roots))?;
     if !users.is_empty() {
         let names: Vec<String> = users

@@ -12,6 +12,7 @@ use crate::engine::dependents::{find_dependents, Scope};
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::{open_image_file, probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
+use crate::engine::preflight::ensure_no_vm_users;
 use crate::engine::qcow2::Qcow2Writer;
 
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,8 @@ pub struct ResizeOptions {
     /// Where to look for such images besides the file's own directory
     /// (walked recursively).
     pub roots: Vec<PathBuf>,
+    /// Defined virtual machines: an image one of them uses is refused.
+    pub vms: crate::engine::preflight::VmUsers,
 }
 
 /// How a size argument is meant: absolute, or relative to the current
@@ -60,6 +63,7 @@ pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
         None => probe_file(&file, path)?,
     };
     drop(file);
+    ensure_no_vm_users(path, &opts.vms)?;
     match format {
         Format::Qcow2 => {
             // Locks (QEMU's writer), then the metadata check, then reading.

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::BitmapsExt;
+use super::l2::bitmap_table_data_offset;
 use crate::engine::error::{Error, IoContext, Result};
 
 pub mod flags {
@@ -73,6 +74,147 @@ impl BitmapEntry {
 pub fn table_entries(disk_size: u64, granularity_bits: u32, cluster_size: u64) -> u64 {
     let per_cluster = (cluster_size * 8) << granularity_bits;
     disk_size.div_ceil(per_cluster)
+}
+
+/// Bits in a bitmap of granularity `2^granularity_bits` over `disk_size`
+/// bytes: one per granule, the last one partial.
+pub fn bit_count(disk_size: u64, granularity_bits: u32) -> u64 {
+    disk_size.div_ceil(1u64 << granularity_bits)
+}
+
+/// The most bitmap bytes loaded into memory at once (QEMU, too, holds a
+/// whole bitmap in memory): 1 GiB of bits covers 4 TiB at 512-byte
+/// granularity, 512 TiB at 64 KiB; a hostile size is refused before
+/// anything is allocated.
+pub const MAX_LOADED_BYTES: u64 = 1 << 30;
+
+/// Table entry bits that must be 0 (QEMU's BME_TABLE_ENTRY_RESERVED_MASK).
+const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// An entry without offset whose data reads as all ones.
+const TABLE_ALL_ONES: u64 = 1;
+
+/// Bitmap `bm`'s bits over a disk of `disk_size` bytes, as QEMU serializes
+/// them: bit `k` (granule `k`) is bit `k % 8` of byte `k / 8`; each table
+/// entry holds one cluster of these bytes. Bits past the disk read 0.
+pub fn read_bits(
+    file: &File,
+    path: &Path,
+    bm: &BitmapEntry,
+    disk_size: u64,
+    cluster_size: u64,
+) -> Result<Vec<u8>> {
+    let name = String::from_utf8_lossy(&bm.name);
+    let bad = |why: &str| Error::invalid(path, format!("bitmap '{name}' {why}"));
+    let g = u32::from(bm.granularity_bits);
+    if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&g) {
+        return Err(bad("has an invalid granularity"));
+    }
+    let bits = bit_count(disk_size, g);
+    let bytes = bits.div_ceil(8);
+    if bytes > MAX_LOADED_BYTES {
+        return Err(bad("is too large to load"));
+    }
+    if u64::from(bm.table_size) != table_entries(disk_size, g, cluster_size) {
+        return Err(bad("has a table whose size does not match the disk"));
+    }
+    let mut out = vec![0u8; bytes as usize];
+    if bm.table_size == 0 {
+        return Ok(out);
+    }
+    if bm.table_offset == 0 || bm.table_offset % cluster_size != 0 {
+        return Err(bad("has an invalid table offset"));
+    }
+    let mut raw = vec![0u8; bm.table_size as usize * 8];
+    file.read_exact_at(&mut raw, bm.table_offset).at(path)?;
+    for (chunk, e) in out
+        .chunks_mut(cluster_size as usize)
+        .zip(raw.chunks_exact(8))
+    {
+        let e = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+        let off = bitmap_table_data_offset(e);
+        if e & TABLE_RESERVED_MASK != 0
+            || (off != 0 && (e & TABLE_ALL_ONES != 0 || off % cluster_size != 0))
+        {
+            return Err(bad("has an invalid table entry"));
+        }
+        if off != 0 {
+            file.read_exact_at(chunk, off).at(path)?;
+        } else if e & TABLE_ALL_ONES != 0 {
+            chunk.fill(0xff);
+        }
+    }
+    clear_past(&mut out, bits);
+    Ok(out)
+}
+
+/// Clear the bits from `bits` on (past the disk's last granule).
+fn clear_past(map: &mut [u8], bits: u64) {
+    let whole = (bits / 8) as usize;
+    if let Some(partial) = map.get_mut(whole) {
+        *partial &= (1u16 << (bits % 8)).wrapping_sub(1) as u8;
+    }
+    if let Some(rest) = map.get_mut(whole + 1..) {
+        rest.fill(0);
+    }
+}
+
+/// Set, in `map` (granularity `2^granularity_bits`), every bit whose
+/// granule overlaps `[start, start + len)` of a disk of `disk_size` bytes:
+/// what a write there does to a bitmap that records it.
+pub fn mark(map: &mut [u8], granularity_bits: u32, disk_size: u64, start: u64, len: u64) {
+    let end = start.saturating_add(len).min(disk_size);
+    if start >= end {
+        return;
+    }
+    let first = start >> granularity_bits;
+    let last = (end - 1) >> granularity_bits;
+    for k in first..=last {
+        if let Some(byte) = map.get_mut((k / 8) as usize) {
+            *byte |= 1 << (k % 8);
+        }
+    }
+}
+
+/// The byte ranges `[start, end)` of the disk whose bits are set in `map`.
+pub fn dirty_ranges(map: &[u8], granularity_bits: u32, disk_size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &byte) in map.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        for b in 0..8 {
+            if byte & (1 << b) == 0 {
+                continue;
+            }
+            let k = i as u64 * 8 + b;
+            let start = k << granularity_bits;
+            if start >= disk_size {
+                break;
+            }
+            let end = (start + (1u64 << granularity_bits)).min(disk_size);
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => out.push((start, end)),
+            }
+        }
+    }
+    out
+}
+
+/// `src` (granularity `2^src_bits`) merged into `dst` (`2^dst_bits`) as
+/// QEMU merges bitmaps: the same granularity ORs the bits; otherwise each
+/// dirty range of `src` marks the granules of `dst` it overlaps.
+pub fn merge_into(dst: &mut [u8], dst_bits: u32, src: &[u8], src_bits: u32, disk_size: u64) {
+    if dst_bits == src_bits {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d |= s;
+        }
+        clear_past(dst, bit_count(disk_size, dst_bits));
+        return;
+    }
+    for (start, end) in dirty_ranges(src, src_bits, disk_size) {
+        mark(dst, dst_bits, disk_size, start, end - start);
+    }
 }
 
 /// The directory the extension points at.
@@ -163,6 +305,30 @@ mod tests {
         let back = read_directory(&f, &dir, &ext).unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(back, vec![a, b]);
+    }
+
+    #[test]
+    fn marks_cover_every_granule_a_range_touches() {
+        let mut map = vec![0u8; 2];
+        // Granules of 512 over 5000 bytes: 10 bits.
+        mark(&mut map, 9, 5000, 511, 2);
+        assert_eq!(map, [0b11, 0]);
+        mark(&mut map, 9, 5000, 4700, 1000);
+        assert_eq!(map, [0b11, 0b10]);
+        assert_eq!(dirty_ranges(&map, 9, 5000), [(0, 1024), (4608, 5000)]);
+    }
+
+    #[test]
+    fn merging_across_granularities_marks_overlapping_granules() {
+        let disk = 1 << 20;
+        let mut fine = vec![0u8; bit_count(disk, 9).div_ceil(8) as usize];
+        mark(&mut fine, 9, disk, 70_000, 1);
+        let mut coarse = vec![0u8; bit_count(disk, 16).div_ceil(8) as usize];
+        merge_into(&mut coarse, 16, &fine, 9, disk);
+        assert_eq!(dirty_ranges(&coarse, 16, disk), [(65536, 131072)]);
+        let mut back = vec![0u8; fine.len()];
+        merge_into(&mut back, 9, &coarse, 16, disk);
+        assert_eq!(dirty_ranges(&back, 9, disk), [(65536, 131072)]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! clusters.
 
 use super::be64_table;
-use std::collections::{HashMap, VecDeque};
+use super::cache::{TableCache, L2_CACHE_BYTES};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,9 +20,6 @@ use crate::engine::format::read_up_to;
 use crate::engine::layer::LayerStatus;
 use crate::engine::raw::host_allocation;
 
-/// Upper bound for cached L2 tables, in bytes.
-const L2_CACHE_BYTES: u64 = 32 << 20;
-
 pub struct Qcow2Image {
     path: PathBuf,
     file: File,
@@ -34,36 +31,14 @@ pub struct Qcow2Image {
     /// once opened.
     data_file: Option<PathBuf>,
     data_file_handle: OnceLock<File>,
-    l2_cache: Mutex<L2Cache>,
+    /// Clean only: the reader never changes a table.
+    l2_cache: Mutex<TableCache<Arc<Vec<u64>>>>,
     /// Last decompressed cluster (descriptor, bytes): small reads inside one
     /// compressed cluster decompress it once.
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// QEMU's metadata-preallocation heuristic, computed on first status.
     prealloc: OnceLock<bool>,
     file_len: AtomicU64,
-}
-
-struct L2Cache {
-    tables: HashMap<u64, Arc<Vec<u64>>>,
-    order: VecDeque<u64>,
-    capacity: usize,
-}
-
-impl L2Cache {
-    fn get(&self, offset: u64) -> Option<Arc<Vec<u64>>> {
-        self.tables.get(&offset).cloned()
-    }
-
-    fn insert(&mut self, offset: u64, table: Arc<Vec<u64>>) {
-        if self.tables.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.tables.remove(&old);
-            }
-        }
-        if self.tables.insert(offset, table).is_none() {
-            self.order.push_back(offset);
-        }
-    }
 }
 
 impl Qcow2Image {
@@ -105,7 +80,7 @@ impl Qcow2Image {
             _ => None,
         };
 
-        let capacity = (L2_CACHE_BYTES / header.cluster_size()).max(16) as usize;
+        let l2_cache = TableCache::new(L2_CACHE_BYTES, header.cluster_size());
         Ok(Qcow2Image {
             path: path.to_path_buf(),
             file,
@@ -115,11 +90,7 @@ impl Qcow2Image {
             l1,
             data_file,
             data_file_handle: OnceLock::new(),
-            l2_cache: Mutex::new(L2Cache {
-                tables: HashMap::new(),
-                order: VecDeque::new(),
-                capacity,
-            }),
+            l2_cache: Mutex::new(l2_cache),
             last_compressed: Mutex::new(None),
             prealloc: OnceLock::new(),
             file_len: AtomicU64::new(file_len),
@@ -184,7 +155,7 @@ impl Qcow2Image {
             )));
         }
         if let Some(t) = self.l2_cache.lock().map_err(poisoned)?.get(offset) {
-            return Ok(Some(t));
+            return Ok(Some(t.clone()));
         }
         if offset + cs > self.file_len_covering(offset + cs)? {
             return Err(self.corrupt(format!(
@@ -194,7 +165,9 @@ impl Qcow2Image {
         let mut raw = vec![0u8; cs as usize];
         self.file.read_exact_at(&mut raw, offset).at(&self.path)?;
         let table: Arc<Vec<u64>> = Arc::new(be64_table(&raw));
-        self.l2_cache
+        // Never dirty, so there is always room: the result can be ignored.
+        let _ = self
+            .l2_cache
             .lock()
             .map_err(poisoned)?
             .insert(offset, table.clone());

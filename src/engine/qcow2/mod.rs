@@ -1,6 +1,7 @@
 //! The qcow2 format: header, L1/L2 mapping, compression, snapshots.
 
 pub mod bitmap;
+pub mod cache;
 pub mod compress;
 pub mod header;
 pub mod image;

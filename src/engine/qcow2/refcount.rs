@@ -1,7 +1,7 @@
 //! Refcount table and blocks, read side: the refcount of a host cluster.
 
 use super::be64_table;
-use std::collections::HashMap;
+use super::cache::{TableCache, REFCOUNT_CACHE_BYTES};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -15,7 +15,9 @@ pub struct Refcounts {
     table: Vec<u64>,
     cluster_bits: u32,
     refcount_order: u32,
-    blocks: HashMap<u64, Vec<u8>>,
+    /// Refcount blocks read, bounded; changes are written through by the
+    /// caller (see [`Refcounts::set_in_block`]), so they are never dirty.
+    blocks: TableCache<Vec<u8>>,
 }
 
 impl Refcounts {
@@ -33,13 +35,7 @@ impl Refcounts {
         let mut raw = vec![0u8; bytes as usize];
         file.read_exact_at(&mut raw, h.refcount_table_offset)
             .at(path)?;
-        let table = be64_table(&raw);
-        Ok(Refcounts {
-            table,
-            cluster_bits: h.cluster_bits,
-            refcount_order: h.refcount_order,
-            blocks: HashMap::new(),
-        })
+        Ok(Refcounts::new(be64_table(&raw), h))
     }
 
     /// Like [`Refcounts::load`], but a table running past the end of the
@@ -51,12 +47,16 @@ impl Refcounts {
         let mut raw = vec![0u8; bytes as usize];
         let n = read_up_to(file, &mut raw, h.refcount_table_offset).at(path)?;
         raw[n..].fill(0);
-        Ok(Refcounts {
-            table: be64_table(&raw),
+        Ok(Refcounts::new(be64_table(&raw), h))
+    }
+
+    fn new(table: Vec<u64>, h: &Header) -> Self {
+        Refcounts {
+            table,
             cluster_bits: h.cluster_bits,
             refcount_order: h.refcount_order,
-            blocks: HashMap::new(),
-        })
+            blocks: TableCache::new(REFCOUNT_CACHE_BYTES, h.cluster_size()),
+        }
     }
 
     /// The refcount table's raw entries.
@@ -85,26 +85,28 @@ impl Refcounts {
                 format!("Refblock offset 0x{block_off:x} unaligned"),
             ));
         }
-        let block = match self.blocks.entry(block_off) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                // Past EOF reads as zeros, as in QEMU.
-                let mut raw = vec![0u8; cs as usize];
-                let n = read_up_to(file, &mut raw, block_off).map_err(|e| {
-                    Error::invalid(
-                        path,
-                        format!("cannot read refcount block at 0x{block_off:x}: {e}"),
-                    )
-                })?;
-                raw[n..].fill(0);
-                v.insert(raw)
-            }
-        };
-        Ok(decode_refcount(
-            block,
-            cluster % per_block,
-            1u64 << self.refcount_order,
-        ))
+        let bits = 1u64 << self.refcount_order;
+        if let Some(block) = self.blocks.get(block_off) {
+            return Ok(decode_refcount(block, cluster % per_block, bits));
+        }
+        // Past EOF reads as zeros, as in QEMU.
+        let mut raw = vec![0u8; cs as usize];
+        let n = read_up_to(file, &mut raw, block_off).map_err(|e| {
+            Error::invalid(
+                path,
+                format!("cannot read refcount block at 0x{block_off:x}: {e}"),
+            )
+        })?;
+        raw[n..].fill(0);
+        let value = decode_refcount(&raw, cluster % per_block, bits);
+        self.cache_block(block_off, raw);
+        Ok(value)
+    }
+
+    /// Blocks are written through, never dirty, so the cache always has
+    /// room; were it refused, the block would only be read again.
+    fn cache_block(&mut self, offset: u64, block: Vec<u8>) {
+        let _ = self.blocks.insert(offset, block);
     }
 }
 
@@ -131,7 +133,7 @@ impl Refcounts {
         if let Some(slot) = self.table.get_mut(index as usize) {
             *slot = offset;
         }
-        self.blocks.insert(offset, block);
+        self.cache_block(offset, block);
     }
 
     /// Set the refcount of `cluster` in its (existing, loaded) refblock and
@@ -150,7 +152,7 @@ impl Refcounts {
         };
         let idx = cluster % self.entries_per_block();
         let bits = 1u64 << self.refcount_order;
-        let Some(block) = self.blocks.get_mut(&block_off) else {
+        let Some(block) = self.blocks.get_written(block_off) else {
             return Err(Error::invalid(path, "internal: refblock not cached"));
         };
         Ok(encode_refcount(block, block_off, idx, bits, value))

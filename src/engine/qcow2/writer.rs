@@ -29,11 +29,11 @@ pub mod backing;
 pub mod bitmaps;
 pub mod snapshots;
 use super::be64_table;
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::cache::{TableCache, L2_CACHE_BYTES};
 use super::compress;
 use super::header::{autoclear, Header};
 use super::l2::{is_copied, l1_entry, l1_table_offset, Geometry, L2Entry, Unit};
@@ -64,12 +64,18 @@ pub struct Qcow2Writer {
     /// Shared: a caller may read it from another thread while this writes.
     backing: Option<std::sync::Arc<Chain>>,
     autoclear_cleared: bool,
+    /// Keep persistent bitmaps up to date through writes, as QEMU does
+    /// ([`Qcow2Writer::keep_bitmaps`]), instead of invalidating them.
+    keep_bitmaps: bool,
+    /// What a write marks in the bitmaps is rounded out to this.
+    bitmap_align: u64,
+    /// The bitmaps marked in use and the writes they are to record.
+    bitmap_session: Option<bitmaps::Session>,
     /// L2 tables read or written, by offset: the writer is the image's only
-    /// writer (it holds QEMU's locks), so they stay true.
-    l2_cache: HashMap<u64, Vec<u64>>,
-    /// Cached L2 tables with entries not yet written: they go out only
-    /// after the data and refcounts they depend on are durable.
-    dirty_l2: std::collections::BTreeSet<u64>,
+    /// writer (it holds QEMU's locks), so they stay true. Dirty ones hold
+    /// entries not yet written: they go out only after the data and
+    /// refcounts they depend on are durable (the cache's flush barrier).
+    l2_cache: TableCache<Vec<u64>>,
     /// Host ranges to release once no durable table points at them.
     pending_release: Vec<(u64, u64)>,
     /// Old content of the partly written clusters at the edges of the
@@ -112,9 +118,6 @@ struct Placed {
     /// A new cluster, mapped after its data is written.
     fresh: bool,
 }
-
-/// L2 tables kept in memory at most (64 MiB at 64 KiB clusters).
-const L2_CACHE_TABLES: usize = 1024;
 
 /// Open a qcow2 image read-write under QEMU's writer locks (taken before
 /// anything is read, so a running QEMU stops us first) and read its header;
@@ -230,8 +233,10 @@ impl Qcow2Writer {
             free_hint: 0,
             backing,
             autoclear_cleared: false,
-            l2_cache: HashMap::new(),
-            dirty_l2: Default::default(),
+            keep_bitmaps: false,
+            bitmap_align: 1,
+            bitmap_session: None,
+            l2_cache: TableCache::new(L2_CACHE_BYTES, h.cluster_size()),
             pending_release: Vec::new(),
             edges: Vec::new(),
             past_end,
@@ -283,6 +288,10 @@ impl Qcow2Writer {
     /// write, as QEMU clears the ones it does not know.
     fn before_first_write(&mut self) -> Result<()> {
         if self.autoclear_cleared {
+            return Ok(());
+        }
+        if self.start_bitmap_session()? {
+            self.autoclear_cleared = true;
             return Ok(());
         }
         if self.h.version >= 3 && self.h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
@@ -559,29 +568,44 @@ impl Qcow2Writer {
     }
 
     fn cache_table(&mut self, off: u64, raw: &[u8]) -> Result<()> {
-        if self.l2_cache.len() >= L2_CACHE_TABLES {
-            // Dirty tables are written before the cache forgets them.
+        if self.l2_cache.full_of_dirty() {
+            // Dirty tables are written before the cache forgets any.
             self.flush_metadata()?;
-            self.l2_cache.clear();
         }
-        let table = be64_table(raw);
-        self.l2_cache.insert(off, table);
-        Ok(())
+        self.l2_cache
+            .insert(off, be64_table(raw))
+            .map_err(|_| Error::invalid(&self.path, "internal: L2 cache full after a flush"))
+    }
+
+    /// The cached L2 table at `off`, read in if it was evicted (then it
+    /// was clean: the file has it as it is).
+    fn l2_table_dirty(&mut self, off: u64) -> Result<&mut Vec<u64>> {
+        if !self.l2_cache.contains(off) {
+            let mut raw = vec![0u8; self.cs as usize];
+            self.pread(&mut raw, off)?;
+            self.cache_table(off, &raw)?;
+        }
+        match self.l2_cache.get_dirty(off) {
+            Some(table) => Ok(table),
+            None => Err(Error::invalid(&self.path, "internal: L2 table not cached")),
+        }
     }
 
     /// Write what the in-memory state owes the file, in dependency order:
     /// fsync (data and refcounts durable), dirty L2 tables, fsync (tables
     /// durable), then the releases of what they no longer point at.
     fn flush_metadata(&mut self) -> Result<()> {
-        if !self.dirty_l2.is_empty() {
-            self.file.sync_data().at(&self.path)?;
+        let (file, path) = (&self.file, &self.path);
+        let barrier = || {
+            file.sync_data().at(path)?;
             fault::point("writer.l2_batch.before");
-            for off in std::mem::take(&mut self.dirty_l2) {
-                if let Some(table) = self.l2_cache.get(&off) {
-                    let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-                    self.pwrite(&raw, off)?;
-                }
-            }
+            Ok(())
+        };
+        let write = |off: u64, table: &Vec<u64>| {
+            let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            file.write_all_at(&raw, off).at(path)
+        };
+        if self.l2_cache.flush(barrier, write)? {
             fault::point("writer.l2_batch.after");
         }
         if !self.pending_release.is_empty() {
@@ -597,7 +621,7 @@ impl Qcow2Writer {
 
     /// Keep the memory held by deferred metadata bounded.
     fn bound_deferred(&mut self) -> Result<()> {
-        if self.dirty_l2.len() > DIRTY_TABLES_MAX
+        if self.l2_cache.dirty_count() > DIRTY_TABLES_MAX
             || self.pending_release.len() > PENDING_RELEASES_MAX
         {
             self.flush_metadata()?;
@@ -612,29 +636,27 @@ impl Qcow2Writer {
         if off == 0 {
             return Ok(L2Entry::UNALLOCATED);
         }
-        if !self.l2_cache.contains_key(&off) {
-            let mut raw = vec![0u8; self.cs as usize];
-            self.pread(&mut raw, off)?;
-            self.cache_table(off, &raw)?;
+        let (geo, i) = (self.geo, self.l2_index(g));
+        if let Some(table) = self.l2_cache.get(off) {
+            return Ok(geo.entry_at(table, i));
         }
-        let i = self.l2_index(g);
+        let mut raw = vec![0u8; self.cs as usize];
+        self.pread(&mut raw, off)?;
+        self.cache_table(off, &raw)?;
         Ok(self
             .l2_cache
-            .get(&off)
-            .map_or(L2Entry::UNALLOCATED, |t| self.geo.entry_at(t, i)))
+            .get(off)
+            .map_or(L2Entry::UNALLOCATED, |t| geo.entry_at(t, i)))
     }
 
-    /// Set entries of one L2 table (cached: [`Self::l2_entry`] read it) in
-    /// memory; [`Self::flush_metadata`] writes them out.
+    /// Set entries of one L2 table in memory; [`Self::flush_metadata`]
+    /// writes them out.
     fn set_l2_entries(&mut self, l2: u64, entries: &[(u64, L2Entry)]) -> Result<()> {
         let (geo, span) = (self.geo, self.cs * self.l2_entries());
-        let Some(table) = self.l2_cache.get_mut(&l2) else {
-            return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
-        };
+        let table = self.l2_table_dirty(l2)?;
         for &(g, entry) in entries {
             geo.set_entry_at(table, (g % span / geo.cluster_size()) as usize, entry);
         }
-        self.dirty_l2.insert(l2);
         Ok(())
     }
 
@@ -739,6 +761,7 @@ impl Qcow2Writer {
         self.check_range(offset, data.len() as u64)?;
         self.read_edges(offset, offset + data.len() as u64)?;
         self.before_first_write()?;
+        self.record_write(offset, data.len() as u64);
         let span = self.cs * self.l2_entries();
         let mut done = 0usize;
         let r = (|| {
@@ -909,6 +932,7 @@ impl Qcow2Writer {
         }
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        self.record_write(offset, len);
         let span = cs * self.l2_entries();
         let end = offset + len;
         let mut g = offset;
@@ -986,6 +1010,7 @@ impl Qcow2Writer {
 
     fn write_zeroes_edges_read(&mut self, offset: u64, len: u64) -> Result<()> {
         self.before_first_write()?;
+        self.record_write(offset, len);
         let end = offset + len;
         let mut g = offset;
         while g < end {
@@ -1032,6 +1057,7 @@ impl Qcow2Writer {
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        self.record_write(offset, len);
         if self.data.as_ref().is_some_and(|d| d.raw) {
             // No backing is allowed beside a raw data file: reading from
             // "the backing" means reading zeros, kept mapped.
@@ -1057,22 +1083,18 @@ impl Qcow2Writer {
             let l2 = self.l2_for_write(g)?;
             // One table write per L2 table, then the releases: the table no
             // longer points at the clusters before they are freed.
-            self.l2_entry(g)?;
-            let Some(mut table) = self.l2_cache.remove(&l2) else {
-                return Err(Error::invalid(&self.path, "internal: L2 table not cached"));
-            };
+            let (geo, cs, entries) = (self.geo, self.cs, self.l2_entries());
+            let table = self.l2_table_dirty(l2)?;
             let mut released = Vec::new();
             while g < table_end {
-                let i = self.l2_index(g);
-                let old = self.geo.entry_at(&table, i);
+                let i = (g / cs % entries) as usize;
+                let old = geo.entry_at(table, i);
                 if old.word != 0 {
                     released.push(old);
                 }
-                self.geo.set_entry_at(&mut table, i, L2Entry::UNALLOCATED);
-                g += self.cs;
+                geo.set_entry_at(table, i, L2Entry::UNALLOCATED);
+                g += cs;
             }
-            self.l2_cache.insert(l2, table);
-            self.dirty_l2.insert(l2);
             for entry in released {
                 self.release_entry(entry);
             }
@@ -1089,6 +1111,8 @@ impl Qcow2Writer {
     /// cluster.
     pub fn make_empty(mut self) -> Result<()> {
         self.before_first_write()?;
+        // QEMU's make_empty is no guest write: bitmaps record nothing.
+        self.stop_recording();
         // External data: the data file is not part of a fresh layout.
         if self.h.nb_snapshots > 0 || self.h.extensions.bitmaps.is_some() || self.data.is_some() {
             let size = self.virtual_size();
@@ -1096,7 +1120,7 @@ impl Qcow2Writer {
             return self.flush();
         }
         // Nothing deferred is worth writing into a file about to be replaced.
-        self.dirty_l2.clear();
+        self.l2_cache.clear();
         self.pending_release.clear();
         let (len, extents) = crate::engine::ops::create::fresh_layout(&self.path, self.h.clone())?;
         let dir = match self.path.parent() {
@@ -1132,6 +1156,7 @@ impl Qcow2Writer {
         }
         let needed = new_size.div_ceil(self.cs * self.l2_entries());
         self.before_first_write()?;
+        self.bitmaps_before_resize()?;
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
@@ -1179,8 +1204,7 @@ impl Qcow2Writer {
             fault::point("writer.shrink.l1_cut");
             self.l1[keep..].fill(0);
             for off in tables {
-                self.l2_cache.remove(&off);
-                self.dirty_l2.remove(&off);
+                self.l2_cache.remove(off);
                 self.release(off, self.cs)?;
             }
             self.file.sync_data().at(&self.path)?;
@@ -1241,6 +1265,7 @@ impl Qcow2Writer {
     /// Flush everything written so far to stable storage.
     pub fn flush(&mut self) -> Result<()> {
         self.flush_metadata()?;
+        self.finish_bitmap_session()?;
         self.file.sync_all().at(&self.path)
     }
 }
@@ -1251,5 +1276,7 @@ impl Drop for Qcow2Writer {
     /// what was written stays readable and nothing leaks.
     fn drop(&mut self) {
         let _ = self.flush_metadata();
+        // As QEMU stores its bitmaps when it closes after a failed job.
+        let _ = self.finish_bitmap_session();
     }
 }

@@ -355,7 +355,7 @@ impl BatchDialog {
                     self.nudge = true;
                     return Outcome::Stay;
                 }
-                return self.submit();
+                return self.submit(ctx);
             }
             _ => {}
         }
@@ -363,7 +363,7 @@ impl BatchDialog {
     }
 
     /// One job per image that is not skipped.
-    fn submit(&mut self) -> Outcome {
+    fn submit(&mut self, ctx: &Ctx) -> Outcome {
         let verb = self.op.verb();
         let skipped = self.items.len() - self.accepted();
         if skipped == self.items.len() {
@@ -379,14 +379,14 @@ impl BatchDialog {
             }
             let Ok(plan) = &item.plan else { continue };
             jobs.push(match plan {
-                Plan::Flatten(p) => super::flatten::job(p),
-                Plan::Commit(p) => super::commit::job(p),
+                Plan::Flatten(p) => super::flatten::job(p, ctx.vm_guard(&[&p.image])),
+                Plan::Commit(p) => super::commit::job(p, ctx.vm_guard(&p.paths())),
                 Plan::Convert(p) => super::convert::job(p),
-                Plan::Reset(p) => super::reset::job(p),
+                Plan::Reset(p) => super::reset::job(p, ctx.vm_guard(&[&p.image])),
                 Plan::Rebase(p) => {
                     let mut p = p.clone();
                     p.unsafe_mode = self.unsafe_mode;
-                    super::rebase::job(&p)
+                    super::rebase::job(&p, ctx.vm_guard(&[&p.image]))
                 }
             });
             unmark.push(item.key.clone());
@@ -503,6 +503,10 @@ impl BatchDialog {
         head.push(Line::default());
 
         let mut tail: Vec<Line> = vec![Line::default()];
+        let paths: Vec<&std::path::Path> = self.items.iter().map(|i| i.path.as_path()).collect();
+        if let Some(w) = super::vm_warning(app, &paths) {
+            tail.extend([w, Line::default()]);
+        }
         if self.needs_typed_yes() {
             tail.push(Line::from(Span::styled(
                 "⚠ WARNING: committing into a shared base invalidates its other overlays",

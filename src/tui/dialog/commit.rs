@@ -2,7 +2,9 @@
 //! a dialog that says what happens and, when other overlays share the
 //! base, warns loudly and asks for the word `yes`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::engine::preflight::VmUsers;
 
 use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
@@ -41,6 +43,12 @@ impl CommitPlan {
     pub fn needs_typed_yes(&self) -> bool {
         self.affected > 0
     }
+
+    /// The files a commit changes: the base takes the data, the top is
+    /// emptied.
+    pub fn paths(&self) -> [&Path; 2] {
+        [&self.top, &self.base]
+    }
 }
 
 pub struct CommitDialog {
@@ -70,7 +78,9 @@ impl CommitDialog {
             || Outcome::Close(Status::cancelled("commit cancelled: nothing was changed"));
         if !self.plan.needs_typed_yes() {
             return match action {
-                Some(Action::Yes) => Outcome::Submit(job(&self.plan)),
+                Some(Action::Yes) => {
+                    Outcome::Submit(job(&self.plan, ctx.vm_guard(&self.plan.paths())))
+                }
                 Some(Action::No) => cancelled(),
                 _ => Outcome::Stay,
             };
@@ -89,7 +99,7 @@ impl CommitDialog {
         match action.or_else(|| ctx.keymap.action_for(&[Layer::Input], key)) {
             Some(Action::Yes) => {
                 if self.input.trim().eq_ignore_ascii_case("yes") {
-                    Outcome::Submit(job(&self.plan))
+                    Outcome::Submit(job(&self.plan, ctx.vm_guard(&self.plan.paths())))
                 } else {
                     self.input.clear();
                     self.nudge = true;
@@ -137,6 +147,9 @@ impl CommitDialog {
         if let Some(w) = &plan.space_warning {
             lines.push(Line::from(Span::styled(format!("⚠ {w}"), warn)));
             lines.push(Line::default());
+        }
+        if let Some(w) = super::vm_warning(app, &plan.paths()) {
+            lines.extend([w, Line::default()]);
         }
         if plan.affected > 0 {
             let n = plan.affected;
@@ -233,7 +246,7 @@ pub fn plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
 
 /// The confirmed commit. It touches both images, so no other job on either
 /// runs meanwhile; the engine takes QEMU's locks itself.
-pub(crate) fn job(plan: &CommitPlan) -> JobSpec {
+pub(crate) fn job(plan: &CommitPlan, vms: VmUsers) -> JobSpec {
     let top = plan.top.clone();
     JobSpec {
         kind: "commit",
@@ -248,6 +261,7 @@ pub(crate) fn job(plan: &CommitPlan) -> JobSpec {
             let opts = engine::CommitOptions {
                 base: None,
                 keep_top: false,
+                vms,
             };
             engine::commit(&top, &opts, progress, cancel)?;
             Ok(None)

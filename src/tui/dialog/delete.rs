@@ -89,7 +89,7 @@ impl DeleteDialog {
         })
     }
 
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &super::Ctx) -> Outcome {
         match action {
             Some(Action::ForGood) => {
                 self.for_good = !self.for_good;
@@ -115,7 +115,7 @@ impl DeleteDialog {
                     ));
                 }
                 Outcome::SubmitAll {
-                    jobs: self.jobs(),
+                    jobs: self.jobs(ctx),
                     // Done with: what goes loses its mark.
                     unmark: self.plan.items.iter().map(|i| i.key.clone()).collect(),
                     say: None,
@@ -250,13 +250,17 @@ impl DeleteDialog {
             }
             lines.push(Line::default());
         }
+        let paths: Vec<&std::path::Path> = plan.items.iter().map(|i| i.path.as_path()).collect();
+        if let Some(w) = super::vm_warning(app, &paths) {
+            lines.extend([w, Line::default()]);
+        }
         lines.push(hint_line(app, hints));
         let border = if self.for_good { warn } else { Style::new() };
         super::draw_box(frame, area, "delete?", lines, border);
     }
 
     /// One job per image, leaves first.
-    fn jobs(&self) -> Vec<JobSpec> {
+    fn jobs(&self, ctx: &super::Ctx) -> Vec<JobSpec> {
         let roots = self.plan.roots.clone();
         let trash = !self.for_good;
         let stream = self.streaming;
@@ -269,6 +273,7 @@ impl DeleteDialog {
                     roots: roots.clone(),
                     stream,
                     trash,
+                    vms: ctx.vm_guard(&[&path]),
                 };
                 let mut touches = vec![item.key.clone()];
                 touches.extend(item.listed_dependents.iter().cloned());

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::engine::preflight::VmUsers;
+
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
@@ -40,9 +42,11 @@ impl FlattenDialog {
         Ok(FlattenDialog { plan })
     }
 
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &super::Ctx) -> Outcome {
         match action {
-            Some(Action::Yes) => Outcome::Submit(job(&self.plan)),
+            Some(Action::Yes) => {
+                Outcome::Submit(job(&self.plan, ctx.vm_guard(&[&self.plan.image])))
+            }
             Some(Action::No) => {
                 Outcome::Close(Status::cancelled("flatten cancelled: nothing was changed"))
             }
@@ -69,6 +73,9 @@ impl FlattenDialog {
                 Style::new().fg(app.theme.warning),
             )));
             lines.push(Line::default());
+        }
+        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+            lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
         super::draw_box(frame, area, "flatten?", lines, Style::new());
@@ -112,7 +119,7 @@ pub fn plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
     })
 }
 
-pub(crate) fn job(plan: &FlattenPlan) -> JobSpec {
+pub(crate) fn job(plan: &FlattenPlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
     JobSpec {
         kind: "flatten",
@@ -124,6 +131,7 @@ pub(crate) fn job(plan: &FlattenPlan) -> JobSpec {
                 backing: String::new(),
                 backing_format: None,
                 unsafe_header_only: false,
+                vms,
             };
             rebase(&image, &opts, progress, cancel)?;
             Ok(None)

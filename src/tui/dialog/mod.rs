@@ -24,10 +24,11 @@ pub mod rebase;
 pub mod reset;
 pub mod snapshot;
 
+use crate::engine::preflight::VmUsers;
 use std::path::{Path, PathBuf};
 
 use ratatui::layout::Rect;
-use ratatui::style::Style;
+use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Padding, Paragraph, Wrap};
 use ratatui::Frame;
@@ -92,9 +93,22 @@ pub struct Ctx<'a> {
     pub roots: &'a [PathBuf],
     /// The image selected in the tree.
     pub selected: Option<NodeId>,
+    /// The defined virtual machines, as last read.
+    pub vms: &'a VmUsers,
 }
 
 impl Ctx<'_> {
+    /// What a confirmed job hands the engine's VM check: the dialog named
+    /// the machines using these files, with [`vm_warning`], and the user
+    /// said yes, so it goes ahead; otherwise the engine checks again.
+    pub fn vm_guard(&self, paths: &[&Path]) -> VmUsers {
+        let warned =
+            !self.vms.unreadable.is_empty() || paths.iter().any(|p| !self.vms.of(p).is_empty());
+        VmUsers {
+            force: warned,
+            ..self.vms.clone()
+        }
+    }
     pub fn display_path(&self, p: &Path) -> String {
         super::rows::relative_to_roots(self.roots, p)
     }
@@ -144,12 +158,12 @@ impl Dialog {
             Dialog::Clone(d) => d.on_key(key, action, ctx),
             Dialog::Commit(d) => d.on_key(key, action, ctx),
             Dialog::Pick(d) => d.on_key(key, action, ctx),
-            Dialog::Rebase(d) => d.on_key(action),
-            Dialog::Flatten(d) => d.on_key(action),
+            Dialog::Rebase(d) => d.on_key(action, ctx),
+            Dialog::Flatten(d) => d.on_key(action, ctx),
             Dialog::Convert(d) => d.on_key(key, action, ctx),
             Dialog::Batch(d) => d.on_key(key, action, ctx),
-            Dialog::Delete(d) => d.on_key(action),
-            Dialog::Reset(d) => d.on_key(action),
+            Dialog::Delete(d) => d.on_key(action, ctx),
+            Dialog::Reset(d) => d.on_key(action, ctx),
             Dialog::Doctor(d) => d.on_key(action, ctx),
             Dialog::Snapshot(d) => d.on_key(key, action),
             Dialog::Move(d) => d.on_key(key, action, ctx),
@@ -385,4 +399,41 @@ pub(crate) fn typed_yes_line(app: &App, input: &str, warn: Style) -> Line<'stati
         Span::raw(format!(" and {} to commit: ", enter.join("/"))),
         Span::styled(format!("{input}▏"), warn),
     ])
+}
+
+/// The dialog's warning when defined virtual machines use the files it
+/// changes (or when a connection the user named could not be read): the
+/// user's yes then goes ahead in spite of them.
+pub fn vm_warning(app: &App, paths: &[&Path]) -> Option<Line<'static>> {
+    let mut users: Vec<String> = Vec::new();
+    for p in paths {
+        for u in app.vms.of(p) {
+            let s = format!("'{}' ({}, {})", u.name, u.state, u.connection);
+            if !users.contains(&s) {
+                users.push(s);
+            }
+        }
+    }
+    let text = if !users.is_empty() {
+        format!(
+            "⚠ Used by libvirt domain {}: a defined domain, even shut off, boots from the \
+             changed image. Yes goes ahead anyway.",
+            users.join(", ")
+        )
+    } else if !app.vms.unreadable.is_empty() {
+        let uris: Vec<&str> = app.vms.unreadable.iter().map(|(u, _)| u.as_str()).collect();
+        format!(
+            "⚠ libvirt connection {} could not be read: whether a domain uses this is unknown. \
+             Yes goes ahead anyway.",
+            uris.join(", ")
+        )
+    } else {
+        return None;
+    };
+    Some(Line::from(Span::styled(
+        text,
+        Style::new()
+            .fg(app.theme.warning)
+            .add_modifier(Modifier::BOLD),
+    )))
 }

@@ -142,6 +142,7 @@ impl MoveDialog {
             None => {
                 let opts = MoveOptions {
                     roots: ctx.roots.to_vec(),
+                    vms: ctx.vm_guard(&[&src]),
                 };
                 Box::new(move |p: &engine::Progress, c: &engine::Cancel| {
                     engine::move_image(&src, &dst, &opts, p, c)?;
@@ -177,7 +178,7 @@ impl MoveDialog {
                     .join(", ")
             ),
         };
-        let lines = vec![
+        let mut lines = vec![
             Line::from(vec![
                 Span::raw("to: "),
                 Span::raw(format!("{}▏", self.input)),
@@ -187,8 +188,11 @@ impl MoveDialog {
                 "a new name, or a path from its directory; an existing directory takes it in",
                 dim,
             )),
-            hint_line(app, hints),
         ];
+        if let Some(w) = super::vm_warning(app, &[&self.source_path]) {
+            lines.push(w);
+        }
+        lines.push(hint_line(app, hints));
         super::draw_box(frame, area, &format!("move {name}"), lines, Style::new());
     }
 }

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::engine::preflight::VmUsers;
+
 use ratatui::layout::Rect;
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -354,7 +356,7 @@ pub struct RebaseDialog {
 }
 
 impl RebaseDialog {
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &Ctx) -> Outcome {
         let plan = &mut self.plan;
         match action {
             Some(Action::No) => {
@@ -379,7 +381,7 @@ impl RebaseDialog {
                 };
                 Outcome::Stay
             }
-            Some(Action::Yes) => Outcome::Submit(job(plan)),
+            Some(Action::Yes) => Outcome::Submit(job(plan, ctx.vm_guard(&[&plan.image]))),
             _ => Outcome::Stay,
         }
     }
@@ -440,6 +442,9 @@ impl RebaseDialog {
                 ),
                 dim,
             )));
+        }
+        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+            lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
         let border = if plan.unsafe_mode { warn } else { Style::new() };
@@ -556,12 +561,13 @@ fn safe_rebase_refused(f: &Forest, image: NodeId) -> Option<String> {
     ))
 }
 
-pub(crate) fn job(plan: &RebasePlan) -> JobSpec {
+pub(crate) fn job(plan: &RebasePlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
     let opts = RebaseOptions {
         backing: plan.backing_name.clone(),
         backing_format: Some(plan.format),
         unsafe_header_only: plan.unsafe_mode,
+        vms,
     };
     // The old chain is read too, but it is the image's own backing:
     // another job on it would already touch this image's parent.

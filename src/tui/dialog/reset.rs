@@ -11,8 +11,9 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, qcow2_node, JobSpec, Outcome};
+use super::{hint_line, in_use, qcow2_node, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
+use crate::engine::preflight::VmUsers;
 use crate::engine::{self, ResetOptions};
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint};
@@ -40,9 +41,11 @@ impl ResetDialog {
         })
     }
 
-    pub fn on_key(&mut self, action: Option<Action>) -> Outcome {
+    pub fn on_key(&mut self, action: Option<Action>, ctx: &Ctx) -> Outcome {
         match action {
-            Some(Action::Yes) => Outcome::Submit(job(&self.plan)),
+            Some(Action::Yes) => {
+                Outcome::Submit(job(&self.plan, ctx.vm_guard(&[&self.plan.image])))
+            }
             Some(Action::No) => {
                 Outcome::Close(Status::cancelled("reset cancelled: nothing was changed"))
             }
@@ -71,8 +74,12 @@ impl ResetDialog {
                 warn,
             )),
             Line::default(),
-            hint_line(app, hints),
         ];
+        let mut lines = lines;
+        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+            lines.extend([w, Line::default()]);
+        }
+        lines.push(hint_line(app, hints));
         super::draw_box(frame, area, "reset?", lines, warn);
     }
 }
@@ -118,10 +125,11 @@ pub fn plan(f: &Forest, id: NodeId, roots: &[PathBuf]) -> Result<ResetPlan, Stri
     })
 }
 
-pub(crate) fn job(plan: &ResetPlan) -> JobSpec {
+pub(crate) fn job(plan: &ResetPlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
     let opts = ResetOptions {
         roots: plan.roots.clone(),
+        vms,
     };
     JobSpec {
         kind: "reset",

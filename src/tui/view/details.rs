@@ -10,6 +10,7 @@ use ratatui::Frame;
 
 use super::{human, percent};
 use crate::catalog::Flag;
+use crate::engine::ops::info::BitmapInfo;
 use crate::engine::qcow2::snapshot::Snapshot;
 use crate::engine::LockState;
 use crate::tui::app::{file_name, App};
@@ -149,6 +150,37 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         Style::new().fg(app.theme.in_use)
     };
     lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
+    // The domains using it, each with its disks (this file marked).
+    for d in app
+        .inventory
+        .users_of(r.dev_ino)
+        .filter(|_| r.host.is_none())
+    {
+        lines.push(Line::from(Span::styled(
+            format!(" vm {} ({}, {})", d.name, d.state, d.connection),
+            Style::new().fg(app.theme.in_use),
+        )));
+        for disk in &d.disks {
+            let files: Vec<String> = disk
+                .chain
+                .iter()
+                .map(|f| {
+                    let mark = if f.id == Some(r.dev_ino) { "▸" } else { "" };
+                    format!("{mark}{}", app.display_path(&f.path))
+                })
+                .collect();
+            lines.push(Line::from(format!(
+                "    {} {}: {}",
+                disk.device,
+                disk.target,
+                if files.is_empty() {
+                    "empty".to_string()
+                } else {
+                    files.join(" → ")
+                }
+            )));
+        }
+    }
     if app.forest.is_protected(id) {
         lines.push(Line::from(format!(
             " ⊘ protected: no write bit on disk, so nothing opens it for writing by mistake ({} \
@@ -175,6 +207,7 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
     if let Some(Ok(info)) = d.map(|d| &d.info) {
         if let Some(q) = &info.qcow2 {
             snapshot_lines(app, &q.snapshots, &mut lines);
+            bitmap_lines(app, &q.bitmaps, &mut lines);
         }
     }
     for f in &node.flags {
@@ -224,6 +257,33 @@ fn snapshot_lines(app: &App, snaps: &[Snapshot], lines: &mut Vec<Line<'static>>)
             taken(s)
         )));
     }
+}
+
+/// The persistent bitmaps (only when there are some), on one line: the
+/// pane is short. Each: name, granularity, whether it records writes,
+/// and the in-use flag of one QEMU did not store back (its contents
+/// cannot be trusted; it can only be removed).
+fn bitmap_lines(app: &App, bitmaps: &[BitmapInfo], lines: &mut Vec<Line<'static>>) {
+    if bitmaps.is_empty() {
+        return;
+    }
+    let mut spans = vec![Span::raw(format!(" bitmaps {}:", bitmaps.len()))];
+    for (i, b) in bitmaps.iter().enumerate() {
+        let recording = if b.auto { "enabled" } else { "disabled" };
+        let sep = if i == 0 { " " } else { " · " };
+        spans.push(Span::raw(format!(
+            "{sep}{} {} {recording}",
+            b.name,
+            human(b.granularity)
+        )));
+        if b.in_use {
+            spans.push(Span::styled(
+                ", in use (inconsistent)",
+                Style::new().fg(app.theme.warning),
+            ));
+        }
+    }
+    lines.push(Line::from(spans));
 }
 
 fn lock_word(l: LockState) -> &'static str {

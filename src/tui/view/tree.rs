@@ -27,6 +27,42 @@ const IN_USE_MIN: usize = 12;
 const NAME_MIN: usize = 22;
 const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 const SPARK_W: usize = 6;
+/// The VM column (`web-1 shut off`), shown while a domain uses an image.
+const VM_W: usize = 18;
+
+/// Cells the VM column takes: none while no domain uses a scanned image.
+fn vm_width(app: &App) -> usize {
+    let used =
+        !app.vms.by_file.is_empty()
+            && app.forest.nodes.iter().any(|n| {
+                n.record.host.is_none() && app.vms.by_file.contains_key(&n.record.dev_ino)
+            });
+    if used {
+        2 + VM_W
+    } else {
+        0
+    }
+}
+
+/// The VM column: the domain using the image and its state, `+N` for more.
+fn vm_cell(app: &App, node: &Node) -> String {
+    // A remote image's device and inode are another host's.
+    let local = node.record.host.is_none();
+    let mut users = app
+        .inventory
+        .users_of(node.record.dev_ino)
+        .filter(|_| local);
+    let Some(first) = users.next() else {
+        return String::new();
+    };
+    let more = users.count();
+    let text = format!("{} {}", first.name, first.state);
+    if more > 0 {
+        format!("{text} +{more}")
+    } else {
+        text
+    }
+}
 
 /// Widths of the tree's columns for a terminal width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +117,8 @@ fn right(s: &str, w: usize) -> String {
 }
 
 pub fn draw(app: &App, frame: &mut Frame, head: Rect, body: Rect) {
-    let c = columns(head.width);
+    let vm_w = vm_width(app);
+    let c = columns(head.width.saturating_sub(vm_w as u16));
     let dim = Style::new().fg(app.theme.dim);
     let mut title = format!(" {} {}", fit("IMAGE", c.name), fit("FMT", FMT_W));
     if c.virtual_size {
@@ -92,6 +129,9 @@ pub fn draw(app: &App, frame: &mut Frame, head: Rect, body: Rect) {
         right("ON DISK", SIZE_W),
         right("%", PCT_W)
     ));
+    if vm_w > 0 {
+        title.push_str(&format!("  {}", fit("VM", VM_W)));
+    }
     if c.growth > 0 {
         title.push_str(&format!("  {}", fit("GROWTH", c.growth)));
     }
@@ -210,6 +250,12 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
         Span::styled(fit(&name, c.name), name_style),
         Span::styled(cells, if skipped { name_style } else { Style::new() }),
     ];
+    if vm_width(app) > 0 {
+        spans.push(Span::styled(
+            format!("  {}", fit(&vm_cell(app, node), VM_W)),
+            Style::new().fg(t.in_use),
+        ));
+    }
 
     let growth = app.growth.get(&r.key).filter(|g| g.rate > 0.0);
     let in_use = in_use_badge(app, node);

@@ -78,6 +78,7 @@ impl Qcow2Writer {
         }
         self.check_range(offset, len)?;
         self.before_first_write()?;
+        self.record_write(offset, len);
         let mut g = offset - offset % self.cs;
         while g < offset + len {
             let l2 = self.l2_for_write(g)?;
@@ -110,12 +111,13 @@ impl Qcow2Writer {
     }
 
     pub fn set_backing(&mut self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        // First: the flush may store bitmaps, a header change of its own.
+        self.flush()?;
         let mut h = with_backing(&self.h, name, format);
         if h.version >= 3 {
             // As QEMU on a writable open: unknown autoclear bits go.
             h.autoclear_features &= autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
         }
-        self.flush()?;
         crate::engine::fault::point("writer.backing.before_switch");
         write_header(&self.file, &self.path, &mut h)?;
         self.h = h;
