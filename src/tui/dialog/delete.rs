@@ -251,7 +251,9 @@ impl DeleteDialog {
             lines.push(Line::default());
         }
         let paths: Vec<&std::path::Path> = plan.items.iter().map(|i| i.path.as_path()).collect();
-        if let Some(w) = super::vm_warning(app, &paths) {
+        // Another host's domains are that host's agent's to check.
+        let local = plan.host.is_none();
+        if let Some(w) = local.then(|| super::vm_warning(app, &paths)).flatten() {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));

@@ -189,7 +189,16 @@ impl MoveDialog {
                 dim,
             )),
         ];
-        if let Some(w) = super::vm_warning(app, &[&self.source_path]) {
+        // Another host's domains are that host's agent's to check.
+        let local = app
+            .forest
+            .nodes
+            .get(self.source)
+            .is_some_and(|n| n.record.host.is_none());
+        if let Some(w) = local
+            .then(|| super::vm_warning(app, &[&self.source_path]))
+            .flatten()
+        {
             lines.push(w);
         }
         lines.push(hint_line(app, hints));

@@ -443,7 +443,12 @@ impl RebaseDialog {
                 dim,
             )));
         }
-        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+        // Another host's domains are that host's agent's to check.
+        let local = plan.host.is_none();
+        if let Some(w) = local
+            .then(|| super::vm_warning(app, &[&plan.image]))
+            .flatten()
+        {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
