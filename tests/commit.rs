@@ -514,3 +514,99 @@ fn commits_into_a_base_on_another_file_system() {
     }
     assert_eq!(common::run::check_code(d, "base.qcow2"), 0);
 }
+
+/// The base's allocation as `qemu-img map` shows it, host offsets aside
+/// (each image places its clusters where it likes).
+fn allocation(d: &Path, img: &str) -> Vec<(u64, u64, bool, bool)> {
+    let map = ok(d, "qemu-img", &["map", "--output=json", img]);
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A zeroed range covering whole 2 MiB clusters of the base becomes zero
+/// clusters there, as qemu-img makes it, not zero bytes (issue #13).
+#[test]
+fn zeros_over_2m_clusters_stay_zero_clusters_as_qemu_img_makes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let q = |args: &[&str]| ok(&src, args[0], &args[1..]);
+    q(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "base.qcow2",
+        "8M",
+    ]);
+    q(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0xaa 0 8M",
+        "base.qcow2",
+    ]);
+    q(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    q(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -z 0 64k",
+        "-c",
+        "write -z 2M 2M",
+        "-c",
+        "write -P 0 4M 128k",
+        "-c",
+        "write -z -u 6M 64k",
+        "top.qcow2",
+    ]);
+    twin(d, &["base.qcow2", "top.qcow2"]);
+    ok(&d.join("qemu"), "qemu-img", &["commit", "-q", "top.qcow2"]);
+    let out = cowshed(&d.join("ours"), &["commit", "top.qcow2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    same(
+        d,
+        "ours/base.qcow2",
+        "qemu/base.qcow2",
+        "bases after commit",
+    );
+    clean(d, "ours/base.qcow2");
+    let theirs = allocation(d, "qemu/base.qcow2");
+    assert!(
+        theirs.iter().any(|e| e.3 && !e.2),
+        "no zero cluster: {theirs:?}"
+    );
+    assert_eq!(allocation(d, "ours/base.qcow2"), theirs);
+}

@@ -389,12 +389,234 @@ fn a_remote_root_in_a_real_terminal() {
     );
     let info: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(info["backing-filename"], "base.qcow2");
-    // Writing actions other than clone and commit are refused for
-    // another host's images, never run on a local file of that name.
-    tmux.send("v");
+    // Writing actions the agent does not run yet are refused for another
+    // host's images, never run on a local file of that name.
+    tmux.send("f");
     tmux.wait_for("the refusal", |s| {
-        s.contains("only clone and commit run on other hosts")
+        s.contains("is on host1: only clone, commit, rebase")
     });
     drop(sshd);
     tmux.wait_for("the stale rows", |s| s.contains("stale: host1 unreachable"));
+}
+
+/// `qemu-img info` of a file, as JSON (`-U`: the TUI may look at it).
+fn qemu_info(path: &Path) -> Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Select the image `name` of host1 in the tree: filter down to it (and what it
+/// hangs on, above it) and take the last row. The old filter is erased
+/// in the filter's own line: an Escape sent just before another key
+/// would reach the program as Alt and that key.
+fn select(tmux: &Tmux, name: &str) {
+    tmux.send("/");
+    let out = tmux.tmux(&["send-keys", "-N", "64", "-t", &tmux.session, "BSpace"]);
+    assert!(out.status.success(), "send-keys");
+    tmux.wait_for("an empty filter", |s| s.contains(" / ▏"));
+    tmux.send(name);
+    tmux.wait_for(name, |s| s.contains(&format!(" / {name}▏")));
+    tmux.send("Enter");
+    tmux.send("G");
+    // The row may come with the host's next snapshot (a job's new file).
+    tmux.wait_for("the row selected", |s| {
+        s.lines()
+            .any(|l| l.starts_with('›') && l.contains(&format!("{name} ")))
+    });
+}
+
+/// Move, rebase, delete (trash and for good) and convert on another
+/// host's images, from their dialogs: each runs there, by the agent, and
+/// the files are checked with qemu-img (the "other host" is localhost).
+#[test]
+fn dialogs_act_on_a_remote_root_through_its_agent() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // Outside the root: not an image of the tree.
+    let aside = tempfile::tempdir().expect("tempdir");
+    let io = |img: &str, cmd: &str| {
+        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+    };
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    io("base.qcow2", "write -P 0xaa 0 1M");
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    io("top.qcow2", "write -P 0xbb 1M 1M");
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "other.qcow2", "16M"],
+    );
+    io("other.qcow2", "write -P 0xcc 2M 1M");
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote-dialogs", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+
+    // Move: the base is renamed there and its overlay re-pointed.
+    select(&tmux, "base.qcow2");
+    tmux.send("M");
+    tmux.wait_for("the move dialog", |s| s.contains("to: base.qcow2"));
+    tmux.send("C-u");
+    tmux.send("base-moved.qcow2");
+    tmux.send("Enter");
+    tmux.wait_for("the move's end", |s| s.contains("base-moved.qcow2: done"));
+    assert!(!d.join("base.qcow2").exists());
+    assert_eq!(qemu_info(&d.join("base-moved.qcow2"))["format"], "qcow2");
+    assert_eq!(
+        qemu_info(&d.join("top.qcow2"))["backing-filename"],
+        "base-moved.qcow2"
+    );
+
+    // Rebase (safe) onto a path typed for that host: the guest's view of
+    // the overlay is the same as before.
+    let before = aside.path().join("top-before.raw");
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-U",
+            "-O",
+            "raw",
+            "top.qcow2",
+            &before.display().to_string(),
+        ],
+    );
+    select(&tmux, "top.qcow2");
+    tmux.send("b");
+    tmux.send("t");
+    tmux.send("other.qcow2");
+    tmux.send("Enter");
+    tmux.wait_for("the rebase dialog", |s| s.contains("other.qcow2"));
+    tmux.send("y");
+    tmux.wait_for("the rebase's end", |s| {
+        s.contains("top.qcow2 → other.qcow2: done")
+    });
+    let info = qemu_info(&d.join("top.qcow2"));
+    assert_eq!(info["backing-filename"], "other.qcow2");
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "top.qcow2",
+            &before.display().to_string(),
+        ],
+    );
+
+    // Delete into the trash: nothing uses the old base any more, once the
+    // host's live forest says so.
+    select(&tmux, "base-moved.qcow2");
+    tmux.wait_for("the old base alone", |s| {
+        s.contains("tree of base-moved.qcow2: 1 image ")
+    });
+    tmux.send("d");
+    tmux.wait_for("the delete dialog", |s| s.contains("delete?"));
+    tmux.send("y");
+    tmux.wait_for("the trashing's end", |s| {
+        s.contains("trash base-moved.qcow2: done")
+    });
+    assert!(!d.join("base-moved.qcow2").exists());
+    let trashed: Vec<_> = files_under(&d.join(".cowshed-trash"))
+        .into_iter()
+        .filter(|p| {
+            Command::new("qemu-img")
+                .args(["info", "-U", "--output=json"])
+                .arg(p)
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && serde_json::from_slice::<Value>(&o.stdout)
+                            .is_ok_and(|v| v["format"] == "qcow2")
+                })
+        })
+        .collect();
+    assert_eq!(trashed.len(), 1, "the trashed base: {trashed:?}");
+
+    // Convert: a copy beside it, the same guest data.
+    select(&tmux, "other.qcow2");
+    tmux.send("v");
+    tmux.wait_for("the convert dialog", |s| s.contains("other-conv.qcow2"));
+    tmux.send("Enter");
+    tmux.wait_for("the convert's end", |s| {
+        s.contains("→ other-conv.qcow2: done")
+    });
+    let info = qemu_info(&d.join("other-conv.qcow2"));
+    assert_eq!(info["format"], "qcow2");
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-U", "other.qcow2", "other-conv.qcow2"],
+    );
+
+    // Delete for good: gone, and not into the trash.
+    select(&tmux, "other-conv.qcow2");
+    tmux.send("d");
+    tmux.wait_for("the delete dialog", |s| s.contains("delete?"));
+    tmux.send("f");
+    tmux.wait_for("for good", |s| s.contains("for good"));
+    tmux.send("y");
+    tmux.wait_for("the deletion's end", |s| {
+        s.contains("delete other-conv.qcow2: done")
+    });
+    assert!(!d.join("other-conv.qcow2").exists());
+    assert!(files_under(&d.join(".cowshed-trash"))
+        .iter()
+        .all(|p| !p.to_string_lossy().contains("other-conv")));
+    tmux.send("q");
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
 }

@@ -954,7 +954,10 @@ impl App {
             .into_iter()
             .filter(|&id| forest.nodes[id].record.host.is_some())
             .collect();
-        if !on_other_hosts.is_empty() && acts_on_images(action) {
+        if !on_other_hosts.is_empty()
+            && acts_on_images(action)
+            && !self.agent_runs_dialog(action, &forest)
+        {
             return self.remote_action(action, &forest, &on_other_hosts);
         }
         match action {
@@ -1245,6 +1248,22 @@ impl App {
         }
     }
 
+    /// Whether `action` on the images of another host opens its dialog as
+    /// for local ones, the job then run by that host's agent: rebase,
+    /// convert and move on one image, delete on the images of one host.
+    fn agent_runs_dialog(&self, action: Action, forest: &Forest) -> bool {
+        let targets = self.targets();
+        let one_host = targets
+            .first()
+            .map(|&t| &forest.nodes[t].record.host)
+            .is_some_and(|h| targets.iter().all(|&t| forest.nodes[t].record.host == *h));
+        match action {
+            Action::Rebase | Action::Convert | Action::Move => !self.has_marks(),
+            Action::DeleteImage => one_host,
+            _ => false,
+        }
+    }
+
     /// An action on images of another host: clone and commit run there,
     /// by its agent (the job list shows their progress and cancels them);
     /// the others are refused here, never run on a local file of the same
@@ -1254,7 +1273,8 @@ impl App {
         let r = &forest.nodes[ids[0]].record;
         let (Some(host), true) = (r.host.clone(), ids.len() == 1) else {
             return self.say(Status::error(
-                "images on other hosts are acted on one at a time (clone, commit)",
+                "images on other hosts are acted on one at a time (clone, commit, rebase, \
+                 convert, move), or deleted one host at a time",
             ));
         };
         let shown = r.location();
@@ -1296,8 +1316,9 @@ impl App {
             ),
             _ => {
                 return self.say(Status::error(format!(
-                "{shown} is on {host}: only clone and commit run on other hosts from here so far"
-            )))
+                    "{shown} is on {host}: only clone, commit, rebase, convert, move and delete \
+                 run on other hosts from here so far"
+                )))
             }
         };
         self.submit(JobSpec {

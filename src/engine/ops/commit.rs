@@ -275,7 +275,14 @@ fn copy_into(
     let mut in_kernel = true;
     while pos < size {
         cancel.check()?;
-        let st = chain.block_status(pos, (size - pos).min(CHUNK))?;
+        // Zeros are asked for whole, not in chunks: a zero run split at a
+        // chunk edge inside one of the target's clusters (2 MiB clusters)
+        // would be written as zero bytes in both halves where QEMU sets
+        // one zero flag. Only data passes through the buffer.
+        let mut st = chain.block_status(pos, size - pos)?;
+        if st.data {
+            st.length = st.length.min(CHUNK);
+        }
         if st.present && st.depth < base_depth {
             if st.data {
                 progress.add_copied(st.length);

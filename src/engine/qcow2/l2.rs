@@ -34,6 +34,12 @@ pub fn l1_entry(offset: u64) -> u64 {
     offset | OFLAG_COPIED
 }
 
+/// L1 entry `entry` pointing at the table at `offset` instead, its flag
+/// bits kept.
+pub fn l1_retarget(entry: u64, offset: u64) -> u64 {
+    offset | (entry & !L1_OFFSET_MASK)
+}
+
 /// Whether an L1 (or L2) entry's COPIED flag says its cluster has
 /// refcount 1: writable in place.
 pub fn is_copied(entry: u64) -> bool {

@@ -8,11 +8,14 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, space_warning, usable, Ctx, Dialog, JobSpec, Outcome};
+use super::{
+    error, hint_line, in_use, on_host, space_warning, usable, Ctx, Dialog, JobSpec, Outcome,
+};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::convert::{convert, ConvertOptions};
 use crate::engine::qcow2::header::CompressionType;
 use crate::engine::{CreateOptions, Format};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -66,6 +69,8 @@ pub struct ConvertPlan {
     pub allocated: u64,
     /// The destination's file system may be too small for that.
     pub space_warning: Option<String>,
+    /// The host the image is on, when not this one: its agent converts.
+    pub host: Option<String>,
 }
 
 impl ConvertPlan {
@@ -167,7 +172,10 @@ pub fn hints(keymap: &Keymap) -> Vec<Hint> {
 impl ConvertDialog {
     pub fn open(f: &Forest, id: NodeId) -> Result<ConvertDialog, String> {
         let mut plan = plan(f, id)?;
-        plan.space_warning = space_warning(&plan.source, plan.allocated);
+        // The file system there is not this one's: its agent checks.
+        if plan.host.is_none() {
+            plan.space_warning = space_warning(&plan.source, plan.allocated);
+        }
         Ok(ConvertDialog {
             plan,
             batch: Vec::new(),
@@ -200,6 +208,7 @@ impl ConvertDialog {
                 field: Field::Destination,
                 allocated: 0,
                 space_warning: None,
+                host: r.host.clone(),
             },
             batch: ids
                 .iter()
@@ -269,10 +278,25 @@ impl ConvertDialog {
                 // a base with overlays) is never replaced from here. One
                 // stat; the job refuses too if the name appears meanwhile.
                 let dir = plan.source.parent().unwrap_or(Path::new(""));
-                if dir.join(dest).symlink_metadata().is_ok() {
+                let exists = match &plan.host {
+                    // A path there: the host's forest answers, and its
+                    // agent refuses a file the forest does not show.
+                    Some(host) => {
+                        let there = dir.join(dest);
+                        ctx.forest.nodes.iter().any(|n| {
+                            n.record.host.as_deref() == Some(host.as_str())
+                                && n.record.path == there
+                        })
+                    }
+                    None => dir.join(dest).symlink_metadata().is_ok(),
+                };
+                if exists {
                     return Outcome::Say(error(format!(
                         "{dest} exists: choose another name (an existing file is never replaced)"
                     )));
+                }
+                if let Some(why) = plan.host.as_ref().and_then(|_| remote_refusal(plan)) {
+                    return Outcome::Say(error(why));
                 }
                 Outcome::Submit(job(plan))
             }
@@ -413,6 +437,7 @@ pub fn plan(f: &Forest, source: NodeId) -> Result<ConvertPlan, String> {
         field: Field::Destination,
         allocated,
         space_warning: None,
+        host: node.record.host.clone(),
     })
 }
 
@@ -442,16 +467,50 @@ pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
     };
     let source = plan.source.clone();
     let label = format!("convert {} → {}", file_name(&plan.source), file_name(&dest));
+    let work: crate::jobs::Work = match &plan.host {
+        Some(host) => on_host(
+            host,
+            JobOp::Convert {
+                src: source,
+                dst: dest,
+                format: plan.format.name().to_string(),
+                compress: opts.compress,
+            },
+        ),
+        None => Box::new(move |progress, cancel| {
+            convert(&source, &dest, &opts, progress, cancel)?;
+            Ok(Some(dest))
+        }),
+    };
     JobSpec {
         kind: "convert",
         label,
         touches: vec![plan.source_key.clone()],
         refresh: Vec::new(),
-        work: Box::new(move |progress, cancel| {
-            convert(&source, &dest, &opts, progress, cancel)?;
-            Ok(Some(dest))
-        }),
+        work,
     }
+}
+
+/// The choices protocol v1's convert cannot carry to another host's
+/// agent (it takes a format and compression on or off, with its defaults
+/// for the rest): refused, never silently dropped.
+fn remote_refusal(plan: &ConvertPlan) -> Option<String> {
+    let default = CreateOptions::default();
+    let qcow2 = plan.format == Format::Qcow2;
+    let refused = if qcow2 && plan.cluster_size != default.cluster_size {
+        format!("a cluster size of {}", human(plan.cluster_size))
+    } else if qcow2 && plan.compression.is_some_and(|c| c != default.compression) {
+        format!("{} compression", plan.compression_name())
+    } else if qcow2 && plan.keep_backing && plan.backing.is_some() {
+        "keeping the backing file (-B)".to_string()
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{refused} cannot be asked of another host's agent yet (protocol 1 converts with \
+         {} clusters, zlib, and no backing file)",
+        human(default.cluster_size)
+    ))
 }
 
 #[cfg(test)]
@@ -471,6 +530,7 @@ mod tests {
             field: Field::Destination,
             allocated: 0,
             space_warning: None,
+            host: None,
         }
     }
 

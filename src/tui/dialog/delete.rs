@@ -20,9 +20,10 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, usable, JobSpec, Outcome};
+use super::{hint_line, in_use, on_host, roots_on, usable, JobSpec, Outcome};
 use crate::catalog::{Flag, Forest, NodeId};
 use crate::engine::{self, RemoveOptions};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -66,6 +67,8 @@ pub struct DeletePlan {
     pub stream: Option<StreamPlan>,
     /// Where the engine looks for dependents besides each image's folder.
     pub roots: Vec<PathBuf>,
+    /// The host the images are on, when not this one: its agent deletes.
+    pub host: Option<String>,
 }
 
 pub struct DeleteDialog {
@@ -248,7 +251,9 @@ impl DeleteDialog {
             lines.push(Line::default());
         }
         let paths: Vec<&std::path::Path> = plan.items.iter().map(|i| i.path.as_path()).collect();
-        if let Some(w) = super::vm_warning(app, &paths) {
+        // Another host's domains are that host's agent's to check.
+        let local = plan.host.is_none();
+        if let Some(w) = local.then(|| super::vm_warning(app, &paths)).flatten() {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
@@ -287,15 +292,29 @@ impl DeleteDialog {
                     touches.extend(s.chain_keys.iter().cloned());
                     refresh.extend(s.dependents.iter().cloned());
                 }
+                let work: crate::jobs::Work = match &self.plan.host {
+                    Some(host) => {
+                        // Paths there: the host's live forest shows it gone.
+                        refresh.clear();
+                        on_host(
+                            host,
+                            JobOp::Delete {
+                                paths: vec![path],
+                                trash,
+                            },
+                        )
+                    }
+                    None => Box::new(move |progress, cancel| {
+                        engine::remove(&[path], &opts, progress, cancel)?;
+                        Ok(None)
+                    }),
+                };
                 JobSpec {
                     kind: "delete",
                     label: format!("{verb} {}", file_name(&item.path)),
                     touches,
                     refresh,
-                    work: Box::new(move |progress, cancel| {
-                        engine::remove(&[path], &opts, progress, cancel)?;
-                        Ok(None)
-                    }),
+                    work,
                 }
             })
             .collect()
@@ -314,6 +333,10 @@ pub fn plan(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> Result<DeletePlan,
     }
     for &id in &ids {
         usable(f, id)?;
+    }
+    let host = f.nodes[ids[0]].record.host.clone();
+    if ids.iter().any(|&id| f.nodes[id].record.host != host) {
+        return Err("the images are on different hosts: delete those of one host at a time".into());
     }
     in_use(f, &ids, false)?;
     let listed: HashSet<NodeId> = ids.iter().copied().collect();
@@ -342,7 +365,14 @@ pub fn plan(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> Result<DeletePlan,
                 if outside.len() == 1 { "it" } else { "them" },
             ));
         }
-        stream = Some(stream_plan(f, id, &outside));
+        let mut s = stream_plan(f, id, &outside);
+        if host.is_some() && s.refused.is_none() {
+            s.refused = Some(
+                "another host's agent does not stream images out yet (protocol 1 deletes only)"
+                    .into(),
+            );
+        }
+        stream = Some(s);
     }
     // Deeper images first: an overlay before its base.
     ids.sort_by_key(|&id| std::cmp::Reverse(f.chain(id).len()));
@@ -367,7 +397,11 @@ pub fn plan(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> Result<DeletePlan,
         freed: items.iter().map(|i| i.allocated).sum(),
         items,
         stream,
-        roots: roots.to_vec(),
+        roots: match &host {
+            Some(h) => roots_on(h, roots),
+            None => roots.to_vec(),
+        },
+        host,
     })
 }
 

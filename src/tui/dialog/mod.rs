@@ -229,6 +229,28 @@ impl Dialog {
     }
 }
 
+/// Work that the agent of `host` runs there, on its own files (the
+/// image's paths are paths on that host): the job list shows its
+/// progress and cancels it like a local job.
+pub(crate) fn on_host(host: &str, op: crate::remote::protocol::JobOp) -> Work {
+    crate::remote::client::remote_work(
+        host.to_string(),
+        crate::remote::client::SshOptions::from_env(),
+        op,
+    )
+}
+
+/// The roots the user named on `host`, as paths there: where its agent
+/// looks for the images that use one it moves.
+pub(crate) fn roots_on(host: &str, roots: &[PathBuf]) -> Vec<PathBuf> {
+    crate::remote::split_roots(roots)
+        .1
+        .into_iter()
+        .find(|(h, _)| h == host)
+        .map(|(_, paths)| paths)
+        .unwrap_or_default()
+}
+
 /// A status line message of one kind.
 pub(crate) fn error(text: impl Into<String>) -> Status {
     Status::error(text)

@@ -11,10 +11,13 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, usable, Ctx, JobSpec, Outcome};
+use super::{
+    error, hint_line, in_use, lexical_normalize, on_host, roots_on, usable, Ctx, JobSpec, Outcome,
+};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::move_image::destination;
 use crate::engine::{self, MoveOptions};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -91,17 +94,30 @@ impl MoveDialog {
         }
         let src = self.source_path.clone();
         let dir = src.parent().unwrap_or(Path::new(""));
-        let dst = destination(&src, &dir.join(typed));
+        let record = &ctx.forest.nodes[self.source].record;
+        // On another host the typed path is a path there: no local stat
+        // may answer for it. Its agent resolves a directory and refuses a
+        // file that exists, as the engine does here.
+        let dst = match &record.host {
+            Some(_) => lexical_normalize(&dir.join(typed)),
+            None => destination(&src, &dir.join(typed)),
+        };
         if dst == src {
             return Err("that is where it is already".into());
         }
-        if dst.symlink_metadata().is_ok() {
+        let exists =
+            match &record.host {
+                Some(host) => ctx.forest.nodes.iter().any(|n| {
+                    n.record.host.as_deref() == Some(host.as_str()) && n.record.path == dst
+                }),
+                None => dst.symlink_metadata().is_ok(),
+            };
+        if exists {
             return Err(format!(
                 "{} exists: a move never replaces a file",
                 ctx.display_path(&dst)
             ));
         }
-        let record = &ctx.forest.nodes[self.source].record;
         let mut touches = vec![record.key.clone()];
         let mut refresh = vec![src.clone(), dst.clone()];
         for &c in &ctx.forest.nodes[self.source].children {
@@ -114,14 +130,30 @@ impl MoveDialog {
             ctx.display_path(&src),
             ctx.display_path(&dst)
         );
-        let opts = MoveOptions {
-            roots: ctx.roots.to_vec(),
-            vms: ctx.vm_guard(&[&src]),
+        let work: crate::jobs::Work = match &record.host {
+            Some(host) => on_host(
+                host,
+                JobOp::Move {
+                    src,
+                    dst,
+                    roots: roots_on(host, ctx.roots),
+                },
+            ),
+            None => {
+                let opts = MoveOptions {
+                    roots: ctx.roots.to_vec(),
+                    vms: ctx.vm_guard(&[&src]),
+                };
+                Box::new(move |p: &engine::Progress, c: &engine::Cancel| {
+                    engine::move_image(&src, &dst, &opts, p, c)?;
+                    Ok(Some(dst))
+                })
+            }
         };
-        let work = Box::new(move |p: &engine::Progress, c: &engine::Cancel| {
-            engine::move_image(&src, &dst, &opts, p, c)?;
-            Ok(Some(dst))
-        });
+        if record.host.is_some() {
+            // Paths there: the host's live forest shows the result.
+            refresh.clear();
+        }
         Ok(JobSpec {
             kind: "move",
             label,
@@ -157,7 +189,16 @@ impl MoveDialog {
                 dim,
             )),
         ];
-        if let Some(w) = super::vm_warning(app, &[&self.source_path]) {
+        // Another host's domains are that host's agent's to check.
+        let local = app
+            .forest
+            .nodes
+            .get(self.source)
+            .is_some_and(|n| n.record.host.is_none());
+        if let Some(w) = local
+            .then(|| super::vm_warning(app, &[&self.source_path]))
+            .flatten()
+        {
             lines.push(w);
         }
         lines.push(hint_line(app, hints));

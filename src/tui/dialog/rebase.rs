@@ -13,11 +13,12 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph};
 use ratatui::Frame;
 
 use super::{
-    error, hint_line, in_use, lexical_normalize, qcow2_node, Ctx, Dialog, JobSpec, Outcome,
+    error, hint_line, in_use, lexical_normalize, on_host, qcow2_node, Ctx, Dialog, JobSpec, Outcome,
 };
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::rebase::{rebase, RebaseOptions};
 use crate::engine::Format;
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -114,6 +115,11 @@ impl Picker {
                     let name = typed.trim().to_string();
                     if name.is_empty() {
                         return Outcome::Say(error("type the new backing file's path"));
+                    }
+                    if let Some(image) = ctx.forest.get(&self.image_key) {
+                        if let Some(host) = ctx.forest.nodes[image].record.host.clone() {
+                            return typed_on_host(ctx.forest, image, &host, &name);
+                        }
                     }
                     // Probing reads the file: the inspector thread does it
                     // and the dialog opens on its answer.
@@ -251,6 +257,7 @@ impl Picker {
                 format,
                 unsafe_mode: safe_refused.is_some(),
                 safe_refused,
+                host: None,
             },
         }))
     }
@@ -340,6 +347,8 @@ pub struct RebasePlan {
     /// Why safe mode cannot work here (the old backing is missing): unsafe
     /// is then the default and the safe key says this instead.
     pub safe_refused: Option<String>,
+    /// The host the image is on, when not this one: its agent rebases.
+    pub host: Option<String>,
 }
 
 pub struct RebaseDialog {
@@ -434,7 +443,12 @@ impl RebaseDialog {
                 dim,
             )));
         }
-        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+        // Another host's domains are that host's agent's to check.
+        let local = plan.host.is_none();
+        if let Some(w) = local
+            .then(|| super::vm_warning(app, &[&plan.image]))
+            .flatten()
+        {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
@@ -477,16 +491,64 @@ pub fn plan(f: &Forest, image: NodeId, backing: NodeId) -> Result<RebasePlan, St
         return Err(format!("the new backing is broken: {}", flag.describe()));
     }
     let r = &f.nodes[image].record;
+    if b.record.host != r.host {
+        return Err(format!(
+            "it is on {}, the image on {}: a backing file must be on the image's host",
+            b.record.host.as_deref().unwrap_or("this host"),
+            r.host.as_deref().unwrap_or("this host"),
+        ));
+    }
     let safe_refused = safe_rebase_refused(f, image);
     Ok(RebasePlan {
         image: r.path.clone(),
         image_key: r.key.clone(),
-        backing_name: backing_name_for(&r.key, &b.record.key),
+        backing_name: backing_name_for(&key_there(r), &key_there(&b.record)),
         backing_key: Some(b.record.key.clone()),
         format,
         unsafe_mode: safe_refused.is_some(),
         safe_refused,
+        host: r.host.clone(),
     })
+}
+
+/// A record's key as a path on its own host: another host's keys carry
+/// its name (`host1:/srv/a.qcow2`), which no header may store.
+fn key_there(r: &crate::catalog::ImageRecord) -> PathBuf {
+    let Some(host) = &r.host else {
+        return r.key.clone();
+    };
+    r.key
+        .to_str()
+        .and_then(|k| k.strip_prefix(host.as_str()))
+        .and_then(|k| k.strip_prefix(':'))
+        .map_or_else(|| r.path.clone(), PathBuf::from)
+}
+
+/// A path typed for an image on `host`: a path there, which no local
+/// probe may answer for. It must be an image the host's agent shows.
+fn typed_on_host(f: &Forest, image: NodeId, host: &str, name: &str) -> Outcome {
+    let r = &f.nodes[image].record;
+    let dir = r.path.parent().unwrap_or(Path::new("/"));
+    let resolved = lexical_normalize(&dir.join(name));
+    let found = f.nodes.iter().position(|n| {
+        n.record.host.as_deref() == Some(host)
+            && (n.record.path == resolved || key_there(&n.record) == resolved)
+    });
+    let Some(backing) = found else {
+        return Outcome::Say(error(format!(
+            "cannot rebase onto {name}: {} is no image {host} shows under its roots (on \
+             another host a new backing is picked among them)",
+            resolved.display()
+        )));
+    };
+    match plan(f, image, backing) {
+        Ok(mut plan) => {
+            // Stored as typed, as for a local image.
+            plan.backing_name = name.to_string();
+            Outcome::Open(Dialog::Rebase(RebaseDialog { plan }))
+        }
+        Err(why) => Outcome::Say(error(format!("cannot rebase onto {name}: {why}"))),
+    }
 }
 
 /// A safe rebase reads the old chain; when it is broken only the header
@@ -525,11 +587,26 @@ pub(crate) fn job(plan: &RebasePlan, vms: VmUsers) -> JobSpec {
             plan.backing_name
         ),
         touches,
-        refresh: vec![plan.image.clone()],
-        work: Box::new(move |progress, cancel| {
-            rebase(&image, &opts, progress, cancel)?;
-            Ok(None)
-        }),
+        // Paths there: the host's live forest shows the new header.
+        refresh: match plan.host {
+            Some(_) => Vec::new(),
+            None => vec![plan.image.clone()],
+        },
+        work: match &plan.host {
+            Some(host) => on_host(
+                host,
+                JobOp::Rebase {
+                    image,
+                    backing: opts.backing,
+                    backing_format: opts.backing_format.map(|f| f.name().to_string()),
+                    unsafe_header_only: opts.unsafe_header_only,
+                },
+            ),
+            None => Box::new(move |progress, cancel| {
+                rebase(&image, &opts, progress, cancel)?;
+                Ok(None)
+            }),
+        },
     }
 }
 

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::super::header::{autoclear, CompressionType, Header};
 use super::super::l2::{
-    L1_OFFSET_MASK, L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    l1_entry, l1_retarget, l1_table_offset, reftable_block_offset, ClusterKind, Geometry, L2Entry,
 };
 use super::super::refcount::{encode_refcount, Refcounts};
 use super::backing::write_header;
@@ -76,14 +76,11 @@ impl Qcow2Writer {
     }
 
     fn active_has_compressed(&mut self) -> Result<bool> {
-        let words = self.geo.entry_words();
+        let geo = self.geo;
         let l1 = self.l1.clone();
         for t in tables_in(&l1) {
             let table = self.table_next(t)?;
-            if table
-                .iter()
-                .step_by(words)
-                .any(|e| e & OFLAG_COMPRESSED != 0)
+            if (0..table.len() / geo.entry_words()).any(|i| geo.entry_at(&table, i).is_compressed())
             {
                 return Ok(true);
             }
@@ -101,7 +98,7 @@ impl Qcow2Writer {
             return Ok(());
         }
         self.flush_metadata()?;
-        let cs = self.cs;
+        let (cs, geo) = (self.cs, self.geo);
         let has_backing = self.h.backing_file.is_some();
         let mut snaps = self.snapshots()?;
         let mut l1s = vec![L1Table {
@@ -118,7 +115,7 @@ impl Qcow2Writer {
         // references, and so do the clusters the copy maps anew.
         let mut paths: BTreeMap<u64, u64> = BTreeMap::new();
         for l1 in &l1s {
-            for t in l1.entries.iter().map(|e| e & L1_OFFSET_MASK) {
+            for t in l1.entries.iter().map(|&e| l1_table_offset(e)) {
                 if t != 0 {
                     *paths.entry(t).or_default() += 1;
                 }
@@ -132,12 +129,13 @@ impl Qcow2Writer {
         for (&t, &n) in &paths {
             let table = self.table_next(t)?;
             let mut has_zero = false;
-            for &e in &table {
-                if e & OFLAG_COMPRESSED != 0 || e & OFLAG_ZERO == 0 {
+            for i in 0..table.len() / geo.entry_words() {
+                let e = geo.entry_at(&table, i);
+                if !is_zero(geo, e) {
                     continue;
                 }
                 has_zero = true;
-                let host = e & L2_OFFSET_MASK;
+                let host = e.host();
                 if host != 0 {
                     *zero_refs.entry(host / cs).or_default() += n;
                 } else if has_backing {
@@ -163,11 +161,12 @@ impl Qcow2Writer {
         for &t in &zero_tables {
             let n = paths[&t];
             let mut table = self.table_next(t)?;
-            for e in table.iter_mut() {
-                if *e & OFLAG_COMPRESSED != 0 || *e & OFLAG_ZERO == 0 {
+            for i in 0..table.len() / geo.entry_words() {
+                let e = geo.entry_at(&table, i);
+                if !is_zero(geo, e) {
                     continue;
                 }
-                let host = *e & L2_OFFSET_MASK;
+                let host = e.host();
                 let cluster =
                     if host != 0 && self.next_ref(&g, host / cs)? == zero_refs[&(host / cs)] {
                         // Only zero entries reach it: every reader sees zeros
@@ -187,11 +186,14 @@ impl Qcow2Writer {
                     } else {
                         None
                     };
-                *e = match cluster {
-                    Some(c) if self.next_ref(&g, c / cs)? == 1 => c | OFLAG_COPIED,
-                    Some(c) => c,
-                    None => 0,
+                let expanded = match cluster {
+                    Some(c) => {
+                        let sole = self.next_ref(&g, c / cs)? == 1;
+                        geo.data_entry(c).with_copied(sole)
+                    }
+                    None => L2Entry::UNALLOCATED,
                 };
+                geo.set_entry_at(&mut table, i, expanded);
             }
             let copy = self.alloc_next(&mut g, 1)?;
             self.add_next_n(&mut g, copy / cs, n as i64 - 1)?;
@@ -209,20 +211,20 @@ impl Qcow2Writer {
             if !l1
                 .entries
                 .iter()
-                .any(|e| copies.contains_key(&(e & L1_OFFSET_MASK)))
+                .any(|&e| copies.contains_key(&l1_table_offset(e)))
             {
                 continue;
             }
             let entries: Vec<u64> = l1
                 .entries
                 .iter()
-                .map(|&e| match copies.get(&(e & L1_OFFSET_MASK)) {
+                .map(|&e| match copies.get(&l1_table_offset(e)) {
                     // QEMU keeps COPIED true only in the active L1.
-                    Some(&copy) if l1.snapshot.is_none() && paths[&(e & L1_OFFSET_MASK)] == 1 => {
-                        copy | OFLAG_COPIED
+                    Some(&copy) if l1.snapshot.is_none() && paths[&l1_table_offset(e)] == 1 => {
+                        l1_entry(copy)
                     }
                     Some(&copy) if l1.snapshot.is_none() => copy,
-                    Some(&copy) => copy | (e & !L1_OFFSET_MASK),
+                    Some(&copy) => l1_retarget(e, copy),
                     None => e,
                 })
                 .collect();
@@ -347,7 +349,7 @@ impl Qcow2Writer {
         let rt = self.h.refcount_table_offset / cs;
         old_structure.extend(rt..rt + u64::from(self.h.refcount_table_clusters));
         for &e in self.refs.table() {
-            let off = e & super::super::l2::REFTABLE_OFFSET_MASK;
+            let off = reftable_block_offset(e);
             if off != 0 {
                 old_structure.insert(off / cs);
             }
@@ -478,7 +480,16 @@ impl Qcow2Writer {
 fn tables_in(l1: &[u64]) -> Vec<u64> {
     let mut seen = HashSet::new();
     l1.iter()
-        .map(|e| e & L1_OFFSET_MASK)
+        .map(|&e| l1_table_offset(e))
         .filter(|&t| t != 0 && seen.insert(t))
         .collect()
+}
+
+/// Whether v2 cannot hold entry `e`: a zero cluster (with or without a
+/// host cluster).
+fn is_zero(geo: Geometry, e: L2Entry) -> bool {
+    matches!(
+        geo.cluster_kind(e),
+        ClusterKind::ZeroPlain | ClusterKind::ZeroAlloc
+    )
 }
