@@ -481,16 +481,7 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
         max_points: 40,
     };
     s.judge(&rec, budget, &|d, _| {
-        let (code, out) = tool(d, "qemu-img", &["check", "img"]);
-        if code != 0 {
-            let first: Vec<&str> = (out.lines().filter(|l| l.starts_with("ERROR")).take(2))
-                .chain(out.lines().filter(|l| l.starts_with("Leaked")).take(1))
-                .collect();
-            return Err(format!(
-                "qemu-img check exited {code}: {}",
-                first.join("\n")
-            ));
-        }
+        powercut::clean_check(d, "img")?;
         let now = level(d)?;
         if now != before && now != after {
             return Err(format!("level neither before nor after: {now:?}"));

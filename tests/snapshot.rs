@@ -709,17 +709,7 @@ fn powercut_case(name: &str, prog: &str, flag: &str, snap: &str) -> powercut::Ta
         max_points: 40,
     };
     s.judge(&rec, budget, &|d, _| {
-        let (code, out) = tool(d, "qemu-img", &["check", "img"]);
-        if code != 0 {
-            // The first findings of each kind are enough to see why.
-            let first: Vec<&str> = (out.lines().filter(|l| l.starts_with("ERROR")).take(2))
-                .chain(out.lines().filter(|l| l.starts_with("Leaked")).take(1))
-                .collect();
-            return Err(format!(
-                "qemu-img check exited {code}: {}",
-                first.join("\n")
-            ));
-        }
+        powercut::clean_check(d, "img")?;
         let list = tool(d, "qemu-img", &["snapshot", "-l", "img"]).1;
         if list != before && list != after {
             return Err(format!("listing neither before nor after:\n{list}"));
