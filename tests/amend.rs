@@ -422,14 +422,9 @@ mod powercut;
 /// may leave judged: `qemu-img check` clean (no leaks either), the old or
 /// the new level, the guest view unchanged.
 fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
-    use powercut::{raw_view, tool, Session};
+    use powercut::{must, raw_view, tool, Session};
     let s = Session::new(name);
     let b = &s.backing;
-    let must = |dir: &std::path::Path, prog: &str, args: &[&str]| {
-        let (code, out) = tool(dir, prog, args);
-        assert_eq!(code, 0, "{prog} {args:?}: {out}");
-        out
-    };
     let c4k = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"];
     must(b, "qemu-img", &[&c4k[..], &["base", "4M"]].concat());
     must(
@@ -474,12 +469,7 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
     let after = level(b).unwrap();
     assert_ne!(before, after, "{name} changed nothing");
     let now_raw = s.refs.join("now.raw");
-    let budget = powercut::states::Budget {
-        per_point: 6,
-        random: 3,
-        between: 1,
-        max_points: 40,
-    };
+    let budget = powercut::states::Budget::METADATA_SWITCH;
     s.judge(&rec, budget, &|d, _| {
         powercut::clean_check(d, "img")?;
         let now = level(d)?;

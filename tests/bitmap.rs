@@ -702,14 +702,9 @@ mod powercut;
 /// power cut may leave is judged: `qemu-img check` clean (no leaks either),
 /// the bitmaps listed as before or as after, the guest view unchanged.
 fn powercut_case(name: &str, args: &[&str], bitmap: &str) -> powercut::Tally {
-    use powercut::{raw_view, tool, Session};
+    use powercut::{must, raw_view, tool, Session};
     let s = Session::new(name);
     let b = &s.backing;
-    let must = |dir: &std::path::Path, prog: &str, args: &[&str]| {
-        let (code, out) = tool(dir, prog, args);
-        assert_eq!(code, 0, "{prog} {args:?}: {out}");
-        out
-    };
     must(
         b,
         "qemu-img",
@@ -763,12 +758,7 @@ fn powercut_case(name: &str, args: &[&str], bitmap: &str) -> powercut::Tally {
     let after = list(b).unwrap();
     assert_ne!(before, after, "{name} changed nothing");
     let now_raw = s.refs.join("now.raw");
-    let budget = powercut::states::Budget {
-        per_point: 6,
-        random: 3,
-        between: 1,
-        max_points: 40,
-    };
+    let budget = powercut::states::Budget::METADATA_SWITCH;
     s.judge(&rec, budget, &|d, _| {
         powercut::clean_check(d, "img")?;
         let now = list(d)?;

@@ -650,14 +650,9 @@ mod powercut;
 /// before or after, the image reading as before or (apply) as "old", and
 /// every snapshot reading as it did.
 fn powercut_case(name: &str, prog: &str, flag: &str, snap: &str) -> powercut::Tally {
-    use powercut::{raw_view, tool, Session};
+    use powercut::{must, raw_view, tool, Session};
     let s = Session::new(name);
     let b = &s.backing;
-    let must = |dir: &std::path::Path, prog: &str, args: &[&str]| {
-        let (code, out) = tool(dir, prog, args);
-        assert_eq!(code, 0, "{prog} {args:?}: {out}");
-        out
-    };
     must(
         b,
         "qemu-img",
@@ -702,12 +697,7 @@ fn powercut_case(name: &str, prog: &str, flag: &str, snap: &str) -> powercut::Ta
     let after = must(b, "qemu-img", &["snapshot", "-l", "img"]);
     let now_raw = s.refs.join("now.raw");
     let apply = flag == "-a";
-    let budget = powercut::states::Budget {
-        per_point: 6,
-        random: 3,
-        between: 1,
-        max_points: 40,
-    };
+    let budget = powercut::states::Budget::METADATA_SWITCH;
     s.judge(&rec, budget, &|d, _| {
         powercut::clean_check(d, "img")?;
         let list = tool(d, "qemu-img", &["snapshot", "-l", "img"]).1;

@@ -211,6 +211,13 @@ pub fn no_corruption(dir: &Path, img: &str) -> Result<(), String> {
     }
 }
 
+/// Run a tool in `dir` that must succeed; its output.
+pub fn must(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let (code, out) = tool(dir, prog, args);
+    assert_eq!(code, 0, "{prog} {args:?}: {out}");
+    out
+}
+
 /// `qemu-img check` finds nothing at all: no corruption and no leak (the
 /// metadata-generation switches of snapshot, bitmap and amend leave none).
 /// The first findings of each kind are enough to see why.

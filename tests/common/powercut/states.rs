@@ -98,6 +98,17 @@ pub struct Budget {
     pub max_points: usize,
 }
 
+impl Budget {
+    /// For operations that build metadata aside and switch to it with one
+    /// header write (snapshot, bitmap, amend): few syncs, every point tried.
+    pub const METADATA_SWITCH: Budget = Budget {
+        per_point: 6,
+        random: 3,
+        between: 1,
+        max_points: 40,
+    };
+}
+
 /// The log's structure: which entries each sync makes durable.
 pub struct Model<'a> {
     pub rec: &'a Recording,
