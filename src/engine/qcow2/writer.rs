@@ -519,6 +519,15 @@ impl Qcow2Writer {
 
     /// Drop one reference to each cluster of `[offset, offset + len)`.
     fn release(&mut self, offset: u64, len: u64) -> Result<()> {
+        let mut freed = Vec::new();
+        self.drop_references(offset, len, &mut freed)?;
+        self.punch_freed(freed);
+        Ok(())
+    }
+
+    /// Drop one reference to each cluster of `[offset, offset + len)`;
+    /// the clusters left unreferenced are added to `freed`.
+    fn drop_references(&mut self, offset: u64, len: u64, freed: &mut Vec<u64>) -> Result<()> {
         let first = offset / self.cs;
         let last = (offset + len - 1) / self.cs;
         for c in first..=last {
@@ -532,11 +541,28 @@ impl Qcow2Writer {
             self.set_refcount(c, r - 1)?;
             if r == 1 {
                 self.free_hint = self.free_hint.min(c);
-                // Unreferenced now: give the space back to the file system.
-                let _ = crate::engine::raw::punch_hole(&self.file, c * self.cs, self.cs);
+                freed.push(c);
             }
         }
         Ok(())
+    }
+
+    /// Give unreferenced clusters' space back to the file system, one
+    /// hole per run of adjacent ones: a hole punched costs about as much
+    /// whatever its length (measured: a commit freeing 486 clusters of the
+    /// 2 GiB fixture one by one spent 0.8 s in fallocate).
+    fn punch_freed(&self, mut freed: Vec<u64>) {
+        freed.sort_unstable();
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                j += 1;
+            }
+            let n = (j - i) as u64;
+            let _ = crate::engine::raw::punch_hole(&self.file, freed[i] * self.cs, n * self.cs);
+            i = j;
+        }
     }
 
     // -------------------------------------------------------------- L1/L2 --
@@ -627,9 +653,11 @@ impl Qcow2Writer {
         if !self.pending_release.is_empty() {
             self.file.sync_data().at(&self.path)?;
             fault::point("writer.releases.before");
+            let mut freed = Vec::new();
             for (off, len) in std::mem::take(&mut self.pending_release) {
-                self.release(off, len)?;
+                self.drop_references(off, len, &mut freed)?;
             }
+            self.punch_freed(freed);
             fault::point("writer.releases.after");
         }
         Ok(())
