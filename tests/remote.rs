@@ -15,7 +15,7 @@ use common::fault::HANG_GUARD;
 use common::sshd::Sshd;
 use common::{Work, COWSHED, MIB};
 use cowshed::remote::client::{Connection, RemoteError, SshOptions};
-use cowshed::remote::protocol::{JobOp, Reply, Request, WireJobState};
+use cowshed::remote::protocol::{encode, JobOp, Reply, Request, WireJobState};
 use serde_json::Value;
 
 /// sshd, or why these tests cannot run here (then they say so and pass:
@@ -652,20 +652,88 @@ fn live_sizes_and_new_images_come_over_the_connection() {
         Some(("base.qcow2", "qcow2")),
         64 * MIB,
     );
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        assert!(Instant::now() < deadline, "no snapshot with web-4");
-        if let Some(Reply::Snapshot { nodes, .. }) = conn
-            .recv_timeout(Duration::from_secs(1))
-            .expect("connection")
-        {
-            if let Some(n) = nodes.iter().find(|n| n.image.path.ends_with("web-4.qcow2")) {
-                let parent = n.parent.map(|p| nodes[p].image.path.clone());
-                assert_eq!(parent, Some(w.path("img/base.qcow2")));
-                break;
+    // New images and header changes come as changes against the forest
+    // sent, never the whole forest again.
+    let snapshot_bytes = encode(&Reply::Snapshot {
+        nodes: first.clone(),
+        errors: Vec::new(),
+    })
+    .len();
+    let mut forest = cowshed::remote::client::grafts("host1", first).expect("records");
+    let canon = |f: &str| std::fs::canonicalize(w.path(f)).expect("canonical");
+    let mut next_changes = |conn: &mut Connection, what: &str| loop {
+        match conn.recv_timeout(HANG_GUARD).expect("connection") {
+            Some(Reply::Snapshot { .. }) => panic!("{what}: the whole forest was sent again"),
+            Some(reply @ Reply::Changes { .. }) => {
+                let bytes = encode(&reply).len();
+                let Reply::Changes { nodes, removed, .. } = reply else {
+                    unreachable!()
+                };
+                let keys: Vec<PathBuf> = nodes.iter().map(|n| n.image.key.clone()).collect();
+                let parents: Vec<Option<PathBuf>> =
+                    nodes.iter().map(|n| n.parent.clone()).collect();
+                cowshed::remote::client::apply_changes(
+                    "host1",
+                    &mut forest,
+                    nodes,
+                    removed.clone(),
+                )
+                .expect("applies");
+                break (keys, parents, removed, bytes);
             }
+            Some(_) => {}
+            None => panic!("{what}: no changes"),
+        }
+    };
+    // The file may be seen while qemu-img still writes it: changes come
+    // until it is whole; each names web-4 alone.
+    let web4 = canon("img/web-4.qcow2");
+    loop {
+        let (keys, parents, removed, bytes) = next_changes(&mut conn, "web-4 appearing");
+        assert_eq!(keys, vec![web4.clone()]);
+        assert!(removed.is_empty());
+        assert!(
+            bytes * 3 < snapshot_bytes,
+            "a change of {bytes} bytes, the forest {snapshot_bytes}"
+        );
+        if parents == vec![Some(canon("img/base.qcow2"))] {
+            break;
         }
     }
+    // A header rewritten: web-1-1 loses its backing.
+    w.qemu_img(&["rebase", "-u", "-b", "", "img/web-1-1.qcow2"]);
+    loop {
+        let (keys, parents, _, _) = next_changes(&mut conn, "web-1-1's header");
+        assert_eq!(keys, vec![canon("img/web-1-1.qcow2")]);
+        if parents == vec![None] {
+            break;
+        }
+    }
+    let web2 = canon("img/web-2.qcow2");
+    std::fs::remove_file(&web2).expect("rm");
+    loop {
+        let (_, _, removed, _) = next_changes(&mut conn, "web-2 gone");
+        if removed == vec![web2.clone()] {
+            break;
+        }
+    }
+    // What the client built from the changes is the forest a new scan
+    // finds there.
+    let shape = |g: &cowshed::remote::client::Grafts| {
+        let mut s: Vec<(PathBuf, Option<PathBuf>, usize)> = g
+            .iter()
+            .map(|(r, p, f)| (r.key.clone(), p.map(|p| g[p].0.key.clone()), f.len()))
+            .collect();
+        s.sort();
+        s
+    };
+    let (fresh, _) = cowshed::remote::client::fetch_forest(
+        "host1",
+        std::slice::from_ref(&img),
+        &options(&sshd, sshd.remote_command(&[])),
+    )
+    .expect("forest");
+    assert_eq!(shape(&forest), shape(&fresh));
 }
 
 /// The local job pool runs a remote job as a proxy: progress comes over

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use super::identity::Identities;
 use super::protocol::{
-    decode, encode, JobOp, Reply, Request, WireCheck, WireDetails, WireError, WireImage, WireInfo,
-    WireJobState, WireNode, WireProgress, WireTime, WireVm, WireVmUse, PROTOCOL_VERSION,
+    decode, encode, JobOp, Reply, Request, WireChange, WireCheck, WireDetails, WireError,
+    WireImage, WireInfo, WireJobState, WireNode, WireProgress, WireTime, WireVm, WireVmUse,
+    PROTOCOL_VERSION,
 };
 use crate::catalog::scan::{read_record, scan_all};
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
@@ -175,6 +176,9 @@ struct Agent {
     errors: Vec<WireError>,
     watcher: Option<Watcher>,
     watch_rx: Receiver<CatalogEvent>,
+    /// The forest as the client has it (every node by key, as last sent):
+    /// later forests go out as the changes against it.
+    sent: HashMap<PathBuf, WireChange>,
     jobs: Jobs,
     job_rx: Receiver<JobEvent>,
     live: HashMap<JobId, Live>,
@@ -200,6 +204,7 @@ impl Agent {
             errors: Vec::new(),
             watcher: None,
             watch_rx: never(),
+            sent: HashMap::new(),
             jobs: Jobs::new(crate::jobs::DEFAULT_WORKERS, job_tx),
             job_rx,
             live: HashMap::new(),
@@ -272,7 +277,7 @@ impl Agent {
                 },
                 recv(publish_due) -> _ => {
                     publish_due = never();
-                    self.publish();
+                    self.publish_changes();
                 }
                 recv(self.inventory_rx) -> inv => match inv {
                     Ok(inv) => {
@@ -368,31 +373,61 @@ impl Agent {
         self.publish();
     }
 
-    /// The forest, then the domains that use its images.
-    fn publish(&self) {
-        self.send(&self.snapshot());
+    /// The whole forest, then the domains that use its images.
+    fn publish(&mut self) {
+        let nodes = self.forest_nodes();
+        self.sent = by_key(&nodes);
+        self.send(&Reply::Snapshot {
+            nodes,
+            errors: self.errors.clone(),
+        });
         self.send(&self.vms());
     }
 
-    fn snapshot(&self) -> Reply {
+    /// What changed since the forest last sent, then the domains (new
+    /// images may be used by one).
+    fn publish_changes(&mut self) {
+        let now = by_key(&self.forest_nodes());
+        let mut nodes: Vec<WireChange> = now
+            .iter()
+            .filter(|(k, n)| self.sent.get(*k) != Some(n))
+            .map(|(_, n)| n.clone())
+            .collect();
+        nodes.sort_by(|a, b| a.image.key.cmp(&b.image.key));
+        let mut removed: Vec<PathBuf> = self
+            .sent
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        removed.sort();
+        self.sent = now;
+        self.send(&Reply::Changes {
+            nodes,
+            removed,
+            errors: self.errors.clone(),
+        });
+        self.send(&self.vms());
+    }
+
+    /// The forest of the watched roots, built here, each image with its
+    /// identity.
+    fn forest_nodes(&self) -> Vec<WireNode> {
         let forest = Forest::build(self.records.values().cloned().collect());
         let ids = Identities::read();
-        Reply::Snapshot {
-            nodes: forest
-                .nodes
-                .iter()
-                .map(|n| {
-                    let mut image = WireImage::from(&n.record);
-                    image.identity = ids.of(n.record.dev_ino.0, n.record.dev_ino.1);
-                    WireNode {
-                        image,
-                        parent: n.parent,
-                        flags: n.flags.clone(),
-                    }
-                })
-                .collect(),
-            errors: self.errors.clone(),
-        }
+        forest
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut image = WireImage::from(&n.record);
+                image.identity = ids.of(n.record.dev_ino.0, n.record.dev_ino.1);
+                WireNode {
+                    image,
+                    parent: n.parent,
+                    flags: n.flags.clone(),
+                }
+            })
+            .collect()
     }
 
     /// Which watched images this host's domains use.
@@ -511,6 +546,10 @@ impl Agent {
             CatalogEvent::SizesChanged { key, sizes } => {
                 if let Some(r) = self.records.get_mut(&key) {
                     r.sizes = sizes;
+                    // Said now: not a change to send again.
+                    if let Some(s) = self.sent.get_mut(&key) {
+                        s.image.sizes = sizes.into();
+                    }
                     self.send(&Reply::Sizes {
                         key,
                         sizes: sizes.into(),
@@ -521,6 +560,9 @@ impl Agent {
             CatalogEvent::Modified { key, mtime } => {
                 if let Some(r) = self.records.get_mut(&key) {
                     r.mtime = mtime;
+                    if let Some(s) = self.sent.get_mut(&key) {
+                        s.image.mtime = WireTime::from_system(mtime);
+                    }
                     self.send(&Reply::Modified {
                         key,
                         mtime: WireTime::from_system(mtime),
@@ -708,6 +750,26 @@ impl Agent {
             }
         }
     }
+}
+
+/// A forest's nodes by key, each parent named by its key.
+fn by_key(nodes: &[WireNode]) -> HashMap<PathBuf, WireChange> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.image.key.clone(),
+                WireChange {
+                    image: n.image.clone(),
+                    parent: n
+                        .parent
+                        .and_then(|p| nodes.get(p))
+                        .map(|p| p.image.key.clone()),
+                    flags: n.flags.clone(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// The images a job works on, as the pool's keys: two jobs on one image

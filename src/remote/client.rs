@@ -427,6 +427,48 @@ pub fn apply_vms(nodes: &mut Grafts, vms: &HostVms) {
     }
 }
 
+/// Apply a `changes` message of `host` to its forest as last built:
+/// nodes upserted by key, removed ones dropped, parents linked by key.
+pub fn apply_changes(
+    host: &str,
+    forest: &mut Grafts,
+    nodes: Vec<super::protocol::WireChange>,
+    removed: Vec<PathBuf>,
+) -> Result<(), String> {
+    let keys: Vec<PathBuf> = forest.iter().map(|(r, _, _)| r.key.clone()).collect();
+    let mut by_key: HashMap<PathBuf, (ImageRecord, Option<PathBuf>, Vec<Flag>)> = HashMap::new();
+    let mut order: Vec<PathBuf> = Vec::with_capacity(forest.len() + nodes.len());
+    for (r, parent, flags) in std::mem::take(forest) {
+        let parent = parent.and_then(|p| keys.get(p)).cloned();
+        order.push(r.key.clone());
+        by_key.insert(r.key.clone(), (r, parent, flags));
+    }
+    for k in removed {
+        by_key.remove(&remote_path(host, &k));
+    }
+    for n in nodes {
+        let record = n.image.into_record(host)?;
+        let parent = n.parent.map(|p| remote_path(host, &p));
+        if !by_key.contains_key(&record.key) {
+            order.push(record.key.clone());
+        }
+        by_key.insert(record.key.clone(), (record, parent, n.flags));
+    }
+    order.retain(|k| by_key.contains_key(k));
+    let index: HashMap<PathBuf, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.clone(), i))
+        .collect();
+    for k in &order {
+        if let Some((r, parent, flags)) = by_key.remove(k) {
+            let parent = parent.and_then(|p| index.get(&p).copied());
+            forest.push((r, parent, flags));
+        }
+    }
+    Ok(())
+}
+
 /// Scan `roots` on `host` once: its forest (with the domains there that
 /// use its images) and the errors met there (paths as `host:/path`).
 pub fn fetch_forest(
@@ -692,20 +734,38 @@ fn serve_followed(
     })?;
     let host = conn.host.clone();
     let key = |k: &Path| remote_path(&host, k);
+    let confused = |message: String| RemoteError::Agent {
+        host: host.clone(),
+        message,
+    };
+    // The host's forest as last built: `changes` apply to it.
+    let mut forest: Grafts = Vec::new();
     loop {
         if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
             return Ok(());
         }
         let ev = match conn.recv_timeout(Duration::from_millis(500))? {
             None => continue,
-            Some(Reply::Snapshot { nodes, errors }) => HostEvent::Snapshot {
-                host: host.clone(),
-                nodes: grafts(&host, nodes).map_err(|message| RemoteError::Agent {
+            Some(Reply::Snapshot { nodes, errors }) => {
+                forest = grafts(&host, nodes).map_err(confused)?;
+                HostEvent::Snapshot {
                     host: host.clone(),
-                    message,
-                })?,
-                errors: remote_errors(&host, errors),
-            },
+                    nodes: forest.clone(),
+                    errors: remote_errors(&host, errors),
+                }
+            }
+            Some(Reply::Changes {
+                nodes,
+                removed,
+                errors,
+            }) => {
+                apply_changes(&host, &mut forest, nodes, removed).map_err(confused)?;
+                HostEvent::Snapshot {
+                    host: host.clone(),
+                    nodes: forest.clone(),
+                    errors: remote_errors(&host, errors),
+                }
+            }
             Some(Reply::Sizes { key: k, sizes }) => HostEvent::Sizes {
                 host: host.clone(),
                 key: key(&k),

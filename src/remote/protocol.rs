@@ -97,6 +97,16 @@ pub enum Reply {
         nodes: Vec<WireNode>,
         errors: Vec<WireError>,
     },
+    /// What changed in the forest since the last `snapshot` or `changes`
+    /// (images that appeared or whose header, flags or parent changed, and
+    /// the keys of those gone), instead of the whole forest again: a header
+    /// rewritten among 10,000 images is one image's worth of bytes.
+    Changes {
+        nodes: Vec<WireChange>,
+        removed: Vec<PathBuf>,
+        /// The scan's errors now (all of them; usually none).
+        errors: Vec<WireError>,
+    },
     /// Only sizes moved (a guest writing).
     Sizes {
         key: PathBuf,
@@ -416,6 +426,15 @@ impl WireImage {
             seen_on: Vec::new(),
         })
     }
+}
+
+/// One node of a `changes` message: its parent named by key, as indices
+/// of a forest the message does not carry mean nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireChange {
+    pub image: WireImage,
+    pub parent: Option<PathBuf>,
+    pub flags: Vec<Flag>,
 }
 
 /// A defined domain on the agent's host.
@@ -873,6 +892,30 @@ mod tests {
              \"name\":\"web-1\",\"uuid\":\"eba2a67b-e235-4756-a7b7-879e92283673\",\
              \"state\":\"shut off\",\"connection\":\"qemu:///system\"}]}],\
              \"unreadable\":[{\"path\":\"qemu+ssh://x/system\",\"message\":\"no route\"}]}\n"
+        );
+        let changes = encode(&Reply::Changes {
+            nodes: vec![WireChange {
+                image: WireImage {
+                    holders: Vec::new(),
+                    summary: None,
+                    identity: None,
+                    ..sample_image()
+                },
+                parent: Some("/srv/images/base.qcow2".into()),
+                flags: Vec::new(),
+            }],
+            removed: vec!["/srv/images/old.qcow2".into()],
+            errors: Vec::new(),
+        });
+        assert_eq!(
+            String::from_utf8(changes).expect("utf-8"),
+            "{\"type\":\"changes\",\"nodes\":[{\"image\":{\"path\":\"/srv/images/web-1.qcow2\",\
+             \"key\":\"/srv/images/web-1.qcow2\",\"dev\":2049,\"ino\":131,\"summary\":null,\
+             \"error\":null,\"sizes\":{\"virtual_size\":1073741824,\"allocated\":200704,\
+             \"apparent\":196608},\"mtime\":{\"secs\":1700000000,\"nanos\":5},\"created\":null,\
+             \"mode\":420,\"lock\":\"writer\",\"holders\":[],\"identity\":null},\
+             \"parent\":\"/srv/images/base.qcow2\",\"flags\":[]}],\
+             \"removed\":[\"/srv/images/old.qcow2\"],\"errors\":[]}\n"
         );
         assert_eq!(
             String::from_utf8(encode(&Request::Info {
