@@ -1,7 +1,9 @@
 //! `cowshed agent --stdio`: the other end of a remote root. Reads
 //! [`Request`]s on stdin, answers with [`Reply`]s on stdout, one JSON line
-//! each; serves the catalog (scan, forest, watch) and runs jobs with the
-//! same code as local roots.
+//! each; serves the catalog (scan, forest, watch), this host's libvirt
+//! domains (the inventory code, on this host's connections), the details
+//! pane's facts and a fresh look at what uses a file, and runs jobs with
+//! the same code as local roots.
 //!
 //! Jobs outlive the connection: when stdin ends (the ssh connection was
 //! lost), the agent stops watching, lets its running jobs finish (never

@@ -5,14 +5,18 @@
 //! A session: the client sends `hello` with its [`PROTOCOL_VERSION`]; the
 //! agent answers `hello` with its own (and its cowshed version and host
 //! name), or `refused` and ends when they differ. Then the client asks:
-//! `watch` (scan roots: a `snapshot` of the forest, then, when live,
-//! `sizes`/`modified` for a guest writing and a new `snapshot` whenever
-//! an image appears, vanishes or changes its header), `job` (run an
-//! operation: `job-state` messages follow, with progress while it runs,
-//! ending with its outcome), `cancel`, and `outcome` (what became of a job
-//! started over an earlier connection: its end is recorded on the host,
-//! so a lost connection never leaves the client guessing, and nothing is
-//! run twice).
+//! `watch` (scan roots: a `snapshot` of the forest and `vms`, the host's
+//! domains using its images; then, when live, `sizes`/`modified` for a
+//! guest writing, `changes` (only the nodes that differ) whenever an image
+//! appears, vanishes or changes its header, and `vms` again when the
+//! domains change), `info` (the details pane's facts of one image,
+//! computed there), `check` (what uses some files there now: asked of
+//! every other host that sees a shared file before a job changes it),
+//! `job` (run an operation: `job-state` messages follow, with progress
+//! while it runs, ending with its outcome), `cancel`, and `outcome` (what
+//! became of a job started over an earlier connection: its end is
+//! recorded on the host, so a lost connection never leaves the client
+//! guessing, and nothing is run twice).
 //!
 //! The wire types are spelled out here rather than derived on the
 //! catalog's records, so that a change to those cannot change the protocol
