@@ -610,3 +610,11 @@ impl Work {
         merge_extents(&v)
     }
 }
+
+impl sshd::Sshd {
+    /// The cowshed binary under test as the remote command (see
+    /// [`sshd::Sshd::remote_command_of`]).
+    pub fn remote_command(&self, extra: &[(&str, &str)]) -> String {
+        self.remote_command_of(COWSHED, extra)
+    }
+}
