@@ -55,6 +55,16 @@ pub struct Stage {
     _sshd: Option<sshd::Sshd>,
 }
 
+/// A chain of the hosts scene: (directory, base, [(overlay, MiB the guest
+/// wrote)]).
+type Chain = (&'static str, &'static str, &'static [(&'static str, u64)]);
+
+/// A machine of the hosts scene and its libvirt's domains: (name,
+/// [(domain, image, run state)]), run states as libvirt's test driver
+/// numbers them (1 running, 3 paused, 5 shut off).
+type Machine = (&'static str, &'static [Domain]);
+type Domain = (&'static str, &'static str, u8);
+
 /// Where the hosts scene builds its machines' images (wiped first).
 pub const HOSTS_DIR: &str = "/tmp/cowshed-shots";
 
@@ -114,8 +124,7 @@ impl Stage {
         for sub in ["lab", "hv1", "hv2", "nfs", "libvirt"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
         }
-        // (directory, base, [(overlay, MiB the guest wrote)])
-        let chains: [(&str, &str, &[(&str, u64)]); 4] = [
+        let chains: [Chain; 4] = [
             ("lab", "debian-12.qcow2", &[("ci-runner.qcow2", 96)]),
             (
                 "hv1",
@@ -145,10 +154,7 @@ impl Stage {
                 qemu(&d, "qemu-io", &["-c", &write, overlay])?;
             }
         }
-        // Each machine's libvirt: (file, [(domain, image, libvirt run state)]),
-        // run states as the test driver numbers them (1 running, 3 paused,
-        // 5 shut off).
-        let machines: [(&str, &[(&str, &str, u8)]); 3] = [
+        let machines: [Machine; 3] = [
             ("local", &[("ci-runner", "lab/ci-runner.qcow2", 1)]),
             (
                 "host1",
@@ -420,7 +426,7 @@ fn qemu(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
 /// A libvirt test-driver node file defining `domains` (name, image under
 /// `dir`, run state) with fixed uuids numbered from `first_uuid`, so every
 /// run shows the same.
-fn test_driver_node(dir: &Path, domains: &[(&str, &str, u8)], first_uuid: usize) -> String {
+fn test_driver_node(dir: &Path, domains: &[Domain], first_uuid: usize) -> String {
     let mut xml = String::from("<node>\n");
     for (i, (name, image, state)) in domains.iter().enumerate() {
         xml.push_str(&format!(
