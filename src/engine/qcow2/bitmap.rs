@@ -148,7 +148,7 @@ pub fn read_bits(
 }
 
 /// Clear the bits from `bits` on (past the disk's last granule).
-fn clear_past(map: &mut [u8], bits: u64) {
+pub fn clear_past(map: &mut [u8], bits: u64) {
     let whole = (bits / 8) as usize;
     if let Some(partial) = map.get_mut(whole) {
         *partial &= (1u16 << (bits % 8)).wrapping_sub(1) as u8;

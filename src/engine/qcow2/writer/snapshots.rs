@@ -320,7 +320,7 @@ impl Qcow2Writer {
     /// table it points at and every cluster those map, as QEMU's
     /// `qcow2_update_snapshot_refcount` counts them (and `qemu-img check`
     /// recounts them): entries first, then the table.
-    fn add_paths(&mut self, g: &mut NextGen, l1: &[u64], delta: i64) -> Result<()> {
+    pub(super) fn add_paths(&mut self, g: &mut NextGen, l1: &[u64], delta: i64) -> Result<()> {
         for &e in l1 {
             let t = l1_table_offset(e);
             if t == 0 {
@@ -358,7 +358,7 @@ impl Qcow2Writer {
     /// with COPIED set exactly where the next refcounts are 1. A table
     /// whose entries' flags change is fixed in place when the current
     /// active L1 does not reach it, else copied to a new cluster.
-    fn settle_active(
+    pub(super) fn settle_active(
         &mut self,
         g: &mut NextGen,
         entries: &[u64],
@@ -422,7 +422,7 @@ impl Qcow2Writer {
 
     /// New clusters for an active L1 table holding `l1` (none when empty,
     /// where QEMU records offset 0).
-    fn place_l1(&mut self, g: &mut NextGen, l1: &[u64]) -> Result<u64> {
+    pub(super) fn place_l1(&mut self, g: &mut NextGen, l1: &[u64]) -> Result<u64> {
         if l1.is_empty() {
             return Ok(0);
         }
@@ -675,7 +675,7 @@ impl Qcow2Writer {
 }
 
 /// The L2 tables an L1 table points at.
-fn tables_of(l1: &[u64]) -> HashSet<u64> {
+pub(super) fn tables_of(l1: &[u64]) -> HashSet<u64> {
     l1.iter()
         .map(|&e| l1_table_offset(e))
         .filter(|&t| t != 0)
