@@ -35,6 +35,7 @@ use super::super::header::{autoclear, MAX_L1_BYTES};
 use super::super::l2::{l1_entry, l1_table_offset, L2Entry};
 use super::super::refcount::{decode_refcount, encode_refcount, Refcounts};
 use super::super::snapshot::{encode_table, read_snapshots, Snapshot};
+use super::backing::write_header;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
@@ -218,7 +219,10 @@ impl Qcow2Writer {
     /// in memory, no external data file (QEMU: "Operation not supported"),
     /// and autoclear bits this writer does not keep consistent cleared.
     /// Persistent bitmaps stay: a snapshot's metadata does not change what
-    /// the guest sees, so they stay true (QEMU keeps them too).
+    /// the guest sees, so they stay true (QEMU keeps them too). Bitmaps a
+    /// program without bitmap support wrote past (their autoclear bit off)
+    /// lose their extension, as QEMU's writable open drops it (their
+    /// clusters leak there too).
     fn snapshot_prologue(&mut self) -> Result<()> {
         if self.data.is_some() || self.h.has_data_file() {
             return Err(Error::invalid(
@@ -229,6 +233,14 @@ impl Qcow2Writer {
         }
         self.flush_metadata()?;
         let keep = autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
+        let stale = self.h.autoclear_features & autoclear::BITMAPS == 0;
+        if self.h.version >= 3 && self.h.extensions.bitmaps.is_some() && stale {
+            let mut h = self.h.clone();
+            h.autoclear_features &= keep;
+            h.extensions.bitmaps = None;
+            write_header(&self.file, &self.path, &mut h)?;
+            self.h = h;
+        }
         if self.h.version >= 3 && self.h.autoclear_features & !keep != 0 {
             self.h.autoclear_features &= keep;
             self.h.patch_autoclear(&self.file, &self.path)?;
