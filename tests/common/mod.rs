@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod bytes;
 pub mod fault;
 pub mod run;
