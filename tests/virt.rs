@@ -176,13 +176,26 @@ fn shut_off_domain_guards_its_disk_by_inode() {
     // Every guarded operation is refused, naming the domain and where it
     // was found, and changes nothing.
     let before = (w.read_file("imgs/ov.qcow2"), w.read_file("imgs/base.qcow2"));
-    let refused: [&[&str]; 6] = [
+    w.create("imgs/other.qcow2", "qcow2", "", None, 64 * MIB);
+    let refused: [&[&str]; 11] = [
         &["rm", "imgs/ov.qcow2"],
         &["reset", "imgs/ov.qcow2"],
         &["resize", "imgs/ov.qcow2", "+1M"],
         &["commit", "imgs/ov.qcow2"],
         &["rebase", "-u", "-b", "", "imgs/ov.qcow2"],
         &["mv", "imgs/ov.qcow2", "imgs/moved.qcow2"],
+        &["amend", "-o", "lazy_refcounts=on", "imgs/ov.qcow2"],
+        &["snapshot", "-c", "s1", "imgs/ov.qcow2"],
+        &["bitmap", "--add", "imgs/ov.qcow2", "b0"],
+        &["check", "-r", "all", "imgs/ov.qcow2"],
+        // Replacing it with another image's content.
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "imgs/other.qcow2",
+            "imgs/ov.qcow2",
+        ],
     ];
     for args in refused {
         // Global flags go after the subcommand: before it, words are roots.

@@ -1330,6 +1330,12 @@ impl App {
                 host,
                 crate::remote::client::SshOptions::from_env(),
                 op,
+                // A commit writes into the backing too.
+                crate::remote::client::peers(
+                    std::iter::once(ids[0])
+                        .chain(forest.nodes[ids[0]].parent)
+                        .map(|id| &forest.nodes[id].record),
+                ),
             ),
         });
     }
@@ -1341,13 +1347,6 @@ impl App {
         };
         let node = &self.forest.nodes[id];
         let r = &node.record;
-        // Another host's file is not read here: a local file of the same
-        // name is another file.
-        if r.host.is_some() {
-            self.details = None;
-            self.details_wanted = None;
-            return;
-        }
         if self.details.as_ref().is_some_and(|d| d.key != r.key) {
             self.details = None;
         }
@@ -1358,7 +1357,15 @@ impl App {
             return;
         }
         self.details_wanted = Some(r.key.clone());
-        self.inspector.request(r.key.clone(), r.path.clone());
+        match &r.host {
+            // Another host's file is not read here (a local file of the
+            // same name is another file): its agent reads it.
+            Some(host) => {
+                self.inspector
+                    .request_remote(r.key.clone(), host.clone(), r.path.clone())
+            }
+            None => self.inspector.request(r.key.clone(), r.path.clone()),
+        }
     }
 
     fn selected_stamp(&self) -> Option<Stamp> {

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::COWSHED;
-
 const SSHD: &str = "/usr/sbin/sshd";
 
 /// Running sshd; killed when dropped.
@@ -50,6 +48,14 @@ fn keygen(path: &Path) {
 impl Sshd {
     /// Start sshd listening on `hosts` ports, one per host name.
     pub fn start(hosts: &[&str]) -> Result<Sshd, String> {
+        Sshd::start_with_env(hosts, &[])
+    }
+
+    /// The same, with environment variables sshd sets for the sessions of
+    /// one host only (`(host, name, value)`, as `Match LocalPort` and
+    /// `SetEnv` in its config): what differs between two machines, such as
+    /// the config file (`XDG_CONFIG_HOME`) its cowshed agent reads.
+    pub fn start_with_env(hosts: &[&str], env: &[(&str, &str, &str)]) -> Result<Sshd, String> {
         if let Some(why) = unavailable() {
             return Err(why);
         }
@@ -74,6 +80,21 @@ impl Sshd {
              UsePAM no\nPermitRootLogin yes\nPidFile {d}/sshd.pid\nLogLevel ERROR\n",
             d = d.display()
         ));
+        for (h, p) in hosts.iter().zip(&ports) {
+            let vars: Vec<String> = env
+                .iter()
+                .filter(|(host, _, _)| host == h)
+                .map(|(_, k, v)| format!("{k}={v}"))
+                .collect();
+            if !vars.is_empty() {
+                server.push_str(&format!(
+                    "Match LocalPort {p}
+  SetEnv {}
+",
+                    vars.join(" ")
+                ));
+            }
+        }
         std::fs::write(d.join("sshd_config"), server).expect("sshd config");
         let mut client = String::new();
         for (h, p) in hosts.iter().zip(&ports) {
@@ -145,9 +166,10 @@ impl Sshd {
         ]
     }
 
-    /// The cowshed binary under test as the remote command, with a state
-    /// directory of this sshd's and `extra` environment (fault plans).
-    pub fn remote_command(&self, extra: &[(&str, &str)]) -> String {
+    /// `cowshed` (a path to the binary that serves as the agent) as the
+    /// remote command, with a state directory of this sshd's and `extra`
+    /// environment (fault plans).
+    pub fn remote_command_of(&self, cowshed: &str, extra: &[(&str, &str)]) -> String {
         let mut cmd = format!(
             "env COWSHED_STATE_DIR={}",
             self.dir.path().join("state").display()
@@ -156,7 +178,7 @@ impl Sshd {
             cmd.push_str(&format!(" {k}={v}"));
         }
         cmd.push(' ');
-        cmd.push_str(COWSHED);
+        cmd.push_str(cowshed);
         cmd
     }
 

@@ -476,6 +476,8 @@ pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
                 format: plan.format.name().to_string(),
                 compress: opts.compress,
             },
+            // It only reads its source and makes a new file.
+            Vec::new(),
         ),
         None => Box::new(move |progress, cancel| {
             convert(&source, &dest, &opts, progress, cancel)?;
