@@ -389,12 +389,13 @@ fn a_remote_root_in_a_real_terminal() {
     );
     let info: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(info["backing-filename"], "base.qcow2");
-    // Writing actions the agent does not run yet are refused for another
-    // host's images, never run on a local file of that name.
-    tmux.send("f");
-    tmux.wait_for("the refusal", |s| {
-        s.contains("is on host1: only clone, commit, rebase")
-    });
+    // What the agent does not run (a move of several marked images) is
+    // refused, never run on a local file of that name.
+    tmux.send("g");
+    tmux.send("*");
+    tmux.wait_for("the tree marked", |s| s.contains("2 marked"));
+    tmux.send("M");
+    tmux.wait_for("the refusal", |s| s.contains("acts on one image at a time"));
     drop(sshd);
     tmux.wait_for("the stale rows", |s| s.contains("stale: host1 unreachable"));
 }
@@ -619,4 +620,208 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         .filter(|e| e.file_type().is_file())
         .map(|e| e.into_path())
         .collect()
+}
+
+/// The snapshots (`S`) and bitmaps (`B`) dialogs, flatten (`f`) and reset
+/// (`R`) on another host's images: the lists come from that host's agent,
+/// every change runs there, and each is checked with qemu-img. A refusal
+/// only the agent sees (a QEMU that took the image after the dialog
+/// opened) reaches the status line in the engine's words; read-only mode
+/// refuses before anything is sent.
+#[test]
+fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let aside = tempfile::tempdir().expect("tempdir");
+    let io = |img: &str, cmd: &str| {
+        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+    };
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend(args);
+        ok(d, "qemu-img", &all);
+    };
+    create(&["base.qcow2", "16M"]);
+    io("base.qcow2", "write -P 0xaa 0 1M");
+    create(&["solo.qcow2", "16M"]);
+    io("solo.qcow2", "write -P 0x51 0 2M");
+    for overlay in ["flat.qcow2", "wipe.qcow2", "held.qcow2"] {
+        create(&["-b", "base.qcow2", "-F", "qcow2", overlay]);
+        io(overlay, "write -P 0xbb 1M 1M");
+    }
+    let raw = |img: &str, name: &str| {
+        let out = aside.path().join(name).display().to_string();
+        ok(d, "qemu-img", &["convert", "-U", "-O", "raw", img, &out]);
+        out
+    };
+    let compare = |img: &str, raw: &str| {
+        ok(
+            d,
+            "qemu-img",
+            &["compare", "-U", "-f", "qcow2", "-F", "raw", img, raw],
+        );
+    };
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote-snapshots", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+
+    // Snapshots: the (empty) list from the agent, create, apply, delete.
+    select(&tmux, "solo.qcow2");
+    tmux.send("S");
+    tmux.wait_for("the agent's empty list", |s| s.contains("no snapshots yet"));
+    tmux.send("c");
+    tmux.wait_for("the name field", |s| s.contains("name: ▏"));
+    tmux.send("first");
+    tmux.send("Enter");
+    tmux.wait_for("the snapshot's creation", |s| {
+        s.contains("snapshot create 'first' solo.qcow2: done")
+    });
+    let listed = ok(d, "qemu-img", &["snapshot", "-U", "-l", "solo.qcow2"]);
+    assert!(listed.contains("first"), "{listed}");
+    let at_snapshot = raw("solo.qcow2", "solo-first.raw");
+    io("solo.qcow2", "write -P 0x52 0 1M");
+    tmux.send("S");
+    tmux.wait_for("the agent's list", |s| s.contains("first ·"));
+    tmux.send("a");
+    tmux.wait_for("the apply question", |s| {
+        s.contains("Apply snapshot 'first'")
+    });
+    tmux.send("y");
+    tmux.wait_for("the apply's end", |s| {
+        s.contains("snapshot apply 'first' solo.qcow2: done")
+    });
+    compare("solo.qcow2", &at_snapshot);
+    tmux.send("S");
+    tmux.wait_for("the agent's list", |s| s.contains("first ·"));
+    tmux.send("d");
+    tmux.wait_for("the delete question", |s| {
+        s.contains("Delete snapshot 'first'")
+    });
+    tmux.send("y");
+    tmux.wait_for("the delete's end", |s| {
+        s.contains("snapshot delete 'first' solo.qcow2: done")
+    });
+    assert!(qemu_info(&d.join("solo.qcow2")).get("snapshots").is_none());
+    compare("solo.qcow2", &at_snapshot);
+
+    // Bitmaps: add, disable, remove, as qemu-img info sees them.
+    let bitmaps = || qemu_info(&d.join("solo.qcow2"))["format-specific"]["data"]["bitmaps"].clone();
+    tmux.send("B");
+    tmux.wait_for("the agent's empty list", |s| s.contains("no bitmaps yet"));
+    tmux.send("a");
+    tmux.wait_for("the name field", |s| s.contains("name: ▏"));
+    tmux.send("b0");
+    tmux.send("Enter");
+    tmux.wait_for("the bitmap's addition", |s| {
+        s.contains("bitmap add 'b0' solo.qcow2: done")
+    });
+    let b = bitmaps();
+    assert_eq!(b[0]["name"], "b0", "{b}");
+    assert_eq!(b[0]["flags"], serde_json::json!(["auto"]), "{b}");
+    tmux.send("B");
+    tmux.wait_for("the agent's list", |s| s.contains("b0 · 64 KiB · enabled"));
+    tmux.send("e");
+    tmux.wait_for("the bitmap disabled", |s| {
+        s.contains("bitmap disable 'b0' solo.qcow2: done")
+    });
+    assert_eq!(bitmaps()[0]["flags"], serde_json::json!([]));
+    tmux.send("B");
+    tmux.wait_for("the agent's list", |s| s.contains("b0 · 64 KiB · disabled"));
+    tmux.send("d");
+    tmux.wait_for("the remove question", |s| s.contains("Remove bitmap 'b0'"));
+    tmux.send("y");
+    tmux.wait_for("the bitmap removed", |s| {
+        s.contains("bitmap remove 'b0' solo.qcow2: done")
+    });
+    assert!(bitmaps().is_null());
+    ok(d, "qemu-img", &["check", "-U", "solo.qcow2"]);
+
+    // Flatten: standalone, the same guest view.
+    let flat_view = raw("flat.qcow2", "flat.raw");
+    select(&tmux, "flat.qcow2");
+    tmux.send("f");
+    tmux.wait_for("the flatten question", |s| s.contains("flatten?"));
+    tmux.send("y");
+    tmux.wait_for("the flatten's end", |s| {
+        s.contains("flatten flat.qcow2: done")
+    });
+    assert!(qemu_info(&d.join("flat.qcow2"))
+        .get("backing-filename")
+        .is_none());
+    compare("flat.qcow2", &flat_view);
+
+    // Reset: its own data gone, it reads as its base again.
+    select(&tmux, "wipe.qcow2");
+    tmux.send("R");
+    tmux.wait_for("the reset question", |s| s.contains("reset?"));
+    tmux.send("y");
+    tmux.wait_for("the reset's end", |s| s.contains("reset wipe.qcow2: done"));
+    assert_eq!(
+        qemu_info(&d.join("wipe.qcow2"))["backing-filename"],
+        "base.qcow2"
+    );
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-U", "wipe.qcow2", "base.qcow2"],
+    );
+
+    // A QEMU takes the image while the question is open: the agent
+    // refuses, and says who holds it.
+    select(&tmux, "held.qcow2");
+    tmux.send("R");
+    tmux.wait_for("the reset question", |s| s.contains("reset?"));
+    let before = std::fs::read(d.join("held.qcow2")).expect("read");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "held.qcow2"])
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let deadline = Instant::now() + WAIT;
+    while !matches!(
+        cowshed::engine::lock_state(&d.join("held.qcow2")),
+        Ok(cowshed::engine::LockState::Writer)
+    ) {
+        assert!(Instant::now() < deadline, "qemu-io never locked held.qcow2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tmux.send("y");
+    let screen = tmux.wait_for("the agent's refusal", |s| {
+        s.contains("reset held.qcow2 failed:")
+    });
+    drop(holder.stdin.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(screen.contains("in use by"), "{screen}");
+    assert_eq!(std::fs::read(d.join("held.qcow2")).expect("read"), before);
+    tmux.send("q");
+
+    // Read-only: refused here, nothing sent.
+    let command = format!(
+        "env {} '{BIN}' --readonly host1:{}",
+        env.join(" "),
+        d.display()
+    );
+    let ro = Tmux::start(d, "remote-readonly", &command);
+    ro.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+    select(&ro, "held.qcow2");
+    ro.send("f");
+    ro.wait_for("the read-only refusal", |s| s.contains("read-only:"));
+    assert_eq!(std::fs::read(d.join("held.qcow2")).expect("read"), before);
+    ro.send("q");
 }

@@ -22,11 +22,12 @@ use crossbeam_channel::{after, never, select, tick, unbounded, Receiver};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{
-    decode, encode, JobOp, Reply, Request, WireError, WireImage, WireJobState, WireNode,
-    WireProgress, WireTime, PROTOCOL_VERSION,
+    decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireError,
+    WireImage, WireJobState, WireListing, WireNode, WireProgress, WireTime, PROTOCOL_VERSION,
 };
 use crate::catalog::scan::scan_all;
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
+use crate::engine::qcow2::header::CompressionType;
 use crate::engine::{self, Format};
 use crate::jobs::{JobEvent, JobId, JobState, Jobs};
 
@@ -125,6 +126,22 @@ fn load(id: &str) -> Option<Record> {
     decode(&text).ok()
 }
 
+type Out = Arc<Mutex<Option<std::io::Stdout>>>;
+
+/// Write one message to the client, from the agent's loop or a thread of
+/// its own; a failed write means the client is gone.
+fn send_to(out: &Out, reply: &Reply) {
+    let line = encode(reply);
+    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(o) = out.as_mut() {
+        let mut lock = o.lock();
+        if lock.write_all(&line).and_then(|()| lock.flush()).is_err() {
+            drop(lock);
+            *out = None;
+        }
+    }
+}
+
 fn alive(pid: u32) -> bool {
     // Signal 0: is there such a process (ours to signal or not).
     let Ok(pid) = i32::try_from(pid) else {
@@ -141,7 +158,7 @@ struct Live {
 }
 
 struct Agent {
-    out: Arc<Mutex<Option<std::io::Stdout>>>,
+    out: Out,
     host: String,
     roots: Vec<PathBuf>,
     records: HashMap<PathBuf, ImageRecord>,
@@ -183,15 +200,7 @@ impl Agent {
 
     /// Send one message; a failed write means the client is gone.
     fn send(&self, reply: &Reply) {
-        let line = encode(reply);
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(o) = out.as_mut() {
-            let mut lock = o.lock();
-            if lock.write_all(&line).and_then(|()| lock.flush()).is_err() {
-                drop(lock);
-                *out = None;
-            }
-        }
+        send_to(&self.out, reply);
     }
 
     fn serve(&mut self, requests: &Receiver<String>) -> i32 {
@@ -299,6 +308,36 @@ impl Agent {
                 }),
             },
             Request::Outcome { id } => self.outcome(&id),
+            Request::List { id, image } => self.list(id, image),
+        }
+    }
+
+    /// Answer `list` from a thread of its own: reading a snapshot table on
+    /// a slow disk must not hold up the watch or the jobs' progress.
+    fn list(&self, id: String, image: PathBuf) {
+        let out = Arc::clone(&self.out);
+        let answer = move || {
+            let reply = match listing(&image) {
+                Ok(l) => Reply::Listing {
+                    id,
+                    listing: Some(l),
+                    error: None,
+                },
+                Err(e) => Reply::Listing {
+                    id,
+                    listing: None,
+                    error: Some(e.to_string()),
+                },
+            };
+            send_to(&out, &reply);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cowshed-agent-list".into())
+            .spawn(answer)
+        {
+            self.send(&Reply::Error {
+                message: format!("cannot list on {}: {e}", self.host),
+            });
         }
     }
 
@@ -557,6 +596,11 @@ fn touches(op: &JobOp) -> Vec<PathBuf> {
         JobOp::Clone { base, .. } => vec![key(base)],
         JobOp::Commit { image, .. } | JobOp::Rebase { image, .. } => vec![key(image)],
         JobOp::Convert { src, dst, .. } => vec![key(src), key(dst)],
+        JobOp::Reset { image, .. }
+        | JobOp::Snapshot { image, .. }
+        | JobOp::Bitmap { image, .. }
+        | JobOp::HeaderFix { image, .. }
+        | JobOp::Protect { image, .. } => vec![key(image)],
         JobOp::Delete { paths, .. } => paths.iter().map(|p| key(p)).collect(),
         JobOp::Move { src, dst, .. } => vec![key(src), key(dst)],
     }
@@ -632,11 +676,31 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
             dst,
             format,
             compress,
+            cluster_size,
+            compression_type,
+            backing,
+            backing_format,
         } => Box::new(move |p, c| {
+            let default = engine::CreateOptions::default();
+            let compression = match compression_type.as_deref() {
+                None => default.compression,
+                Some("zlib") => CompressionType::Deflate,
+                Some("zstd") => CompressionType::Zstd,
+                Some(other) => {
+                    return Err(engine::Error::invalid(
+                        &dst,
+                        format!("unknown compression type '{other}' (zlib, zstd)"),
+                    ))
+                }
+            };
             let opts = engine::ConvertOptions {
                 target: engine::CreateOptions {
                     format: parse_format(&format, &dst)?,
-                    ..engine::CreateOptions::default()
+                    cluster_size: cluster_size.unwrap_or(default.cluster_size),
+                    compression,
+                    backing,
+                    backing_format: backing_format.map(|f| parse_format(&f, &dst)).transpose()?,
+                    ..default
                 },
                 compress,
                 // Never replaces a file on another host unseen.
@@ -672,7 +736,93 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
             let report = engine::move_image(&src, &dst, &opts, p, c)?;
             Ok(Some(report.dst))
         }),
+        JobOp::Reset {
+            image,
+            roots: reset_roots,
+        } => Box::new(move |_, _| {
+            let opts = engine::ResetOptions {
+                roots: if reset_roots.is_empty() {
+                    roots
+                } else {
+                    reset_roots
+                },
+                vms: host_vms(),
+            };
+            engine::reset(&image, &opts)?;
+            Ok(None)
+        }),
+        JobOp::Snapshot { image, action } => Box::new(move |_, _| {
+            use engine::ops::snapshot;
+            match action {
+                SnapshotAction::Create { name } => {
+                    snapshot::create(&image, name.as_bytes(), None).map(drop)
+                }
+                SnapshotAction::Apply { id } => snapshot::apply(&image, id.as_bytes(), None),
+                SnapshotAction::Delete { id } => snapshot::delete_id(&image, id.as_bytes(), None),
+            }?;
+            Ok(None)
+        }),
+        JobOp::Bitmap {
+            image,
+            name,
+            action,
+        } => Box::new(move |_, _| {
+            use engine::ops::bitmap;
+            let (act, granularity) = match action {
+                BitmapAction::Add { granularity } => (bitmap::Action::Add, granularity),
+                BitmapAction::Remove => (bitmap::Action::Remove, None),
+                BitmapAction::Clear => (bitmap::Action::Clear, None),
+                BitmapAction::Enable => (bitmap::Action::Enable, None),
+                BitmapAction::Disable => (bitmap::Action::Disable, None),
+                BitmapAction::Merge { from } => (bitmap::Action::Merge(from.into_bytes()), None),
+            };
+            bitmap::run(
+                &image,
+                Some(Format::Qcow2),
+                name.as_bytes(),
+                &[act],
+                granularity,
+                None,
+            )?;
+            Ok(None)
+        }),
+        JobOp::HeaderFix { image, fix } => Box::new(move |p, c| {
+            use crate::catalog::doctor::{plan_header_fix, Fix};
+            let fix = match fix {
+                HeaderFixKind::RecordBackingFormat => Fix::RecordFormat,
+                HeaderFixKind::MakeBackingNameRelative => Fix::MakeRelative,
+            };
+            let plan = plan_header_fix(&image, &[fix])
+                .map_err(|why| engine::Error::invalid(&image, why))?;
+            engine::rebase(&image, &plan.rebase_options(), p, c)?;
+            Ok(None)
+        }),
+        JobOp::Protect { image, off } => Box::new(move |_, _| {
+            use engine::ops::protect::{protect, unprotect};
+            if off {
+                unprotect(&image)?;
+            } else {
+                protect(&image)?;
+            }
+            Ok(None)
+        }),
     }
+}
+
+/// The snapshots and bitmaps of `image`, from the engine's `info` (what
+/// the inspector reads for a local image's dialogs).
+fn listing(image: &Path) -> engine::Result<WireListing> {
+    let info = engine::info(image, None)?;
+    let Some(q) = info.qcow2 else {
+        return Err(engine::Error::invalid(
+            image,
+            format!(
+                "a {} image has no internal snapshots or persistent bitmaps",
+                info.format.name()
+            ),
+        ));
+    };
+    Ok(WireListing::from_qcow2(&q))
 }
 
 /// The libvirt domains defined on this host (its default connections), for

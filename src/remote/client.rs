@@ -440,6 +440,49 @@ pub fn new_job_id() -> String {
     )
 }
 
+/// The internal snapshots and persistent bitmaps of `image` (a path on
+/// `host`), as its agent reads them there; `Agent` carries the engine's
+/// refusal (not qcow2, unreadable).
+pub fn list_on_host(
+    host: &str,
+    ssh: &SshOptions,
+    image: &Path,
+) -> Result<super::protocol::WireListing, RemoteError> {
+    let mut conn = Connection::open(host, ssh)?;
+    let id = new_job_id();
+    conn.send(&Request::List {
+        id: id.clone(),
+        image: image.to_path_buf(),
+    })?;
+    let agent = |message: String| RemoteError::Agent {
+        host: host.to_string(),
+        message,
+    };
+    loop {
+        match conn.recv_timeout(HANDSHAKE_LIMIT)? {
+            Some(Reply::Listing {
+                id: got,
+                listing,
+                error,
+            }) if got == id => {
+                return match (listing, error) {
+                    (Some(l), _) => Ok(l),
+                    (None, e) => Err(agent(e.unwrap_or_else(|| "no listing".into()))),
+                }
+            }
+            Some(Reply::Error { message }) => return Err(agent(message)),
+            Some(_) => {}
+            None => {
+                return Err(agent(format!(
+                    "no listing of {} within {} s",
+                    image.display(),
+                    HANDSHAKE_LIMIT.as_secs()
+                )))
+            }
+        }
+    }
+}
+
 /// Longest wait between two attempts to reach a host again.
 pub const BACKOFF_LIMIT: Duration = Duration::from_secs(30);
 

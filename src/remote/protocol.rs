@@ -29,7 +29,7 @@ use crate::catalog::{Flag, Holder, ImageRecord, Sizes};
 use crate::engine::{Format, HeaderSummary, LockState};
 
 /// Both ends must speak the same version; there is no negotiation.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Client to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +57,13 @@ pub enum Request {
     /// a `job-state` (its outcome, or `running` until it ends).
     Outcome {
         id: String,
+    },
+    /// The internal snapshots and persistent bitmaps of one image there:
+    /// answered with a `listing` of the same `id` (the TUI's snapshots and
+    /// bitmaps dialogs list them from it, never from a local file).
+    List {
+        id: String,
+        image: PathBuf,
     },
 }
 
@@ -109,6 +116,125 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// The answer to `list`: the image's snapshots and bitmaps, or why
+    /// they could not be read (`error`, the engine's message).
+    Listing {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listing: Option<WireListing>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// What the snapshots and bitmaps dialogs show of a qcow2 image, and the
+/// facts their refusals rest on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireListing {
+    /// The qcow2 version (2: compat=0.10 holds no bitmaps).
+    pub version: u32,
+    /// An external data file: no internal snapshots then.
+    pub data_file: bool,
+    pub snapshots: Vec<WireSnapshot>,
+    pub bitmaps: Vec<WireBitmap>,
+}
+
+impl WireListing {
+    /// What the engine's `info` says of a qcow2 image: how the agent
+    /// answers `list`, and what the dialogs list for a local image.
+    pub fn from_qcow2(q: &crate::engine::ops::info::Qcow2Info) -> WireListing {
+        WireListing {
+            version: q.version,
+            data_file: q.data_file.is_some(),
+            snapshots: q
+                .snapshots
+                .iter()
+                .map(|s| WireSnapshot {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    date_sec: s.date_sec,
+                    date_nsec: s.date_nsec,
+                    vm_clock_nsec: s.vm_clock_nsec,
+                    vm_state_size: s.vm_state_size,
+                    disk_size: s.disk_size,
+                })
+                .collect(),
+            bitmaps: q
+                .bitmaps
+                .iter()
+                .map(|b| WireBitmap {
+                    name: b.name.clone(),
+                    granularity: b.granularity,
+                    auto: b.auto,
+                    in_use: b.in_use,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One internal snapshot, as `qemu-img snapshot -l` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSnapshot {
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+}
+
+/// One persistent dirty bitmap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireBitmap {
+    pub name: String,
+    pub granularity: u64,
+    /// Recording the guest's writes (`enabled`).
+    pub auto: bool,
+    /// Left in use by a QEMU that did not close it.
+    pub in_use: bool,
+}
+
+/// What a `snapshot` job does (`cowshed snapshot -c/-a/-d`); apply and
+/// delete name the snapshot by id, which is unique where names need not be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+pub enum SnapshotAction {
+    Create { name: String },
+    Apply { id: String },
+    Delete { id: String },
+}
+
+/// What a `bitmap` job does to the bitmap it names (`cowshed bitmap`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+pub enum BitmapAction {
+    /// With a granularity in bytes, else the default.
+    Add {
+        granularity: Option<u64>,
+    },
+    Remove,
+    Clear,
+    Enable,
+    Disable,
+    /// Merge another bitmap of the same image into it.
+    Merge {
+        from: String,
+    },
+}
+
+impl BitmapAction {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            BitmapAction::Add { .. } => "add",
+            BitmapAction::Remove => "remove",
+            BitmapAction::Clear => "clear",
+            BitmapAction::Enable => "enable",
+            BitmapAction::Disable => "disable",
+            BitmapAction::Merge { .. } => "merge",
+        }
+    }
 }
 
 /// An operation the agent runs with its engine, on its own files.
@@ -128,12 +254,20 @@ pub enum JobOp {
         backing_format: Option<String>,
         unsafe_header_only: bool,
     },
-    /// `qemu-img convert -O format [-c]`.
+    /// `qemu-img convert -O format [-c] [-o cluster_size=,compression_type=]
+    /// [-B backing -F backing_format]`; the options left out take the
+    /// defaults of `cowshed convert`.
     Convert {
         src: PathBuf,
         dst: PathBuf,
         format: String,
         compress: bool,
+        cluster_size: Option<u64>,
+        /// `zlib` or `zstd`.
+        compression_type: Option<String>,
+        /// `-B`: the new image keeps this backing name (and format).
+        backing: Option<String>,
+        backing_format: Option<String>,
     },
     /// `cowshed rm [--trash]`: refused while anything depends on them.
     Delete { paths: Vec<PathBuf>, trash: bool },
@@ -143,6 +277,33 @@ pub enum JobOp {
         dst: PathBuf,
         roots: Vec<PathBuf>,
     },
+    /// The TUI's reset: a fresh empty overlay on the same backing replaces
+    /// the image; refused while images under `roots` depend on it.
+    Reset { image: PathBuf, roots: Vec<PathBuf> },
+    /// `cowshed snapshot` on a qcow2 image.
+    Snapshot {
+        image: PathBuf,
+        action: SnapshotAction,
+    },
+    /// `cowshed bitmap` on bitmap `name` of a qcow2 image.
+    Bitmap {
+        image: PathBuf,
+        name: String,
+        action: BitmapAction,
+    },
+    /// One of the doctor's header-only fixes, planned against the disk
+    /// there (`cowshed doctor --fix`).
+    HeaderFix { image: PathBuf, fix: HeaderFixKind },
+    /// `cowshed protect [--off]`: the file's write permission.
+    Protect { image: PathBuf, off: bool },
+}
+
+/// The doctor's fixes that change only a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeaderFixKind {
+    RecordBackingFormat,
+    MakeBackingNameRelative,
 }
 
 impl JobOp {
@@ -155,6 +316,11 @@ impl JobOp {
             JobOp::Convert { .. } => "convert",
             JobOp::Delete { .. } => "delete",
             JobOp::Move { .. } => "move",
+            JobOp::Reset { .. } => "reset",
+            JobOp::Snapshot { .. } => "snapshot",
+            JobOp::Bitmap { .. } => "bitmap",
+            JobOp::HeaderFix { .. } => "doctor",
+            JobOp::Protect { .. } => "protect",
         }
     }
 }
@@ -441,9 +607,9 @@ mod tests {
     /// this text).
     #[test]
     fn golden_lines() {
-        assert_eq!(PROTOCOL_VERSION, 1);
-        let hello = encode(&Request::Hello { protocol: 1 });
-        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":1}\n");
+        assert_eq!(PROTOCOL_VERSION, 2);
+        let hello = encode(&Request::Hello { protocol: 2 });
+        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":2}\n");
         let snapshot = Reply::Snapshot {
             nodes: vec![WireNode {
                 image: sample_image(),
@@ -503,6 +669,117 @@ mod tests {
         );
     }
 
+    /// Version 2's additions, pinned like the rest: listing an image's
+    /// snapshots and bitmaps, the jobs that change them, reset, and
+    /// convert's options.
+    #[test]
+    fn golden_lines_of_version_2() {
+        let line = |v: Vec<u8>| String::from_utf8(v).expect("utf-8");
+        assert_eq!(
+            line(encode(&Request::List {
+                id: "l1".into(),
+                image: "/srv/a.qcow2".into(),
+            })),
+            "{\"type\":\"list\",\"id\":\"l1\",\"image\":\"/srv/a.qcow2\"}\n"
+        );
+        assert_eq!(
+            line(encode(&Reply::Listing {
+                id: "l1".into(),
+                listing: Some(WireListing {
+                    version: 3,
+                    data_file: false,
+                    snapshots: vec![WireSnapshot {
+                        id: "1".into(),
+                        name: "before".into(),
+                        date_sec: 1_700_000_000,
+                        date_nsec: 7,
+                        vm_clock_nsec: 0,
+                        vm_state_size: 0,
+                        disk_size: Some(1 << 30),
+                    }],
+                    bitmaps: vec![WireBitmap {
+                        name: "b0".into(),
+                        granularity: 65536,
+                        auto: true,
+                        in_use: false,
+                    }],
+                }),
+                error: None,
+            })),
+            "{\"type\":\"listing\",\"id\":\"l1\",\"listing\":{\"version\":3,\
+             \"data_file\":false,\"snapshots\":[{\"id\":\"1\",\"name\":\"before\",\
+             \"date_sec\":1700000000,\"date_nsec\":7,\"vm_clock_nsec\":0,\"vm_state_size\":0,\
+             \"disk_size\":1073741824}],\"bitmaps\":[{\"name\":\"b0\",\"granularity\":65536,\
+             \"auto\":true,\"in_use\":false}]}}\n"
+        );
+        assert_eq!(
+            line(encode(&Reply::Listing {
+                id: "l2".into(),
+                listing: None,
+                error: Some("not qcow2".into()),
+            })),
+            "{\"type\":\"listing\",\"id\":\"l2\",\"error\":\"not qcow2\"}\n"
+        );
+        let job = |op: JobOp| line(encode(&Request::Job { id: "j".into(), op }));
+        assert_eq!(
+            job(JobOp::Snapshot {
+                image: "/a".into(),
+                action: SnapshotAction::Create { name: "s".into() },
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"snapshot\",\"image\":\"/a\",\
+             \"action\":{\"do\":\"create\",\"name\":\"s\"}}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Bitmap {
+                image: "/a".into(),
+                name: "b0".into(),
+                action: BitmapAction::Merge { from: "b1".into() },
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"bitmap\",\"image\":\"/a\",\
+             \"name\":\"b0\",\"action\":{\"do\":\"merge\",\"from\":\"b1\"}}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Reset {
+                image: "/a".into(),
+                roots: vec!["/r".into()],
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"reset\",\"image\":\"/a\",\
+             \"roots\":[\"/r\"]}}\n"
+        );
+        assert_eq!(
+            job(JobOp::HeaderFix {
+                image: "/a".into(),
+                fix: HeaderFixKind::MakeBackingNameRelative,
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"header-fix\",\"image\":\"/a\",\
+             \"fix\":\"make-backing-name-relative\"}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Protect {
+                image: "/a".into(),
+                off: true,
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"protect\",\"image\":\"/a\",\
+             \"off\":true}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Convert {
+                src: "/a".into(),
+                dst: "/b".into(),
+                format: "qcow2".into(),
+                compress: true,
+                cluster_size: Some(1 << 20),
+                compression_type: Some("zstd".into()),
+                backing: Some("base.qcow2".into()),
+                backing_format: Some("qcow2".into()),
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"convert\",\"src\":\"/a\",\
+             \"dst\":\"/b\",\"format\":\"qcow2\",\"compress\":true,\"cluster_size\":1048576,\
+             \"compression_type\":\"zstd\",\"backing\":\"base.qcow2\",\
+             \"backing_format\":\"qcow2\"}}\n"
+        );
+    }
+
     #[test]
     fn every_message_round_trips() {
         let requests = vec![
@@ -530,7 +807,42 @@ mod tests {
             },
             Request::Cancel { id: "x".into() },
             Request::Outcome { id: "x".into() },
+            Request::List {
+                id: "x".into(),
+                image: "/a/o.qcow2".into(),
+            },
         ];
+        for action in [
+            BitmapAction::Add {
+                granularity: Some(1 << 16),
+            },
+            BitmapAction::Add { granularity: None },
+            BitmapAction::Remove,
+            BitmapAction::Clear,
+            BitmapAction::Enable,
+            BitmapAction::Disable,
+        ] {
+            let op = JobOp::Bitmap {
+                image: "/i".into(),
+                name: "n".into(),
+                action,
+            };
+            let line = encode(&op);
+            let back: JobOp = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");
+            assert_eq!(back, op);
+        }
+        for action in [
+            SnapshotAction::Apply { id: "2".into() },
+            SnapshotAction::Delete { id: "3".into() },
+        ] {
+            let op = JobOp::Snapshot {
+                image: "/i".into(),
+                action,
+            };
+            let line = encode(&op);
+            let back: JobOp = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");
+            assert_eq!(back, op);
+        }
         for r in requests {
             let line = encode(&r);
             let back: Request = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");

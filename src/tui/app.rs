@@ -271,6 +271,8 @@ pub struct App {
     pub(crate) pool: Jobs,
     /// Last time a growth report said an image grows.
     last_growth: Option<Instant>,
+    /// Where threads of the app's own (another host's listing) answer.
+    events: Sender<Event>,
 }
 
 impl App {
@@ -288,7 +290,7 @@ impl App {
         let events_for_inventory = events.clone();
         let mut catalog = CatalogHandle::start(roots.clone(), live, events.clone())?;
         let inspector = InspectHandle::start(events.clone())?;
-        let pool = Jobs::new(DEFAULT_WORKERS, events);
+        let pool = Jobs::new(DEFAULT_WORKERS, events.clone());
         catalog.send(CatalogCmd::Rescan);
         let doctor = config.doctor;
         if live {
@@ -337,6 +339,7 @@ impl App {
             inspector,
             pool,
             last_growth: None,
+            events,
         })
     }
 
@@ -607,6 +610,13 @@ impl App {
             Event::BackingProbe(p) => {
                 if let Some(mut d) = self.dialog.take() {
                     let outcome = d.on_probe(p, &self.ctx());
+                    self.dialog = Some(d);
+                    self.apply(outcome);
+                }
+            }
+            Event::Listing { key, listing } => {
+                if let Some(mut d) = self.dialog.take() {
+                    let outcome = d.on_listing(&key, listing);
                     self.dialog = Some(d);
                     self.apply(outcome);
                 }
@@ -1122,14 +1132,22 @@ impl App {
                     let d =
                         dialog::snapshot::SnapshotDialog::open(&forest, id, self.details.as_ref())
                             .map(Dialog::Snapshot);
+                    let opened = d.is_ok();
                     self.open("list the snapshots of", d);
+                    if opened {
+                        self.list_on_host(&forest, id);
+                    }
                 }
             }
             Action::Bitmaps => {
                 if let Some(id) = selected {
                     let d = dialog::bitmaps::BitmapDialog::open(&forest, id, self.details.as_ref())
                         .map(Dialog::Bitmaps);
+                    let opened = d.is_ok();
                     self.open("list the bitmaps of", d);
+                    if opened {
+                        self.list_on_host(&forest, id);
+                    }
                 }
             }
             Action::CancelJob => self.cancel_job(None),
@@ -1248,9 +1266,37 @@ impl App {
         }
     }
 
-    /// Whether `action` on the images of another host opens its dialog as
-    /// for local ones, the job then run by that host's agent: rebase,
-    /// convert and move on one image, delete on the images of one host.
+    /// For an image on another host: ask its agent, on a thread of its own,
+    /// for the snapshots and bitmaps the open dialog lists; the answer
+    /// comes back as [`Event::Listing`].
+    fn list_on_host(&self, forest: &Forest, id: NodeId) {
+        let r = &forest.nodes[id].record;
+        let Some(host) = r.host.clone() else {
+            return;
+        };
+        let (key, image, events) = (r.key.clone(), r.path.clone(), self.events.clone());
+        let ask = move || {
+            let ssh = crate::remote::client::SshOptions::from_env();
+            let listing =
+                crate::remote::client::list_on_host(&host, &ssh, &image).map_err(|e| e.to_string());
+            let _ = events.send(Event::Listing { key, listing });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cowshed-list".into())
+            .spawn(ask)
+        {
+            let _ = self.events.send(Event::Listing {
+                key: r.key.clone(),
+                listing: Err(format!("cannot start a thread: {e}")),
+            });
+        }
+    }
+
+    /// Whether `action` on the images of another host opens its dialog (or
+    /// makes its job) as for local ones, the job then run by that host's
+    /// agent: every action on one image but clone with a name; rebase,
+    /// convert, flatten, reset, commit and delete on marked images of one
+    /// host.
     fn agent_runs_dialog(&self, action: Action, forest: &Forest) -> bool {
         let targets = self.targets();
         let one_host = targets
@@ -1258,23 +1304,35 @@ impl App {
             .map(|&t| &forest.nodes[t].record.host)
             .is_some_and(|h| targets.iter().all(|&t| forest.nodes[t].record.host == *h));
         match action {
-            Action::Rebase | Action::Convert | Action::Move => !self.has_marks(),
-            Action::DeleteImage => one_host,
+            Action::Move
+            | Action::Snapshots
+            | Action::Bitmaps
+            | Action::Doctor
+            | Action::Protect => !self.has_marks(),
+            // With marks, their batches: every image planned from the
+            // host's forest, each job run by its agent.
+            Action::Rebase
+            | Action::Convert
+            | Action::Flatten
+            | Action::ResetImage
+            | Action::Commit
+            | Action::DeleteImage => one_host,
             _ => false,
         }
     }
 
-    /// An action on images of another host: clone and commit run there,
-    /// by its agent (the job list shows their progress and cancels them);
-    /// the others are refused here, never run on a local file of the same
-    /// name.
+    /// An action on images of another host that opens no dialog there:
+    /// clone runs there, by its agent (the job list shows its progress and
+    /// cancels it); the others (batches of marked images but delete, clone
+    /// with a name) are refused here, never run on a local file of the
+    /// same name.
     fn remote_action(&mut self, action: Action, forest: &Forest, ids: &[NodeId]) {
         use crate::remote::protocol::JobOp;
         let r = &forest.nodes[ids[0]].record;
         let (Some(host), true) = (r.host.clone(), ids.len() == 1) else {
             return self.say(Status::error(
-                "images on other hosts are acted on one at a time (clone, commit, rebase, \
-                 convert, move), or deleted one host at a time",
+                "on other hosts that acts on one image at a time; rebase, convert, flatten, \
+                 reset, commit and delete also batch the marked images of one host",
             ));
         };
         let shown = r.location();
@@ -1307,17 +1365,11 @@ impl App {
                     },
                 )
             }
-            Action::Commit => (
-                "commit",
-                JobOp::Commit {
-                    image: r.path.clone(),
-                    keep_top: false,
-                },
-            ),
             _ => {
                 return self.say(Status::error(format!(
-                    "{shown} is on {host}: only clone, commit, rebase, convert, move and delete \
-                 run on other hosts from here so far"
+                    "{shown} is on {host}: that does not run on another host's images from \
+                     here yet (with marks: rebase, convert, flatten, reset, commit and delete \
+                     do; clone with a name does not)"
                 )))
             }
         };

@@ -368,8 +368,7 @@ pub fn plan(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> Result<DeletePlan,
         let mut s = stream_plan(f, id, &outside);
         if host.is_some() && s.refused.is_none() {
             s.refused = Some(
-                "another host's agent does not stream images out yet (protocol 1 deletes only)"
-                    .into(),
+                "another host's agent does not stream images out yet (it deletes only)".into(),
             );
         }
         stream = Some(s);
