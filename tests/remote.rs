@@ -1165,3 +1165,63 @@ fn header_fix_and_protect_by_the_agent() {
     );
     assert_eq!(mode("img/base.qcow2"), 0o664, "the recorded mode");
 }
+
+/// `refresh` reads images again at once and sends the forest: without a
+/// live watch nothing else would say that web-2's header changed.
+#[test]
+fn refresh_reads_the_named_images_again() {
+    let w = Work::new("remote-refresh");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    let img = fleet(&w);
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+    conn.send(&Request::Watch {
+        roots: vec![img.clone()],
+        live: false,
+    })
+    .expect("send");
+    let backing_of = |nodes: &[cowshed::remote::protocol::WireNode]| {
+        nodes
+            .iter()
+            .find(|n| n.image.path.ends_with("web-2.qcow2"))
+            .and_then(|n| n.image.summary.as_ref())
+            .and_then(|s| s.backing_filename.clone())
+    };
+    let snapshot = |conn: &mut Connection| {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            assert!(Instant::now() < deadline, "no snapshot came");
+            if let Some(Reply::Snapshot { nodes, .. }) = conn
+                .recv_timeout(Duration::from_secs(1))
+                .expect("connection")
+            {
+                break nodes;
+            }
+        }
+    };
+    let first = snapshot(&mut conn);
+    assert_eq!(backing_of(&first).as_deref(), Some("base.qcow2"));
+    w.qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "web-1.qcow2",
+        "-F",
+        "qcow2",
+        "img/web-2.qcow2",
+    ]);
+    conn.send(&Request::Refresh {
+        paths: vec![w.path("img/web-2.qcow2")],
+    })
+    .expect("send");
+    let again = snapshot(&mut conn);
+    assert_eq!(backing_of(&again).as_deref(), Some("web-1.qcow2"));
+    let parent = again
+        .iter()
+        .find(|n| n.image.path.ends_with("web-2.qcow2"))
+        .and_then(|n| n.parent)
+        .map(|p| again[p].image.path.clone());
+    assert_eq!(parent, Some(w.path("img/web-1.qcow2")));
+}

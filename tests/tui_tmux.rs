@@ -622,6 +622,13 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Wait until the selected image shows no holder: a job's end has the
+/// host's agent read its image again, and the tree drops the job's own
+/// lock (which a dialog opened at once would otherwise refuse).
+fn released(tmux: &Tmux) {
+    tmux.wait_for("the job's lock gone", |s| s.contains("held by nobody"));
+}
+
 /// The snapshots (`S`) and bitmaps (`B`) dialogs, flatten (`f`) and reset
 /// (`R`) on another host's images: the lists come from that host's agent,
 /// every change runs there, and each is checked with qemu-img. A refusal
@@ -688,6 +695,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.wait_for("the snapshot's creation", |s| {
         s.contains("snapshot create 'first' solo.qcow2: done")
     });
+    released(&tmux);
     let listed = ok(d, "qemu-img", &["snapshot", "-U", "-l", "solo.qcow2"]);
     assert!(listed.contains("first"), "{listed}");
     let at_snapshot = raw("solo.qcow2", "solo-first.raw");
@@ -702,6 +710,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.wait_for("the apply's end", |s| {
         s.contains("snapshot apply 'first' solo.qcow2: done")
     });
+    released(&tmux);
     compare("solo.qcow2", &at_snapshot);
     tmux.send("S");
     tmux.wait_for("the agent's list", |s| s.contains("first ·"));
@@ -713,6 +722,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.wait_for("the delete's end", |s| {
         s.contains("snapshot delete 'first' solo.qcow2: done")
     });
+    released(&tmux);
     assert!(qemu_info(&d.join("solo.qcow2")).get("snapshots").is_none());
     compare("solo.qcow2", &at_snapshot);
 
@@ -727,6 +737,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.wait_for("the bitmap's addition", |s| {
         s.contains("bitmap add 'b0' solo.qcow2: done")
     });
+    released(&tmux);
     let b = bitmaps();
     assert_eq!(b[0]["name"], "b0", "{b}");
     assert_eq!(b[0]["flags"], serde_json::json!(["auto"]), "{b}");
@@ -736,6 +747,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.wait_for("the bitmap disabled", |s| {
         s.contains("bitmap disable 'b0' solo.qcow2: done")
     });
+    released(&tmux);
     assert_eq!(bitmaps()[0]["flags"], serde_json::json!([]));
     tmux.send("B");
     tmux.wait_for("the agent's list", |s| s.contains("b0 · 64 KiB · disabled"));
@@ -777,6 +789,64 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
         "qemu-img",
         &["compare", "-U", "wipe.qcow2", "base.qcow2"],
     );
+
+    // A batch of the host's marked images: each converted there, beside
+    // itself, the same guest data.
+    select(&tmux, "flat.qcow2");
+    tmux.send("Space");
+    select(&tmux, "wipe.qcow2");
+    tmux.send("Space");
+    tmux.wait_for("two marked", |s| s.contains("2 marked"));
+    tmux.send("v");
+    tmux.wait_for("the convert dialog", |s| s.contains("-conv"));
+    tmux.send("Enter");
+    tmux.wait_for("the batch list", |s| s.contains("Convert 2 marked images"));
+    tmux.send("y");
+    tmux.wait_for("the batch started", |s| {
+        s.contains("convert: 2 jobs started")
+    });
+    // Made under another name and renamed into place: there means done.
+    let deadline = Instant::now() + WAIT;
+    for made in ["flat-conv.qcow2", "wipe-conv.qcow2"] {
+        while !d.join(made).exists() {
+            assert!(Instant::now() < deadline, "{made} never came");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    compare("flat-conv.qcow2", &flat_view);
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-U", "wipe-conv.qcow2", "base.qcow2"],
+    );
+    for made in ["flat-conv.qcow2", "wipe-conv.qcow2"] {
+        ok(d, "qemu-img", &["check", "-U", made]);
+    }
+
+    // Protect: the base read-only there, then writable again.
+    let mode = |f: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(d.join(f))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o222
+    };
+    select(&tmux, "base.qcow2");
+    tmux.send("p");
+    tmux.wait_for("the protection", |s| {
+        s.contains("protect base.qcow2 (read-only on disk): done")
+    });
+    assert_eq!(mode("base.qcow2"), 0);
+    // `p` toggles what the tree shows: the host's watch must have said so.
+    tmux.wait_for("the base shown protected", |s| {
+        s.contains("⊘ host1: base.qcow2")
+    });
+    tmux.send("p");
+    tmux.wait_for("the protection lifted", |s| {
+        s.contains("unprotect base.qcow2 (writable again): done")
+    });
+    assert_ne!(mode("base.qcow2"), 0);
 
     // A QEMU takes the image while the question is open: the agent
     // refuses, and says who holds it.

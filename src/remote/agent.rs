@@ -25,7 +25,7 @@ use super::protocol::{
     decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireError,
     WireImage, WireJobState, WireListing, WireNode, WireProgress, WireTime, PROTOCOL_VERSION,
 };
-use crate::catalog::scan::scan_all;
+use crate::catalog::scan::{read_record, scan_all};
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
 use crate::engine::qcow2::header::CompressionType;
 use crate::engine::{self, Format};
@@ -309,7 +309,22 @@ impl Agent {
             },
             Request::Outcome { id } => self.outcome(&id),
             Request::List { id, image } => self.list(id, image),
+            Request::Refresh { paths } => self.refresh(&paths),
         }
+    }
+
+    /// Read `paths` again (a job ended on them) and send the forest.
+    fn refresh(&mut self, paths: &[PathBuf]) {
+        for path in paths {
+            self.records.retain(|_, r| r.path != *path);
+            if let Ok(Some(r)) = read_record(path) {
+                if let Some(w) = &self.watcher {
+                    w.track(&r);
+                }
+                self.records.insert(r.key.clone(), r);
+            }
+        }
+        self.send(&self.snapshot());
     }
 
     /// Answer `list` from a thread of its own: reading a snapshot table on

@@ -315,6 +315,21 @@ impl Connection {
         }
     }
 
+    /// A message taken off `incoming` elsewhere (a `select!` that also
+    /// waits on other channels), as [`Connection::recv_timeout`] gives it.
+    fn take(&mut self, m: Option<Incoming>) -> Result<Option<Reply>, RemoteError> {
+        if let Some(reason) = &self.closed {
+            return Err(RemoteError::Lost {
+                host: self.host.clone(),
+                reason: reason.clone(),
+            });
+        }
+        match m {
+            Some(Incoming::Reply(r)) => Ok(Some(*r)),
+            Some(Incoming::Closed) | None => Err(self.lost(String::new())),
+        }
+    }
+
     /// Bytes of protocol read from the agent so far.
     pub fn bytes_received(&self) -> u64 {
         self.bytes_in.load(Ordering::Relaxed)
@@ -602,7 +617,9 @@ pub enum HostEvent {
 }
 
 /// Keep `host`'s roots in view: connect, watch (live), pass on what the
-/// agent says; when the connection is lost, say so and connect again
+/// agent says, and pass it the paths `refresh` names (images a job of
+/// ours changed there) to read again; when the connection is lost, say so
+/// and connect again
 /// with back-off (1 s doubling to [`BACKOFF_LIMIT`]). Returns when `tx`
 /// has no receiver or `stop` is dropped.
 pub fn follow(
@@ -612,6 +629,7 @@ pub fn follow(
     ssh: &SshOptions,
     tx: &crossbeam_channel::Sender<HostEvent>,
     stop: &Receiver<()>,
+    refresh: &Receiver<Vec<PathBuf>>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -619,7 +637,7 @@ pub fn follow(
             Err(e) => e.to_string(),
             Ok(mut conn) => {
                 backoff = Duration::from_secs(1);
-                match serve_followed(&mut conn, roots, live, tx, stop) {
+                match serve_followed(&mut conn, roots, live, tx, stop, refresh) {
                     Ok(()) => return,
                     Err(e) => e.to_string(),
                 }
@@ -654,6 +672,7 @@ fn serve_followed(
     live: bool,
     tx: &crossbeam_channel::Sender<HostEvent>,
     stop: &Receiver<()>,
+    refresh: &Receiver<Vec<PathBuf>>,
 ) -> Result<(), RemoteError> {
     conn.send(&Request::Watch {
         roots: roots.to_vec(),
@@ -661,11 +680,25 @@ fn serve_followed(
     })?;
     let host = conn.host.clone();
     let key = |k: &Path| remote_path(&host, k);
+    let mut refresh = refresh.clone();
     loop {
         if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
             return Ok(());
         }
-        let ev = match conn.recv_timeout(Duration::from_millis(500))? {
+        let incoming = conn.incoming.clone();
+        let got = crossbeam_channel::select! {
+            recv(incoming) -> m => conn.take(m.ok())?,
+            recv(refresh) -> paths => {
+                match paths {
+                    Ok(paths) => conn.send(&Request::Refresh { paths })?,
+                    // Nobody asks any more.
+                    Err(_) => refresh = crossbeam_channel::never(),
+                }
+                continue;
+            }
+            default(Duration::from_millis(500)) => None,
+        };
+        let ev = match got {
             None => continue,
             Some(Reply::Snapshot { nodes, errors }) => HostEvent::Snapshot {
                 host: host.clone(),

@@ -9,10 +9,12 @@
 //! `sizes`/`modified` for a guest writing and a new `snapshot` whenever
 //! an image appears, vanishes or changes its header), `job` (run an
 //! operation: `job-state` messages follow, with progress while it runs,
-//! ending with its outcome), `cancel`, and `outcome` (what became of a job
+//! ending with its outcome), `cancel`, `outcome` (what became of a job
 //! started over an earlier connection: its end is recorded on the host,
 //! so a lost connection never leaves the client guessing, and nothing is
-//! run twice).
+//! run twice), `list` (an image's internal snapshots and persistent
+//! bitmaps, read there, answered with a `listing`) and `refresh` (images a
+//! job changed, read again and the forest sent).
 //!
 //! The wire types are spelled out here rather than derived on the
 //! catalog's records, so that a change to those cannot change the protocol
@@ -64,6 +66,13 @@ pub enum Request {
     List {
         id: String,
         image: PathBuf,
+    },
+    /// Read these images again now and send the forest (a job of the
+    /// client's on them ended, over another connection): what a local
+    /// job's end does for local images, so that the tree does not show
+    /// the job's own lock, or the old header, until the next poll.
+    Refresh {
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -683,6 +692,12 @@ mod tests {
             "{\"type\":\"list\",\"id\":\"l1\",\"image\":\"/srv/a.qcow2\"}\n"
         );
         assert_eq!(
+            line(encode(&Request::Refresh {
+                paths: vec!["/srv/a.qcow2".into()],
+            })),
+            "{\"type\":\"refresh\",\"paths\":[\"/srv/a.qcow2\"]}\n"
+        );
+        assert_eq!(
             line(encode(&Reply::Listing {
                 id: "l1".into(),
                 listing: Some(WireListing {
@@ -810,6 +825,9 @@ mod tests {
             Request::List {
                 id: "x".into(),
                 image: "/a/o.qcow2".into(),
+            },
+            Request::Refresh {
+                paths: vec!["/a/o.qcow2".into()],
             },
         ];
         for action in [

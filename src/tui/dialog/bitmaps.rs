@@ -433,8 +433,8 @@ impl BitmapDialog {
                 kind: "bitmap",
                 label,
                 touches: vec![self.key.clone()],
-                // The host's watch sends the changed header.
-                refresh: Vec::new(),
+                // Its agent reads it again when the job ends.
+                refresh: vec![crate::remote::client::remote_path(host, &self.image)],
                 work: on_host(
                     host,
                     JobOp::Bitmap {

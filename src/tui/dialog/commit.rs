@@ -273,8 +273,11 @@ pub(crate) fn job(plan: &CommitPlan, vms: VmUsers) -> JobSpec {
             kind: "commit",
             label,
             touches,
-            // The host's watch sends the changed images.
-            refresh: Vec::new(),
+            // Its agent reads them again when the job ends.
+            refresh: vec![
+                crate::remote::client::remote_path(host, &plan.top),
+                crate::remote::client::remote_path(host, &plan.base),
+            ],
             work: on_host(
                 host,
                 JobOp::Commit {

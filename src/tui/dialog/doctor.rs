@@ -227,8 +227,8 @@ fn header_job(
             kind: "doctor",
             label: format!("{} of {}", fix.describe(), file_name(path)),
             touches: vec![key.to_path_buf()],
-            // The host's watch sends the new header.
-            refresh: Vec::new(),
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, path)],
             work: on_host(
                 host,
                 JobOp::HeaderFix {

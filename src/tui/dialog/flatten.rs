@@ -142,8 +142,8 @@ pub(crate) fn job(plan: &FlattenPlan, vms: VmUsers) -> JobSpec {
             kind: "flatten",
             label,
             touches: plan.chain_keys.clone(),
-            // The host's watch sends the new header.
-            refresh: Vec::new(),
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &plan.image)],
             work: on_host(
                 host,
                 JobOp::Rebase {

@@ -35,8 +35,8 @@ pub fn job(f: &Forest, id: NodeId) -> Result<JobSpec, String> {
             kind: "protect",
             label,
             touches: vec![r.key.clone()],
-            // The host's watch sends the new mode.
-            refresh: Vec::new(),
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &r.path)],
             work: on_host(host, JobOp::Protect { image: path, off }),
         });
     }

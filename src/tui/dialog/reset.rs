@@ -147,8 +147,8 @@ pub(crate) fn job(plan: &ResetPlan, vms: VmUsers) -> JobSpec {
             kind: "reset",
             label: format!("reset {}", file_name(&plan.image)),
             touches: vec![plan.key.clone()],
-            // The host's watch sends the new image.
-            refresh: Vec::new(),
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &plan.image)],
             work: on_host(
                 host,
                 JobOp::Reset {
