@@ -43,6 +43,12 @@ pub struct AmendArgs {
     file: PathBuf,
 }
 
+impl AmendArgs {
+    pub(super) fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+}
+
 pub fn run(a: AmendArgs) -> color_eyre::Result<i32> {
     let _ = a.quiet;
     let mut options = Vec::new();

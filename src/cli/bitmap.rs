@@ -62,6 +62,12 @@ pub struct BitmapArgs {
     bitmap: Option<OsString>,
 }
 
+impl BitmapArgs {
+    pub(super) fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+}
+
 pub fn run(a: BitmapArgs) -> color_eyre::Result<i32> {
     let actions = ordered_actions(&a, std::env::args_os().map(|s| s.as_bytes().to_vec()));
     if actions.is_empty() {

@@ -38,6 +38,10 @@ pub struct CheckArgs {
 }
 
 impl CheckArgs {
+    pub(super) fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
     pub(super) fn repairs(&self) -> bool {
         self.repair.is_some()
     }

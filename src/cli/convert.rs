@@ -77,7 +77,7 @@ pub struct ConvertArgs {
     dst: PathBuf,
 }
 
-pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
+pub fn run(a: ConvertArgs, session: &super::session::Session) -> color_eyre::Result<i32> {
     let mut target = CreateOptions {
         format: a.output_format,
         backing: a.backing.clone(),
@@ -124,6 +124,12 @@ pub fn run(a: ConvertArgs) -> color_eyre::Result<i32> {
         replace: Some(ReplaceOptions {
             force: a.force,
             search: Vec::new(),
+            // libvirt is asked only when there is something to replace.
+            vms: if a.dst.symlink_metadata().is_ok() {
+                session.vm_users()?
+            } else {
+                Default::default()
+            },
         }),
     };
     // Ctrl-C cancels: the engine removes its temporary file and leaves no

@@ -253,10 +253,14 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
     if let Some(what) = command.writes() {
         session.ensure_writable(what)?;
     }
+    if let Some(file) = command.rewrites_in_place() {
+        let vms = session.vm_users()?;
+        crate::engine::preflight::ensure_no_vm_users(file, &vms)?;
+    }
     match command {
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
-        Command::Convert(a) => convert::run(a),
+        Command::Convert(a) => convert::run(a, &session),
         Command::Check(a) => check::run(a),
         Command::Commit(a) => commit::run(a, &session),
         Command::Amend(a) => amend::run(a),
@@ -305,6 +309,20 @@ impl Command {
             _ => return None,
         };
         Some(name)
+    }
+
+    /// The image a command changes in place without an engine step that
+    /// checks libvirt's domains itself (commit, rebase, resize, rm, reset
+    /// and mv take the domains with their options): checked here, once,
+    /// before anything is opened for writing.
+    fn rewrites_in_place(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Amend(a) => Some(a.file()),
+            Command::Snapshot(a) if a.writes() => Some(a.file()),
+            Command::Bitmap(a) => a.file(),
+            Command::Check(a) if a.repairs() => Some(a.file()),
+            _ => None,
+        }
     }
 }
 

@@ -58,6 +58,10 @@ pub struct SnapshotArgs {
 }
 
 impl SnapshotArgs {
+    pub(super) fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
     pub(super) fn writes(&self) -> bool {
         self.create.is_some() || self.apply.is_some() || self.delete.is_some()
     }

@@ -70,6 +70,8 @@ pub struct ReplaceOptions {
     pub force: bool,
     /// Directories searched for such images besides the destination's own.
     pub search: Vec<PathBuf>,
+    /// The defined virtual machines: one using the destination keeps it.
+    pub vms: VmUsers,
 }
 
 /// QEMU's locks on a destination that is about to be replaced, held until
@@ -136,6 +138,7 @@ pub fn claim_destination(
         },
         e => e,
     })?;
+    ensure_no_vm_users(dst, &opts.vms)?;
     if !opts.force {
         let mut scope = Scope::around(dst, &[]);
         scope.dirs.extend(opts.search.iter().cloned());

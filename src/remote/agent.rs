@@ -768,6 +768,8 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
         }),
         JobOp::Snapshot { image, action } => Box::new(move |_, _| {
             use engine::ops::snapshot;
+            // As `cowshed snapshot` checks the host's domains first.
+            engine::preflight::ensure_no_vm_users(&image, &host_vms())?;
             match action {
                 SnapshotAction::Create { name } => {
                     snapshot::create(&image, name.as_bytes(), None).map(drop)
@@ -783,6 +785,8 @@ fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
             action,
         } => Box::new(move |_, _| {
             use engine::ops::bitmap;
+            // As `cowshed bitmap` checks the host's domains first.
+            engine::preflight::ensure_no_vm_users(&image, &host_vms())?;
             let (act, granularity) = match action {
                 BitmapAction::Add { granularity } => (bitmap::Action::Add, granularity),
                 BitmapAction::Remove => (bitmap::Action::Remove, None),

@@ -177,8 +177,7 @@ fn resize_to(path: &Path, opts: &AmendOptions, size: u64) -> Result<()> {
         shrink: true,
         force: opts.force,
         roots: opts.roots.clone(),
-        // amend is not among the operations checked for defined
-        // machines (#14 names rm, reset, mv, commit, rebase, resize).
+        // The CLI checked the defined machines for the whole amend.
         vms: Default::default(),
     };
     resize(path, NewSize::Exactly(size), &ropts).map(|_| ())
