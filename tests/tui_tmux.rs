@@ -895,3 +895,93 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     assert_eq!(std::fs::read(d.join("held.qcow2")).expect("read"), before);
     ro.send("q");
 }
+
+/// The doctor (`!`) and commit (`m`) on another host's images: the
+/// doctor's header fix and the commit run there by its agent, each checked
+/// with qemu-img.
+#[test]
+fn doctor_and_commit_dialogs_on_a_remote_root() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let aside = tempfile::tempdir().expect("tempdir");
+    let io = |img: &str, cmd: &str| {
+        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+    };
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend(args);
+        ok(d, "qemu-img", &all);
+    };
+    create(&["base.qcow2", "16M"]);
+    io("base.qcow2", "write -P 0xaa 0 1M");
+    let base = d.join("base.qcow2").display().to_string();
+    create(&["-b", &base, "-F", "qcow2", "abs.qcow2"]);
+    io("abs.qcow2", "write -P 0xab 2M 1M");
+    create(&["cbase.qcow2", "16M"]);
+    io("cbase.qcow2", "write -P 0xc1 0 2M");
+    create(&["-b", "cbase.qcow2", "-F", "qcow2", "ctop.qcow2"]);
+    io("ctop.qcow2", "write -P 0xc2 1M 2M");
+    let top_view = aside.path().join("ctop.raw").display().to_string();
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", "ctop.qcow2", &top_view],
+    );
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote-doctor", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+
+    // The doctor: an absolute backing name, made relative there.
+    select(&tmux, "abs.qcow2");
+    tmux.send("!");
+    tmux.wait_for("the doctor's fix", |s| {
+        s.contains("make the backing name relative")
+    });
+    tmux.send("Enter");
+    tmux.wait_for("the fix's end", |s| {
+        s.contains("make the backing name relative of abs.qcow2: done")
+    });
+    let info = qemu_info(&d.join("abs.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+    ok(d, "qemu-img", &["check", "-U", "abs.qcow2"]);
+
+    // Commit: the base then reads as the overlay did.
+    select(&tmux, "ctop.qcow2");
+    tmux.send("m");
+    tmux.wait_for("the commit question", |s| {
+        s.contains("Commit") && s.contains("ctop.qcow2 into")
+    });
+    tmux.send("y");
+    tmux.wait_for("the commit's end", |s| {
+        s.contains("commit ctop.qcow2 → cbase.qcow2: done")
+    });
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "cbase.qcow2",
+            &top_view,
+        ],
+    );
+    ok(d, "qemu-img", &["check", "-U", "cbase.qcow2"]);
+    tmux.send("q");
+}
