@@ -928,6 +928,22 @@ fn doctor_and_commit_dialogs_on_a_remote_root() {
     io("cbase.qcow2", "write -P 0xc1 0 2M");
     create(&["-b", "cbase.qcow2", "-F", "qcow2", "ctop.qcow2"]);
     io("ctop.qcow2", "write -P 0xc2 1M 2M");
+    create(&["other.qcow2", "16M"]);
+    io("other.qcow2", "write -P 0x0e 4M 1M");
+    for r in ["r1.qcow2", "r2.qcow2"] {
+        create(&["-b", "base.qcow2", "-F", "qcow2", r]);
+        io(r, "write -P 0x71 5M 1M");
+    }
+    let raw = |img: &str| {
+        let out = aside
+            .path()
+            .join(format!("{img}.raw"))
+            .display()
+            .to_string();
+        ok(d, "qemu-img", &["convert", "-U", "-O", "raw", img, &out]);
+        out
+    };
+    let r_views = [raw("r1.qcow2"), raw("r2.qcow2")];
     let top_view = aside.path().join("ctop.raw").display().to_string();
     ok(
         d,
@@ -983,5 +999,49 @@ fn doctor_and_commit_dialogs_on_a_remote_root() {
         ],
     );
     ok(d, "qemu-img", &["check", "-U", "cbase.qcow2"]);
+
+    // A batch rebase of two marked overlays onto an image picked in the
+    // tree: each rebased there, the guest views kept.
+    select(&tmux, "r1.qcow2");
+    tmux.send("Space");
+    select(&tmux, "r2.qcow2");
+    tmux.send("Space");
+    tmux.wait_for("two marked", |s| s.contains("2 marked"));
+    tmux.send("b");
+    tmux.send("/");
+    tmux.send("other.qcow2");
+    tmux.send("Enter");
+    tmux.send("G");
+    tmux.wait_for("the new backing picked", |s| {
+        s.lines()
+            .any(|l| l.starts_with('›') && l.contains("other.qcow2 "))
+    });
+    tmux.send("Enter");
+    tmux.wait_for("the batch list", |s| {
+        s.contains("Rebase 2 marked images onto")
+    });
+    tmux.send("y");
+    tmux.wait_for("the batch started", |s| {
+        s.contains("rebase: 2 jobs started")
+    });
+    let deadline = Instant::now() + WAIT;
+    for (img, view) in ["r1.qcow2", "r2.qcow2"].iter().zip(&r_views) {
+        // The new header, and the job's lock gone: the job is over.
+        while qemu_info(&d.join(img))["backing-filename"] != "other.qcow2"
+            || !matches!(
+                cowshed::engine::lock_state(&d.join(img)),
+                Ok(cowshed::engine::LockState::None)
+            )
+        {
+            assert!(Instant::now() < deadline, "{img} was not rebased");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok(
+            d,
+            "qemu-img",
+            &["compare", "-U", "-f", "qcow2", "-F", "raw", img, view],
+        );
+        ok(d, "qemu-img", &["check", "-U", img]);
+    }
     tmux.send("q");
 }
