@@ -35,6 +35,8 @@ pub struct BitmapDialog {
     pub key: PathBuf,
     /// The host whose agent lists and changes the image (`None`: here).
     pub host: Option<String>,
+    /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
+    location: String,
     pub bitmaps: Vec<WireBitmap>,
     pub selected: usize,
     pub state: State,
@@ -80,6 +82,7 @@ impl BitmapDialog {
             image: record.path.clone(),
             key: record.key.clone(),
             host: record.host.clone(),
+            location: record.location(),
             bitmaps: Vec::new(),
             selected: 0,
             state: State::Reading,
@@ -123,10 +126,7 @@ impl BitmapDialog {
             Ok(()) => Outcome::Stay,
             Err(why) => Outcome::Close(error(format!(
                 "cannot list the bitmaps of {}: {why}",
-                match &self.host {
-                    Some(h) => format!("{h}:{}", self.image.display()),
-                    None => self.image.display().to_string(),
-                }
+                self.location
             ))),
         }
     }

@@ -34,6 +34,8 @@ pub struct SnapshotDialog {
     pub key: PathBuf,
     /// The host whose agent lists and changes the image (`None`: here).
     pub host: Option<String>,
+    /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
+    location: String,
     pub snapshots: Vec<WireSnapshot>,
     pub selected: usize,
     /// QEMU refuses to apply a snapshot to an image with persistent
@@ -76,6 +78,7 @@ impl SnapshotDialog {
             image: record.path.clone(),
             key: record.key.clone(),
             host: record.host.clone(),
+            location: record.location(),
             snapshots: Vec::new(),
             selected: 0,
             has_bitmaps: false,
@@ -121,16 +124,8 @@ impl SnapshotDialog {
             Ok(()) => Outcome::Stay,
             Err(why) => Outcome::Close(error(format!(
                 "cannot list the snapshots of {}: {why}",
-                self.shown()
+                self.location
             ))),
-        }
-    }
-
-    /// `host:/path` for another host's image, else its path.
-    fn shown(&self) -> String {
-        match &self.host {
-            Some(h) => format!("{h}:{}", self.image.display()),
-            None => self.image.display().to_string(),
         }
     }
 
