@@ -900,7 +900,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
 /// doctor's header fix and the commit run there by its agent, each checked
 /// with qemu-img.
 #[test]
-fn doctor_and_commit_dialogs_on_a_remote_root() {
+fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
     let sshd = match common::sshd::Sshd::start(&["host1"]) {
         Ok(s) => s,
         Err(why) => {
@@ -1042,6 +1042,41 @@ fn doctor_and_commit_dialogs_on_a_remote_root() {
             &["compare", "-U", "-f", "qcow2", "-F", "raw", img, view],
         );
         ok(d, "qemu-img", &["check", "-U", img]);
+    }
+
+    // Clone with a name (`C`), and two at once (`N`): made there, each an
+    // overlay of the image, named as for a local one.
+    select(&tmux, "other.qcow2");
+    tmux.send("C");
+    tmux.wait_for("the clone dialog", |s| {
+        s.contains("clone") && s.contains("name:")
+    });
+    tmux.send("mine.qcow2");
+    tmux.send("Enter");
+    tmux.send("N");
+    tmux.wait_for("the count field", |s| {
+        s.contains("prefix:") || s.contains("count:")
+    });
+    tmux.send("2");
+    tmux.send("Enter");
+    tmux.wait_for("the clones started", |s| {
+        s.contains("2 clones of other.qcow2 started")
+    });
+    let deadline = Instant::now() + WAIT;
+    for made in ["mine.qcow2", "other-01.qcow2", "other-02.qcow2"] {
+        while !d.join(made).exists()
+            || !matches!(
+                cowshed::engine::lock_state(&d.join(made)),
+                Ok(cowshed::engine::LockState::None)
+            )
+        {
+            assert!(Instant::now() < deadline, "{made} never came");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let info = qemu_info(&d.join(made));
+        assert_eq!(info["backing-filename"], "other.qcow2", "{made}: {info}");
+        assert_eq!(info["backing-filename-format"], "qcow2", "{made}: {info}");
+        ok(d, "qemu-img", &["compare", "-U", made, "other.qcow2"]);
     }
     tmux.send("q");
 }

@@ -968,7 +968,7 @@ impl App {
             && acts_on_images(action)
             && !self.agent_runs_dialog(action, &forest)
         {
-            return self.remote_action(action, &forest, &on_other_hosts);
+            return self.remote_action(&on_other_hosts);
         }
         match action {
             Action::Up => self.move_selection(-1),
@@ -1294,9 +1294,8 @@ impl App {
 
     /// Whether `action` on the images of another host opens its dialog (or
     /// makes its job) as for local ones, the job then run by that host's
-    /// agent: every action on one image but clone with a name; rebase,
-    /// convert, flatten, reset, commit and delete on marked images of one
-    /// host.
+    /// agent: every action on one image; rebase, convert, flatten, reset,
+    /// commit and delete on marked images of one host.
     fn agent_runs_dialog(&self, action: Action, forest: &Forest) -> bool {
         let targets = self.targets();
         let one_host = targets
@@ -1304,7 +1303,10 @@ impl App {
             .map(|&t| &forest.nodes[t].record.host)
             .is_some_and(|h| targets.iter().all(|&t| forest.nodes[t].record.host == *h));
         match action {
-            Action::Move
+            Action::Clone
+            | Action::CloneAs
+            | Action::CloneMany
+            | Action::Move
             | Action::Snapshots
             | Action::Bitmaps
             | Action::Doctor
@@ -1321,69 +1323,22 @@ impl App {
         }
     }
 
-    /// An action on images of another host that opens no dialog there:
-    /// clone runs there, by its agent (the job list shows its progress and
-    /// cancels it); the others (batches of marked images but delete, clone
-    /// with a name) are refused here, never run on a local file of the
-    /// same name.
-    fn remote_action(&mut self, action: Action, forest: &Forest, ids: &[NodeId]) {
-        use crate::remote::protocol::JobOp;
-        let r = &forest.nodes[ids[0]].record;
-        let (Some(host), true) = (r.host.clone(), ids.len() == 1) else {
-            return self.say(Status::error(
-                "on other hosts that acts on one image at a time; rebase, convert, flatten, \
-                 reset, commit and delete also batch the marked images of one host",
-            ));
-        };
-        let shown = r.location();
-        let (kind, op) = match action {
-            Action::Clone => {
-                let dir = r.path.parent().unwrap_or(Path::new("/"));
-                let stem = r
-                    .path
-                    .file_stem()
-                    .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
-                // The first name the host's forest does not have; the
-                // agent never overwrites, so a file it does not show is
-                // refused there, not replaced.
-                let taken = |p: &Path| {
-                    forest.nodes.iter().any(|n| {
-                        n.record.host.as_deref() == Some(host.as_str()) && n.record.path == p
-                    })
-                };
-                let Some(new) = (1..100_000u32)
-                    .map(|n| dir.join(format!("{stem}-{n}.qcow2")))
-                    .find(|p| !taken(p))
-                else {
-                    return self.say(Status::error(format!("cannot clone {shown}: no free name")));
-                };
-                (
-                    "clone",
-                    JobOp::Clone {
-                        base: r.path.clone(),
-                        new,
-                    },
-                )
-            }
-            _ => {
-                return self.say(Status::error(format!(
-                    "{shown} is on {host}: that does not run on another host's images from \
-                     here yet (with marks: rebase, convert, flatten, reset, commit and delete \
-                     do; clone with a name does not)"
-                )))
-            }
-        };
-        self.submit(JobSpec {
-            kind,
-            label: format!("{kind} {shown}"),
-            touches: vec![r.key.clone()],
-            refresh: Vec::new(),
-            work: crate::remote::client::remote_work(
-                host,
-                crate::remote::client::SshOptions::from_env(),
-                op,
+    /// An action on images of another host that the agent does not run
+    /// (several at once where only one is acted on, or images of several
+    /// hosts): refused here, never run on a local file of the same name.
+    fn remote_action(&mut self, ids: &[NodeId]) {
+        let r = &self.forest.nodes[ids[0]].record;
+        let text = match (&r.host, ids.len()) {
+            (Some(host), 1) => format!(
+                "{} is on {host}: with marks, only rebase, convert, flatten, reset, commit and \
+                 delete batch another host's images; clear the marks to act on it alone",
+                r.location()
             ),
-        });
+            _ => "on other hosts that acts on one image at a time; rebase, convert, flatten, \
+                  reset, commit and delete also batch the marked images of one host"
+                .to_string(),
+        };
+        self.say(Status::error(text));
     }
 
     fn request_details(&mut self) {
