@@ -968,7 +968,7 @@ impl App {
             && acts_on_images(action)
             && !self.agent_runs_dialog(action, &forest)
         {
-            return self.remote_action(&on_other_hosts);
+            return self.refuse_on_other_hosts(&on_other_hosts);
         }
         match action {
             Action::Up => self.move_selection(-1),
@@ -1326,7 +1326,7 @@ impl App {
     /// An action on images of another host that the agent does not run
     /// (several at once where only one is acted on, or images of several
     /// hosts): refused here, never run on a local file of the same name.
-    fn remote_action(&mut self, ids: &[NodeId]) {
+    fn refuse_on_other_hosts(&mut self, ids: &[NodeId]) {
         let r = &self.forest.nodes[ids[0]].record;
         let text = match (&r.host, ids.len()) {
             (Some(host), 1) => format!(
