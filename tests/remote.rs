@@ -16,7 +16,8 @@ use common::sshd::Sshd;
 use common::{Work, COWSHED, MIB};
 use cowshed::remote::client::{Connection, RemoteError, SshOptions};
 use cowshed::remote::protocol::{
-    BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireJobState, WireListing,
+    encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireJobState,
+    WireListing,
 };
 use serde_json::Value;
 
@@ -160,11 +161,28 @@ fn tree_over_ssh_is_the_local_tree_per_host() {
     };
     let img = fleet(&w);
     let dir = img.display().to_string();
+    // host2 sees a copy: the same directory from both would be one set
+    // of files, shown once (shared_storage_is_shown_once_...).
+    w.mkdir("copy");
+    for f in [
+        "base.qcow2",
+        "web-1.qcow2",
+        "web-2.qcow2",
+        "web-1-1.qcow2",
+        "disk.raw",
+        "orphan.qcow2",
+    ] {
+        w.copy(&format!("img/{f}"), &format!("copy/{f}"));
+    }
+    let dir2 = w.path("copy").display().to_string();
     let local = w.cowshed(&["tree", "--output", "json", &dir]);
     assert!(local.ok(), "{local}");
     let local = w.json(&local);
+    let local2 = w.cowshed(&["tree", "--output", "json", &dir2]);
+    assert!(local2.ok(), "{local2}");
+    let local2 = w.json(&local2);
     let remote = sshd.remote_command(&[]);
-    let (h1, h2) = (format!("host1:{dir}"), format!("host2:{dir}"));
+    let (h1, h2) = (format!("host1:{dir}"), format!("host2:{dir2}"));
     let all = cowshed_env(
         &sshd,
         &remote,
@@ -172,12 +190,16 @@ fn tree_over_ssh_is_the_local_tree_per_host() {
     );
     assert!(all.ok(), "{all}");
     let all = w.json(&all);
-    let local_images = local["images"].as_array().expect("images").clone();
-    assert_eq!(local_images.len(), 6, "{local:#}");
-    for host in ["host1", "host2"] {
+    assert_eq!(
+        local["images"].as_array().expect("images").len(),
+        6,
+        "{local:#}"
+    );
+    for (host, local) in [("host1", &local), ("host2", &local2)] {
         let (images, trees) = as_local(&all, host);
         assert_eq!(
-            images, local_images,
+            &images,
+            local["images"].as_array().expect("images"),
             "{host}: images differ from the local tree"
         );
         assert_eq!(
@@ -233,7 +255,7 @@ fn a_missing_or_other_agent_is_named_with_the_install_command() {
     assert!(
         other
             .stderr
-            .contains("cowshed 9.9.9 speaks agent protocol 99, this one 2")
+            .contains("cowshed 9.9.9 speaks agent protocol 99, this one 3")
             && other.stderr.contains("install the same cowshed there: scp"),
         "{other}"
     );
@@ -256,7 +278,7 @@ fn the_agent_refuses_another_protocol_version() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(b"{\"type\":\"hello\",\"protocol\":3}\n")
+        .write_all(b"{\"type\":\"hello\",\"protocol\":1}\n")
         .expect("write");
     let out = child.wait_with_output().expect("agent output");
     assert_eq!(out.status.code(), Some(2));
@@ -265,7 +287,7 @@ fn the_agent_refuses_another_protocol_version() {
     assert!(
         line["message"]
             .as_str()
-            .is_some_and(|m| m.contains("speaks protocol 2, the client protocol 3")),
+            .is_some_and(|m| m.contains("speaks protocol 3, the client protocol 1")),
         "{line}"
     );
 }
@@ -637,20 +659,88 @@ fn live_sizes_and_new_images_come_over_the_connection() {
         Some(("base.qcow2", "qcow2")),
         64 * MIB,
     );
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        assert!(Instant::now() < deadline, "no snapshot with web-4");
-        if let Some(Reply::Snapshot { nodes, .. }) = conn
-            .recv_timeout(Duration::from_secs(1))
-            .expect("connection")
-        {
-            if let Some(n) = nodes.iter().find(|n| n.image.path.ends_with("web-4.qcow2")) {
-                let parent = n.parent.map(|p| nodes[p].image.path.clone());
-                assert_eq!(parent, Some(w.path("img/base.qcow2")));
-                break;
+    // New images and header changes come as changes against the forest
+    // sent, never the whole forest again.
+    let snapshot_bytes = encode(&Reply::Snapshot {
+        nodes: first.clone(),
+        errors: Vec::new(),
+    })
+    .len();
+    let mut forest = cowshed::remote::client::grafts("host1", first).expect("records");
+    let canon = |f: &str| std::fs::canonicalize(w.path(f)).expect("canonical");
+    let mut next_changes = |conn: &mut Connection, what: &str| loop {
+        match conn.recv_timeout(HANG_GUARD).expect("connection") {
+            Some(Reply::Snapshot { .. }) => panic!("{what}: the whole forest was sent again"),
+            Some(reply @ Reply::Changes { .. }) => {
+                let bytes = encode(&reply).len();
+                let Reply::Changes { nodes, removed, .. } = reply else {
+                    unreachable!()
+                };
+                let keys: Vec<PathBuf> = nodes.iter().map(|n| n.image.key.clone()).collect();
+                let parents: Vec<Option<PathBuf>> =
+                    nodes.iter().map(|n| n.parent.clone()).collect();
+                cowshed::remote::client::apply_changes(
+                    "host1",
+                    &mut forest,
+                    nodes,
+                    removed.clone(),
+                )
+                .expect("applies");
+                break (keys, parents, removed, bytes);
             }
+            Some(_) => {}
+            None => panic!("{what}: no changes"),
+        }
+    };
+    // The file may be seen while qemu-img still writes it: changes come
+    // until it is whole; each names web-4 alone.
+    let web4 = canon("img/web-4.qcow2");
+    loop {
+        let (keys, parents, removed, bytes) = next_changes(&mut conn, "web-4 appearing");
+        assert_eq!(keys, vec![web4.clone()]);
+        assert!(removed.is_empty());
+        assert!(
+            bytes * 3 < snapshot_bytes,
+            "a change of {bytes} bytes, the forest {snapshot_bytes}"
+        );
+        if parents == vec![Some(canon("img/base.qcow2"))] {
+            break;
         }
     }
+    // A header rewritten: web-1-1 loses its backing.
+    w.qemu_img(&["rebase", "-u", "-b", "", "img/web-1-1.qcow2"]);
+    loop {
+        let (keys, parents, _, _) = next_changes(&mut conn, "web-1-1's header");
+        assert_eq!(keys, vec![canon("img/web-1-1.qcow2")]);
+        if parents == vec![None] {
+            break;
+        }
+    }
+    let web2 = canon("img/web-2.qcow2");
+    std::fs::remove_file(&web2).expect("rm");
+    loop {
+        let (_, _, removed, _) = next_changes(&mut conn, "web-2 gone");
+        if removed == vec![web2.clone()] {
+            break;
+        }
+    }
+    // What the client built from the changes is the forest a new scan
+    // finds there.
+    let shape = |g: &cowshed::remote::client::Grafts| {
+        let mut s: Vec<(PathBuf, Option<PathBuf>, usize)> = g
+            .iter()
+            .map(|(r, p, f)| (r.key.clone(), p.map(|p| g[p].0.key.clone()), f.len()))
+            .collect();
+        s.sort();
+        s
+    };
+    let (fresh, _) = cowshed::remote::client::fetch_forest(
+        "host1",
+        std::slice::from_ref(&img),
+        &options(&sshd, sshd.remote_command(&[])),
+    )
+    .expect("forest");
+    assert_eq!(shape(&forest), shape(&fresh));
 }
 
 /// The local job pool runs a remote job as a proxy: progress comes over
@@ -686,7 +776,7 @@ fn remote_jobs_in_the_local_pool_report_progress_and_cancel() {
     };
     let id = pool.submit(
         vec![],
-        cowshed::remote::client::remote_work("host1".into(), held, commit.clone()),
+        cowshed::remote::client::remote_work("host1".into(), held, commit.clone(), Vec::new()),
     );
     wait_for_line(&trace, "commit.copied 1");
     // Held after its first extent: the progress is known here.
@@ -718,7 +808,7 @@ fn remote_jobs_in_the_local_pool_report_progress_and_cancel() {
     let plain = options(&sshd, sshd.remote_command(&[]));
     let id = pool.submit(
         vec![],
-        cowshed::remote::client::remote_work("host1".into(), plain, commit),
+        cowshed::remote::client::remote_work("host1".into(), plain, commit, Vec::new()),
     );
     let end = loop {
         let e = rx.recv_timeout(HANG_GUARD).expect("job event");
@@ -730,6 +820,302 @@ fn remote_jobs_in_the_local_pool_report_progress_and_cancel() {
     assert_eq!(end.progress.total, 64 * MIB);
     w.same_view("img/base.qcow2", "q/web-1.qcow2")
         .expect("the base reads as the overlay did");
+}
+
+/// A libvirt test-driver node (no daemon: `test:///PATH` reads it on every
+/// connection) with one domain whose disk is `disk`.
+fn test_node(w: &Work, disk: &Path) -> String {
+    let xml = format!(
+        "<node><domain type='test'><name>guard-vm</name>\
+         <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory>\
+         <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
+         <source file='{}'/><target dev='vda'/></disk></devices></domain></node>",
+        disk.display()
+    );
+    // Replaced whole, never seen half written.
+    let tmp = w.path("node.xml.new");
+    std::fs::write(&tmp, xml).expect("node xml");
+    std::fs::rename(&tmp, w.path("node.xml")).expect("node xml");
+    format!("test://{}", w.path("node.xml").display())
+}
+
+/// An sshd whose `host1` has its own cowshed config (as another machine
+/// would): its agent reads the libvirt test node, host2's does not.
+fn sshd_with_vms_on_host1(w: &Work, uri: &str) -> Option<Sshd> {
+    w.mkdir("host1-config/cowshed");
+    w.write_file(
+        "host1-config/cowshed/config.toml",
+        format!("libvirt = [\"{uri}\"]\n").as_bytes(),
+    );
+    let config = w.path("host1-config").display().to_string();
+    match Sshd::start_with_env(
+        &["host1", "host2"],
+        &[("host1", "XDG_CONFIG_HOME", &config)],
+    ) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            None
+        }
+    }
+}
+
+fn image<'a>(doc: &'a Value, filename: &str) -> &'a Value {
+    doc["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .find(|i| i["filename"] == filename)
+        .unwrap_or_else(|| panic!("{filename} not in {doc:#}"))
+}
+
+/// The agent reads its own host's domains and sends, per image, the ones
+/// that use it (again when they change); the details pane's facts of a
+/// remote image are computed there and agree with qemu-img.
+#[test]
+fn remote_images_bring_their_domains_and_details() {
+    let w = Work::new("remote-vms");
+    let img = fleet(&w);
+    let uri = test_node(&w, &img.join("web-2.qcow2"));
+    let Some(sshd) = sshd_with_vms_on_host1(&w, &uri) else {
+        return;
+    };
+    let remote = sshd.remote_command(&[]);
+    let dir = img.display().to_string();
+    let tree = cowshed_env(
+        &sshd,
+        &remote,
+        &["tree", "--output", "json", &format!("host1:{dir}")],
+    );
+    assert!(tree.ok(), "{tree}");
+    let doc = w.json(&tree);
+    let web2 = image(&doc, &format!("host1:{dir}/web-2.qcow2"));
+    assert_eq!(
+        web2["used-by-vms"],
+        serde_json::json!([{
+            "name": "guard-vm",
+            "uuid": "6695eb01-f6a4-8304-79aa-97f2502e193f",
+            "state": "running",
+            "connection": uri,
+        }]),
+        "{web2:#}"
+    );
+    for other in ["base.qcow2", "web-1.qcow2", "web-1-1.qcow2"] {
+        let i = image(&doc, &format!("host1:{dir}/{other}"));
+        assert_eq!(i["used-by-vms"], serde_json::json!([]), "{other}");
+    }
+    // host2's agent reads its own (default) connections, not host1's.
+    let tree2 = cowshed_env(
+        &sshd,
+        &remote,
+        &["tree", "--output", "json", &format!("host2:{dir}")],
+    );
+    assert!(tree2.ok(), "{tree2}");
+    let doc2 = w.json(&tree2);
+    assert_eq!(
+        image(&doc2, &format!("host2:{dir}/web-2.qcow2"))["used-by-vms"],
+        serde_json::json!([])
+    );
+
+    // The details of web-1, computed by host1's agent.
+    let mut conn = Connection::open("host1", &options(&sshd, remote.clone())).expect("connect");
+    let web1 = img.join("web-1.qcow2");
+    let d = cowshed::remote::client::fetch_details(&mut conn, &web1).expect("details");
+    assert_eq!(d.chain, vec![web1.clone(), img.join("base.qcow2")]);
+    assert_eq!(d.chain_error, None);
+    let info = d.info.expect("info").into_info().expect("known names");
+    let qemu = w.info_json("img/web-1.qcow2");
+    assert_eq!(
+        Some(info.virtual_size),
+        qemu["virtual-size"].as_u64(),
+        "{qemu:#}"
+    );
+    assert_eq!(
+        info.qcow2.as_ref().map(|q| q.cluster_size),
+        qemu["cluster-size"].as_u64()
+    );
+    // Each layer's share, as qemu-img map says it.
+    let mut served = vec![0u64; 2];
+    let mut empty = 0;
+    for e in w.map_json("img/web-1.qcow2") {
+        let len = e["length"].as_u64().expect("length");
+        if e["present"] == true {
+            served[e["depth"].as_u64().expect("depth") as usize] += len;
+        } else {
+            empty += len;
+        }
+    }
+    assert_eq!((d.served, d.empty), (served, empty));
+    let missing = cowshed::remote::client::fetch_details(&mut conn, &img.join("nope.qcow2"))
+        .expect("an answer");
+    assert!(
+        missing.info.is_none() && missing.info_error.is_some(),
+        "{missing:?}"
+    );
+
+    // Live: the domains come after the forest, and again when they change
+    // (the agent reads them every 10 s).
+    conn.send(&Request::Watch {
+        roots: vec![img.clone()],
+        live: true,
+    })
+    .expect("watch");
+    let users = |conn: &mut Connection| loop {
+        match conn.recv_timeout(HANG_GUARD).expect("connection") {
+            Some(Reply::Vms { users, .. }) => {
+                break users.into_iter().map(|u| u.key).collect::<Vec<PathBuf>>()
+            }
+            Some(_) => {}
+            None => panic!("no vms message"),
+        }
+    };
+    assert_eq!(users(&mut conn), vec![img.join("web-2.qcow2")]);
+    test_node(&w, &img.join("web-1.qcow2"));
+    assert_eq!(users(&mut conn), vec![img.join("web-1.qcow2")]);
+}
+
+/// Two hosts see one directory (shared storage): every image once, with
+/// both hosts; a domain only host1 knows, or a lock, refuses a job sent
+/// through host2, and nothing is written.
+#[test]
+fn shared_storage_is_shown_once_and_guarded_from_every_host() {
+    use cowshed::jobs::{JobEvent, JobState, Jobs};
+    let w = Work::new("remote-shared");
+    let img = fleet(&w);
+    let uri = test_node(&w, &img.join("web-2.qcow2"));
+    let Some(sshd) = sshd_with_vms_on_host1(&w, &uri) else {
+        return;
+    };
+    let remote = sshd.remote_command(&[]);
+    let dir = img.display().to_string();
+    let (h1, h2) = (format!("host1:{dir}"), format!("host2:{dir}"));
+    // host2 named first: it shows the files and runs their jobs.
+    let tree = cowshed_env(&sshd, &remote, &["tree", "--output", "json", &h2, &h1]);
+    assert!(tree.ok(), "{tree}");
+    let doc = w.json(&tree);
+    let images = doc["images"].as_array().expect("images");
+    assert_eq!(images.len(), 6, "each file once: {doc:#}");
+    for i in images {
+        let name = i["filename"].as_str().expect("filename");
+        let path = name.strip_prefix("host2:").expect("on host2");
+        assert_eq!(i["host"], "host2", "{i:#}");
+        assert_eq!(
+            i["also-on"],
+            serde_json::json!([format!("host1:{path}")]),
+            "{i:#}"
+        );
+    }
+    // Only host1 knows the domain; the shared row has it.
+    assert_eq!(
+        image(&doc, &format!("{h2}/web-2.qcow2"))["used-by-vms"][0]["name"],
+        "guard-vm"
+    );
+    let human = cowshed_env(&sshd, &remote, &["tree", &h2, &h1]);
+    assert!(human.ok(), "{human}");
+    assert!(
+        human
+            .stdout
+            .contains(&format!("{h2}/web-2.qcow2  also {h1}/web-2.qcow2")),
+        "{human}"
+    );
+
+    // The forest as the TUI builds it, and the peers of a commit of web-2
+    // (it writes into base too).
+    let ssh = options(&sshd, remote.clone());
+    let mut forest = cowshed::catalog::Forest::default();
+    for host in ["host2", "host1"] {
+        let (nodes, errors) =
+            cowshed::remote::client::fetch_forest(host, std::slice::from_ref(&img), &ssh)
+                .expect("forest");
+        assert!(errors.is_empty(), "{errors:?}");
+        forest.graft(nodes);
+    }
+    assert_eq!(forest.nodes.len(), 6);
+    let web2 = forest
+        .get(Path::new(&format!("{h2}/web-2.qcow2")))
+        .expect("web-2");
+    let chain: Vec<&cowshed::catalog::ImageRecord> = forest
+        .chain(web2)
+        .into_iter()
+        .map(|id| &forest.nodes[id].record)
+        .collect();
+    let peers = cowshed::remote::client::peers(chain);
+    assert_eq!(
+        peers,
+        vec![(
+            "host1".to_string(),
+            vec![img.join("web-2.qcow2"), img.join("base.qcow2")]
+        )]
+    );
+    let before: Vec<Vec<u8>> = ["web-2.qcow2", "base.qcow2", "web-1.qcow2"]
+        .iter()
+        .map(|f| w.read_file(&format!("img/{f}")))
+        .collect();
+    let (tx, rx) = crossbeam_channel::unbounded::<JobEvent>();
+    let mut pool = Jobs::new(1, tx);
+    let mut run = |op: JobOp, peers| {
+        let id = pool.submit(
+            vec![],
+            cowshed::remote::client::remote_work("host2".into(), ssh.clone(), op, peers),
+        );
+        loop {
+            let e = rx.recv_timeout(HANG_GUARD).expect("job event");
+            if e.id == id && e.state.is_finished() {
+                break e.state;
+            }
+        }
+    };
+    // host2's own agent sees no domain: only host1's answer refuses.
+    for op in [
+        JobOp::Commit {
+            image: img.join("web-2.qcow2"),
+            keep_top: false,
+        },
+        JobOp::Delete {
+            paths: vec![img.join("web-2.qcow2")],
+            trash: false,
+        },
+    ] {
+        match run(op.clone(), peers.clone()) {
+            JobState::Failed(m) => assert!(
+                m.contains("domain guard-vm (running") && m.contains("on host1"),
+                "{op:?}: {m}"
+            ),
+            other => panic!("{op:?} was not refused: {other:?}"),
+        }
+    }
+    // A writer on the shared file (qemu-io here, seen by both hosts).
+    let holder = w.hold_writer("img/web-1.qcow2", "qcow2");
+    let tree = cowshed_env(&sshd, &remote, &["tree", "--output", "json", &h2, &h1]);
+    let doc = w.json(&tree);
+    let web1 = image(&doc, &format!("{h2}/web-1.qcow2"));
+    assert_eq!(web1["lock-state"], "writer", "{web1:#}");
+    assert!(
+        web1["holders"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["command"] == "qemu-io")),
+        "{web1:#}"
+    );
+    let web1_peers = vec![("host1".to_string(), vec![img.join("web-1.qcow2")])];
+    match run(
+        JobOp::Delete {
+            paths: vec![img.join("web-1.qcow2")],
+            trash: false,
+        },
+        web1_peers,
+    ) {
+        JobState::Failed(m) => assert!(
+            m.contains("held by qemu-io") && m.contains("on host1"),
+            "{m}"
+        ),
+        other => panic!("a delete of a held image was not refused: {other:?}"),
+    }
+    common::release_holder(holder);
+    let after: Vec<Vec<u8>> = ["web-2.qcow2", "base.qcow2", "web-1.qcow2"]
+        .iter()
+        .map(|f| w.read_file(&format!("img/{f}")))
+        .collect();
+    assert!(before == after, "a refused job changed a file");
 }
 
 /// Ask the agent for `image`'s snapshots and bitmaps.
@@ -1166,8 +1552,8 @@ fn header_fix_and_protect_by_the_agent() {
     assert_eq!(mode("img/base.qcow2"), 0o664, "the recorded mode");
 }
 
-/// `refresh` reads images again at once and sends the forest: without a
-/// live watch nothing else would say that web-2's header changed.
+/// `refresh` reads images again at once and sends what changed: without
+/// a live watch nothing else would say that web-2's header changed.
 #[test]
 fn refresh_reads_the_named_images_again() {
     let w = Work::new("remote-refresh");
@@ -1216,12 +1602,30 @@ fn refresh_reads_the_named_images_again() {
         paths: vec![w.path("img/web-2.qcow2")],
     })
     .expect("send");
-    let again = snapshot(&mut conn);
-    assert_eq!(backing_of(&again).as_deref(), Some("web-1.qcow2"));
-    let parent = again
-        .iter()
-        .find(|n| n.image.path.ends_with("web-2.qcow2"))
-        .and_then(|n| n.parent)
-        .map(|p| again[p].image.path.clone());
-    assert_eq!(parent, Some(w.path("img/web-1.qcow2")));
+    // What changed comes over: web-2 with its new header, hung on web-1.
+    let deadline = Instant::now() + HANG_GUARD;
+    let changed = loop {
+        assert!(Instant::now() < deadline, "no changes came");
+        if let Some(Reply::Changes { nodes, .. }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if let Some(n) = nodes
+                .into_iter()
+                .find(|n| n.image.path.ends_with("web-2.qcow2"))
+            {
+                break n;
+            }
+        }
+    };
+    assert_eq!(
+        changed
+            .image
+            .summary
+            .as_ref()
+            .and_then(|s| s.backing_filename.as_deref()),
+        Some("web-1.qcow2")
+    );
+    let web1 = std::fs::canonicalize(w.path("img/web-1.qcow2")).expect("key");
+    assert_eq!(changed.parent, Some(web1));
 }

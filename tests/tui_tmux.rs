@@ -622,6 +622,125 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Two hosts that see one directory (both the test's sshd), host1 with a
+/// libvirt domain (the test driver's, no daemon) on the overlay, host2
+/// without: the tree shows each file once with both hosts and the VM
+/// column from host1, the details pane the chain and the domain as
+/// host1's agent found them, and a commit run on host2 is refused naming
+/// the domain on host1, the files untouched.
+#[test]
+fn shared_storage_of_two_hosts_in_a_real_terminal() {
+    // Short paths: the refusal fits the status line.
+    let dir = tempfile::Builder::new()
+        .prefix("c")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let d = dir.path();
+    let aside = tempfile::tempdir().expect("tempdir");
+    let a = aside.path();
+    ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
+    );
+    ok(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xaa 0 1M", "base.qcow2"],
+    );
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    ok(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0xbb 1M 1M", "top.qcow2"],
+    );
+    std::fs::write(
+        a.join("node.xml"),
+        format!(
+            "<node><domain type='test'><name>guard-vm</name>\
+             <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory>\
+             <os><type>hvm</type></os><devices><disk type='file' device='disk'>\
+             <source file='{}'/><target dev='vda'/></disk></devices></domain></node>",
+            d.join("top.qcow2").display()
+        ),
+    )
+    .expect("node xml");
+    std::fs::create_dir_all(a.join("config/cowshed")).expect("config dir");
+    std::fs::write(
+        a.join("config/cowshed/config.toml"),
+        format!("libvirt = [\"test://{}\"]\n", a.join("node.xml").display()),
+    )
+    .expect("config");
+    let config = a.join("config").display().to_string();
+    let sshd = match common::sshd::Sshd::start_with_env(
+        &["host1", "host2"],
+        &[("host1", "XDG_CONFIG_HOME", &config)],
+    ) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!(
+        "env {} '{BIN}' host2:{dir} host1:{dir}",
+        env.join(" "),
+        dir = d.display()
+    );
+    let before: Vec<Vec<u8>> = ["top.qcow2", "base.qcow2"]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).expect("read"))
+        .collect();
+    let tmux = Tmux::start(d, "remote-shared", &command);
+    let screen = tmux.wait_for("one tree with both hosts and the domain", |s| {
+        s.contains("host2+host1: base.qcow2")
+            && s.lines()
+                .any(|l| l.contains("top.qcow2") && l.contains("guard-vm running"))
+    });
+    assert_eq!(
+        screen.matches("top.qcow2").count(),
+        1,
+        "the overlay once:\n{screen}"
+    );
+    select(&tmux, "top.qcow2");
+    tmux.wait_for("the details from host1's agent", |s| {
+        s.contains("chain  top.qcow2 → base.qcow2")
+            && s.contains("vm guard-vm (running")
+            && s.contains("shared: also host1:")
+    });
+    tmux.send("m");
+    tmux.wait_for("the commit question", |s| s.contains("top.qcow2 into"));
+    tmux.send("y");
+    tmux.wait_for("the refusal", |s| {
+        s.contains("failed") && s.contains("used by domain guard-vm (running")
+    });
+    let after: Vec<Vec<u8>> = ["top.qcow2", "base.qcow2"]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).expect("read"))
+        .collect();
+    assert!(before == after, "a refused commit changed a file");
+    tmux.send("q");
+}
+
 /// Wait until the selected image shows no holder: a job's end has the
 /// host's agent read its image again, and the tree drops the job's own
 /// lock (which a dialog opened at once would otherwise refuse).
@@ -701,7 +820,8 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     let at_snapshot = raw("solo.qcow2", "solo-first.raw");
     io("solo.qcow2", "write -P 0x52 0 1M");
     tmux.send("S");
-    tmux.wait_for("the agent's list", |s| s.contains("first ·"));
+    // The dialog's own row (the details pane lists it too).
+    tmux.wait_for("the agent's list", |s| s.contains("▸ 1    first ·"));
     tmux.send("a");
     tmux.wait_for("the apply question", |s| {
         s.contains("Apply snapshot 'first'")
@@ -713,7 +833,8 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     released(&tmux);
     compare("solo.qcow2", &at_snapshot);
     tmux.send("S");
-    tmux.wait_for("the agent's list", |s| s.contains("first ·"));
+    // The dialog's own row (the details pane lists it too).
+    tmux.wait_for("the agent's list", |s| s.contains("▸ 1    first ·"));
     tmux.send("d");
     tmux.wait_for("the delete question", |s| {
         s.contains("Delete snapshot 'first'")
@@ -742,7 +863,9 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     assert_eq!(b[0]["name"], "b0", "{b}");
     assert_eq!(b[0]["flags"], serde_json::json!(["auto"]), "{b}");
     tmux.send("B");
-    tmux.wait_for("the agent's list", |s| s.contains("b0 · 64 KiB · enabled"));
+    tmux.wait_for("the agent's list", |s| {
+        s.contains("▸ b0 · 64 KiB · enabled")
+    });
     tmux.send("e");
     tmux.wait_for("the bitmap disabled", |s| {
         s.contains("bitmap disable 'b0' solo.qcow2: done")
@@ -750,7 +873,9 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     released(&tmux);
     assert_eq!(bitmaps()[0]["flags"], serde_json::json!([]));
     tmux.send("B");
-    tmux.wait_for("the agent's list", |s| s.contains("b0 · 64 KiB · disabled"));
+    tmux.wait_for("the agent's list", |s| {
+        s.contains("▸ b0 · 64 KiB · disabled")
+    });
     tmux.send("d");
     tmux.wait_for("the remove question", |s| s.contains("Remove bitmap 'b0'"));
     tmux.send("y");

@@ -254,6 +254,9 @@ impl Forest {
                     mode: 0,
                     lock: crate::engine::LockState::None,
                     holders: Vec::new(),
+                    identity: None,
+                    vms: Vec::new(),
+                    seen_on: Vec::new(),
                 },
                 parent: None,
                 children: Vec::new(),
@@ -271,29 +274,66 @@ impl Forest {
     /// there): `nodes` link to their parents by index among themselves,
     /// and their keys are already that host's (see [`ImageRecord::host`]).
     /// Trees of other hosts come after this machine's, by host, then path.
+    ///
+    /// A node whose [`ImageRecord::identity`] is that of a file another
+    /// host's graft already brought (shared storage) is not added again:
+    /// that node learns the other host's name for it (`seen_on`), and its
+    /// holders, lock and domains become the union of both hosts'.
     pub fn graft(&mut self, nodes: Vec<(ImageRecord, Option<usize>, Vec<Flag>)>) {
         let base = self.nodes.len();
         let count = nodes.len();
-        for (record, parent, flags) in nodes {
+        let shared: HashMap<String, NodeId> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.record.host.is_some())
+            .filter_map(|(id, n)| Some((n.record.identity.clone()?, id)))
+            .collect();
+        // Where each grafted node went: a new node, or one already here.
+        let mut placed: Vec<NodeId> = Vec::with_capacity(count);
+        let mut parents: Vec<(NodeId, Option<usize>)> = Vec::new();
+        let mut touched: Vec<NodeId> = Vec::new();
+        for (i, (record, parent, flags)) in nodes.into_iter().enumerate() {
+            let same = record
+                .identity
+                .as_ref()
+                .and_then(|k| shared.get(k))
+                .copied()
+                .filter(|&id| self.nodes[id].record.host != record.host);
+            if let Some(id) = same {
+                self.by_key.insert(record.key.clone(), id);
+                merge_seen(&mut self.nodes[id], record, flags);
+                placed.push(id);
+                touched.push(id);
+                continue;
+            }
             let id = self.nodes.len();
             self.by_key.insert(record.key.clone(), id);
             self.nodes.push(Node {
                 record,
-                // A parent index out of range (a confused agent) makes a
-                // root rather than a panic.
-                parent: parent
-                    .filter(|&p| p < count && p != id - base)
-                    .map(|p| base + p),
+                parent: None,
                 children: Vec::new(),
                 flags,
             });
+            placed.push(id);
+            // A parent index out of range (a confused agent) makes a
+            // root rather than a panic.
+            parents.push((id, parent.filter(|&p| p < count && p != i)));
+        }
+        for (id, parent) in parents {
+            self.nodes[id].parent = parent.map(|p| placed[p]).filter(|&p| p != id);
         }
         // A cycle among the grafted parents (the agent cuts them; a
         // confused one might not) would make walks endless: cut it here.
         self.cut_cycles();
         for id in base..self.nodes.len() {
             match self.nodes[id].parent {
-                Some(p) => self.nodes[p].children.push(id),
+                Some(p) => {
+                    self.nodes[p].children.push(id);
+                    if p < base {
+                        touched.push(p);
+                    }
+                }
                 None => self.roots.push(id),
             }
         }
@@ -302,7 +342,10 @@ impl Forest {
             let (a, b) = (&nodes[*a].record, &nodes[*b].record);
             (&a.host, &a.path).cmp(&(&b.host, &b.path))
         };
+        touched.sort_unstable();
+        touched.dedup();
         let mut sorted: Vec<(NodeId, Vec<NodeId>)> = (base..nodes.len())
+            .chain(touched)
             .map(|id| {
                 let mut c = nodes[id].children.clone();
                 c.sort_by(order);
@@ -598,6 +641,40 @@ impl Forest {
     }
 }
 
+/// `node` is also `record` on another host: what uses it there counts too.
+fn merge_seen(node: &mut Node, record: ImageRecord, flags: Vec<Flag>) {
+    let r = &mut node.record;
+    if let Some(h) = record.host {
+        if !r.seen_on.iter().any(|(seen, _)| *seen == h) {
+            r.seen_on.push((h, record.path));
+        }
+    }
+    // The stronger lock of the two: a writer anywhere is a writer.
+    let rank = |l: crate::engine::LockState| match l {
+        crate::engine::LockState::None => 0,
+        crate::engine::LockState::Reader => 1,
+        crate::engine::LockState::Writer => 2,
+    };
+    if rank(record.lock) > rank(r.lock) {
+        r.lock = record.lock;
+    }
+    for h in record.holders {
+        if !r.holders.contains(&h) {
+            r.holders.push(h);
+        }
+    }
+    for v in record.vms {
+        if !r.vms.contains(&v) {
+            r.vms.push(v);
+        }
+    }
+    for f in flags {
+        if !node.flags.contains(&f) {
+            node.flags.push(f);
+        }
+    }
+}
+
 fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
@@ -618,6 +695,9 @@ fn read_record_as_raw(path: &Path, key: PathBuf) -> Option<ImageRecord> {
         mode: meta.mode() & 0o7777,
         lock: crate::engine::LockState::None,
         holders: Vec::new(),
+        identity: None,
+        vms: Vec::new(),
+        seen_on: Vec::new(),
     })
 }
 
@@ -654,6 +734,9 @@ pub(crate) mod test_support {
                     mode: 0o644,
                     lock: LockState::None,
                     holders: Vec::new(),
+                    identity: None,
+                    vms: Vec::new(),
+                    seen_on: Vec::new(),
                 },
                 parent,
                 children: Vec::new(),
@@ -710,5 +793,66 @@ mod graft_tests {
         for id in [5, 6] {
             assert!(f.nodes[id].flags.contains(&Flag::Cycle));
         }
+    }
+
+    /// Two hosts that see one directory (shared storage): each file once,
+    /// with both hosts; what uses it on either counts.
+    #[test]
+    fn a_file_two_hosts_see_is_grafted_once() {
+        use crate::engine::preflight::VmUser;
+        use crate::engine::LockState;
+        let template = forest(&[("/t", None, 1, None)]);
+        let on = |host: &str, path: &str, lock: LockState| {
+            let mut r = remote(&template, path);
+            r.host = Some(host.into());
+            r.key = PathBuf::from(format!("{host}:{path}"));
+            r.identity = Some(format!("local m 1 {path}"));
+            r.lock = lock;
+            r
+        };
+        let h1 = vec![
+            (on("h1", "/s/base", LockState::None), None, Vec::new()),
+            (on("h1", "/s/o", LockState::None), Some(0), Vec::new()),
+        ];
+        let mut o2 = on("h2", "/mnt/s/o", LockState::Writer);
+        o2.vms.push(VmUser {
+            name: "web".into(),
+            uuid: "u".into(),
+            state: "shut off".into(),
+            connection: "qemu:///system".into(),
+        });
+        let only2 = on("h2", "/mnt/s/o2", LockState::None);
+        let h2 = vec![
+            (on("h2", "/mnt/s/base", LockState::None), None, Vec::new()),
+            (o2, Some(0), Vec::new()),
+            (only2, Some(0), Vec::new()),
+        ];
+        let mut f = Forest::default();
+        f.graft(h1);
+        // h2 names the files by other paths: their identity matches.
+        let h2: Vec<_> = h2
+            .into_iter()
+            .map(|(mut r, p, fl)| {
+                r.identity = r.identity.map(|i| i.replace("/mnt", ""));
+                (r, p, fl)
+            })
+            .collect();
+        f.graft(h2);
+        assert_eq!(f.nodes.len(), 3, "base and o once, o2 of h2 alone");
+        let o = f.get(Path::new("h1:/s/o")).expect("o");
+        assert_eq!(f.get(Path::new("h2:/mnt/s/o")), Some(o));
+        let r = &f.nodes[o].record;
+        assert_eq!(
+            r.seen_on,
+            vec![("h2".to_string(), PathBuf::from("/mnt/s/o"))]
+        );
+        assert_eq!(r.hosts_label().as_deref(), Some("h1+h2"));
+        assert_eq!(r.lock, LockState::Writer, "h2's lock counts");
+        assert_eq!(r.vms.len(), 1, "h2's domain counts");
+        let base = f.get(Path::new("h1:/s/base")).expect("base");
+        let o2 = f.get(Path::new("h2:/mnt/s/o2")).expect("o2");
+        assert_eq!(f.nodes[o2].parent, Some(base), "under the shared base");
+        assert_eq!(f.nodes[base].children, vec![o, o2]);
+        assert_eq!(f.roots, vec![base]);
     }
 }

@@ -54,6 +54,15 @@ pub struct ImageRecord {
     pub mode: u32,
     pub lock: LockState,
     pub holders: Vec<Holder>,
+    /// Another host's file: its name on every host that sees it (shared
+    /// storage), as its agent said (`remote::identity`). `None` here.
+    pub identity: Option<String>,
+    /// Another host's file: the defined domains there that use it (this
+    /// machine's own come from the local inventory, by `dev_ino`).
+    pub vms: Vec<crate::engine::preflight::VmUser>,
+    /// Other hosts that see the same file (shared storage), with its path
+    /// there: the row is shown once, on `host`, and jobs run there.
+    pub seen_on: Vec<(String, PathBuf)>,
 }
 
 impl ImageRecord {
@@ -64,5 +73,17 @@ impl ImageRecord {
             Some(h) => format!("{h}:{}", self.path.display()),
             None => self.path.display().to_string(),
         }
+    }
+
+    /// Every host that sees the file, `host` first (`host1+host2`), or
+    /// `None` for this machine's.
+    pub fn hosts_label(&self) -> Option<String> {
+        let first = self.host.as_deref()?;
+        let mut label = first.to_string();
+        for (h, _) in &self.seen_on {
+            label.push('+');
+            label.push_str(h);
+        }
+        Some(label)
     }
 }

@@ -196,6 +196,9 @@ pub fn classify(path: &Path) -> Result<Found, String> {
         mode: meta.mode() & 0o7777,
         lock,
         holders,
+        identity: None,
+        vms: Vec::new(),
+        seen_on: Vec::new(),
     })))
 }
 

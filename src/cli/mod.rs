@@ -282,7 +282,7 @@ pub fn run(cli: Cli) -> color_eyre::Result<i32> {
         Command::Completions(a) => shell::completions(a),
         Command::Manpage => shell::manpage(),
         Command::DefaultConfig => shell::default_config(),
-        Command::Agent(a) => agent::run(a),
+        Command::Agent(a) => agent::run(a, &session),
     }
 }
 

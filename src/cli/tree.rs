@@ -100,6 +100,10 @@ struct ImageJson<'a> {
     protected: bool,
     /// The defined libvirt domains that use it, running or not.
     used_by_vms: Vec<VmJson<'a>>,
+    /// The same file on the other hosts that see it (shared storage):
+    /// `HOST:/path` each; the image is listed once, under `filename`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    also_on: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     backing_filename: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,15 +197,33 @@ impl<'a> ImageJson<'a> {
                 })
                 .collect(),
             protected: forest.is_protected(id),
-            used_by_vms: vms
-                .users_of(r.dev_ino)
-                .filter(|_| r.host.is_none())
-                .map(|d| VmJson {
-                    name: &d.name,
-                    uuid: &d.uuid,
-                    state: &d.state,
-                    connection: &d.connection,
-                })
+            // Another host's domains came with its images (their device
+            // and inode are that host's).
+            used_by_vms: match r.host {
+                None => vms
+                    .users_of(r.dev_ino)
+                    .map(|d| VmJson {
+                        name: &d.name,
+                        uuid: &d.uuid,
+                        state: &d.state,
+                        connection: &d.connection,
+                    })
+                    .collect(),
+                Some(_) => r
+                    .vms
+                    .iter()
+                    .map(|d| VmJson {
+                        name: &d.name,
+                        uuid: &d.uuid,
+                        state: &d.state,
+                        connection: &d.connection,
+                    })
+                    .collect(),
+            },
+            also_on: r
+                .seen_on
+                .iter()
+                .map(|(h, p)| format!("{h}:{}", p.display()))
                 .collect(),
             backing_filename: r
                 .summary
@@ -344,11 +366,23 @@ fn to_human(forest: &Forest, vms: &Inventory) -> String {
                     )
                 }
             };
-            // A remote image's device and inode are another host's.
-            let domains: Vec<String> = vms
-                .users_of(r.dev_ino)
-                .filter(|_| r.host.is_none())
-                .map(|d| format!("{} ({})", d.name, d.state))
+            // A remote image's device and inode are another host's: its
+            // domains came with it.
+            let domains: Vec<String> = match r.host {
+                None => vms
+                    .users_of(r.dev_ino)
+                    .map(|d| format!("{} ({})", d.name, d.state))
+                    .collect(),
+                Some(_) => r
+                    .vms
+                    .iter()
+                    .map(|d| format!("{} ({})", d.name, d.state))
+                    .collect(),
+            };
+            let also: String = r
+                .seen_on
+                .iter()
+                .map(|(h, p)| format!("  also {h}:{}", p.display()))
                 .collect();
             let vm = if domains.is_empty() {
                 String::new()
@@ -357,7 +391,7 @@ fn to_human(forest: &Forest, vms: &Inventory) -> String {
             };
             let _ = writeln!(
                 out,
-                "{prefix}{mark}{}  {}  {}  {} on disk  {pct}%{}{lock}{vm}{protected}",
+                "{prefix}{mark}{}{also}  {}  {}  {} on disk  {pct}%{}{lock}{vm}{protected}",
                 r.location(),
                 r.summary.as_ref().map_or("?", |s| s.format.name()),
                 human_size(r.sizes.virtual_size),

@@ -24,6 +24,12 @@ use crate::engine::preflight::{VmUser, VmUsers};
 /// daemon's socket exists: nothing is started just to look.
 pub const DEFAULT_CONNECTIONS: [&str; 2] = ["qemu:///system", "qemu:///session"];
 
+/// How often the domains are read again while a view is live (the TUI, a
+/// remote host's agent): a domain defined, started or undefined shows
+/// within this time. Modest: each read runs virsh once per connection and
+/// twice per domain.
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Which libvirt connections to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connections {

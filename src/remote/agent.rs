@@ -1,7 +1,9 @@
 //! `cowshed agent --stdio`: the other end of a remote root. Reads
 //! [`Request`]s on stdin, answers with [`Reply`]s on stdout, one JSON line
-//! each; serves the catalog (scan, forest, watch) and runs jobs with the
-//! same code as local roots.
+//! each; serves the catalog (scan, forest, watch), this host's libvirt
+//! domains (the inventory code, on this host's connections), the details
+//! pane's facts and a fresh look at what uses a file, and runs jobs with
+//! the same code as local roots.
 //!
 //! Jobs outlive the connection: when stdin ends (the ssh connection was
 //! lost), the agent stops watching, lets its running jobs finish (never
@@ -21,14 +23,17 @@ use std::time::Duration;
 use crossbeam_channel::{after, never, select, tick, unbounded, Receiver};
 use serde::{Deserialize, Serialize};
 
+use super::identity::Identities;
 use super::protocol::{
-    decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireError,
-    WireImage, WireJobState, WireListing, WireNode, WireProgress, WireTime, PROTOCOL_VERSION,
+    decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireChange,
+    WireCheck, WireDetails, WireError, WireImage, WireInfo, WireJobState, WireListing, WireNode,
+    WireProgress, WireTime, WireVm, WireVmUse, PROTOCOL_VERSION,
 };
 use crate::catalog::scan::{read_record, scan_all};
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
 use crate::engine::qcow2::header::CompressionType;
 use crate::engine::{self, Format};
+use crate::inventory::{Connections, Inventory};
 use crate::jobs::{JobEvent, JobId, JobState, Jobs};
 
 /// A burst of structural changes (a directory of clones appearing) goes
@@ -39,8 +44,11 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// A job run by an earlier connection's agent is looked at this often.
 const FOREIGN_EVERY: Duration = Duration::from_millis(500);
 
-/// Serve one session on stdin/stdout; returns the exit code.
-pub fn run_stdio() -> i32 {
+/// Serve one session on stdin/stdout; returns the exit code. `conns` are
+/// this host's libvirt connections (its own `--connect`, its config's
+/// `libvirt`, else the default set): their domains guard the jobs run here
+/// and are sent with the forest.
+pub fn run_stdio(conns: Connections) -> i32 {
     // The client going away must not kill the agent while jobs run:
     // writes to a closed stdout fail instead, and are dropped.
     // SAFETY: setting a signal disposition; no handler runs.
@@ -48,7 +56,7 @@ pub fn run_stdio() -> i32 {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let requests = spawn_reader();
-    let mut agent = Agent::new();
+    let mut agent = Agent::new(conns);
     agent.serve(&requests)
 }
 
@@ -126,22 +134,6 @@ fn load(id: &str) -> Option<Record> {
     decode(&text).ok()
 }
 
-type Out = Arc<Mutex<Option<std::io::Stdout>>>;
-
-/// Write one message to the client, from the agent's loop or a thread of
-/// its own; a failed write means the client is gone.
-fn send_to(out: &Out, reply: &Reply) {
-    let line = encode(reply);
-    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(o) = out.as_mut() {
-        let mut lock = o.lock();
-        if lock.write_all(&line).and_then(|()| lock.flush()).is_err() {
-            drop(lock);
-            *out = None;
-        }
-    }
-}
-
 fn alive(pid: u32) -> bool {
     // Signal 0: is there such a process (ours to signal or not).
     let Ok(pid) = i32::try_from(pid) else {
@@ -157,14 +149,39 @@ struct Live {
     kind: &'static str,
 }
 
+/// The agent's stdout, shared with the threads that answer `info`,
+/// `check` and `list`; `None` once the client is gone.
+type Out = Arc<Mutex<Option<std::io::Stdout>>>;
+
+/// Send one message; a failed write means the client is gone.
+fn send_to(out: &Out, reply: &Reply) {
+    let line = encode(reply);
+    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(o) = out.as_mut() {
+        let mut lock = o.lock();
+        if lock.write_all(&line).and_then(|()| lock.flush()).is_err() {
+            drop(lock);
+            *out = None;
+        }
+    }
+}
+
 struct Agent {
     out: Out,
+    /// This host's libvirt connections, and their last reading.
+    conns: Connections,
+    inventory: Arc<Inventory>,
+    inventory_rx: Receiver<Inventory>,
+    inventory_polled: bool,
     host: String,
     roots: Vec<PathBuf>,
     records: HashMap<PathBuf, ImageRecord>,
     errors: Vec<WireError>,
     watcher: Option<Watcher>,
     watch_rx: Receiver<CatalogEvent>,
+    /// The forest as the client has it (every node by key, as last sent):
+    /// later forests go out as the changes against it.
+    sent: HashMap<PathBuf, WireChange>,
     jobs: Jobs,
     job_rx: Receiver<JobEvent>,
     live: HashMap<JobId, Live>,
@@ -174,10 +191,14 @@ struct Agent {
 }
 
 impl Agent {
-    fn new() -> Agent {
+    fn new(conns: Connections) -> Agent {
         let (job_tx, job_rx) = unbounded::<JobEvent>();
         Agent {
             out: Arc::new(Mutex::new(Some(std::io::stdout()))),
+            conns,
+            inventory: Arc::new(Inventory::default()),
+            inventory_rx: never(),
+            inventory_polled: false,
             host: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .unwrap_or_default(),
@@ -186,6 +207,7 @@ impl Agent {
             errors: Vec::new(),
             watcher: None,
             watch_rx: never(),
+            sent: HashMap::new(),
             jobs: Jobs::new(crate::jobs::DEFAULT_WORKERS, job_tx),
             job_rx,
             live: HashMap::new(),
@@ -198,7 +220,6 @@ impl Agent {
         self.out.lock().map(|o| o.is_some()).unwrap_or(false)
     }
 
-    /// Send one message; a failed write means the client is gone.
     fn send(&self, reply: &Reply) {
         send_to(&self.out, reply);
     }
@@ -245,6 +266,7 @@ impl Agent {
                         requests = never();
                         self.watcher = None;
                         self.watch_rx = never();
+                        self.inventory_rx = never();
                         *self.out.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     }
                 },
@@ -258,8 +280,15 @@ impl Agent {
                 },
                 recv(publish_due) -> _ => {
                     publish_due = never();
-                    self.send(&self.snapshot());
+                    self.publish_changes();
                 }
+                recv(self.inventory_rx) -> inv => match inv {
+                    Ok(inv) => {
+                        self.inventory = Arc::new(inv);
+                        self.send(&self.vms());
+                    }
+                    Err(_) => self.inventory_rx = never(),
+                },
                 recv(self.job_rx) -> ev => {
                     if let Ok(ev) = ev {
                         self.job_event(ev);
@@ -310,10 +339,135 @@ impl Agent {
             Request::Outcome { id } => self.outcome(&id),
             Request::List { id, image } => self.list(id, image),
             Request::Refresh { paths } => self.refresh(&paths),
+            Request::Info { path } => self.info(path),
+            Request::Check { paths } => self.check(paths),
         }
     }
 
-    /// Read `paths` again (a job ended on them) and send the forest.
+    fn watch(&mut self, roots: Vec<PathBuf>, live: bool) {
+        self.watcher = None;
+        let (records, errors) = scan_all(&roots);
+        self.errors = errors
+            .into_iter()
+            .map(|(path, message)| WireError { path, message })
+            .collect();
+        if live {
+            let (tx, rx) = unbounded();
+            let w = Watcher::start(roots.clone(), WatchOptions::default(), tx);
+            for r in &records {
+                w.track(r);
+            }
+            if let Some(reason) = w.polling_only().first() {
+                self.send(&Reply::PollingOnly {
+                    reason: format!("{} cannot be watched", reason.display()),
+                });
+            }
+            self.watcher = Some(w);
+            self.watch_rx = rx;
+        }
+        self.records = records.into_iter().map(|r| (r.key.clone(), r)).collect();
+        self.roots = roots;
+        // The first forest comes with its domains: read them now (a
+        // `tree` waits for both), then again every REFRESH_EVERY while
+        // live.
+        self.inventory = Arc::new(Inventory::read(&self.conns));
+        if live && !self.inventory_polled {
+            self.inventory_polled = true;
+            self.inventory_rx = poll_inventory(self.conns.clone(), (*self.inventory).clone());
+        }
+        self.publish();
+    }
+
+    /// The whole forest, then the domains that use its images.
+    fn publish(&mut self) {
+        let nodes = self.forest_nodes();
+        self.sent = by_key(&nodes);
+        self.send(&Reply::Snapshot {
+            nodes,
+            errors: self.errors.clone(),
+        });
+        self.send(&self.vms());
+    }
+
+    /// What changed since the forest last sent, then the domains (new
+    /// images may be used by one).
+    fn publish_changes(&mut self) {
+        let now = by_key(&self.forest_nodes());
+        let mut nodes: Vec<WireChange> = now
+            .iter()
+            .filter(|(k, n)| self.sent.get(*k) != Some(n))
+            .map(|(_, n)| n.clone())
+            .collect();
+        nodes.sort_by(|a, b| a.image.key.cmp(&b.image.key));
+        let mut removed: Vec<PathBuf> = self
+            .sent
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        removed.sort();
+        self.sent = now;
+        self.send(&Reply::Changes {
+            nodes,
+            removed,
+            errors: self.errors.clone(),
+        });
+        self.send(&self.vms());
+    }
+
+    /// The forest of the watched roots, built here, each image with its
+    /// identity.
+    fn forest_nodes(&self) -> Vec<WireNode> {
+        let forest = Forest::build(self.records.values().cloned().collect());
+        let ids = Identities::read();
+        forest
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut image = WireImage::from(&n.record);
+                image.identity = ids.of(n.record.dev_ino.0, n.record.dev_ino.1);
+                WireNode {
+                    image,
+                    parent: n.parent,
+                    flags: n.flags.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Which watched images this host's domains use.
+    fn vms(&self) -> Reply {
+        let mut users: Vec<WireVmUse> = self
+            .records
+            .values()
+            .filter_map(|r| {
+                let vms: Vec<WireVm> = self
+                    .inventory
+                    .users_of(r.dev_ino)
+                    .map(|d| WireVm::from(&d.user()))
+                    .collect();
+                (!vms.is_empty()).then(|| WireVmUse {
+                    key: r.key.clone(),
+                    vms,
+                })
+            })
+            .collect();
+        users.sort_by(|a, b| a.key.cmp(&b.key));
+        Reply::Vms {
+            users,
+            unreadable: self
+                .inventory
+                .unreadable
+                .iter()
+                .map(|(uri, why)| WireError {
+                    path: PathBuf::from(uri),
+                    message: why.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Read `paths` again (a job ended on them) and send what changed.
     fn refresh(&mut self, paths: &[PathBuf]) {
         for path in paths {
             self.records.retain(|_, r| r.path != *path);
@@ -324,7 +478,7 @@ impl Agent {
                 self.records.insert(r.key.clone(), r);
             }
         }
-        self.send(&self.snapshot());
+        self.publish_changes();
     }
 
     /// Answer `list` from a thread of its own: reading a snapshot table on
@@ -356,45 +510,81 @@ impl Agent {
         }
     }
 
-    fn watch(&mut self, roots: Vec<PathBuf>, live: bool) {
-        self.watcher = None;
-        let (records, errors) = scan_all(&roots);
-        self.errors = errors
-            .into_iter()
-            .map(|(path, message)| WireError { path, message })
-            .collect();
-        if live {
-            let (tx, rx) = unbounded();
-            let w = Watcher::start(roots.clone(), WatchOptions::default(), tx);
-            for r in &records {
-                w.track(r);
-            }
-            if let Some(reason) = w.polling_only().first() {
-                self.send(&Reply::PollingOnly {
-                    reason: format!("{} cannot be watched", reason.display()),
-                });
-            }
-            self.watcher = Some(w);
-            self.watch_rx = rx;
+    /// Answer `info` from a thread of its own: reading a long chain's
+    /// block status must not hold up progress and live updates.
+    fn info(&self, path: PathBuf) {
+        let out = Arc::clone(&self.out);
+        let spawned = std::thread::Builder::new()
+            .name("cowshed-agent-info".into())
+            .spawn(move || {
+                let d = crate::tui::worker::inspect(&path, &path);
+                let details = WireDetails {
+                    info: d.info.as_ref().ok().map(WireInfo::from),
+                    info_error: d.info.err(),
+                    chain: d.chain,
+                    served: d.served,
+                    empty: d.empty,
+                    chain_error: d.chain_error,
+                };
+                send_to(
+                    &out,
+                    &Reply::Info {
+                        path,
+                        details: Box::new(details),
+                    },
+                );
+            });
+        if let Err(e) = spawned {
+            self.send(&Reply::Error {
+                message: format!("cannot read details: {e}"),
+            });
         }
-        self.records = records.into_iter().map(|r| (r.key.clone(), r)).collect();
-        self.roots = roots;
-        self.send(&self.snapshot());
     }
 
-    fn snapshot(&self) -> Reply {
-        let forest = Forest::build(self.records.values().cloned().collect());
-        Reply::Snapshot {
-            nodes: forest
-                .nodes
-                .iter()
-                .map(|n| WireNode {
-                    image: WireImage::from(&n.record),
-                    parent: n.parent,
-                    flags: n.flags.clone(),
-                })
-                .collect(),
-            errors: self.errors.clone(),
+    /// Answer `check` from a thread of its own: the domains are read
+    /// afresh (virsh), the files' locks and holders looked at now.
+    fn check(&self, paths: Vec<PathBuf>) {
+        let out = Arc::clone(&self.out);
+        let conns = self.conns.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cowshed-agent-check".into())
+            .spawn(move || {
+                let inventory = Inventory::read(&conns);
+                let unreadable: Vec<String> = inventory
+                    .unreadable
+                    .iter()
+                    .map(|(uri, why)| format!("libvirt connection {uri} could not be read: {why}"))
+                    .collect();
+                let images = paths
+                    .into_iter()
+                    .map(|path| {
+                        let vms = inventory
+                            .users_of_path(&path)
+                            .into_iter()
+                            .map(|d| WireVm::from(&d.user()))
+                            .collect();
+                        let (lock, holders, error) = match read_record(&path) {
+                            Ok(Some(r)) => (r.lock.name().to_string(), r.holders, None),
+                            Ok(None) => ("none".into(), Vec::new(), None),
+                            Err(e) => ("none".into(), Vec::new(), Some(e)),
+                        };
+                        let error = error
+                            .or_else(|| (!unreadable.is_empty()).then(|| unreadable.join("; ")));
+                        WireCheck {
+                            path,
+                            lock,
+                            holders,
+                            vms,
+                            error,
+                        }
+                    })
+                    .collect();
+                send_to(&out, &Reply::Checked { images });
+            });
+        if let Err(e) = spawned {
+            self.send(&Reply::Error {
+                message: format!("cannot check: {e}"),
+            });
         }
     }
 
@@ -404,6 +594,10 @@ impl Agent {
             CatalogEvent::SizesChanged { key, sizes } => {
                 if let Some(r) = self.records.get_mut(&key) {
                     r.sizes = sizes;
+                    // Said now: not a change to send again.
+                    if let Some(s) = self.sent.get_mut(&key) {
+                        s.image.sizes = sizes.into();
+                    }
                     self.send(&Reply::Sizes {
                         key,
                         sizes: sizes.into(),
@@ -414,6 +608,9 @@ impl Agent {
             CatalogEvent::Modified { key, mtime } => {
                 if let Some(r) = self.records.get_mut(&key) {
                     r.mtime = mtime;
+                    if let Some(s) = self.sent.get_mut(&key) {
+                        s.image.mtime = WireTime::from_system(mtime);
+                    }
                     self.send(&Reply::Modified {
                         key,
                         mtime: WireTime::from_system(mtime),
@@ -474,7 +671,7 @@ impl Agent {
             );
         }
         let touches = touches(&op);
-        let work = work(op, self.roots.clone());
+        let work = work(op, self.roots.clone(), self.conns.clone());
         let jid = self.jobs.submit(touches, work);
         self.by_name.insert(id.clone(), jid);
         self.live.insert(jid, Live { id, kind });
@@ -603,6 +800,26 @@ impl Agent {
     }
 }
 
+/// A forest's nodes by key, each parent named by its key.
+fn by_key(nodes: &[WireNode]) -> HashMap<PathBuf, WireChange> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.image.key.clone(),
+                WireChange {
+                    image: n.image.clone(),
+                    parent: n
+                        .parent
+                        .and_then(|p| nodes.get(p))
+                        .map(|p| p.image.key.clone()),
+                    flags: n.flags.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// The images a job works on, as the pool's keys: two jobs on one image
 /// never run together.
 fn touches(op: &JobOp) -> Vec<PathBuf> {
@@ -633,7 +850,8 @@ fn parse_format(name: &str, path: &Path) -> engine::Result<Format> {
 
 /// The engine call for an operation: what `cowshed` runs for the same
 /// command here.
-fn work(op: JobOp, roots: Vec<PathBuf>) -> crate::jobs::Work {
+fn work(op: JobOp, roots: Vec<PathBuf>, conns: Connections) -> crate::jobs::Work {
+    let host_vms = move || Inventory::read(&conns).vm_users(false);
     match op {
         JobOp::Clone { base, new } => Box::new(move |_, _| {
             let format = engine::probe(&base)?;
@@ -844,11 +1062,27 @@ fn listing(image: &Path) -> engine::Result<WireListing> {
     Ok(WireListing::from_qcow2(&q))
 }
 
-/// The libvirt domains defined on this host (its default connections), for
-/// the engine's check before a job changes an image here.
-fn host_vms() -> crate::engine::preflight::VmUsers {
-    crate::inventory::Inventory::read(&crate::inventory::Connections::from_named(&[]))
-        .vm_users(false)
+/// Read this host's domains every [`crate::inventory::REFRESH_EVERY`] on a
+/// thread of its own; each reading that differs from the last is passed
+/// on. The thread ends when the agent stops listening.
+fn poll_inventory(conns: Connections, first: Inventory) -> Receiver<Inventory> {
+    let (tx, rx) = unbounded();
+    let _ = std::thread::Builder::new()
+        .name("cowshed-agent-inventory".into())
+        .spawn(move || {
+            let mut last = first;
+            loop {
+                std::thread::sleep(crate::inventory::REFRESH_EVERY);
+                let now = Inventory::read(&conns);
+                if now != last {
+                    if tx.send(now.clone()).is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+    rx
 }
 
 #[cfg(test)]

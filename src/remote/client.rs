@@ -22,8 +22,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError};
 
-use super::protocol::{decode, encode, Reply, Request, WireError, PROTOCOL_VERSION};
+use std::collections::HashMap;
+
+use super::protocol::{
+    decode, encode, Reply, Request, WireCheck, WireDetails, WireError, WireVmUse, PROTOCOL_VERSION,
+};
 use crate::catalog::{Flag, ImageRecord};
+use crate::engine::preflight::VmUser;
 
 /// How long the ssh connection and the agent's hello may take. Generous:
 /// a slow link or a loaded host is not an error; a dead one is.
@@ -397,8 +402,90 @@ pub fn grafts(host: &str, nodes: Vec<super::protocol::WireNode>) -> Result<Graft
         .collect()
 }
 
-/// Scan `roots` on `host` once: its forest and the errors met there
-/// (paths as `host:/path`).
+/// The domains of `host` that use its images, by the images' keys there
+/// (`host:/path`), from a `vms` message.
+pub type HostVms = HashMap<PathBuf, Vec<VmUser>>;
+
+fn host_vms(host: &str, users: Vec<WireVmUse>) -> HostVms {
+    users
+        .into_iter()
+        .map(|u| {
+            (
+                remote_path(host, &u.key),
+                u.vms.into_iter().map(VmUser::from).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A `vms` message's unreadable connections, as errors of `host`.
+fn vm_errors(host: &str, unreadable: Vec<WireError>) -> Vec<(PathBuf, String)> {
+    unreadable
+        .into_iter()
+        .map(|e| {
+            (
+                PathBuf::from(format!("{host}:")),
+                format!(
+                    "libvirt connection {} could not be read: {}",
+                    e.path.display(),
+                    e.message
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Give each grafted record the domains that use it.
+pub fn apply_vms(nodes: &mut Grafts, vms: &HostVms) {
+    for (r, _, _) in nodes {
+        r.vms = vms.get(&r.key).cloned().unwrap_or_default();
+    }
+}
+
+/// Apply a `changes` message of `host` to its forest as last built:
+/// nodes upserted by key, removed ones dropped, parents linked by key.
+pub fn apply_changes(
+    host: &str,
+    forest: &mut Grafts,
+    nodes: Vec<super::protocol::WireChange>,
+    removed: Vec<PathBuf>,
+) -> Result<(), String> {
+    let keys: Vec<PathBuf> = forest.iter().map(|(r, _, _)| r.key.clone()).collect();
+    let mut by_key: HashMap<PathBuf, (ImageRecord, Option<PathBuf>, Vec<Flag>)> = HashMap::new();
+    let mut order: Vec<PathBuf> = Vec::with_capacity(forest.len() + nodes.len());
+    for (r, parent, flags) in std::mem::take(forest) {
+        let parent = parent.and_then(|p| keys.get(p)).cloned();
+        order.push(r.key.clone());
+        by_key.insert(r.key.clone(), (r, parent, flags));
+    }
+    for k in removed {
+        by_key.remove(&remote_path(host, &k));
+    }
+    for n in nodes {
+        let record = n.image.into_record(host)?;
+        let parent = n.parent.map(|p| remote_path(host, &p));
+        if !by_key.contains_key(&record.key) {
+            order.push(record.key.clone());
+        }
+        by_key.insert(record.key.clone(), (record, parent, n.flags));
+    }
+    order.retain(|k| by_key.contains_key(k));
+    let index: HashMap<PathBuf, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.clone(), i))
+        .collect();
+    for k in &order {
+        if let Some((r, parent, flags)) = by_key.remove(k) {
+            let parent = parent.and_then(|p| index.get(&p).copied());
+            forest.push((r, parent, flags));
+        }
+    }
+    Ok(())
+}
+
+/// Scan `roots` on `host` once: its forest (with the domains there that
+/// use its images) and the errors met there (paths as `host:/path`).
 pub fn fetch_forest(
     host: &str,
     roots: &[PathBuf],
@@ -409,6 +496,7 @@ pub fn fetch_forest(
         roots: roots.to_vec(),
         live: false,
     })?;
+    let mut forest = None;
     loop {
         match conn.recv_timeout(Duration::from_secs(3600))? {
             Some(Reply::Snapshot { nodes, errors }) => {
@@ -416,7 +504,15 @@ pub fn fetch_forest(
                     host: host.to_string(),
                     message,
                 })?;
-                return Ok((g, remote_errors(host, errors)));
+                forest = Some((g, remote_errors(host, errors)));
+            }
+            // The domains follow the forest.
+            Some(Reply::Vms { users, unreadable }) => {
+                if let Some((mut g, mut errors)) = forest.take() {
+                    apply_vms(&mut g, &host_vms(host, users));
+                    errors.extend(vm_errors(host, unreadable));
+                    return Ok((g, errors));
+                }
             }
             Some(Reply::Error { message }) => {
                 return Err(RemoteError::Agent {
@@ -507,13 +603,26 @@ pub const BACKOFF_LIMIT: Duration = Duration::from_secs(30);
 /// to ask for the job's outcome, never to send it again.
 ///
 /// [`Progress`]: crate::engine::Progress
-pub fn remote_work(host: String, ssh: SshOptions, op: super::protocol::JobOp) -> crate::jobs::Work {
+///
+/// `peers` are the other hosts that see the files `op` changes (shared
+/// storage), with the files' paths there: before the job is sent, each is
+/// asked to look at them now, and the job is refused when any reports a
+/// lock, a holder or a domain, or cannot be asked (see [`check_peers`]).
+pub fn remote_work(
+    host: String,
+    ssh: SshOptions,
+    op: super::protocol::JobOp,
+    peers: Peers,
+) -> crate::jobs::Work {
     use super::protocol::WireJobState;
     use crate::engine::Error;
     Box::new(move |progress, cancel| {
         let id = new_job_id();
         let name = remote_path(&host, Path::new(op.kind()));
         let fail = |m: String| Error::invalid(&name, m);
+        if op.changes_shared_files() {
+            check_peers(&peers, &ssh).map_err(fail)?;
+        }
         let mut submitted = false;
         let mut cancel_sent = false;
         let mut backoff = Duration::from_secs(1);
@@ -608,6 +717,13 @@ pub enum HostEvent {
         key: PathBuf,
         mtime: Option<std::time::SystemTime>,
     },
+    /// The domains there that use its images (the whole set), and the
+    /// connections there that could not be read.
+    Vms {
+        host: String,
+        vms: HostVms,
+        errors: Vec<(PathBuf, String)>,
+    },
     /// The host cannot be reached now; another try comes after `retry`.
     Down {
         host: String,
@@ -681,6 +797,12 @@ fn serve_followed(
     let host = conn.host.clone();
     let key = |k: &Path| remote_path(&host, k);
     let mut refresh = refresh.clone();
+    let confused = |message: String| RemoteError::Agent {
+        host: host.clone(),
+        message,
+    };
+    // The host's forest as last built: `changes` apply to it.
+    let mut forest: Grafts = Vec::new();
     loop {
         if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
             return Ok(());
@@ -700,18 +822,35 @@ fn serve_followed(
         };
         let ev = match got {
             None => continue,
-            Some(Reply::Snapshot { nodes, errors }) => HostEvent::Snapshot {
-                host: host.clone(),
-                nodes: grafts(&host, nodes).map_err(|message| RemoteError::Agent {
+            Some(Reply::Snapshot { nodes, errors }) => {
+                forest = grafts(&host, nodes).map_err(confused)?;
+                HostEvent::Snapshot {
                     host: host.clone(),
-                    message,
-                })?,
-                errors: remote_errors(&host, errors),
-            },
+                    nodes: forest.clone(),
+                    errors: remote_errors(&host, errors),
+                }
+            }
+            Some(Reply::Changes {
+                nodes,
+                removed,
+                errors,
+            }) => {
+                apply_changes(&host, &mut forest, nodes, removed).map_err(confused)?;
+                HostEvent::Snapshot {
+                    host: host.clone(),
+                    nodes: forest.clone(),
+                    errors: remote_errors(&host, errors),
+                }
+            }
             Some(Reply::Sizes { key: k, sizes }) => HostEvent::Sizes {
                 host: host.clone(),
                 key: key(&k),
                 sizes: sizes.into(),
+            },
+            Some(Reply::Vms { users, unreadable }) => HostEvent::Vms {
+                host: host.clone(),
+                vms: host_vms(&host, users),
+                errors: vm_errors(&host, unreadable),
             },
             Some(Reply::Modified { key: k, mtime }) => HostEvent::Modified {
                 host: host.clone(),
@@ -722,6 +861,122 @@ fn serve_followed(
         };
         if tx.send(ev).is_err() {
             return Ok(());
+        }
+    }
+}
+
+/// Other hosts that see files a job changes, each with the files' paths
+/// there.
+pub type Peers = Vec<(String, Vec<PathBuf>)>;
+
+/// The peers of the files `records` (another host's, possibly seen from
+/// more hosts): for each other host, the paths there.
+pub fn peers<'a>(records: impl IntoIterator<Item = &'a ImageRecord>) -> Peers {
+    let mut peers: Peers = Vec::new();
+    for r in records {
+        for (h, p) in &r.seen_on {
+            match peers.iter_mut().find(|(host, _)| host == h) {
+                Some((_, paths)) => {
+                    if !paths.contains(p) {
+                        paths.push(p.clone());
+                    }
+                }
+                None => peers.push((h.clone(), vec![p.clone()])),
+            }
+        }
+    }
+    peers
+}
+
+/// Ask every peer to look at its files now; `Err` names the host and
+/// what uses a file there (a lock, a holder, a domain), or why the host
+/// could not be asked: a check that was not made is not a pass.
+pub fn check_peers(peers: &[(String, Vec<PathBuf>)], ssh: &SshOptions) -> Result<(), String> {
+    for (host, paths) in peers {
+        let images = ask_check(host, paths, ssh)
+            .map_err(|e| format!("cannot check {host}, which sees these files too: {e}"))?;
+        for c in images {
+            let name = remote_path(host, &c.path);
+            if let Some(v) = c.vms.first() {
+                return Err(format!(
+                    "{} is used by domain {} ({}, {}) on {host}",
+                    name.display(),
+                    v.name,
+                    v.state,
+                    v.connection
+                ));
+            }
+            if let Some(h) = c.holders.first() {
+                return Err(format!(
+                    "{} is held by {} (pid {}) on {host}",
+                    name.display(),
+                    h.command,
+                    h.pid
+                ));
+            }
+            if c.lock != "none" {
+                return Err(format!(
+                    "{} is locked ({}) by a process on {host}",
+                    name.display(),
+                    c.lock
+                ));
+            }
+            if let Some(e) = c.error {
+                return Err(format!(
+                    "{} could not be checked on {host}: {e}",
+                    name.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ask_check(
+    host: &str,
+    paths: &[PathBuf],
+    ssh: &SshOptions,
+) -> Result<Vec<WireCheck>, RemoteError> {
+    let mut conn = Connection::open(host, ssh)?;
+    conn.send(&Request::Check {
+        paths: paths.to_vec(),
+    })?;
+    loop {
+        match conn.recv_timeout(HANDSHAKE_LIMIT)? {
+            Some(Reply::Checked { images }) => return Ok(images),
+            Some(Reply::Error { message }) => {
+                return Err(RemoteError::Agent {
+                    host: host.to_string(),
+                    message,
+                })
+            }
+            Some(_) => {}
+            None => {
+                return Err(RemoteError::Lost {
+                    host: host.to_string(),
+                    reason: format!("no answer within {} s", HANDSHAKE_LIMIT.as_secs()),
+                })
+            }
+        }
+    }
+}
+
+/// The details pane's facts of `path` on the host of `conn`, computed
+/// there.
+pub fn fetch_details(conn: &mut Connection, path: &Path) -> Result<WireDetails, RemoteError> {
+    conn.send(&Request::Info {
+        path: path.to_path_buf(),
+    })?;
+    loop {
+        match conn.recv_timeout(Duration::from_secs(3600))? {
+            Some(Reply::Info { path: p, details }) if p == path => return Ok(*details),
+            Some(Reply::Error { message }) => {
+                return Err(RemoteError::Agent {
+                    host: conn.host.clone(),
+                    message,
+                })
+            }
+            _ => {}
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod identity;
 pub mod protocol;
 
 use std::path::{Path, PathBuf};

@@ -5,16 +5,20 @@
 //! A session: the client sends `hello` with its [`PROTOCOL_VERSION`]; the
 //! agent answers `hello` with its own (and its cowshed version and host
 //! name), or `refused` and ends when they differ. Then the client asks:
-//! `watch` (scan roots: a `snapshot` of the forest, then, when live,
-//! `sizes`/`modified` for a guest writing and a new `snapshot` whenever
-//! an image appears, vanishes or changes its header), `job` (run an
-//! operation: `job-state` messages follow, with progress while it runs,
-//! ending with its outcome), `cancel`, `outcome` (what became of a job
-//! started over an earlier connection: its end is recorded on the host,
-//! so a lost connection never leaves the client guessing, and nothing is
-//! run twice), `list` (an image's internal snapshots and persistent
-//! bitmaps, read there, answered with a `listing`) and `refresh` (images a
-//! job changed, read again and the forest sent).
+//! `watch` (scan roots: a `snapshot` of the forest and `vms`, the host's
+//! domains using its images; then, when live, `sizes`/`modified` for a
+//! guest writing, `changes` (only the nodes that differ) whenever an image
+//! appears, vanishes or changes its header, and `vms` again when the
+//! domains change), `info` (the details pane's facts of one image,
+//! computed there), `check` (what uses some files there now: asked of
+//! every other host that sees a shared file before a job changes it),
+//! `job` (run an operation: `job-state` messages follow, with progress
+//! while it runs, ending with its outcome), `cancel`, `outcome` (what
+//! became of a job started over an earlier connection: its end is
+//! recorded on the host, so a lost connection never leaves the client
+//! guessing, and nothing is run twice), `list` (an image's internal
+//! snapshots and persistent bitmaps, read there, answered with a
+//! `listing`) and `refresh` (images a job changed, read again and sent).
 //!
 //! The wire types are spelled out here rather than derived on the
 //! catalog's records, so that a change to those cannot change the protocol
@@ -28,10 +32,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Flag, Holder, ImageRecord, Sizes};
+use crate::engine::chain::FormatSource;
+use crate::engine::ops::info::{BitmapInfo, ImageInfo, Qcow2Info};
+use crate::engine::preflight::VmUser;
+use crate::engine::qcow2::header::{CompressionType, CryptMethod};
+use crate::engine::qcow2::snapshot::Snapshot;
 use crate::engine::{Format, HeaderSummary, LockState};
 
 /// Both ends must speak the same version; there is no negotiation.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Client to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +83,17 @@ pub enum Request {
     Refresh {
         paths: Vec<PathBuf>,
     },
+    /// The details pane's facts of one image on the agent's host: answered
+    /// with `info`.
+    Info {
+        path: PathBuf,
+    },
+    /// Look again, now, at what uses these files on the agent's host
+    /// (locks, holders, domains): answered with `checked`. Sent to every
+    /// other host that sees a shared file before a job changes it.
+    Check {
+        paths: Vec<PathBuf>,
+    },
 }
 
 /// Agent to client.
@@ -95,6 +115,16 @@ pub enum Reply {
     /// host (backing names resolved there).
     Snapshot {
         nodes: Vec<WireNode>,
+        errors: Vec<WireError>,
+    },
+    /// What changed in the forest since the last `snapshot` or `changes`
+    /// (images that appeared or whose header, flags or parent changed, and
+    /// the keys of those gone), instead of the whole forest again: a header
+    /// rewritten among 10,000 images is one image's worth of bytes.
+    Changes {
+        nodes: Vec<WireChange>,
+        removed: Vec<PathBuf>,
+        /// The scan's errors now (all of them; usually none).
         errors: Vec<WireError>,
     },
     /// Only sizes moved (a guest writing).
@@ -120,6 +150,23 @@ pub enum Reply {
         /// The image the job made (a clone's overlay, a convert's output).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         created: Option<PathBuf>,
+    },
+    /// The defined libvirt domains of the agent's host that use the
+    /// watched images (only images some domain uses are listed); the whole
+    /// set each time, after every snapshot and whenever a reading changes.
+    Vms {
+        users: Vec<WireVmUse>,
+        /// Connections the agent's host names that could not be read.
+        unreadable: Vec<WireError>,
+    },
+    /// The answer to `info`.
+    Info {
+        path: PathBuf,
+        details: Box<WireDetails>,
+    },
+    /// The answer to `check`, one entry per path asked, in order.
+    Checked {
+        images: Vec<WireCheck>,
     },
     /// A request that could not be understood or served.
     Error {
@@ -155,54 +202,10 @@ impl WireListing {
         WireListing {
             version: q.version,
             data_file: q.data_file.is_some(),
-            snapshots: q
-                .snapshots
-                .iter()
-                .map(|s| WireSnapshot {
-                    id: s.id.clone(),
-                    name: s.name.clone(),
-                    date_sec: s.date_sec,
-                    date_nsec: s.date_nsec,
-                    vm_clock_nsec: s.vm_clock_nsec,
-                    vm_state_size: s.vm_state_size,
-                    disk_size: s.disk_size,
-                })
-                .collect(),
-            bitmaps: q
-                .bitmaps
-                .iter()
-                .map(|b| WireBitmap {
-                    name: b.name.clone(),
-                    granularity: b.granularity,
-                    auto: b.auto,
-                    in_use: b.in_use,
-                })
-                .collect(),
+            snapshots: q.snapshots.iter().map(WireSnapshot::from).collect(),
+            bitmaps: q.bitmaps.iter().map(WireBitmap::from).collect(),
         }
     }
-}
-
-/// One internal snapshot, as `qemu-img snapshot -l` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireSnapshot {
-    pub id: String,
-    pub name: String,
-    pub date_sec: u32,
-    pub date_nsec: u32,
-    pub vm_clock_nsec: u64,
-    pub vm_state_size: u64,
-    pub disk_size: Option<u64>,
-}
-
-/// One persistent dirty bitmap.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireBitmap {
-    pub name: String,
-    pub granularity: u64,
-    /// Recording the guest's writes (`enabled`).
-    pub auto: bool,
-    /// Left in use by a QEMU that did not close it.
-    pub in_use: bool,
 }
 
 /// What a `snapshot` job does (`cowshed snapshot -c/-a/-d`); apply and
@@ -316,6 +319,24 @@ pub enum HeaderFixKind {
 }
 
 impl JobOp {
+    /// Whether the job changes files that other hosts may use too (shared
+    /// storage), so they are asked first: what the engine checks domains
+    /// for on the host that runs it.
+    pub fn changes_shared_files(&self) -> bool {
+        match self {
+            JobOp::Commit { .. }
+            | JobOp::Rebase { .. }
+            | JobOp::Delete { .. }
+            | JobOp::Move { .. }
+            | JobOp::Reset { .. }
+            | JobOp::Snapshot { .. }
+            | JobOp::Bitmap { .. }
+            | JobOp::HeaderFix { .. } => true,
+            // Protect changes no content and checks no domains here either.
+            JobOp::Clone { .. } | JobOp::Convert { .. } | JobOp::Protect { .. } => false,
+        }
+    }
+
     /// The operation's name, as the TUI's job list and badges say it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -445,6 +466,9 @@ pub struct WireImage {
     /// `none`, `reader` or `writer`.
     pub lock: String,
     pub holders: Vec<Holder>,
+    /// Names the file the same way on every host that sees it (see
+    /// `remote::identity`); `None` when the host cannot say.
+    pub identity: Option<String>,
 }
 
 /// One node of the agent's forest: `parent` indexes `nodes` of the same
@@ -490,6 +514,7 @@ impl From<&ImageRecord> for WireImage {
             mode: r.mode,
             lock: r.lock.name().to_string(),
             holders: r.holders.clone(),
+            identity: r.identity.clone(),
         }
     }
 }
@@ -498,7 +523,6 @@ impl WireImage {
     /// The record on the client's side, for `host`. A format or lock the
     /// client does not know is an error: it means another protocol.
     pub fn into_record(self, host: &str) -> Result<ImageRecord, String> {
-        use crate::engine::qcow2::header::CompressionType;
         let summary = match self.summary {
             None => None,
             Some(s) => Some(HeaderSummary {
@@ -512,22 +536,16 @@ impl WireImage {
                 dirty: s.dirty,
                 corrupt: s.corrupt,
                 encrypted: s.encrypted,
-                compression: match s.compression.as_deref() {
-                    None => None,
-                    Some("zlib") => Some(CompressionType::Deflate),
-                    Some("zstd") => Some(CompressionType::Zstd),
-                    Some(other) => return Err(format!("unknown compression {other:?}")),
-                },
+                compression: s
+                    .compression
+                    .as_deref()
+                    .map(compression_from_name)
+                    .transpose()?,
                 extended_l2: s.extended_l2,
                 snapshots: s.snapshots,
             }),
         };
-        let lock = match self.lock.as_str() {
-            "none" => LockState::None,
-            "reader" => LockState::Reader,
-            "writer" => LockState::Writer,
-            other => return Err(format!("unknown lock state {other:?}")),
-        };
+        let lock = lock_from_name(&self.lock)?;
         Ok(ImageRecord {
             path: self.path,
             // Keys are identities in one forest: the same path on two
@@ -543,6 +561,320 @@ impl WireImage {
             mode: self.mode,
             lock,
             holders: self.holders,
+            identity: self.identity,
+            vms: Vec::new(),
+            seen_on: Vec::new(),
+        })
+    }
+}
+
+/// One node of a `changes` message: its parent named by key, as indices
+/// of a forest the message does not carry mean nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireChange {
+    pub image: WireImage,
+    pub parent: Option<PathBuf>,
+    pub flags: Vec<Flag>,
+}
+
+/// A defined domain on the agent's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireVm {
+    pub name: String,
+    pub uuid: String,
+    pub state: String,
+    pub connection: String,
+}
+
+impl From<&VmUser> for WireVm {
+    fn from(v: &VmUser) -> Self {
+        WireVm {
+            name: v.name.clone(),
+            uuid: v.uuid.clone(),
+            state: v.state.clone(),
+            connection: v.connection.clone(),
+        }
+    }
+}
+
+impl From<WireVm> for VmUser {
+    fn from(v: WireVm) -> Self {
+        VmUser {
+            name: v.name,
+            uuid: v.uuid,
+            state: v.state,
+            connection: v.connection,
+        }
+    }
+}
+
+/// The domains using one image (by its key on the agent's host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireVmUse {
+    pub key: PathBuf,
+    pub vms: Vec<WireVm>,
+}
+
+/// What uses one file on the agent's host, looked at just now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireCheck {
+    pub path: PathBuf,
+    /// `none`, `reader` or `writer`.
+    pub lock: String,
+    pub holders: Vec<Holder>,
+    pub vms: Vec<WireVm>,
+    /// Why the file or the host's domains could not be looked at: the
+    /// check could not be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The details pane's facts: the engine's `info` of the image and how its
+/// chain serves the disk, computed on the agent's host. Every field of
+/// [`ImageInfo`] travels, so the client's copy is the engine's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDetails {
+    pub info: Option<WireInfo>,
+    pub info_error: Option<String>,
+    pub chain: Vec<PathBuf>,
+    pub served: Vec<u64>,
+    pub empty: u64,
+    pub chain_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireInfo {
+    pub filename: PathBuf,
+    pub format: String,
+    pub virtual_size: u64,
+    pub actual_size: u64,
+    pub apparent_size: u64,
+    pub lock: String,
+    /// `recorded` or `probed`.
+    pub format_source: String,
+    pub qcow2: Option<WireQcow2Info>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireQcow2Info {
+    pub version: u32,
+    pub cluster_size: u64,
+    pub backing_filename: Option<String>,
+    pub full_backing_filename: Option<PathBuf>,
+    pub backing_format: Option<String>,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u32,
+    /// `zlib` or `zstd`.
+    pub compression_type: String,
+    pub extended_l2: bool,
+    /// `none`, `aes` or `luks`.
+    pub encryption: String,
+    pub data_file: Option<String>,
+    pub data_file_raw: bool,
+    pub bitmaps: Vec<WireBitmap>,
+    pub snapshots: Vec<WireSnapshot>,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireBitmap {
+    pub name: String,
+    pub table_offset: u64,
+    pub table_entries: u32,
+    pub granularity: u64,
+    pub in_use: bool,
+    pub auto: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSnapshot {
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+    pub icount: Option<i64>,
+    pub entry_bytes: u64,
+    pub raw_id: Vec<u8>,
+    pub raw_name: Vec<u8>,
+    pub unknown_extra: Vec<u8>,
+}
+
+impl From<&BitmapInfo> for WireBitmap {
+    fn from(b: &BitmapInfo) -> Self {
+        WireBitmap {
+            name: b.name.clone(),
+            table_offset: b.table_offset,
+            table_entries: b.table_entries,
+            granularity: b.granularity,
+            in_use: b.in_use,
+            auto: b.auto,
+        }
+    }
+}
+
+impl From<&Snapshot> for WireSnapshot {
+    fn from(s: &Snapshot) -> Self {
+        WireSnapshot {
+            l1_table_offset: s.l1_table_offset,
+            l1_size: s.l1_size,
+            id: s.id.clone(),
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_nsec: s.vm_clock_nsec,
+            vm_state_size: s.vm_state_size,
+            disk_size: s.disk_size,
+            icount: s.icount,
+            entry_bytes: s.entry_bytes,
+            raw_id: s.raw_id.clone(),
+            raw_name: s.raw_name.clone(),
+            unknown_extra: s.unknown_extra.clone(),
+        }
+    }
+}
+
+fn lock_from_name(name: &str) -> Result<LockState, String> {
+    match name {
+        "none" => Ok(LockState::None),
+        "reader" => Ok(LockState::Reader),
+        "writer" => Ok(LockState::Writer),
+        other => Err(format!("unknown lock state {other:?}")),
+    }
+}
+
+fn compression_from_name(name: &str) -> Result<CompressionType, String> {
+    match name {
+        "zlib" => Ok(CompressionType::Deflate),
+        "zstd" => Ok(CompressionType::Zstd),
+        other => Err(format!("unknown compression {other:?}")),
+    }
+}
+
+impl From<&ImageInfo> for WireInfo {
+    fn from(i: &ImageInfo) -> Self {
+        WireInfo {
+            filename: i.filename.clone(),
+            format: i.format.name().to_string(),
+            virtual_size: i.virtual_size,
+            actual_size: i.actual_size,
+            apparent_size: i.apparent_size,
+            lock: i.lock.name().to_string(),
+            format_source: match i.format_source {
+                FormatSource::Recorded => "recorded",
+                FormatSource::Probed => "probed",
+            }
+            .to_string(),
+            qcow2: i.qcow2.as_ref().map(|q| WireQcow2Info {
+                version: q.version,
+                cluster_size: q.cluster_size,
+                backing_filename: q.backing_filename.clone(),
+                full_backing_filename: q.full_backing_filename.clone(),
+                backing_format: q.backing_format.clone(),
+                dirty: q.dirty,
+                corrupt: q.corrupt,
+                lazy_refcounts: q.lazy_refcounts,
+                refcount_bits: q.refcount_bits,
+                compression_type: q.compression_type.name().to_string(),
+                extended_l2: q.extended_l2,
+                encryption: q.encryption.name().to_string(),
+                data_file: q.data_file.clone(),
+                data_file_raw: q.data_file_raw,
+                bitmaps: q.bitmaps.iter().map(WireBitmap::from).collect(),
+                snapshots: q.snapshots.iter().map(WireSnapshot::from).collect(),
+                incompatible_features: q.incompatible_features,
+                compatible_features: q.compatible_features,
+                autoclear_features: q.autoclear_features,
+            }),
+        }
+    }
+}
+
+impl WireInfo {
+    /// The engine's record again; names the client does not know are an
+    /// error (another protocol).
+    pub fn into_info(self) -> Result<ImageInfo, String> {
+        let qcow2 = match self.qcow2 {
+            None => None,
+            Some(q) => Some(Qcow2Info {
+                version: q.version,
+                cluster_size: q.cluster_size,
+                backing_filename: q.backing_filename,
+                full_backing_filename: q.full_backing_filename,
+                backing_format: q.backing_format,
+                dirty: q.dirty,
+                corrupt: q.corrupt,
+                lazy_refcounts: q.lazy_refcounts,
+                refcount_bits: q.refcount_bits,
+                compression_type: compression_from_name(&q.compression_type)?,
+                extended_l2: q.extended_l2,
+                encryption: match q.encryption.as_str() {
+                    "none" => CryptMethod::None,
+                    "aes" => CryptMethod::Aes,
+                    "luks" => CryptMethod::Luks,
+                    other => return Err(format!("unknown encryption {other:?}")),
+                },
+                data_file: q.data_file,
+                data_file_raw: q.data_file_raw,
+                bitmaps: q
+                    .bitmaps
+                    .into_iter()
+                    .map(|b| BitmapInfo {
+                        name: b.name,
+                        table_offset: b.table_offset,
+                        table_entries: b.table_entries,
+                        granularity: b.granularity,
+                        in_use: b.in_use,
+                        auto: b.auto,
+                    })
+                    .collect(),
+                snapshots: q
+                    .snapshots
+                    .into_iter()
+                    .map(|s| Snapshot {
+                        l1_table_offset: s.l1_table_offset,
+                        l1_size: s.l1_size,
+                        id: s.id,
+                        name: s.name,
+                        date_sec: s.date_sec,
+                        date_nsec: s.date_nsec,
+                        vm_clock_nsec: s.vm_clock_nsec,
+                        vm_state_size: s.vm_state_size,
+                        disk_size: s.disk_size,
+                        icount: s.icount,
+                        entry_bytes: s.entry_bytes,
+                        raw_id: s.raw_id,
+                        raw_name: s.raw_name,
+                        unknown_extra: s.unknown_extra,
+                    })
+                    .collect(),
+                incompatible_features: q.incompatible_features,
+                compatible_features: q.compatible_features,
+                autoclear_features: q.autoclear_features,
+            }),
+        };
+        Ok(ImageInfo {
+            filename: self.filename,
+            format: Format::from_name(&self.format)
+                .ok_or_else(|| format!("unknown format {:?}", self.format))?,
+            virtual_size: self.virtual_size,
+            actual_size: self.actual_size,
+            apparent_size: self.apparent_size,
+            lock: lock_from_name(&self.lock)?,
+            format_source: match self.format_source.as_str() {
+                "recorded" => FormatSource::Recorded,
+                "probed" => FormatSource::Probed,
+                other => return Err(format!("unknown format source {other:?}")),
+            },
+            qcow2,
         })
     }
 }
@@ -608,6 +940,7 @@ mod tests {
                 command: "qemu-system-x86".into(),
                 writable: true,
             }],
+            identity: Some("local 4f1c 2049 131".into()),
         }
     }
 
@@ -616,9 +949,9 @@ mod tests {
     /// this text).
     #[test]
     fn golden_lines() {
-        assert_eq!(PROTOCOL_VERSION, 2);
-        let hello = encode(&Request::Hello { protocol: 2 });
-        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":2}\n");
+        assert_eq!(PROTOCOL_VERSION, 3);
+        let hello = encode(&Request::Hello { protocol: 3 });
+        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":3}\n");
         let snapshot = Reply::Snapshot {
             nodes: vec![WireNode {
                 image: sample_image(),
@@ -644,7 +977,7 @@ mod tests {
              \"virtual_size\":1073741824,\"allocated\":200704,\"apparent\":196608},\
              \"mtime\":{\"secs\":1700000000,\"nanos\":5},\"created\":null,\"mode\":420,\
              \"lock\":\"writer\",\"holders\":[{\"pid\":4121,\"command\":\"qemu-system-x86\",\
-             \"writable\":true}]},\"parent\":0,\"flags\":[{\"kind\":\"missing-backing\",\
+             \"writable\":true}],\"identity\":\"local 4f1c 2049 131\"},\"parent\":0,\"flags\":[{\"kind\":\"missing-backing\",\
              \"wanted\":\"old.qcow2\"}]}],\"errors\":[{\"path\":\"/srv/images/lost+found\",\
              \"message\":\"Permission denied\"}]}\n"
         );
@@ -678,11 +1011,11 @@ mod tests {
         );
     }
 
-    /// Version 2's additions, pinned like the rest: listing an image's
-    /// snapshots and bitmaps, the jobs that change them, reset, and
-    /// convert's options.
+    /// Protocol 3's messages: listing an image's snapshots and bitmaps,
+    /// refresh, the jobs that change snapshots and bitmaps, reset, the
+    /// doctor's header fix, protect, and convert's options.
     #[test]
-    fn golden_lines_of_version_2() {
+    fn golden_lines_of_listing_refresh_and_jobs() {
         let line = |v: Vec<u8>| String::from_utf8(v).expect("utf-8");
         assert_eq!(
             line(encode(&Request::List {
@@ -704,6 +1037,8 @@ mod tests {
                     version: 3,
                     data_file: false,
                     snapshots: vec![WireSnapshot {
+                        l1_table_offset: 327680,
+                        l1_size: 16,
                         id: "1".into(),
                         name: "before".into(),
                         date_sec: 1_700_000_000,
@@ -711,21 +1046,30 @@ mod tests {
                         vm_clock_nsec: 0,
                         vm_state_size: 0,
                         disk_size: Some(1 << 30),
+                        icount: None,
+                        entry_bytes: 48,
+                        raw_id: b"1".to_vec(),
+                        raw_name: b"before".to_vec(),
+                        unknown_extra: Vec::new(),
                     }],
                     bitmaps: vec![WireBitmap {
                         name: "b0".into(),
+                        table_offset: 393216,
+                        table_entries: 1,
                         granularity: 65536,
-                        auto: true,
                         in_use: false,
+                        auto: true,
                     }],
                 }),
                 error: None,
             })),
             "{\"type\":\"listing\",\"id\":\"l1\",\"listing\":{\"version\":3,\
-             \"data_file\":false,\"snapshots\":[{\"id\":\"1\",\"name\":\"before\",\
-             \"date_sec\":1700000000,\"date_nsec\":7,\"vm_clock_nsec\":0,\"vm_state_size\":0,\
-             \"disk_size\":1073741824}],\"bitmaps\":[{\"name\":\"b0\",\"granularity\":65536,\
-             \"auto\":true,\"in_use\":false}]}}\n"
+             \"data_file\":false,\"snapshots\":[{\"l1_table_offset\":327680,\"l1_size\":16,\
+             \"id\":\"1\",\"name\":\"before\",\"date_sec\":1700000000,\"date_nsec\":7,\
+             \"vm_clock_nsec\":0,\"vm_state_size\":0,\"disk_size\":1073741824,\"icount\":null,\
+             \"entry_bytes\":48,\"raw_id\":[49],\"raw_name\":[98,101,102,111,114,101],\
+             \"unknown_extra\":[]}],\"bitmaps\":[{\"name\":\"b0\",\"table_offset\":393216,\
+             \"table_entries\":1,\"granularity\":65536,\"in_use\":false,\"auto\":true}]}}\n"
         );
         assert_eq!(
             line(encode(&Reply::Listing {
@@ -793,6 +1137,128 @@ mod tests {
              \"compression_type\":\"zstd\",\"backing\":\"base.qcow2\",\
              \"backing_format\":\"qcow2\"}}\n"
         );
+    }
+
+    /// Protocol 2's messages: domains, details, the peers' check.
+    #[test]
+    fn golden_lines_of_vms_info_and_check() {
+        let vm = WireVm {
+            name: "web-1".into(),
+            uuid: "eba2a67b-e235-4756-a7b7-879e92283673".into(),
+            state: "shut off".into(),
+            connection: "qemu:///system".into(),
+        };
+        let vms = encode(&Reply::Vms {
+            users: vec![WireVmUse {
+                key: "/srv/a.qcow2".into(),
+                vms: vec![vm.clone()],
+            }],
+            unreadable: vec![WireError {
+                path: "qemu+ssh://x/system".into(),
+                message: "no route".into(),
+            }],
+        });
+        assert_eq!(
+            String::from_utf8(vms).expect("utf-8"),
+            "{\"type\":\"vms\",\"users\":[{\"key\":\"/srv/a.qcow2\",\"vms\":[{\
+             \"name\":\"web-1\",\"uuid\":\"eba2a67b-e235-4756-a7b7-879e92283673\",\
+             \"state\":\"shut off\",\"connection\":\"qemu:///system\"}]}],\
+             \"unreadable\":[{\"path\":\"qemu+ssh://x/system\",\"message\":\"no route\"}]}\n"
+        );
+        let changes = encode(&Reply::Changes {
+            nodes: vec![WireChange {
+                image: WireImage {
+                    holders: Vec::new(),
+                    summary: None,
+                    identity: None,
+                    ..sample_image()
+                },
+                parent: Some("/srv/images/base.qcow2".into()),
+                flags: Vec::new(),
+            }],
+            removed: vec!["/srv/images/old.qcow2".into()],
+            errors: Vec::new(),
+        });
+        assert_eq!(
+            String::from_utf8(changes).expect("utf-8"),
+            "{\"type\":\"changes\",\"nodes\":[{\"image\":{\"path\":\"/srv/images/web-1.qcow2\",\
+             \"key\":\"/srv/images/web-1.qcow2\",\"dev\":2049,\"ino\":131,\"summary\":null,\
+             \"error\":null,\"sizes\":{\"virtual_size\":1073741824,\"allocated\":200704,\
+             \"apparent\":196608},\"mtime\":{\"secs\":1700000000,\"nanos\":5},\"created\":null,\
+             \"mode\":420,\"lock\":\"writer\",\"holders\":[],\"identity\":null},\
+             \"parent\":\"/srv/images/base.qcow2\",\"flags\":[]}],\
+             \"removed\":[\"/srv/images/old.qcow2\"],\"errors\":[]}\n"
+        );
+        assert_eq!(
+            String::from_utf8(encode(&Request::Info {
+                path: "/srv/a.qcow2".into()
+            }))
+            .expect("utf-8"),
+            "{\"type\":\"info\",\"path\":\"/srv/a.qcow2\"}\n"
+        );
+        assert_eq!(
+            String::from_utf8(encode(&Request::Check {
+                paths: vec!["/srv/a.qcow2".into()]
+            }))
+            .expect("utf-8"),
+            "{\"type\":\"check\",\"paths\":[\"/srv/a.qcow2\"]}\n"
+        );
+        let checked = encode(&Reply::Checked {
+            images: vec![WireCheck {
+                path: "/srv/a.qcow2".into(),
+                lock: "none".into(),
+                holders: Vec::new(),
+                vms: vec![vm],
+                error: None,
+            }],
+        });
+        assert_eq!(
+            String::from_utf8(checked).expect("utf-8"),
+            "{\"type\":\"checked\",\"images\":[{\"path\":\"/srv/a.qcow2\",\"lock\":\"none\",\
+             \"holders\":[],\"vms\":[{\"name\":\"web-1\",\
+             \"uuid\":\"eba2a67b-e235-4756-a7b7-879e92283673\",\"state\":\"shut off\",\
+             \"connection\":\"qemu:///system\"}]}]}\n"
+        );
+    }
+
+    /// The details travel whole: the engine's info of a real image (made
+    /// by qemu-img) comes back from the wire field for field.
+    #[test]
+    fn details_survive_the_wire() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let img = dir.path().join("a.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let st = std::process::Command::new("qemu-img")
+            .args(["snapshot", "-c", "s1"])
+            .arg(&img)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let st = std::process::Command::new("qemu-img")
+            .args(["bitmap", "--add", "-g", "128K"])
+            .arg(&img)
+            .arg("b0")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let info = crate::engine::info(&img, None).expect("info");
+        let wire = WireInfo::from(&info);
+        let line = encode(&wire);
+        let back: WireInfo = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");
+        let again = back.into_info().expect("info again");
+        let q = again.qcow2.as_ref().expect("qcow2");
+        assert_eq!(q.snapshots.len(), 1);
+        assert_eq!(q.snapshots[0].name, "s1");
+        assert_eq!(q.bitmaps.len(), 1);
+        assert_eq!(q.bitmaps[0].granularity, 128 * 1024);
+        // Every field: the wire copy of the copy is the wire copy.
+        assert_eq!(WireInfo::from(&again), wire);
     }
 
     #[test]

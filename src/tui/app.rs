@@ -1348,13 +1348,6 @@ impl App {
         };
         let node = &self.forest.nodes[id];
         let r = &node.record;
-        // Another host's file is not read here: a local file of the same
-        // name is another file.
-        if r.host.is_some() {
-            self.details = None;
-            self.details_wanted = None;
-            return;
-        }
         if self.details.as_ref().is_some_and(|d| d.key != r.key) {
             self.details = None;
         }
@@ -1365,7 +1358,15 @@ impl App {
             return;
         }
         self.details_wanted = Some(r.key.clone());
-        self.inspector.request(r.key.clone(), r.path.clone());
+        match &r.host {
+            // Another host's file is not read here (a local file of the
+            // same name is another file): its agent reads it.
+            Some(host) => {
+                self.inspector
+                    .request_remote(r.key.clone(), host.clone(), r.path.clone())
+            }
+            None => self.inspector.request(r.key.clone(), r.path.clone()),
+        }
     }
 
     fn selected_stamp(&self) -> Option<Stamp> {

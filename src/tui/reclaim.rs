@@ -40,6 +40,7 @@ pub fn candidates(f: &Forest, vms: &VmUsers, now: SystemTime) -> Vec<Candidate> 
             n.children.is_empty()
                 && n.record.lock == LockState::None
                 && !(n.record.host.is_none() && vms.by_file.contains_key(&n.record.dev_ino))
+                && n.record.vms.is_empty()
                 && !n
                     .flags
                     .iter()

@@ -112,6 +112,9 @@ struct HostView {
     refresh: Sender<Vec<PathBuf>>,
     nodes: crate::remote::client::Grafts,
     errors: Vec<(PathBuf, String)>,
+    /// The domains there that use its images, as last read there.
+    vms: crate::remote::client::HostVms,
+    vm_errors: Vec<(PathBuf, String)>,
     stale: Option<String>,
 }
 
@@ -127,6 +130,7 @@ impl Catalog {
         let mut errors = self.errors.clone();
         for h in &self.hosts {
             let mut nodes = h.nodes.clone();
+            crate::remote::client::apply_vms(&mut nodes, &h.vms);
             if let Some(reason) = &h.stale {
                 for (_, _, flags) in &mut nodes {
                     flags.push(crate::catalog::Flag::Stale {
@@ -136,6 +140,7 @@ impl Catalog {
             }
             forest.graft(nodes);
             errors.extend(h.errors.iter().cloned());
+            errors.extend(h.vm_errors.iter().cloned());
         }
         self.shown = Arc::new(forest);
         let _ = events.send(Event::Catalog(CatalogUpdate {
@@ -216,6 +221,8 @@ fn catalog_worker(
                 refresh,
                 nodes: Vec::new(),
                 errors: Vec::new(),
+                vms: HashMap::new(),
+                vm_errors: Vec::new(),
                 stale: Some("connecting".into()),
             })
             .collect(),
@@ -386,6 +393,14 @@ fn catalog_worker(
                                 let report = growth.changed(&key, Instant::now(), sizes.allocated);
                                 send_growth(events, report);
                             }
+                        }
+                    }
+                    HostEvent::Vms { host, vms, errors } => {
+                        if let Some(i) = view(&mut cat, &host) {
+                            let h = &mut cat.hosts[i];
+                            publish |= h.vms != vms || h.vm_errors != errors;
+                            h.vms = vms;
+                            h.vm_errors = errors;
                         }
                     }
                     HostEvent::Modified { host, key, mtime } => {
@@ -615,6 +630,12 @@ pub struct Details {
 enum InspectRequest {
     /// The details of the image with this key, found at this path.
     Details(PathBuf, PathBuf),
+    /// The same for a file on another host: its agent computes them.
+    RemoteDetails {
+        key: PathBuf,
+        host: String,
+        path: PathBuf,
+    },
     /// Is the typed backing name (resolved to the path) a usable image?
     Backing {
         image_key: PathBuf,
@@ -642,10 +663,16 @@ impl InspectHandle {
         thread::Builder::new()
             .name("cowshed-inspect".into())
             .spawn(move || {
+                // One connection per host, kept while it works.
+                let mut hosts: HashMap<String, crate::remote::client::Connection> = HashMap::new();
+                let ssh = crate::remote::client::SshOptions::from_env();
                 while let Ok(mut req) = rx.recv() {
                     // Moving through the tree asks for many details; only
                     // the last is still wanted. Probes are all answered.
-                    while matches!(req, InspectRequest::Details(..)) {
+                    while matches!(
+                        req,
+                        InspectRequest::Details(..) | InspectRequest::RemoteDetails { .. }
+                    ) {
                         match rx.try_recv() {
                             Ok(newer) => req = newer,
                             Err(_) => break,
@@ -655,6 +682,9 @@ impl InspectHandle {
                         InspectRequest::Details(key, path) => {
                             Event::Details(Box::new(inspect(&key, &path)))
                         }
+                        InspectRequest::RemoteDetails { key, host, path } => Event::Details(
+                            Box::new(inspect_remote(&mut hosts, &ssh, key, &host, &path)),
+                        ),
                         InspectRequest::Backing {
                             image_key,
                             name,
@@ -676,6 +706,14 @@ impl InspectHandle {
     /// Ask for the details of the image with `key`, found at `path`.
     pub fn request(&self, key: PathBuf, path: PathBuf) {
         let _ = self.tx.send(InspectRequest::Details(key, path));
+    }
+
+    /// Ask `host`'s agent for the details of the image with `key` there,
+    /// at `path` there.
+    pub fn request_remote(&self, key: PathBuf, host: String, path: PathBuf) {
+        let _ = self
+            .tx
+            .send(InspectRequest::RemoteDetails { key, host, path });
     }
 
     /// Ask whether `resolved` (typed as `name` for the image `image_key`)
@@ -714,6 +752,61 @@ pub fn probe_backing(path: &Path) -> Result<engine::Format, String> {
     Ok(format)
 }
 
+/// The details of `path` on `host`, as its agent computes them; a lost
+/// connection is opened again once, then the failure is the answer.
+fn inspect_remote(
+    hosts: &mut HashMap<String, crate::remote::client::Connection>,
+    ssh: &crate::remote::client::SshOptions,
+    key: PathBuf,
+    host: &str,
+    path: &Path,
+) -> Details {
+    use crate::remote::client::{fetch_details, Connection};
+    let mut answer = Err(String::new());
+    for _ in 0..2 {
+        let conn = match hosts.remove(host) {
+            Some(c) => c,
+            None => match Connection::open(host, ssh) {
+                Ok(c) => c,
+                Err(e) => {
+                    answer = Err(e.to_string());
+                    break;
+                }
+            },
+        };
+        let mut conn = conn;
+        match fetch_details(&mut conn, path) {
+            Ok(d) => {
+                hosts.insert(host.to_string(), conn);
+                answer = Ok(d);
+                break;
+            }
+            Err(e) => answer = Err(e.to_string()),
+        }
+    }
+    match answer {
+        Ok(d) => Details {
+            key,
+            info: match (d.info, d.info_error) {
+                (Some(i), _) => i.into_info(),
+                (None, e) => Err(e.unwrap_or_else(|| "no details came".into())),
+            },
+            chain: d.chain,
+            served: d.served,
+            empty: d.empty,
+            chain_error: d.chain_error,
+        },
+        Err(e) => Details {
+            key,
+            info: Err(e),
+            chain: Vec::new(),
+            served: Vec::new(),
+            empty: 0,
+            chain_error: None,
+        },
+    }
+}
+
 /// Compute the details of one image (read only).
 pub fn inspect(key: &Path, path: &Path) -> Details {
     let mut d = Details {
@@ -749,10 +842,8 @@ pub fn inspect(key: &Path, path: &Path) -> Details {
     d
 }
 
-/// How often the libvirt domains are read again: a domain defined, started
-/// or undefined shows within this time. Modest: each read runs virsh once
-/// per connection and twice per domain.
-pub const INVENTORY_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the libvirt domains are read again.
+pub const INVENTORY_POLL: std::time::Duration = crate::inventory::REFRESH_EVERY;
 
 /// Read the defined domains of `conns` on a thread of its own, now and
 /// every [`INVENTORY_POLL`], and send each reading that differs from the

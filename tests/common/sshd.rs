@@ -50,6 +50,14 @@ fn keygen(path: &Path) {
 impl Sshd {
     /// Start sshd listening on `hosts` ports, one per host name.
     pub fn start(hosts: &[&str]) -> Result<Sshd, String> {
+        Sshd::start_with_env(hosts, &[])
+    }
+
+    /// The same, with environment variables sshd sets for the sessions of
+    /// one host only (`(host, name, value)`, as `Match LocalPort` and
+    /// `SetEnv` in its config): what differs between two machines, such as
+    /// the config file (`XDG_CONFIG_HOME`) its cowshed agent reads.
+    pub fn start_with_env(hosts: &[&str], env: &[(&str, &str, &str)]) -> Result<Sshd, String> {
         if let Some(why) = unavailable() {
             return Err(why);
         }
@@ -74,6 +82,21 @@ impl Sshd {
              UsePAM no\nPermitRootLogin yes\nPidFile {d}/sshd.pid\nLogLevel ERROR\n",
             d = d.display()
         ));
+        for (h, p) in hosts.iter().zip(&ports) {
+            let vars: Vec<String> = env
+                .iter()
+                .filter(|(host, _, _)| host == h)
+                .map(|(_, k, v)| format!("{k}={v}"))
+                .collect();
+            if !vars.is_empty() {
+                server.push_str(&format!(
+                    "Match LocalPort {p}
+  SetEnv {}
+",
+                    vars.join(" ")
+                ));
+            }
+        }
         std::fs::write(d.join("sshd_config"), server).expect("sshd config");
         let mut client = String::new();
         for (h, p) in hosts.iter().zip(&ports) {

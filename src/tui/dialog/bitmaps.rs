@@ -37,6 +37,8 @@ pub struct BitmapDialog {
     pub host: Option<String>,
     /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
     location: String,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
     pub bitmaps: Vec<WireBitmap>,
     pub selected: usize,
     pub state: State,
@@ -83,6 +85,7 @@ impl BitmapDialog {
             key: record.key.clone(),
             host: record.host.clone(),
             location: record.location(),
+            peers: crate::remote::client::peers([record]),
             bitmaps: Vec::new(),
             selected: 0,
             state: State::Reading,
@@ -442,6 +445,7 @@ impl BitmapDialog {
                         name,
                         action,
                     },
+                    self.peers.clone(),
                 ),
             };
         }

@@ -229,7 +229,8 @@ pub fn job(f: &Forest, id: NodeId, name: Option<String>, ctx: &Ctx) -> Result<Jo
             touches: vec![record.key.clone()],
             // Its agent reads the new image at once when the job ends.
             refresh: vec![crate::remote::client::remote_path(host, &new)],
-            work: on_host(host, JobOp::Clone { base: source, new }),
+            // It only reads its base and makes a new file.
+            work: on_host(host, JobOp::Clone { base: source, new }, Vec::new()),
         });
     }
     let backing = file_name(&source);

@@ -39,6 +39,8 @@ pub struct CommitPlan {
     pub space_warning: Option<String>,
     /// The host whose agent commits it (`None`: here).
     pub host: Option<String>,
+    /// Other hosts that see the top or the base, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 impl CommitPlan {
@@ -255,6 +257,7 @@ pub fn plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
         affected,
         space_warning: None,
         host: r.host.clone(),
+        peers: crate::remote::client::peers([r, &base.record]),
     })
 }
 
@@ -284,6 +287,7 @@ pub(crate) fn job(plan: &CommitPlan, vms: VmUsers) -> JobSpec {
                     image: top,
                     keep_top: false,
                 },
+                plan.peers.clone(),
             ),
         };
     }

@@ -477,6 +477,8 @@ pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
                 backing: opts.target.backing.clone(),
                 backing_format: opts.target.backing_format.map(|f| f.name().to_string()),
             },
+            // It only reads its source and makes a new file.
+            Vec::new(),
         ),
         None => Box::new(move |progress, cancel| {
             convert(&source, &dest, &opts, progress, cancel)?;

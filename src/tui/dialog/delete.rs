@@ -302,6 +302,11 @@ impl DeleteDialog {
                                 paths: vec![path],
                                 trash,
                             },
+                            crate::remote::client::peers(
+                                ctx.forest
+                                    .get(&item.key)
+                                    .map(|id| &ctx.forest.nodes[id].record),
+                            ),
                         )
                     }
                     None => Box::new(move |progress, cancel| {

@@ -38,6 +38,8 @@ pub struct DoctorDialog {
     opts: DoctorOptions,
     /// The host whose agent applies the fixes (`None`: here).
     host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
 }
 
 impl DoctorDialog {
@@ -64,6 +66,7 @@ impl DoctorDialog {
             selected,
             opts,
             host: r.host.clone(),
+            peers: crate::remote::client::peers([r]),
         }))
     }
 
@@ -115,9 +118,12 @@ impl DoctorDialog {
             },
             Fix::RecordFormat | Fix::MakeRelative => match in_use(f, &[id], false) {
                 Err(why) => Outcome::Say(super::error(why)),
-                Ok(()) => {
-                    Outcome::Submit(header_job(&self.path, &self.key, fix, self.host.as_deref()))
-                }
+                Ok(()) => Outcome::Submit(header_job(
+                    &self.path,
+                    &self.key,
+                    fix,
+                    self.host.as_deref().map(|h| (h, self.peers.clone())),
+                )),
             },
         }
     }
@@ -214,10 +220,10 @@ fn header_job(
     path: &std::path::Path,
     key: &std::path::Path,
     fix: Fix,
-    host: Option<&str>,
+    host: Option<(&str, crate::remote::client::Peers)>,
 ) -> JobSpec {
     let image = path.to_path_buf();
-    if let Some(host) = host {
+    if let Some((host, peers)) = host {
         let fix_kind = match fix {
             Fix::MakeRelative => HeaderFixKind::MakeBackingNameRelative,
             // The caller passes header-only fixes: this is RecordFormat.
@@ -235,6 +241,7 @@ fn header_job(
                     image,
                     fix: fix_kind,
                 },
+                peers,
             ),
         };
     }

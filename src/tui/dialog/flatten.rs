@@ -34,6 +34,8 @@ pub struct FlattenPlan {
     pub space_warning: Option<String>,
     /// The host whose agent flattens it (`None`: here).
     pub host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 pub struct FlattenDialog {
@@ -131,6 +133,7 @@ pub fn plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
         below,
         space_warning: None,
         host: node.record.host.clone(),
+        peers: crate::remote::client::peers([&node.record]),
     })
 }
 
@@ -152,6 +155,7 @@ pub(crate) fn job(plan: &FlattenPlan, vms: VmUsers) -> JobSpec {
                     backing_format: None,
                     unsafe_header_only: false,
                 },
+                plan.peers.clone(),
             ),
         };
     }

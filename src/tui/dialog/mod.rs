@@ -245,12 +245,18 @@ impl Dialog {
 
 /// Work that the agent of `host` runs there, on its own files (the
 /// image's paths are paths on that host): the job list shows its
-/// progress and cancels it like a local job.
-pub(crate) fn on_host(host: &str, op: crate::remote::protocol::JobOp) -> Work {
+/// progress and cancels it like a local job. `peers`: the other hosts
+/// that see the files it changes (`remote::client::peers`), asked first.
+pub(crate) fn on_host(
+    host: &str,
+    op: crate::remote::protocol::JobOp,
+    peers: crate::remote::client::Peers,
+) -> Work {
     crate::remote::client::remote_work(
         host.to_string(),
         crate::remote::client::SshOptions::from_env(),
         op,
+        peers,
     )
 }
 

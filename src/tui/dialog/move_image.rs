@@ -138,6 +138,7 @@ impl MoveDialog {
                     dst,
                     roots: roots_on(host, ctx.roots),
                 },
+                crate::remote::client::peers([record]),
             ),
             None => {
                 let opts = MoveOptions {

@@ -37,7 +37,11 @@ pub fn job(f: &Forest, id: NodeId) -> Result<JobSpec, String> {
             touches: vec![r.key.clone()],
             // Its agent reads it again when the job ends.
             refresh: vec![crate::remote::client::remote_path(host, &r.path)],
-            work: on_host(host, JobOp::Protect { image: path, off }),
+            work: on_host(
+                host,
+                JobOp::Protect { image: path, off },
+                crate::remote::client::peers([r]),
+            ),
         });
     }
     Ok(JobSpec {

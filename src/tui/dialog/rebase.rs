@@ -258,6 +258,7 @@ impl Picker {
                 unsafe_mode: safe_refused.is_some(),
                 safe_refused,
                 host: None,
+                peers: Vec::new(),
             },
         }))
     }
@@ -349,6 +350,8 @@ pub struct RebasePlan {
     pub safe_refused: Option<String>,
     /// The host the image is on, when not this one: its agent rebases.
     pub host: Option<String>,
+    /// The other hosts that see the image (shared storage): asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 pub struct RebaseDialog {
@@ -508,6 +511,7 @@ pub fn plan(f: &Forest, image: NodeId, backing: NodeId) -> Result<RebasePlan, St
         unsafe_mode: safe_refused.is_some(),
         safe_refused,
         host: r.host.clone(),
+        peers: crate::remote::client::peers([r]),
     })
 }
 
@@ -601,6 +605,7 @@ pub(crate) fn job(plan: &RebasePlan, vms: VmUsers) -> JobSpec {
                     backing_format: opts.backing_format.map(|f| f.name().to_string()),
                     unsafe_header_only: opts.unsafe_header_only,
                 },
+                plan.peers.clone(),
             ),
             None => Box::new(move |progress, cancel| {
                 rebase(&image, &opts, progress, cancel)?;

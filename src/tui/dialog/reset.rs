@@ -33,6 +33,8 @@ pub struct ResetPlan {
     pub roots: Vec<PathBuf>,
     /// The host whose agent resets it (`None`: here).
     pub host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 pub struct ResetDialog {
@@ -137,6 +139,7 @@ pub fn plan(f: &Forest, id: NodeId, roots: &[PathBuf]) -> Result<ResetPlan, Stri
             None => roots.to_vec(),
         },
         host: node.record.host.clone(),
+        peers: crate::remote::client::peers([&node.record]),
     })
 }
 
@@ -155,6 +158,7 @@ pub(crate) fn job(plan: &ResetPlan, vms: VmUsers) -> JobSpec {
                     image,
                     roots: plan.roots.clone(),
                 },
+                plan.peers.clone(),
             ),
         };
     }

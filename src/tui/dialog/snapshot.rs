@@ -36,6 +36,8 @@ pub struct SnapshotDialog {
     pub host: Option<String>,
     /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
     location: String,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
     pub snapshots: Vec<WireSnapshot>,
     pub selected: usize,
     /// QEMU refuses to apply a snapshot to an image with persistent
@@ -79,6 +81,7 @@ impl SnapshotDialog {
             key: record.key.clone(),
             host: record.host.clone(),
             location: record.location(),
+            peers: crate::remote::client::peers([record]),
             snapshots: Vec::new(),
             selected: 0,
             has_bitmaps: false,
@@ -361,7 +364,7 @@ impl SnapshotDialog {
                 touches: vec![self.key.clone()],
                 // Its agent reads it again when the job ends.
                 refresh: vec![crate::remote::client::remote_path(host, &self.image)],
-                work: on_host(host, JobOp::Snapshot { image, action }),
+                work: on_host(host, JobOp::Snapshot { image, action }, self.peers.clone()),
             };
         }
         JobSpec {

@@ -150,6 +150,25 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         Style::new().fg(app.theme.in_use)
     };
     lines.push(Line::from(Span::styled(format!(" {held}"), held_style)));
+    if !r.seen_on.is_empty() {
+        let also: Vec<String> = r
+            .seen_on
+            .iter()
+            .map(|(h, p)| format!("{h}:{}", p.display()))
+            .collect();
+        lines.push(Line::from(format!(
+            " shared: also {} (jobs run on {}, after asking the others)",
+            also.join(", "),
+            r.host.as_deref().unwrap_or_default()
+        )));
+    }
+    // Another host's domains came with the image (their disks did not).
+    for v in &r.vms {
+        lines.push(Line::from(Span::styled(
+            format!(" vm {} ({}, {})", v.name, v.state, v.connection),
+            Style::new().fg(app.theme.in_use),
+        )));
+    }
     // The domains using it, each with its disks (this file marked).
     for d in app
         .inventory

@@ -32,11 +32,10 @@ const VM_W: usize = 18;
 
 /// Cells the VM column takes: none while no domain uses a scanned image.
 fn vm_width(app: &App) -> usize {
-    let used =
-        !app.vms.by_file.is_empty()
-            && app.forest.nodes.iter().any(|n| {
-                n.record.host.is_none() && app.vms.by_file.contains_key(&n.record.dev_ino)
-            });
+    let used = app.forest.nodes.iter().any(|n| match n.record.host {
+        None => app.vms.by_file.contains_key(&n.record.dev_ino),
+        Some(_) => !n.record.vms.is_empty(),
+    });
     if used {
         2 + VM_W
     } else {
@@ -46,17 +45,26 @@ fn vm_width(app: &App) -> usize {
 
 /// The VM column: the domain using the image and its state, `+N` for more.
 fn vm_cell(app: &App, node: &Node) -> String {
-    // A remote image's device and inode are another host's.
-    let local = node.record.host.is_none();
-    let mut users = app
-        .inventory
-        .users_of(node.record.dev_ino)
-        .filter(|_| local);
-    let Some(first) = users.next() else {
+    // A remote image's device and inode are another host's: its domains
+    // came with it from there.
+    let users: Vec<(&str, &str)> = match node.record.host {
+        None => app
+            .inventory
+            .users_of(node.record.dev_ino)
+            .map(|d| (d.name.as_str(), d.state.as_str()))
+            .collect(),
+        Some(_) => node
+            .record
+            .vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.state.as_str()))
+            .collect(),
+    };
+    let Some((name, state)) = users.first() else {
         return String::new();
     };
-    let more = users.count();
-    let text = format!("{} {}", first.name, first.state);
+    let more = users.len() - 1;
+    let text = format!("{name} {state}");
     if more > 0 {
         format!("{text} +{more}")
     } else {
@@ -203,9 +211,15 @@ fn row_line(app: &App, row: &Row, selected: bool, c: Columns) -> Line<'static> {
         ""
     };
     let shown = crate::tui::rows::row_name(&app.forest, &app.roots, row);
-    // Each tree of another host starts with the host's name.
-    let host = match (&r.host, node.parent) {
+    // Each tree of another host starts with the host's name; a file
+    // several hosts see (shared storage) names them all, where that
+    // differs from its parent.
+    let label = r.hosts_label();
+    let host = match (&label, node.parent) {
         (Some(h), None) => format!("{h}: "),
+        (Some(h), Some(p)) if app.forest.nodes[p].record.hosts_label() != label => {
+            format!("{h}: ")
+        }
         _ => String::new(),
     };
     let name = format!("{}{marker}{glyph}{protected}{host}{shown}", row.guides);
