@@ -523,11 +523,20 @@ fn dialogs_act_on_a_remote_root_through_its_agent() {
         ],
     );
     select(&tmux, "top.qcow2");
+    // The host's forest hangs it on the moved base (what it hangs on shows
+    // above it): its chain is whole, so the rebase may be safe.
+    tmux.wait_for("the overlay on the moved base", |s| {
+        s.contains("host1: base-moved.qcow2")
+    });
     tmux.send("b");
     tmux.send("t");
     tmux.send("other.qcow2");
     tmux.send("Enter");
-    tmux.wait_for("the rebase dialog", |s| s.contains("other.qcow2"));
+    // Safe: the forest shows the overlay's chain whole again after the
+    // move (a stale one would only offer unsafe).
+    tmux.wait_for("the rebase dialog, safe", |s| {
+        s.contains("other.qcow2") && s.contains("(•) safe")
+    });
     tmux.send("y");
     tmux.wait_for("the rebase's end", |s| {
         s.contains("top.qcow2 → other.qcow2: done")

@@ -294,8 +294,12 @@ impl DeleteDialog {
                 }
                 let work: crate::jobs::Work = match &self.plan.host {
                     Some(host) => {
-                        // Paths there: the host's live forest shows it gone.
-                        refresh.clear();
+                        // Paths there: its agent reads them again (finds
+                        // them gone) when the job ends.
+                        refresh = refresh
+                            .iter()
+                            .map(|p| crate::remote::client::remote_path(host, p))
+                            .collect();
                         on_host(
                             host,
                             JobOp::Delete {
