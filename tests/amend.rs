@@ -328,6 +328,163 @@ fn downgrade_and_refcount_width_agree_with_qemu_img() {
     f.finish();
 }
 
+/// Rewrite the snapshot table of the compat=0.10 image at `path` in place
+/// with only the first `keep` bytes of each entry's extra data (none, as
+/// QEMU wrote v2 tables before v3 existed; 16, without the icount QEMU
+/// added later).
+fn strip_snapshot_extra(path: &std::path::Path, keep: usize) {
+    let mut f = std::fs::read(path).unwrap();
+    let be = |b: &[u8], at: usize, n: usize| {
+        b[at..at + n]
+            .iter()
+            .fold(0usize, |v, &x| v << 8 | usize::from(x))
+    };
+    let (nb, start) = (be(&f, 60, 4), be(&f, 64, 8));
+    let mut table = Vec::new();
+    let mut at = start;
+    for _ in 0..nb {
+        let (id, name, extra) = (be(&f, at + 12, 2), be(&f, at + 14, 2), be(&f, at + 36, 4));
+        let kept = extra.min(keep);
+        table.resize(table.len().next_multiple_of(8), 0);
+        let mut fixed = f[at..at + 40].to_vec();
+        fixed[36..40].copy_from_slice(&(kept as u32).to_be_bytes());
+        table.extend_from_slice(&fixed);
+        table.extend_from_slice(&f[at + 40..at + 40 + kept]);
+        table.extend_from_slice(&f[at + 40 + extra..at + 40 + extra + id + name]);
+        at += (40 + extra + id + name).next_multiple_of(8);
+    }
+    table.resize(at - start, 0);
+    f[start..at].copy_from_slice(&table);
+    std::fs::write(path, f).unwrap();
+}
+
+/// The snapshot table entries of `img` as cowshed's reader decodes them
+/// (every field, the extra data QEMU knows included).
+fn snapshot_entries(w: &Work, img: &str) -> Vec<cowshed::engine::qcow2::snapshot::Snapshot> {
+    let path = w.path(img);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let h = cowshed::engine::qcow2::Header::read(&file, &path, len).unwrap();
+    cowshed::engine::qcow2::snapshot::read_snapshots(&file, &path, &h, len).unwrap()
+}
+
+/// A compat=0.10 image with two internal snapshots (4 KiB clusters: the
+/// table and L1 tables in clusters of their own), their entries carrying
+/// `extra` bytes of extra data.
+fn v2_with_snapshots(w: &Work, name: &str, extra: usize) {
+    w.create(
+        name,
+        "qcow2",
+        "compat=0.10,cluster_size=4096",
+        None,
+        8 * MIB,
+    );
+    let io = |cmd: &str| w.io("qcow2", name, &[cmd.to_string()]);
+    io("write -P 1 0 1M");
+    w.qemu_img(&["snapshot", "-c", "one", name]);
+    io("write -P 2 512k 1M");
+    w.qemu_img(&["snapshot", "-c", "a-longer-name", name]);
+    io("write -P 3 6M 64k");
+    strip_snapshot_extra(&w.path(name), extra);
+}
+
+/// compat=1.1 on compat=0.10 images with internal snapshots, as qemu-img
+/// amend upgrades them (measured with 10.0.2): entries whose extra data
+/// lacks the 64-bit VM state size or the disk size (under 16 bytes) make
+/// QEMU write the table anew, each entry with its 24 bytes of extra data
+/// (the disk's size, icount -1); otherwise only the header changes. On
+/// twin copies: the same exit code; the same table entries, field by
+/// field; the same info; `qemu-img check` clean; the same guest view and
+/// snapshot views; byte-identical files where QEMU rewrites no table.
+/// Then qemu-img takes cowshed's result on (a snapshot made, one applied,
+/// one deleted) and cowshed takes qemu-img's.
+#[test]
+fn upgrade_with_snapshots_agrees_with_qemu_img() {
+    let w = Work::new("amend-upgrade-snapshots");
+    let mut f = Failures::new("amend-upgrade-snapshots");
+    for extra in [0, 8, 16, 24] {
+        let image = format!("v2-extra{extra}");
+        v2_with_snapshots(&w, &image, extra);
+        for opts in [
+            "compat=1.1",
+            "compat=1.1,lazy_refcounts=on",
+            "compat=1.1,refcount_bits=64",
+            "compat=1.1,size=16M",
+        ] {
+            let what = format!("amend -o {opts} {image}");
+            let (ours, theirs) = (format!("{image}.ours"), format!("{image}.theirs"));
+            w.copy(&image, &ours);
+            w.copy(&image, &theirs);
+            let q = w.qemu_img_may_fail(&["amend", "-o", opts, &theirs]);
+            let c = w.cowshed(&["amend", "-o", opts, &ours]);
+            f.check(q.ok() && c.ok(), &what, || format!("{q}\n{c}"));
+            if !c.ok() {
+                continue;
+            }
+            let rewritten = extra < 16;
+            if !rewritten && !opts.contains("size=") && !opts.contains("refcount_bits") {
+                let same = w.read_file(&ours) == w.read_file(&theirs);
+                f.check(same, &what, || "the files differ from qemu-img's".into());
+            }
+            let (a, b) = (snapshot_entries(&w, &ours), snapshot_entries(&w, &theirs));
+            let fields = |v: &[cowshed::engine::qcow2::snapshot::Snapshot]| {
+                v.iter()
+                    .map(|s| {
+                        let mut s = s.clone();
+                        // Where the L1 tables sit is layout.
+                        s.l1_table_offset = 0;
+                        s
+                    })
+                    .collect::<Vec<_>>()
+            };
+            f.check(fields(&a) == fields(&b), &what, || {
+                format!("snapshot entries differ:\n{a:#?}\n{b:#?}")
+            });
+            let strip = |mut v: serde_json::Value| {
+                for k in ["filename", "actual-size", "children"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            };
+            let (ia, ib) = (strip(w.info_json(&ours)), strip(w.info_json(&theirs)));
+            f.check(ia == ib, &what, || format!("info differs:\n{ia:#}\n{ib:#}"));
+            let chk = w.check_clean(&ours);
+            f.check(chk.is_ok(), &what, || format!("{chk:?}"));
+            let cmp = w.qemu_img_may_fail(&["compare", &ours, &theirs]);
+            f.check(cmp.ok(), &what, || format!("{cmp}"));
+            for snap in ["one", "a-longer-name"] {
+                for img in [&ours, &theirs] {
+                    let out = format!("{img}.{snap}.raw");
+                    w.qemu_img(&["convert", "-O", "raw", "-l", snap, img, &out]);
+                }
+                let same = w.read_file(&format!("{ours}.{snap}.raw"))
+                    == w.read_file(&format!("{theirs}.{snap}.raw"));
+                f.check(same, &what, || format!("snapshot {snap} reads otherwise"));
+            }
+            // Each tool goes on with the other's result.
+            for (img, tool) in [(&ours, "qemu-img"), (&theirs, "cowshed")] {
+                let run = |args: &[&str]| match tool {
+                    "qemu-img" => w.qemu_img_may_fail(args),
+                    _ => w.cowshed(args),
+                };
+                for args in [
+                    &["snapshot", "-c", "three", img.as_str()][..],
+                    &["snapshot", "-a", "one", img],
+                    &["snapshot", "-d", "a-longer-name", img],
+                ] {
+                    let r = run(args);
+                    f.check(r.ok(), &what, || format!("{r}"));
+                }
+                let chk = w.check_clean(img);
+                f.check(chk.is_ok(), &what, || format!("{tool} on: {chk:?}"));
+            }
+            let cmp = w.qemu_img_may_fail(&["compare", &ours, &theirs]);
+            f.check(cmp.ok(), &what, || format!("after crossing: {cmp}"));
+        }
+    }
+    f.finish();
+}
+
 /// The compat level and refcount width `qemu-img info` reports.
 fn level(w: &Work, img: &str) -> (String, u64) {
     let v = w.info_json(img);
@@ -371,19 +528,32 @@ fn rich_image(w: &Work, name: &str) {
     io(&["write -z 512k 16k"]);
 }
 
-/// Killed at each of its fault points, a downgrade or width change leaves
-/// the image `qemu-img check` clean (no leaks either), with the guest view
-/// it had, its snapshots intact, and the old or the new level.
+/// Killed at each of its fault points, a downgrade, width change or
+/// upgrade that writes the snapshot table anew leaves the image `qemu-img
+/// check` clean (no leaks either), with the guest view it had, its
+/// snapshots intact, and the old or the new level.
 #[test]
 fn kills_leave_the_old_or_the_new_metadata() {
     let w = Work::new("amend-kill");
-    rich_image(&w, "orig");
-    let before = level(&w, "orig");
+    rich_image(&w, "rich");
     for (opts, point) in [
         ("compat=0.10", "amend.downgrade.before_switch"),
         ("refcount_bits=2", "amend.refcount.before_switch"),
         ("refcount_bits=64", "amend.refcount.before_switch"),
+        ("compat=1.1", "amend.upgrade.before_switch"),
     ] {
+        let upgrade = opts == "compat=1.1";
+        if upgrade {
+            v2_with_snapshots(&w, "orig", 0);
+        } else {
+            w.copy("rich", "orig");
+        }
+        let snaps = if upgrade {
+            ["one", "a-longer-name"]
+        } else {
+            ["s1", "s2"]
+        };
+        let before = level(&w, "orig");
         w.copy("orig", "img");
         let args = ["amend", "-o", opts, "img"];
         let trace = fault::trace(w.root(), &args);
@@ -402,7 +572,7 @@ fn kills_leave_the_old_or_the_new_metadata() {
             assert!(now == before || now == after, "{what}: {now:?}");
             w.same_view("img", "orig")
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            for snap in ["s1", "s2"] {
+            for snap in snaps {
                 for img in ["img", "orig"] {
                     let out = format!("{img}.{snap}.raw");
                     w.qemu_img(&["convert", "-O", "raw", "-l", snap, img, &out]);
@@ -427,6 +597,13 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
     let b = &s.backing;
     let c4k = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"];
     must(b, "qemu-img", &[&c4k[..], &["base", "4M"]].concat());
+    // An upgrade starts from compat=0.10 (no zero clusters then).
+    let upgrade = opts.starts_with("compat=1.1");
+    let img_opts = if upgrade {
+        "cluster_size=4096,compat=0.10"
+    } else {
+        "cluster_size=4096"
+    };
     must(
         b,
         "qemu-io",
@@ -435,7 +612,9 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
     must(
         b,
         "qemu-img",
-        &[&c4k[..], &["-b", "base", "-F", "qcow2", "img", "4M"]].concat(),
+        &[
+            "create", "-q", "-f", "qcow2", "-o", img_opts, "-b", "base", "-F", "qcow2", "img", "4M",
+        ],
     );
     let io = |cmds: &[&str]| {
         let mut args = vec!["-f", "qcow2"];
@@ -452,6 +631,11 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
     ]);
     must(b, "qemu-img", &["snapshot", "-c", "s1", "img"]);
     io(&["write -P 3 32k 64k", "write -z 2M 64k"]);
+    if upgrade {
+        // The table as QEMU wrote v2 tables before v3 existed: the
+        // upgrade writes it anew.
+        strip_snapshot_extra(&b.join("img"), 0);
+    }
     raw_view(b, "img", &s.refs.join("now.raw"));
     let level = |d: &std::path::Path| {
         let (code, out) = tool(d, "qemu-img", &["info", "--output", "json", "img"]);
@@ -481,11 +665,12 @@ fn powercut_case(name: &str, opts: &str) -> powercut::Tally {
 }
 
 #[test]
-fn downgrade_and_refcount_width_survive_power_cuts() {
+fn downgrade_refcount_width_and_upgrade_survive_power_cuts() {
     let rows = vec![
         powercut_case("amend compat=0.10", "compat=0.10"),
         powercut_case("amend refcount_bits=2", "refcount_bits=2"),
         powercut_case("amend refcount_bits=64", "refcount_bits=64"),
+        powercut_case("amend compat=1.1 (snapshot table)", "compat=1.1"),
     ];
     println!("\n{}", powercut::table(&rows));
     for r in &rows {

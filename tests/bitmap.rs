@@ -17,8 +17,8 @@ use common::fault;
 use common::{Work, MIB};
 use serde_json::Value;
 
+use common::bitmaps::{dirty_by_qemu, holding_data, holding_data_at, listed, mark_in_use};
 use cowshed::engine::qcow2::bitmap::read_directory;
-use cowshed::engine::qcow2::l2::bitmap_table_data_offset;
 use cowshed::engine::qcow2::Header;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,43 +115,6 @@ fn bitmap(w: &Work, tool: Tool, args: &[&str], name: &str, img: &str) {
     }
 }
 
-/// The bitmaps `qemu-img info --output json` lists.
-fn listed(w: &Work, img: &str) -> Value {
-    w.info_json(img)["format-specific"]["data"]
-        .get("bitmaps")
-        .cloned()
-        .unwrap_or(Value::Array(Vec::new()))
-}
-
-/// Per bitmap (by name): whether its table points at any data cluster
-/// (QEMU stores a bitmap with no bit set as a table of zeros).
-fn holding_data(w: &Work, img: &str) -> Vec<(String, bool)> {
-    holding_data_at(&w.path(img))
-}
-
-fn holding_data_at(path: &std::path::Path) -> Vec<(String, bool)> {
-    let path = path.to_path_buf();
-    let file = std::fs::File::open(&path).unwrap();
-    let len = file.metadata().unwrap().len();
-    let h = Header::read(&file, &path, len).unwrap();
-    let Some(ext) = &h.extensions.bitmaps else {
-        return Vec::new();
-    };
-    let bytes = std::fs::read(&path).unwrap();
-    read_directory(&file, &path, ext)
-        .unwrap()
-        .into_iter()
-        .map(|b| {
-            let at = b.table_offset as usize;
-            let table = &bytes[at..at + b.table_size as usize * 8];
-            let any = table
-                .chunks_exact(8)
-                .any(|e| bitmap_table_data_offset(u64::from_be_bytes(e.try_into().unwrap())) != 0);
-            (String::from_utf8_lossy(&b.name).into_owned(), any)
-        })
-        .collect()
-}
-
 #[test]
 fn both_tools_take_turns_and_agree_with_qemu() {
     for v in VARIANTS {
@@ -200,54 +163,6 @@ fn both_tools_take_turns_and_agree_with_qemu() {
         // as qemu-img leaves them; "last" was added again since.
         assert_eq!(listed(&w, "img").as_array().map(Vec::len), Some(1));
     }
-}
-
-/// The dirty ranges of bitmap `name` of `img` as QEMU reads them: a copy
-/// exported by qemu-nbd (which serves one client and exits; the copy is
-/// touched by nothing else afterwards) and mapped by qemu-img, where a
-/// dirty extent shows as "data": false. The copy is opened without its
-/// backing chain, so that no other image stays locked by the exiting
-/// server.
-fn dirty_by_qemu(w: &Work, img: &str, name: &str) -> Vec<(u64, u64)> {
-    // A new name each time: a served copy may still be open while its
-    // qemu-nbd exits.
-    static VIEWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = VIEWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let copy = format!("{img}.{name}.{n}.view");
-    w.copy(img, &copy);
-    let sock = w.path(&format!("{copy}.sock")).display().to_string();
-    let r = w.run(
-        "qemu-nbd",
-        &[
-            "--fork",
-            "-r",
-            "-B",
-            name,
-            "--socket",
-            &sock,
-            &format!(
-                r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{copy}"}}}}"#
-            ),
-        ],
-    );
-    assert!(r.ok(), "{r}");
-    let opts = format!(
-        "driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
-    );
-    let r = w.qemu_img(&["map", "--output=json", "--image-opts", &opts]);
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in w.json(&r).as_array().unwrap() {
-        if e["data"] != Value::Bool(false) {
-            continue;
-        }
-        let start = e["start"].as_u64().unwrap();
-        let end = start + e["length"].as_u64().unwrap();
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => out.push((start, end)),
-        }
-    }
-    out
 }
 
 /// `--merge` into each bitmap from each other (granularities 512, the
@@ -582,26 +497,6 @@ fn all_in_use(w: &Work, img: &str) -> bool {
         return false;
     };
     read_directory(&file, &path, ext).is_ok_and(|d| d.iter().all(|b| b.in_use()))
-}
-
-/// Set the in-use flag of bitmap `name`, as a QEMU that died with the
-/// bitmap loaded leaves it.
-fn mark_in_use(w: &Work, img: &str, name: &str) {
-    let path = w.path(img);
-    let file = std::fs::File::open(&path).unwrap();
-    let len = file.metadata().unwrap().len();
-    let h = Header::read(&file, &path, len).unwrap();
-    let ext = h.extensions.bitmaps.clone().unwrap();
-    let dir = read_directory(&file, &path, &ext).unwrap();
-    let mut bytes = w.read_file(img);
-    let mut pos = ext.directory_offset as usize;
-    for b in dir {
-        if b.name == name.as_bytes() {
-            bytes[pos + 15] |= 1;
-        }
-        pos += (24 + b.extra.len() + b.name.len()).next_multiple_of(8);
-    }
-    w.write_file(img, &bytes);
 }
 
 /// Killed at each fault point: `qemu-img check` finds the image clean (no

@@ -104,4 +104,40 @@ fn forest_scene_becomes_svg_and_png() {
     let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
     assert_eq!(dim(16), (f32::from(scenes::W) * grid.cell_w).round() as u32);
     assert_eq!(dim(20), (f32::from(scenes::H) * grid.cell_h).round() as u32);
+    drop(stage);
+
+    // The hosts scene: real agents over a real sshd, each machine's own
+    // libvirt (test driver, read through virsh).
+    if let Some(why) = scenes::hosts_unavailable() {
+        eprintln!("SKIPPED: the hosts scene: {why}");
+        return;
+    }
+    let agent = std::path::Path::new(env!("CARGO_BIN_EXE_cowshed"));
+    let mut stage = scenes::Stage::hosts(agent).expect("hosts stage");
+    let buf = scenes::hosts(&mut stage).expect("hosts scene");
+    let screen: Vec<String> = buffer_rows(&buf)
+        .iter()
+        .map(|r| r.iter().collect())
+        .collect();
+    let screen = screen.join("\n");
+    // The shared directory once, under both hosts; each machine's domains
+    // on its own images, with their states.
+    assert_eq!(screen.matches("golden.qcow2").count(), 1, "{screen}");
+    assert!(screen.contains("host1+host2: golden.qcow2"), "{screen}");
+    for (image, domain) in [
+        ("ci-runner.qcow2", "ci-runner running"),
+        ("web-1.qcow2", "web-1 running"),
+        ("web-2.qcow2", "web-2 shut off"),
+        ("db-1.qcow2", "db-1 paused"),
+        ("build-7.qcow2", "build-7 running"),
+        ("build-8.qcow2", "build-8 shut off"),
+    ] {
+        assert!(
+            screen
+                .lines()
+                .any(|l| l.contains(image) && l.contains(domain)),
+            "{domain} not on {image}'s row:\n{screen}"
+        );
+    }
+    assert_eq!(fonts.missing_glyphs(&buf), Vec::<char>::new());
 }

@@ -545,6 +545,73 @@ fn persistent_bitmaps_are_kept_and_apply_is_refused_as_qemu_refuses_it() {
     w.check_clean("img").unwrap();
 }
 
+/// What QEMU 10.0.2 does with bitmaps on `snapshot -a`, measured: it
+/// refuses whatever bitmaps it loads, disabled and in-use ones too
+/// ("Device has active dirty bitmaps"); bitmaps behind a cleared autoclear
+/// bit (a program without bitmap support wrote past them) it drops with
+/// their extension, and applies. cowshed the same, on a twin copy: the
+/// same exit code and message, its refusal leaving the file
+/// byte-identical; where both apply, the same info (no bitmaps, the
+/// extension gone), the same `qemu-img check` verdict (the dropped
+/// bitmaps' clusters leak in both), the same guest view; then qemu-img
+/// takes cowshed's result on.
+#[test]
+fn apply_refuses_every_bitmap_qemu_loads_and_applies_past_stale_ones() {
+    for case in ["disabled", "in-use", "stale"] {
+        let w = Work::new(&format!("snapshot-apply-bitmaps-{case}"));
+        w.create("img", "qcow2", "", None, MIB);
+        io(&w, "img", &["write -P 1 0 64k"]);
+        w.qemu_img(&["snapshot", "-c", "s", "img"]);
+        w.qemu_img(&["bitmap", "--add", "img", "b0"]);
+        io(&w, "img", &["write -P 2 128k 64k"]);
+        match case {
+            "disabled" => {
+                w.qemu_img(&["bitmap", "--disable", "img", "b0"]);
+            }
+            "in-use" => common::bitmaps::mark_in_use(&w, "img", "b0"),
+            _ => {
+                let mut bytes = w.read_file("img");
+                bytes[95] &= !1;
+                w.write_file("img", &bytes);
+            }
+        }
+        w.copy("img", "ref");
+        let before = w.read_file("img");
+        let r = w.cowshed(&["snapshot", "-a", "s", "img"]);
+        let q = w.qemu_img_may_fail(&["snapshot", "-a", "s", "ref"]);
+        assert_eq!(r.code, q.code, "[{case}] {r}\n{q}");
+        if case != "stale" {
+            assert_eq!(r.code, Some(1), "[{case}] {r}");
+            let says = "Could not apply snapshot 's': Device has active dirty bitmaps";
+            assert!(q.stderr.contains(says), "[{case}] {q}");
+            assert!(r.stderr.contains(says), "[{case}] {r}");
+            assert!(w.read_file("img") == before, "[{case}] the refusal wrote");
+            continue;
+        }
+        assert!(r.ok(), "{r}");
+        let strip = |mut v: Value| {
+            for k in ["filename", "actual-size", "children"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        };
+        assert_eq!(strip(w.info_json("img")), strip(w.info_json("ref")));
+        assert_eq!(w.check_code("img"), w.check_code("ref"));
+        // Nothing warns of stale bitmaps any more: the extension is gone.
+        let chk = w.qemu_img_may_fail(&["check", "img"]);
+        assert!(!chk.stderr.contains("bitmap"), "{chk}");
+        w.same_view("img", "ref").unwrap();
+        assert!(snapshot_view(&w, "img", "s") == snapshot_view(&w, "ref", "s"));
+        for img in ["img", "ref"] {
+            w.qemu_img(&["bitmap", "--add", img, "new"]);
+            w.qemu_img(&["snapshot", "-d", "s", img]);
+            w.qemu_img(&["check", "-r", "leaks", "-q", img]);
+            w.check_clean(img).unwrap();
+        }
+        assert_eq!(strip(w.info_json("img")), strip(w.info_json("ref")));
+    }
+}
+
 #[test]
 fn refusals_leave_the_file_byte_identical() {
     let w = Work::new("snapshot-refusals");

@@ -2,6 +2,9 @@
 //! scenes of the TUI on the demo fleet (see `scenes.rs`), rendered with the
 //! font shipped in `assets/fonts/` (see `render.rs`). Two runs write the
 //! same bytes; the PNGs are made by this and never by hand.
+//!
+//! The hosts scene's remote hosts run this same program as their cowshed
+//! (`screenshots agent --stdio`, over ssh): it is cowshed's CLI then.
 
 mod render;
 mod scenes;
@@ -10,6 +13,17 @@ use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).is_some_and(|a| a == "agent") {
+        use clap::Parser;
+        let cli = cowshed::cli::Cli::parse();
+        return match cowshed::cli::run(cli) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("cowshed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -30,7 +44,15 @@ fn run() -> Result<(), String> {
     })?;
     let grid = fonts.grid();
     let mut stage = scenes::Stage::new()?;
-    let shots = scenes::all(&mut stage)?;
+    let mut shots = scenes::all(&mut stage)?;
+    drop(stage);
+    if let Some(why) = scenes::hosts_unavailable() {
+        return Err(format!("the hosts scene cannot be staged: {why}"));
+    }
+    let agent = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let mut stage = scenes::Stage::hosts(&agent)?;
+    shots.push(("hosts", scenes::hosts(&mut stage)?));
+    drop(stage);
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     for (name, buf) in shots {

@@ -13,11 +13,13 @@ use crate::engine::Format;
 #[command(
     after_help = "OPTIONS is a comma-separated list of key=value (-o may be given \
     several times). cowshed amends lazy_refcounts=on|off, compat=1.1 on a compat=0.10 \
-    image without internal snapshots, compat=0.10 (zero clusters expanded as QEMU does; \
+    image (internal snapshots' table entries given v3's extra data, as QEMU gives it), \
+    compat=0.10 (zero clusters expanded as QEMU does; \
     persistent bitmaps dropped), refcount_bits=1|2|4|8|16|32|64 (16 only for \
     compat=0.10), and size=SIZE (growing or, as qemu-img does, shrinking; beyond \
     qemu-img, a file other images use as backing is not shrunk without --force). \
-    A downgrade or another refcount width is built beside the image and switched to in \
+    A downgrade, another refcount width or such a snapshot table is built beside the \
+    image and switched to in \
     one header write, so a crash leaves the old image or the new one. data_file, \
     data_file_raw and encrypt.* are refused (qemu-img amend can). As in QEMU 10, \
     backing_file and backing_fmt cannot change: use `cowshed rebase`. Options only \

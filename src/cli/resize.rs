@@ -19,8 +19,10 @@ use crate::engine::Format;
     zeros: the guest must grow its partition and file system itself afterwards. Shrinking \
     deletes everything past the new end and needs --shrink (shrink the guest's file system \
     and partition first). Beyond qemu-img: a file other images use as backing is not shrunk \
-    (they would read differently past the new end) unless --force; images with persistent \
-    bitmaps are refused. The image is refused while a QEMU holds it.\n\n\
+    (they would read differently past the new end) unless --force. Persistent bitmaps \
+    are resized with the disk, as QEMU resizes them (the new range clean); an inconsistent \
+    (in-use) one refuses the resize, as in QEMU. The image is refused while a QEMU holds \
+    it.\n\n\
     Exit codes: 0 resized, 1 refused or failed."
 )]
 pub struct ResizeArgs {

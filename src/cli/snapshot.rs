@@ -21,7 +21,8 @@ use crate::engine::Format;
     after_help = "One of -l (the default), -c, -a, -d. -a takes a snapshot's id or name \
     (ids first), -d a name; a name may be used twice, as in qemu-img (-a and -d then take the \
     first). -a replaces the image's current state with the snapshot's: what no snapshot keeps \
-    is lost. -c, -a and -d take QEMU's write lock and are refused while a QEMU holds the \
+    is lost; as in QEMU 10, it is refused while the image has persistent bitmaps (enabled, \
+    disabled or in use). -c, -a and -d take QEMU's write lock and are refused while a QEMU holds the \
     image; -l reads without locks (-U is accepted for qemu-img compatibility). A crash or \
     kill leaves the image as before the command or as after it, never between: cowshed \
     builds the new metadata beside the old and switches the header in one write.\n\n\

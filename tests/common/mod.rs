@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod bitmaps;
 pub mod bytes;
 pub mod fault;
 pub mod run;
@@ -608,5 +609,13 @@ impl Work {
             }
         }
         merge_extents(&v)
+    }
+}
+
+impl sshd::Sshd {
+    /// The cowshed binary under test as the remote command (see
+    /// [`sshd::Sshd::remote_command_of`]).
+    pub fn remote_command(&self, extra: &[(&str, &str)]) -> String {
+        self.remote_command_of(COWSHED, extra)
     }
 }

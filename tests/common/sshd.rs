@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::COWSHED;
-
 const SSHD: &str = "/usr/sbin/sshd";
 
 /// Running sshd; killed when dropped.
@@ -168,9 +166,10 @@ impl Sshd {
         ]
     }
 
-    /// The cowshed binary under test as the remote command, with a state
-    /// directory of this sshd's and `extra` environment (fault plans).
-    pub fn remote_command(&self, extra: &[(&str, &str)]) -> String {
+    /// `cowshed` (a path to the binary that serves as the agent) as the
+    /// remote command, with a state directory of this sshd's and `extra`
+    /// environment (fault plans).
+    pub fn remote_command_of(&self, cowshed: &str, extra: &[(&str, &str)]) -> String {
         let mut cmd = format!(
             "env COWSHED_STATE_DIR={}",
             self.dir.path().join("state").display()
@@ -179,7 +178,7 @@ impl Sshd {
             cmd.push_str(&format!(" {k}={v}"));
         }
         cmd.push(' ');
-        cmd.push_str(COWSHED);
+        cmd.push_str(cowshed);
         cmd
     }
 

@@ -5,7 +5,8 @@
 //! leaves the file byte-identical.
 //!
 //! What cowshed changes: `lazy_refcounts`, `compat=1.1` on a compat=0.10
-//! image without snapshots (a header rewrite, as QEMU's upgrade), `size`
+//! image (a header rewrite, as QEMU's upgrade; with the snapshot table
+//! written anew where its entries lack v3's extra data), `size`
 //! (through `resize`, which keeps its guard against shrinking a base under
 //! its overlays), `refcount_bits` (every refcount stored again at the new
 //! width) and `compat=0.10` (zero clusters expanded, as QEMU expands them),
@@ -81,7 +82,9 @@ pub fn amend(path: &Path, opts: &AmendOptions) -> Result<()> {
     // QEMU's writer lock first, then the metadata check, then reading.
     let mut editor = HeaderEditor::open(path)?;
     let wanted = parse(path, editor.header(), &opts.options)?;
-    if wanted.downgrade || wanted.refcount_bits.is_some() {
+    // An upgrade may write the snapshot table anew.
+    let snapshots = wanted.upgrade && editor.header().nb_snapshots > 0;
+    if wanted.downgrade || wanted.refcount_bits.is_some() || snapshots {
         drop(editor);
         return amend_metadata(path, opts);
     }
@@ -120,7 +123,7 @@ fn repair_if_dirty(path: &Path, opts: &AmendOptions) -> Result<()> {
 }
 
 /// The amend that rewrites metadata (another refcount width, a
-/// downgrade), in QEMU's order: upgrade and header bits, refcount width,
+/// downgrade, an upgrade with snapshots), in QEMU's order: upgrade and header bits, refcount width,
 /// size, downgrade last. Whatever QEMU would refuse is refused before
 /// anything is written.
 fn amend_metadata(path: &Path, opts: &AmendOptions) -> Result<()> {
@@ -136,7 +139,11 @@ fn amend_metadata(path: &Path, opts: &AmendOptions) -> Result<()> {
             return Err(Error::invalid(path, why));
         }
     }
-    w.rewrite(|h| header_changes(h, &wanted))?;
+    if wanted.upgrade && w.upgrade_rewrites_snapshots()? {
+        w.upgrade_with_snapshot_table(|h| header_changes(h, &wanted))?;
+    } else {
+        w.rewrite(|h| header_changes(h, &wanted))?;
+    }
     if let Some(bits) = wanted.refcount_bits {
         w.change_refcount_width(bits)?;
     }
@@ -212,14 +219,6 @@ fn parse(path: &Path, h: &Header, options: &[(String, String)]) -> Result<Wanted
                     _ => return Err(bad(format!("Unknown compatibility level {value}"))),
                 };
                 if version > h.version {
-                    if h.nb_snapshots > 0 {
-                        // QEMU rewrites the snapshot table with v3's extra
-                        // data; cowshed does not yet.
-                        return Err(bad(format!(
-                            "upgrading an image with internal snapshots (compat={value}) is \
-                             not supported by cowshed yet; qemu-img amend can"
-                        )));
-                    }
                     wanted.upgrade = true;
                 } else if version < h.version {
                     wanted.downgrade = true;

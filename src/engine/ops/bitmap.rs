@@ -12,13 +12,11 @@ use crate::engine::format::{probe_file, Format};
 use crate::engine::lock::{ImageLock, LockMode};
 use crate::engine::qcow2::bitmap::{
     merge_into, read_bits, read_directory, table_entries, BitmapEntry, MAX_BITMAPS,
-    MAX_GRANULARITY_BITS, MAX_NAME, MIN_GRANULARITY_BITS,
+    MAX_GRANULARITY_BITS, MAX_NAME, MAX_TABLE_ENTRIES, MIN_GRANULARITY_BITS,
 };
 use crate::engine::qcow2::header::autoclear;
 use crate::engine::qcow2::{Header, Qcow2Writer};
 
-/// QEMU's cap on a bitmap table (BME_MAX_TABLE_SIZE).
-const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
 /// QEMU's cap on the directory (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
 const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
 

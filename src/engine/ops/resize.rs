@@ -5,6 +5,8 @@
 //! drops the data past the new end, so it needs `shrink` (qemu-img's
 //! `--shrink`), and, beyond qemu-img, is refused while other images use
 //! the file as backing: what they read past the new end would change.
+//! Persistent bitmaps come along, as QEMU keeps them: resized, their bits
+//! kept (see [`Qcow2Writer::resize_keeping_bitmaps`]).
 
 use std::path::{Path, PathBuf};
 
@@ -54,8 +56,8 @@ impl NewSize {
 }
 
 /// Resize `path`; returns the new virtual size. Refusals (a QEMU holding
-/// the image, a shrink without `opts.shrink`, dependents, metadata that
-/// cannot be kept up to date) leave the file byte-identical.
+/// the image, a shrink without `opts.shrink`, dependents, an inconsistent
+/// bitmap) leave the file byte-identical.
 pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
     let file = open_image_file(path)?;
     let format = match opts.format {
@@ -77,14 +79,18 @@ pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
                     "Can't resize a v2 image which has snapshots",
                 ));
             }
-            if w.header().extensions.bitmaps.is_some() {
-                return Err(Error::invalid(
-                    path,
-                    "the image has persistent bitmaps, which cowshed cannot resize with it \
-                     (qemu-img resize can)",
-                ));
-            }
-            if new > old {
+            if !w.bitmaps()?.is_empty() {
+                // Checked even for the same size, as QEMU's truncate
+                // checks them.
+                if new < old && w.header().has_data_file() {
+                    return Err(shrink_data_file(path));
+                }
+                let hide_backing = w.backing_chain().is_some_and(|c| c.virtual_size() > old);
+                w.resize_keeping_bitmaps(new)?;
+                if new > old && hide_backing {
+                    w.write_zeroes(old, new - old)?;
+                }
+            } else if new > old {
                 // A backing longer than the old end would show through the
                 // new range: QEMU zeroes it instead, with zero clusters,
                 // and fails on compat=0.10 images, which have none.
@@ -102,10 +108,7 @@ pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
                 }
             } else if new < old {
                 if w.header().has_data_file() {
-                    return Err(Error::invalid(
-                        path,
-                        "shrinking an image with an external data file is not supported",
-                    ));
+                    return Err(shrink_data_file(path));
                 }
                 w.shrink(new)?;
             }
@@ -132,6 +135,13 @@ pub fn resize(path: &Path, size: NewSize, opts: &ResizeOptions) -> Result<u64> {
             format: other.name(),
         }),
     }
+}
+
+fn shrink_data_file(path: &Path) -> Error {
+    Error::invalid(
+        path,
+        "shrinking an image with an external data file is not supported",
+    )
 }
 
 /// The new size, once it is allowed.

@@ -74,7 +74,9 @@ pub fn apply(path: &Path, name: &[u8], format: Option<Format>) -> Result<()> {
                 "Failed to load snapshot: No such file or directory",
             )
         })?;
-    if w.header().extensions.bitmaps.is_some() {
+    // QEMU 10.0.2 refuses whatever bitmaps it loads: enabled, disabled or
+    // in use; those behind a cleared autoclear bit it drops, and applies.
+    if !w.bitmaps()?.is_empty() {
         return Err(refusal(
             path,
             Action::Apply,

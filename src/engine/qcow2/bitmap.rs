@@ -24,6 +24,10 @@ pub const MAX_NAME: usize = 1023;
 pub const MIN_GRANULARITY_BITS: u32 = 9;
 pub const MAX_GRANULARITY_BITS: u32 = 31;
 const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
+/// QEMU's caps on a bitmap it stores: table entries (BME_MAX_TABLE_SIZE)
+/// and bytes of bits (BME_MAX_PHYS_SIZE).
+pub const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+pub const MAX_PHYS_BYTES: u64 = 0x2000_0000;
 /// The only bitmap type: dirty tracking.
 const TYPE_DIRTY_TRACKING: u8 = 1;
 const ENTRY_FIXED: usize = 24;
@@ -80,6 +84,14 @@ pub fn table_entries(disk_size: u64, granularity_bits: u32, cluster_size: u64) -
 /// bytes: one per granule, the last one partial.
 pub fn bit_count(disk_size: u64, granularity_bits: u32) -> u64 {
     disk_size.div_ceil(1u64 << granularity_bits)
+}
+
+/// Whether QEMU can store a bitmap of granularity `2^granularity_bits`
+/// over a disk of `disk_size` bytes (`check_constraints_on_bitmap`: its
+/// bits fit BME_MAX_PHYS_SIZE and BME_MAX_TABLE_SIZE clusters).
+pub fn storable(disk_size: u64, granularity_bits: u32, cluster_size: u64) -> bool {
+    let bytes = bit_count(disk_size, granularity_bits).div_ceil(8);
+    bytes <= MAX_PHYS_BYTES && bytes <= MAX_TABLE_ENTRIES.saturating_mul(cluster_size)
 }
 
 /// The most bitmap bytes loaded into memory at once (QEMU, too, holds a
@@ -148,7 +160,7 @@ pub fn read_bits(
 }
 
 /// Clear the bits from `bits` on (past the disk's last granule).
-fn clear_past(map: &mut [u8], bits: u64) {
+pub fn clear_past(map: &mut [u8], bits: u64) {
     let whole = (bits / 8) as usize;
     if let Some(partial) = map.get_mut(whole) {
         *partial &= (1u16 << (bits % 8)).wrapping_sub(1) as u8;

@@ -27,6 +27,7 @@
 pub mod amend;
 pub mod backing;
 pub mod bitmaps;
+pub mod resize;
 pub mod snapshots;
 use super::be64_table;
 use std::fs::{File, OpenOptions};
@@ -1214,6 +1215,12 @@ impl Qcow2Writer {
         next.patch_size(&self.file, &self.path)?;
         fault::point("writer.shrink.resized");
         self.h = next;
+        self.cut_free_tail()
+    }
+
+    /// Give the clusters free at the end of the file back to the file
+    /// system, as QEMU's shrink truncates the file.
+    fn cut_free_tail(&mut self) -> Result<()> {
         let len = self.file.metadata().at(&self.path)?.len();
         let mut end = len.div_ceil(self.cs);
         while end > 0 && self.refcount(end - 1)? == 0 {

@@ -1,5 +1,6 @@
-//! What `amend` changes beyond header bits: a downgrade to compat=0.10 and
-//! another refcount width. Both as one switch to metadata built beside the
+//! What `amend` changes beyond header bits: a downgrade to compat=0.10,
+//! another refcount width, and an upgrade to compat=1.1 that must write
+//! the snapshot table anew. Each as one switch to metadata built beside the
 //! image's, so a kill or power cut at any point leaves the image as it was
 //! or as it is meant to be, nothing lost (the way [`super::snapshots`]
 //! switches):
@@ -16,6 +17,9 @@
 //! - refcount width: every refcount is written again at the new width into
 //!   refcount blocks and a table in clusters free now, counted in
 //!   themselves; one header write switches the width and the table.
+//! - upgrade: the snapshot table written anew with v3's extra data,
+//!   counted in a next generation; one write of the v3 header switches
+//!   to it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -29,6 +33,17 @@ use super::snapshots::NextGen;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
+
+const DOWNGRADE_POINTS: [&str; 3] = [
+    "amend.downgrade.written",
+    "amend.downgrade.before_switch",
+    "amend.downgrade.switched",
+];
+const UPGRADE_POINTS: [&str; 3] = [
+    "amend.upgrade.written",
+    "amend.upgrade.before_switch",
+    "amend.upgrade.switched",
+];
 
 /// One L1 table the downgrade walks: the active one (`None`) or snapshot
 /// `Some(index)`'s.
@@ -274,9 +289,38 @@ impl Qcow2Writer {
         h.l1_table_offset = l1_offset;
         h.nb_snapshots = nb_snapshots;
         h.snapshots_offset = snapshots_offset;
-        self.switch_generation(g, h)?;
+        self.switch_generation(g, h, DOWNGRADE_POINTS)?;
         self.l1 = new_active;
         Ok(())
+    }
+
+    /// Whether compat=1.1 needs the snapshot table written anew: QEMU's
+    /// `qcow2_upgrade` rewrites it when an entry's extra data lacks the
+    /// 64-bit VM state size or the disk size, which v3 requires.
+    pub fn upgrade_rewrites_snapshots(&self) -> Result<bool> {
+        Ok(self.h.version < 3 && self.snapshots()?.iter().any(|s| s.disk_size.is_none()))
+    }
+
+    /// compat=1.1 with the snapshot table written anew, as QEMU's
+    /// `qcow2_write_snapshots` writes it (each entry with the 24 bytes of
+    /// extra data QEMU knows: a disk size missing is the disk's now, an
+    /// icount missing -1, as QEMU fills them in on reading); `upgrade`
+    /// makes the header v3 (with amend's other header bits). QEMU writes
+    /// the table, points the header at it, frees the old one and then
+    /// rewrites the header; here the new table and the old one's release
+    /// are counted in a next generation and the v3 header switches to
+    /// both in one write, so a crash leaves the v2 image or the v3 one,
+    /// nothing leaked.
+    pub fn upgrade_with_snapshot_table(&mut self, upgrade: impl FnOnce(&mut Header)) -> Result<()> {
+        self.flush_metadata()?;
+        let snaps = self.snapshots()?;
+        let mut g = NextGen::default();
+        let (nb_snapshots, snapshots_offset) = self.replace_snapshot_table(&mut g, &snaps)?;
+        let mut h = self.h.clone();
+        upgrade(&mut h);
+        h.nb_snapshots = nb_snapshots;
+        h.snapshots_offset = snapshots_offset;
+        self.switch_generation(g, h, UPGRADE_POINTS)
     }
 
     /// `delta` on `cluster`'s next refcount (none: nothing recorded).
@@ -312,14 +356,20 @@ impl Qcow2Writer {
     }
 
     /// Write generation `g`, flush, switch to header `h` in one write, and
-    /// carry on from it.
-    fn switch_generation(&mut self, mut g: NextGen, mut h: Header) -> Result<()> {
-        let (rt_offset, rt_clusters) = self.write_generation(&mut g, "amend.downgrade.written")?;
-        fault::point("amend.downgrade.before_switch");
+    /// carry on from it, passing `points` (written, before the switch,
+    /// switched).
+    fn switch_generation(
+        &mut self,
+        mut g: NextGen,
+        mut h: Header,
+        points: [&'static str; 3],
+    ) -> Result<()> {
+        let (rt_offset, rt_clusters) = self.write_generation(&mut g, points[0])?;
+        fault::point(points[1]);
         h.refcount_table_offset = rt_offset;
         h.refcount_table_clusters = rt_clusters as u32;
         write_header(&self.file, &self.path, &mut h)?;
-        fault::point("amend.downgrade.switched");
+        fault::point(points[2]);
         self.h = h;
         self.carry_on_from(g)
     }

@@ -14,7 +14,7 @@
 use super::super::bitmap::{
     bit_count, encode_directory, flags, mark, read_bits, read_directory, table_entries, BitmapEntry,
 };
-use super::super::header::{autoclear, BitmapsExt, MAX_L1_BYTES};
+use super::super::header::{autoclear, BitmapsExt, Header, MAX_L1_BYTES};
 use super::super::l2::bitmap_table_data_offset;
 use super::backing::write_header;
 use super::snapshots::NextGen;
@@ -123,15 +123,42 @@ impl Qcow2Writer {
         // The generation is counted from the refcounts on disk.
         self.flush_metadata()?;
         let mut list = self.bitmaps()?;
-        let path = self.path.clone();
-        let missing = || Error::invalid(&path, "internal: no such bitmap");
         let mut g = NextGen::default();
+        let size = self.virtual_size();
+        let freed = self.stage_bitmap_stores(&mut g, &mut list, stores, size)?;
+        for &(index, set) in in_use {
+            let Some(bm) = list.get_mut(index) else {
+                return Err(Error::invalid(&self.path, "internal: no such bitmap"));
+            };
+            bm.flags = if set {
+                bm.flags | flags::IN_USE
+            } else {
+                bm.flags & !flags::IN_USE
+            };
+        }
+        self.switch_bitmaps(g, &list, freed)
+    }
+
+    /// Stage, in generation `g`, new tables for the bitmaps of `stores`
+    /// (index in `list`, bits over a disk of `size` bytes), `list`
+    /// pointing at them; what the old tables held is returned, to be
+    /// dropped by the switch. As QEMU stores them, a table cluster's worth
+    /// of zero bits is a zero entry, not a data cluster.
+    pub(super) fn stage_bitmap_stores(
+        &mut self,
+        g: &mut NextGen,
+        list: &mut [BitmapEntry],
+        stores: &[(usize, Vec<u8>)],
+        size: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         let mut freed = Vec::new();
         for (index, bits) in stores {
-            let bm = list.get(*index).cloned().ok_or_else(missing)?;
+            let Some(bm) = list.get(*index).cloned() else {
+                return Err(Error::invalid(&self.path, "internal: no such bitmap"));
+            };
             let granularity = u32::from(bm.granularity_bits);
-            let entries = table_entries(self.virtual_size(), granularity, self.cs);
-            let expected = bit_count(self.virtual_size(), granularity).div_ceil(8);
+            let entries = table_entries(size, granularity, self.cs);
+            let expected = bit_count(size, granularity).div_ceil(8);
             if bits.len() as u64 != expected || entries * 8 > MAX_L1_BYTES {
                 return Err(Error::invalid(&self.path, "internal: bitmap size mismatch"));
             }
@@ -142,7 +169,7 @@ impl Qcow2Writer {
                     table.push(0u64);
                     continue;
                 }
-                let off = self.alloc_next(&mut g, 1)?;
+                let off = self.alloc_next(g, 1)?;
                 let mut data = chunk.to_vec();
                 data.resize(self.cs as usize, 0);
                 g.writes.push((off, data));
@@ -152,7 +179,7 @@ impl Qcow2Writer {
             let table_offset = if entries == 0 {
                 0
             } else {
-                let off = self.alloc_next(&mut g, (entries * 8).div_ceil(self.cs))?;
+                let off = self.alloc_next(g, (entries * 8).div_ceil(self.cs))?;
                 g.writes
                     .push((off, table.iter().flat_map(|e| e.to_be_bytes()).collect()));
                 off
@@ -160,15 +187,7 @@ impl Qcow2Writer {
             list[*index].table_offset = table_offset;
             list[*index].table_size = entries as u32;
         }
-        for &(index, set) in in_use {
-            let bm = list.get_mut(index).ok_or_else(missing)?;
-            bm.flags = if set {
-                bm.flags | flags::IN_USE
-            } else {
-                bm.flags & !flags::IN_USE
-            };
-        }
-        self.switch_bitmaps(g, &list, freed)
+        Ok(freed)
     }
 
     /// A bitmap table of `entries` zeros in new clusters (offset 0 when
@@ -219,9 +238,21 @@ impl Qcow2Writer {
     /// one write, and carry on from it.
     fn switch_bitmaps(
         &mut self,
+        g: NextGen,
+        list: &[BitmapEntry],
+        freed: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        self.switch_bitmaps_with(g, list, freed, |_| {})
+    }
+
+    /// [`Self::switch_bitmaps`], with `edit` applied to the header the
+    /// switch writes (a resize's size and L1 table).
+    pub(super) fn switch_bitmaps_with(
+        &mut self,
         mut g: NextGen,
         list: &[BitmapEntry],
         freed: Vec<(u64, u64)>,
+        edit: impl FnOnce(&mut Header),
     ) -> Result<()> {
         let old_dir = self
             .h
@@ -230,6 +261,7 @@ impl Qcow2Writer {
             .clone()
             .filter(|_| self.bitmaps_valid());
         let mut h = self.h.clone();
+        edit(&mut h);
         // As QEMU on a writable open: the autoclear bits it does not know
         // go.
         h.autoclear_features &= autoclear::BITMAPS | autoclear::DATA_FILE_RAW;

@@ -35,6 +35,7 @@ use super::super::header::{autoclear, MAX_L1_BYTES};
 use super::super::l2::{l1_entry, l1_table_offset, L2Entry};
 use super::super::refcount::{decode_refcount, encode_refcount, Refcounts};
 use super::super::snapshot::{encode_table, read_snapshots, Snapshot};
+use super::backing::write_header;
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::fault;
@@ -218,7 +219,10 @@ impl Qcow2Writer {
     /// in memory, no external data file (QEMU: "Operation not supported"),
     /// and autoclear bits this writer does not keep consistent cleared.
     /// Persistent bitmaps stay: a snapshot's metadata does not change what
-    /// the guest sees, so they stay true (QEMU keeps them too).
+    /// the guest sees, so they stay true (QEMU keeps them too). Bitmaps a
+    /// program without bitmap support wrote past (their autoclear bit off)
+    /// lose their extension, as QEMU's writable open drops it (their
+    /// clusters leak there too).
     fn snapshot_prologue(&mut self) -> Result<()> {
         if self.data.is_some() || self.h.has_data_file() {
             return Err(Error::invalid(
@@ -229,6 +233,14 @@ impl Qcow2Writer {
         }
         self.flush_metadata()?;
         let keep = autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
+        let stale = self.h.autoclear_features & autoclear::BITMAPS == 0;
+        if self.h.version >= 3 && self.h.extensions.bitmaps.is_some() && stale {
+            let mut h = self.h.clone();
+            h.autoclear_features &= keep;
+            h.extensions.bitmaps = None;
+            write_header(&self.file, &self.path, &mut h)?;
+            self.h = h;
+        }
         if self.h.version >= 3 && self.h.autoclear_features & !keep != 0 {
             self.h.autoclear_features &= keep;
             self.h.patch_autoclear(&self.file, &self.path)?;
@@ -320,7 +332,7 @@ impl Qcow2Writer {
     /// table it points at and every cluster those map, as QEMU's
     /// `qcow2_update_snapshot_refcount` counts them (and `qemu-img check`
     /// recounts them): entries first, then the table.
-    fn add_paths(&mut self, g: &mut NextGen, l1: &[u64], delta: i64) -> Result<()> {
+    pub(super) fn add_paths(&mut self, g: &mut NextGen, l1: &[u64], delta: i64) -> Result<()> {
         for &e in l1 {
             let t = l1_table_offset(e);
             if t == 0 {
@@ -358,7 +370,7 @@ impl Qcow2Writer {
     /// with COPIED set exactly where the next refcounts are 1. A table
     /// whose entries' flags change is fixed in place when the current
     /// active L1 does not reach it, else copied to a new cluster.
-    fn settle_active(
+    pub(super) fn settle_active(
         &mut self,
         g: &mut NextGen,
         entries: &[u64],
@@ -422,7 +434,7 @@ impl Qcow2Writer {
 
     /// New clusters for an active L1 table holding `l1` (none when empty,
     /// where QEMU records offset 0).
-    fn place_l1(&mut self, g: &mut NextGen, l1: &[u64]) -> Result<u64> {
+    pub(super) fn place_l1(&mut self, g: &mut NextGen, l1: &[u64]) -> Result<u64> {
         if l1.is_empty() {
             return Ok(0);
         }
@@ -675,7 +687,7 @@ impl Qcow2Writer {
 }
 
 /// The L2 tables an L1 table points at.
-fn tables_of(l1: &[u64]) -> HashSet<u64> {
+pub(super) fn tables_of(l1: &[u64]) -> HashSet<u64> {
     l1.iter()
         .map(|&e| l1_table_offset(e))
         .filter(|&t| t != 0)
