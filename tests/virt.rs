@@ -436,6 +436,21 @@ fn the_terminal_ui_shows_the_domain_and_its_disks() {
         assert!(screen.contains(title), "{key}: {screen}");
         assert!(screen.contains("Used by libvirt domain"), "{key}: {screen}");
     }
+    // The snapshots and bitmaps dialogs write the image at every step:
+    // they name the domain from the moment they open (they list what the
+    // details pane read).
+    ui.until("ov.qcow2's details", |a| {
+        a.details
+            .as_ref()
+            .is_some_and(|d| d.key.ends_with("ov.qcow2"))
+    });
+    for (key, title) in [('S', "snapshots of ov.qcow2"), ('B', "bitmaps of ov.qcow2")] {
+        ui.code(ratatui::crossterm::event::KeyCode::Esc);
+        ui.key(key);
+        let screen = ui.screen();
+        assert!(screen.contains(title), "{key}: {screen}");
+        assert!(screen.contains("Used by libvirt domain"), "{key}: {screen}");
+    }
 }
 
 #[test]

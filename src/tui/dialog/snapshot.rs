@@ -333,6 +333,18 @@ impl SnapshotDialog {
                 border = warn;
             }
         }
+        // Every step here writes the image: a domain that uses it is named
+        // while the dialog is open (the engine's snapshot and bitmap steps
+        // leave that check to the caller). Another host's agent checks its
+        // own domains.
+        let vm = self
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &[&self.image]));
+        if let (Some(Some(w)), false) = (vm, matches!(self.state, State::Reading)) {
+            lines.push(Line::default());
+            lines.push(w);
+        }
         lines.push(Line::default());
         lines.push(hint_line(app, hints));
         super::draw_box(
