@@ -15,7 +15,10 @@ use common::fault::HANG_GUARD;
 use common::sshd::Sshd;
 use common::{Work, COWSHED, MIB};
 use cowshed::remote::client::{Connection, RemoteError, SshOptions};
-use cowshed::remote::protocol::{encode, JobOp, Reply, Request, WireJobState};
+use cowshed::remote::protocol::{
+    encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireJobState,
+    WireListing,
+};
 use serde_json::Value;
 
 /// sshd, or why these tests cannot run here (then they say so and pass:
@@ -252,7 +255,7 @@ fn a_missing_or_other_agent_is_named_with_the_install_command() {
     assert!(
         other
             .stderr
-            .contains("cowshed 9.9.9 speaks agent protocol 99, this one 2")
+            .contains("cowshed 9.9.9 speaks agent protocol 99, this one 3")
             && other.stderr.contains("install the same cowshed there: scp"),
         "{other}"
     );
@@ -284,7 +287,7 @@ fn the_agent_refuses_another_protocol_version() {
     assert!(
         line["message"]
             .as_str()
-            .is_some_and(|m| m.contains("speaks protocol 2, the client protocol 1")),
+            .is_some_and(|m| m.contains("speaks protocol 3, the client protocol 1")),
         "{line}"
     );
 }
@@ -394,6 +397,10 @@ fn jobs_run_by_the_agent_match_qemu_img() {
             dst: w.path("img/flat.qcow2"),
             format: "qcow2".into(),
             compress: true,
+            cluster_size: None,
+            compression_type: None,
+            backing: None,
+            backing_format: None,
         },
     );
     w.qemu_img(&[
@@ -1109,4 +1116,516 @@ fn shared_storage_is_shown_once_and_guarded_from_every_host() {
         .map(|f| w.read_file(&format!("img/{f}")))
         .collect();
     assert!(before == after, "a refused job changed a file");
+}
+
+/// Ask the agent for `image`'s snapshots and bitmaps.
+fn list(conn: &mut Connection, id: &str, image: &Path) -> Result<WireListing, String> {
+    conn.send(&Request::List {
+        id: id.into(),
+        image: image.to_path_buf(),
+    })
+    .expect("send list");
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        assert!(Instant::now() < deadline, "no listing {id}");
+        if let Some(Reply::Listing {
+            id: got,
+            listing,
+            error,
+        }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if got == id {
+                return listing.ok_or_else(|| error.unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// A job that must fail; its message.
+fn refused(conn: &mut Connection, id: &str, op: JobOp) -> String {
+    conn.send(&Request::Job { id: id.into(), op })
+        .expect("send job");
+    let (state, message, _) = finish(conn, id);
+    assert_eq!(state, WireJobState::Failed, "job {id}: {message:?}");
+    message.unwrap_or_default()
+}
+
+/// `qemu-img info`'s snapshots, without the times (taken apart).
+fn snapshot_rows(w: &Work, img: &str) -> Vec<(String, String, u64, u64)> {
+    w.info_json(img)["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["id"].as_str().unwrap_or_default().to_string(),
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        s["vm-state-size"].as_u64().unwrap_or(u64::MAX),
+                        s["vm-clock-nsec"].as_u64().unwrap_or(u64::MAX),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `qemu-img info`'s bitmaps: name, granularity, flags.
+fn bitmap_rows(w: &Work, img: &str) -> Value {
+    w.info_json(img)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// Internal snapshots, bitmaps, reset and convert's options, each run by
+/// the agent with the engine function the local path uses, and compared
+/// with qemu-img doing the same on a twin copy; the listing the dialogs
+/// show compared with `qemu-img info`; refusals come back in the engine's
+/// words.
+#[test]
+fn snapshots_bitmaps_reset_and_convert_options_by_the_agent_match_qemu_img() {
+    let w = Work::new("remote-v2");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    fleet(&w);
+    w.mkdir("q");
+    for f in ["base.qcow2", "web-1.qcow2", "web-1-1.qcow2"] {
+        w.copy(&format!("img/{f}"), &format!("q/{f}"));
+    }
+    w.io(
+        "qcow2",
+        "img/web-1-1.qcow2",
+        &["write -P 0x41 5M 2M".into()],
+    );
+    w.io("qcow2", "q/web-1-1.qcow2", &["write -P 0x41 5M 2M".into()]);
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+
+    // convert with every option: 128 KiB clusters, zstd, compressed,
+    // keeping the backing (-B); qemu-img convert the same on the twin.
+    run_job(
+        &mut conn,
+        "convert-opts",
+        JobOp::Convert {
+            src: w.path("img/web-1-1.qcow2"),
+            dst: w.path("img/conv.qcow2"),
+            format: "qcow2".into(),
+            compress: true,
+            cluster_size: Some(128 * 1024),
+            compression_type: Some("zstd".into()),
+            backing: Some("web-1.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+        },
+    );
+    w.qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=131072,compression_type=zstd",
+        "-B",
+        "web-1.qcow2",
+        "-F",
+        "qcow2",
+        "q/web-1-1.qcow2",
+        "q/conv.qcow2",
+    ]);
+    let (ours, theirs) = (w.info_json("img/conv.qcow2"), w.info_json("q/conv.qcow2"));
+    for field in [
+        "cluster-size",
+        "backing-filename",
+        "backing-filename-format",
+    ] {
+        assert_eq!(ours[field], theirs[field], "{field}");
+    }
+    assert_eq!(
+        ours["format-specific"]["data"]["compression-type"],
+        theirs["format-specific"]["data"]["compression-type"]
+    );
+    assert_eq!(ours["format-specific"]["data"]["compression-type"], "zstd");
+    w.same_view("img/conv.qcow2", "img/web-1-1.qcow2")
+        .expect("converted reads as its source");
+    w.same_view("img/conv.qcow2", "q/conv.qcow2")
+        .expect("as qemu-img's convert");
+    assert_eq!(w.check_code("img/conv.qcow2"), 0);
+    // Only the data above the kept backing is copied, as by qemu-img.
+    assert_eq!(
+        w.map_json("img/conv.qcow2")
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .count(),
+        w.map_json("q/conv.qcow2")
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .count()
+    );
+
+    // snapshots: create, write on, apply, delete, against qemu-img snapshot.
+    let img = w.path("img/web-1.qcow2");
+    let empty = list(&mut conn, "list-0", &img).expect("listing");
+    assert_eq!(
+        (empty.version, empty.snapshots.len(), empty.bitmaps.len()),
+        (3, 0, 0)
+    );
+    let snapshot = |conn: &mut Connection, id: &str, action: SnapshotAction| {
+        run_job(
+            conn,
+            id,
+            JobOp::Snapshot {
+                image: img.clone(),
+                action,
+            },
+        )
+    };
+    snapshot(
+        &mut conn,
+        "snap-c",
+        SnapshotAction::Create {
+            name: "before".into(),
+        },
+    );
+    w.qemu_img(&["snapshot", "-c", "before", "q/web-1.qcow2"]);
+    assert_eq!(
+        snapshot_rows(&w, "img/web-1.qcow2"),
+        snapshot_rows(&w, "q/web-1.qcow2")
+    );
+    let listed = list(&mut conn, "list-1", &img).expect("listing");
+    let info = w.info_json("img/web-1.qcow2");
+    let qemu_snaps = info["snapshots"].as_array().expect("snapshots");
+    assert_eq!(listed.snapshots.len(), 1);
+    assert_eq!(
+        listed.snapshots[0].id,
+        qemu_snaps[0]["id"].as_str().expect("id")
+    );
+    assert_eq!(listed.snapshots[0].name, "before");
+    assert_eq!(
+        u64::from(listed.snapshots[0].date_sec),
+        qemu_snaps[0]["date-sec"].as_u64().expect("date")
+    );
+    for f in ["img/web-1.qcow2", "q/web-1.qcow2"] {
+        w.io("qcow2", f, &["write -P 0x55 2M 3M".into()]);
+    }
+    snapshot(
+        &mut conn,
+        "snap-a",
+        SnapshotAction::Apply { id: "1".into() },
+    );
+    w.qemu_img(&["snapshot", "-a", "1", "q/web-1.qcow2"]);
+    w.same_view("img/web-1.qcow2", "q/web-1.qcow2")
+        .expect("applied as qemu-img applies");
+    w.same_view("img/web-1.qcow2", "img/web-1-1.qcow2")
+        .expect_err("the write after the snapshot is gone");
+    assert_eq!(w.check_code("img/web-1.qcow2"), 0);
+    snapshot(
+        &mut conn,
+        "snap-d",
+        SnapshotAction::Delete { id: "1".into() },
+    );
+    w.qemu_img(&["snapshot", "-d", "before", "q/web-1.qcow2"]);
+    let l = |f: &str| w.qemu_img(&["snapshot", "-l", f]).stdout;
+    assert_eq!(l("img/web-1.qcow2"), l("q/web-1.qcow2"));
+    assert!(snapshot_rows(&w, "img/web-1.qcow2").is_empty());
+    w.check_clean("img/web-1.qcow2")
+        .expect("clean after delete");
+
+    // bitmaps: add (one with a granularity), disable, merge, clear,
+    // enable, remove, against qemu-img bitmap.
+    let steps: Vec<(&str, BitmapAction, Vec<&str>)> = vec![
+        ("b0", BitmapAction::Add { granularity: None }, vec!["--add"]),
+        (
+            "b1",
+            BitmapAction::Add {
+                granularity: Some(128 * 1024),
+            },
+            vec!["--add", "-g", "131072"],
+        ),
+        ("b1", BitmapAction::Disable, vec!["--disable"]),
+        (
+            "b1",
+            BitmapAction::Merge { from: "b0".into() },
+            vec!["--merge", "b0"],
+        ),
+        ("b0", BitmapAction::Clear, vec!["--clear"]),
+        ("b1", BitmapAction::Enable, vec!["--enable"]),
+        ("b0", BitmapAction::Remove, vec!["--remove"]),
+    ];
+    for (i, (name, action, qemu)) in steps.into_iter().enumerate() {
+        let verb = action.verb();
+        run_job(
+            &mut conn,
+            &format!("bitmap-{i}"),
+            JobOp::Bitmap {
+                image: img.clone(),
+                name: name.into(),
+                action,
+            },
+        );
+        let mut args = vec!["bitmap"];
+        args.extend(qemu);
+        args.extend(["q/web-1.qcow2", name]);
+        w.qemu_img(&args);
+        assert_eq!(
+            bitmap_rows(&w, "img/web-1.qcow2"),
+            bitmap_rows(&w, "q/web-1.qcow2"),
+            "after {verb} {name}"
+        );
+        w.check_clean("img/web-1.qcow2")
+            .unwrap_or_else(|e| panic!("after {verb} {name}: {e}"));
+        // The listing the dialog shows is what qemu-img sees.
+        let listed = list(&mut conn, &format!("list-b{i}"), &img).expect("listing");
+        let qemu = bitmap_rows(&w, "img/web-1.qcow2");
+        let qemu = qemu.as_array().cloned().unwrap_or_default();
+        assert_eq!(listed.bitmaps.len(), qemu.len(), "after {verb} {name}");
+        for (b, q) in listed.bitmaps.iter().zip(&qemu) {
+            assert_eq!(b.name, q["name"].as_str().expect("name"));
+            assert_eq!(b.granularity, q["granularity"].as_u64().expect("g"));
+            let flags: Vec<&str> = q["flags"]
+                .as_array()
+                .expect("flags")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(b.auto, flags.contains(&"auto"), "{} {flags:?}", b.name);
+            assert_eq!(b.in_use, flags.contains(&"in-use"), "{} {flags:?}", b.name);
+        }
+    }
+
+    // reset: web-2 gets data of its own, then a fresh overlay on the same
+    // backing replaces it, as `qemu-img create -b` makes one.
+    w.io("qcow2", "img/web-2.qcow2", &["write -P 0x66 0 2M".into()]);
+    run_job(
+        &mut conn,
+        "reset-1",
+        JobOp::Reset {
+            image: w.path("img/web-2.qcow2"),
+            roots: vec![w.path("img")],
+        },
+    );
+    w.create(
+        "q/fresh.qcow2",
+        "qcow2",
+        "",
+        Some(("../img/base.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    w.same_view("img/web-2.qcow2", "q/fresh.qcow2")
+        .expect("reset reads as a fresh overlay");
+    let (ours, fresh) = (w.info_json("img/web-2.qcow2"), w.info_json("q/fresh.qcow2"));
+    assert_eq!(ours["backing-filename"], "base.qcow2");
+    for field in ["virtual-size", "cluster-size", "backing-filename-format"] {
+        assert_eq!(ours[field], fresh[field], "{field}");
+    }
+    // Nothing of its own: every extent comes from the base, as in the
+    // fresh overlay.
+    assert_eq!(w.map_json("img/web-2.qcow2"), w.map_json("q/fresh.qcow2"));
+    assert_eq!(w.check_code("img/web-2.qcow2"), 0);
+
+    // Refusals in the engine's words, nothing changed: a reset of an
+    // image with bitmaps (and dependents), a snapshot of an image a QEMU
+    // writes, a listing of a raw disk.
+    let kept = std::fs::read(w.path("img/web-1.qcow2")).expect("read");
+    let why = refused(
+        &mut conn,
+        "reset-2",
+        JobOp::Reset {
+            image: w.path("img/web-1.qcow2"),
+            roots: vec![w.path("img")],
+        },
+    );
+    assert!(why.contains("persistent bitmaps"), "{why}");
+    assert_eq!(
+        std::fs::read(w.path("img/web-1.qcow2")).expect("read"),
+        kept
+    );
+    let before = std::fs::read(w.path("img/web-2.qcow2")).expect("read");
+    let holder = w.hold_writer("img/web-2.qcow2", "qcow2");
+    let why = refused(
+        &mut conn,
+        "snap-held",
+        JobOp::Snapshot {
+            image: w.path("img/web-2.qcow2"),
+            action: SnapshotAction::Create { name: "x".into() },
+        },
+    );
+    common::release_holder(holder);
+    assert!(why.contains("lock") && why.contains("qemu-io"), "{why}");
+    assert_eq!(
+        std::fs::read(w.path("img/web-2.qcow2")).expect("read"),
+        before
+    );
+    let why = list(&mut conn, "list-raw", &w.path("img/disk.raw")).expect_err("raw");
+    assert!(why.contains("raw"), "{why}");
+}
+
+/// The doctor's header fix (an absolute backing name made relative) and
+/// protect, run by the agent: the header as `qemu-img rebase -u` leaves
+/// a twin, the mode as `cowshed protect` leaves a twin here.
+#[test]
+fn header_fix_and_protect_by_the_agent() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = Work::new("remote-fix");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    fleet(&w);
+    let base = w.path("img/base.qcow2").display().to_string();
+    for f in ["img/abs.qcow2", "img/abs-twin.qcow2"] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", f]);
+        w.io("qcow2", f, &["write -P 0x77 3M 1M".into()]);
+    }
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+    run_job(
+        &mut conn,
+        "fix-1",
+        JobOp::HeaderFix {
+            image: w.path("img/abs.qcow2"),
+            fix: HeaderFixKind::MakeBackingNameRelative,
+        },
+    );
+    w.qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "img/abs-twin.qcow2",
+    ]);
+    let (ours, twin) = (
+        w.info_json("img/abs.qcow2"),
+        w.info_json("img/abs-twin.qcow2"),
+    );
+    assert_eq!(ours["backing-filename"], "base.qcow2");
+    for field in [
+        "backing-filename",
+        "backing-filename-format",
+        "full-backing-filename",
+    ] {
+        assert_eq!(ours[field], twin[field], "{field}");
+    }
+    w.same_view("img/abs.qcow2", "img/abs-twin.qcow2")
+        .expect("the guest view is kept");
+    assert_eq!(w.check_code("img/abs.qcow2"), 0);
+
+    // protect: the base read-only, then its mode back.
+    w.mkdir("t");
+    w.copy("img/base.qcow2", "t/base.qcow2");
+    w.create(
+        "t/vm.qcow2",
+        "qcow2",
+        "",
+        Some(("base.qcow2", "qcow2")),
+        64 * MIB,
+    );
+    let mode = |f: &str| {
+        std::fs::metadata(w.path(f))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    for f in ["img/base.qcow2", "t/base.qcow2"] {
+        std::fs::set_permissions(w.path(f), std::fs::Permissions::from_mode(0o664)).expect("chmod");
+    }
+    run_job(
+        &mut conn,
+        "protect-1",
+        JobOp::Protect {
+            image: w.path("img/base.qcow2"),
+            off: false,
+        },
+    );
+    let here = w.cowshed(&["protect", &w.path("t").display().to_string()]);
+    assert!(here.ok(), "{here}");
+    assert_eq!(mode("img/base.qcow2"), mode("t/base.qcow2"));
+    assert_eq!(mode("img/base.qcow2"), 0o444);
+    run_job(
+        &mut conn,
+        "protect-2",
+        JobOp::Protect {
+            image: w.path("img/base.qcow2"),
+            off: true,
+        },
+    );
+    assert_eq!(mode("img/base.qcow2"), 0o664, "the recorded mode");
+}
+
+/// `refresh` reads images again at once and sends what changed: without
+/// a live watch nothing else would say that web-2's header changed.
+#[test]
+fn refresh_reads_the_named_images_again() {
+    let w = Work::new("remote-refresh");
+    let Some(sshd) = sshd(&["host1"]) else {
+        return;
+    };
+    let img = fleet(&w);
+    let mut conn =
+        Connection::open("host1", &options(&sshd, sshd.remote_command(&[]))).expect("connect");
+    conn.send(&Request::Watch {
+        roots: vec![img.clone()],
+        live: false,
+    })
+    .expect("send");
+    let backing_of = |nodes: &[cowshed::remote::protocol::WireNode]| {
+        nodes
+            .iter()
+            .find(|n| n.image.path.ends_with("web-2.qcow2"))
+            .and_then(|n| n.image.summary.as_ref())
+            .and_then(|s| s.backing_filename.clone())
+    };
+    let snapshot = |conn: &mut Connection| {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            assert!(Instant::now() < deadline, "no snapshot came");
+            if let Some(Reply::Snapshot { nodes, .. }) = conn
+                .recv_timeout(Duration::from_secs(1))
+                .expect("connection")
+            {
+                break nodes;
+            }
+        }
+    };
+    let first = snapshot(&mut conn);
+    assert_eq!(backing_of(&first).as_deref(), Some("base.qcow2"));
+    w.qemu_img(&[
+        "rebase",
+        "-u",
+        "-b",
+        "web-1.qcow2",
+        "-F",
+        "qcow2",
+        "img/web-2.qcow2",
+    ]);
+    conn.send(&Request::Refresh {
+        paths: vec![w.path("img/web-2.qcow2")],
+    })
+    .expect("send");
+    // What changed comes over: web-2 with its new header, hung on web-1.
+    let deadline = Instant::now() + HANG_GUARD;
+    let changed = loop {
+        assert!(Instant::now() < deadline, "no changes came");
+        if let Some(Reply::Changes { nodes, .. }) = conn
+            .recv_timeout(Duration::from_secs(1))
+            .expect("connection")
+        {
+            if let Some(n) = nodes
+                .into_iter()
+                .find(|n| n.image.path.ends_with("web-2.qcow2"))
+            {
+                break n;
+            }
+        }
+    };
+    assert_eq!(
+        changed
+            .image
+            .summary
+            .as_ref()
+            .and_then(|s| s.backing_filename.as_deref()),
+        Some("web-1.qcow2")
+    );
+    let web1 = std::fs::canonicalize(w.path("img/web-1.qcow2")).expect("key");
+    assert_eq!(changed.parent, Some(web1));
 }

@@ -389,12 +389,13 @@ fn a_remote_root_in_a_real_terminal() {
     );
     let info: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(info["backing-filename"], "base.qcow2");
-    // Writing actions the agent does not run yet are refused for another
-    // host's images, never run on a local file of that name.
-    tmux.send("f");
-    tmux.wait_for("the refusal", |s| {
-        s.contains("is on host1: only clone, commit, rebase")
-    });
+    // What the agent does not run (a move of several marked images) is
+    // refused, never run on a local file of that name.
+    tmux.send("g");
+    tmux.send("*");
+    tmux.wait_for("the tree marked", |s| s.contains("2 marked"));
+    tmux.send("M");
+    tmux.wait_for("the refusal", |s| s.contains("acts on one image at a time"));
     drop(sshd);
     tmux.wait_for("the stale rows", |s| s.contains("stale: host1 unreachable"));
 }
@@ -522,11 +523,20 @@ fn dialogs_act_on_a_remote_root_through_its_agent() {
         ],
     );
     select(&tmux, "top.qcow2");
+    // The host's forest hangs it on the moved base (what it hangs on shows
+    // above it): its chain is whole, so the rebase may be safe.
+    tmux.wait_for("the overlay on the moved base", |s| {
+        s.contains("host1: base-moved.qcow2")
+    });
     tmux.send("b");
     tmux.send("t");
     tmux.send("other.qcow2");
     tmux.send("Enter");
-    tmux.wait_for("the rebase dialog", |s| s.contains("other.qcow2"));
+    // Safe: the forest shows the overlay's chain whole again after the
+    // move (a stale one would only offer unsafe).
+    tmux.wait_for("the rebase dialog, safe", |s| {
+        s.contains("other.qcow2") && s.contains("(•) safe")
+    });
     tmux.send("y");
     tmux.wait_for("the rebase's end", |s| {
         s.contains("top.qcow2 → other.qcow2: done")
@@ -727,6 +737,8 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
             && s.contains("shared: also host1:")
     });
     tmux.send("m");
+    tmux.wait_for("the commit question", |s| s.contains("top.qcow2 into"));
+    tmux.send("y");
     tmux.wait_for("the refusal", |s| {
         s.contains("failed") && s.contains("used by domain guard-vm (running")
     });
@@ -735,5 +747,470 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
         .map(|f| std::fs::read(d.join(f)).expect("read"))
         .collect();
     assert!(before == after, "a refused commit changed a file");
+    tmux.send("q");
+}
+
+/// Wait until the selected image shows no holder: a job's end has the
+/// host's agent read its image again, and the tree drops the job's own
+/// lock (which a dialog opened at once would otherwise refuse).
+fn released(tmux: &Tmux) {
+    tmux.wait_for("the job's lock gone", |s| s.contains("held by nobody"));
+}
+
+/// The snapshots (`S`) and bitmaps (`B`) dialogs, flatten (`f`) and reset
+/// (`R`) on another host's images: the lists come from that host's agent,
+/// every change runs there, and each is checked with qemu-img. A refusal
+/// only the agent sees (a QEMU that took the image after the dialog
+/// opened) reaches the status line in the engine's words; read-only mode
+/// refuses before anything is sent.
+#[test]
+fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let aside = tempfile::tempdir().expect("tempdir");
+    let io = |img: &str, cmd: &str| {
+        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+    };
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend(args);
+        ok(d, "qemu-img", &all);
+    };
+    create(&["base.qcow2", "16M"]);
+    io("base.qcow2", "write -P 0xaa 0 1M");
+    create(&["solo.qcow2", "16M"]);
+    io("solo.qcow2", "write -P 0x51 0 2M");
+    for overlay in ["flat.qcow2", "wipe.qcow2", "held.qcow2"] {
+        create(&["-b", "base.qcow2", "-F", "qcow2", overlay]);
+        io(overlay, "write -P 0xbb 1M 1M");
+    }
+    let raw = |img: &str, name: &str| {
+        let out = aside.path().join(name).display().to_string();
+        ok(d, "qemu-img", &["convert", "-U", "-O", "raw", img, &out]);
+        out
+    };
+    let compare = |img: &str, raw: &str| {
+        ok(
+            d,
+            "qemu-img",
+            &["compare", "-U", "-f", "qcow2", "-F", "raw", img, raw],
+        );
+    };
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote-snapshots", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+
+    // Snapshots: the (empty) list from the agent, create, apply, delete.
+    select(&tmux, "solo.qcow2");
+    tmux.send("S");
+    tmux.wait_for("the agent's empty list", |s| s.contains("no snapshots yet"));
+    tmux.send("c");
+    tmux.wait_for("the name field", |s| s.contains("name: ▏"));
+    tmux.send("first");
+    tmux.send("Enter");
+    tmux.wait_for("the snapshot's creation", |s| {
+        s.contains("snapshot create 'first' solo.qcow2: done")
+    });
+    released(&tmux);
+    let listed = ok(d, "qemu-img", &["snapshot", "-U", "-l", "solo.qcow2"]);
+    assert!(listed.contains("first"), "{listed}");
+    let at_snapshot = raw("solo.qcow2", "solo-first.raw");
+    io("solo.qcow2", "write -P 0x52 0 1M");
+    tmux.send("S");
+    // The dialog's own row (the details pane lists it too).
+    tmux.wait_for("the agent's list", |s| s.contains("▸ 1    first ·"));
+    tmux.send("a");
+    tmux.wait_for("the apply question", |s| {
+        s.contains("Apply snapshot 'first'")
+    });
+    tmux.send("y");
+    tmux.wait_for("the apply's end", |s| {
+        s.contains("snapshot apply 'first' solo.qcow2: done")
+    });
+    released(&tmux);
+    compare("solo.qcow2", &at_snapshot);
+    tmux.send("S");
+    // The dialog's own row (the details pane lists it too).
+    tmux.wait_for("the agent's list", |s| s.contains("▸ 1    first ·"));
+    tmux.send("d");
+    tmux.wait_for("the delete question", |s| {
+        s.contains("Delete snapshot 'first'")
+    });
+    tmux.send("y");
+    tmux.wait_for("the delete's end", |s| {
+        s.contains("snapshot delete 'first' solo.qcow2: done")
+    });
+    released(&tmux);
+    assert!(qemu_info(&d.join("solo.qcow2")).get("snapshots").is_none());
+    compare("solo.qcow2", &at_snapshot);
+
+    // Bitmaps: add, disable, remove, as qemu-img info sees them.
+    let bitmaps = || qemu_info(&d.join("solo.qcow2"))["format-specific"]["data"]["bitmaps"].clone();
+    tmux.send("B");
+    tmux.wait_for("the agent's empty list", |s| s.contains("no bitmaps yet"));
+    tmux.send("a");
+    tmux.wait_for("the name field", |s| s.contains("name: ▏"));
+    tmux.send("b0");
+    tmux.send("Enter");
+    tmux.wait_for("the bitmap's addition", |s| {
+        s.contains("bitmap add 'b0' solo.qcow2: done")
+    });
+    released(&tmux);
+    let b = bitmaps();
+    assert_eq!(b[0]["name"], "b0", "{b}");
+    assert_eq!(b[0]["flags"], serde_json::json!(["auto"]), "{b}");
+    tmux.send("B");
+    tmux.wait_for("the agent's list", |s| {
+        s.contains("▸ b0 · 64 KiB · enabled")
+    });
+    tmux.send("e");
+    tmux.wait_for("the bitmap disabled", |s| {
+        s.contains("bitmap disable 'b0' solo.qcow2: done")
+    });
+    released(&tmux);
+    assert_eq!(bitmaps()[0]["flags"], serde_json::json!([]));
+    tmux.send("B");
+    tmux.wait_for("the agent's list", |s| {
+        s.contains("▸ b0 · 64 KiB · disabled")
+    });
+    tmux.send("d");
+    tmux.wait_for("the remove question", |s| s.contains("Remove bitmap 'b0'"));
+    tmux.send("y");
+    tmux.wait_for("the bitmap removed", |s| {
+        s.contains("bitmap remove 'b0' solo.qcow2: done")
+    });
+    assert!(bitmaps().is_null());
+    ok(d, "qemu-img", &["check", "-U", "solo.qcow2"]);
+
+    // Flatten: standalone, the same guest view.
+    let flat_view = raw("flat.qcow2", "flat.raw");
+    select(&tmux, "flat.qcow2");
+    tmux.send("f");
+    tmux.wait_for("the flatten question", |s| s.contains("flatten?"));
+    tmux.send("y");
+    tmux.wait_for("the flatten's end", |s| {
+        s.contains("flatten flat.qcow2: done")
+    });
+    assert!(qemu_info(&d.join("flat.qcow2"))
+        .get("backing-filename")
+        .is_none());
+    compare("flat.qcow2", &flat_view);
+
+    // Reset: its own data gone, it reads as its base again.
+    select(&tmux, "wipe.qcow2");
+    tmux.send("R");
+    tmux.wait_for("the reset question", |s| s.contains("reset?"));
+    tmux.send("y");
+    tmux.wait_for("the reset's end", |s| s.contains("reset wipe.qcow2: done"));
+    assert_eq!(
+        qemu_info(&d.join("wipe.qcow2"))["backing-filename"],
+        "base.qcow2"
+    );
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-U", "wipe.qcow2", "base.qcow2"],
+    );
+
+    // A batch of the host's marked images: each converted there, beside
+    // itself, the same guest data.
+    select(&tmux, "flat.qcow2");
+    tmux.send("Space");
+    select(&tmux, "wipe.qcow2");
+    tmux.send("Space");
+    tmux.wait_for("two marked", |s| s.contains("2 marked"));
+    tmux.send("v");
+    tmux.wait_for("the convert dialog", |s| s.contains("-conv"));
+    tmux.send("Enter");
+    tmux.wait_for("the batch list", |s| s.contains("Convert 2 marked images"));
+    tmux.send("y");
+    tmux.wait_for("the batch started", |s| {
+        s.contains("convert: 2 jobs started")
+    });
+    // Made under another name and renamed into place: there means done.
+    let deadline = Instant::now() + WAIT;
+    for made in ["flat-conv.qcow2", "wipe-conv.qcow2"] {
+        while !d.join(made).exists() {
+            assert!(Instant::now() < deadline, "{made} never came");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    compare("flat-conv.qcow2", &flat_view);
+    ok(
+        d,
+        "qemu-img",
+        &["compare", "-U", "wipe-conv.qcow2", "base.qcow2"],
+    );
+    for made in ["flat-conv.qcow2", "wipe-conv.qcow2"] {
+        ok(d, "qemu-img", &["check", "-U", made]);
+    }
+
+    // Protect: the base read-only there, then writable again.
+    let mode = |f: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(d.join(f))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o222
+    };
+    select(&tmux, "base.qcow2");
+    tmux.send("p");
+    tmux.wait_for("the protection", |s| {
+        s.contains("protect base.qcow2 (read-only on disk): done")
+    });
+    assert_eq!(mode("base.qcow2"), 0);
+    // `p` toggles what the tree shows: the host's watch must have said so.
+    tmux.wait_for("the base shown protected", |s| {
+        s.contains("⊘ host1: base.qcow2")
+    });
+    tmux.send("p");
+    tmux.wait_for("the protection lifted", |s| {
+        s.contains("unprotect base.qcow2 (writable again): done")
+    });
+    assert_ne!(mode("base.qcow2"), 0);
+
+    // A QEMU takes the image while the question is open: the agent
+    // refuses, and says who holds it.
+    select(&tmux, "held.qcow2");
+    tmux.send("R");
+    tmux.wait_for("the reset question", |s| s.contains("reset?"));
+    let before = std::fs::read(d.join("held.qcow2")).expect("read");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "held.qcow2"])
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let deadline = Instant::now() + WAIT;
+    while !matches!(
+        cowshed::engine::lock_state(&d.join("held.qcow2")),
+        Ok(cowshed::engine::LockState::Writer)
+    ) {
+        assert!(Instant::now() < deadline, "qemu-io never locked held.qcow2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tmux.send("y");
+    let screen = tmux.wait_for("the agent's refusal", |s| {
+        s.contains("reset held.qcow2 failed:")
+    });
+    drop(holder.stdin.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(screen.contains("in use by"), "{screen}");
+    assert_eq!(std::fs::read(d.join("held.qcow2")).expect("read"), before);
+    tmux.send("q");
+
+    // Read-only: refused here, nothing sent.
+    let command = format!(
+        "env {} '{BIN}' --readonly host1:{}",
+        env.join(" "),
+        d.display()
+    );
+    let ro = Tmux::start(d, "remote-readonly", &command);
+    ro.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+    select(&ro, "held.qcow2");
+    ro.send("f");
+    ro.wait_for("the read-only refusal", |s| s.contains("read-only:"));
+    assert_eq!(std::fs::read(d.join("held.qcow2")).expect("read"), before);
+    ro.send("q");
+}
+
+/// The doctor (`!`) and commit (`m`) on another host's images: the
+/// doctor's header fix and the commit run there by its agent, each checked
+/// with qemu-img.
+#[test]
+fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let aside = tempfile::tempdir().expect("tempdir");
+    let io = |img: &str, cmd: &str| {
+        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
+    };
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-q", "-f", "qcow2"];
+        all.extend(args);
+        ok(d, "qemu-img", &all);
+    };
+    create(&["base.qcow2", "16M"]);
+    io("base.qcow2", "write -P 0xaa 0 1M");
+    let base = d.join("base.qcow2").display().to_string();
+    create(&["-b", &base, "-F", "qcow2", "abs.qcow2"]);
+    io("abs.qcow2", "write -P 0xab 2M 1M");
+    create(&["cbase.qcow2", "16M"]);
+    io("cbase.qcow2", "write -P 0xc1 0 2M");
+    create(&["-b", "cbase.qcow2", "-F", "qcow2", "ctop.qcow2"]);
+    io("ctop.qcow2", "write -P 0xc2 1M 2M");
+    create(&["other.qcow2", "16M"]);
+    io("other.qcow2", "write -P 0x0e 4M 1M");
+    for r in ["r1.qcow2", "r2.qcow2"] {
+        create(&["-b", "base.qcow2", "-F", "qcow2", r]);
+        io(r, "write -P 0x71 5M 1M");
+    }
+    let raw = |img: &str| {
+        let out = aside
+            .path()
+            .join(format!("{img}.raw"))
+            .display()
+            .to_string();
+        ok(d, "qemu-img", &["convert", "-U", "-O", "raw", img, &out]);
+        out
+    };
+    let r_views = [raw("r1.qcow2"), raw("r2.qcow2")];
+    let top_view = aside.path().join("ctop.raw").display().to_string();
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-U", "-O", "raw", "ctop.qcow2", &top_view],
+    );
+    let env: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let tmux = Tmux::start(d, "remote-doctor", &command);
+    tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
+
+    // The doctor: an absolute backing name, made relative there.
+    select(&tmux, "abs.qcow2");
+    tmux.send("!");
+    tmux.wait_for("the doctor's fix", |s| {
+        s.contains("make the backing name relative")
+    });
+    tmux.send("Enter");
+    tmux.wait_for("the fix's end", |s| {
+        s.contains("make the backing name relative of abs.qcow2: done")
+    });
+    let info = qemu_info(&d.join("abs.qcow2"));
+    assert_eq!(info["backing-filename"], "base.qcow2", "{info}");
+    assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+    ok(d, "qemu-img", &["check", "-U", "abs.qcow2"]);
+
+    // Commit: the base then reads as the overlay did.
+    select(&tmux, "ctop.qcow2");
+    tmux.send("m");
+    tmux.wait_for("the commit question", |s| {
+        s.contains("Commit") && s.contains("ctop.qcow2 into")
+    });
+    tmux.send("y");
+    tmux.wait_for("the commit's end", |s| {
+        s.contains("commit ctop.qcow2 → cbase.qcow2: done")
+    });
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "cbase.qcow2",
+            &top_view,
+        ],
+    );
+    ok(d, "qemu-img", &["check", "-U", "cbase.qcow2"]);
+
+    // A batch rebase of two marked overlays onto an image picked in the
+    // tree: each rebased there, the guest views kept.
+    select(&tmux, "r1.qcow2");
+    tmux.send("Space");
+    select(&tmux, "r2.qcow2");
+    tmux.send("Space");
+    tmux.wait_for("two marked", |s| s.contains("2 marked"));
+    tmux.send("b");
+    tmux.send("/");
+    tmux.send("other.qcow2");
+    tmux.send("Enter");
+    tmux.send("G");
+    tmux.wait_for("the new backing picked", |s| {
+        s.lines()
+            .any(|l| l.starts_with('›') && l.contains("other.qcow2 "))
+    });
+    tmux.send("Enter");
+    tmux.wait_for("the batch list", |s| {
+        s.contains("Rebase 2 marked images onto")
+    });
+    tmux.send("y");
+    tmux.wait_for("the batch started", |s| {
+        s.contains("rebase: 2 jobs started")
+    });
+    let deadline = Instant::now() + WAIT;
+    for (img, view) in ["r1.qcow2", "r2.qcow2"].iter().zip(&r_views) {
+        // The new header, and the job's lock gone: the job is over.
+        while qemu_info(&d.join(img))["backing-filename"] != "other.qcow2"
+            || !matches!(
+                cowshed::engine::lock_state(&d.join(img)),
+                Ok(cowshed::engine::LockState::None)
+            )
+        {
+            assert!(Instant::now() < deadline, "{img} was not rebased");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok(
+            d,
+            "qemu-img",
+            &["compare", "-U", "-f", "qcow2", "-F", "raw", img, view],
+        );
+        ok(d, "qemu-img", &["check", "-U", img]);
+    }
+
+    // Clone with a name (`C`), and two at once (`N`): made there, each an
+    // overlay of the image, named as for a local one.
+    select(&tmux, "other.qcow2");
+    tmux.send("C");
+    tmux.wait_for("the clone dialog", |s| {
+        s.contains("clone") && s.contains("name:")
+    });
+    tmux.send("mine.qcow2");
+    tmux.send("Enter");
+    tmux.send("N");
+    tmux.wait_for("the count field", |s| {
+        s.contains("prefix:") || s.contains("count:")
+    });
+    tmux.send("2");
+    tmux.send("Enter");
+    tmux.wait_for("the clones started", |s| {
+        s.contains("2 clones of other.qcow2 started")
+    });
+    let deadline = Instant::now() + WAIT;
+    for made in ["mine.qcow2", "other-01.qcow2", "other-02.qcow2"] {
+        while !d.join(made).exists()
+            || !matches!(
+                cowshed::engine::lock_state(&d.join(made)),
+                Ok(cowshed::engine::LockState::None)
+            )
+        {
+            assert!(Instant::now() < deadline, "{made} never came");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let info = qemu_info(&d.join(made));
+        assert_eq!(info["backing-filename"], "other.qcow2", "{made}: {info}");
+        assert_eq!(info["backing-filename-format"], "qcow2", "{made}: {info}");
+        ok(d, "qemu-img", &["compare", "-U", made, "other.qcow2"]);
+    }
     tmux.send("q");
 }

@@ -436,6 +436,21 @@ fn the_terminal_ui_shows_the_domain_and_its_disks() {
         assert!(screen.contains(title), "{key}: {screen}");
         assert!(screen.contains("Used by libvirt domain"), "{key}: {screen}");
     }
+    // The snapshots and bitmaps dialogs write the image at every step:
+    // they name the domain from the moment they open (they list what the
+    // details pane read).
+    ui.until("ov.qcow2's details", |a| {
+        a.details
+            .as_ref()
+            .is_some_and(|d| d.key.ends_with("ov.qcow2"))
+    });
+    for (key, title) in [('S', "snapshots of ov.qcow2"), ('B', "bitmaps of ov.qcow2")] {
+        ui.code(ratatui::crossterm::event::KeyCode::Esc);
+        ui.key(key);
+        let screen = ui.screen();
+        assert!(screen.contains(title), "{key}: {screen}");
+        assert!(screen.contains("Used by libvirt domain"), "{key}: {screen}");
+    }
 }
 
 #[test]
@@ -463,4 +478,87 @@ fn read_only_terminal_ui_disables_action_keys() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
+}
+
+/// Another host's agent checks that host's domains before its jobs write:
+/// reset, flatten, a snapshot and a bitmap of a domain's disk are refused
+/// there, naming the domain, and the file is left as it was.
+#[test]
+fn a_remote_agent_refuses_a_disk_its_hosts_domain_uses() {
+    use cowshed::remote::client::{Connection, SshOptions};
+    use cowshed::remote::protocol::{
+        BitmapAction, JobOp, Reply, Request, SnapshotAction, WireJobState,
+    };
+    let case = "remote_agent";
+    need_daemon!(case);
+    let sshd = match common::sshd::Sshd::start(&["host1"]) {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIP {case}: no sshd: {why}");
+            return;
+        }
+    };
+    let w = Work::new(case);
+    fleet(&w);
+    let dom = Domain::define(&w, case, &w.path("imgs/ov.qcow2"));
+    let before = std::fs::read(w.path("imgs/ov.qcow2")).expect("read");
+    let ssh = SshOptions {
+        program: "ssh".into(),
+        config: Some(sshd.ssh_config()),
+        remote_command: sshd.remote_command(&[]),
+        control_dir: sshd.control_dir(),
+    };
+    let mut conn = Connection::open("host1", &ssh).expect("connect");
+    let image = w.path("imgs/ov.qcow2");
+    let ops = [
+        JobOp::Reset {
+            image: image.clone(),
+            roots: vec![w.path("imgs")],
+        },
+        JobOp::Rebase {
+            image: image.clone(),
+            backing: String::new(),
+            backing_format: None,
+            unsafe_header_only: false,
+        },
+        JobOp::Snapshot {
+            image: image.clone(),
+            action: SnapshotAction::Create { name: "s".into() },
+        },
+        JobOp::Bitmap {
+            image: image.clone(),
+            name: "b".into(),
+            action: BitmapAction::Add { granularity: None },
+        },
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        let id = format!("vm-{i}");
+        let kind = op.kind();
+        conn.send(&Request::Job { id: id.clone(), op })
+            .expect("send");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let (state, message) = loop {
+            assert!(std::time::Instant::now() < deadline, "{kind} did not end");
+            if let Some(Reply::JobState {
+                id: got,
+                state,
+                message,
+                ..
+            }) = conn
+                .recv_timeout(std::time::Duration::from_secs(1))
+                .expect("connection")
+            {
+                if got == id && state.is_finished() {
+                    break (state, message.unwrap_or_default());
+                }
+            }
+        };
+        assert_eq!(state, WireJobState::Failed, "{kind}: {message}");
+        assert!(message.contains(&dom.name), "{kind}: {message}");
+        assert_eq!(
+            std::fs::read(w.path("imgs/ov.qcow2")).expect("read"),
+            before,
+            "{kind} changed the disk"
+        );
+    }
 }

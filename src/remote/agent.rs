@@ -25,12 +25,13 @@ use serde::{Deserialize, Serialize};
 
 use super::identity::Identities;
 use super::protocol::{
-    decode, encode, JobOp, Reply, Request, WireChange, WireCheck, WireDetails, WireError,
-    WireImage, WireInfo, WireJobState, WireNode, WireProgress, WireTime, WireVm, WireVmUse,
-    PROTOCOL_VERSION,
+    decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireChange,
+    WireCheck, WireDetails, WireError, WireImage, WireInfo, WireJobState, WireListing, WireNode,
+    WireProgress, WireTime, WireVm, WireVmUse, PROTOCOL_VERSION,
 };
 use crate::catalog::scan::{read_record, scan_all};
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
+use crate::engine::qcow2::header::CompressionType;
 use crate::engine::{self, Format};
 use crate::inventory::{Connections, Inventory};
 use crate::jobs::{JobEvent, JobId, JobState, Jobs};
@@ -148,8 +149,8 @@ struct Live {
     kind: &'static str,
 }
 
-/// The agent's stdout, shared with the threads that answer `info` and
-/// `check`; `None` once the client is gone.
+/// The agent's stdout, shared with the threads that answer `info`,
+/// `check` and `list`; `None` once the client is gone.
 type Out = Arc<Mutex<Option<std::io::Stdout>>>;
 
 /// Send one message; a failed write means the client is gone.
@@ -336,6 +337,8 @@ impl Agent {
                 }),
             },
             Request::Outcome { id } => self.outcome(&id),
+            Request::List { id, image } => self.list(id, image),
+            Request::Refresh { paths } => self.refresh(&paths),
             Request::Info { path } => self.info(path),
             Request::Check { paths } => self.check(paths),
         }
@@ -461,6 +464,49 @@ impl Agent {
                     message: why.clone(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Read `paths` again (a job ended on them) and send what changed.
+    fn refresh(&mut self, paths: &[PathBuf]) {
+        for path in paths {
+            self.records.retain(|_, r| r.path != *path);
+            if let Ok(Some(r)) = read_record(path) {
+                if let Some(w) = &self.watcher {
+                    w.track(&r);
+                }
+                self.records.insert(r.key.clone(), r);
+            }
+        }
+        self.publish_changes();
+    }
+
+    /// Answer `list` from a thread of its own: reading a snapshot table on
+    /// a slow disk must not hold up the watch or the jobs' progress.
+    fn list(&self, id: String, image: PathBuf) {
+        let out = Arc::clone(&self.out);
+        let answer = move || {
+            let reply = match listing(&image) {
+                Ok(l) => Reply::Listing {
+                    id,
+                    listing: Some(l),
+                    error: None,
+                },
+                Err(e) => Reply::Listing {
+                    id,
+                    listing: None,
+                    error: Some(e.to_string()),
+                },
+            };
+            send_to(&out, &reply);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cowshed-agent-list".into())
+            .spawn(answer)
+        {
+            self.send(&Reply::Error {
+                message: format!("cannot list on {}: {e}", self.host),
+            });
         }
     }
 
@@ -782,6 +828,11 @@ fn touches(op: &JobOp) -> Vec<PathBuf> {
         JobOp::Clone { base, .. } => vec![key(base)],
         JobOp::Commit { image, .. } | JobOp::Rebase { image, .. } => vec![key(image)],
         JobOp::Convert { src, dst, .. } => vec![key(src), key(dst)],
+        JobOp::Reset { image, .. }
+        | JobOp::Snapshot { image, .. }
+        | JobOp::Bitmap { image, .. }
+        | JobOp::HeaderFix { image, .. }
+        | JobOp::Protect { image, .. } => vec![key(image)],
         JobOp::Delete { paths, .. } => paths.iter().map(|p| key(p)).collect(),
         JobOp::Move { src, dst, .. } => vec![key(src), key(dst)],
     }
@@ -858,11 +909,31 @@ fn work(op: JobOp, roots: Vec<PathBuf>, conns: Connections) -> crate::jobs::Work
             dst,
             format,
             compress,
+            cluster_size,
+            compression_type,
+            backing,
+            backing_format,
         } => Box::new(move |p, c| {
+            let default = engine::CreateOptions::default();
+            let compression = match compression_type.as_deref() {
+                None => default.compression,
+                Some("zlib") => CompressionType::Deflate,
+                Some("zstd") => CompressionType::Zstd,
+                Some(other) => {
+                    return Err(engine::Error::invalid(
+                        &dst,
+                        format!("unknown compression type '{other}' (zlib, zstd)"),
+                    ))
+                }
+            };
             let opts = engine::ConvertOptions {
                 target: engine::CreateOptions {
                     format: parse_format(&format, &dst)?,
-                    ..engine::CreateOptions::default()
+                    cluster_size: cluster_size.unwrap_or(default.cluster_size),
+                    compression,
+                    backing,
+                    backing_format: backing_format.map(|f| parse_format(&f, &dst)).transpose()?,
+                    ..default
                 },
                 compress,
                 // Never replaces a file on another host unseen.
@@ -898,7 +969,97 @@ fn work(op: JobOp, roots: Vec<PathBuf>, conns: Connections) -> crate::jobs::Work
             let report = engine::move_image(&src, &dst, &opts, p, c)?;
             Ok(Some(report.dst))
         }),
+        JobOp::Reset {
+            image,
+            roots: reset_roots,
+        } => Box::new(move |_, _| {
+            let opts = engine::ResetOptions {
+                roots: if reset_roots.is_empty() {
+                    roots
+                } else {
+                    reset_roots
+                },
+                vms: host_vms(),
+            };
+            engine::reset(&image, &opts)?;
+            Ok(None)
+        }),
+        JobOp::Snapshot { image, action } => Box::new(move |_, _| {
+            use engine::ops::snapshot;
+            // As `cowshed snapshot` checks the host's domains first.
+            engine::preflight::ensure_no_vm_users(&image, &host_vms())?;
+            match action {
+                SnapshotAction::Create { name } => {
+                    snapshot::create(&image, name.as_bytes(), None).map(drop)
+                }
+                SnapshotAction::Apply { id } => snapshot::apply(&image, id.as_bytes(), None),
+                SnapshotAction::Delete { id } => snapshot::delete_id(&image, id.as_bytes(), None),
+            }?;
+            Ok(None)
+        }),
+        JobOp::Bitmap {
+            image,
+            name,
+            action,
+        } => Box::new(move |_, _| {
+            use engine::ops::bitmap;
+            // As `cowshed bitmap` checks the host's domains first.
+            engine::preflight::ensure_no_vm_users(&image, &host_vms())?;
+            let (act, granularity) = match action {
+                BitmapAction::Add { granularity } => (bitmap::Action::Add, granularity),
+                BitmapAction::Remove => (bitmap::Action::Remove, None),
+                BitmapAction::Clear => (bitmap::Action::Clear, None),
+                BitmapAction::Enable => (bitmap::Action::Enable, None),
+                BitmapAction::Disable => (bitmap::Action::Disable, None),
+                BitmapAction::Merge { from } => (bitmap::Action::Merge(from.into_bytes()), None),
+            };
+            bitmap::run(
+                &image,
+                Some(Format::Qcow2),
+                name.as_bytes(),
+                &[act],
+                granularity,
+                None,
+            )?;
+            Ok(None)
+        }),
+        JobOp::HeaderFix { image, fix } => Box::new(move |p, c| {
+            use crate::catalog::doctor::{plan_header_fix, Fix};
+            let fix = match fix {
+                HeaderFixKind::RecordBackingFormat => Fix::RecordFormat,
+                HeaderFixKind::MakeBackingNameRelative => Fix::MakeRelative,
+            };
+            let plan = plan_header_fix(&image, &[fix])
+                .map_err(|why| engine::Error::invalid(&image, why))?;
+            engine::rebase(&image, &plan.rebase_options(), p, c)?;
+            Ok(None)
+        }),
+        JobOp::Protect { image, off } => Box::new(move |_, _| {
+            use engine::ops::protect::{protect, unprotect};
+            if off {
+                unprotect(&image)?;
+            } else {
+                protect(&image)?;
+            }
+            Ok(None)
+        }),
     }
+}
+
+/// The snapshots and bitmaps of `image`, from the engine's `info` (what
+/// the inspector reads for a local image's dialogs).
+fn listing(image: &Path) -> engine::Result<WireListing> {
+    let info = engine::info(image, None)?;
+    let Some(q) = info.qcow2 else {
+        return Err(engine::Error::invalid(
+            image,
+            format!(
+                "a {} image has no internal snapshots or persistent bitmaps",
+                info.format.name()
+            ),
+        ));
+    };
+    Ok(WireListing::from_qcow2(&q))
 }
 
 /// Read this host's domains every [`crate::inventory::REFRESH_EVERY`] on a

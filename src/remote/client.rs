@@ -320,6 +320,21 @@ impl Connection {
         }
     }
 
+    /// A message taken off `incoming` elsewhere (a `select!` that also
+    /// waits on other channels), as [`Connection::recv_timeout`] gives it.
+    fn take(&mut self, m: Option<Incoming>) -> Result<Option<Reply>, RemoteError> {
+        if let Some(reason) = &self.closed {
+            return Err(RemoteError::Lost {
+                host: self.host.clone(),
+                reason: reason.clone(),
+            });
+        }
+        match m {
+            Some(Incoming::Reply(r)) => Ok(Some(*r)),
+            Some(Incoming::Closed) | None => Err(self.lost(String::new())),
+        }
+    }
+
     /// Bytes of protocol read from the agent so far.
     pub fn bytes_received(&self) -> u64 {
         self.bytes_in.load(Ordering::Relaxed)
@@ -536,6 +551,49 @@ pub fn new_job_id() -> String {
     )
 }
 
+/// The internal snapshots and persistent bitmaps of `image` (a path on
+/// `host`), as its agent reads them there; `Agent` carries the engine's
+/// refusal (not qcow2, unreadable).
+pub fn list_on_host(
+    host: &str,
+    ssh: &SshOptions,
+    image: &Path,
+) -> Result<super::protocol::WireListing, RemoteError> {
+    let mut conn = Connection::open(host, ssh)?;
+    let id = new_job_id();
+    conn.send(&Request::List {
+        id: id.clone(),
+        image: image.to_path_buf(),
+    })?;
+    let agent = |message: String| RemoteError::Agent {
+        host: host.to_string(),
+        message,
+    };
+    loop {
+        match conn.recv_timeout(HANDSHAKE_LIMIT)? {
+            Some(Reply::Listing {
+                id: got,
+                listing,
+                error,
+            }) if got == id => {
+                return match (listing, error) {
+                    (Some(l), _) => Ok(l),
+                    (None, e) => Err(agent(e.unwrap_or_else(|| "no listing".into()))),
+                }
+            }
+            Some(Reply::Error { message }) => return Err(agent(message)),
+            Some(_) => {}
+            None => {
+                return Err(agent(format!(
+                    "no listing of {} within {} s",
+                    image.display(),
+                    HANDSHAKE_LIMIT.as_secs()
+                )))
+            }
+        }
+    }
+}
+
 /// Longest wait between two attempts to reach a host again.
 pub const BACKOFF_LIMIT: Duration = Duration::from_secs(30);
 
@@ -675,7 +733,9 @@ pub enum HostEvent {
 }
 
 /// Keep `host`'s roots in view: connect, watch (live), pass on what the
-/// agent says; when the connection is lost, say so and connect again
+/// agent says, and pass it the paths `refresh` names (images a job of
+/// ours changed there) to read again; when the connection is lost, say so
+/// and connect again
 /// with back-off (1 s doubling to [`BACKOFF_LIMIT`]). Returns when `tx`
 /// has no receiver or `stop` is dropped.
 pub fn follow(
@@ -685,6 +745,7 @@ pub fn follow(
     ssh: &SshOptions,
     tx: &crossbeam_channel::Sender<HostEvent>,
     stop: &Receiver<()>,
+    refresh: &Receiver<Vec<PathBuf>>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -692,7 +753,7 @@ pub fn follow(
             Err(e) => e.to_string(),
             Ok(mut conn) => {
                 backoff = Duration::from_secs(1);
-                match serve_followed(&mut conn, roots, live, tx, stop) {
+                match serve_followed(&mut conn, roots, live, tx, stop, refresh) {
                     Ok(()) => return,
                     Err(e) => e.to_string(),
                 }
@@ -727,6 +788,7 @@ fn serve_followed(
     live: bool,
     tx: &crossbeam_channel::Sender<HostEvent>,
     stop: &Receiver<()>,
+    refresh: &Receiver<Vec<PathBuf>>,
 ) -> Result<(), RemoteError> {
     conn.send(&Request::Watch {
         roots: roots.to_vec(),
@@ -734,6 +796,7 @@ fn serve_followed(
     })?;
     let host = conn.host.clone();
     let key = |k: &Path| remote_path(&host, k);
+    let mut refresh = refresh.clone();
     let confused = |message: String| RemoteError::Agent {
         host: host.clone(),
         message,
@@ -744,7 +807,20 @@ fn serve_followed(
         if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
             return Ok(());
         }
-        let ev = match conn.recv_timeout(Duration::from_millis(500))? {
+        let incoming = conn.incoming.clone();
+        let got = crossbeam_channel::select! {
+            recv(incoming) -> m => conn.take(m.ok())?,
+            recv(refresh) -> paths => {
+                match paths {
+                    Ok(paths) => conn.send(&Request::Refresh { paths })?,
+                    // Nobody asks any more.
+                    Err(_) => refresh = crossbeam_channel::never(),
+                }
+                continue;
+            }
+            default(Duration::from_millis(500)) => None,
+        };
+        let ev = match got {
             None => continue,
             Some(Reply::Snapshot { nodes, errors }) => {
                 forest = grafts(&host, nodes).map_err(confused)?;

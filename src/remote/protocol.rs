@@ -13,10 +13,12 @@
 //! computed there), `check` (what uses some files there now: asked of
 //! every other host that sees a shared file before a job changes it),
 //! `job` (run an operation: `job-state` messages follow, with progress
-//! while it runs, ending with its outcome), `cancel`, and `outcome` (what
+//! while it runs, ending with its outcome), `cancel`, `outcome` (what
 //! became of a job started over an earlier connection: its end is
 //! recorded on the host, so a lost connection never leaves the client
-//! guessing, and nothing is run twice).
+//! guessing, and nothing is run twice), `list` (an image's internal
+//! snapshots and persistent bitmaps, read there, answered with a
+//! `listing`) and `refresh` (images a job changed, read again and sent).
 //!
 //! The wire types are spelled out here rather than derived on the
 //! catalog's records, so that a change to those cannot change the protocol
@@ -38,7 +40,7 @@ use crate::engine::qcow2::snapshot::Snapshot;
 use crate::engine::{Format, HeaderSummary, LockState};
 
 /// Both ends must speak the same version; there is no negotiation.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Client to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +68,20 @@ pub enum Request {
     /// a `job-state` (its outcome, or `running` until it ends).
     Outcome {
         id: String,
+    },
+    /// The internal snapshots and persistent bitmaps of one image there:
+    /// answered with a `listing` of the same `id` (the TUI's snapshots and
+    /// bitmaps dialogs list them from it, never from a local file).
+    List {
+        id: String,
+        image: PathBuf,
+    },
+    /// Read these images again now and send the forest (a job of the
+    /// client's on them ended, over another connection): what a local
+    /// job's end does for local images, so that the tree does not show
+    /// the job's own lock, or the old header, until the next poll.
+    Refresh {
+        paths: Vec<PathBuf>,
     },
     /// The details pane's facts of one image on the agent's host: answered
     /// with `info`.
@@ -156,6 +172,81 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// The answer to `list`: the image's snapshots and bitmaps, or why
+    /// they could not be read (`error`, the engine's message).
+    Listing {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listing: Option<WireListing>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// What the snapshots and bitmaps dialogs show of a qcow2 image, and the
+/// facts their refusals rest on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireListing {
+    /// The qcow2 version (2: compat=0.10 holds no bitmaps).
+    pub version: u32,
+    /// An external data file: no internal snapshots then.
+    pub data_file: bool,
+    pub snapshots: Vec<WireSnapshot>,
+    pub bitmaps: Vec<WireBitmap>,
+}
+
+impl WireListing {
+    /// What the engine's `info` says of a qcow2 image: how the agent
+    /// answers `list`, and what the dialogs list for a local image.
+    pub fn from_qcow2(q: &crate::engine::ops::info::Qcow2Info) -> WireListing {
+        WireListing {
+            version: q.version,
+            data_file: q.data_file.is_some(),
+            snapshots: q.snapshots.iter().map(WireSnapshot::from).collect(),
+            bitmaps: q.bitmaps.iter().map(WireBitmap::from).collect(),
+        }
+    }
+}
+
+/// What a `snapshot` job does (`cowshed snapshot -c/-a/-d`); apply and
+/// delete name the snapshot by id, which is unique where names need not be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+pub enum SnapshotAction {
+    Create { name: String },
+    Apply { id: String },
+    Delete { id: String },
+}
+
+/// What a `bitmap` job does to the bitmap it names (`cowshed bitmap`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+pub enum BitmapAction {
+    /// With a granularity in bytes, else the default.
+    Add {
+        granularity: Option<u64>,
+    },
+    Remove,
+    Clear,
+    Enable,
+    Disable,
+    /// Merge another bitmap of the same image into it.
+    Merge {
+        from: String,
+    },
+}
+
+impl BitmapAction {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            BitmapAction::Add { .. } => "add",
+            BitmapAction::Remove => "remove",
+            BitmapAction::Clear => "clear",
+            BitmapAction::Enable => "enable",
+            BitmapAction::Disable => "disable",
+            BitmapAction::Merge { .. } => "merge",
+        }
+    }
 }
 
 /// An operation the agent runs with its engine, on its own files.
@@ -175,12 +266,20 @@ pub enum JobOp {
         backing_format: Option<String>,
         unsafe_header_only: bool,
     },
-    /// `qemu-img convert -O format [-c]`.
+    /// `qemu-img convert -O format [-c] [-o cluster_size=,compression_type=]
+    /// [-B backing -F backing_format]`; the options left out take the
+    /// defaults of `cowshed convert`.
     Convert {
         src: PathBuf,
         dst: PathBuf,
         format: String,
         compress: bool,
+        cluster_size: Option<u64>,
+        /// `zlib` or `zstd`.
+        compression_type: Option<String>,
+        /// `-B`: the new image keeps this backing name (and format).
+        backing: Option<String>,
+        backing_format: Option<String>,
     },
     /// `cowshed rm [--trash]`: refused while anything depends on them.
     Delete { paths: Vec<PathBuf>, trash: bool },
@@ -190,6 +289,33 @@ pub enum JobOp {
         dst: PathBuf,
         roots: Vec<PathBuf>,
     },
+    /// The TUI's reset: a fresh empty overlay on the same backing replaces
+    /// the image; refused while images under `roots` depend on it.
+    Reset { image: PathBuf, roots: Vec<PathBuf> },
+    /// `cowshed snapshot` on a qcow2 image.
+    Snapshot {
+        image: PathBuf,
+        action: SnapshotAction,
+    },
+    /// `cowshed bitmap` on bitmap `name` of a qcow2 image.
+    Bitmap {
+        image: PathBuf,
+        name: String,
+        action: BitmapAction,
+    },
+    /// One of the doctor's header-only fixes, planned against the disk
+    /// there (`cowshed doctor --fix`).
+    HeaderFix { image: PathBuf, fix: HeaderFixKind },
+    /// `cowshed protect [--off]`: the file's write permission.
+    Protect { image: PathBuf, off: bool },
+}
+
+/// The doctor's fixes that change only a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeaderFixKind {
+    RecordBackingFormat,
+    MakeBackingNameRelative,
 }
 
 impl JobOp {
@@ -201,8 +327,13 @@ impl JobOp {
             JobOp::Commit { .. }
             | JobOp::Rebase { .. }
             | JobOp::Delete { .. }
-            | JobOp::Move { .. } => true,
-            JobOp::Clone { .. } | JobOp::Convert { .. } => false,
+            | JobOp::Move { .. }
+            | JobOp::Reset { .. }
+            | JobOp::Snapshot { .. }
+            | JobOp::Bitmap { .. }
+            | JobOp::HeaderFix { .. } => true,
+            // Protect changes no content and checks no domains here either.
+            JobOp::Clone { .. } | JobOp::Convert { .. } | JobOp::Protect { .. } => false,
         }
     }
 
@@ -215,6 +346,11 @@ impl JobOp {
             JobOp::Convert { .. } => "convert",
             JobOp::Delete { .. } => "delete",
             JobOp::Move { .. } => "move",
+            JobOp::Reset { .. } => "reset",
+            JobOp::Snapshot { .. } => "snapshot",
+            JobOp::Bitmap { .. } => "bitmap",
+            JobOp::HeaderFix { .. } => "doctor",
+            JobOp::Protect { .. } => "protect",
         }
     }
 }
@@ -572,6 +708,40 @@ pub struct WireSnapshot {
     pub unknown_extra: Vec<u8>,
 }
 
+impl From<&BitmapInfo> for WireBitmap {
+    fn from(b: &BitmapInfo) -> Self {
+        WireBitmap {
+            name: b.name.clone(),
+            table_offset: b.table_offset,
+            table_entries: b.table_entries,
+            granularity: b.granularity,
+            in_use: b.in_use,
+            auto: b.auto,
+        }
+    }
+}
+
+impl From<&Snapshot> for WireSnapshot {
+    fn from(s: &Snapshot) -> Self {
+        WireSnapshot {
+            l1_table_offset: s.l1_table_offset,
+            l1_size: s.l1_size,
+            id: s.id.clone(),
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_nsec: s.vm_clock_nsec,
+            vm_state_size: s.vm_state_size,
+            disk_size: s.disk_size,
+            icount: s.icount,
+            entry_bytes: s.entry_bytes,
+            raw_id: s.raw_id.clone(),
+            raw_name: s.raw_name.clone(),
+            unknown_extra: s.unknown_extra.clone(),
+        }
+    }
+}
+
 fn lock_from_name(name: &str) -> Result<LockState, String> {
     match name {
         "none" => Ok(LockState::None),
@@ -618,38 +788,8 @@ impl From<&ImageInfo> for WireInfo {
                 encryption: q.encryption.name().to_string(),
                 data_file: q.data_file.clone(),
                 data_file_raw: q.data_file_raw,
-                bitmaps: q
-                    .bitmaps
-                    .iter()
-                    .map(|b| WireBitmap {
-                        name: b.name.clone(),
-                        table_offset: b.table_offset,
-                        table_entries: b.table_entries,
-                        granularity: b.granularity,
-                        in_use: b.in_use,
-                        auto: b.auto,
-                    })
-                    .collect(),
-                snapshots: q
-                    .snapshots
-                    .iter()
-                    .map(|s| WireSnapshot {
-                        l1_table_offset: s.l1_table_offset,
-                        l1_size: s.l1_size,
-                        id: s.id.clone(),
-                        name: s.name.clone(),
-                        date_sec: s.date_sec,
-                        date_nsec: s.date_nsec,
-                        vm_clock_nsec: s.vm_clock_nsec,
-                        vm_state_size: s.vm_state_size,
-                        disk_size: s.disk_size,
-                        icount: s.icount,
-                        entry_bytes: s.entry_bytes,
-                        raw_id: s.raw_id.clone(),
-                        raw_name: s.raw_name.clone(),
-                        unknown_extra: s.unknown_extra.clone(),
-                    })
-                    .collect(),
+                bitmaps: q.bitmaps.iter().map(WireBitmap::from).collect(),
+                snapshots: q.snapshots.iter().map(WireSnapshot::from).collect(),
                 incompatible_features: q.incompatible_features,
                 compatible_features: q.compatible_features,
                 autoclear_features: q.autoclear_features,
@@ -809,9 +949,9 @@ mod tests {
     /// this text).
     #[test]
     fn golden_lines() {
-        assert_eq!(PROTOCOL_VERSION, 2);
-        let hello = encode(&Request::Hello { protocol: 2 });
-        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":2}\n");
+        assert_eq!(PROTOCOL_VERSION, 3);
+        let hello = encode(&Request::Hello { protocol: 3 });
+        assert_eq!(hello, b"{\"type\":\"hello\",\"protocol\":3}\n");
         let snapshot = Reply::Snapshot {
             nodes: vec![WireNode {
                 image: sample_image(),
@@ -868,6 +1008,134 @@ mod tests {
             String::from_utf8(state).expect("utf-8"),
             "{\"type\":\"job-state\",\"id\":\"c1\",\"state\":\"running\",\
              \"progress\":{\"done\":1,\"total\":2,\"copied\":1}}\n"
+        );
+    }
+
+    /// Protocol 3's messages: listing an image's snapshots and bitmaps,
+    /// refresh, the jobs that change snapshots and bitmaps, reset, the
+    /// doctor's header fix, protect, and convert's options.
+    #[test]
+    fn golden_lines_of_listing_refresh_and_jobs() {
+        let line = |v: Vec<u8>| String::from_utf8(v).expect("utf-8");
+        assert_eq!(
+            line(encode(&Request::List {
+                id: "l1".into(),
+                image: "/srv/a.qcow2".into(),
+            })),
+            "{\"type\":\"list\",\"id\":\"l1\",\"image\":\"/srv/a.qcow2\"}\n"
+        );
+        assert_eq!(
+            line(encode(&Request::Refresh {
+                paths: vec!["/srv/a.qcow2".into()],
+            })),
+            "{\"type\":\"refresh\",\"paths\":[\"/srv/a.qcow2\"]}\n"
+        );
+        assert_eq!(
+            line(encode(&Reply::Listing {
+                id: "l1".into(),
+                listing: Some(WireListing {
+                    version: 3,
+                    data_file: false,
+                    snapshots: vec![WireSnapshot {
+                        l1_table_offset: 327680,
+                        l1_size: 16,
+                        id: "1".into(),
+                        name: "before".into(),
+                        date_sec: 1_700_000_000,
+                        date_nsec: 7,
+                        vm_clock_nsec: 0,
+                        vm_state_size: 0,
+                        disk_size: Some(1 << 30),
+                        icount: None,
+                        entry_bytes: 48,
+                        raw_id: b"1".to_vec(),
+                        raw_name: b"before".to_vec(),
+                        unknown_extra: Vec::new(),
+                    }],
+                    bitmaps: vec![WireBitmap {
+                        name: "b0".into(),
+                        table_offset: 393216,
+                        table_entries: 1,
+                        granularity: 65536,
+                        in_use: false,
+                        auto: true,
+                    }],
+                }),
+                error: None,
+            })),
+            "{\"type\":\"listing\",\"id\":\"l1\",\"listing\":{\"version\":3,\
+             \"data_file\":false,\"snapshots\":[{\"l1_table_offset\":327680,\"l1_size\":16,\
+             \"id\":\"1\",\"name\":\"before\",\"date_sec\":1700000000,\"date_nsec\":7,\
+             \"vm_clock_nsec\":0,\"vm_state_size\":0,\"disk_size\":1073741824,\"icount\":null,\
+             \"entry_bytes\":48,\"raw_id\":[49],\"raw_name\":[98,101,102,111,114,101],\
+             \"unknown_extra\":[]}],\"bitmaps\":[{\"name\":\"b0\",\"table_offset\":393216,\
+             \"table_entries\":1,\"granularity\":65536,\"in_use\":false,\"auto\":true}]}}\n"
+        );
+        assert_eq!(
+            line(encode(&Reply::Listing {
+                id: "l2".into(),
+                listing: None,
+                error: Some("not qcow2".into()),
+            })),
+            "{\"type\":\"listing\",\"id\":\"l2\",\"error\":\"not qcow2\"}\n"
+        );
+        let job = |op: JobOp| line(encode(&Request::Job { id: "j".into(), op }));
+        assert_eq!(
+            job(JobOp::Snapshot {
+                image: "/a".into(),
+                action: SnapshotAction::Create { name: "s".into() },
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"snapshot\",\"image\":\"/a\",\
+             \"action\":{\"do\":\"create\",\"name\":\"s\"}}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Bitmap {
+                image: "/a".into(),
+                name: "b0".into(),
+                action: BitmapAction::Merge { from: "b1".into() },
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"bitmap\",\"image\":\"/a\",\
+             \"name\":\"b0\",\"action\":{\"do\":\"merge\",\"from\":\"b1\"}}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Reset {
+                image: "/a".into(),
+                roots: vec!["/r".into()],
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"reset\",\"image\":\"/a\",\
+             \"roots\":[\"/r\"]}}\n"
+        );
+        assert_eq!(
+            job(JobOp::HeaderFix {
+                image: "/a".into(),
+                fix: HeaderFixKind::MakeBackingNameRelative,
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"header-fix\",\"image\":\"/a\",\
+             \"fix\":\"make-backing-name-relative\"}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Protect {
+                image: "/a".into(),
+                off: true,
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"protect\",\"image\":\"/a\",\
+             \"off\":true}}\n"
+        );
+        assert_eq!(
+            job(JobOp::Convert {
+                src: "/a".into(),
+                dst: "/b".into(),
+                format: "qcow2".into(),
+                compress: true,
+                cluster_size: Some(1 << 20),
+                compression_type: Some("zstd".into()),
+                backing: Some("base.qcow2".into()),
+                backing_format: Some("qcow2".into()),
+            }),
+            "{\"type\":\"job\",\"id\":\"j\",\"op\":{\"op\":\"convert\",\"src\":\"/a\",\
+             \"dst\":\"/b\",\"format\":\"qcow2\",\"compress\":true,\"cluster_size\":1048576,\
+             \"compression_type\":\"zstd\",\"backing\":\"base.qcow2\",\
+             \"backing_format\":\"qcow2\"}}\n"
         );
     }
 
@@ -1020,7 +1288,45 @@ mod tests {
             },
             Request::Cancel { id: "x".into() },
             Request::Outcome { id: "x".into() },
+            Request::List {
+                id: "x".into(),
+                image: "/a/o.qcow2".into(),
+            },
+            Request::Refresh {
+                paths: vec!["/a/o.qcow2".into()],
+            },
         ];
+        for action in [
+            BitmapAction::Add {
+                granularity: Some(1 << 16),
+            },
+            BitmapAction::Add { granularity: None },
+            BitmapAction::Remove,
+            BitmapAction::Clear,
+            BitmapAction::Enable,
+            BitmapAction::Disable,
+        ] {
+            let op = JobOp::Bitmap {
+                image: "/i".into(),
+                name: "n".into(),
+                action,
+            };
+            let line = encode(&op);
+            let back: JobOp = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");
+            assert_eq!(back, op);
+        }
+        for action in [
+            SnapshotAction::Apply { id: "2".into() },
+            SnapshotAction::Delete { id: "3".into() },
+        ] {
+            let op = JobOp::Snapshot {
+                image: "/i".into(),
+                action,
+            };
+            let line = encode(&op);
+            let back: JobOp = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");
+            assert_eq!(back, op);
+        }
         for r in requests {
             let line = encode(&r);
             let back: Request = decode(std::str::from_utf8(&line).expect("utf-8")).expect("decode");

@@ -271,6 +271,8 @@ pub struct App {
     pub(crate) pool: Jobs,
     /// Last time a growth report said an image grows.
     last_growth: Option<Instant>,
+    /// Where threads of the app's own (another host's listing) answer.
+    events: Sender<Event>,
 }
 
 impl App {
@@ -288,7 +290,7 @@ impl App {
         let events_for_inventory = events.clone();
         let mut catalog = CatalogHandle::start(roots.clone(), live, events.clone())?;
         let inspector = InspectHandle::start(events.clone())?;
-        let pool = Jobs::new(DEFAULT_WORKERS, events);
+        let pool = Jobs::new(DEFAULT_WORKERS, events.clone());
         catalog.send(CatalogCmd::Rescan);
         let doctor = config.doctor;
         if live {
@@ -337,6 +339,7 @@ impl App {
             inspector,
             pool,
             last_growth: None,
+            events,
         })
     }
 
@@ -607,6 +610,13 @@ impl App {
             Event::BackingProbe(p) => {
                 if let Some(mut d) = self.dialog.take() {
                     let outcome = d.on_probe(p, &self.ctx());
+                    self.dialog = Some(d);
+                    self.apply(outcome);
+                }
+            }
+            Event::Listing { key, listing } => {
+                if let Some(mut d) = self.dialog.take() {
+                    let outcome = d.on_listing(&key, listing);
                     self.dialog = Some(d);
                     self.apply(outcome);
                 }
@@ -958,7 +968,7 @@ impl App {
             && acts_on_images(action)
             && !self.agent_runs_dialog(action, &forest)
         {
-            return self.remote_action(action, &forest, &on_other_hosts);
+            return self.refuse_on_other_hosts(&on_other_hosts);
         }
         match action {
             Action::Up => self.move_selection(-1),
@@ -1122,14 +1132,22 @@ impl App {
                     let d =
                         dialog::snapshot::SnapshotDialog::open(&forest, id, self.details.as_ref())
                             .map(Dialog::Snapshot);
+                    let opened = d.is_ok();
                     self.open("list the snapshots of", d);
+                    if opened {
+                        self.list_on_host(&forest, id);
+                    }
                 }
             }
             Action::Bitmaps => {
                 if let Some(id) = selected {
                     let d = dialog::bitmaps::BitmapDialog::open(&forest, id, self.details.as_ref())
                         .map(Dialog::Bitmaps);
+                    let opened = d.is_ok();
                     self.open("list the bitmaps of", d);
+                    if opened {
+                        self.list_on_host(&forest, id);
+                    }
                 }
             }
             Action::CancelJob => self.cancel_job(None),
@@ -1248,9 +1266,36 @@ impl App {
         }
     }
 
-    /// Whether `action` on the images of another host opens its dialog as
-    /// for local ones, the job then run by that host's agent: rebase,
-    /// convert and move on one image, delete on the images of one host.
+    /// For an image on another host: ask its agent, on a thread of its own,
+    /// for the snapshots and bitmaps the open dialog lists; the answer
+    /// comes back as [`Event::Listing`].
+    fn list_on_host(&self, forest: &Forest, id: NodeId) {
+        let r = &forest.nodes[id].record;
+        let Some(host) = r.host.clone() else {
+            return;
+        };
+        let (key, image, events) = (r.key.clone(), r.path.clone(), self.events.clone());
+        let ask = move || {
+            let ssh = crate::remote::client::SshOptions::from_env();
+            let listing =
+                crate::remote::client::list_on_host(&host, &ssh, &image).map_err(|e| e.to_string());
+            let _ = events.send(Event::Listing { key, listing });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("cowshed-list".into())
+            .spawn(ask)
+        {
+            let _ = self.events.send(Event::Listing {
+                key: r.key.clone(),
+                listing: Err(format!("cannot start a thread: {e}")),
+            });
+        }
+    }
+
+    /// Whether `action` on the images of another host opens its dialog (or
+    /// makes its job) as for local ones, the job then run by that host's
+    /// agent: every action on one image; rebase, convert, flatten, reset,
+    /// commit and delete on marked images of one host.
     fn agent_runs_dialog(&self, action: Action, forest: &Forest) -> bool {
         let targets = self.targets();
         let one_host = targets
@@ -1258,86 +1303,42 @@ impl App {
             .map(|&t| &forest.nodes[t].record.host)
             .is_some_and(|h| targets.iter().all(|&t| forest.nodes[t].record.host == *h));
         match action {
-            Action::Rebase | Action::Convert | Action::Move => !self.has_marks(),
-            Action::DeleteImage => one_host,
+            Action::Clone
+            | Action::CloneAs
+            | Action::CloneMany
+            | Action::Move
+            | Action::Snapshots
+            | Action::Bitmaps
+            | Action::Doctor
+            | Action::Protect => !self.has_marks(),
+            // With marks, their batches: every image planned from the
+            // host's forest, each job run by its agent.
+            Action::Rebase
+            | Action::Convert
+            | Action::Flatten
+            | Action::ResetImage
+            | Action::Commit
+            | Action::DeleteImage => one_host,
             _ => false,
         }
     }
 
-    /// An action on images of another host: clone and commit run there,
-    /// by its agent (the job list shows their progress and cancels them);
-    /// the others are refused here, never run on a local file of the same
-    /// name.
-    fn remote_action(&mut self, action: Action, forest: &Forest, ids: &[NodeId]) {
-        use crate::remote::protocol::JobOp;
-        let r = &forest.nodes[ids[0]].record;
-        let (Some(host), true) = (r.host.clone(), ids.len() == 1) else {
-            return self.say(Status::error(
-                "images on other hosts are acted on one at a time (clone, commit, rebase, \
-                 convert, move), or deleted one host at a time",
-            ));
-        };
-        let shown = r.location();
-        let (kind, op) = match action {
-            Action::Clone => {
-                let dir = r.path.parent().unwrap_or(Path::new("/"));
-                let stem = r
-                    .path
-                    .file_stem()
-                    .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
-                // The first name the host's forest does not have; the
-                // agent never overwrites, so a file it does not show is
-                // refused there, not replaced.
-                let taken = |p: &Path| {
-                    forest.nodes.iter().any(|n| {
-                        n.record.host.as_deref() == Some(host.as_str()) && n.record.path == p
-                    })
-                };
-                let Some(new) = (1..100_000u32)
-                    .map(|n| dir.join(format!("{stem}-{n}.qcow2")))
-                    .find(|p| !taken(p))
-                else {
-                    return self.say(Status::error(format!("cannot clone {shown}: no free name")));
-                };
-                (
-                    "clone",
-                    JobOp::Clone {
-                        base: r.path.clone(),
-                        new,
-                    },
-                )
-            }
-            Action::Commit => (
-                "commit",
-                JobOp::Commit {
-                    image: r.path.clone(),
-                    keep_top: false,
-                },
+    /// An action on images of another host that the agent does not run
+    /// (several at once where only one is acted on, or images of several
+    /// hosts): refused here, never run on a local file of the same name.
+    fn refuse_on_other_hosts(&mut self, ids: &[NodeId]) {
+        let r = &self.forest.nodes[ids[0]].record;
+        let text = match (&r.host, ids.len()) {
+            (Some(host), 1) => format!(
+                "{} is on {host}: with marks, only rebase, convert, flatten, reset, commit and \
+                 delete batch another host's images; clear the marks to act on it alone",
+                r.location()
             ),
-            _ => {
-                return self.say(Status::error(format!(
-                    "{shown} is on {host}: only clone, commit, rebase, convert, move and delete \
-                 run on other hosts from here so far"
-                )))
-            }
+            _ => "on other hosts that acts on one image at a time; rebase, convert, flatten, \
+                  reset, commit and delete also batch the marked images of one host"
+                .to_string(),
         };
-        self.submit(JobSpec {
-            kind,
-            label: format!("{kind} {shown}"),
-            touches: vec![r.key.clone()],
-            refresh: Vec::new(),
-            work: crate::remote::client::remote_work(
-                host,
-                crate::remote::client::SshOptions::from_env(),
-                op,
-                // A commit writes into the backing too.
-                crate::remote::client::peers(
-                    std::iter::once(ids[0])
-                        .chain(forest.nodes[ids[0]].parent)
-                        .map(|id| &forest.nodes[id].record),
-                ),
-            ),
-        });
+        self.say(Status::error(text));
     }
 
     fn request_details(&mut self) {

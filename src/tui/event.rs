@@ -40,6 +40,12 @@ pub enum Event {
     },
     /// The defined libvirt domains, read again (see `worker::spawn_inventory`).
     Inventory(std::sync::Arc<crate::inventory::Inventory>),
+    /// Another host's agent listed the snapshots and bitmaps of the image
+    /// `key` (for the dialog that asked), or why it could not.
+    Listing {
+        key: PathBuf,
+        listing: Result<crate::remote::protocol::WireListing, String>,
+    },
     /// Time passes while something moves (a job runs, an image grows).
     Tick,
 }

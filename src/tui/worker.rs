@@ -35,7 +35,8 @@ const GROWTH_EVERY: Duration = Duration::from_secs(1);
 pub enum CatalogCmd {
     Rescan,
     /// Re-stat and re-probe one file (a clone just made, a file that
-    /// changed): added, updated, or removed if it is gone.
+    /// changed): added, updated, or removed if it is gone. `host:/path`
+    /// names a file of another host: its agent reads it again.
     Probe(PathBuf),
 }
 
@@ -107,6 +108,8 @@ struct Catalog {
 
 struct HostView {
     host: String,
+    /// Paths there to read again (a job of ours on them ended).
+    refresh: Sender<Vec<PathBuf>>,
     nodes: crate::remote::client::Grafts,
     errors: Vec<(PathBuf, String)>,
     /// The domains there that use its images, as last read there.
@@ -154,6 +157,15 @@ impl Catalog {
     }
 }
 
+/// `host:/path` (how jobs name another host's file to re-read) as the
+/// host and the path there.
+fn remote_file(path: &Path) -> Option<(String, PathBuf)> {
+    match crate::remote::Root::parse(path) {
+        crate::remote::Root::Remote { host, path } => Some((host, path)),
+        crate::remote::Root::Local(_) => None,
+    }
+}
+
 fn catalog_worker(
     roots: &[PathBuf],
     live: bool,
@@ -166,7 +178,10 @@ fn catalog_worker(
     // Dropped with the worker: the host threads see it and end.
     let (_stop_hosts, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let ssh = crate::remote::client::SshOptions::from_env();
+    let mut refreshers = Vec::new();
     for (host, host_roots) in &remote {
+        let (refresh_tx, refresh_rx) = unbounded::<Vec<PathBuf>>();
+        refreshers.push(refresh_tx);
         let (host, host_roots, tx, stop, ssh) = (
             host.clone(),
             host_roots.clone(),
@@ -177,7 +192,15 @@ fn catalog_worker(
         let _ = thread::Builder::new()
             .name(format!("cowshed-host-{host}"))
             .spawn(move || {
-                crate::remote::client::follow(&host, &host_roots, live, &ssh, &tx, &stop);
+                crate::remote::client::follow(
+                    &host,
+                    &host_roots,
+                    live,
+                    &ssh,
+                    &tx,
+                    &stop,
+                    &refresh_rx,
+                );
             });
     }
     drop(host_tx);
@@ -192,8 +215,10 @@ fn catalog_worker(
         shown: Arc::new(Forest::default()),
         hosts: remote
             .iter()
-            .map(|(host, _)| HostView {
+            .zip(refreshers)
+            .map(|((host, _), refresh)| HostView {
                 host: host.clone(),
+                refresh,
                 nodes: Vec::new(),
                 errors: Vec::new(),
                 vms: HashMap::new(),
@@ -224,6 +249,14 @@ fn catalog_worker(
                         cat.errors.clear();
                         cat.scanning = true;
                         scan_rx = start_scan(roots.to_vec());
+                    }
+                    // Another host's file: its agent reads it there.
+                    CatalogCmd::Probe(path) if remote_file(&path).is_some() => {
+                        if let Some((host, there)) = remote_file(&path) {
+                            if let Some(h) = cat.hosts.iter().find(|h| h.host == host) {
+                                let _ = h.refresh.send(vec![there]);
+                            }
+                        }
                     }
                     CatalogCmd::Probe(path) => match read_record(&path) {
                         Ok(Some(r)) => {

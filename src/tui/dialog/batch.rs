@@ -8,7 +8,9 @@
 //! The plans are the single-image dialogs' own (`flatten::plan`,
 //! `commit::plan`, `convert::plan`, `rebase::plan`, `reset::plan`), so a
 //! batch refuses
-//! exactly what one image at a time would.
+//! exactly what one image at a time would. Images of another host (the
+//! app batches those of one host) are planned from that host's forest and
+//! their jobs run there by its agent, as the plans say.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,8 @@ pub enum Plan {
 pub struct Item {
     pub key: PathBuf,
     pub path: PathBuf,
+    /// The image's host (`None`: here).
+    pub host: Option<String>,
     /// The plan, or why the image is skipped.
     pub plan: Result<Plan, String>,
 }
@@ -152,7 +156,7 @@ impl BatchDialog {
         }
         let mut d = BatchDialog::new(Op::Commit, items);
         let first_base = d.plans().find_map(|p| match p {
-            Plan::Commit(p) => Some(p.base.clone()),
+            Plan::Commit(p) if p.host.is_none() => Some(p.base.clone()),
             _ => None,
         });
         let total = d
@@ -186,9 +190,16 @@ impl BatchDialog {
             p.cluster_size = template.cluster_size;
             p.keep_backing = template.keep_backing && p.backing.is_some();
             let dest = p.source.parent().unwrap_or(Path::new("")).join(&p.dest);
-            // One stat per image, on the key that submits the form; the
-            // job refuses too if the name appears meanwhile.
-            if dest.symlink_metadata().is_ok() {
+            // One stat per image, on the key that submits the form (for
+            // another host's image, its forest answers); the job refuses
+            // too if the name appears meanwhile.
+            let exists = match &p.host {
+                Some(host) => f.nodes.iter().any(|n| {
+                    n.record.host.as_deref() == Some(host.as_str()) && n.record.path == dest
+                }),
+                None => dest.symlink_metadata().is_ok(),
+            };
+            if exists {
                 return Err(format!(
                     "{} exists: an existing file is never replaced",
                     p.dest
@@ -233,10 +244,11 @@ impl BatchDialog {
         self.items.iter().filter_map(|i| i.plan.as_ref().ok())
     }
 
+    /// Another host's file system is not this one's: its agent checks.
     fn first_path(&self) -> Option<PathBuf> {
         self.items
             .iter()
-            .find(|i| i.plan.is_ok())
+            .find(|i| i.plan.is_ok() && i.host.is_none())
             .map(|i| i.path.clone())
     }
 
@@ -503,7 +515,13 @@ impl BatchDialog {
         head.push(Line::default());
 
         let mut tail: Vec<Line> = vec![Line::default()];
-        let paths: Vec<&std::path::Path> = self.items.iter().map(|i| i.path.as_path()).collect();
+        // Another host's domains are that host's agent's to check.
+        let paths: Vec<&std::path::Path> = self
+            .items
+            .iter()
+            .filter(|i| i.host.is_none())
+            .map(|i| i.path.as_path())
+            .collect();
         if let Some(w) = super::vm_warning(app, &paths) {
             tail.extend([w, Line::default()]);
         }
@@ -609,6 +627,7 @@ fn items(
             Item {
                 key: r.key.clone(),
                 path: r.path.clone(),
+                host: r.host.clone(),
                 plan: plan(id),
             }
         })

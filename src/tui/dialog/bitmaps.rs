@@ -6,7 +6,9 @@
 //! `cowshed bitmap` would; the job re-reads the image when it ends, and the
 //! list comes from the details the inspector reads in the background, as
 //! the snapshots dialog's does. Refusals the catalog can see (not qcow2, a
-//! QEMU holding it, a name taken) are said when the key is pressed.
+//! QEMU holding it, a name taken) are said when the key is pressed. For an
+//! image on another host the dialog opens reading: the list comes from
+//! that host's agent (`list`), and the jobs run there.
 
 use std::path::PathBuf;
 
@@ -15,11 +17,11 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, usable, JobSpec, Outcome};
+use super::{error, hint_line, in_use, on_host, usable, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::bitmap;
-use crate::engine::ops::info::BitmapInfo;
 use crate::engine::Format;
+use crate::remote::protocol::{BitmapAction, JobOp, WireBitmap, WireListing};
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -31,12 +33,20 @@ const LIST_ROWS: usize = 10;
 pub struct BitmapDialog {
     pub image: PathBuf,
     pub key: PathBuf,
-    pub bitmaps: Vec<BitmapInfo>,
+    /// The host whose agent lists and changes the image (`None`: here).
+    pub host: Option<String>,
+    /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
+    location: String,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
+    pub bitmaps: Vec<WireBitmap>,
     pub selected: usize,
     pub state: State,
 }
 
 pub enum State {
+    /// Waiting for the host's agent to list them.
+    Reading,
     List,
     /// `a`: the new bitmap's name, as typed.
     Naming(String),
@@ -70,6 +80,20 @@ impl BitmapDialog {
             None => return Err("its header could not be read".into()),
         }
         in_use(f, &[id], false)?;
+        let mut dialog = BitmapDialog {
+            image: record.path.clone(),
+            key: record.key.clone(),
+            host: record.host.clone(),
+            location: record.location(),
+            peers: crate::remote::client::peers([record]),
+            bitmaps: Vec::new(),
+            selected: 0,
+            state: State::Reading,
+        };
+        // Another host's file is listed by its agent: see `on_listing`.
+        if dialog.host.is_some() {
+            return Ok(dialog);
+        }
         let info = match details.filter(|d| d.key == record.key).map(|d| &d.info) {
             Some(Ok(info)) => info,
             Some(Err(e)) => return Err(e.clone()),
@@ -78,21 +102,41 @@ impl BitmapDialog {
         let Some(q) = info.qcow2.as_ref() else {
             return Err("its details are not those of a qcow2 image".into());
         };
-        if q.version < 3 {
+        dialog.fill(WireListing::from_qcow2(q))?;
+        Ok(dialog)
+    }
+
+    fn fill(&mut self, listing: WireListing) -> Result<(), String> {
+        if listing.version < 3 {
             return Err("a compat=0.10 image cannot hold persistent bitmaps".into());
         }
-        Ok(BitmapDialog {
-            image: record.path.clone(),
-            key: record.key.clone(),
-            bitmaps: q.bitmaps.clone(),
-            selected: 0,
-            state: State::List,
-        })
+        self.bitmaps = listing.bitmaps;
+        self.selected = 0;
+        self.state = State::List;
+        Ok(())
+    }
+
+    /// The host's agent listed the image `key` (or said why not).
+    pub fn on_listing(
+        &mut self,
+        key: &std::path::Path,
+        listing: Result<WireListing, String>,
+    ) -> Outcome {
+        if key != self.key || !matches!(self.state, State::Reading) {
+            return Outcome::Stay;
+        }
+        match listing.and_then(|l| self.fill(l)) {
+            Ok(()) => Outcome::Stay,
+            Err(why) => Outcome::Close(error(format!(
+                "cannot list the bitmaps of {}: {why}",
+                self.location
+            ))),
+        }
     }
 
     pub fn layers(&self) -> &'static [Layer] {
         match self.state {
-            State::List | State::MergeFrom { .. } => &[Layer::Bitmap],
+            State::Reading | State::List | State::MergeFrom { .. } => &[Layer::Bitmap],
             State::Naming(_) => &[Layer::Input],
             State::Confirm { .. } => &[Layer::Confirm],
         }
@@ -100,6 +144,12 @@ impl BitmapDialog {
 
     pub fn on_key(&mut self, key: Key, action: Option<Action>) -> Outcome {
         match &mut self.state {
+            State::Reading => match action {
+                Some(Action::Close) => {
+                    Outcome::Close(Status::cancelled("bitmaps: nothing was changed"))
+                }
+                _ => Outcome::Stay,
+            },
             State::List => self.list_key(action),
             State::Naming(name) => {
                 if let Some(c) = key.typed() {
@@ -221,6 +271,7 @@ impl BitmapDialog {
 
     pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
         match self.state {
+            State::Reading => vec![keymap.hint(Layer::Bitmap, Action::Close, None)],
             State::List => vec![
                 keymap.hint(Layer::Bitmap, Action::Up, None),
                 keymap.hint(Layer::Bitmap, Action::AddBitmap, None),
@@ -259,6 +310,13 @@ impl BitmapDialog {
         let mut lines: Vec<Line> = Vec::new();
         let mut border = Style::new();
         match &self.state {
+            State::Reading => lines.push(Line::from(Span::styled(
+                format!(
+                    "reading them on {}…",
+                    self.host.as_deref().unwrap_or("this host")
+                ),
+                dim,
+            ))),
             State::List => {
                 if self.bitmaps.is_empty() {
                     lines.push(Line::from(Span::styled("no bitmaps yet", dim)));
@@ -305,6 +363,18 @@ impl BitmapDialog {
                 )));
                 self.list_lines(app, *from, Some(*into), &mut lines);
             }
+        }
+        // Every step here writes the image: a domain that uses it is named
+        // while the dialog is open (the engine's snapshot and bitmap steps
+        // leave that check to the caller). Another host's agent checks its
+        // own domains.
+        let vm = self
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &[&self.image]));
+        if let (Some(Some(w)), false) = (vm, matches!(self.state, State::Reading)) {
+            lines.push(Line::default());
+            lines.push(w);
         }
         lines.push(Line::default());
         lines.push(hint_line(app, hints));
@@ -362,9 +432,38 @@ impl BitmapDialog {
             bitmap::Action::Enable => "enable".into(),
             bitmap::Action::Disable => "disable".into(),
         };
+        let label = format!("bitmap {what} '{name}' {}", file_name(&self.image));
+        if let Some(host) = &self.host {
+            let action = match action {
+                bitmap::Action::Add => BitmapAction::Add { granularity: None },
+                bitmap::Action::Remove => BitmapAction::Remove,
+                bitmap::Action::Clear => BitmapAction::Clear,
+                bitmap::Action::Enable => BitmapAction::Enable,
+                bitmap::Action::Disable => BitmapAction::Disable,
+                bitmap::Action::Merge(from) => BitmapAction::Merge {
+                    from: String::from_utf8_lossy(&from).into_owned(),
+                },
+            };
+            return JobSpec {
+                kind: "bitmap",
+                label,
+                touches: vec![self.key.clone()],
+                // Its agent reads it again when the job ends.
+                refresh: vec![crate::remote::client::remote_path(host, &self.image)],
+                work: on_host(
+                    host,
+                    JobOp::Bitmap {
+                        image,
+                        name,
+                        action,
+                    },
+                    self.peers.clone(),
+                ),
+            };
+        }
         JobSpec {
             kind: "bitmap",
-            label: format!("bitmap {what} '{name}' {}", file_name(&self.image)),
+            label,
             touches: vec![self.key.clone()],
             refresh: vec![self.image.clone()],
             work: Box::new(move |_progress, _cancel| {

@@ -1,7 +1,9 @@
 //! Clone: a new qcow2 overlay on the selected image, beside it. `c` makes
 //! `<stem>-<n>.qcow2` at once; `C` opens this dialog to ask for the name,
 //! and its count field (`N` opens the dialog there) makes N clones at once,
-//! `<prefix>01` … `<prefix>NN`, numbered on past names that exist.
+//! `<prefix>01` … `<prefix>NN`, numbered on past names that exist. An
+//! image on another host is cloned there by its agent; the names free
+//! there are those its forest does not show (its agent never overwrites).
 
 use std::path::{Path, PathBuf};
 
@@ -10,9 +12,10 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, usable, Ctx, JobSpec, Outcome};
+use super::{error, hint_line, in_use, on_host, usable, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::{self, CreateOptions, Format};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -200,7 +203,10 @@ fn check(f: &Forest, id: NodeId) -> Result<Format, String> {
 /// its format is recorded.
 pub fn job(f: &Forest, id: NodeId, name: Option<String>, ctx: &Ctx) -> Result<JobSpec, String> {
     let record = &f.nodes[id].record;
-    let shown = ctx.display_path(&record.path);
+    let shown = match &record.host {
+        Some(_) => record.location(),
+        None => ctx.display_path(&record.path),
+    };
     let format = check(f, id).map_err(|why| format!("cannot clone {shown}: {why}"))?;
     if name.as_deref().is_some_and(|n| n.contains('/')) {
         return Err(
@@ -208,6 +214,25 @@ pub fn job(f: &Forest, id: NodeId, name: Option<String>, ctx: &Ctx) -> Result<Jo
         );
     }
     let source = record.path.clone();
+    if let Some(host) = &record.host {
+        let dir = source.parent().unwrap_or(Path::new("/"));
+        let new = match name {
+            Some(n) => dir.join(n),
+            None => (1..100_000u32)
+                .map(|n| dir.join(format!("{}-{n}.qcow2", stem(&source))))
+                .find(|p| !on_host_exists(f, host, p))
+                .ok_or_else(|| format!("cannot clone {shown}: no free name"))?,
+        };
+        return Ok(JobSpec {
+            kind: "clone",
+            label: format!("clone {shown}"),
+            touches: vec![record.key.clone()],
+            // Its agent reads the new image at once when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &new)],
+            // It only reads its base and makes a new file.
+            work: on_host(host, JobOp::Clone { base: source, new }, Vec::new()),
+        });
+    }
     let backing = file_name(&source);
     let work = Box::new(move |_: &engine::Progress, cancel: &engine::Cancel| {
         cancel.check()?;
@@ -247,15 +272,21 @@ pub fn numbered(prefix: &str, i: usize, n: usize) -> String {
 }
 
 /// The names of `n` new clones beside `dir`: the first `n` numbers whose
-/// name is free (one stat each, on the key that asks; `engine::create`
-/// refuses to overwrite anyway if a name is taken meanwhile), and the
-/// names passed over because they exist.
-pub fn free_names(dir: &Path, prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
+/// name is free (`exists`: one stat each, on the key that asks, or a look
+/// at another host's forest; `engine::create` refuses to overwrite anyway
+/// if a name is taken meanwhile), and the names passed over because they
+/// exist.
+pub fn free_names(
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    exists: impl Fn(&Path) -> bool,
+) -> (Vec<String>, Vec<String>) {
     let (mut free, mut taken) = (Vec::new(), Vec::new());
     let mut i = 1;
     while free.len() < n && i <= n + MAX_CLONES {
         let name = numbered(prefix, i, n);
-        if dir.join(&name).symlink_metadata().is_ok() {
+        if exists(&dir.join(&name)) {
             taken.push(name);
         } else {
             free.push(name);
@@ -281,7 +312,10 @@ fn many(ctx: &Ctx, id: NodeId, prefix: &str, n: usize) -> Outcome {
         ));
     }
     let dir = path.parent().unwrap_or(Path::new(""));
-    let (names, taken) = free_names(dir, &prefix, n);
+    let (names, taken) = match &f.nodes[id].record.host {
+        Some(host) => free_names(dir, &prefix, n, |p| on_host_exists(f, host, p)),
+        None => free_names(dir, &prefix, n, |p| p.symlink_metadata().is_ok()),
+    };
     if names.len() < n {
         return Outcome::Say(error(format!(
             "not {n} free names with prefix {prefix}: choose another prefix"
@@ -313,6 +347,13 @@ fn many(ctx: &Ctx, id: NodeId, prefix: &str, n: usize) -> Outcome {
         unmark: Vec::new(),
         say: Some(Status::info(text)),
     }
+}
+
+/// Whether `host`'s forest shows a file at `path` (a path there).
+fn on_host_exists(f: &Forest, host: &str, path: &Path) -> bool {
+    f.nodes
+        .iter()
+        .any(|n| n.record.host.as_deref() == Some(host) && n.record.path == path)
 }
 
 /// `<stem>-<n>.qcow2` beside `source` with the first n whose name is free.

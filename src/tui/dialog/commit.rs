@@ -1,6 +1,7 @@
 //! Commit (`m`): copy the overlay into its backing image, as a job, after
 //! a dialog that says what happens and, when other overlays share the
-//! base, warns loudly and asks for the word `yes`.
+//! base, warns loudly and asks for the word `yes`. An overlay on another
+//! host is committed there by its agent, with the same engine commit.
 
 use std::path::{Path, PathBuf};
 
@@ -11,9 +12,10 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, space_warning, usable, Ctx, JobSpec, Outcome};
+use super::{hint_line, in_use, on_host, space_warning, usable, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::{self, Format};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -35,6 +37,10 @@ pub struct CommitPlan {
     pub affected: usize,
     /// The base's file system may be too small for what is copied.
     pub space_warning: Option<String>,
+    /// The host whose agent commits it (`None`: here).
+    pub host: Option<String>,
+    /// Other hosts that see the top or the base, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 impl CommitPlan {
@@ -65,7 +71,10 @@ const MAX_TYPED: usize = 8;
 impl CommitDialog {
     pub fn open(f: &Forest, id: NodeId) -> Result<CommitDialog, String> {
         let mut plan = plan(f, id)?;
-        plan.space_warning = space_warning(&plan.base, plan.allocated);
+        // The file system there is not this one's: its agent checks.
+        if plan.host.is_none() {
+            plan.space_warning = space_warning(&plan.base, plan.allocated);
+        }
         Ok(CommitDialog {
             plan,
             input: String::new(),
@@ -148,7 +157,13 @@ impl CommitDialog {
             lines.push(Line::from(Span::styled(format!("⚠ {w}"), warn)));
             lines.push(Line::default());
         }
-        if let Some(w) = super::vm_warning(app, &plan.paths()) {
+        // Another host's domains are that host's agent's to check.
+        if let Some(w) = plan
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &plan.paths()))
+            .flatten()
+        {
             lines.extend([w, Line::default()]);
         }
         if plan.affected > 0 {
@@ -241,6 +256,8 @@ pub fn plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
         allocated: r.sizes.allocated,
         affected,
         space_warning: None,
+        host: r.host.clone(),
+        peers: crate::remote::client::peers([r, &base.record]),
     })
 }
 
@@ -248,14 +265,36 @@ pub fn plan(f: &Forest, id: NodeId) -> Result<CommitPlan, String> {
 /// runs meanwhile; the engine takes QEMU's locks itself.
 pub(crate) fn job(plan: &CommitPlan, vms: VmUsers) -> JobSpec {
     let top = plan.top.clone();
+    let label = format!(
+        "commit {} → {}",
+        file_name(&plan.top),
+        file_name(&plan.base)
+    );
+    let touches = vec![plan.top_key.clone(), plan.base_key.clone()];
+    if let Some(host) = &plan.host {
+        return JobSpec {
+            kind: "commit",
+            label,
+            touches,
+            // Its agent reads them again when the job ends.
+            refresh: vec![
+                crate::remote::client::remote_path(host, &plan.top),
+                crate::remote::client::remote_path(host, &plan.base),
+            ],
+            work: on_host(
+                host,
+                JobOp::Commit {
+                    image: top,
+                    keep_top: false,
+                },
+                plan.peers.clone(),
+            ),
+        };
+    }
     JobSpec {
         kind: "commit",
-        label: format!(
-            "commit {} → {}",
-            file_name(&plan.top),
-            file_name(&plan.base)
-        ),
-        touches: vec![plan.top_key.clone(), plan.base_key.clone()],
+        label,
+        touches,
         refresh: vec![plan.top.clone(), plan.base.clone()],
         work: Box::new(move |progress, cancel| {
             let opts = engine::CommitOptions {

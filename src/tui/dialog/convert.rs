@@ -295,9 +295,6 @@ impl ConvertDialog {
                         "{dest} exists: choose another name (an existing file is never replaced)"
                     )));
                 }
-                if let Some(why) = plan.host.as_ref().and_then(|_| remote_refusal(plan)) {
-                    return Outcome::Say(error(why));
-                }
                 Outcome::Submit(job(plan))
             }
             _ => Outcome::Stay,
@@ -475,6 +472,10 @@ pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
                 dst: dest,
                 format: plan.format.name().to_string(),
                 compress: opts.compress,
+                cluster_size: Some(opts.target.cluster_size),
+                compression_type: Some(opts.target.compression.name().to_string()),
+                backing: opts.target.backing.clone(),
+                backing_format: opts.target.backing_format.map(|f| f.name().to_string()),
             },
             // It only reads its source and makes a new file.
             Vec::new(),
@@ -491,28 +492,6 @@ pub(crate) fn job(plan: &ConvertPlan) -> JobSpec {
         refresh: Vec::new(),
         work,
     }
-}
-
-/// The choices protocol v1's convert cannot carry to another host's
-/// agent (it takes a format and compression on or off, with its defaults
-/// for the rest): refused, never silently dropped.
-fn remote_refusal(plan: &ConvertPlan) -> Option<String> {
-    let default = CreateOptions::default();
-    let qcow2 = plan.format == Format::Qcow2;
-    let refused = if qcow2 && plan.cluster_size != default.cluster_size {
-        format!("a cluster size of {}", human(plan.cluster_size))
-    } else if qcow2 && plan.compression.is_some_and(|c| c != default.compression) {
-        format!("{} compression", plan.compression_name())
-    } else if qcow2 && plan.keep_backing && plan.backing.is_some() {
-        "keeping the backing file (-B)".to_string()
-    } else {
-        return None;
-    };
-    Some(format!(
-        "{refused} cannot be asked of another host's agent yet (protocol 1 converts with \
-         {} clusters, zlib, and no backing file)",
-        human(default.cluster_size)
-    ))
 }
 
 #[cfg(test)]

@@ -294,8 +294,12 @@ impl DeleteDialog {
                 }
                 let work: crate::jobs::Work = match &self.plan.host {
                     Some(host) => {
-                        // Paths there: the host's live forest shows it gone.
-                        refresh.clear();
+                        // Paths there: its agent reads them again (finds
+                        // them gone) when the job ends.
+                        refresh = refresh
+                            .iter()
+                            .map(|p| crate::remote::client::remote_path(host, p))
+                            .collect();
                         on_host(
                             host,
                             JobOp::Delete {
@@ -373,8 +377,7 @@ pub fn plan(f: &Forest, ids: &[NodeId], roots: &[PathBuf]) -> Result<DeletePlan,
         let mut s = stream_plan(f, id, &outside);
         if host.is_some() && s.refused.is_none() {
             s.refused = Some(
-                "another host's agent does not stream images out yet (protocol 1 deletes only)"
-                    .into(),
+                "another host's agent does not stream images out yet (it deletes only)".into(),
             );
         }
         stream = Some(s);

@@ -2,7 +2,8 @@
 //! fix (a problem without a fix is listed too, to be read). Enter applies
 //! the selected fix: a header-only one as a job (`rebase -u`, planned on
 //! the job's thread, where the disk may be read), flatten and commit by
-//! opening their own dialogs.
+//! opening their own dialogs. For an image on another host the problems
+//! come from that host's forest, and the fixes run there by its agent.
 
 use std::path::PathBuf;
 
@@ -11,10 +12,11 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, Dialog, JobSpec, Outcome};
+use super::{hint_line, in_use, on_host, Dialog, JobSpec, Outcome};
 use crate::catalog::doctor::{diagnose, plan_header_fix, DoctorOptions, Fix, Problem};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::rebase::rebase;
+use crate::remote::protocol::{HeaderFixKind, JobOp};
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -34,6 +36,10 @@ pub struct DoctorDialog {
     pub entries: Vec<Entry>,
     pub selected: usize,
     opts: DoctorOptions,
+    /// The host whose agent applies the fixes (`None`: here).
+    host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
 }
 
 impl DoctorDialog {
@@ -59,6 +65,8 @@ impl DoctorDialog {
             entries,
             selected,
             opts,
+            host: r.host.clone(),
+            peers: crate::remote::client::peers([r]),
         }))
     }
 
@@ -110,7 +118,12 @@ impl DoctorDialog {
             },
             Fix::RecordFormat | Fix::MakeRelative => match in_use(f, &[id], false) {
                 Err(why) => Outcome::Say(super::error(why)),
-                Ok(()) => Outcome::Submit(header_job(&self.path, &self.key, fix)),
+                Ok(()) => Outcome::Submit(header_job(
+                    &self.path,
+                    &self.key,
+                    fix,
+                    self.host.as_deref().map(|h| (h, self.peers.clone())),
+                )),
             },
         }
     }
@@ -203,8 +216,35 @@ fn entries(problems: &[Problem]) -> Vec<Entry> {
 
 /// The header-only fix as a job: planned against the disk on the job's
 /// thread, then `rebase -u` (QEMU's locks, metadata checked first).
-fn header_job(path: &std::path::Path, key: &std::path::Path, fix: Fix) -> JobSpec {
+fn header_job(
+    path: &std::path::Path,
+    key: &std::path::Path,
+    fix: Fix,
+    host: Option<(&str, crate::remote::client::Peers)>,
+) -> JobSpec {
     let image = path.to_path_buf();
+    if let Some((host, peers)) = host {
+        let fix_kind = match fix {
+            Fix::MakeRelative => HeaderFixKind::MakeBackingNameRelative,
+            // The caller passes header-only fixes: this is RecordFormat.
+            _ => HeaderFixKind::RecordBackingFormat,
+        };
+        return JobSpec {
+            kind: "doctor",
+            label: format!("{} of {}", fix.describe(), file_name(path)),
+            touches: vec![key.to_path_buf()],
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, path)],
+            work: on_host(
+                host,
+                JobOp::HeaderFix {
+                    image,
+                    fix: fix_kind,
+                },
+                peers,
+            ),
+        };
+    }
     JobSpec {
         kind: "doctor",
         label: format!("{} of {}", fix.describe(), file_name(path)),

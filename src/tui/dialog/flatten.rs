@@ -1,5 +1,7 @@
 //! Flatten (`f`): copy into the image everything its backing chain
 //! provides, then drop the backing file (`rebase -b ""`), after a yes/no.
+//! An image on another host is flattened there by its agent, with the same
+//! engine rebase.
 
 use std::path::PathBuf;
 
@@ -10,9 +12,10 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, qcow2_node, space_warning, JobSpec, Outcome};
+use super::{hint_line, in_use, on_host, qcow2_node, space_warning, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::rebase::{rebase, RebaseOptions};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint};
 use crate::tui::rows::file_name;
@@ -29,6 +32,10 @@ pub struct FlattenPlan {
     pub below: u64,
     /// The file system may be too small for that.
     pub space_warning: Option<String>,
+    /// The host whose agent flattens it (`None`: here).
+    pub host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 pub struct FlattenDialog {
@@ -38,7 +45,10 @@ pub struct FlattenDialog {
 impl FlattenDialog {
     pub fn open(f: &Forest, id: NodeId) -> Result<FlattenDialog, String> {
         let mut plan = plan(f, id)?;
-        plan.space_warning = space_warning(&plan.image, plan.below);
+        // The file system there is not this one's: its agent checks.
+        if plan.host.is_none() {
+            plan.space_warning = space_warning(&plan.image, plan.below);
+        }
         Ok(FlattenDialog { plan })
     }
 
@@ -74,7 +84,13 @@ impl FlattenDialog {
             )));
             lines.push(Line::default());
         }
-        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+        // Another host's domains are that host's agent's to check.
+        if let Some(w) = plan
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &[&plan.image]))
+            .flatten()
+        {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
@@ -116,14 +132,36 @@ pub fn plan(f: &Forest, image: NodeId) -> Result<FlattenPlan, String> {
         backing,
         below,
         space_warning: None,
+        host: node.record.host.clone(),
+        peers: crate::remote::client::peers([&node.record]),
     })
 }
 
 pub(crate) fn job(plan: &FlattenPlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
+    let label = format!("flatten {}", file_name(&plan.image));
+    if let Some(host) = &plan.host {
+        return JobSpec {
+            kind: "flatten",
+            label,
+            touches: plan.chain_keys.clone(),
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &plan.image)],
+            work: on_host(
+                host,
+                JobOp::Rebase {
+                    image,
+                    backing: String::new(),
+                    backing_format: None,
+                    unsafe_header_only: false,
+                },
+                plan.peers.clone(),
+            ),
+        };
+    }
     JobSpec {
         kind: "flatten",
-        label: format!("flatten {}", file_name(&plan.image)),
+        label,
         touches: plan.chain_keys.clone(),
         refresh: vec![plan.image.clone()],
         work: Box::new(move |progress, cancel| {

@@ -183,6 +183,20 @@ impl Dialog {
         }
     }
 
+    /// Another host's agent listed an image's snapshots and bitmaps (only
+    /// those dialogs ask, when they open on a remote image).
+    pub fn on_listing(
+        &mut self,
+        key: &Path,
+        listing: Result<crate::remote::protocol::WireListing, String>,
+    ) -> Outcome {
+        match self {
+            Dialog::Snapshot(d) => d.on_listing(key, listing),
+            Dialog::Bitmaps(d) => d.on_listing(key, listing),
+            _ => Outcome::Stay,
+        }
+    }
+
     /// The keys the dialog offers now, as its hint line (and the footer)
     /// shows them.
     pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {

@@ -151,9 +151,12 @@ impl MoveDialog {
                 })
             }
         };
-        if record.host.is_some() {
-            // Paths there: the host's live forest shows the result.
-            refresh.clear();
+        if let Some(host) = &record.host {
+            // Paths there: its agent reads them again when the job ends.
+            refresh = refresh
+                .iter()
+                .map(|p| crate::remote::client::remote_path(host, p))
+                .collect();
         }
         Ok(JobSpec {
             kind: "move",

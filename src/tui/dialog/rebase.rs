@@ -591,9 +591,9 @@ pub(crate) fn job(plan: &RebasePlan, vms: VmUsers) -> JobSpec {
             plan.backing_name
         ),
         touches,
-        // Paths there: the host's live forest shows the new header.
-        refresh: match plan.host {
-            Some(_) => Vec::new(),
+        // Another host's agent reads it again when the job ends.
+        refresh: match &plan.host {
+            Some(host) => vec![crate::remote::client::remote_path(host, &plan.image)],
             None => vec![plan.image.clone()],
         },
         work: match &plan.host {

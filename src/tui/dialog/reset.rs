@@ -2,7 +2,8 @@
 //! its backing file again, after a yes/no that says what is lost. Refused
 //! before asking when the catalog can see why: no backing file, images
 //! that use it as their backing file, a QEMU holding it, internal
-//! snapshots.
+//! snapshots. An image on another host is reset there by its agent, with
+//! the same engine reset, against the roots named on that host.
 
 use std::path::PathBuf;
 
@@ -11,10 +12,11 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{hint_line, in_use, qcow2_node, Ctx, JobSpec, Outcome};
+use super::{hint_line, in_use, on_host, qcow2_node, roots_on, Ctx, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::preflight::VmUsers;
 use crate::engine::{self, ResetOptions};
+use crate::remote::protocol::JobOp;
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint};
 use crate::tui::rows::file_name;
@@ -27,7 +29,12 @@ pub struct ResetPlan {
     pub backing: String,
     /// Its own data, lost: the allocated size.
     pub allocated: u64,
+    /// Where images that use it would be found (paths on `host`).
     pub roots: Vec<PathBuf>,
+    /// The host whose agent resets it (`None`: here).
+    pub host: Option<String>,
+    /// Other hosts that see the file, asked first.
+    pub peers: crate::remote::client::Peers,
 }
 
 pub struct ResetDialog {
@@ -76,7 +83,13 @@ impl ResetDialog {
             Line::default(),
         ];
         let mut lines = lines;
-        if let Some(w) = super::vm_warning(app, &[&plan.image]) {
+        // Another host's domains are that host's agent's to check.
+        if let Some(w) = plan
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &[&plan.image]))
+            .flatten()
+        {
             lines.extend([w, Line::default()]);
         }
         lines.push(hint_line(app, hints));
@@ -121,12 +134,34 @@ pub fn plan(f: &Forest, id: NodeId, roots: &[PathBuf]) -> Result<ResetPlan, Stri
         key: node.record.key.clone(),
         backing,
         allocated: node.record.sizes.allocated,
-        roots: roots.to_vec(),
+        roots: match &node.record.host {
+            Some(host) => roots_on(host, roots),
+            None => roots.to_vec(),
+        },
+        host: node.record.host.clone(),
+        peers: crate::remote::client::peers([&node.record]),
     })
 }
 
 pub(crate) fn job(plan: &ResetPlan, vms: VmUsers) -> JobSpec {
     let image = plan.image.clone();
+    if let Some(host) = &plan.host {
+        return JobSpec {
+            kind: "reset",
+            label: format!("reset {}", file_name(&plan.image)),
+            touches: vec![plan.key.clone()],
+            // Its agent reads it again when the job ends.
+            refresh: vec![crate::remote::client::remote_path(host, &plan.image)],
+            work: on_host(
+                host,
+                JobOp::Reset {
+                    image,
+                    roots: plan.roots.clone(),
+                },
+                plan.peers.clone(),
+            ),
+        };
+    }
     let opts = ResetOptions {
         roots: plan.roots.clone(),
         vms,

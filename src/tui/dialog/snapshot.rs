@@ -5,6 +5,8 @@
 //! path, as `cowshed snapshot` would. The list comes from the details the
 //! inspector already read; refusals the catalog can see (not qcow2, a QEMU
 //! holding it, an external data file) are said when the key is pressed.
+//! For an image on another host the dialog opens reading: the list comes
+//! from that host's agent (`list`), and the jobs run there.
 
 use std::path::PathBuf;
 
@@ -13,11 +15,12 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::Frame;
 
-use super::{error, hint_line, in_use, usable, JobSpec, Outcome};
+use super::{error, hint_line, in_use, on_host, usable, JobSpec, Outcome};
 use crate::catalog::{Forest, NodeId};
 use crate::engine::ops::snapshot;
 use crate::engine::qcow2::snapshot::Snapshot;
 use crate::engine::Format;
+use crate::remote::protocol::{JobOp, SnapshotAction, WireListing, WireSnapshot};
 use crate::tui::app::{App, Status};
 use crate::tui::keymap::{Action, Hint, Key, Keymap, Layer};
 use crate::tui::rows::file_name;
@@ -29,7 +32,13 @@ const LIST_ROWS: usize = 10;
 pub struct SnapshotDialog {
     pub image: PathBuf,
     pub key: PathBuf,
-    pub snapshots: Vec<Snapshot>,
+    /// The host whose agent lists and changes the image (`None`: here).
+    pub host: Option<String>,
+    /// Where it is, as a user names it (`host1:/srv/a.qcow2`).
+    location: String,
+    /// Other hosts that see the file, asked first.
+    peers: crate::remote::client::Peers,
+    pub snapshots: Vec<WireSnapshot>,
     pub selected: usize,
     /// QEMU refuses to apply a snapshot to an image with persistent
     /// bitmaps; so does cowshed.
@@ -38,6 +47,8 @@ pub struct SnapshotDialog {
 }
 
 pub enum State {
+    /// Waiting for the host's agent to list them.
+    Reading,
     List,
     /// `c`: the new snapshot's name, as typed.
     Naming(String),
@@ -65,6 +76,21 @@ impl SnapshotDialog {
             None => return Err("its header could not be read".into()),
         }
         in_use(f, &[id], false)?;
+        let mut dialog = SnapshotDialog {
+            image: record.path.clone(),
+            key: record.key.clone(),
+            host: record.host.clone(),
+            location: record.location(),
+            peers: crate::remote::client::peers([record]),
+            snapshots: Vec::new(),
+            selected: 0,
+            has_bitmaps: false,
+            state: State::Reading,
+        };
+        // Another host's file is listed by its agent: see `on_listing`.
+        if dialog.host.is_some() {
+            return Ok(dialog);
+        }
         let info = match details.filter(|d| d.key == record.key).map(|d| &d.info) {
             Some(Ok(info)) => info,
             Some(Err(e)) => return Err(e.clone()),
@@ -73,22 +99,42 @@ impl SnapshotDialog {
         let Some(q) = info.qcow2.as_ref() else {
             return Err("its details are not those of a qcow2 image".into());
         };
-        if q.data_file.is_some() {
+        dialog.fill(WireListing::from_qcow2(q))?;
+        Ok(dialog)
+    }
+
+    fn fill(&mut self, listing: WireListing) -> Result<(), String> {
+        if listing.data_file {
             return Err("images with an external data file have no internal snapshots".into());
         }
-        Ok(SnapshotDialog {
-            image: record.path.clone(),
-            key: record.key.clone(),
-            snapshots: q.snapshots.clone(),
-            selected: 0,
-            has_bitmaps: !q.bitmaps.is_empty(),
-            state: State::List,
-        })
+        self.snapshots = listing.snapshots;
+        self.has_bitmaps = !listing.bitmaps.is_empty();
+        self.selected = 0;
+        self.state = State::List;
+        Ok(())
+    }
+
+    /// The host's agent listed the image `key` (or said why not).
+    pub fn on_listing(
+        &mut self,
+        key: &std::path::Path,
+        listing: Result<WireListing, String>,
+    ) -> Outcome {
+        if key != self.key || !matches!(self.state, State::Reading) {
+            return Outcome::Stay;
+        }
+        match listing.and_then(|l| self.fill(l)) {
+            Ok(()) => Outcome::Stay,
+            Err(why) => Outcome::Close(error(format!(
+                "cannot list the snapshots of {}: {why}",
+                self.location
+            ))),
+        }
     }
 
     pub fn layers(&self) -> &'static [Layer] {
         match self.state {
-            State::List => &[Layer::Snapshot],
+            State::Reading | State::List => &[Layer::Snapshot],
             State::Naming(_) => &[Layer::Input],
             State::Confirm { .. } => &[Layer::Confirm],
         }
@@ -96,6 +142,12 @@ impl SnapshotDialog {
 
     pub fn on_key(&mut self, key: Key, action: Option<Action>) -> Outcome {
         match &mut self.state {
+            State::Reading => match action {
+                Some(Action::Close) => {
+                    Outcome::Close(Status::cancelled("snapshots: nothing was changed"))
+                }
+                _ => Outcome::Stay,
+            },
             State::List => self.list_key(action),
             State::Naming(name) => {
                 if let Some(c) = key.typed() {
@@ -178,6 +230,7 @@ impl SnapshotDialog {
 
     pub fn hints(&self, keymap: &Keymap) -> Vec<Hint> {
         match self.state {
+            State::Reading => vec![keymap.hint(Layer::Snapshot, Action::Close, None)],
             State::List => vec![
                 keymap.hint(Layer::Snapshot, Action::Up, None),
                 keymap.hint(Layer::Snapshot, Action::NewSnapshot, None),
@@ -209,6 +262,13 @@ impl SnapshotDialog {
         let mut lines: Vec<Line> = Vec::new();
         let mut border = Style::new();
         match &self.state {
+            State::Reading => lines.push(Line::from(Span::styled(
+                format!(
+                    "reading them on {}…",
+                    self.host.as_deref().unwrap_or("this host")
+                ),
+                dim,
+            ))),
             State::List => {
                 if self.snapshots.is_empty() {
                     lines.push(Line::from(Span::styled("no snapshots yet", dim)));
@@ -226,7 +286,7 @@ impl SnapshotDialog {
                         if i == self.selected { "▸" } else { " " },
                         s.id,
                         s.name,
-                        taken(s)
+                        taken_at(s.date_sec)
                     );
                     lines.push(if i == self.selected {
                         Line::from(Span::styled(text, Style::new().fg(app.theme.accent)))
@@ -249,7 +309,7 @@ impl SnapshotDialog {
                      when the snapshot was taken.",
                     s.name,
                     s.id,
-                    taken(s)
+                    taken_at(s.date_sec)
                 )));
                 lines.push(Line::default());
                 lines.push(Line::from(Span::styled(
@@ -268,10 +328,22 @@ impl SnapshotDialog {
                      keeps are freed; the image itself does not change.",
                     s.name,
                     s.id,
-                    taken(s)
+                    taken_at(s.date_sec)
                 )));
                 border = warn;
             }
+        }
+        // Every step here writes the image: a domain that uses it is named
+        // while the dialog is open (the engine's snapshot and bitmap steps
+        // leave that check to the caller). Another host's agent checks its
+        // own domains.
+        let vm = self
+            .host
+            .is_none()
+            .then(|| super::vm_warning(app, &[&self.image]));
+        if let (Some(Some(w)), false) = (vm, matches!(self.state, State::Reading)) {
+            lines.push(Line::default());
+            lines.push(w);
         }
         lines.push(Line::default());
         lines.push(hint_line(app, hints));
@@ -291,9 +363,25 @@ impl SnapshotDialog {
             Job::Apply { name, .. } => ("apply", name.clone()),
             Job::Delete { name, .. } => ("delete", name.clone()),
         };
+        let label = format!("snapshot {verb} '{name}' {}", file_name(&self.image));
+        if let Some(host) = &self.host {
+            let action = match job {
+                Job::Create(name) => SnapshotAction::Create { name },
+                Job::Apply { id, .. } => SnapshotAction::Apply { id },
+                Job::Delete { id, .. } => SnapshotAction::Delete { id },
+            };
+            return JobSpec {
+                kind: "snapshot",
+                label,
+                touches: vec![self.key.clone()],
+                // Its agent reads it again when the job ends.
+                refresh: vec![crate::remote::client::remote_path(host, &self.image)],
+                work: on_host(host, JobOp::Snapshot { image, action }, self.peers.clone()),
+            };
+        }
         JobSpec {
             kind: "snapshot",
-            label: format!("snapshot {verb} '{name}' {}", file_name(&self.image)),
+            label,
             touches: vec![self.key.clone()],
             refresh: vec![self.image.clone()],
             work: Box::new(move |_progress, _cancel| {
@@ -317,7 +405,12 @@ enum Job {
 
 /// How long ago a snapshot was taken (`5 h ago`).
 pub fn taken(s: &Snapshot) -> String {
-    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(s.date_sec));
+    taken_at(s.date_sec)
+}
+
+/// How long ago `date_sec` (seconds since the epoch) was.
+pub fn taken_at(date_sec: u32) -> String {
+    let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(date_sec));
     let age = std::time::SystemTime::now()
         .duration_since(then)
         .unwrap_or_default();
