@@ -515,23 +515,165 @@ fn commits_into_a_base_on_another_file_system() {
     assert_eq!(common::run::check_code(d, "base.qcow2"), 0);
 }
 
-/// The base's allocation as `qemu-img map` shows it, host offsets aside
-/// (each image places its clusters where it likes).
-fn allocation(d: &Path, img: &str) -> Vec<(u64, u64, bool, bool)> {
+/// The base's allocation as `qemu-img map` shows it: extents with their
+/// data and zero flags and whether a host cluster backs them (a zero
+/// cluster keeping its space has an offset, a freed one none); the host
+/// offsets themselves aside (each image places its clusters where it
+/// likes), so extents that differ only by them are merged.
+fn allocation(d: &Path, img: &str) -> Vec<(u64, u64, bool, bool, bool)> {
     let map = ok(d, "qemu-img", &["map", "--output=json", img]);
     let v: serde_json::Value = serde_json::from_str(&map).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["start"].as_u64().unwrap(),
-                e["length"].as_u64().unwrap(),
-                e["data"].as_bool().unwrap(),
-                e["zero"].as_bool().unwrap(),
-            )
-        })
-        .collect()
+    let mut out: Vec<(u64, u64, bool, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let kind = (
+            e["data"].as_bool().unwrap(),
+            e["zero"].as_bool().unwrap(),
+            e.get("offset").is_some(),
+        );
+        match out.last_mut() {
+            Some(last) if (last.2, last.3, last.4) == kind && last.0 + last.1 == start => {
+                last.1 += len
+            }
+            _ => out.push((start, len, kind.0, kind.1, kind.2)),
+        }
+    }
+    out
+}
+
+/// Clusters `qemu-img check` counts as allocated in the image.
+fn allocated_clusters(d: &Path, img: &str) -> u64 {
+    let out = run(d, "qemu-img", &["check", "--output=json", img]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["allocated-clusters"].as_u64().unwrap()
+}
+
+/// Zeros committed over whole clusters the base owns give those clusters
+/// back, as qemu-img's commit (write-zeroes with MAY_UNMAP) does: v3 zero
+/// clusters without an offset (preallocated, extended-L2 and
+/// snapshot-shared clusters too), v2 clusters unallocated when the base
+/// has no backing, zero bytes when it has one; partial clusters get zero
+/// bytes (issue #13). Same view, `check` clean, same `qemu-img map`
+/// flags and the same count of allocated clusters as qemu-img's base.
+#[test]
+fn zeroed_clusters_are_freed_in_the_base_as_qemu_img_frees_them() {
+    // (case, base options, the base gets a snapshot, the base has a backing)
+    let cases: &[(&str, &str, bool, bool)] = &[
+        ("64k", "cluster_size=64k", false, false),
+        ("512", "cluster_size=512", false, false),
+        ("2M", "cluster_size=2M", false, false),
+        (
+            "extended-l2",
+            "cluster_size=64k,extended_l2=on",
+            false,
+            false,
+        ),
+        (
+            "prealloc-metadata",
+            "cluster_size=64k,preallocation=metadata",
+            false,
+            false,
+        ),
+        ("snapshot", "cluster_size=64k", true, false),
+        ("v2", "cluster_size=64k,compat=0.10", false, false),
+        (
+            "v2-over-backing",
+            "cluster_size=64k,compat=0.10",
+            false,
+            true,
+        ),
+    ];
+    for &(case, opts, snapshot, backed) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let src = d.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let q = |args: &[&str]| ok(&src, args[0], &args[1..]);
+        let mut create = vec!["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts];
+        let mut names = vec!["base.qcow2", "top.qcow2"];
+        if backed {
+            q(&[
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "under.qcow2",
+                "8M",
+            ]);
+            q(&["qemu-io", "-c", "write -P 0x33 0 8M", "under.qcow2"]);
+            create.extend(["-b", "under.qcow2", "-F", "qcow2"]);
+            names.push("under.qcow2");
+        }
+        create.extend(["base.qcow2", "8M"]);
+        q(&create);
+        q(&["qemu-io", "-c", "write -P 0xaa 0 6M", "base.qcow2"]);
+        if snapshot {
+            q(&["qemu-img", "snapshot", "-c", "before", "base.qcow2"]);
+        }
+        q(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
+        q(&[
+            "qemu-io",
+            // Whole clusters of every size here, partial 512 B and 64 KiB
+            // ones, zeros beside data, zeros past the base's data.
+            "-c",
+            "write -z 0 2M",
+            "-c",
+            "write -z 2176k 64k",
+            "-c",
+            "write -P 0x11 2304k 64k",
+            "-c",
+            "write -z 2368k 192k",
+            "-c",
+            "write -z 4M 2M",
+            "-c",
+            "write -z 7M 1M",
+            "top.qcow2",
+        ]);
+        q(&["qemu-img", "convert", "-O", "raw", "top.qcow2", "view.raw"]);
+        twin(d, &names);
+        ok(&d.join("qemu"), "qemu-img", &["commit", "-q", "top.qcow2"]);
+        let out = cowshed(&d.join("ours"), &["commit", "top.qcow2"]);
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        same(
+            d,
+            "ours/top.qcow2",
+            "src/view.raw",
+            &format!("{case}: view"),
+        );
+        same(
+            d,
+            "ours/base.qcow2",
+            "qemu/base.qcow2",
+            &format!("{case}: bases after commit"),
+        );
+        clean(d, "ours/base.qcow2");
+        assert_eq!(
+            allocation(d, "ours/base.qcow2"),
+            allocation(d, "qemu/base.qcow2"),
+            "{case}: qemu-img map of the bases (cowshed's, then qemu-img's)"
+        );
+        assert_eq!(
+            allocated_clusters(d, "ours/base.qcow2"),
+            allocated_clusters(d, "qemu/base.qcow2"),
+            "{case}: allocated clusters (cowshed's, then qemu-img's)"
+        );
+    }
 }
 
 /// A zeroed range covering whole 2 MiB clusters of the base becomes zero

@@ -50,9 +50,11 @@ impl Target {
         }
     }
 
+    /// Zeros as QEMU's commit writes them into the base (MAY_UNMAP):
+    /// whole qcow2 clusters given back, holes in a raw file.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         match self {
-            Target::Qcow2(w) => w.write_zeroes(offset, len),
+            Target::Qcow2(w) => w.write_zeroes_unmap(offset, len),
             Target::Raw { file, path, .. } => {
                 crate::engine::raw::zero_range(file, path, offset, len)
             }

@@ -9,10 +9,11 @@
 //! same. Unsafe mode (`-u`) rewrites the header only.
 //!
 //! What is written matches QEMU 10's `qemu-img rebase` (checked with
-//! `qemu-img map`): whole clusters, compared in chunks of at most 2 MiB
-//! that never cross an allocated cluster or an L2 table's end; differing
-//! clusters get the old content as data (zeros included), except in chunks
-//! that start past the old backing's end, where they become zero clusters.
+//! `qemu-img map`): whole clusters (subclusters with extended L2),
+//! compared in chunks of at most 2 MiB that never cross an allocated one
+//! or an L2 table's end; differing ones get the old content as data (zeros
+//! included), except in chunks that start past the old backing's end,
+//! where they become zero clusters.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -182,7 +183,11 @@ fn compare_and_copy(
     cancel: &Cancel,
 ) -> Result<()> {
     let size = w.virtual_size();
-    let cs = w.cluster_size();
+    // Compared and written unit by unit: with extended L2, QEMU copies
+    // only the subclusters that differ, into the image's own clusters in
+    // place (checked with `qemu-img map`); whole clusters compared from a
+    // run's first subcluster would straddle two clusters and allocate both.
+    let cs = w.unit_size();
     let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(1);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<Result<Compared>>(2);
     std::thread::scope(|s| {

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::super::header::{autoclear, Header};
-use super::super::l2::Unit;
+use super::super::l2::{L2Entry, Unit};
 use super::Qcow2Writer;
 use crate::engine::error::{Error, IoContext, Result};
 use crate::engine::format::read_up_to;
@@ -27,6 +27,12 @@ impl Qcow2Writer {
 
     pub fn cluster_size(&self) -> u64 {
         self.cs
+    }
+
+    /// What is allocated on its own: a subcluster with extended L2, else a
+    /// cluster.
+    pub fn unit_size(&self) -> u64 {
+        self.geo.unit_size()
     }
 
     /// The same chain, shared, for reading on another thread.
@@ -71,6 +77,9 @@ impl Qcow2Writer {
     /// of the disk becomes a zero cluster as a whole, as QEMU's
     /// write-zeroes makes it (v3); v2 has no zero clusters: zero bytes.
     pub fn zero_unallocated(&mut self, offset: u64, len: u64) -> Result<()> {
+        if self.geo.extended && self.h.version >= 3 && self.data.is_none() {
+            return self.zero_unallocated_units(offset, len);
+        }
         // v2 has no zero clusters; with subclusters the range may share a
         // cluster with this image's own data: zero writes keep that.
         if self.h.version < 3 || self.geo.extended {
@@ -91,6 +100,44 @@ impl Qcow2Writer {
             }
             self.set_l2_entry(l2, g, self.geo.zero_entry(0))?;
             g += self.cs;
+        }
+        Ok(())
+    }
+
+    /// Extended L2: the range may share a cluster with this image's own
+    /// data, so its subclusters are marked zero in their entries (the last
+    /// one rounded up at the disk's end), as QEMU's write-zeroes marks
+    /// them: nothing written, nothing allocated. Not whole subclusters:
+    /// zero bytes.
+    fn zero_unallocated_units(&mut self, offset: u64, len: u64) -> Result<()> {
+        let (cs, unit) = (self.cs, self.geo.unit_size());
+        let mut end = offset + len;
+        if end == self.virtual_size() {
+            end = end.next_multiple_of(unit);
+        }
+        if offset % unit != 0 || end % unit != 0 {
+            return self.write_zeroes(offset, len);
+        }
+        self.check_range(offset, len)?;
+        self.before_first_write()?;
+        self.record_write(offset, len);
+        let mut g = offset;
+        while g < end {
+            let cluster = g - g % cs;
+            let to = (cluster + cs).min(end);
+            let l2 = self.l2_for_write(cluster)?;
+            let entry = self.l2_entry(cluster)?;
+            if entry.is_compressed() {
+                return Err(Error::invalid(
+                    &self.path,
+                    format!("internal: cluster at 0x{cluster:x} is allocated"),
+                ));
+            }
+            let count = (to - g) / unit;
+            let units = ((1u64 << count) - 1) << ((g - cluster) / unit);
+            let bitmap = (entry.bitmap & !units) | (units << 32);
+            self.set_l2_entry(l2, cluster, L2Entry::new(entry.word, bitmap))?;
+            g = to;
         }
         Ok(())
     }
