@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Remote roots at scale (#14, part 3): three ssh "hosts" (three ports of
 # one sshd on localhost, started here with throw-away keys), each scanning
-# the same FLEET directory through `cowshed agent --stdio`, and one client
+# its own copy of the FLEET directory through `cowshed agent --stdio` (one
+# directory seen by all three would be shared storage, shown once: the
+# copies, FLEET.host2 and FLEET.host3, are made once, sparse), and one client
 # (examples/bench_remote.rs) measuring time to the first full forest, RSS
 # of both ends, bytes per live update and idle CPU. Not a test: it asserts
 # nothing. Needs openssh-server (/usr/sbin/sshd) and qemu-img/qemu-io.
@@ -71,10 +73,17 @@ for p in "${ports[@]}"; do
         sleep 0.1
     done
 done
+for h in host2 host3; do
+    if [ ! -d "$FLEET.$h" ]; then
+        echo "copying $FLEET to $FLEET.$h (once)" >&2
+        cp -a --sparse=always "$FLEET" "$FLEET.$h.partial"
+        mv "$FLEET.$h.partial" "$FLEET.$h"
+    fi
+done
 qemu-img create -q -f qcow2 "$T/scratch/base.qcow2" 1G
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$T/scratch/growing.qcow2"
 export COWSHED_SSH_CONFIG=$T/ssh_config COWSHED_SSH_CONTROL_DIR=$T/ctl
 export COWSHED_REMOTE_COMMAND="env COWSHED_STATE_DIR=$T/state $BIN"
 echo "fleet: $FLEET ($(find "$FLEET" -type f | wc -l) files), 3 hosts, idle ${IDLE}s, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 target/release/examples/bench_remote --scratch "$T/scratch" --idle "$IDLE" \
-    "host1:$FLEET" "host2:$FLEET" "host3:$FLEET"
+    "host1:$FLEET" "host2:$FLEET.host2" "host3:$FLEET.host3"

@@ -1018,6 +1018,27 @@ fn shared_storage_is_shown_once_and_guarded_from_every_host() {
             .contains(&format!("{h2}/web-2.qcow2  also {h1}/web-2.qcow2")),
         "{human}"
     );
+    // A local root and a host that see one directory (this machine over
+    // ssh): each file once, as this machine's, host1 beside it with its
+    // domain.
+    let both = cowshed_env(&sshd, &remote, &["tree", "--output", "json", &dir, &h1]);
+    assert!(both.ok(), "{both}");
+    let doc = w.json(&both);
+    let images = doc["images"].as_array().expect("images");
+    assert_eq!(images.len(), 6, "each file once: {doc:#}");
+    for i in images {
+        let name = i["filename"].as_str().expect("filename");
+        assert!(i.get("host").is_none_or(|h| h.is_null()), "{i:#}");
+        assert_eq!(
+            i["also-on"],
+            serde_json::json!([format!("host1:{name}")]),
+            "{i:#}"
+        );
+    }
+    assert_eq!(
+        image(&doc, &format!("{dir}/web-2.qcow2"))["used-by-vms"][0]["name"],
+        "guard-vm"
+    );
 
     // The forest as the TUI builds it, and the peers of a commit of web-2
     // (it writes into base too).

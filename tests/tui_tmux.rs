@@ -636,7 +636,9 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
 /// without: the tree shows each file once with both hosts and the VM
 /// column from host1, the details pane the chain and the domain as
 /// host1's agent found them, and a commit run on host2 is refused naming
-/// the domain on host1, the files untouched.
+/// the domain on host1, the files untouched. Then the same directory as a
+/// local root beside host1: shown once as this machine's, and a commit
+/// run here is refused by host1's domain too.
 #[test]
 fn shared_storage_of_two_hosts_in_a_real_terminal() {
     // Short paths: the refusal fits the status line.
@@ -747,6 +749,43 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
         .map(|f| std::fs::read(d.join(f)).expect("read"))
         .collect();
     assert!(before == after, "a refused commit changed a file");
+    tmux.send("q");
+    drop(tmux);
+
+    // The same directory as a local root and on host1 (this machine seen
+    // over ssh): each file once, this machine's row naming host1 too; a
+    // commit run here asks host1 first, whose domain refuses it.
+    let command = format!(
+        "env {} '{BIN}' {dir} host1:{dir}",
+        env.join(" "),
+        dir = d.display()
+    );
+    let tmux = Tmux::start(d, "local-shared", &command);
+    let screen = tmux.wait_for("one tree, this machine's and host1's", |s| {
+        s.contains("local+host1: base.qcow2")
+            && s.lines()
+                .any(|l| l.contains("top.qcow2") && l.contains("guard-vm running"))
+    });
+    assert_eq!(
+        screen.matches("top.qcow2").count(),
+        1,
+        "the overlay once:\n{screen}"
+    );
+    select(&tmux, "top.qcow2");
+    tmux.wait_for("the shared line", |s| {
+        s.contains("shared: also host1:") && s.contains("jobs run on this machine")
+    });
+    tmux.send("m");
+    tmux.wait_for("the commit question", |s| s.contains("top.qcow2 into"));
+    tmux.send("y");
+    tmux.wait_for("the refusal from host1", |s| {
+        s.contains("failed") && s.contains("used by domain guard-vm (running")
+    });
+    let after: Vec<Vec<u8>> = ["top.qcow2", "base.qcow2"]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).expect("read"))
+        .collect();
+    assert!(before == after, "a commit refused by host1 changed a file");
     tmux.send("q");
 }
 

@@ -275,10 +275,11 @@ impl Forest {
     /// and their keys are already that host's (see [`ImageRecord::host`]).
     /// Trees of other hosts come after this machine's, by host, then path.
     ///
-    /// A node whose [`ImageRecord::identity`] is that of a file another
-    /// host's graft already brought (shared storage) is not added again:
-    /// that node learns the other host's name for it (`seen_on`), and its
-    /// holders, lock and domains become the union of both hosts'.
+    /// A node whose [`ImageRecord::identity`] is that of a file already
+    /// here (this machine's, named by `identity::name_local`, or another
+    /// host's graft: shared storage) is not added again: that node learns
+    /// the other host's name for it (`seen_on`), and its holders, lock and
+    /// domains become the union of both hosts'.
     pub fn graft(&mut self, nodes: Vec<(ImageRecord, Option<usize>, Vec<Flag>)>) {
         let base = self.nodes.len();
         let count = nodes.len();
@@ -286,7 +287,6 @@ impl Forest {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.record.host.is_some())
             .filter_map(|(id, n)| Some((n.record.identity.clone()?, id)))
             .collect();
         // Where each grafted node went: a new node, or one already here.

@@ -57,6 +57,16 @@ impl Identities {
     }
 }
 
+/// Give this machine's records their identity, so that a file a remote
+/// host's agent also sends (shared storage, or that host being this
+/// machine) is grafted onto this machine's node rather than shown twice.
+pub fn name_local(records: &mut [crate::catalog::ImageRecord]) {
+    let ids = Identities::read();
+    for r in records.iter_mut().filter(|r| r.host.is_none()) {
+        r.identity = ids.of(r.dev_ino.0, r.dev_ino.1);
+    }
+}
+
 /// `/proc/self/mountinfo`: `ID PARENT MAJOR:MINOR ROOT POINT OPTS
 /// [TAGS...] - FSTYPE SOURCE SUPEROPTS`, one mount a line.
 fn parse_mountinfo(text: &str) -> HashMap<(u64, u64), Mount> {

@@ -4,6 +4,7 @@
 
 pub mod doctor;
 pub mod forest;
+pub mod identity;
 pub mod scan;
 pub mod watch;
 
@@ -75,10 +76,15 @@ impl ImageRecord {
         }
     }
 
-    /// Every host that sees the file, `host` first (`host1+host2`), or
-    /// `None` for this machine's.
+    /// Every host that sees the file, `host` first (`host1+host2`;
+    /// `local+host1` for a file of this machine another host sees too),
+    /// or `None` for this machine's own.
     pub fn hosts_label(&self) -> Option<String> {
-        let first = self.host.as_deref()?;
+        let first = match self.host.as_deref() {
+            Some(h) => h,
+            None if self.seen_on.is_empty() => return None,
+            None => "local",
+        };
         let mut label = first.to_string();
         for (h, _) in &self.seen_on {
             label.push('+');

@@ -26,11 +26,14 @@ pub struct TreeArgs {
 
 pub fn run(a: TreeArgs, session: &Session) -> color_eyre::Result<i32> {
     let (local, remote) = crate::remote::split_roots(&a.roots);
-    let (records, mut errors) = if local.is_empty() {
+    let (mut records, mut errors) = if local.is_empty() {
         (Vec::new(), Vec::new())
     } else {
         scan_all(&local)
     };
+    if !remote.is_empty() {
+        crate::catalog::identity::name_local(&mut records);
+    }
     let mut forest = Forest::build(records);
     let ssh = crate::remote::client::SshOptions::from_env();
     for (host, roots) in remote {
@@ -199,27 +202,25 @@ impl<'a> ImageJson<'a> {
             protected: forest.is_protected(id),
             // Another host's domains came with its images (their device
             // and inode are that host's).
-            used_by_vms: match r.host {
-                None => vms
-                    .users_of(r.dev_ino)
-                    .map(|d| VmJson {
-                        name: &d.name,
-                        uuid: &d.uuid,
-                        state: &d.state,
-                        connection: &d.connection,
-                    })
-                    .collect(),
-                Some(_) => r
-                    .vms
-                    .iter()
-                    .map(|d| VmJson {
-                        name: &d.name,
-                        uuid: &d.uuid,
-                        state: &d.state,
-                        connection: &d.connection,
-                    })
-                    .collect(),
-            },
+            // This machine's domains by device and inode (never for
+            // another host's file: those are that host's numbers), and the
+            // domains every other host that sees the file sent with it.
+            used_by_vms: vms
+                .users_of(r.dev_ino)
+                .filter(|_| r.host.is_none())
+                .map(|d| VmJson {
+                    name: &d.name,
+                    uuid: &d.uuid,
+                    state: &d.state,
+                    connection: &d.connection,
+                })
+                .chain(r.vms.iter().map(|d| VmJson {
+                    name: &d.name,
+                    uuid: &d.uuid,
+                    state: &d.state,
+                    connection: &d.connection,
+                }))
+                .collect(),
             also_on: r
                 .seen_on
                 .iter()
@@ -367,18 +368,14 @@ fn to_human(forest: &Forest, vms: &Inventory) -> String {
                 }
             };
             // A remote image's device and inode are another host's: its
-            // domains came with it.
-            let domains: Vec<String> = match r.host {
-                None => vms
-                    .users_of(r.dev_ino)
-                    .map(|d| format!("{} ({})", d.name, d.state))
-                    .collect(),
-                Some(_) => r
-                    .vms
-                    .iter()
-                    .map(|d| format!("{} ({})", d.name, d.state))
-                    .collect(),
-            };
+            // domains came with it (as did those of the other hosts that
+            // see a file of this machine's).
+            let domains: Vec<String> = vms
+                .users_of(r.dev_ino)
+                .filter(|_| r.host.is_none())
+                .map(|d| format!("{} ({})", d.name, d.state))
+                .chain(r.vms.iter().map(|d| format!("{} ({})", d.name, d.state)))
+                .collect();
             let also: String = r
                 .seen_on
                 .iter()

@@ -23,12 +23,12 @@ use std::time::Duration;
 use crossbeam_channel::{after, never, select, tick, unbounded, Receiver};
 use serde::{Deserialize, Serialize};
 
-use super::identity::Identities;
 use super::protocol::{
     decode, encode, BitmapAction, HeaderFixKind, JobOp, Reply, Request, SnapshotAction, WireChange,
     WireCheck, WireDetails, WireError, WireImage, WireInfo, WireJobState, WireListing, WireNode,
     WireProgress, WireTime, WireVm, WireVmUse, PROTOCOL_VERSION,
 };
+use crate::catalog::identity::Identities;
 use crate::catalog::scan::{read_record, scan_all};
 use crate::catalog::{CatalogEvent, Forest, ImageRecord, WatchOptions, Watcher};
 use crate::engine::qcow2::header::CompressionType;

@@ -11,7 +11,6 @@
 
 pub mod agent;
 pub mod client;
-pub mod identity;
 pub mod protocol;
 
 use std::path::{Path, PathBuf};

@@ -940,9 +940,45 @@ impl App {
             .map_or_else(String::new, |k| format!(" ({k} cancels)"));
         let text = format!("{}: started{cancel}", spec.label);
         let mut view = JobView::new(0, &spec);
-        view.id = self.pool.submit(spec.touches, spec.work);
+        let work = self.asking_other_hosts(spec.kind, &spec.touches, spec.work);
+        view.id = self.pool.submit(spec.touches, work);
         self.jobs.push(view);
         self.say(Status::info(text));
+    }
+
+    /// The job's work, first asking the other hosts that see the files of
+    /// this machine it changes (shared storage; `identity::name_local`),
+    /// as a job run by an agent asks the hosts beside its own: a lock, a
+    /// holder or a domain there refuses it, and so does a host that cannot
+    /// be asked. Clones and converts only write new files.
+    fn asking_other_hosts(
+        &self,
+        kind: &str,
+        touches: &[PathBuf],
+        work: crate::jobs::Work,
+    ) -> crate::jobs::Work {
+        if matches!(kind, "clone" | "convert") {
+            return work;
+        }
+        let forest = &self.forest;
+        let mine = touches
+            .iter()
+            .filter_map(|k| forest.get(k))
+            .map(|id| &forest.nodes[id].record)
+            .filter(|r| r.host.is_none());
+        let peers = crate::remote::client::peers(mine);
+        let Some(first) = touches.first().cloned() else {
+            return work;
+        };
+        if peers.is_empty() {
+            return work;
+        }
+        let ssh = crate::remote::client::SshOptions::from_env();
+        Box::new(move |progress, cancel| {
+            crate::remote::client::check_peers(&peers, &ssh)
+                .map_err(|why| crate::engine::Error::invalid(&first, why))?;
+            work(progress, cancel)
+        })
     }
 
     fn refuse_read_only(&mut self) {

@@ -125,8 +125,11 @@ impl Catalog {
             .iter()
             .map(|(p, (reason, sizes))| (p.clone(), reason.clone(), *sizes))
             .collect();
-        let mut forest =
-            Forest::build(self.records.values().cloned().collect()).with_skipped(skipped);
+        let mut records: Vec<ImageRecord> = self.records.values().cloned().collect();
+        if !self.hosts.is_empty() {
+            crate::catalog::identity::name_local(&mut records);
+        }
+        let mut forest = Forest::build(records).with_skipped(skipped);
         let mut errors = self.errors.clone();
         for h in &self.hosts {
             let mut nodes = h.nodes.clone();

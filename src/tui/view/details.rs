@@ -159,7 +159,7 @@ pub fn draw(app: &App, frame: &mut Frame, area: Rect) {
         lines.push(Line::from(format!(
             " shared: also {} (jobs run on {}, after asking the others)",
             also.join(", "),
-            r.host.as_deref().unwrap_or_default()
+            r.host.as_deref().unwrap_or("this machine")
         )));
     }
     // Another host's domains came with the image (their disks did not).

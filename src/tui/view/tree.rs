@@ -32,9 +32,9 @@ const VM_W: usize = 18;
 
 /// Cells the VM column takes: none while no domain uses a scanned image.
 fn vm_width(app: &App) -> usize {
-    let used = app.forest.nodes.iter().any(|n| match n.record.host {
-        None => app.vms.by_file.contains_key(&n.record.dev_ino),
-        Some(_) => !n.record.vms.is_empty(),
+    let used = app.forest.nodes.iter().any(|n| {
+        !n.record.vms.is_empty()
+            || (n.record.host.is_none() && app.vms.by_file.contains_key(&n.record.dev_ino))
     });
     if used {
         2 + VM_W
@@ -46,20 +46,20 @@ fn vm_width(app: &App) -> usize {
 /// The VM column: the domain using the image and its state, `+N` for more.
 fn vm_cell(app: &App, node: &Node) -> String {
     // A remote image's device and inode are another host's: its domains
-    // came with it from there.
-    let users: Vec<(&str, &str)> = match node.record.host {
-        None => app
-            .inventory
-            .users_of(node.record.dev_ino)
-            .map(|d| (d.name.as_str(), d.state.as_str()))
-            .collect(),
-        Some(_) => node
-            .record
-            .vms
-            .iter()
-            .map(|v| (v.name.as_str(), v.state.as_str()))
-            .collect(),
-    };
+    // came with it from there (as did those of the other hosts that see a
+    // file of this machine's).
+    let users: Vec<(&str, &str)> = app
+        .inventory
+        .users_of(node.record.dev_ino)
+        .filter(|_| node.record.host.is_none())
+        .map(|d| (d.name.as_str(), d.state.as_str()))
+        .chain(
+            node.record
+                .vms
+                .iter()
+                .map(|v| (v.name.as_str(), v.state.as_str())),
+        )
+        .collect();
     let Some((name, state)) = users.first() else {
         return String::new();
     };
