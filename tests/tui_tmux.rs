@@ -113,26 +113,8 @@ impl Drop for Tmux {
 fn clone_in_a_real_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
-    );
-    ok(
-        d,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "vm.qcow2",
-        ],
-    );
+    create_qcow2(d, &["base.qcow2", "16M"]);
+    create_qcow2(d, &["-b", "base.qcow2", "-F", "qcow2", "vm.qcow2"]);
 
     let tmux = Tmux::start(d, "clone", &format!("'{BIN}' ."));
     tmux.wait_for("the tree", |s| {
@@ -182,11 +164,7 @@ fn clone_in_a_real_terminal() {
 fn quitting_restores_the_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
-    );
+    create_qcow2(d, &["base.qcow2", "16M"]);
     // A shell around cowshed shows what the terminal is like afterwards:
     // the line printed before must be back (alternate screen left) and the
     // tty must be cooked again (raw mode off: `icanon` without a minus).
@@ -353,26 +331,14 @@ fn an_image_that_cannot_be_read_is_shown_with_the_reason() {
 /// host is gone.
 #[test]
 fn a_remote_root_in_a_real_terminal() {
-    let sshd = match common::sshd::Sshd::start(&["host1"]) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            return;
-        }
+    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
-    );
-    let env: Vec<String> = sshd
-        .env(&sshd.remote_command(&[]))
-        .into_iter()
-        .map(|(k, v)| format!("{k}='{v}'"))
-        .collect();
-    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    create_qcow2(d, &["base.qcow2", "16M"]);
+    let env = agent_env(&sshd);
+    let command = format!("env {} '{BIN}' host1:{}", env, d.display());
     let tmux = Tmux::start(d, "remote", &command);
     tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
     tmux.send("c");
@@ -401,6 +367,41 @@ fn a_remote_root_in_a_real_terminal() {
 }
 
 /// `qemu-img info` of a file, as JSON (`-U`: the TUI may look at it).
+/// The test's sshd serving `hosts` (with `env` for one host's sessions,
+/// see `Sshd::start_with_env`), or `None`, said, where there is none.
+fn sshd_or_skip(hosts: &[&str], env: &[(&str, &str, &str)]) -> Option<common::sshd::Sshd> {
+    match common::sshd::Sshd::start_with_env(hosts, env) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            eprintln!("SKIPPED: no sshd: {why}");
+            None
+        }
+    }
+}
+
+/// What a cowshed started in tmux needs to reach the test's hosts and
+/// run the binary under test there, as `env` arguments (`K='V' ...`).
+fn agent_env(sshd: &common::sshd::Sshd) -> String {
+    let pairs: Vec<String> = sshd
+        .env(&sshd.remote_command(&[]))
+        .into_iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    pairs.join(" ")
+}
+
+/// `qemu-img create -q -f qcow2 ARGS...` in `dir`.
+fn create_qcow2(dir: &Path, args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend(args);
+    ok(dir, "qemu-img", &all);
+}
+
+/// `qemu-io -f qcow2 -c CMD IMAGE` in `dir`.
+fn qemu_io(dir: &Path, image: &str, cmd: &str) {
+    ok(dir, "qemu-io", &["-f", "qcow2", "-c", cmd, image]);
+}
+
 fn qemu_info(path: &Path) -> Value {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -441,54 +442,22 @@ fn select(tmux: &Tmux, name: &str) {
 /// the files are checked with qemu-img (the "other host" is localhost).
 #[test]
 fn dialogs_act_on_a_remote_root_through_its_agent() {
-    let sshd = match common::sshd::Sshd::start(&["host1"]) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            return;
-        }
+    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // Outside the root: not an image of the tree.
     let aside = tempfile::tempdir().expect("tempdir");
-    let io = |img: &str, cmd: &str| {
-        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
-    };
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
-    );
+    let io = |img: &str, cmd: &str| qemu_io(d, img, cmd);
+    create_qcow2(d, &["base.qcow2", "16M"]);
     io("base.qcow2", "write -P 0xaa 0 1M");
-    ok(
-        d,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    create_qcow2(d, &["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
     io("top.qcow2", "write -P 0xbb 1M 1M");
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "other.qcow2", "16M"],
-    );
+    create_qcow2(d, &["other.qcow2", "16M"]);
     io("other.qcow2", "write -P 0xcc 2M 1M");
-    let env: Vec<String> = sshd
-        .env(&sshd.remote_command(&[]))
-        .into_iter()
-        .map(|(k, v)| format!("{k}='{v}'"))
-        .collect();
-    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let env = agent_env(&sshd);
+    let command = format!("env {} '{BIN}' host1:{}", env, d.display());
     let tmux = Tmux::start(d, "remote-dialogs", &command);
     tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
 
@@ -649,36 +618,10 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
     let d = dir.path();
     let aside = tempfile::tempdir().expect("tempdir");
     let a = aside.path();
-    ok(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"],
-    );
-    ok(
-        d,
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0xaa 0 1M", "base.qcow2"],
-    );
-    ok(
-        d,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    ok(
-        d,
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0xbb 1M 1M", "top.qcow2"],
-    );
+    create_qcow2(d, &["base.qcow2", "16M"]);
+    qemu_io(d, "base.qcow2", "write -P 0xaa 0 1M");
+    create_qcow2(d, &["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_io(d, "top.qcow2", "write -P 0xbb 1M 1M");
     std::fs::write(
         a.join("node.xml"),
         format!(
@@ -697,24 +640,16 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
     )
     .expect("config");
     let config = a.join("config").display().to_string();
-    let sshd = match common::sshd::Sshd::start_with_env(
+    let Some(sshd) = sshd_or_skip(
         &["host1", "host2"],
         &[("host1", "XDG_CONFIG_HOME", &config)],
-    ) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            return;
-        }
+    ) else {
+        return;
     };
-    let env: Vec<String> = sshd
-        .env(&sshd.remote_command(&[]))
-        .into_iter()
-        .map(|(k, v)| format!("{k}='{v}'"))
-        .collect();
+    let env = agent_env(&sshd);
     let command = format!(
         "env {} '{BIN}' host2:{dir} host1:{dir}",
-        env.join(" "),
+        env,
         dir = d.display()
     );
     let before: Vec<Vec<u8>> = ["top.qcow2", "base.qcow2"]
@@ -755,11 +690,7 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
     // The same directory as a local root and on host1 (this machine seen
     // over ssh): each file once, this machine's row naming host1 too; a
     // commit run here asks host1 first, whose domain refuses it.
-    let command = format!(
-        "env {} '{BIN}' {dir} host1:{dir}",
-        env.join(" "),
-        dir = d.display()
-    );
+    let command = format!("env {} '{BIN}' {dir} host1:{dir}", env, dir = d.display());
     let tmux = Tmux::start(d, "local-shared", &command);
     let screen = tmux.wait_for("one tree, this machine's and host1's", |s| {
         s.contains("local+host1: base.qcow2")
@@ -804,24 +735,14 @@ fn released(tmux: &Tmux) {
 /// refuses before anything is sent.
 #[test]
 fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
-    let sshd = match common::sshd::Sshd::start(&["host1"]) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            return;
-        }
+    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let aside = tempfile::tempdir().expect("tempdir");
-    let io = |img: &str, cmd: &str| {
-        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
-    };
-    let create = |args: &[&str]| {
-        let mut all = vec!["create", "-q", "-f", "qcow2"];
-        all.extend(args);
-        ok(d, "qemu-img", &all);
-    };
+    let io = |img: &str, cmd: &str| qemu_io(d, img, cmd);
+    let create = |args: &[&str]| create_qcow2(d, args);
     create(&["base.qcow2", "16M"]);
     io("base.qcow2", "write -P 0xaa 0 1M");
     create(&["solo.qcow2", "16M"]);
@@ -842,12 +763,8 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
             &["compare", "-U", "-f", "qcow2", "-F", "raw", img, raw],
         );
     };
-    let env: Vec<String> = sshd
-        .env(&sshd.remote_command(&[]))
-        .into_iter()
-        .map(|(k, v)| format!("{k}='{v}'"))
-        .collect();
-    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let env = agent_env(&sshd);
+    let command = format!("env {} '{BIN}' host1:{}", env, d.display());
     let tmux = Tmux::start(d, "remote-snapshots", &command);
     tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
 
@@ -1055,11 +972,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
     tmux.send("q");
 
     // Read-only: refused here, nothing sent.
-    let command = format!(
-        "env {} '{BIN}' --readonly host1:{}",
-        env.join(" "),
-        d.display()
-    );
+    let command = format!("env {} '{BIN}' --readonly host1:{}", env, d.display());
     let ro = Tmux::start(d, "remote-readonly", &command);
     ro.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
     select(&ro, "held.qcow2");
@@ -1074,24 +987,14 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
 /// with qemu-img.
 #[test]
 fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
-    let sshd = match common::sshd::Sshd::start(&["host1"]) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            return;
-        }
+    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let aside = tempfile::tempdir().expect("tempdir");
-    let io = |img: &str, cmd: &str| {
-        ok(d, "qemu-io", &["-f", "qcow2", "-c", cmd, img]);
-    };
-    let create = |args: &[&str]| {
-        let mut all = vec!["create", "-q", "-f", "qcow2"];
-        all.extend(args);
-        ok(d, "qemu-img", &all);
-    };
+    let io = |img: &str, cmd: &str| qemu_io(d, img, cmd);
+    let create = |args: &[&str]| create_qcow2(d, args);
     create(&["base.qcow2", "16M"]);
     io("base.qcow2", "write -P 0xaa 0 1M");
     let base = d.join("base.qcow2").display().to_string();
@@ -1123,12 +1026,8 @@ fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
         "qemu-img",
         &["convert", "-U", "-O", "raw", "ctop.qcow2", &top_view],
     );
-    let env: Vec<String> = sshd
-        .env(&sshd.remote_command(&[]))
-        .into_iter()
-        .map(|(k, v)| format!("{k}='{v}'"))
-        .collect();
-    let command = format!("env {} '{BIN}' host1:{}", env.join(" "), d.display());
+    let env = agent_env(&sshd);
+    let command = format!("env {} '{BIN}' host1:{}", env, d.display());
     let tmux = Tmux::start(d, "remote-doctor", &command);
     tmux.wait_for("the host's tree", |s| s.contains("host1: base.qcow2"));
 
