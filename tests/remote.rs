@@ -21,18 +21,6 @@ use cowshed::remote::protocol::{
 };
 use serde_json::Value;
 
-/// sshd, or why these tests cannot run here (then they say so and pass:
-/// .ci/run installs openssh-server, so this is for other machines).
-fn sshd(hosts: &[&str]) -> Option<Sshd> {
-    match Sshd::start(hosts) {
-        Ok(s) => Some(s),
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            None
-        }
-    }
-}
-
 /// A small fleet: a base with data, two overlays (one with a child), a
 /// raw disk, an overlay whose backing is missing.
 fn fleet(w: &Work) -> PathBuf {
@@ -156,14 +144,16 @@ fn as_local(doc: &Value, host: &str) -> (Vec<Value>, Vec<Value>) {
 #[test]
 fn tree_over_ssh_is_the_local_tree_per_host() {
     let w = Work::new("remote-tree");
-    let Some(sshd) = sshd(&["host1", "host2"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1", "host2"], &[]) else {
         return;
     };
     let img = fleet(&w);
     let dir = img.display().to_string();
-    // host2 sees a copy: the same directory from both would be one set
-    // of files, shown once (shared_storage_is_shown_once_...).
+    // host2 and the local root see copies: the same directory from two
+    // of them would be one set of files, shown once
+    // (shared_storage_is_shown_once_...).
     w.mkdir("copy");
+    w.mkdir("mine");
     for f in [
         "base.qcow2",
         "web-1.qcow2",
@@ -173,8 +163,10 @@ fn tree_over_ssh_is_the_local_tree_per_host() {
         "orphan.qcow2",
     ] {
         w.copy(&format!("img/{f}"), &format!("copy/{f}"));
+        w.copy(&format!("img/{f}"), &format!("mine/{f}"));
     }
     let dir2 = w.path("copy").display().to_string();
+    let mine = w.path("mine").display().to_string();
     let local = w.cowshed(&["tree", "--output", "json", &dir]);
     assert!(local.ok(), "{local}");
     let local = w.json(&local);
@@ -186,7 +178,7 @@ fn tree_over_ssh_is_the_local_tree_per_host() {
     let all = cowshed_env(
         &sshd,
         &remote,
-        &["tree", "--output", "json", &h1, &h2, &dir],
+        &["tree", "--output", "json", &h1, &h2, &mine],
     );
     assert!(all.ok(), "{all}");
     let all = w.json(&all);
@@ -234,7 +226,7 @@ fn tree_over_ssh_is_the_local_tree_per_host() {
 #[test]
 fn a_missing_or_other_agent_is_named_with_the_install_command() {
     let w = Work::new("remote-missing");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let dir = format!("host1:{}", w.root().display());
@@ -334,7 +326,7 @@ fn run_job(conn: &mut Connection, id: &str, op: JobOp) -> Option<PathBuf> {
 #[test]
 fn jobs_run_by_the_agent_match_qemu_img() {
     let w = Work::new("remote-jobs");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     fleet(&w);
@@ -512,7 +504,7 @@ fn wait_for_line(file: &Path, line: &str) {
 #[test]
 fn a_killed_connection_mid_job_reports_the_outcome_on_reconnect() {
     let w = Work::new("remote-kill");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     fleet(&w);
@@ -616,7 +608,7 @@ fn a_killed_connection_mid_job_reports_the_outcome_on_reconnect() {
 #[test]
 fn live_sizes_and_new_images_come_over_the_connection() {
     let w = Work::new("remote-live");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let img = fleet(&w);
@@ -749,7 +741,7 @@ fn live_sizes_and_new_images_come_over_the_connection() {
 fn remote_jobs_in_the_local_pool_report_progress_and_cancel() {
     use cowshed::jobs::{JobEvent, JobState, Jobs};
     let w = Work::new("remote-pool");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     fleet(&w);
@@ -848,16 +840,10 @@ fn sshd_with_vms_on_host1(w: &Work, uri: &str) -> Option<Sshd> {
         format!("libvirt = [\"{uri}\"]\n").as_bytes(),
     );
     let config = w.path("host1-config").display().to_string();
-    match Sshd::start_with_env(
+    Sshd::start_or_skip(
         &["host1", "host2"],
         &[("host1", "XDG_CONFIG_HOME", &config)],
-    ) {
-        Ok(s) => Some(s),
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            None
-        }
-    }
+    )
 }
 
 fn image<'a>(doc: &'a Value, filename: &str) -> &'a Value {
@@ -1205,7 +1191,7 @@ fn bitmap_rows(w: &Work, img: &str) -> Value {
 #[test]
 fn snapshots_bitmaps_reset_and_convert_options_by_the_agent_match_qemu_img() {
     let w = Work::new("remote-v2");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     fleet(&w);
@@ -1486,7 +1472,7 @@ fn snapshots_bitmaps_reset_and_convert_options_by_the_agent_match_qemu_img() {
 fn header_fix_and_protect_by_the_agent() {
     use std::os::unix::fs::PermissionsExt;
     let w = Work::new("remote-fix");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     fleet(&w);
@@ -1578,7 +1564,7 @@ fn header_fix_and_protect_by_the_agent() {
 #[test]
 fn refresh_reads_the_named_images_again() {
     let w = Work::new("remote-refresh");
-    let Some(sshd) = sshd(&["host1"]) else {
+    let Some(sshd) = Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let img = fleet(&w);

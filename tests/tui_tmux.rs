@@ -331,7 +331,7 @@ fn an_image_that_cannot_be_read_is_shown_with_the_reason() {
 /// host is gone.
 #[test]
 fn a_remote_root_in_a_real_terminal() {
-    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -367,18 +367,6 @@ fn a_remote_root_in_a_real_terminal() {
 }
 
 /// `qemu-img info` of a file, as JSON (`-U`: the TUI may look at it).
-/// The test's sshd serving `hosts` (with `env` for one host's sessions,
-/// see `Sshd::start_with_env`), or `None`, said, where there is none.
-fn sshd_or_skip(hosts: &[&str], env: &[(&str, &str, &str)]) -> Option<common::sshd::Sshd> {
-    match common::sshd::Sshd::start_with_env(hosts, env) {
-        Ok(s) => Some(s),
-        Err(why) => {
-            eprintln!("SKIPPED: no sshd: {why}");
-            None
-        }
-    }
-}
-
 /// What a cowshed started in tmux needs to reach the test's hosts and
 /// run the binary under test there, as `env` arguments (`K='V' ...`).
 fn agent_env(sshd: &common::sshd::Sshd) -> String {
@@ -442,7 +430,7 @@ fn select(tmux: &Tmux, name: &str) {
 /// the files are checked with qemu-img (the "other host" is localhost).
 #[test]
 fn dialogs_act_on_a_remote_root_through_its_agent() {
-    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -640,7 +628,7 @@ fn shared_storage_of_two_hosts_in_a_real_terminal() {
     )
     .expect("config");
     let config = a.join("config").display().to_string();
-    let Some(sshd) = sshd_or_skip(
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(
         &["host1", "host2"],
         &[("host1", "XDG_CONFIG_HOME", &config)],
     ) else {
@@ -735,7 +723,7 @@ fn released(tmux: &Tmux) {
 /// refuses before anything is sent.
 #[test]
 fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
-    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -987,7 +975,7 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
 /// with qemu-img.
 #[test]
 fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
-    let Some(sshd) = sshd_or_skip(&["host1"], &[]) else {
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(&["host1"], &[]) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

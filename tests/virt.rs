@@ -491,12 +491,8 @@ fn a_remote_agent_refuses_a_disk_its_hosts_domain_uses() {
     };
     let case = "remote_agent";
     need_daemon!(case);
-    let sshd = match common::sshd::Sshd::start(&["host1"]) {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIP {case}: no sshd: {why}");
-            return;
-        }
+    let Some(sshd) = common::sshd::Sshd::start_or_skip(&["host1"], &[]) else {
+        return;
     };
     let w = Work::new(case);
     fleet(&w);

@@ -138,6 +138,18 @@ impl Sshd {
         Ok(sshd)
     }
 
+    /// [`Sshd::start_with_env`], or `None` where this machine has no sshd:
+    /// the test then says that it skips, and why.
+    pub fn start_or_skip(hosts: &[&str], env: &[(&str, &str, &str)]) -> Option<Sshd> {
+        match Sshd::start_with_env(hosts, env) {
+            Ok(s) => Some(s),
+            Err(why) => {
+                eprintln!("SKIPPED: no sshd: {why}");
+                None
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
