@@ -149,11 +149,26 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
         let want = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&overlay)?) * 512;
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen: Vec<String> = Vec::new();
         loop {
             if Instant::now() > deadline {
-                return Err("no size update".into());
+                return Err(format!(
+                    "no size update of {} to {want} bytes; last messages: {}",
+                    key.display(),
+                    seen.join(" | ")
+                )
+                .into());
             }
-            match conns[0].recv_timeout(Duration::from_secs(1))? {
+            let reply = conns[0].recv_timeout(Duration::from_secs(1))?;
+            if let Some(r) = &reply {
+                let mut text = encode(r);
+                text.truncate(300);
+                seen.push(String::from_utf8_lossy(&text).into_owned());
+                if seen.len() > 5 {
+                    seen.remove(0);
+                }
+            }
+            match reply {
                 Some(r @ Reply::Sizes { .. }) => {
                     let line = encode(&r).len();
                     if let Reply::Sizes { key: k, sizes } = r {
