@@ -149,15 +149,7 @@ fn clone_in_a_real_terminal() {
     assert_eq!(info["backing-filename-format"], "qcow2");
 
     tmux.send("q");
-    let start = Instant::now();
-    while tmux.alive() {
-        assert!(
-            start.elapsed() < WAIT,
-            "q did not end the program:\n{}",
-            tmux.capture()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("q to end the program", || !tmux.alive());
 }
 
 #[test]
@@ -209,14 +201,9 @@ fn demo_guest_grows_an_overlay_through_the_engine() {
     });
     let web1 = fleet.join("web-1.qcow2");
     let first = std::fs::metadata(&web1).unwrap().len();
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::fs::metadata(&web1).unwrap().len() < first + (2 << 20) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "web-1.qcow2 does not grow"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until("web-1.qcow2 to grow", || {
+        std::fs::metadata(&web1).unwrap().len() >= first + (2 << 20)
+    });
     assert_eq!(
         cowshed::engine::lock_state(&web1).unwrap(),
         cowshed::engine::LockState::Writer,
@@ -233,15 +220,7 @@ fn demo_guest_grows_an_overlay_through_the_engine() {
     );
     tmux.wait_for("a growth rate on screen", |s| s.contains("/s"));
     tmux.send("q");
-    let deadline = std::time::Instant::now() + WAIT;
-    while tmux.alive() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "demo did not quit:\n{}",
-            tmux.capture()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("the demo to quit", || !tmux.alive());
     assert_eq!(
         cowshed::engine::lock_state(&web1).unwrap(),
         cowshed::engine::LockState::None
@@ -268,15 +247,7 @@ fn demo_without_a_dir_removes_its_fleet_on_quit() {
     let fleets: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert_eq!(fleets.len(), 1, "one fleet while it runs");
     tmux.send("q");
-    let start = Instant::now();
-    while tmux.alive() {
-        assert!(
-            start.elapsed() < WAIT,
-            "demo did not quit:\n{}",
-            tmux.capture()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the demo to quit", || !tmux.alive());
     let left: Vec<_> = std::fs::read_dir(&tmp)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -367,6 +338,24 @@ fn a_remote_root_in_a_real_terminal() {
 }
 
 /// `qemu-img info` of a file, as JSON (`-U`: the TUI may look at it).
+/// Poll `cond` until it holds, failing after [`WAIT`] with `what`: the
+/// test waits on state (a file there, a lock gone), never on a duration.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// No process holds the image (a job's own lock is gone: it ended).
+fn unlocked(path: &Path) -> bool {
+    matches!(
+        cowshed::engine::lock_state(path),
+        Ok(cowshed::engine::LockState::None)
+    )
+}
+
 /// What a cowshed started in tmux needs to reach the test's hosts and
 /// run the binary under test there, as `env` arguments (`K='V' ...`).
 fn agent_env(sshd: &common::sshd::Sshd) -> String {
@@ -884,12 +873,8 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
         s.contains("convert: 2 jobs started")
     });
     // Made under another name and renamed into place: there means done.
-    let deadline = Instant::now() + WAIT;
     for made in ["flat-conv.qcow2", "wipe-conv.qcow2"] {
-        while !d.join(made).exists() {
-            assert!(Instant::now() < deadline, "{made} never came");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(made, || d.join(made).exists());
     }
     compare("flat-conv.qcow2", &flat_view);
     ok(
@@ -940,14 +925,12 @@ fn snapshot_bitmap_flatten_and_reset_dialogs_on_a_remote_root() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io");
-    let deadline = Instant::now() + WAIT;
-    while !matches!(
-        cowshed::engine::lock_state(&d.join("held.qcow2")),
-        Ok(cowshed::engine::LockState::Writer)
-    ) {
-        assert!(Instant::now() < deadline, "qemu-io never locked held.qcow2");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("qemu-io's lock on held.qcow2", || {
+        matches!(
+            cowshed::engine::lock_state(&d.join("held.qcow2")),
+            Ok(cowshed::engine::LockState::Writer)
+        )
+    });
     tmux.send("y");
     let screen = tmux.wait_for("the agent's refusal", |s| {
         s.contains("reset held.qcow2 failed:")
@@ -1084,18 +1067,11 @@ fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
     tmux.wait_for("the batch started", |s| {
         s.contains("rebase: 2 jobs started")
     });
-    let deadline = Instant::now() + WAIT;
     for (img, view) in ["r1.qcow2", "r2.qcow2"].iter().zip(&r_views) {
         // The new header, and the job's lock gone: the job is over.
-        while qemu_info(&d.join(img))["backing-filename"] != "other.qcow2"
-            || !matches!(
-                cowshed::engine::lock_state(&d.join(img)),
-                Ok(cowshed::engine::LockState::None)
-            )
-        {
-            assert!(Instant::now() < deadline, "{img} was not rebased");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(&format!("{img} rebased"), || {
+            qemu_info(&d.join(img))["backing-filename"] == "other.qcow2" && unlocked(&d.join(img))
+        });
         ok(
             d,
             "qemu-img",
@@ -1122,17 +1098,8 @@ fn doctor_commit_batch_rebase_and_clone_dialogs_on_a_remote_root() {
     tmux.wait_for("the clones started", |s| {
         s.contains("2 clones of other.qcow2 started")
     });
-    let deadline = Instant::now() + WAIT;
     for made in ["mine.qcow2", "other-01.qcow2", "other-02.qcow2"] {
-        while !d.join(made).exists()
-            || !matches!(
-                cowshed::engine::lock_state(&d.join(made)),
-                Ok(cowshed::engine::LockState::None)
-            )
-        {
-            assert!(Instant::now() < deadline, "{made} never came");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(made, || d.join(made).exists() && unlocked(&d.join(made)));
         let info = qemu_info(&d.join(made));
         assert_eq!(info["backing-filename"], "other.qcow2", "{made}: {info}");
         assert_eq!(info["backing-filename-format"], "qcow2", "{made}: {info}");
